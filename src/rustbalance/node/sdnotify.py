@@ -1,0 +1,119 @@
+"""systemd's notify protocol without libsystemd (sd_notify(3)).
+
+When the daemon runs under ``Type=notify`` systemd sets ``NOTIFY_SOCKET`` (a path, or ``@name``
+for the abstract namespace) and, with ``WatchdogSec=``, ``WATCHDOG_USEC``. We send newline-separated
+``KEY=value`` assignments as one datagram: ``READY=1`` once serving, ``STATUS=...`` for
+``systemctl status``, ``WATCHDOG=1`` keep-alives at half the watchdog interval, ``STOPPING=1`` on
+shutdown. Without ``NOTIFY_SOCKET`` every call is a no-op, so the daemon runs the same anywhere.
+Sending never raises: a lost notification must not take the daemon down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+
+log = logging.getLogger(__name__)
+
+
+class SystemdNotifier:
+    """Send sd_notify datagrams; a no-op when ``NOTIFY_SOCKET`` is unset."""
+
+    def __init__(self, env: Mapping[str, str] | None = None, pid: int | None = None) -> None:
+        env = os.environ if env is None else env
+        self._pid = os.getpid() if pid is None else pid
+        raw = env.get("NOTIFY_SOCKET", "")
+        self._address: str | None = None
+        if raw.startswith("@"):
+            self._address = "\0" + raw[1:]  # abstract namespace
+        elif raw.startswith("/"):
+            self._address = raw
+        elif raw:
+            log.warning("Ignoring NOTIFY_SOCKET %r: not a path or abstract socket", raw)
+        self._watchdog_usec = self._parse_watchdog(env)
+
+    def _parse_watchdog(self, env: Mapping[str, str]) -> int | None:
+        usec = env.get("WATCHDOG_USEC")
+        if not usec:
+            return None
+        # sd_watchdog_enabled(3): WATCHDOG_PID, when set, must name this process.
+        owner = env.get("WATCHDOG_PID")
+        if owner and owner != str(self._pid):
+            return None
+        try:
+            value = int(usec)
+        except ValueError:
+            log.warning("Ignoring WATCHDOG_USEC %r: not an integer", usec)
+            return None
+        return value if value > 0 else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._address is not None
+
+    @property
+    def watchdog_interval(self) -> float | None:
+        """Seconds between ``WATCHDOG=1`` pings: half of ``WATCHDOG_USEC``, None if disabled."""
+        if self._address is None or self._watchdog_usec is None:
+            return None
+        return self._watchdog_usec / 2_000_000
+
+    def notify(self, *assignments: str) -> bool:
+        """Send ``KEY=value`` lines in one datagram; True if sent."""
+        if self._address is None:
+            return False
+        for item in assignments:
+            if "\n" in item or "=" not in item:
+                raise ValueError(f"invalid sd_notify assignment {item!r}")
+        payload = "\n".join(assignments).encode("utf-8")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)
+                sock.sendto(payload, self._address)
+        except OSError as exc:
+            log.debug("sd_notify to %r failed: %s", self._address.replace("\0", "@"), exc)
+            return False
+        return True
+
+    def ready(self, status: str | None = None) -> bool:
+        return self.notify("READY=1", *((_status(status),) if status else ()))
+
+    def status(self, text: str) -> bool:
+        return self.notify(_status(text))
+
+    def watchdog(self) -> bool:
+        return self.notify("WATCHDOG=1")
+
+    def stopping(self, status: str | None = None) -> bool:
+        return self.notify("STOPPING=1", *((_status(status),) if status else ()))
+
+
+def _status(text: str) -> str:
+    # STATUS is one line; fold anything else rather than fail.
+    return "STATUS=" + " ".join(text.splitlines())
+
+
+async def run_watchdog_pings(
+    notifier: SystemdNotifier,
+    *,
+    sleep: Callable[[float], Awaitable[None]],
+    healthy: Callable[[], bool] = lambda: True,
+) -> None:
+    """Ping systemd's watchdog forever (a supervised task: it never returns).
+
+    Without a watchdog it just waits until cancelled, so a supervisor never sees it "exit".
+    A ping is skipped while ``healthy()`` is false, so systemd restarts a wedged daemon.
+    """
+    interval = notifier.watchdog_interval
+    if interval is None:
+        await asyncio.Event().wait()
+        return
+    while True:
+        if healthy():
+            notifier.watchdog()
+        else:
+            log.warning("Skipping systemd watchdog ping: daemon is not healthy")
+        await sleep(interval)

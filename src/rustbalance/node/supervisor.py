@@ -1,0 +1,209 @@
+"""Structured concurrency for the daemon's long-running tasks (system.md W14, Phase 2.5).
+
+The original ended the process with exit code 0 when any task died and had no signal handling.
+Here every task runs inside one :class:`asyncio.TaskGroup`:
+
+- a task that raises, or returns while no shutdown was asked for, has failed;
+- a failed task marked ``restartable`` is started again after a backoff (WARN);
+- any other failed task ends the whole group: ERROR naming the task, shutdown hooks run, and
+  :meth:`Supervisor.run` returns 1 so the process exits non-zero and systemd restarts it;
+- SIGTERM / SIGINT log "Received SIGTERM" (or SIGINT), run the shutdown hooks (lease release,
+  proxy drain, ...) each within its time bound while the tasks still run, cancel the tasks, log
+  "Shutdown complete" and return 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from rustbalance.errors import RustBalanceError
+from rustbalance.node.publish_policy import backoff
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_TASK_FAILED = 1
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A named long-running coroutine; ``run`` is called again for every restart."""
+
+    name: str
+    run: Callable[[], Awaitable[None]]
+    restartable: bool = False
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    # A run that lasted this long was healthy: the next failure starts the backoff afresh.
+    stable_after: float = 60.0
+
+
+@dataclass(frozen=True)
+class ShutdownHook:
+    """Work to do on an orderly shutdown (e.g. release the lease, drain the proxy)."""
+
+    name: str
+    run: Callable[[], Awaitable[None]]
+    timeout: float = 5.0
+
+
+class TaskFailed(RustBalanceError):
+    """A non-restartable task raised or returned; the daemon must exit non-zero."""
+
+    def __init__(self, task: str, reason: str) -> None:
+        super().__init__(f"task '{task}' failed: {reason}")
+        self.task = task
+        self.reason = reason
+
+
+class Supervisor:
+    """Run tasks until a signal or a fatal task failure; :meth:`run` returns the exit code."""
+
+    def __init__(
+        self,
+        tasks: Sequence[TaskSpec],
+        hooks: Sequence[ShutdownHook] = (),
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError("task names must be unique")
+        self._tasks = tuple(tasks)
+        self._hooks = tuple(hooks)
+        self._clock = clock
+        self._sleep = sleep
+        self._rand = rand
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self.shutdown_reason: str | None = None
+        self.restarts: dict[str, int] = {t.name: 0 for t in tasks}
+        self._signals: list[signal.Signals] = []
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def request_shutdown(self, reason: str) -> None:
+        """Begin an orderly shutdown (idempotent)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.shutdown_reason = reason
+        self._stop.set()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stopping:
+            log.warning("Received %s again; shutdown already in progress", sig.name)
+            return
+        log.info("Received %s", sig.name)
+        self.request_shutdown(sig.name)
+
+    def install_signal_handlers(
+        self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
+    ) -> None:
+        """Route SIGTERM/SIGINT to an orderly shutdown (call from inside the running loop)."""
+        loop = asyncio.get_running_loop()
+        for sig in signals:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+            self._signals.append(sig)
+
+    def remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._signals:
+            loop.remove_signal_handler(sig)
+        self._signals.clear()
+
+    async def _supervise(self, spec: TaskSpec) -> None:
+        consecutive = 0
+        while True:
+            started = self._clock()
+            try:
+                await spec.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._stopping:
+                    log.debug("Task '%s' ended during shutdown: %s", spec.name, exc)
+                    return
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                cause: BaseException | None = exc
+            else:
+                if self._stopping:
+                    return
+                reason = "exited unexpectedly"
+                cause = None
+            if not spec.restartable:
+                log.error("Task '%s' failed: %s", spec.name, reason, exc_info=cause)
+                raise TaskFailed(spec.name, reason) from cause
+            if self._clock() - started >= spec.stable_after:
+                consecutive = 0
+            consecutive += 1
+            self.restarts[spec.name] += 1
+            delay = backoff(consecutive, spec.backoff_base, spec.backoff_cap, self._rand)
+            log.warning(
+                "Task '%s' failed: %s; restarting in %.1fs (restart %d)",
+                spec.name,
+                reason,
+                delay,
+                self.restarts[spec.name],
+                exc_info=cause,
+            )
+            await self._sleep(delay)
+            if self._stopping:
+                return
+
+    async def _run_hooks(self) -> None:
+        for hook in self._hooks:
+            try:
+                await asyncio.wait_for(hook.run(), hook.timeout)
+            except TimeoutError:
+                log.warning("Shutdown step '%s' timed out after %gs", hook.name, hook.timeout)
+            except Exception as exc:
+                log.warning("Shutdown step '%s' failed: %s", hook.name, exc)
+
+    async def _shutdown_when_asked(self, tasks: list[asyncio.Task[None]]) -> None:
+        await self._stop.wait()
+        # Hooks first, while coordination and proxy still run (lease release, drain).
+        await self._run_hooks()
+        for task in tasks:
+            task.cancel()
+
+    async def run(self) -> int:
+        """Run every task; return 0 after an orderly shutdown, 1 after a fatal task failure."""
+        failure: TaskFailed | None = None
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._supervise(spec), name=spec.name) for spec in self._tasks
+                ]
+                group.create_task(self._shutdown_when_asked(tasks), name="shutdown")
+        except* TaskFailed as failures:
+            first = failures.exceptions[0]
+            assert isinstance(first, TaskFailed)
+            failure = first
+        if failure is not None:
+            self._stopping = True
+            await self._run_hooks()
+            log.error("Exiting with status %d: task '%s' failed", EXIT_TASK_FAILED, failure.task)
+            return EXIT_TASK_FAILED
+        log.info("Shutdown complete")
+        return EXIT_OK
+
+
+async def run_supervised(tasks: Sequence[TaskSpec], hooks: Sequence[ShutdownHook] = ()) -> int:
+    """Install SIGTERM/SIGINT handlers and supervise ``tasks``; the process exit code."""
+    supervisor = Supervisor(tasks, hooks)
+    supervisor.install_signal_handlers()
+    try:
+        return await supervisor.run()
+    finally:
+        supervisor.remove_signal_handlers()
