@@ -1,0 +1,61 @@
+"""Fair merge of intro points from several instances (pure and deterministic).
+
+The original product cut "own points first, then peers" at 20 (system.md W-list, 3.6); here
+every instance gets a fair share: one point from each instance in turn (round-robin, in the
+given order), skipping duplicates and points that expire too soon, until ``max_points``.
+
+Duplicates: the same intro auth key (the same intro circuit) or the same intro relay
+(ed25519 identity link specifier): a client gains nothing from two intro points on one relay,
+and rend-spec-v3 expects distinct relays per descriptor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rustbalance.descriptor.builder import MAX_INTRO_POINTS
+from rustbalance.descriptor.intro_point import IntroPoint
+from rustbalance.errors import DescriptorError
+
+__all__ = ["merge_intro_points"]
+
+
+def merge_intro_points(
+    instances: Sequence[Sequence[IntroPoint]],
+    max_points: int,
+    now: int,
+    min_remaining_validity: int,
+) -> list[IntroPoint]:
+    """Merge round-robin; drop points whose 09/0B certs expire before
+    ``now + min_remaining_validity`` (seconds)."""
+    if not 1 <= max_points <= MAX_INTRO_POINTS:
+        raise DescriptorError(f"max_points must be 1-{MAX_INTRO_POINTS}, got {max_points}")
+    if min_remaining_validity < 0:
+        raise DescriptorError("min_remaining_validity must not be negative")
+    deadline = now + min_remaining_validity
+    queues = [[point for point in points if point.expires_at > deadline] for points in instances]
+    seen_auth: set[bytes] = set()
+    seen_relay: set[bytes] = set()
+    merged: list[IntroPoint] = []
+    positions = [0] * len(queues)
+    while len(merged) < max_points:
+        progressed = False
+        for index, queue in enumerate(queues):
+            if len(merged) >= max_points:
+                break
+            # Take this instance's next point that is not a duplicate.
+            while positions[index] < len(queue):
+                point = queue[positions[index]]
+                positions[index] += 1
+                relay = point.relay_ed25519_id
+                if point.auth_key in seen_auth or (relay is not None and relay in seen_relay):
+                    continue
+                seen_auth.add(point.auth_key)
+                if relay is not None:
+                    seen_relay.add(relay)
+                merged.append(point)
+                progressed = True
+                break
+        if not progressed:
+            break
+    return merged

@@ -1,0 +1,68 @@
+"""Fair round-robin merge of intro points (issue "Descriptor engine"; replaces the original
+product's "own first, cut at 20", system.md 3.6)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rustbalance.descriptor.intro_point import IntroPoint
+from rustbalance.descriptor.link_specifiers import LinkSpecifier
+from rustbalance.descriptor.merge import merge_intro_points
+from rustbalance.errors import DescriptorError
+
+from .helpers import NOW, make_intro_point, rng
+
+
+def _points(seed: int, n: int, lifetime: int = 24 * 3600) -> list[IntroPoint]:
+    randbytes = rng(seed)
+    return [make_intro_point(randbytes, index=i, lifetime=lifetime) for i in range(n)]
+
+
+def test_round_robin_gives_each_instance_a_fair_share() -> None:
+    a, b, c = _points(1, 10), _points(2, 10), _points(3, 2)
+    merged = merge_intro_points([a, b, c], max_points=8, now=NOW, min_remaining_validity=0)
+    assert merged == [a[0], b[0], c[0], a[1], b[1], c[1], a[2], b[2]]
+
+
+def test_small_instances_leave_room_for_others_up_to_the_cap() -> None:
+    a, b = _points(1, 1), _points(2, 30)
+    merged = merge_intro_points([a, b], max_points=20, now=NOW, min_remaining_validity=0)
+    assert len(merged) == 20 and merged[:3] == [a[0], b[0], b[1]]
+
+
+def test_duplicates_by_auth_key_or_relay_are_dropped() -> None:
+    a = _points(1, 2)
+    relay = a[1].relay_ed25519_id
+    assert relay is not None
+    same_relay = make_intro_point(rng(9), extra_specs=())
+    same_relay = IntroPoint(
+        (LinkSpecifier.ed25519_id(relay),),
+        same_relay.onion_key,
+        same_relay.auth_key_cert,
+        same_relay.enc_key,
+        same_relay.enc_key_cert,
+    )
+    b = [a[0], same_relay, *_points(2, 1)]
+    merged = merge_intro_points([a, b], max_points=20, now=NOW, min_remaining_validity=0)
+    # a[0] is taken once; b[1] claims the relay first, so a[1] (same relay) is dropped.
+    assert merged == [a[0], same_relay, b[2]]
+
+
+def test_points_expiring_within_the_margin_are_dropped() -> None:
+    short, long = _points(1, 2, lifetime=1800), _points(2, 2)
+    merged = merge_intro_points([short, long], max_points=20, now=NOW, min_remaining_validity=3600)
+    assert merged == long
+    assert merge_intro_points([short], max_points=20, now=NOW, min_remaining_validity=0) == short
+
+
+def test_pure_and_deterministic() -> None:
+    instances = [_points(1, 5), _points(2, 5)]
+    first = merge_intro_points(instances, max_points=7, now=NOW, min_remaining_validity=0)
+    assert first == merge_intro_points(instances, max_points=7, now=NOW, min_remaining_validity=0)
+    assert merge_intro_points([], max_points=5, now=NOW, min_remaining_validity=0) == []
+
+
+@pytest.mark.parametrize("max_points", [0, 21])
+def test_cap_must_be_1_to_20(max_points: int) -> None:
+    with pytest.raises(DescriptorError):
+        merge_intro_points([], max_points=max_points, now=NOW, min_remaining_validity=0)
