@@ -1,0 +1,295 @@
+"""Reverse proxy: RustBalance vs HAProxy (same mode) vs the direct path, in the same run.
+
+* Bulk: one TCP connection downloads BULK_BYTES from a blocking-socket source through
+  tcp mode; reported as throughput and as ratios to HAProxy and to direct.
+* HTTP: CONCURRENCY keep-alive clients hammer a fast static target (a separate HAProxy
+  ``http-request return``) through http mode for SECONDS; requests/s and latency
+  percentiles.
+
+Everything runs on 127.0.0.1. Our proxy runs in its own process (like in production), so
+it does not share a GIL with the load generator. HAProxy is Debian's, started with a
+generated config and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+BULK_BYTES = 1024 * 1024 * 1024
+CONCURRENCY = 16
+SECONDS = 3.0
+
+_OUR_PROXY = """
+import asyncio, sys
+from rustbalance.proxy import ProxySettings, ReverseProxy, Target
+
+async def main() -> None:
+    mode, port = sys.argv[1], int(sys.argv[2])
+    settings = ProxySettings(
+        target=Target("127.0.0.1", port, False), mode=mode, max_connections=4096
+    )
+    proxy = ReverseProxy(settings)
+    await proxy.start()
+    print(proxy.port, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await proxy.close(1.0)
+
+asyncio.run(main())
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_listening(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
+
+
+@contextlib.contextmanager
+def _haproxy(config: str, port: int) -> Iterator[None]:
+    binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "haproxy.cfg"
+        path.write_text(config)
+        proc = subprocess.Popen(
+            [binary, "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            _wait_listening(port)
+            yield
+        finally:
+            proc.terminate()  # by PID: only the process we started
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+
+_HAPROXY_HEAD = """
+global
+    maxconn 8192
+defaults
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+"""
+
+
+def _haproxy_proxy_config(mode: str, port: int, target: int) -> str:
+    return _HAPROXY_HEAD + (
+        f"frontend fe\n    mode {mode}\n    bind 127.0.0.1:{port}\n    default_backend be\n"
+        f"backend be\n    mode {mode}\n    server t 127.0.0.1:{target}\n"
+    )
+
+
+def _haproxy_static_config(port: int) -> str:
+    return _HAPROXY_HEAD + (
+        f"frontend static\n    mode http\n    bind 127.0.0.1:{port}\n"
+        "    http-request return status 200 content-type text/plain string ok\n"
+    )
+
+
+@contextlib.contextmanager
+def _ours(mode: str, target: int) -> Iterator[int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _OUR_PROXY, mode, str(target)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        port = int(proc.stdout.readline())
+        yield port
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# -- bulk ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _bulk_source(total: int) -> Iterator[int]:
+    """Accepts connections and sends ``total`` bytes down each, then closes."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+    block = os.urandom(1024 * 1024)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(60)
+                sent = 0
+                with contextlib.suppress(OSError):
+                    while sent < total:
+                        conn.sendall(block)
+                        sent += len(block)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def _download(port: int) -> float:
+    """Seconds to receive everything through ``port``."""
+    buf = bytearray(1024 * 1024)
+    view = memoryview(buf)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        start = time.perf_counter()
+        got = 0
+        while True:
+            n = sock.recv_into(view)
+            if not n:
+                break
+            got += n
+        elapsed = time.perf_counter() - start
+    if got != BULK_BYTES:
+        raise RuntimeError(f"short download: {got} of {BULK_BYTES} bytes")
+    return elapsed
+
+
+def _best(port: int, runs: int = 2) -> float:
+    return min(_download(port) for _ in range(runs))
+
+
+# -- http ---------------------------------------------------------------------------------
+
+
+async def _http_load(port: int) -> tuple[float, list[float]]:
+    """Requests/s and per-request latencies (s) with CONCURRENCY keep-alive connections."""
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+    latencies: list[float] = []
+    deadline = time.perf_counter() + SECONDS
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                if length:
+                    await reader.readexactly(length)
+                latencies.append(time.perf_counter() - start)
+        finally:
+            writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    elapsed = time.perf_counter() - start
+    return len(latencies) / elapsed, latencies
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def run() -> list[str]:
+    lines = ["## Reverse proxy (tcp and http modes)", ""]
+    # Bulk, tcp mode.
+    with _bulk_source(BULK_BYTES) as source:
+        direct = _best(source)
+        hap_port = _free_port()
+        with _haproxy(_haproxy_proxy_config("tcp", hap_port, source), hap_port):
+            hap = _best(hap_port)
+        with _ours("tcp", source) as our_port:
+            ours = _best(our_port)
+    gib = BULK_BYTES / 2**30
+    lines += [
+        f"Bulk download, one connection, {gib:.0f} GiB, tcp mode (best of 2):",
+        "",
+        "| path | GiB/s | RustBalance vs it |",
+        "|---|---|---|",
+        f"| direct | {gib / direct:.2f} | {direct / ours:.2f}x |",
+        f"| HAProxy (tcp) | {gib / hap:.2f} | {hap / ours:.2f}x |",
+        f"| RustBalance (tcp) | {gib / ours:.2f} | 1.00x |",
+        "",
+    ]
+    # Requests/s, http mode.
+    static_port = _free_port()
+    with _haproxy(_haproxy_static_config(static_port), static_port):
+        results: dict[str, tuple[float, list[float]]] = {}
+        results["direct"] = asyncio.run(_http_load(static_port))
+        hap_port = _free_port()
+        with _haproxy(_haproxy_proxy_config("http", hap_port, static_port), hap_port):
+            results["HAProxy (http)"] = asyncio.run(_http_load(hap_port))
+        with _ours("http", static_port) as our_port:
+            results["RustBalance (http)"] = asyncio.run(_http_load(our_port))
+    ours_rps = results["RustBalance (http)"][0]
+    lines += [
+        f"HTTP keep-alive, {CONCURRENCY} connections, {SECONDS:.0f} s each, tiny static "
+        "response (client: one asyncio process):",
+        "",
+        "| path | req/s | p50 ms | p99 ms | RustBalance req/s vs it |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (rps, lat) in results.items():
+        lines.append(
+            f"| {name} | {rps:.0f} | {_pct(lat, 0.5):.2f} | {_pct(lat, 0.99):.2f} | "
+            f"{ours_rps / rps:.2f}x |"
+        )
+    lines.append("")
+    lines.append(
+        f"Median latency added by RustBalance: "
+        f"{statistics.median(results['RustBalance (http)'][1]) * 1000:.2f} ms vs "
+        f"{statistics.median(results['HAProxy (http)'][1]) * 1000:.2f} ms for HAProxy."
+    )
+    lines.append("")
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(run()))
