@@ -18,7 +18,12 @@ from rustbalance.errors import RustBalanceError
 
 # Command modules, in the order their commands appear in --help. A module that does not exist
 # yet is an error: every name here must be importable.
-COMMAND_MODULES: tuple[str, ...] = ("rustbalance.cli.offline",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "rustbalance.cli.offline",
+    "rustbalance.cli.tor_debug",
+    "rustbalance.cli.status_cmd",
+    "rustbalance.cli.config_cmd",
+)
 
 Handler = Callable[[argparse.Namespace], int]
 

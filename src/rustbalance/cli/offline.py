@@ -196,7 +196,7 @@ def _candidates(now: int, params: TimeParams) -> list[int]:
     return [tp, tp - 1, tp + 1]
 
 
-def _intro_json(point: IntroPoint) -> dict[str, Any]:
+def intro_json(point: IntroPoint) -> dict[str, Any]:
     return {
         "link_specifiers": [spec.describe() for spec in point.link_specifiers],
         "onion_key": base64.b64encode(point.onion_key).decode("ascii"),
@@ -207,7 +207,7 @@ def _intro_json(point: IntroPoint) -> dict[str, Any]:
     }
 
 
-def _decoded_json(decoded: DecodedDescriptor) -> dict[str, Any]:
+def decoded_json(decoded: DecodedDescriptor) -> dict[str, Any]:
     pow_params = decoded.pow_params
     return {
         "lifetime_minutes": decoded.lifetime,
@@ -227,7 +227,7 @@ def _decoded_json(decoded: DecodedDescriptor) -> dict[str, Any]:
         "single_onion_service": decoded.single_onion,
         "intro_auth_required": list(decoded.intro_auth_required),
         "client_authorization": decoded.client_auth,
-        "intro_points": [_intro_json(point) for point in decoded.intro_points],
+        "intro_points": [intro_json(point) for point in decoded.intro_points],
         "dropped_intro_points": list(decoded.dropped_intro_points),
     }
 
@@ -246,7 +246,7 @@ def _decode_descriptor(args: argparse.Namespace) -> int:
         time_periods=_candidates(now, params),
         client_auth_key=client_key,
     )
-    print(json.dumps(_decoded_json(decoded), indent=2))
+    print(json.dumps(decoded_json(decoded), indent=2))
     return 0
 
 

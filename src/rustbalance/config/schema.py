@@ -1,0 +1,196 @@
+"""The validated configuration: frozen, typed dataclasses, one per TOML section.
+
+Instances are built by :func:`rustbalance.config.parser.parse_config`, which has already checked
+every value, so code that receives a :class:`Config` never re-validates. Field defaults here are
+the documented defaults (docs/config.md); defaults that depend on other keys (``status_socket``,
+the tor endpoints and directories) are filled in by the parser.
+
+Durations are ``float`` seconds (TOML ints and floats are both accepted). Paths are absolute
+``Path`` objects: relative paths in the file are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "Config",
+    "CoordinationConfig",
+    "Endpoint",
+    "HealthConfig",
+    "MasterConfig",
+    "MetricsConfig",
+    "NodeConfig",
+    "ProxyConfig",
+    "ProxyMode",
+    "PublishConfig",
+    "TargetConfig",
+    "TorConfig",
+    "TorMode",
+]
+
+TorMode = Literal["managed", "system"]
+ProxyMode = Literal["http", "tcp"]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A TCP or UDP ``host:port``. ``host`` is an IPv4/IPv6 literal (no brackets), a DNS name
+    or a v3 ``.onion`` address in lower case."""
+
+    host: str
+    port: int
+
+    @property
+    def is_onion(self) -> bool:
+        return self.host.endswith(".onion")
+
+    def __str__(self) -> str:
+        # An IPv6 literal needs brackets, otherwise its colons are ambiguous with the port's.
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    id: str
+    state_dir: Path
+    status_socket: Path
+    priority: int = 10
+    publisher_eligible: bool = True
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    identity_key_path: Path
+    # Lower-case ``<56 chars>.onion``; None if the operator did not state it (the daemon derives
+    # it from the key; when given, the daemon checks that it matches the key).
+    onion_address: str | None = None
+    # Raw 32-byte x25519 public keys of the clients allowed to discover the service
+    # (restricted discovery). Empty = anyone who knows the address.
+    authorized_clients: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    address: Endpoint
+    use_tls: bool = False
+    connect_timeout_secs: float = 30.0
+    idle_timeout_secs: float = 300.0
+    # 0 = no limit on a session's total duration.
+    session_timeout_secs: float = 0.0
+
+    @property
+    def is_onion(self) -> bool:
+        return self.address.is_onion
+
+
+@dataclass(frozen=True)
+class TorConfig:
+    data_dir: Path
+    hidden_service_dir: Path
+    mode: TorMode = "managed"
+    extra_torrc: tuple[str, ...] = ()
+    binary: str = "tor"
+    # System mode only (managed mode picks its own control port): a TCP endpoint or a unix
+    # socket path.
+    control: Endpoint | Path | None = None
+    # None in managed mode = tor picks a free port and we ask it which one.
+    socks: Endpoint | None = None
+    # System mode only: the torrc fragment we write and the system tor includes.
+    torrc_include: Path | None = None
+    num_intro_points: int = 3
+    pow_enabled: bool = False
+    pow_queue_rate: int = 250
+    pow_queue_burst: int = 2500
+    intro_dos_enabled: bool = False
+    intro_dos_rate_per_sec: int = 25
+    intro_dos_burst_per_sec: int = 200
+    watchdog_interval_secs: float = 15.0
+    bootstrap_timeout_secs: float = 120.0
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    listen_host: str = "127.0.0.1"
+    # 0 = let the OS pick a free port (the daemon tells tor which one it got).
+    listen_port: int = 8080
+    virtual_port: int = 80
+    mode: ProxyMode = "http"
+    max_connections: int = 1024
+    drain_timeout_secs: float = 3.0
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    refresh_interval_secs: float = 600.0
+    max_intro_points: int = 20
+    descriptor_lifetime_mins: int = 180
+    retries: int = 3
+    retry_base_secs: float = 5.0
+    retry_max_secs: float = 30.0
+    first_publish_poll_secs: float = 5.0
+    first_publish_max_wait_secs: float = 120.0
+    descriptor_max_age_secs: float = 900.0
+    upload_timeout_secs: float = 60.0
+
+
+@dataclass(frozen=True)
+class CoordinationConfig:
+    cluster_token_path: Path | None = None
+    listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 51821))
+    peers: tuple[Endpoint, ...] = ()
+    heartbeat_interval_secs: float = 5.0
+    heartbeat_timeout_secs: float = 15.0
+    takeover_grace_secs: float = 15.0
+    clock_skew_tolerance_secs: float = 5.0
+    max_datagram_bytes: int = 65000
+
+    @property
+    def is_multi_node(self) -> bool:
+        return bool(self.peers)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 9100))
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    http_probe_enabled: bool = False
+    http_probe_path: str = "/"
+    http_probe_interval_secs: float = 60.0
+    http_probe_timeout_secs: float = 5.0
+    probe_expected_status: int = 200
+    probe_failure_threshold: int = 3
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig
+    master: MasterConfig
+    target: TargetConfig
+    tor: TorConfig
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+
+    @property
+    def is_multi_node(self) -> bool:
+        return self.coordination.is_multi_node
+
+    def summary(self) -> str:
+        """One line for logs and ``rustbalance config check``; contains no secrets."""
+        mode = "multi-node" if self.is_multi_node else "single-node"
+        peers = f" ({len(self.coordination.peers)} peers)" if self.is_multi_node else ""
+        return (
+            f"node {self.node.id}, {mode}{peers}, tor {self.tor.mode}, "
+            f"target {self.target.address}{' (tls)' if self.target.use_tls else ''}"
+        )

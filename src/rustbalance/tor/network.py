@@ -1,0 +1,480 @@
+"""The network view and the publish/fetch primitives, over one control connection.
+
+What lives here is the asyncio glue between tor's control port and the pure layers:
+
+* :func:`read_network_view`: the microdesc consensus and the microdescriptors (for the relays'
+  ed25519 ids), turned into time parameters, SRVs and the HSDir ring (tor.md sections 3-4).
+* :func:`upload_descriptor`: ``+HSPOST`` of one descriptor to an explicit list of HSDirs, and
+  the per-HSDir outcome from ``HS_DESC UPLOADED/FAILED`` events (tor.md section 9.3: the
+  ``250 OK`` only means the outer document parsed).
+* :func:`fetch_descriptor`: ``HSFETCH`` and the verified, decrypted descriptor from
+  ``HS_DESC_CONTENT``, or a typed :class:`FetchError`.
+* :func:`read_own_descriptor`: a hosted service's first descriptor (``hs/service/desc/id``).
+* :func:`publish_master`: build both master descriptors ([FIRSTDESCUPLOAD] and
+  [SECONDDESCUPLOAD]) and upload each to its own responsible HSDirs.
+
+Decisions are made by the pure modules (``crypto``, ``descriptor``, ``tor.consensus``,
+``tor.hashring``); this module only moves bytes and waits, always with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from rustbalance.crypto.blinding import blind_identity, blind_public_key
+from rustbalance.crypto.keys import IdentityKey
+from rustbalance.crypto.onion_address import decode_onion_address
+from rustbalance.crypto.revision import revision_counter
+from rustbalance.crypto.time_period import (
+    DescriptorTarget,
+    TimeParams,
+    client_fetch_target,
+    descriptor_targets,
+    time_period_num,
+)
+from rustbalance.descriptor.builder import PowParams, build_descriptor
+from rustbalance.descriptor.intro_point import IntroPoint
+from rustbalance.descriptor.parser import DecodedDescriptor, decode_descriptor
+from rustbalance.errors import ControlError, DescriptorError
+from rustbalance.tor.consensus import (
+    Consensus,
+    HSDirParams,
+    HSDirRelay,
+    hsdir_params,
+    hsdir_relays,
+    parse_consensus,
+    parse_microdescriptors,
+    time_params,
+)
+from rustbalance.tor.control import ControlTimeoutError, Subscription
+from rustbalance.tor.control_protocol import (
+    ControlProtocolError,
+    HsDescContentEvent,
+    HsDescEvent,
+)
+from rustbalance.tor.hashring import responsible_hsdirs
+
+__all__ = [
+    "Controller",
+    "FetchError",
+    "HsDirUpload",
+    "NetworkView",
+    "PeriodPublish",
+    "fetch_descriptor",
+    "publish_master",
+    "read_network_view",
+    "read_own_descriptor",
+    "upload_descriptor",
+]
+
+log = logging.getLogger(__name__)
+
+Randbytes = Callable[[int], bytes]
+PeriodLabel = Literal["current", "next"]
+
+
+class Controller(Protocol):
+    """What this module needs of a control session (ControlConnection or
+    ReconnectingController both fit)."""
+
+    async def get_info(self, *keys: str) -> dict[str, str]: ...
+
+    async def subscribe(self, *event_types: str, maxsize: int = 1024) -> Subscription: ...
+
+    async def hs_fetch(self, address: str, servers: Iterable[str] = ()) -> None: ...
+
+    async def hs_post(
+        self, descriptor_text: str, address: str, servers: Iterable[str] = ()
+    ) -> None: ...
+
+
+class FetchError(ControlError):
+    """A descriptor fetch failed. ``reason`` is tor's (``NOT_FOUND``, ``QUERY_REJECTED``...),
+    or ``TIMEOUT`` or ``BAD_DESCRIPTOR``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _bare(address: str) -> str:
+    """``<56 chars>`` from ``<56 chars>[.onion]``; validates the address on the way."""
+    decode_onion_address(address)
+    text = address.strip().lower()
+    return text[: -len(".onion")] if text.endswith(".onion") else text
+
+
+# --------------------------------------------------------------------------- network view
+
+
+@dataclass(frozen=True)
+class NetworkView:
+    """What the live consensus says that publishing and fetching depend on."""
+
+    consensus: Consensus
+    time_params: TimeParams
+    hsdir_params: HSDirParams
+    hsdirs: tuple[HSDirRelay, ...]
+
+    @property
+    def valid_after(self) -> int:
+        return self.consensus.valid_after
+
+    @property
+    def period_length(self) -> int:
+        return self.time_params.period_length_minutes
+
+    def descriptor_targets(self) -> tuple[DescriptorTarget, DescriptorTarget]:
+        """(first, second) = tor's ``desc_current`` and ``desc_next`` (tor.md section 3.2).
+        Time comes from the consensus valid-after, as tor does, never the local clock."""
+        c = self.consensus
+        return descriptor_targets(c.valid_after, self.time_params, c.srv_current, c.srv_previous)
+
+    def current_time_period(self) -> int:
+        return time_period_num(self.consensus.valid_after, self.time_params)
+
+    def candidate_time_periods(self) -> tuple[int, ...]:
+        """Periods a descriptor we fetch may belong to (both of a service's descriptors and a
+        neighbour on either side, for clocks and consensuses that differ a little)."""
+        tp = self.current_time_period()
+        return (tp - 1, tp, tp + 1)
+
+    def store_hsdirs(self, blinded_key: bytes, target: DescriptorTarget) -> list[HSDirRelay]:
+        """The HSDirs a descriptor for ``target`` must be uploaded to ([WHERE-HSDESC])."""
+        return responsible_hsdirs(
+            blinded_key,
+            target.time_period,
+            self.period_length,
+            target.srv,
+            self.hsdirs,
+            self.hsdir_params.n_replicas,
+            self.hsdir_params.spread_store,
+        )
+
+    def fetch_hsdirs(self, address: str) -> list[HSDirRelay]:
+        """The HSDirs a client asks for ``address`` now (hsdir_spread_fetch per replica)."""
+        c = self.consensus
+        tp, srv = client_fetch_target(
+            c.valid_after, self.time_params, c.srv_current, c.srv_previous
+        )
+        blinded = blind_public_key(decode_onion_address(address), tp, self.period_length)
+        return responsible_hsdirs(
+            blinded,
+            tp,
+            self.period_length,
+            srv,
+            self.hsdirs,
+            self.hsdir_params.n_replicas,
+            self.hsdir_params.spread_fetch,
+        )
+
+
+def network_view_from_documents(consensus_text: str, microdescriptors_text: str) -> NetworkView:
+    """Pure: build a :class:`NetworkView` from the two documents tor hands out."""
+    consensus = parse_consensus(consensus_text)
+    mds = parse_microdescriptors(microdescriptors_text)
+    return NetworkView(
+        consensus=consensus,
+        time_params=time_params(consensus),
+        hsdir_params=hsdir_params(consensus),
+        hsdirs=tuple(hsdir_relays(consensus, mds)),
+    )
+
+
+async def read_network_view(ctrl: Controller) -> NetworkView:
+    """Read the consensus and microdescriptors through ``ctrl`` (tor >= 0.4.3.1-alpha)."""
+    consensus_key = "dir/status-vote/current/consensus-microdesc"
+    consensus_text = (await ctrl.get_info(consensus_key))[consensus_key]
+    md_text = (await ctrl.get_info("md/all"))["md/all"]
+    return network_view_from_documents(consensus_text, md_text)
+
+
+# --------------------------------------------------------------------------- upload
+
+
+@dataclass(frozen=True)
+class HsDirUpload:
+    """The outcome of one upload at one HSDir."""
+
+    fingerprint: str
+    nickname: str
+    ok: bool
+    reason: str | None = None  # tor's REASON= (e.g. UPLOAD_REJECTED), or TIMEOUT
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "hsdir": self.fingerprint,
+            "nickname": self.nickname,
+            "ok": self.ok,
+            "reason": self.reason,
+        }
+
+
+async def upload_descriptor(
+    ctrl: Controller,
+    descriptor: str,
+    address: str,
+    hsdirs: Sequence[HSDirRelay],
+    *,
+    timeout: float = 60.0,  # noqa: ASYNC109
+) -> list[HsDirUpload]:
+    """``+HSPOST SERVER=<fp>... HSADDRESS=<addr>`` and wait for every HSDir's verdict.
+
+    HSDirs that never answer within ``timeout`` are reported with reason ``TIMEOUT``. Uploads of
+    the same address must not overlap (the events name the HSDir and the address, not the
+    upload), so callers serialise them. An ``HS_DESC UPLOAD`` event for an HSDir means tor's own
+    service is uploading there too (its native publishing, tor.md section 9.3: our HSPOST
+    uploads come without one); that HSDir's next verdict is tor's, so we skip one verdict.
+    """
+    if not hsdirs:
+        raise ControlError("no HSDirs to upload to")
+    bare = _bare(address)
+    pending = {relay.fingerprint.upper(): relay for relay in hsdirs}
+    results: dict[str, HsDirUpload] = {}
+    native_in_flight: dict[str, int] = {}
+    loop = asyncio.get_running_loop()
+    sub = await ctrl.subscribe("HS_DESC")
+    try:
+        await ctrl.hs_post(descriptor, bare, list(pending))
+        deadline = loop.time() + timeout
+        while pending:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                raw = await sub.get(remaining)
+            except ControlTimeoutError:
+                break
+            try:
+                event = HsDescEvent.from_event(raw)
+            except ControlProtocolError as exc:
+                log.warning("ignoring malformed HS_DESC event: %s", exc)
+                continue
+            fp = (event.hsdir_fingerprint or "").upper()
+            if event.address.lower() != bare or fp not in pending:
+                continue
+            if event.action == "UPLOAD":
+                native_in_flight[fp] = native_in_flight.get(fp, 0) + 1
+                continue
+            if event.action not in ("UPLOADED", "FAILED"):
+                continue
+            if native_in_flight.get(fp, 0) > 0:
+                native_in_flight[fp] -= 1
+                continue
+            relay = pending.pop(fp)
+            results[fp] = HsDirUpload(
+                fp, relay.nickname, event.action == "UPLOADED", event.reason or None
+            )
+    finally:
+        await sub.aclose()
+    for fp, relay in pending.items():
+        results[fp] = HsDirUpload(fp, relay.nickname, False, "TIMEOUT")
+    return [results[relay.fingerprint.upper()] for relay in hsdirs]
+
+
+# --------------------------------------------------------------------------- fetch
+
+
+def decode_for_view(
+    text: str,
+    address: str,
+    view: NetworkView,
+    *,
+    now: int | None = None,
+    client_auth_key: bytes | None = None,
+) -> DecodedDescriptor:
+    """Verify and decrypt a descriptor of ``address`` against the periods ``view`` allows."""
+    return decode_descriptor(
+        text,
+        address,
+        now=int(time.time()) if now is None else now,
+        period_length=view.period_length,
+        time_periods=view.candidate_time_periods(),
+        client_auth_key=client_auth_key,
+    )
+
+
+async def fetch_descriptor(
+    ctrl: Controller,
+    address: str,
+    view: NetworkView,
+    *,
+    servers: Iterable[str] = (),
+    timeout: float = 60.0,  # noqa: ASYNC109
+    client_auth_key: bytes | None = None,
+) -> DecodedDescriptor:
+    """``HSFETCH`` ``address`` and return its verified, decrypted descriptor.
+
+    Raises :class:`FetchError` with tor's reason when every HSDir asked failed, ``TIMEOUT``
+    when nothing conclusive arrived in time, ``BAD_DESCRIPTOR`` when what arrived does not
+    verify (tor only emits a body after its own checks; we check again, tor.md section 6.6).
+    """
+    bare = _bare(address)
+    loop = asyncio.get_running_loop()
+    outstanding: set[str] = set()
+    reasons: list[str] = []
+    sub = await ctrl.subscribe("HS_DESC", "HS_DESC_CONTENT")
+    try:
+        await ctrl.hs_fetch(bare, servers)
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                raw = await sub.get(remaining)
+            except ControlTimeoutError:
+                break
+            try:
+                if raw.type == "HS_DESC_CONTENT":
+                    content = HsDescContentEvent.from_event(raw)
+                    if content.address.lower() != bare or not content.descriptor.strip():
+                        continue
+                    try:
+                        return decode_for_view(
+                            content.descriptor, bare, view, client_auth_key=client_auth_key
+                        )
+                    except DescriptorError as exc:
+                        raise FetchError(
+                            "BAD_DESCRIPTOR", f"descriptor of {bare}.onion does not verify: {exc}"
+                        ) from exc
+                event = HsDescEvent.from_event(raw)
+            except ControlProtocolError as exc:
+                log.warning("ignoring malformed %s event: %s", raw.type, exc)
+                continue
+            if event.address.lower() != bare:
+                continue
+            if event.action == "REQUESTED":
+                outstanding.add(event.hsdir)
+            elif event.action == "FAILED":
+                outstanding.discard(event.hsdir)
+                reasons.append(event.reason or "UNKNOWN")
+                if not outstanding:
+                    break
+            elif event.action == "RECEIVED":
+                outstanding.discard(event.hsdir)
+    finally:
+        await sub.aclose()
+    if reasons:
+        reason = reasons[-1]
+        raise FetchError(reason, f"fetching {bare}.onion failed: {', '.join(reasons)}")
+    raise FetchError("TIMEOUT", f"no descriptor for {bare}.onion within {timeout:g} s")
+
+
+async def read_own_descriptor(
+    ctrl: Controller, address: str, view: NetworkView
+) -> DecodedDescriptor:
+    """The first descriptor (``desc_current``) of a service this tor hosts, verified.
+
+    ``551`` (no descriptor built yet) surfaces as :class:`ControlReplyError`.
+    """
+    bare = _bare(address)
+    key = f"hs/service/desc/id/{bare}"
+    text = (await ctrl.get_info(key))[key]
+    return decode_for_view(text, bare, view)
+
+
+# --------------------------------------------------------------------------- publish
+
+
+@dataclass(frozen=True)
+class PeriodPublish:
+    """One of the two master descriptors: what was built and where it went."""
+
+    label: PeriodLabel
+    time_period: int
+    revision_counter: int
+    intro_points: int
+    hsdirs: tuple[HsDirUpload, ...] = ()
+    error: str | None = None
+    descriptor: str = field(default="", repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """At least one responsible HSDir accepted the descriptor."""
+        return self.error is None and any(result.ok for result in self.hsdirs)
+
+
+@dataclass
+class RevisionClock:
+    """Keeps revision counters strictly increasing per blinded key: an HSDir rejects a
+    descriptor whose counter is not greater than the one it holds (tor.md section 7), and
+    two publishes within one second would otherwise compute the same OPE value."""
+
+    last_input: dict[bytes, int] = field(default_factory=dict)
+
+    def seconds(self, blinded_key: bytes, now: int) -> int:
+        value = max(now, self.last_input.get(blinded_key, now - 1) + 1)
+        self.last_input[blinded_key] = value
+        return value
+
+
+async def publish_master(
+    ctrl: Controller,
+    identity: IdentityKey,
+    intro_points: Sequence[IntroPoint],
+    view: NetworkView,
+    *,
+    now: int | None = None,
+    randbytes: Randbytes = secrets.token_bytes,
+    revision_clock: RevisionClock | None = None,
+    flow_control: str | None = None,
+    pow_params: PowParams | None = None,
+    client_auth_keys: Sequence[bytes] = (),
+    lifetime_minutes: int = 180,
+    upload_timeout: float = 60.0,
+) -> dict[PeriodLabel, PeriodPublish]:
+    """Build the first ("current") and second ("next") master descriptors and upload each to
+    its responsible HSDirs, one after the other. A failure of one never discards the other."""
+    clock = revision_clock or RevisionClock()
+    wall = int(time.time()) if now is None else now
+    results: dict[PeriodLabel, PeriodPublish] = {}
+    labels: tuple[PeriodLabel, PeriodLabel] = ("current", "next")
+    for label, target in zip(labels, view.descriptor_targets(), strict=True):
+        blinded = blind_identity(identity, target.time_period, view.period_length)
+        counter = 0
+        try:
+            seconds = clock.seconds(blinded.public_key, wall)
+            counter = revision_counter(blinded, target.srv_run_start, seconds)
+            text = build_descriptor(
+                identity_public_key=identity.public_key,
+                blinded=blinded,
+                intro_points=intro_points,
+                revision_counter=counter,
+                now=wall,
+                randbytes=randbytes,
+                lifetime_minutes=lifetime_minutes,
+                client_auth_keys=client_auth_keys,
+                flow_control=flow_control,
+                pow_params=pow_params,
+            )
+            hsdirs = view.store_hsdirs(blinded.public_key, target)
+            uploads = await upload_descriptor(
+                ctrl, text, identity.onion_address, hsdirs, timeout=upload_timeout
+            )
+        except (ControlError, DescriptorError) as exc:
+            log.warning("publishing the %s descriptor failed: %s", label, exc)
+            results[label] = PeriodPublish(
+                label, target.time_period, counter, len(intro_points), error=str(exc)
+            )
+            continue
+        accepted = sum(1 for upload in uploads if upload.ok)
+        log.info(
+            "Published %s descriptor (period %d, revision %d, %d intro points) to %d of %d HSDirs",
+            label,
+            target.time_period,
+            counter,
+            len(intro_points),
+            accepted,
+            len(uploads),
+        )
+        results[label] = PeriodPublish(
+            label, target.time_period, counter, len(intro_points), tuple(uploads), None, text
+        )
+    return results

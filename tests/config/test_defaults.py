@@ -1,0 +1,188 @@
+"""The minimal config runs a node, and every key has its documented default."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from rustbalance.config import Config, Endpoint, parse_config
+
+MINIMAL = """\
+[node]
+id = "node-a"
+[master]
+identity_key_path = "/etc/rustbalance/master.key"
+[target]
+address = "127.0.0.1:8000"        # or "<56 chars>.onion:80"
+[tor]
+mode = "managed"                  # default; "system" attaches to a tor run by systemd
+data_dir = "/var/lib/rustbalance/tor"
+extra_torrc = []                  # extra torrc lines, e.g. a private network's DirAuthority lines
+"""
+
+BASE = Path("/etc/rustbalance")
+
+
+def minimal() -> Config:
+    return parse_config(MINIMAL, BASE)
+
+
+def test_minimal_config_parses_with_required_values() -> None:
+    config = minimal()
+    assert config.node.id == "node-a"
+    assert config.master.identity_key_path == Path("/etc/rustbalance/master.key")
+    assert config.target.address == Endpoint("127.0.0.1", 8000)
+    assert str(config.target.address) == "127.0.0.1:8000"
+    assert not config.target.is_onion
+    assert config.tor.mode == "managed"
+    assert config.tor.data_dir == Path("/var/lib/rustbalance/tor")
+    assert config.tor.extra_torrc == ()
+
+
+def test_only_id_key_and_target_are_required() -> None:
+    text = """
+[node]
+id = "n"
+[master]
+identity_key_path = "k"
+[target]
+address = "localhost:1"
+"""
+    config = parse_config(text, "/srv")
+    assert config.tor.mode == "managed"
+    assert config.tor.data_dir == Path("/var/lib/rustbalance/tor")
+    assert config.master.identity_key_path == Path("/srv/k")
+
+
+def test_node_defaults() -> None:
+    node = minimal().node
+    assert node.priority == 10
+    assert node.publisher_eligible is True
+    assert node.state_dir == Path("/var/lib/rustbalance")
+    assert node.status_socket == Path("/var/lib/rustbalance/status.sock")
+
+
+def test_status_socket_follows_state_dir() -> None:
+    config = parse_config(MINIMAL.replace('id = "node-a"', 'id = "a"\nstate_dir = "/x"'), BASE)
+    assert config.node.status_socket == Path("/x/status.sock")
+
+
+def test_master_defaults() -> None:
+    master = minimal().master
+    assert master.onion_address is None
+    assert master.authorized_clients == ()
+
+
+def test_target_defaults() -> None:
+    target = minimal().target
+    assert target.use_tls is False
+    assert target.connect_timeout_secs == 30
+    assert target.idle_timeout_secs == 300
+    assert target.session_timeout_secs == 0
+
+
+def test_tor_managed_defaults() -> None:
+    tor = minimal().tor
+    assert tor.binary == "tor"
+    assert tor.control is None
+    assert tor.socks is None
+    assert tor.hidden_service_dir == Path("/var/lib/rustbalance/tor/hidden_service")
+    assert tor.torrc_include is None
+    assert tor.num_intro_points == 3
+    assert tor.pow_enabled is False
+    assert tor.pow_queue_rate == 250
+    assert tor.pow_queue_burst == 2500
+    assert tor.intro_dos_enabled is False
+    assert tor.intro_dos_rate_per_sec == 25
+    assert tor.intro_dos_burst_per_sec == 200
+    assert tor.watchdog_interval_secs == 15
+    assert tor.bootstrap_timeout_secs == 120
+
+
+def test_managed_hidden_service_dir_follows_data_dir() -> None:
+    config = parse_config(MINIMAL.replace("/var/lib/rustbalance/tor", "/d"), BASE)
+    assert config.tor.hidden_service_dir == Path("/d/hidden_service")
+
+
+def test_tor_system_defaults() -> None:
+    tor = parse_config(MINIMAL.replace('"managed"', '"system"'), BASE).tor
+    assert tor.mode == "system"
+    assert tor.control == Endpoint("127.0.0.1", 9051)
+    assert tor.socks == Endpoint("127.0.0.1", 9050)
+    assert tor.hidden_service_dir == Path("/var/lib/tor/rustbalance_node_hs")
+    assert tor.torrc_include == Path("/etc/tor/torrc.d/rustbalance.conf")
+
+
+def test_proxy_defaults() -> None:
+    proxy = minimal().proxy
+    assert proxy.listen_host == "127.0.0.1"
+    assert proxy.listen_port == 8080
+    assert proxy.virtual_port == 80
+    assert proxy.mode == "http"
+    assert proxy.max_connections == 1024
+    assert proxy.drain_timeout_secs == 3
+
+
+def test_publish_defaults() -> None:
+    publish = minimal().publish
+    assert publish.refresh_interval_secs == 600
+    assert publish.max_intro_points == 20
+    assert publish.descriptor_lifetime_mins == 180
+    assert publish.retries == 3
+    assert publish.retry_base_secs == 5
+    assert publish.retry_max_secs == 30
+    assert publish.first_publish_poll_secs == 5
+    assert publish.first_publish_max_wait_secs == 120
+    assert publish.descriptor_max_age_secs == 900
+    assert publish.upload_timeout_secs == 60
+
+
+def test_coordination_defaults_make_a_single_node() -> None:
+    config = minimal()
+    coordination = config.coordination
+    assert coordination.cluster_token_path is None
+    assert coordination.listen == Endpoint("127.0.0.1", 51821)
+    assert coordination.peers == ()
+    assert coordination.heartbeat_interval_secs == 5
+    assert coordination.heartbeat_timeout_secs == 15
+    assert coordination.takeover_grace_secs == 15
+    assert coordination.clock_skew_tolerance_secs == 5
+    assert coordination.max_datagram_bytes == 65000
+    assert coordination.is_multi_node is False
+    assert config.is_multi_node is False
+
+
+def test_metrics_defaults() -> None:
+    metrics = minimal().metrics
+    assert metrics.enabled is True
+    assert metrics.listen == Endpoint("127.0.0.1", 9100)
+
+
+def test_health_defaults() -> None:
+    health = minimal().health
+    assert health.http_probe_enabled is False
+    assert health.http_probe_path == "/"
+    assert health.http_probe_interval_secs == 60
+    assert health.http_probe_timeout_secs == 5
+    assert health.probe_expected_status == 200
+    assert health.probe_failure_threshold == 3
+
+
+def test_durations_are_floats_whether_written_as_int_or_float() -> None:
+    config = parse_config(MINIMAL + "[publish]\nretry_base_secs = 2.5\nretry_max_secs = 7\n", BASE)
+    assert config.publish.retry_base_secs == 2.5
+    assert isinstance(config.publish.retry_max_secs, float)
+    assert config.publish.retry_max_secs == 7.0
+
+
+def test_summary_names_node_mode_tor_and_target() -> None:
+    assert minimal().summary() == "node node-a, single-node, tor managed, target 127.0.0.1:8000"
+
+
+def test_config_is_frozen() -> None:
+    config = minimal()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.node.priority = 1  # type: ignore[misc]
+    assert config.node.priority == 10
