@@ -1,0 +1,1 @@
+"""Deployment helpers: the versioned join token (:mod:`rustbalance.deploy.join_token`)."""
