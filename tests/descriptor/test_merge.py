@@ -30,22 +30,42 @@ def test_small_instances_leave_room_for_others_up_to_the_cap() -> None:
     assert len(merged) == 20 and merged[:3] == [a[0], b[0], b[1]]
 
 
-def test_duplicates_by_auth_key_or_relay_are_dropped() -> None:
+def _on_relay(point: IntroPoint, relay: bytes) -> IntroPoint:
+    return IntroPoint(
+        (LinkSpecifier.ed25519_id(relay),),
+        point.onion_key,
+        point.auth_key_cert,
+        point.enc_key,
+        point.enc_key_cert,
+    )
+
+
+def test_duplicate_auth_keys_are_dropped_and_shared_relays_come_last() -> None:
     a = _points(1, 2)
     relay = a[1].relay_ed25519_id
     assert relay is not None
-    same_relay = make_intro_point(rng(9), extra_specs=())
-    same_relay = IntroPoint(
-        (LinkSpecifier.ed25519_id(relay),),
-        same_relay.onion_key,
-        same_relay.auth_key_cert,
-        same_relay.enc_key,
-        same_relay.enc_key_cert,
-    )
+    same_relay = _on_relay(make_intro_point(rng(9), extra_specs=()), relay)
     b = [a[0], same_relay, *_points(2, 1)]
     merged = merge_intro_points([a, b], max_points=20, now=NOW, min_remaining_validity=0)
-    # a[0] is taken once; b[1] claims the relay first, so a[1] (same relay) is dropped.
-    assert merged == [a[0], same_relay, b[2]]
+    # a[0] is taken once (same auth key in b). b[1] claims the relay first, so a[1] (same
+    # relay, a distinct intro circuit) waits for the second pass instead of being lost.
+    assert merged == [a[0], same_relay, b[2], a[1]]
+    capped = merge_intro_points([a, b], max_points=3, now=NOW, min_remaining_validity=0)
+    assert capped == [a[0], same_relay, b[2]]
+
+
+def test_an_instance_whose_relays_all_collide_still_gets_its_share() -> None:
+    a = _points(1, 3)
+    relays = [p.relay_ed25519_id for p in a]
+    assert all(r is not None for r in relays)
+    b = [_on_relay(p, r) for p, r in zip(_points(2, 3), relays, strict=True) if r is not None]
+    merged = merge_intro_points([a, b], max_points=20, now=NOW, min_remaining_validity=0)
+    # Pass 1 keeps relays distinct (a0, b1, a2); pass 2 adds the rest round-robin.
+    assert merged == [a[0], b[1], a[2], a[1], b[0], b[2]]
+    assert merge_intro_points([a, b], max_points=2, now=NOW, min_remaining_validity=0) == [
+        a[0],
+        b[1],
+    ]
 
 
 def test_points_expiring_within_the_margin_are_dropped() -> None:

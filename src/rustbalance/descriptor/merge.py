@@ -4,9 +4,12 @@ The original product cut "own points first, then peers" at 20 (system.md W-list,
 every instance gets a fair share: one point from each instance in turn (round-robin, in the
 given order), skipping duplicates and points that expire too soon, until ``max_points``.
 
-Duplicates: the same intro auth key (the same intro circuit) or the same intro relay
-(ed25519 identity link specifier): a client gains nothing from two intro points on one relay,
-and rend-spec-v3 expects distinct relays per descriptor.
+Duplicates: the same intro auth key (the same intro circuit) is taken once. Two points on the
+same intro relay (ed25519 identity link specifier) are distinct intro circuits, often of two
+different instances; dropping one could leave an instance with no point at all (on a small
+network that happens), so the merge only *prefers* relay diversity: a first round-robin pass
+takes points on relays not chosen yet, a second pass fills the remaining places with the
+points the first pass skipped, again round-robin.
 """
 
 from __future__ import annotations
@@ -37,23 +40,49 @@ def merge_intro_points(
     seen_auth: set[bytes] = set()
     seen_relay: set[bytes] = set()
     merged: list[IntroPoint] = []
+    skipped: list[list[IntroPoint]] = [[] for _ in queues]
+
+    def take(point: IntroPoint) -> None:
+        seen_auth.add(point.auth_key)
+        relay = point.relay_ed25519_id
+        if relay is not None:
+            seen_relay.add(relay)
+        merged.append(point)
+
+    # Pass 1: round-robin, one point per instance per round, new relays only.
     positions = [0] * len(queues)
     while len(merged) < max_points:
         progressed = False
         for index, queue in enumerate(queues):
             if len(merged) >= max_points:
                 break
-            # Take this instance's next point that is not a duplicate.
             while positions[index] < len(queue):
                 point = queue[positions[index]]
                 positions[index] += 1
-                relay = point.relay_ed25519_id
-                if point.auth_key in seen_auth or (relay is not None and relay in seen_relay):
+                if point.auth_key in seen_auth:
                     continue
-                seen_auth.add(point.auth_key)
-                if relay is not None:
-                    seen_relay.add(relay)
-                merged.append(point)
+                relay = point.relay_ed25519_id
+                if relay is not None and relay in seen_relay:
+                    skipped[index].append(point)
+                    continue
+                take(point)
+                progressed = True
+                break
+        if not progressed:
+            break
+    # Pass 2: fill with the points that shared a relay, still round-robin.
+    positions = [0] * len(skipped)
+    while len(merged) < max_points:
+        progressed = False
+        for index, queue in enumerate(skipped):
+            if len(merged) >= max_points:
+                break
+            while positions[index] < len(queue):
+                point = queue[positions[index]]
+                positions[index] += 1
+                if point.auth_key in seen_auth:
+                    continue
+                take(point)
                 progressed = True
                 break
         if not progressed:
