@@ -23,6 +23,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "rustbalance.cli.tor_debug",
     "rustbalance.cli.status_cmd",
     "rustbalance.cli.config_cmd",
+    "rustbalance.cli.run_cmd",
+    "rustbalance.cli.init_cmd",
+    "rustbalance.cli.join_cmd",
 )
 
 Handler = Callable[[argparse.Namespace], int]

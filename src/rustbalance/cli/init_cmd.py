@@ -1,0 +1,493 @@
+"""``rustbalance init``: set up the first node of a cluster.
+
+Creates (or imports) the master key, generates the cluster token, the join secret and this
+node's WireGuard key, writes them and a config that passes validation into the config folder,
+and prints the master address and a join token for further nodes (deploy/README.md; system.md
+§5, W1, W3, W9, W13, W16).
+
+Secrets never come from or go to argv: the passphrase is read from ``--passphrase-file`` or a
+terminal prompt; generated secrets only go to files. Every file is 0600 in a 0700 folder and is
+first written to a temporary name, then renamed once everything is ready, so a failure leaves
+nothing half-written. Existing files are never overwritten (keys must not be regenerated).
+
+The config schema has no place yet for the WireGuard and join settings, so they go to a sidecar
+``cluster.toml`` next to ``config.toml`` (``[wireguard]`` private_key_path, endpoint,
+tunnel_network, tunnel_address; ``[join]`` secret_path) until the schema grows those sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import getpass
+import ipaddress
+import os
+import re
+import secrets
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from rustbalance.config import parse_config, parse_endpoint
+from rustbalance.crypto.keys import SECRET_KEY_HEADER, IdentityKey, load_identity_key
+from rustbalance.deploy.join_token import (
+    DEFAULT_LIFETIME_SECS,
+    MIN_PASSPHRASE_CHARS,
+    JoinPayload,
+    encode_raw,
+    encode_with_passphrase,
+)
+from rustbalance.errors import ConfigError, RustBalanceError
+
+__all__ = [
+    "CLUSTER_FILE",
+    "CLUSTER_TOKEN_FILE",
+    "CONFIG_FILE",
+    "DEFAULT_CONFIG_DIR",
+    "DEFAULT_COORDINATION_PORT",
+    "DEFAULT_TUNNEL_NETWORK",
+    "JOIN_SECRET_FILE",
+    "JOIN_TOKEN_FILE",
+    "MASTER_KEY_FILE",
+    "WIREGUARD_KEY_FILE",
+    "CliError",
+    "register",
+    "run_init",
+]
+
+# argparse's _SubParsersAction is private and generic; Any keeps the signature honest.
+SubParsers = Any
+
+DEFAULT_CONFIG_DIR = "/etc/rustbalance"
+DEFAULT_STATE_DIR = "/var/lib/rustbalance"
+DEFAULT_TUNNEL_NETWORK = "10.99.0.0/24"
+DEFAULT_COORDINATION_PORT = 51821
+CONFIG_FILE = "config.toml"
+CLUSTER_FILE = "cluster.toml"
+MASTER_KEY_FILE = "master.key"
+CLUSTER_TOKEN_FILE = "cluster.token"  # noqa: S105 (a file name)
+JOIN_SECRET_FILE = "join.secret"  # noqa: S105 (a file name)
+WIREGUARD_KEY_FILE = "wireguard.key"
+JOIN_TOKEN_FILE = "join-token.txt"  # noqa: S105 (a file name)
+_MAX_SECRET_FILE = 64 * 1024
+_NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class CliError(RustBalanceError):
+    """A usage or input problem; main() prints it as one line and exits 1."""
+
+
+# --- shared helpers (also used by join_cmd) -------------------------------------------------
+
+
+def generate_secret() -> str:
+    """A cluster token or join secret: 256 random bits, base64url (43 characters, W3)."""
+    return secrets.token_urlsafe(32)
+
+
+def generate_wireguard_key() -> tuple[bytes, str]:
+    """(private key file content, public key) in `wg`'s base64 format."""
+    private = X25519PrivateKey.generate()
+    raw = private.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    public = private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    return base64.b64encode(raw) + b"\n", base64.b64encode(public).decode("ascii")
+
+
+def default_node_id() -> str:
+    """The host name, reduced to the node-id alphabet (a stable, readable default)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64].strip("-.")
+    return name or "node-1"
+
+
+def check_node_id(node_id: str) -> str:
+    if not _NODE_ID_RE.fullmatch(node_id):
+        raise CliError("--node-id must be 1-64 characters of A-Z a-z 0-9 . _ -")
+    return node_id
+
+
+def check_endpoint(text: str, flag: str, *, allow_onion: bool = False) -> str:
+    try:
+        return str(parse_endpoint(text, allow_onion=allow_onion))
+    except ConfigError as exc:
+        raise CliError(f"{flag}: {exc}") from None
+
+
+def read_secret_file(path: str, what: str) -> str:
+    """Read a passphrase/token file (or ``-`` = stdin); strips the final line break only."""
+    try:
+        if path == "-":
+            data = sys.stdin.read(_MAX_SECRET_FILE + 1)
+        else:
+            with open(path, encoding="utf-8") as handle:
+                data = handle.read(_MAX_SECRET_FILE + 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read the {what} from {path}: {type(exc).__name__}") from None
+    if len(data) > _MAX_SECRET_FILE:
+        raise CliError(f"the {what} file is far too large")
+    if data.endswith("\r\n"):
+        data = data[:-2]
+    elif data.endswith("\n"):
+        data = data[:-1]
+    if not data:
+        raise CliError(f"the {what} file is empty")
+    return data
+
+
+def terminal_available() -> bool:
+    """Whether a prompt can go to the controlling terminal (getpass uses /dev/tty)."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+@dataclass
+class Io:
+    """Terminal access, injectable for tests."""
+
+    stdin_is_tty: Callable[[], bool] = field(default=lambda: sys.stdin.isatty())
+    ask: Callable[[str], str] = field(default=input)
+    has_terminal: Callable[[], bool] = field(default=terminal_available)
+    ask_secret: Callable[[str], str] = field(default=getpass.getpass)
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` (0700) or tighten an existing one to 0700."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        raise CliError(f"cannot create {path}: {exc.strerror or exc}") from None
+
+
+class StagedFiles:
+    """Files written under temporary names (0600 from the first byte), renamed on commit.
+
+    Nothing is visible under its final name until every file is written, and :meth:`abort`
+    removes the temporaries, so a failure leaves the folder as it was.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._staged: list[tuple[Path, Path]] = []
+
+    def add(self, name: str, content: bytes) -> Path:
+        final = self.directory / name
+        if final.exists() or final.is_symlink():
+            raise CliError(f"{final} already exists; refusing to overwrite it")
+        tmp = self.directory / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise CliError(f"cannot write {final}: {exc.strerror or exc}") from None
+        self._staged.append((tmp, final))
+        return final
+
+    def commit(self) -> None:
+        for _tmp, final in self._staged:
+            if final.exists() or final.is_symlink():
+                raise CliError(f"{final} appeared meanwhile; refusing to overwrite it")
+        for tmp, final in self._staged:
+            os.replace(tmp, final)
+        self._staged.clear()
+
+    def abort(self) -> None:
+        for tmp, _final in self._staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self._staged.clear()
+
+
+def validated_config(config: dict[str, Any], config_dir: Path) -> bytes:
+    """TOML text of ``config``, checked with the daemon's own parser before it is written."""
+    text = tomli_w.dumps(config)
+    try:
+        parse_config(text, config_dir)
+    except ConfigError as exc:
+        # A bug or a bad flag value; the config holds no secrets, so the message may name keys.
+        raise CliError(f"the generated config does not validate: {exc}") from None
+    return text.encode("utf-8")
+
+
+def cluster_sidecar(
+    config_dir: Path, endpoint: str, tunnel_network: str, tunnel_address: str | None
+) -> bytes:
+    wireguard: dict[str, Any] = {
+        "private_key_path": str(config_dir / WIREGUARD_KEY_FILE),
+        "endpoint": endpoint,
+        "tunnel_network": tunnel_network,
+    }
+    if tunnel_address is not None:
+        wireguard["tunnel_address"] = tunnel_address
+    doc = {"wireguard": wireguard, "join": {"secret_path": str(config_dir / JOIN_SECRET_FILE)}}
+    return tomli_w.dumps(doc).encode("utf-8")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, default_priority: int) -> None:
+    parser.add_argument(
+        "-c",
+        "--config-dir",
+        default=DEFAULT_CONFIG_DIR,
+        help=f"folder for the config and secret files (default {DEFAULT_CONFIG_DIR}, made 0700)",
+    )
+    parser.add_argument(
+        "--endpoint",
+        help="public HOST:PORT of this node's WireGuard, as other nodes reach it (required)",
+    )
+    parser.add_argument("--node-id", help="this node's name (default: the host name)")
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=default_priority,
+        help=f"publisher election priority, lowest wins (default {default_priority})",
+    )
+    parser.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        help="read the join-token passphrase from FILE (else a terminal prompt)",
+    )
+    parser.add_argument(
+        "--tor-mode",
+        choices=("system", "managed"),
+        default="system",
+        help="attach to the system tor (default, as deploy.sh sets it up) or run our own",
+    )
+    parser.add_argument(
+        "--state-dir", default=DEFAULT_STATE_DIR, help=f"daemon state (default {DEFAULT_STATE_DIR})"
+    )
+    parser.add_argument(
+        "--proxy-port", type=int, default=8080, help="local port of the reverse proxy (8080)"
+    )
+    parser.add_argument(
+        "--non-interactive",
+        action="store_true",
+        help="never ask; a missing required value is an error",
+    )
+
+
+# --- init -----------------------------------------------------------------------------------
+
+
+def register(commands: SubParsers, debug_commands: SubParsers) -> None:
+    """Add ``rustbalance init`` (``debug_commands`` is not used)."""
+    del debug_commands
+    parser = commands.add_parser(
+        "init",
+        help="set up the first node: master key, cluster secrets, config, join token",
+        description=(
+            "Create (or import) the master key and the cluster secrets, write them and a valid "
+            "config into the config folder, and print the master address and a join token. "
+            "Secrets are never taken from the command line."
+        ),
+    )
+    add_common_arguments(parser, default_priority=10)
+    parser.add_argument("--target", help="HOST:PORT of the service to balance (required)")
+    parser.add_argument(
+        "--import-key",
+        metavar="FILE",
+        help="use this master key (tor's hs_ed25519_secret_key, a 32-byte seed, or PEM)",
+    )
+    parser.add_argument(
+        "--coordination-listen",
+        help="HOST:PORT for coordination (default: first tunnel address, port 51821)",
+    )
+    parser.add_argument(
+        "--tunnel-network",
+        default=DEFAULT_TUNNEL_NETWORK,
+        help=f"WireGuard tunnel network (default {DEFAULT_TUNNEL_NETWORK})",
+    )
+    parser.add_argument(
+        "--raw-token",
+        action="store_true",
+        help="issue a token without passphrase; it is printed once and not stored",
+    )
+    parser.add_argument(
+        "--standby-token",
+        action="store_true",
+        help="the token does not carry the master key (joiners never publish)",
+    )
+    parser.add_argument(
+        "--token-lifetime-hours",
+        type=int,
+        default=DEFAULT_LIFETIME_SECS // 3600,
+        help="hours the join token stays valid (default 24)",
+    )
+    parser.set_defaults(func=lambda args: run_init(args, Io()))
+
+
+def _value(args: argparse.Namespace, name: str, question: str, io: Io, interactive: bool) -> str:
+    value: str | None = getattr(args, name)
+    if value:
+        return value
+    if interactive:
+        answer = io.ask(f"{question}: ").strip()
+        if answer:
+            return answer
+    raise CliError(f"--{name.replace('_', '-')} is required")
+
+
+def obtain_passphrase(args: argparse.Namespace, io: Io, *, confirm: bool) -> str:
+    """From --passphrase-file, else a terminal prompt (never with --non-interactive)."""
+    if args.passphrase_file:
+        return read_secret_file(args.passphrase_file, "passphrase")
+    if args.non_interactive or not io.has_terminal():
+        raise CliError("no passphrase: use --passphrase-file FILE (or run on a terminal)")
+    passphrase = io.ask_secret("Join token passphrase: ")
+    if confirm:
+        if len(passphrase) < MIN_PASSPHRASE_CHARS:
+            raise CliError(f"the passphrase must have at least {MIN_PASSPHRASE_CHARS} characters")
+        if not secrets.compare_digest(
+            passphrase.encode("utf-8", "surrogatepass"),
+            io.ask_secret("Repeat the passphrase: ").encode("utf-8", "surrogatepass"),
+        ):
+            raise CliError("the passphrases differ")
+    return passphrase
+
+
+def _master_key_bytes(key: IdentityKey) -> bytes:
+    # A seed when we have one (the smallest form); a key imported from tor has only the
+    # expanded form, which load_identity_key reads back in tor's own file format.
+    if key.seed is not None:
+        return key.seed
+    return SECRET_KEY_HEADER + key.expanded
+
+
+def run_init(args: argparse.Namespace, io: Io) -> int:
+    interactive = not args.non_interactive and io.stdin_is_tty()
+    config_dir = Path(args.config_dir).absolute()
+    node_id = check_node_id(args.node_id or default_node_id())
+    endpoint = check_endpoint(
+        _value(args, "endpoint", "Public WireGuard endpoint (IP:PORT)", io, interactive),
+        "--endpoint",
+    )
+    target = check_endpoint(
+        _value(args, "target", "Service to balance (HOST:PORT)", io, interactive),
+        "--target",
+        allow_onion=True,
+    )
+    try:
+        network = ipaddress.IPv4Network(args.tunnel_network, strict=True)
+    except ValueError:
+        raise CliError("--tunnel-network must be an IPv4 network such as 10.99.0.0/24") from None
+    if not 20 <= network.prefixlen <= 30:
+        raise CliError("--tunnel-network must be a /20 to /30")
+    tunnel_address = str(next(network.hosts()))
+    listen = args.coordination_listen or f"{tunnel_address}:{DEFAULT_COORDINATION_PORT}"
+    listen = check_endpoint(listen, "--coordination-listen")
+    if args.token_lifetime_hours < 1 or args.token_lifetime_hours > 720:
+        raise CliError("--token-lifetime-hours must be 1-720")
+
+    if args.import_key:
+        key = load_identity_key(args.import_key)
+    else:
+        key = IdentityKey.generate(os.urandom)
+    cluster_token = generate_secret()
+    join_secret = generate_secret()
+    wg_private, wg_public = generate_wireguard_key()
+    master_onion = key.onion_address
+
+    with_key = not args.standby_token
+    if with_key and key.seed is None:
+        print(
+            "note: the imported key has no seed (tor's expanded format), so the join token "
+            "cannot carry it: joiners become standby nodes",
+            file=sys.stderr,
+        )
+        with_key = False
+    payload = JoinPayload.issue(
+        master_onion=master_onion,
+        cluster_token=cluster_token,
+        join_secret=join_secret,
+        seed_peers=(listen,),
+        issuer_node_id=node_id,
+        now=int(time.time()),
+        lifetime_secs=args.token_lifetime_hours * 3600,
+        master_key_seed=key.seed if with_key else None,
+    )
+    if args.raw_token:
+        token = encode_raw(payload, os.urandom)
+    else:
+        token = encode_with_passphrase(
+            payload, obtain_passphrase(args, io, confirm=True), os.urandom
+        )
+
+    state_dir = Path(args.state_dir).absolute()
+    config: dict[str, Any] = {
+        "node": {
+            "id": node_id,
+            "priority": args.priority,
+            "publisher_eligible": True,
+            "state_dir": str(state_dir),
+        },
+        "master": {
+            "identity_key_path": str(config_dir / MASTER_KEY_FILE),
+            "onion_address": master_onion,
+        },
+        "target": {"address": target},
+        "tor": {"mode": args.tor_mode},
+        "proxy": {"listen_port": args.proxy_port},
+        "coordination": {
+            "cluster_token_path": str(config_dir / CLUSTER_TOKEN_FILE),
+            "listen": listen,
+        },
+    }
+    if args.tor_mode == "managed":
+        config["tor"]["data_dir"] = str(state_dir / "tor")
+    config_text = validated_config(config, config_dir)
+
+    ensure_private_dir(config_dir)
+    staged = StagedFiles(config_dir)
+    try:
+        staged.add(MASTER_KEY_FILE, _master_key_bytes(key))
+        staged.add(CLUSTER_TOKEN_FILE, cluster_token.encode("ascii") + b"\n")
+        staged.add(JOIN_SECRET_FILE, join_secret.encode("ascii") + b"\n")
+        staged.add(WIREGUARD_KEY_FILE, wg_private)
+        staged.add(
+            CLUSTER_FILE, cluster_sidecar(config_dir, endpoint, str(network), tunnel_address)
+        )
+        if not args.raw_token:
+            # Useless without the passphrase, so it may sit on disk (deploy.sh prints its path).
+            staged.add(JOIN_TOKEN_FILE, token.encode("ascii") + b"\n")
+        staged.add(CONFIG_FILE, config_text)
+        staged.commit()
+    except BaseException:
+        staged.abort()
+        raise
+
+    print(f"Master onion address: {master_onion}")
+    print(f"Node: {node_id}, priority {args.priority}, WireGuard public key {wg_public}")
+    print(f"Config written to {config_dir / CONFIG_FILE}")
+    role = "publisher-eligible" if with_key else "standby (no master key)"
+    print(f"Join token ({role} joiners, valid {args.token_lifetime_hours} h):")
+    print(token)
+    if args.raw_token:
+        print(
+            "This raw token is the secret itself and is shown only this once: pass it to "
+            "'rustbalance join --token-file -' on stdin, never on a command line.",
+            file=sys.stderr,
+        )
+    else:
+        print(f"(also in {config_dir / JOIN_TOKEN_FILE}; joiners need the passphrase)")
+    return 0

@@ -1,0 +1,801 @@
+"""The single-node daemon: ``rustbalance run --config FILE`` (issue "Node daemon").
+
+Wires the pure cores of :mod:`rustbalance.node` to real I/O. Start-up order (each step needs
+the one before):
+
+1. load the master key (refuse a file others can read, docs/config.md; check
+   ``master.onion_address`` against it, which catches deploying the wrong key);
+2. write the master identity into the node's ``HiddenServiceDir`` (0700 / 0600) and ``ob_config``
+   naming the master address: the node's tor runs as an Onionbalance instance of its own
+   address, so its intro points accept the master subcredentials of the previous, current and
+   next period (tor.md §10-§11, system.md W19);
+3. start the reverse proxy first, so its port is known for ``HiddenServicePort``;
+4. managed mode: start tor with the generated torrc; system mode: write the include file and
+   ``SIGNAL RELOAD`` (the include persists the service across tor restarts, system.md W7);
+5. one :class:`ReconnectingController` (cookie auth, or the password from
+   ``RUSTBALANCE_TOR_PASSWORD``), kept for the daemon's life (W17);
+6. supervised tasks (W14, Phase 2.5): publish loop (Phase 1.4/1.5/2.3), own intro-point tracker,
+   consensus watcher, tor watchdog (Phase 1.2), status endpoint, systemd watchdog pings.
+
+A single node is the publisher. tor's own publishing stays on: with the same key and tor's OPE
+revision counter our descriptor and tor's are comparable, and the newest wins (W6). Uploads are
+serialised (the per-HSDir events name the address, not the upload) and one
+:class:`RevisionClock` lives as long as the daemon, so counters never repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import stat
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rustbalance.config import Config, ConfigProblems, load_config
+from rustbalance.crypto.blinding import blind_public_key
+from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
+from rustbalance.descriptor.merge import merge_intro_points
+from rustbalance.errors import (
+    ConfigError,
+    ControlError,
+    DescriptorError,
+    InvalidKeyError,
+    RustBalanceError,
+    TorProcessError,
+)
+from rustbalance.node.intro_tracker import IntroTracker
+from rustbalance.node.proctitle import set_process_title
+from rustbalance.node.publish_policy import (
+    PERIODS,
+    HsDirResult,
+    PeriodResult,
+    PublishOutcome,
+    PublishSchedule,
+    PublishState,
+    PublishTrigger,
+    run_publish_loop,
+)
+from rustbalance.node.sdnotify import SystemdNotifier, run_watchdog_pings
+from rustbalance.node.status import NodeStatus, StatusServer
+from rustbalance.node.supervisor import ShutdownHook, Supervisor, TaskSpec
+from rustbalance.node.torrc import (
+    OB_CONFIG_FILENAME,
+    IntroDosSettings,
+    OnionServiceSettings,
+    PowSettings,
+    ob_config_text,
+    onion_service_torrc,
+    system_include_text,
+)
+from rustbalance.node.watchdog import TorWatchdog, WatchdogPolicy, run_tor_watchdog
+from rustbalance.proxy import ProxySettings, ReverseProxy, parse_target
+from rustbalance.tor.control import ControlTimeoutError, ReconnectingController, password_from_env
+from rustbalance.tor.control_protocol import ControlProtocolError, ControlReplyError, HsDescEvent
+from rustbalance.tor.network import (
+    NetworkView,
+    PeriodPublish,
+    RevisionClock,
+    publish_master,
+    read_network_view,
+    read_own_descriptor,
+)
+from rustbalance.tor.process import ManagedTor, SystemTor, TorProcess, pick_free_ports
+
+__all__ = ["EXIT_CONFIG", "EXIT_RUNTIME", "Daemon", "StartupError", "load_node", "run_node"]
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+# How often the own descriptor is re-read even without HS_DESC events (issue: every 15-30 s).
+INTRO_POLL_SECS = 20.0
+# tor emits CREATED, then one UPLOAD per HSDir: read once, shortly after the burst.
+INTRO_EVENT_DEBOUNCE_SECS = 1.0
+# How often the consensus valid-after is checked (a new consensus may move the period, the SRV
+# or the HSDir ring; 20 s voting on the test network, 1 h live).
+NETWORK_POLL_SECS = 10.0
+# Drop intro points whose certificates expire within this many seconds.
+INTRO_MIN_VALIDITY_SECS = 60
+# How long to wait for the control session when one is needed (reconnects back off <= 5 s).
+CONTROL_WAIT_SECS = 30.0
+# tor events that mean tor built or is uploading a new descriptor of its own (tor.md §9.4);
+# our own HSPOSTs come without UPLOAD and with auth type UNKNOWN (tor.md §9.3).
+_OWN_DESCRIPTOR_ACTIONS = frozenset({"CREATED", "UPLOAD", "UPLOADED"})
+
+
+# (time period, SRV, responsible HSDir fingerprints) of the first and second descriptor.
+Ring = tuple[tuple[int, bytes, tuple[str, ...]], ...]
+
+
+class StartupError(RustBalanceError):
+    """The daemon cannot start; ``exit_code`` 2 = configuration or key, 1 = runtime."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_RUNTIME) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ----------------------------------------------------------------------------- start-up checks
+
+
+def load_master_key(config: Config) -> IdentityKey:
+    """The master identity key, refusing group/world-readable files (docs/config.md)."""
+    path = config.master.identity_key_path
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise StartupError(
+            f"master key {path}: cannot read: {exc.strerror or exc}", EXIT_CONFIG
+        ) from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise StartupError(
+            f"master key {path}: mode {stat.S_IMODE(mode):04o} lets others read it; "
+            f"run: chmod 600 {path}",
+            EXIT_CONFIG,
+        )
+    try:
+        key = load_identity_key(path)
+    except InvalidKeyError as exc:
+        raise StartupError(f"master key: {exc}", EXIT_CONFIG) from None
+    expected = config.master.onion_address
+    if expected is not None and expected.lower() != key.onion_address:
+        raise StartupError(
+            f"master key {path} is for {key.onion_address}, but master.onion_address is "
+            f"{expected}: wrong key file?",
+            EXIT_CONFIG,
+        )
+    return key
+
+
+def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, IdentityKey]:
+    """Load and validate the config and the master key; StartupError(exit 2) on any problem."""
+    try:
+        config = load_config(config_path)
+    except ConfigProblems as exc:
+        problems = "; ".join(exc.problems)
+        raise StartupError(f"invalid config {config_path}: {problems}", EXIT_CONFIG) from None
+    except ConfigError as exc:
+        raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
+    if config.is_multi_node:
+        # Running as a lone publisher beside peers would fight them over the descriptor.
+        raise StartupError(
+            f"invalid config {config_path}: coordination.peers is set, but this version runs "
+            "single nodes only; remove the peers",
+            EXIT_CONFIG,
+        )
+    return config, load_master_key(config)
+
+
+def _write_file(path: Path, text: str, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _adopt_owner(directory: Path) -> None:
+    """System mode as root: tor refuses a HiddenServiceDir it does not own, so give the
+    directory to the owner of its parent (e.g. debian-tor for /var/lib/tor)."""
+    if os.geteuid() != 0:
+        return
+    parent = directory.parent.stat()
+    if parent.st_uid == 0:
+        return
+    for item in (directory, *directory.iterdir()):
+        os.chown(item, parent.st_uid, parent.st_gid)
+
+
+# ----------------------------------------------------------------------------- the daemon
+
+
+class _GuardedTor:
+    """The watchdog's view of tor: during shutdown tor is stopped on purpose, so it must not
+    be "restarted" by the watchdog; ``running`` is the last observed state for status."""
+
+    def __init__(self, tor: TorProcess) -> None:
+        self.tor = tor
+        self.shutting_down = False
+        self.running = True
+
+    @property
+    def last_method(self) -> str | None:
+        method = getattr(self.tor, "last_method", None)
+        return method if isinstance(method, str) else None
+
+    async def is_running(self) -> bool:
+        if self.shutting_down:
+            return True
+        self.running = await self.tor.is_running()
+        return self.running
+
+    async def restart(self) -> str | None:
+        if self.shutting_down:
+            return None
+        await self.tor.restart()
+        self.running = True
+        if isinstance(self.tor, ManagedTor):
+            return "managed process"
+        return self.last_method
+
+
+class Daemon:
+    """One node: start with :meth:`run`, which returns the process exit code."""
+
+    def __init__(
+        self,
+        config: Config,
+        key: IdentityKey,
+        *,
+        notifier: SystemdNotifier | None = None,
+    ) -> None:
+        self.config = config
+        self.key = key
+        self.address = key.onion_address
+        self._bare = self.address.removesuffix(".onion")
+        self.notifier = notifier or SystemdNotifier()
+        self.intro = IntroTracker()
+        self.publish_state = PublishState()
+        pub = config.publish
+        self.schedule = PublishSchedule(
+            refresh_interval=pub.refresh_interval_secs, max_age=pub.descriptor_max_age_secs
+        )
+        self.trigger = PublishTrigger(self.schedule)
+        self.revision_clock = RevisionClock()
+        self.watchdog = TorWatchdog(
+            WatchdogPolicy(
+                check_interval=config.tor.watchdog_interval_secs,
+                restart_timeout=config.tor.bootstrap_timeout_secs + 30.0,
+            )
+        )
+        self.view: NetworkView | None = None
+        self.proxy: ReverseProxy | None = None
+        self.tor: TorProcess | None = None
+        self.guarded_tor: _GuardedTor | None = None
+        self.ctrl: ReconnectingController | None = None
+        self.status_server: StatusServer | None = None
+        self.published_intro_points = 0
+        self.ready = False
+        self.started_at = time.monotonic()
+        self._upload_lock = asyncio.Lock()
+        self._intro_wakeup = asyncio.Event()
+        self._published_ring: Ring | None = None
+        self._fired_ring: Ring | None = None
+        self._first_wait_over = False
+        self._proxy_closed = False
+        self._tor_stopped = False
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status_document(self) -> Mapping[str, Any]:
+        stats = self.watchdog.stats()
+        proxy = dataclasses.asdict(self.proxy.stats) if self.proxy is not None else {}
+        doc = NodeStatus(
+            node_id=self.config.node.id,
+            mode="single",
+            role="publisher",
+            master_onion_address=self.address,
+            tor_running=self.guarded_tor.running if self.guarded_tor is not None else False,
+            tor_restarts=stats.restarts,
+            tor_restart_failures=stats.failures,
+            intro_points_own=self.intro.count,
+            intro_points_published=self.published_intro_points,
+            last_publish=self.publish_state.to_status(),
+            peers=(),
+            proxy={k: int(v) for k, v in proxy.items()},
+            generated_at=time.time(),
+        ).to_dict()
+        doc["tor"]["mode"] = self.config.tor.mode
+        doc["ready"] = self.ready
+        doc["uptime_secs"] = round(time.monotonic() - self.started_at, 1)
+        return doc
+
+    def _controller(self) -> ReconnectingController:
+        if self.ctrl is None:
+            raise ControlError("no control connection yet")
+        return self.ctrl
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def _service_settings(self, proxy_port: int) -> OnionServiceSettings:
+        tor = self.config.tor
+        listen = self.config.proxy.listen_host
+        return OnionServiceSettings(
+            hidden_service_dir=str(tor.hidden_service_dir),
+            proxy_port=proxy_port,
+            virtual_port=self.config.proxy.virtual_port,
+            # tor connects to the proxy; a wildcard listen address is reached on loopback.
+            proxy_host="127.0.0.1" if listen in ("0.0.0.0", "::", "") else listen,
+            num_intro_points=tor.num_intro_points,
+            onionbalance_instance=True,
+            publish_descriptors=True,
+            pow=PowSettings(tor.pow_queue_rate, tor.pow_queue_burst) if tor.pow_enabled else None,
+            intro_dos=(
+                IntroDosSettings(tor.intro_dos_rate_per_sec, tor.intro_dos_burst_per_sec)
+                if tor.intro_dos_enabled
+                else None
+            ),
+        )
+
+    def _write_hidden_service_dir(self) -> None:
+        hs_dir = self.config.tor.hidden_service_dir
+        try:
+            write_hidden_service_dir(self.key, hs_dir)
+            _write_file(hs_dir / OB_CONFIG_FILENAME, ob_config_text(self.address), 0o600)
+            if self.config.tor.mode == "system":
+                _adopt_owner(hs_dir)
+        except (InvalidKeyError, OSError) as exc:
+            raise StartupError(f"cannot write hidden service directory {hs_dir}: {exc}") from None
+        log.info("Wrote onion service directory %s (master %s)", hs_dir, self.address)
+
+    async def _start_proxy(self, socks: tuple[str, int]) -> ReverseProxy:
+        cfg = self.config
+        try:
+            target = parse_target(str(cfg.target.address), use_tls=cfg.target.use_tls)
+            settings = ProxySettings(
+                target=target,
+                listen_host=cfg.proxy.listen_host,
+                listen_port=cfg.proxy.listen_port,
+                mode=cfg.proxy.mode,
+                socks_host=socks[0],
+                socks_port=socks[1],
+                master_onion=self.address,
+                connect_timeout=cfg.target.connect_timeout_secs,
+                idle_timeout=cfg.target.idle_timeout_secs,
+                max_session_seconds=cfg.target.session_timeout_secs or None,
+                max_connections=cfg.proxy.max_connections,
+                drain_timeout=cfg.proxy.drain_timeout_secs,
+            )
+            proxy = ReverseProxy(settings)
+            await proxy.start()
+        except RustBalanceError as exc:
+            raise StartupError(f"reverse proxy: {exc}") from None
+        self.proxy = proxy
+        return proxy
+
+    async def _start_tor(self, proxy_port: int, socks_port: int) -> TorProcess:
+        tor_cfg = self.config.tor
+        settings = self._service_settings(proxy_port)
+        if tor_cfg.mode == "managed":
+            lines = [*onion_service_torrc(settings).splitlines(), *tor_cfg.extra_torrc]
+            try:
+                managed = ManagedTor(
+                    tor_cfg.data_dir,
+                    lines,
+                    tor_binary=tor_cfg.binary,
+                    socks_port=socks_port,
+                    bootstrap_timeout=tor_cfg.bootstrap_timeout_secs,
+                )
+            except TorProcessError as exc:
+                raise StartupError(f"tor.extra_torrc: {exc}", EXIT_CONFIG) from None
+            self.tor = managed
+            log.info("Starting tor (managed, data dir %s)", tor_cfg.data_dir)
+            try:
+                await managed.start()
+            except TorProcessError as exc:
+                raise StartupError(f"tor did not start: {exc}") from None
+            return managed
+        include = tor_cfg.torrc_include
+        socks = tor_cfg.socks
+        if include is None or socks is None or tor_cfg.control is None:
+            raise StartupError("system mode needs tor.control, tor.socks, tor.torrc_include", 2)
+        text = system_include_text(settings, self.address)
+        if tor_cfg.extra_torrc:
+            text += "".join(f"{line}\n" for line in tor_cfg.extra_torrc)
+        try:
+            # The include holds no secret; the system tor (another user) must read it.
+            _write_file(include, text, 0o644)
+        except OSError as exc:
+            raise StartupError(f"cannot write tor include {include}: {exc}") from None
+        log.info("Wrote tor include %s", include)
+        system = SystemTor(str(tor_cfg.control), (socks.host, socks.port))
+        self.tor = system
+        return system
+
+    async def _start_controller(self, tor: TorProcess) -> ReconnectingController:
+        ctrl = ReconnectingController(
+            tor.control_address,
+            password=password_from_env(),
+            # Loopback: reconnect quickly after a tor restart (the watchdog restarts tor).
+            max_backoff=5.0,
+        )
+        self.ctrl = ctrl
+        await ctrl.start()
+        try:
+            await ctrl.wait_connected(CONTROL_WAIT_SECS)
+        except ControlError as exc:
+            raise StartupError(f"tor control port {tor.control_address}: {exc}") from None
+        if self.config.tor.mode == "system":
+            await self._reload_system_tor()
+        return ctrl
+
+    async def _reload_system_tor(self) -> None:
+        ctrl = self._controller()
+        await ctrl.wait_connected(CONTROL_WAIT_SECS)
+        await ctrl.signal("RELOAD")
+        include = self.config.tor.torrc_include
+        log.info("Sent SIGNAL RELOAD to the system tor (include %s)", include)
+        # RELOAD succeeds even when the system torrc does not %include our file: check that
+        # tor now knows our service, and say how to fix it if not.
+        conf = await ctrl.get_conf("HiddenServiceDir")
+        dirs = [v for k, values in conf.items() if k.lower() == "hiddenservicedir" for v in values]
+        if str(self.config.tor.hidden_service_dir) not in dirs:
+            log.error(
+                "The system tor did not load %s: add '%%include %s' to its torrc",
+                include,
+                include,
+            )
+
+    async def start(self) -> None:
+        """Everything before the supervised tasks; StartupError names what failed."""
+        cfg = self.config
+        log.info("Starting rustbalance: %s, master %s", cfg.summary(), self.address)
+        self.notifier.status("Starting")
+        self._write_hidden_service_dir()
+        if cfg.tor.mode == "managed":
+            socks_port = cfg.tor.socks.port if cfg.tor.socks else pick_free_ports(1)[0]
+            socks = ("127.0.0.1", socks_port)
+        else:
+            assert cfg.tor.socks is not None  # the parser fills the system default
+            socks = (cfg.tor.socks.host, cfg.tor.socks.port)
+        proxy = await self._start_proxy(socks)
+        tor = await self._start_tor(proxy.port, socks[1])
+        self.guarded_tor = _GuardedTor(tor)
+        await self._start_controller(tor)
+        if cfg.metrics.enabled:
+            log.debug("Metrics endpoint is not implemented yet; [metrics] is ignored")
+        self.status_server = StatusServer(cfg.node.status_socket, self.status_document)
+        try:
+            await self.status_server.start()
+        except RustBalanceError as exc:
+            raise StartupError(f"status endpoint: {exc}") from None
+        self.notifier.status("Waiting for intro points")
+
+    # -- intro points ---------------------------------------------------------------------
+
+    async def _current_view(self) -> NetworkView:
+        if self.view is None:
+            self.view = await read_network_view(self._controller())
+        return self.view
+
+    async def refresh_intro_points(self) -> bool:
+        """Read the own descriptor; True if intro points are known afterwards."""
+        ctrl = self._controller()
+        try:
+            view = await self._current_view()
+            try:
+                decoded = await read_own_descriptor(ctrl, self.address, view)
+            except DescriptorError:
+                # Our view may predate a new period: read it again once.
+                self.view = None
+                decoded = await read_own_descriptor(ctrl, self.address, await self._current_view())
+        except ControlReplyError as exc:
+            # 551: tor has not built a descriptor yet (start-up, just restarted).
+            log.debug("Own descriptor not available yet: %s", exc)
+            return self.intro.count > 0
+        except (ControlError, DescriptorError) as exc:
+            log.warning("Reading own descriptor failed: %s", exc)
+            return self.intro.count > 0
+        before = self.intro.count
+        if self.intro.update(decoded, time.time()):
+            log.info(
+                "Own intro points changed: %d now (was %d), publishing", self.intro.count, before
+            )
+            if self.intro.count:
+                self.trigger.fire("intro points changed")
+        return self.intro.count > 0
+
+    async def _has_intro_points(self) -> bool:
+        # Phase 1.5: every poll reads the descriptor while none is known.
+        if self.intro.count == 0:
+            await self.refresh_intro_points()
+        return self.intro.count > 0
+
+    async def track_intro_points(self) -> None:
+        """Supervised task: HS_DESC events for our address plus a periodic read."""
+        ctrl = self._controller()
+        loop = asyncio.get_running_loop()
+        sub = await ctrl.subscribe("HS_DESC")
+        try:
+            next_read = loop.time()
+            while True:
+                if self._intro_wakeup.is_set():
+                    self._intro_wakeup.clear()
+                    next_read = min(next_read, loop.time() + INTRO_EVENT_DEBOUNCE_SECS)
+                if loop.time() >= next_read:
+                    await self.refresh_intro_points()
+                    next_read = loop.time() + INTRO_POLL_SECS
+                try:
+                    # At most 1 s at a time, so a wake-up (tor restarted) is seen promptly.
+                    raw = await sub.get(min(1.0, max(0.05, next_read - loop.time())))
+                except ControlTimeoutError:
+                    continue
+                try:
+                    event = HsDescEvent.from_event(raw)
+                except ControlProtocolError:
+                    continue
+                if (
+                    event.address.lower() == self._bare
+                    and event.action in _OWN_DESCRIPTOR_ACTIONS
+                    and event.auth_type != "UNKNOWN"
+                ):
+                    next_read = min(next_read, loop.time() + INTRO_EVENT_DEBOUNCE_SECS)
+        finally:
+            await sub.aclose()
+
+    # -- consensus watch ------------------------------------------------------------------
+
+    def _ring(self, view: NetworkView) -> Ring:
+        """What a published descriptor depends on: (period, SRV, responsible HSDirs) x 2."""
+        ring: list[tuple[int, bytes, tuple[str, ...]]] = []
+        for target in view.descriptor_targets():
+            blinded = blind_public_key(self.key.public_key, target.time_period, view.period_length)
+            fps = tuple(r.fingerprint for r in view.store_hsdirs(blinded, target))
+            ring.append((target.time_period, target.srv, fps))
+        return tuple(ring)
+
+    def _check_ring(self, view: NetworkView) -> None:
+        ring = self._ring(view)
+        published = self._published_ring
+        if published is None or ring == published or ring == self._fired_ring:
+            return
+        self._fired_ring = ring
+        periods_now = [(tp, srv) for tp, srv, _ in ring]
+        periods_then = [(tp, srv) for tp, srv, _ in published]
+        if periods_now != periods_then:
+            log.info("Time period or shared random value changed: republishing")
+            self.trigger.fire("time period / SRV changed")
+        else:
+            log.info("Responsible HSDirs changed: republishing")
+            self.trigger.fire("HSDirs changed")
+
+    async def watch_network(self) -> None:
+        """Supervised task: re-read the network view on every new consensus."""
+        ctrl = self._controller()
+        last: str | None = None
+        while True:
+            try:
+                try:
+                    key = "consensus/valid-after"
+                    valid_after: str | None = (await ctrl.get_info(key))[key]
+                except ControlReplyError:
+                    valid_after = None  # older tor: read the view every time
+                if valid_after is None or valid_after != last or self.view is None:
+                    view = await read_network_view(ctrl)
+                    self.view = view
+                    last = valid_after
+                    self._check_ring(view)
+            except (ControlError, RustBalanceError) as exc:
+                log.debug("Reading the consensus failed (will retry): %s", exc)
+            await asyncio.sleep(NETWORK_POLL_SECS)
+
+    # -- publishing -----------------------------------------------------------------------
+
+    def _mark_ready(self, why: str) -> None:
+        if self.ready:
+            return
+        self.ready = True
+        log.info("Node ready: %s", why)
+        self.notifier.ready(why)
+
+    @staticmethod
+    def _period_result(result: PeriodPublish) -> PeriodResult:
+        hsdirs = tuple(
+            HsDirResult(f"${u.fingerprint}~{u.nickname}", u.ok, u.reason) for u in result.hsdirs
+        )
+        error = result.error
+        if error is None and not result.ok:
+            error = "no responsible HSDir accepted the descriptor"
+        return PeriodResult(ok=result.ok, error=error, hsdirs=hsdirs)
+
+    async def publish_once(self) -> PublishOutcome:
+        """One publish round: both descriptors with the node's own intro points."""
+        if not self._first_wait_over:
+            self._first_wait_over = True
+            if self.intro.count == 0:
+                # Phase 1.5: the wait is over; systemd may consider us started (retries follow).
+                self._mark_ready("no intro points yet, publishing will retry")
+        points = self.intro.intro_points
+        if not points:
+            error = "no intro points yet"
+            return {p: PeriodResult(ok=False, error=error) for p in PERIODS}
+        cfg = self.config.publish
+        ctrl = self._controller()
+        now = int(time.time())
+        chosen = merge_intro_points([points], cfg.max_intro_points, now, INTRO_MIN_VALIDITY_SECS)
+        if not chosen:
+            return {p: PeriodResult(ok=False, error="intro points expire soon") for p in PERIODS}
+        async with self._upload_lock:
+            view = await read_network_view(ctrl)
+            self.view = view
+            results = await publish_master(
+                ctrl,
+                self.key,
+                chosen,
+                view,
+                now=now,
+                revision_clock=self.revision_clock,
+                flow_control=self.intro.flow_control,
+                pow_params=self.intro.pow_params,
+                client_auth_keys=self.config.master.authorized_clients,
+                lifetime_minutes=cfg.descriptor_lifetime_mins,
+                upload_timeout=cfg.upload_timeout_secs,
+            )
+        outcome = {label: self._period_result(result) for label, result in results.items()}
+        if any(r.ok for r in outcome.values()):
+            self.published_intro_points = len(chosen)
+            self._published_ring = self._ring(view)
+            self._fired_ring = None
+            self._mark_ready(f"published {self.address} with {len(chosen)} intro points")
+            self.notifier.status(
+                f"Publishing {self.address}: {len(chosen)} intro points, "
+                + ", ".join(f"{p} {'ok' if r.ok else 'failed'}" for p, r in outcome.items())
+            )
+        return outcome
+
+    async def reconnect(self) -> None:
+        """Phase 1.4: a fresh control session before each retry."""
+        ctrl = self._controller()
+        conn = ctrl.connection
+        if conn is not None:
+            await conn.close()  # the controller notices and reconnects (re-subscribing)
+        await ctrl.wait_connected(CONTROL_WAIT_SECS)
+
+    async def publish_loop(self) -> None:
+        cfg = self.config.publish
+        await run_publish_loop(
+            self.publish_once,
+            self.reconnect,
+            self._has_intro_points,
+            self.publish_state,
+            self.schedule,
+            clock=time.time,
+            sleep=asyncio.sleep,
+            wait=self.trigger.wait,
+            poll_interval=cfg.first_publish_poll_secs,
+            max_wait=cfg.first_publish_max_wait_secs,
+        )
+
+    # -- tor watchdog ---------------------------------------------------------------------
+
+    async def after_tor_restart(self) -> None:
+        """What a tor restart loses (system.md W7): the system tor re-reads our include;
+        the controller reconnects and re-subscribes by itself. Then publish again."""
+        if self.config.tor.mode == "system":
+            await self._reload_system_tor()
+        await self._controller().wait_connected(CONTROL_WAIT_SECS)
+        self.view = None
+        # The old intro circuits died with the old tor: publishing them would send clients to
+        # dead intro points. The tracker fires the publish trigger once the new tor built its
+        # descriptor (a new tor always has new intro points: the keys are per circuit).
+        restarted = self.watchdog.last_restart_at
+        read_at = self.intro.updated_at
+        if restarted is not None and read_at is not None:
+            # The watchdog's clock is monotonic, the tracker's is wall time.
+            restarted_wall = time.time() - (time.monotonic() - restarted)
+            if read_at < restarted_wall:
+                self.intro.clear()
+                log.info("Tor restarted: waiting for its new intro points to republish")
+        self._intro_wakeup.set()
+
+    async def tor_watchdog(self) -> None:
+        assert self.guarded_tor is not None
+        await run_tor_watchdog(
+            self.guarded_tor,
+            clock=time.monotonic,
+            sleep=asyncio.sleep,
+            on_restarted=self.after_tor_restart,
+            watchdog=self.watchdog,
+        )
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    async def _drain_proxy(self) -> None:
+        proxy = self.proxy
+        if proxy is not None and not self._proxy_closed:
+            self._proxy_closed = True
+            active = proxy.stats.active
+            await proxy.close(self.config.proxy.drain_timeout_secs)
+            log.info("Proxy stopped (%d connections were open)", active)
+
+    async def _stop_tor(self) -> None:
+        if self.guarded_tor is not None:
+            self.guarded_tor.shutting_down = True
+        if self.ctrl is not None:
+            await self.ctrl.close()
+        if isinstance(self.tor, ManagedTor) and not self._tor_stopped:
+            self._tor_stopped = True
+            await self.tor.stop()
+
+    async def close(self) -> None:
+        """Release everything started so far (idempotent; also after a failed start)."""
+        with contextlib.suppress(Exception):
+            await self._drain_proxy()
+        with contextlib.suppress(Exception):
+            await self._stop_tor()
+        if self.status_server is not None:
+            with contextlib.suppress(Exception):
+                await self.status_server.close()
+
+    def tasks(self) -> list[TaskSpec]:
+        tasks = [
+            TaskSpec("publish", self.publish_loop, restartable=True, backoff_base=5.0),
+            TaskSpec("intro-points", self.track_intro_points, restartable=True),
+            TaskSpec("network-watch", self.watch_network, restartable=True),
+            TaskSpec("tor-watchdog", self.tor_watchdog, restartable=True),
+            TaskSpec(
+                "sd-watchdog",
+                lambda: run_watchdog_pings(self.notifier, sleep=asyncio.sleep),
+                restartable=True,
+            ),
+        ]
+        if self.status_server is not None:
+            tasks.append(TaskSpec("status", self.status_server.serve_forever, restartable=True))
+        return tasks
+
+    def hooks(self) -> list[ShutdownHook]:
+        drain = self.config.proxy.drain_timeout_secs
+        return [
+            ShutdownHook("notify systemd", self._notify_stopping, timeout=1.0),
+            # Stop accepting and let open connections finish, bounded (Phase 2.5).
+            ShutdownHook("drain proxy", self._drain_proxy, timeout=drain + 6.0),
+            ShutdownHook("stop tor", self._stop_tor, timeout=20.0),
+        ]
+
+    async def _notify_stopping(self) -> None:
+        self.notifier.stopping("Shutting down")
+
+    async def run(self) -> int:
+        """Start, supervise until SIGTERM/SIGINT or a fatal failure; the exit code."""
+        loop = asyncio.get_running_loop()
+        starting = asyncio.current_task()
+        assert starting is not None
+        interrupted: list[str] = []
+
+        def stop_start_up(sig: signal.Signals) -> None:
+            log.info("Received %s during start-up", sig.name)
+            interrupted.append(sig.name)
+            starting.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_start_up, sig)
+        try:
+            await self.start()
+        except asyncio.CancelledError:
+            if not interrupted:
+                raise
+            starting.uncancel()
+            await self.close()
+            log.info("Shutdown complete")
+            return EXIT_OK
+        except StartupError as exc:
+            log.error("Start-up failed: %s", exc)
+            await self.close()
+            return exc.exit_code
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        supervisor = Supervisor(self.tasks(), self.hooks())
+        supervisor.install_signal_handlers()
+        try:
+            return await supervisor.run()
+        finally:
+            supervisor.remove_signal_handlers()
+            await self.close()
+
+
+def run_node(config_path: str | os.PathLike[str], args: list[str] | None = None) -> int:
+    """``rustbalance run``: the process exit code (0 clean stop, 1 failure, 2 config/key)."""
+    config, key = load_node(config_path)
+    set_process_title(args if args is not None else ["run", "--config", str(config_path)])
+    return asyncio.run(Daemon(config, key).run())

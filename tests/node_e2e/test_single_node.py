@@ -1,0 +1,200 @@
+"""The single-node daemon end to end on the private Tor network (issue "Node daemon").
+
+One node runs for the module: a Tor client reaches the target through the master address,
+``rustbalance status`` shows the node's live state, ``pidof rustbalance`` finds it, the
+Phase 1.5 log line is there, and SIGTERM ends it with exit code 0. Start-up errors (bad config,
+wrong key) exit 2 with one message, without touching tor. The demo runs end to end too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
+from rustbalance.demo import write_node_config
+from rustbalance.testnet import PrivateTorNetwork, TorInstance
+from rustbalance.tor.process import pid_is_alive
+from tests.node_e2e import RunningNode, running_node
+from tests.torhelpers import get_with_retries
+
+
+@pytest.fixture(scope="module")
+def node(
+    tor_network: PrivateTorNetwork, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningNode]:
+    with running_node(tor_network, tmp_path_factory.mktemp("node")) as running:
+        running.wait_published()
+        yield running
+
+
+@pytest.mark.tor
+async def test_master_address_serves_the_target(
+    node: RunningNode, tor_client_factory: Callable[[], TorInstance]
+) -> None:
+    visitor = await asyncio.to_thread(tor_client_factory)
+    assert visitor.socks_address is not None
+    body = await get_with_retries(visitor.socks_address, node.address, isolation="single")
+    assert body.strip() == "hello from node-a-target"
+    assert node.process.started_at is not None
+    print(f"master address answered {time.monotonic() - node.process.started_at:.1f} s after start")
+
+
+@pytest.mark.tor
+def test_status_shows_a_publishing_single_node(node: RunningNode) -> None:
+    doc = node.process.status()
+    assert doc["node_id"] == "node-a"
+    assert doc["mode"] == "single"
+    assert doc["role"] == "publisher"
+    assert doc["master_onion_address"] == node.address
+    assert doc["tor"]["running"] is True
+    assert doc["tor"]["restarts"] == 0
+    assert doc["intro_points"]["own"] > 0
+    assert 0 < doc["intro_points"]["published"] <= doc["intro_points"]["own"]
+    publish = doc["last_publish"]
+    assert isinstance(publish["current"], float | int)
+    assert isinstance(publish["next"], float | int)
+    assert publish["current"] <= time.time()
+    for period in ("current", "next"):
+        result = publish["results"][period]
+        assert result["ok"] is True
+        assert result["hsdirs_ok"] >= 1
+        assert all(h["hsdir"].startswith("$") for h in result["hsdirs"])
+    assert doc["peers"] == []
+    # The fetch test went through the proxy (pytest runs the module's tests in order).
+    assert doc["proxy"]["total"] >= 1
+    assert doc["ready"] is True
+
+
+@pytest.mark.tor
+def test_pidof_finds_the_daemon(node: RunningNode) -> None:
+    found = subprocess.run(["pidof", "rustbalance"], capture_output=True, text=True, check=False)
+    assert str(node.process.pid) in found.stdout.split()
+    assert Path(f"/proc/{node.process.pid}/comm").read_text().strip() == "rustbalance"
+
+
+@pytest.mark.tor
+def test_first_publish_waits_only_for_intro_points(node: RunningNode) -> None:
+    log = node.process.log_text()
+    assert "Publish loop waiting for intro points (max 120 seconds)" in log
+    assert "Intro points available after" in log
+    assert "Status endpoint listening on" in log
+    # The status socket is private to the daemon's user.
+    sock = node.work_dir / "state" / "status.sock"
+    assert sock.stat().st_mode & 0o777 == 0o600
+    hs_dir = node.work_dir / "tor" / "hidden_service"
+    assert hs_dir.stat().st_mode & 0o777 == 0o700
+    assert (hs_dir / "ob_config").read_text() == f"MasterOnionAddress {node.address}\n"
+    assert (hs_dir / "hostname").read_text().strip() == node.address
+
+
+@pytest.mark.tor
+def test_sigterm_stops_cleanly(node: RunningNode) -> None:
+    tor_pid = node.tor_pid()
+    assert tor_pid is not None and pid_is_alive(tor_pid)
+    started = time.monotonic()
+    code = node.process.stop()
+    took = time.monotonic() - started
+    assert code == 0, node.process.log_text()[-3000:]
+    log = node.process.log_text()
+    assert "Received SIGTERM" in log
+    assert "Shutdown complete" in log
+    assert not pid_is_alive(tor_pid)
+    assert not (node.work_dir / "state" / "status.sock").exists()
+    print(f"SIGTERM to exit: {took:.1f} s")
+
+
+# --------------------------------------------------------------------------- start-up errors
+
+
+def _run(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rustbalance.cli.main", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _config(tmp_path: Path, key: IdentityKey, **overrides: dict[str, object]) -> Path:
+    key_file = tmp_path / "master.key"
+    if not key_file.exists():
+        write_seed_key_file(key, key_file)
+    return write_node_config(
+        tmp_path / "config.toml",
+        node_id="node-x",
+        key_file=key_file,
+        master_address=key.onion_address,
+        target="127.0.0.1:9",
+        work_dir=tmp_path,
+        overrides=overrides,
+    )
+
+
+def test_invalid_config_exits_2_with_one_message(tmp_path: Path) -> None:
+    master = IdentityKey.generate(secrets.token_bytes)
+    config = _config(tmp_path, master, node={"prio": 3})
+    result = _run(config)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1, result.stderr
+    assert "node.prio: unknown key" in lines[0]
+    assert not (tmp_path / "tor").exists()  # nothing was started
+
+
+def test_wrong_master_key_exits_2(tmp_path: Path) -> None:
+    master = IdentityKey.generate(secrets.token_bytes)
+    other = IdentityKey.generate(secrets.token_bytes)
+    config = _config(tmp_path, master, master={"onion_address": other.onion_address})
+    result = _run(config)
+    assert result.returncode == 2
+    assert "wrong key file?" in result.stderr
+    assert master.onion_address in result.stderr
+
+
+def test_readable_master_key_is_refused(tmp_path: Path) -> None:
+    master = IdentityKey.generate(secrets.token_bytes)
+    config = _config(tmp_path, master)
+    os.chmod(tmp_path / "master.key", 0o644)
+    result = _run(config)
+    assert result.returncode == 2
+    assert "chmod 600" in result.stderr
+
+
+def test_malformed_master_key_exits_2(tmp_path: Path) -> None:
+    master = IdentityKey.generate(secrets.token_bytes)
+    config = _config(tmp_path, master)
+    (tmp_path / "master.key").write_bytes(b"not a key")
+    result = _run(config)
+    assert result.returncode == 2
+    assert "master key" in result.stderr
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+@pytest.mark.tor
+def test_demo_runs_two_rounds() -> None:
+    """``make demo`` non-interactively: its own network, node and visitor; exit 0 after two
+    answered fetches."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "rustbalance.demo", "--rounds", "2", "--interval", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.stdout.count(": HTTP 200 in") >= 2
+    assert "node stopped (exit code 0)" in result.stdout
+    print(f"demo took {time.monotonic() - started:.1f} s")

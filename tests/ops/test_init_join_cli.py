@@ -1,0 +1,318 @@
+"""`rustbalance init` / `join` end to end in a temporary folder (no network, no tor)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from rustbalance.cli.init_cmd import CliError, Io, run_init
+from rustbalance.cli.main import build_parser, main
+from rustbalance.config import load_config
+from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
+from rustbalance.deploy.join_token import decode, token_needs_passphrase
+
+PASSPHRASE = "correct horse battery staple"
+SECRET_FILES = ("master.key", "cluster.token", "join.secret", "wireguard.key")
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def passfile(tmp_path: Path) -> Path:
+    path = tmp_path / "passphrase"
+    path.write_text(PASSPHRASE + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def _init(tmp_path: Path, passfile: Path | None, *extra: str) -> list[str]:
+    args = [
+        "init",
+        "--config-dir",
+        str(tmp_path / "conf"),
+        "--endpoint",
+        "203.0.113.5:51820",
+        "--target",
+        "127.0.0.1:8000",
+        "--node-id",
+        "node-a",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--non-interactive",
+    ]
+    if passfile is not None:
+        args += ["--passphrase-file", str(passfile)]
+    return args + list(extra)
+
+
+def _printed_token(out: str) -> str:
+    tokens = [line for line in out.splitlines() if line.startswith("rbj1-")]
+    assert len(tokens) == 1
+    return tokens[0]
+
+
+def _printed_address(out: str) -> str:
+    lines = [line for line in out.splitlines() if line.startswith("Master onion address: ")]
+    assert len(lines) == 1
+    return lines[0].removeprefix("Master onion address: ")
+
+
+def test_init_writes_private_files_a_valid_config_and_a_decodable_token(
+    tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_init(tmp_path, passfile)) == 0
+    out = capsys.readouterr().out
+    conf = tmp_path / "conf"
+    assert _mode(conf) == 0o700
+    names = {p.name for p in conf.iterdir()}
+    assert names == {*SECRET_FILES, "config.toml", "cluster.toml", "join-token.txt"}
+    for path in conf.iterdir():
+        assert _mode(path) == 0o600, path
+    config = load_config(conf / "config.toml")
+    key = load_identity_key(conf / "master.key")
+    address = _printed_address(out)
+    assert address == key.onion_address == config.master.onion_address
+    assert config.node.id == "node-a" and config.node.priority == 10
+    assert config.tor.mode == "system"
+    assert config.coordination.cluster_token_path == conf / "cluster.token"
+    assert str(config.coordination.listen) == "10.99.0.1:51821"
+    token = _printed_token(out)
+    assert (conf / "join-token.txt").read_text().strip() == token
+    payload = decode(token, PASSPHRASE, now=int(time.time()))
+    assert payload.master_onion == address
+    assert payload.cluster_token == (conf / "cluster.token").read_text().strip()
+    assert payload.join_secret == (conf / "join.secret").read_text().strip()
+    assert payload.master_key_seed == key.seed
+    # >= 128 bits each, and the secrets never reach stdout.
+    assert len(payload.cluster_token) >= 43 and len(payload.join_secret) >= 43
+    assert payload.cluster_token not in out and payload.join_secret not in out
+    assert PASSPHRASE not in out
+
+
+def test_init_refuses_to_overwrite_an_existing_node(
+    tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_init(tmp_path, passfile)) == 0
+    before = (tmp_path / "conf" / "master.key").read_bytes()
+    assert main(_init(tmp_path, passfile)) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert (tmp_path / "conf" / "master.key").read_bytes() == before
+    assert not [p for p in (tmp_path / "conf").iterdir() if p.name.startswith(".")]
+
+
+def test_init_imports_a_tor_secret_key(
+    tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = IdentityKey.generate(os.urandom)
+    write_hidden_service_dir(key, tmp_path / "hs")
+    tor_key = tmp_path / "hs" / "hs_ed25519_secret_key"
+    assert main(_init(tmp_path, passfile, "--import-key", str(tor_key))) == 0
+    captured = capsys.readouterr()
+    assert _printed_address(captured.out) == key.onion_address
+    loaded = load_identity_key(tmp_path / "conf" / "master.key")
+    assert loaded.public_key == key.public_key and loaded.expanded == key.expanded
+    # tor keeps no seed, so the token cannot carry the key: joiners are standby nodes.
+    payload = decode(_printed_token(captured.out), PASSPHRASE, now=int(time.time()))
+    assert not payload.publisher_eligible
+    assert "standby" in captured.err
+
+
+def test_init_imports_a_pem_key_and_keeps_its_seed(
+    tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    private = Ed25519PrivateKey.generate()
+    pem = tmp_path / "key.pem"
+    pem.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    seed = private.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    assert main(_init(tmp_path, passfile, "--import-key", str(pem))) == 0
+    out = capsys.readouterr().out
+    assert _printed_address(out) == IdentityKey.from_seed(seed).onion_address
+    assert (tmp_path / "conf" / "master.key").read_bytes() == seed
+
+
+def test_init_without_required_values_or_passphrase_is_an_error(
+    tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _init(tmp_path, passfile)
+    no_target = args[: args.index("--target")] + args[args.index("--target") + 2 :]
+    assert main(no_target) == 1
+    assert "--target is required" in capsys.readouterr().err
+    assert main(_init(tmp_path, None)) == 1
+    assert "--passphrase-file" in capsys.readouterr().err
+    assert not (tmp_path / "conf").exists()
+
+
+def test_init_asks_on_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    questions: list[str] = []
+    answers = {"endpoint": "203.0.113.9:51820", "Service": "127.0.0.1:9000"}
+
+    def ask(prompt: str) -> str:
+        questions.append(prompt)
+        return next(v for k, v in answers.items() if k.lower() in prompt.lower())
+
+    io = Io(
+        stdin_is_tty=lambda: True,
+        ask=ask,
+        has_terminal=lambda: True,
+        ask_secret=lambda prompt: PASSPHRASE,
+    )
+    args = build_parser().parse_args(
+        [
+            "init",
+            "--config-dir",
+            str(tmp_path / "conf"),
+            "--node-id",
+            "n1",
+            "--state-dir",
+            str(tmp_path / "s"),
+        ]
+    )
+    assert run_init(args, io) == 0
+    assert len(questions) == 2
+    config = load_config(tmp_path / "conf" / "config.toml")
+    assert str(config.target.address) == "127.0.0.1:9000"
+    token = _printed_token(capsys.readouterr().out)
+    assert decode(token, PASSPHRASE, now=int(time.time())).master_onion
+
+
+def test_init_prompt_rejects_mismatched_passphrases(tmp_path: Path) -> None:
+    replies = iter([PASSPHRASE, PASSPHRASE + "x"])
+    io = Io(
+        stdin_is_tty=lambda: False,
+        has_terminal=lambda: True,
+        ask_secret=lambda prompt: next(replies),
+    )
+    args: argparse.Namespace = build_parser().parse_args(_init(tmp_path, None)[:-1])
+    with pytest.raises(CliError, match="differ"):
+        run_init(args, io)
+    assert not (tmp_path / "conf").exists()
+
+
+def _join_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "join",
+        "--config-dir",
+        str(tmp_path / "conf2"),
+        "--endpoint",
+        "198.51.100.7:51820",
+        "--node-id",
+        "node-b",
+        "--state-dir",
+        str(tmp_path / "state2"),
+        "--non-interactive",
+        *extra,
+    ]
+
+
+def test_join_with_the_printed_token_writes_a_valid_config(
+    tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_init(tmp_path, passfile)) == 0
+    token = _printed_token(capsys.readouterr().out)
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    args = _join_args(tmp_path, "--token-file", str(token_file), "--passphrase-file", str(passfile))
+    assert main([*args, "--target", "127.0.0.1:8001"]) == 0
+    conf, conf2 = tmp_path / "conf", tmp_path / "conf2"
+    assert _mode(conf2) == 0o700
+    assert {p.name for p in conf2.iterdir()} == {*SECRET_FILES, "config.toml", "cluster.toml"}
+    for path in conf2.iterdir():
+        assert _mode(path) == 0o600, path
+    config = load_config(conf2 / "config.toml")
+    assert config.is_multi_node and [str(p) for p in config.coordination.peers] == [
+        "10.99.0.1:51821"
+    ]
+    assert config.node.priority == 20 and config.node.publisher_eligible
+    assert str(config.target.address) == "127.0.0.1:8001"
+    for name in ("master.key", "cluster.token", "join.secret"):
+        assert (conf2 / name).read_bytes() == (conf / name).read_bytes()
+    assert (conf2 / "wireguard.key").read_bytes() != (conf / "wireguard.key").read_bytes()
+    assert config.master.onion_address == load_identity_key(conf / "master.key").onion_address
+
+
+def test_join_positional_passphrase_token_and_standby_token(
+    tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_init(tmp_path, passfile, "--standby-token")) == 0
+    token = _printed_token(capsys.readouterr().out)
+    assert main(_join_args(tmp_path, token, "--passphrase-file", str(passfile))) == 0
+    conf2 = tmp_path / "conf2"
+    # A standby joiner never receives the master key.
+    assert not (conf2 / "master.key").exists()
+    assert not load_config(conf2 / "config.toml").node.publisher_eligible
+
+
+@pytest.mark.parametrize("damage", ["wrong-passphrase", "flipped", "truncated"])
+def test_wrong_passphrase_or_damaged_token_writes_nothing(
+    tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    assert main(_init(tmp_path, passfile)) == 0
+    token = _printed_token(capsys.readouterr().out)
+    if damage == "flipped":
+        i = len(token) // 2
+        token = token[:i] + ("A" if token[i] != "A" else "B") + token[i + 1 :]
+    elif damage == "truncated":
+        token = token[:-20]
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    pass_for_join = passfile
+    if damage == "wrong-passphrase":
+        pass_for_join = tmp_path / "wrong"
+        pass_for_join.write_text("not the right passphrase at all")
+    args = _join_args(tmp_path, "--token-file", str(token_file))
+    assert main([*args, "--passphrase-file", str(pass_for_join)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "rustbalance: error:" in err
+    assert "passphrase" in err or "damaged" in err or "truncated" in err
+    assert token not in err and PASSPHRASE not in err
+    assert not (tmp_path / "conf2").exists()
+
+
+def test_raw_token_is_refused_on_argv_and_accepted_from_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_init(tmp_path, None, "--raw-token")) == 0
+    captured = capsys.readouterr()
+    token = _printed_token(captured.out)
+    assert not token_needs_passphrase(token)
+    assert "shown only this once" in captured.err
+    # Not stored: the raw token is the secret itself.
+    assert not (tmp_path / "conf" / "join-token.txt").exists()
+    assert main(_join_args(tmp_path, token)) == 1
+    err = capsys.readouterr().err
+    assert "--token-file" in err and token not in err
+    assert not (tmp_path / "conf2").exists()
+    token_file = tmp_path / "raw"
+    token_file.write_text(token)
+    assert main(_join_args(tmp_path, "--token-file", str(token_file))) == 0
+    assert load_config(tmp_path / "conf2" / "config.toml").node.id == "node-b"
+
+
+def test_join_refuses_the_issuers_node_id(
+    tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_init(tmp_path, passfile)) == 0
+    token = _printed_token(capsys.readouterr().out)
+    args = _join_args(tmp_path, token, "--passphrase-file", str(passfile))
+    args[args.index("node-b")] = "node-a"
+    assert main(args) == 1
+    assert "issuing node" in capsys.readouterr().err
+    assert not (tmp_path / "conf2").exists()
