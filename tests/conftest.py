@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import itertools
 import re
-import threading
 from collections.abc import Callable, Generator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
+from rustbalance.testnet.apps import NamedHTTPServer
 
 _NETWORK_KEY = pytest.StashKey[PrivateTorNetwork]()
 _client_numbers = itertools.count(1)
@@ -82,41 +81,16 @@ def tor_client_factory(
         tor_network.remove(client)
 
 
-class _NamedHandler(BaseHTTPRequestHandler):
-    server: _NamedServer
-
-    def do_GET(self) -> None:
-        body = f"hello from {self.server.backend_name}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Keep test output quiet."""
-
-
-class _NamedServer(ThreadingHTTPServer):
-    daemon_threads = True
-    backend_name = ""
-
-
 @pytest.fixture
 def named_http_server() -> Iterator[Callable[[str], int]]:
     """Start tiny HTTP servers on 127.0.0.1 answering ``hello from <name>``; returns the port."""
-    servers: list[tuple[_NamedServer, threading.Thread]] = []
+    servers: list[NamedHTTPServer] = []
 
     def start(name: str) -> int:
-        server = _NamedServer(("127.0.0.1", 0), _NamedHandler)
-        server.backend_name = name
-        thread = threading.Thread(target=server.serve_forever, name=f"http-{name}", daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return int(server.server_address[1])
+        server = NamedHTTPServer(name)
+        servers.append(server)
+        return server.port
 
     yield start
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    for server in servers:
+        server.close()

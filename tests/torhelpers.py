@@ -4,45 +4,19 @@ SOCKS port, and bounded waits for descriptors to appear."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-from python_socks.async_.asyncio import Proxy
 
 from rustbalance.descriptor.parser import DecodedDescriptor
 from rustbalance.errors import RustBalanceError
+from rustbalance.testnet.apps import NamedHTTPServer, http_get_via_tor
 from rustbalance.tor.network import Controller, FetchError, NetworkView, fetch_descriptor
 
-
-async def http_get_via_tor(
-    socks: tuple[str, int],
-    host: str,
-    *,
-    path: str = "/",
-    port: int = 80,
-    isolation: str = "rb",
-    timeout: float = 60.0,  # noqa: ASYNC109
-) -> tuple[int, str]:
-    """GET ``http://host:port/path`` through a Tor SOCKS port with remote DNS; returns (status,
-    body). A distinct ``isolation`` user name gets a fresh circuit (IsolateSOCKSAuth)."""
-    proxy = Proxy.from_url(f"socks5://{isolation}:x@{socks[0]}:{socks[1]}", rdns=True)
-    async with asyncio.timeout(timeout):
-        sock = await proxy.connect(host, port, timeout=timeout)
-        reader, writer = await asyncio.open_connection(sock=sock)
-        try:
-            writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
-            )
-            await writer.drain()
-            raw = await reader.read(1 << 20)
-            while chunk := await reader.read(1 << 20):
-                raw += chunk
-        finally:
-            writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    return status, body.decode("utf-8", errors="replace")
+__all__ = [
+    "NamedHTTPServer",
+    "get_with_retries",
+    "http_get_via_tor",
+    "wait_for_descriptor",
+]
 
 
 async def get_with_retries(
@@ -90,39 +64,3 @@ async def wait_for_descriptor(
             last = exc
         await asyncio.sleep(3)
     raise AssertionError(f"no descriptor for {address} within {deadline_s} s: {last}")
-
-
-class _NamedHandler(BaseHTTPRequestHandler):
-    server: NamedHTTPServer
-
-    def do_GET(self) -> None:
-        body = f"hello from {self.server.backend_name}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Keep test output quiet."""
-
-
-class NamedHTTPServer(ThreadingHTTPServer):
-    """A tiny HTTP server on 127.0.0.1 answering ``hello from <name>`` (in a thread)."""
-
-    daemon_threads = True
-
-    def __init__(self, name: str) -> None:
-        super().__init__(("127.0.0.1", 0), _NamedHandler)
-        self.backend_name = name
-        self._thread = threading.Thread(target=self.serve_forever, name=f"http-{name}", daemon=True)
-        self._thread.start()
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-    def close(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self._thread.join(timeout=5)

@@ -31,19 +31,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from python_socks.async_.asyncio import Proxy
-
 from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
 from rustbalance.errors import RustBalanceError
+from rustbalance.testnet.apps import NamedHTTPServer, http_get_via_tor
 
-__all__ = ["NodeProcess", "SampleApp", "fetch_via_tor", "main", "write_node_config"]
+__all__ = ["NodeProcess", "main", "write_node_config"]
 
 ROUNDS_ENV = "RB_DEMO_ROUNDS"
 # The node publishes within about a minute on the private network (tor bootstrap, intro
@@ -211,76 +208,6 @@ class NodeProcess:
 # ----------------------------------------------------------------------------- the target app
 
 
-class _AppHandler(BaseHTTPRequestHandler):
-    server: SampleApp
-
-    def do_GET(self) -> None:
-        self.server.hits += 1
-        body = (
-            f"<html><body><h1>Hello from {self.server.app_name}</h1>"
-            f"<p>request {self.server.hits}, path {self.path}</p></body></html>\n"
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Quiet: the demo prints its own lines."""
-
-
-class SampleApp(ThreadingHTTPServer):
-    """The operator's application: HTTP on 127.0.0.1, a page naming itself (in a thread)."""
-
-    daemon_threads = True
-
-    def __init__(self, name: str) -> None:
-        super().__init__(("127.0.0.1", 0), _AppHandler)
-        self.app_name = name
-        self.hits = 0
-        self._thread = threading.Thread(target=self.serve_forever, name="sample-app", daemon=True)
-        self._thread.start()
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-    def close(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self._thread.join(timeout=5)
-
-
-# ----------------------------------------------------------------------------- fetching
-
-
-async def fetch_via_tor(
-    socks: tuple[str, int],
-    host: str,
-    *,
-    isolation: str,
-    timeout: float = FETCH_TIMEOUT,  # noqa: ASYNC109 (also the SOCKS connect timeout)
-) -> tuple[int, str]:
-    """GET ``http://host/`` through a Tor SOCKS port (remote DNS, own circuit per
-    ``isolation``); returns (status, body)."""
-    proxy = Proxy.from_url(f"socks5://{isolation}:x@{socks[0]}:{socks[1]}", rdns=True)
-    async with asyncio.timeout(timeout):
-        sock = await proxy.connect(host, 80, timeout=timeout)
-        reader, writer = await asyncio.open_connection(sock=sock)
-        try:
-            writer.write(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-            await writer.drain()
-            raw = b""
-            while chunk := await reader.read(65536):
-                raw += chunk
-        finally:
-            writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    return status, body.decode("utf-8", errors="replace")
-
-
 def _summary(doc: Mapping[str, Any]) -> str:
     tor = doc.get("tor", {})
     ips = doc.get("intro_points", {})
@@ -344,13 +271,13 @@ def run_demo(work: Path, rounds: int | None, interval: float) -> int:
     from rustbalance.testnet import PrivateTorNetwork  # heavy; only the demo needs it
 
     network = PrivateTorNetwork(work / "tornet", n_relays=4)
-    app: SampleApp | None = None
+    app: NamedHTTPServer | None = None
     node: NodeProcess | None = None
     try:
         _say(f"starting a private Tor network on 127.0.0.1 in {work} ...")
         network.start()
         _say(f"network ready after {network.ready_seconds:.1f} s")
-        app = SampleApp("the RustBalance demo app")
+        app = NamedHTTPServer("the RustBalance demo app", html=True)
         _say(f"sample target app on 127.0.0.1:{app.port}")
 
         master = IdentityKey.generate(secrets.token_bytes)
@@ -389,7 +316,12 @@ def run_demo(work: Path, rounds: int | None, interval: float) -> int:
             began = time.monotonic()
             try:
                 status, body = asyncio.run(
-                    fetch_via_tor(visitor.socks_address, address, isolation=f"demo{attempt}")
+                    http_get_via_tor(
+                        visitor.socks_address,
+                        address,
+                        isolation=f"demo{attempt}",
+                        timeout=FETCH_TIMEOUT,
+                    )
                 )
             except Exception as exc:  # python-socks raises its own types
                 _say(f"fetch {attempt}: not reachable yet ({type(exc).__name__}: {exc})")

@@ -14,7 +14,7 @@ points the first pass skipped, again round-robin.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rustbalance.descriptor.builder import MAX_INTRO_POINTS
 from rustbalance.descriptor.intro_point import IntroPoint
@@ -49,42 +49,34 @@ def merge_intro_points(
             seen_relay.add(relay)
         merged.append(point)
 
-    # Pass 1: round-robin, one point per instance per round, new relays only.
-    positions = [0] * len(queues)
-    while len(merged) < max_points:
-        progressed = False
-        for index, queue in enumerate(queues):
-            if len(merged) >= max_points:
-                break
-            while positions[index] < len(queue):
-                point = queue[positions[index]]
-                positions[index] += 1
-                if point.auth_key in seen_auth:
-                    continue
-                relay = point.relay_ed25519_id
-                if relay is not None and relay in seen_relay:
-                    skipped[index].append(point)
-                    continue
-                take(point)
-                progressed = True
-                break
-        if not progressed:
-            break
-    # Pass 2: fill with the points that shared a relay, still round-robin.
-    positions = [0] * len(skipped)
-    while len(merged) < max_points:
-        progressed = False
-        for index, queue in enumerate(skipped):
-            if len(merged) >= max_points:
-                break
-            while positions[index] < len(queue):
-                point = queue[positions[index]]
-                positions[index] += 1
-                if point.auth_key in seen_auth:
-                    continue
-                take(point)
-                progressed = True
-                break
-        if not progressed:
-            break
+    def round_robin(
+        queues: Sequence[Sequence[IntroPoint]], accept: Callable[[int, IntroPoint], bool]
+    ) -> None:
+        """One accepted point per instance per round, until the cap or the queues run out."""
+        positions = [0] * len(queues)
+        while len(merged) < max_points:
+            progressed = False
+            for index, queue in enumerate(queues):
+                if len(merged) >= max_points:
+                    break
+                while positions[index] < len(queue):
+                    point = queue[positions[index]]
+                    positions[index] += 1
+                    if point.auth_key not in seen_auth and accept(index, point):
+                        take(point)
+                        progressed = True
+                        break
+            if not progressed:
+                return
+
+    def new_relay_only(index: int, point: IntroPoint) -> bool:
+        relay = point.relay_ed25519_id
+        if relay is not None and relay in seen_relay:
+            skipped[index].append(point)
+            return False
+        return True
+
+    # Pass 1: new relays only; pass 2: fill with the points that shared a relay.
+    round_robin(queues, new_relay_only)
+    round_robin(skipped, lambda _index, _point: True)
     return merged

@@ -30,7 +30,13 @@ from enum import StrEnum
 from pathlib import Path
 
 from rustbalance.errors import TorProcessError
-from rustbalance.tor.process import bootstrap_progress, pick_free_ports, pid_is_alive, read_log_tail
+from rustbalance.tor.process import (
+    TorDataFiles,
+    bootstrap_progress,
+    pick_free_ports,
+    pid_is_alive,
+    read_log_tail,
+)
 
 __all__ = [
     "AUTHORITY_COUNT",
@@ -105,7 +111,7 @@ def _tor_cmdline(pid: int) -> list[str]:
 
 
 @dataclass
-class TorInstance:
+class TorInstance(TorDataFiles):
     """One tor of the network: its ports, files and process."""
 
     name: str
@@ -119,20 +125,8 @@ class TorInstance:
     _pid: int | None = field(default=None, repr=False)
 
     @property
-    def torrc_path(self) -> Path:
-        return self.data_dir / "torrc"
-
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir / "tor.log"
-
-    @property
     def pid_file(self) -> Path:
         return self.data_dir / "tor.pid"
-
-    @property
-    def control_cookie_path(self) -> Path:
-        return self.data_dir / "control_auth_cookie"
 
     @property
     def control_address(self) -> str:

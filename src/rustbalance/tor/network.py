@@ -23,7 +23,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -55,6 +55,7 @@ from rustbalance.tor.consensus import (
 from rustbalance.tor.control import ControlTimeoutError, Subscription
 from rustbalance.tor.control_protocol import (
     ControlProtocolError,
+    Event,
     HsDescContentEvent,
     HsDescEvent,
 )
@@ -195,6 +196,17 @@ async def read_network_view(ctrl: Controller) -> NetworkView:
     return network_view_from_documents(consensus_text, md_text)
 
 
+async def _events_until(sub: Subscription, timeout: float) -> AsyncIterator[Event]:  # noqa: ASYNC109
+    """The subscription's events until ``timeout`` seconds from now have passed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (remaining := deadline - loop.time()) > 0:
+        try:
+            yield await sub.get(remaining)
+        except ControlTimeoutError:
+            return
+
+
 # --------------------------------------------------------------------------- upload
 
 
@@ -238,18 +250,11 @@ async def upload_descriptor(
     pending = {relay.fingerprint.upper(): relay for relay in hsdirs}
     results: dict[str, HsDirUpload] = {}
     native_in_flight: dict[str, int] = {}
-    loop = asyncio.get_running_loop()
     sub = await ctrl.subscribe("HS_DESC")
     try:
         await ctrl.hs_post(descriptor, bare, list(pending))
-        deadline = loop.time() + timeout
-        while pending:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                raw = await sub.get(remaining)
-            except ControlTimeoutError:
+        async for raw in _events_until(sub, timeout):
+            if not pending:
                 break
             try:
                 event = HsDescEvent.from_event(raw)
@@ -316,21 +321,12 @@ async def fetch_descriptor(
     verify (tor only emits a body after its own checks; we check again, tor.md section 6.6).
     """
     bare = _bare(address)
-    loop = asyncio.get_running_loop()
     outstanding: set[str] = set()
     reasons: list[str] = []
     sub = await ctrl.subscribe("HS_DESC", "HS_DESC_CONTENT")
     try:
         await ctrl.hs_fetch(bare, servers)
-        deadline = loop.time() + timeout
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                raw = await sub.get(remaining)
-            except ControlTimeoutError:
-                break
+        async for raw in _events_until(sub, timeout):
             try:
                 if raw.type == "HS_DESC_CONTENT":
                     content = HsDescContentEvent.from_event(raw)

@@ -166,7 +166,26 @@ def _check_torrc_line(line: str) -> None:
 # ManagedTor
 
 
-class ManagedTor:
+class TorDataFiles:
+    """The files we read or write in one tor's DataDirectory (shared by ManagedTor and the
+    private network's instances)."""
+
+    data_dir: Path
+
+    @property
+    def torrc_path(self) -> Path:
+        return self.data_dir / "torrc"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "tor.log"
+
+    @property
+    def control_cookie_path(self) -> Path:
+        return self.data_dir / "control_auth_cookie"
+
+
+class ManagedTor(TorDataFiles):
     """tor as a child process of the daemon.
 
     ``<data_dir>/torrc`` (mode 0600, data dir 0700) holds the generated lines followed by the
@@ -215,18 +234,6 @@ class ManagedTor:
     @property
     def socks_address(self) -> tuple[str, int]:
         return (LOCALHOST, self.socks_port)
-
-    @property
-    def torrc_path(self) -> Path:
-        return self.data_dir / "torrc"
-
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir / "tor.log"
-
-    @property
-    def control_cookie_path(self) -> Path:
-        return self.data_dir / "control_auth_cookie"
 
     @property
     def pid(self) -> int | None:
