@@ -254,8 +254,6 @@ async def upload_descriptor(
     try:
         await ctrl.hs_post(descriptor, bare, list(pending))
         async for raw in _events_until(sub, timeout):
-            if not pending:
-                break
             try:
                 event = HsDescEvent.from_event(raw)
             except ControlProtocolError as exc:
@@ -276,6 +274,8 @@ async def upload_descriptor(
             results[fp] = HsDirUpload(
                 fp, relay.nickname, event.action == "UPLOADED", event.reason or None
             )
+            if not pending:
+                break  # every HSDir answered: do not wait for the deadline
     finally:
         await sub.aclose()
     for fp, relay in pending.items():
