@@ -14,17 +14,57 @@ import os
 import re
 import secrets
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
 from rustbalance.demo import NodeProcess, write_node_config
+from rustbalance.errors import RustBalanceError
 from rustbalance.testnet import PrivateTorNetwork
 from rustbalance.tor.process import pid_is_alive
 from tests.torhelpers import NamedHTTPServer
 
-__all__ = ["RunningNode", "running_node"]
+__all__ = [
+    "FAULT_FILE_ENV",
+    "FaultInjectedNodeProcess",
+    "LogLine",
+    "RunningNode",
+    "log_lines",
+    "running_node",
+]
+
+# The daemon's log format (cli/main.py): "2025-01-01 12:00:00,123 LEVEL logger: message".
+_LOG_LINE_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) ([\w.]+): (.*)$")
+
+
+@dataclass(frozen=True)
+class LogLine:
+    at: float  # unix time (the daemon logs local time; converted back here)
+    level: str
+    logger: str
+    message: str
+
+
+def log_lines(text: str, pattern: str = "", *, after: float | None = None) -> list[LogLine]:
+    """The daemon's log lines whose message matches ``pattern`` (regex), optionally only those
+    logged at or after unix time ``after``."""
+    regex = re.compile(pattern)
+    found: list[LogLine] = []
+    for raw in text.splitlines():
+        m = _LOG_LINE_RE.match(raw)
+        if m is None or not regex.search(m.group(4)):
+            continue
+        at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if after is not None and at < after:
+            continue
+        found.append(LogLine(at, m.group(2), m.group(3), m.group(4)))
+    return found
+
 
 # Managed tor bootstrap + intro circuits + first publish: ~10 s observed on the private
 # network; generous because CI machines are slower and the network may be busy.
@@ -51,6 +91,50 @@ class RunningNode:
     def wait_published(self, timeout: float = NODE_PUBLISH_TIMEOUT) -> None:
         self.process.wait_for_log(r"Published descriptor for", timeout)
 
+    def lines(self, pattern: str = "", *, after: float | None = None) -> list[LogLine]:
+        return log_lines(self.process.log_text(), pattern, after=after)
+
+    def wait_line(self, pattern: str, timeout: float, *, after: float | None = None) -> LogLine:
+        """Wait (bounded) for a log line matching ``pattern`` logged at or after ``after``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.lines(pattern, after=after)
+            if found:
+                return found[0]
+            code = self.process.poll()
+            if code is not None:
+                raise RustBalanceError(
+                    f"node exited with code {code} before logging {pattern!r}:\n"
+                    + "\n".join(self.process.log_text().splitlines()[-30:])
+                )
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"node did not log {pattern!r} within {timeout:.0f} s; last lines:\n"
+                    + "\n".join(self.process.log_text().splitlines()[-25:])
+                )
+            time.sleep(0.2)
+
+    def wait_tor_ready(self, timeout: float = NODE_PUBLISH_TIMEOUT) -> None:
+        self.process.wait_for_log(r"tor pid \d+ ready after", timeout)
+
+    @property
+    def proxy_port(self) -> int:
+        found = re.findall(r"Proxy listening on [\d.]+:(\d+)", self.process.log_text())
+        if not found:
+            raise AssertionError("the node has not logged its proxy port yet")
+        return int(found[-1])
+
+    @property
+    def control_address(self) -> str:
+        """The managed tor's control port (logged when tor is ready)."""
+        found = re.findall(r"\(control ([\d.]+:\d+), socks", self.process.log_text())
+        if not found:
+            raise AssertionError("the node's tor has not logged its control port yet")
+        return str(found[-1])
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+
 
 def _is_tor(pid: int) -> bool:
     try:
@@ -67,8 +151,12 @@ def running_node(
     *,
     overrides: Mapping[str, Mapping[str, object]] | None = None,
     master: IdentityKey | None = None,
+    fault_file: Path | None = None,
 ) -> Iterator[RunningNode]:
-    """Start a node daemon joined to ``network``; stop it (and its target) afterwards."""
+    """Start a node daemon joined to ``network``; stop it (and its target) afterwards.
+
+    With ``fault_file`` the daemon runs under :class:`FaultInjectedNodeProcess` (a controlled
+    fault for what real tor cannot do on demand; inactive while the file does not exist)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     master = master or IdentityKey.generate(secrets.token_bytes)
     key_file = work_dir / "master.key"
@@ -86,7 +174,11 @@ def running_node(
             extra_torrc=network.client_torrc_lines(),
             overrides=overrides,
         )
-        node = NodeProcess(config, work_dir / "node.log")
+        node = (
+            NodeProcess(config, work_dir / "node.log")
+            if fault_file is None
+            else FaultInjectedNodeProcess(config, work_dir / "node.log", fault_file)
+        )
         node.start()
         yield RunningNode(node, config, master, target, work_dir)
     finally:
@@ -100,3 +192,73 @@ def running_node(
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(tor_pid, signal.SIGKILL)
         target.close()
+
+
+# ----------------------------------------------------------------------------- fault injection
+
+FAULT_FILE_ENV = "RB_TEST_FAULT_FILE"
+
+
+class FaultInjectedNodeProcess(NodeProcess):
+    """``rustbalance run`` with one controlled fault: while ``fault_file`` contains ``next``,
+    the second upload of each publish round (the "next" period descriptor, which
+    ``publish_master`` always uploads after the "current" one) raises ``ControlError`` before
+    reaching tor. Real tor cannot fail only one of the two uploads on demand: on the private
+    network every HSDir is responsible for both descriptors. Everything else is the real daemon
+    on real tor; the process runs :func:`_fault_injected_main` instead of the CLI module."""
+
+    def __init__(self, config_path: Path, log_path: Path, fault_file: Path) -> None:
+        super().__init__(config_path, log_path)
+        self.fault_file = fault_file
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "RUSTBALANCE_TOR_PASSWORD"}
+        env["PYTHONUNBUFFERED"] = "1"
+        env[FAULT_FILE_ENV] = str(self.fault_file)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        code = "from tests.node_e2e import _fault_injected_main; _fault_injected_main()"
+        with self.log_path.open("ab") as log_fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code, "run", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=log_fh,
+                env=env,
+                start_new_session=True,
+            )
+        self.started_at = time.monotonic()
+
+
+def _fault_active(fault_file: Path) -> bool:
+    try:
+        return "next" in fault_file.read_text()
+    except OSError:
+        return False
+
+
+def _fault_injected_main() -> None:  # pragma: no cover - runs in the node subprocess
+    import rustbalance.node.daemon as daemon
+    import rustbalance.tor.network as network
+    from rustbalance.cli.main import main
+    from rustbalance.errors import ControlError
+
+    fault_file = Path(os.environ[FAULT_FILE_ENV])
+    uploads_this_round = [0]
+    real_publish = getattr(daemon, "publish_master")  # noqa: B009 (not in daemon's __all__)
+    real_upload = network.upload_descriptor
+
+    async def publish_master(*args: object, **kwargs: object) -> object:
+        uploads_this_round[0] = 0
+        return await real_publish(*args, **kwargs)
+
+    async def upload_descriptor(*args: object, **kwargs: object) -> object:
+        uploads_this_round[0] += 1
+        active = _fault_active(fault_file)
+        if active and uploads_this_round[0] == 2:
+            raise ControlError("injected test fault: next-period upload blocked")
+        return await real_upload(*args, **kwargs)  # type: ignore[arg-type]
+
+    setattr(daemon, "publish_master", publish_master)  # noqa: B010
+    network.upload_descriptor = upload_descriptor  # type: ignore[assignment]
+    sys.exit(main(sys.argv[1:]))

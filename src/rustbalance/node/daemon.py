@@ -21,6 +21,29 @@ A single node is the publisher. tor's own publishing stays on: with the same key
 revision counter our descriptor and tor's are comparable, and the newest wins (W6). Uploads are
 serialised (the per-HSDir events name the address, not the upload) and one
 :class:`RevisionClock` lives as long as the daemon, so counters never repeat.
+
+Multi-node mode (``coordination.peers`` set, or peers learned by an earlier run): a
+:class:`~rustbalance.cluster.coordinator.Coordinator` runs in the TaskGroup. The node feeds it its
+own intro points and last publish; the ``cluster`` task follows it:
+
+- 2+ live nodes ("multi"): tor's native publishing is off (``PublishHidServDescriptors 0``; in
+  the torrc from the start and re-applied after every control reconnect, so a tor restart keeps
+  it); only the elected publisher publishes, merging its own and every live peer's intro points
+  (:func:`~rustbalance.descriptor.merge.merge_intro_points`: fair round-robin, de-duplicated,
+  expiring certificates dropped, ``publish.max_intro_points``) and republishing about 1.5 s after
+  the merged set changes (a peer's intro points changed, a peer died or appeared, we became
+  publisher), besides the usual triggers (period/SRV, HSDirs, refresh, emergency).
+- a node left alone ("single") for a heartbeat timeout (at start-up: so it hears an existing
+  cluster first) turns native publishing back on and publishes alone, as a single node does.
+
+All nodes compute tor's revision counter (OPE keyed by the blinded key, seconds since the SRV
+run start), so a new publisher's descriptor out-bids the old one's in time order. After each
+upload the ``verify`` task fetches the master descriptor back through tor and logs
+"Descriptor verified on HSDirs (rev=N)", or republishes (at most 3 times in a row) when the
+HSDirs still serve an older revision. ``pow-params`` is never carried in multi-node mode and
+``flow-control`` only when the descriptor holds our own intro points alone
+(:mod:`rustbalance.node.cluster_link`). On SIGTERM the node leaves the cluster first (a publisher
+sends ``lease_release``), then drains the proxy.
 """
 
 from __future__ import annotations
@@ -37,9 +60,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rustbalance.cluster.coordinator import Coordinator
+from rustbalance.cluster.messages import ClusterKey
 from rustbalance.config import Config, ConfigProblems, load_config
 from rustbalance.crypto.blinding import blind_public_key
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
+from rustbalance.descriptor.builder import PowParams
+from rustbalance.descriptor.intro_point import IntroPoint
+from rustbalance.descriptor.intro_point_codec import decode_intro_point, encode_intro_point
 from rustbalance.descriptor.merge import merge_intro_points
 from rustbalance.errors import (
     ConfigError,
@@ -48,6 +76,14 @@ from rustbalance.errors import (
     InvalidKeyError,
     RustBalanceError,
     TorProcessError,
+)
+from rustbalance.node.cluster_link import (
+    MergeSignature,
+    advertise_from_env,
+    load_cluster_key,
+    merge_inputs,
+    merge_signature,
+    multi_node_wanted,
 )
 from rustbalance.node.intro_tracker import IntroTracker
 from rustbalance.node.proctitle import set_process_title
@@ -62,7 +98,7 @@ from rustbalance.node.publish_policy import (
     run_publish_loop,
 )
 from rustbalance.node.sdnotify import SystemdNotifier, run_watchdog_pings
-from rustbalance.node.status import NodeStatus, StatusServer
+from rustbalance.node.status import NodeStatus, PeerStatus, StatusServer
 from rustbalance.node.supervisor import ShutdownHook, Supervisor, TaskSpec
 from rustbalance.node.torrc import (
     OB_CONFIG_FILENAME,
@@ -75,12 +111,19 @@ from rustbalance.node.torrc import (
 )
 from rustbalance.node.watchdog import TorWatchdog, WatchdogPolicy, run_tor_watchdog
 from rustbalance.proxy import ProxySettings, ReverseProxy, parse_target
-from rustbalance.tor.control import ControlTimeoutError, ReconnectingController, password_from_env
+from rustbalance.tor.control import (
+    ControlConnection,
+    ControlTimeoutError,
+    ReconnectingController,
+    password_from_env,
+)
 from rustbalance.tor.control_protocol import ControlProtocolError, ControlReplyError, HsDescEvent
 from rustbalance.tor.network import (
     NetworkView,
+    PeriodLabel,
     PeriodPublish,
     RevisionClock,
+    fetch_descriptor,
     publish_master,
     read_network_view,
     read_own_descriptor,
@@ -109,6 +152,14 @@ CONTROL_WAIT_SECS = 30.0
 # tor events that mean tor built or is uploading a new descriptor of its own (tor.md §9.4);
 # our own HSPOSTs come without UPLOAD and with auth type UNKNOWN (tor.md §9.3).
 _OWN_DESCRIPTOR_ACTIONS = frozenset({"CREATED", "UPLOAD", "UPLOADED"})
+# Multi-node: how often the cluster task looks at the coordinator (it also wakes on changes).
+CLUSTER_POLL_SECS = 0.5
+# Republish this long after the merged intro-point set changed (changes come in bursts).
+CLUSTER_REPUBLISH_DEBOUNCE_SECS = 1.5
+# Fetch the master descriptor back this long after an upload, waiting at most the timeout.
+VERIFY_DELAY_SECS = 2.0
+VERIFY_FETCH_TIMEOUT_SECS = 30.0
+VERIFY_MAX_REPUBLISHES = 3
 
 
 # (time period, SRV, responsible HSDir fingerprints) of the first and second descriptor.
@@ -164,13 +215,6 @@ def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, IdentityKey]
         raise StartupError(f"invalid config {config_path}: {problems}", EXIT_CONFIG) from None
     except ConfigError as exc:
         raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
-    if config.is_multi_node:
-        # Running as a lone publisher beside peers would fight them over the descriptor.
-        raise StartupError(
-            f"invalid config {config_path}: coordination.peers is set, but this version runs "
-            "single nodes only; remove the peers",
-            EXIT_CONFIG,
-        )
     return config, load_master_key(config)
 
 
@@ -274,6 +318,21 @@ class Daemon:
         self._first_wait_over = False
         self._proxy_closed = False
         self._tor_stopped = False
+        # Multi-node mode (None: a single node for good).
+        self.multi_node = multi_node_wanted(config)
+        self.coordinator: Coordinator[IntroPoint] | None = None
+        self.published_auth_keys: tuple[bytes, ...] = ()
+        self._alone_since: float | None = None  # monotonic; None while peers are live
+        self._native_publishing: bool | None = None  # last PublishHidServDescriptors applied
+        self._published_signature: MergeSignature | None = None
+        self._signature_changed_at: float | None = None
+        self._publishing = False
+        self._was_publisher = False
+        self._posted: dict[int, int] = {}  # time period -> revision counter last uploaded
+        self._publish_generation = 0
+        self._verify_wakeup = asyncio.Event()
+        self._verify_republishes = 0
+        self._eligible = config.node.publisher_eligible
 
     # -- status ---------------------------------------------------------------------------
 
@@ -282,8 +341,8 @@ class Daemon:
         proxy = dataclasses.asdict(self.proxy.stats) if self.proxy is not None else {}
         doc = NodeStatus(
             node_id=self.config.node.id,
-            mode="single",
-            role="publisher",
+            mode="multi" if self.is_multi() else "single",
+            role="publisher" if self.should_publish() else "standby",
             master_onion_address=self.address,
             tor_running=self.guarded_tor.running if self.guarded_tor is not None else False,
             tor_restarts=stats.restarts,
@@ -291,14 +350,150 @@ class Daemon:
             intro_points_own=self.intro.count,
             intro_points_published=self.published_intro_points,
             last_publish=self.publish_state.to_status(),
-            peers=(),
+            peers=self._peer_statuses(),
             proxy={k: int(v) for k, v in proxy.items()},
             generated_at=time.time(),
         ).to_dict()
         doc["tor"]["mode"] = self.config.tor.mode
+        # Intro auth keys are public (every client that knows the address sees them).
+        doc["intro_points"]["own_auth_keys"] = [p.auth_key.hex() for p in self.intro.intro_points]
+        doc["intro_points"]["published_auth_keys"] = [k.hex() for k in self.published_auth_keys]
+        coordinator = self.coordinator
+        if coordinator is not None:
+            doc["cluster"] = {
+                "term": coordinator.term,
+                "election_role": coordinator.role.value,
+                "publisher": coordinator.publisher(),
+                "native_publishing": self._native_publishing,
+                "counters": coordinator.counters.as_dict(),
+                "rejected": {str(k): v for k, v in coordinator.rejected.items()},
+                "peer_intro_points": {
+                    node_id: len(points)
+                    for node_id, points in coordinator.peer_intro_points().items()
+                },
+            }
         doc["ready"] = self.ready
         doc["uptime_secs"] = round(time.monotonic() - self.started_at, 1)
         return doc
+
+    def _peer_statuses(self) -> tuple[PeerStatus, ...]:
+        coordinator = self.coordinator
+        if coordinator is None:
+            return ()
+        live = {p.node_id for p in coordinator.live_peers()}
+        known = {p.node_id for p in coordinator.peers.known_peers()}
+        return tuple(PeerStatus(node_id, node_id in live) for node_id in sorted(live | known))
+
+    # -- cluster mode ---------------------------------------------------------------------
+
+    def is_multi(self) -> bool:
+        """2+ live nodes (us and at least one peer)."""
+        return self.coordinator is not None and self.coordinator.is_multi
+
+    def _alone_settled(self) -> bool:
+        coordinator = self.coordinator
+        if coordinator is None or coordinator.is_multi or self._alone_since is None:
+            return False
+        waited = time.monotonic() - self._alone_since
+        return waited >= self.config.coordination.heartbeat_timeout_secs
+
+    def should_publish(self) -> bool:
+        """Single node: always. Cluster: the elected publisher, or a node left alone."""
+        coordinator = self.coordinator
+        if coordinator is None:
+            return True
+        if coordinator.is_multi:
+            return coordinator.is_publisher
+        return coordinator.is_publisher or self._alone_settled()
+
+    def _native_publishing_wanted(self) -> bool:
+        """tor's own uploads: on for a single node and a node left alone, off in a cluster."""
+        if self.coordinator is None:
+            return True
+        return self._alone_settled()
+
+    async def _apply_native_publishing(self, conn: ControlConnection | None = None) -> None:
+        wanted = self._native_publishing_wanted()
+        value = "1" if wanted else "0"
+        if conn is not None:
+            await conn.set_conf({"PublishHidServDescriptors": value})
+        else:
+            await self._controller().set_conf({"PublishHidServDescriptors": value})
+        if wanted != self._native_publishing:
+            log.info(
+                "tor native publishing %s (%s)",
+                "on" if wanted else "off",
+                "alone" if wanted else "cluster mode",
+            )
+        self._native_publishing = wanted
+
+    async def _on_control_connected(self, conn: ControlConnection) -> None:
+        """A (re)connection, maybe to a restarted tor: re-apply PublishHidServDescriptors."""
+        if self.coordinator is not None:
+            await self._apply_native_publishing(conn)
+
+    def _current_signature(self) -> MergeSignature:
+        coordinator = self.coordinator
+        peers = coordinator.peer_intro_points() if coordinator is not None else {}
+        multi = self.is_multi()
+        return merge_signature(multi, self.intro.intro_points, peers if multi else {})
+
+    async def run_cluster(self) -> None:
+        """Supervised task (multi-node): mode switch, intro points to peers, republish."""
+        coordinator = self.coordinator
+        assert coordinator is not None
+        if self._alone_since is None and not coordinator.is_multi:
+            self._alone_since = time.monotonic()
+        while True:
+            coordinator.changed.clear()
+            now = time.monotonic()
+            coordinator.set_intro_points(self.intro.intro_points)
+            if coordinator.is_multi:
+                self._alone_since = None
+            elif self._alone_since is None:
+                # The last peer just expired (silent for a heartbeat timeout already).
+                self._alone_since = now - self.config.coordination.heartbeat_timeout_secs
+            if self._native_publishing_wanted() != self._native_publishing:
+                try:
+                    await self._apply_native_publishing()
+                except (ControlError, RustBalanceError) as exc:
+                    log.debug("Setting PublishHidServDescriptors failed (will retry): %s", exc)
+            eligible = self.config.node.publisher_eligible and (
+                self.guarded_tor is None or self.guarded_tor.running
+            )
+            if eligible != self._eligible:
+                self._eligible = eligible
+                coordinator.set_eligible(eligible)
+            publishing = self.should_publish()
+            if not publishing and not self.ready and self.intro.count:
+                # A standby never publishes: it is ready once its own intro points exist.
+                self._mark_ready(f"standby with {self.intro.count} intro points")
+            if publishing != self._was_publisher:
+                self._was_publisher = publishing
+                log.info(
+                    "Cluster role: %s (%s)",
+                    "publisher" if publishing else "standby",
+                    "multi" if coordinator.is_multi else "single",
+                )
+                if not publishing:
+                    self._published_signature = None
+            if publishing and not self._publishing:
+                signature = self._current_signature()
+                if signature == self._published_signature:
+                    self._signature_changed_at = None
+                elif self._signature_changed_at is None:
+                    self._signature_changed_at = now
+                elif now - self._signature_changed_at >= CLUSTER_REPUBLISH_DEBOUNCE_SECS:
+                    self._signature_changed_at = None
+                    if self.intro.count or signature[2]:
+                        self.trigger.fire("cluster intro points changed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(coordinator.changed.wait(), CLUSTER_POLL_SECS)
+
+    async def _leave_cluster(self) -> None:
+        if self.coordinator is not None:
+            await self.coordinator.shutdown()
+            log.info("Left the cluster")
 
     def _controller(self) -> ReconnectingController:
         if self.ctrl is None:
@@ -318,7 +513,8 @@ class Daemon:
             proxy_host="127.0.0.1" if listen in ("0.0.0.0", "::", "") else listen,
             num_intro_points=tor.num_intro_points,
             onionbalance_instance=True,
-            publish_descriptors=True,
+            # Multi-node: off until the node knows it is alone (the cluster task turns it on).
+            publish_descriptors=not self.multi_node,
             pow=PowSettings(tor.pow_queue_rate, tor.pow_queue_burst) if tor.pow_enabled else None,
             intro_dos=(
                 IntroDosSettings(tor.intro_dos_rate_per_sec, tor.intro_dos_burst_per_sec)
@@ -410,6 +606,7 @@ class Daemon:
             max_backoff=5.0,
         )
         self.ctrl = ctrl
+        ctrl.on_connected(self._on_control_connected)
         await ctrl.start()
         try:
             await ctrl.wait_connected(CONTROL_WAIT_SECS)
@@ -436,11 +633,53 @@ class Daemon:
                 include,
             )
 
+    def _start_coordinator(self) -> None:
+        """Multi-node: the cluster key and the coordinator (it runs as a supervised task)."""
+        coordination = self.config.coordination
+        token_path = coordination.cluster_token_path
+        if token_path is None:
+            raise StartupError("multi-node mode needs coordination.cluster_token_path", EXIT_CONFIG)
+        try:
+            key: ClusterKey = load_cluster_key(token_path)
+        except ConfigError as exc:
+            raise StartupError(str(exc), EXIT_CONFIG) from None
+        advertise = advertise_from_env()
+        try:
+            if advertise is None:
+                self.coordinator = Coordinator.from_config(
+                    self.config,
+                    key,
+                    encode_intro_point=encode_intro_point,
+                    decode_intro_point=decode_intro_point,
+                )
+            else:
+                self.coordinator = Coordinator(
+                    node_id=self.config.node.id,
+                    priority=self.config.node.priority,
+                    publisher_eligible=self.config.node.publisher_eligible,
+                    config=coordination,
+                    key=key,
+                    state_dir=self.config.node.state_dir,
+                    encode_intro_point=encode_intro_point,
+                    decode_intro_point=decode_intro_point,
+                    advertise=advertise,
+                )
+        except RustBalanceError as exc:
+            raise StartupError(f"coordination: {exc}", EXIT_CONFIG) from None
+        log.info(
+            "Multi-node mode: coordination on %s, %d seed peers%s",
+            coordination.listen,
+            len(coordination.peers),
+            f", advertised as {advertise}" if advertise else "",
+        )
+
     async def start(self) -> None:
         """Everything before the supervised tasks; StartupError names what failed."""
         cfg = self.config
         log.info("Starting rustbalance: %s, master %s", cfg.summary(), self.address)
         self.notifier.status("Starting")
+        if self.multi_node:
+            self._start_coordinator()
         self._write_hidden_service_dir()
         if cfg.tor.mode == "managed":
             socks_port = cfg.tor.socks.port if cfg.tor.socks else pick_free_ports(1)[0]
@@ -487,7 +726,10 @@ class Daemon:
             log.warning("Reading own descriptor failed: %s", exc)
             return self.intro.count > 0
         before = self.intro.count
-        if self.intro.update(decoded, time.time()):
+        changed = self.intro.update(decoded, time.time())
+        if self.coordinator is not None:
+            self.coordinator.set_intro_points(self.intro.intro_points)
+        if changed:
             log.info(
                 "Own intro points changed: %d now (was %d), publishing", self.intro.count, before
             )
@@ -606,15 +848,66 @@ class Daemon:
                 # Phase 1.5: the wait is over; systemd may consider us started (retries follow).
                 self._mark_ready("no intro points yet, publishing will retry")
         points = self.intro.intro_points
-        if not points:
+        signature = self._current_signature()
+        if self.coordinator is not None and not self.should_publish():
+            # Lost the lease while the loop was waiting: the new publisher publishes.
+            error = "standby: another node publishes"
+            return {p: PeriodResult(ok=False, error=error) for p in PERIODS}
+        multi = signature[0]
+        peers = self.coordinator.peer_intro_points() if self.coordinator and multi else {}
+        instances, flow_control = merge_inputs(points, self.intro.flow_control, peers)
+        if not multi:
+            flow_control = self.intro.flow_control
+        if not any(instances):
             error = "no intro points yet"
             return {p: PeriodResult(ok=False, error=error) for p in PERIODS}
         cfg = self.config.publish
         ctrl = self._controller()
         now = int(time.time())
-        chosen = merge_intro_points([points], cfg.max_intro_points, now, INTRO_MIN_VALIDITY_SECS)
+        chosen = merge_intro_points(instances, cfg.max_intro_points, now, INTRO_MIN_VALIDITY_SECS)
         if not chosen:
             return {p: PeriodResult(ok=False, error="intro points expire soon") for p in PERIODS}
+        # pow-params cannot work across nodes (tor.md §12): a single node only.
+        pow_params = None if self.multi_node else self.intro.pow_params
+        self._publishing = True
+        try:
+            results = await self._upload(ctrl, chosen, now, flow_control, pow_params)
+        finally:
+            self._publishing = False
+        outcome = {label: self._period_result(result) for label, result in results.items()}
+        if any(r.ok for r in outcome.values()):
+            self._published_signature = signature
+            self.published_auth_keys = tuple(p.auth_key for p in chosen)
+            self._posted = {r.time_period: r.revision_counter for r in results.values() if r.ok}
+            self._publish_generation += 1
+            self._verify_wakeup.set()
+            if self.coordinator is not None:
+                self.coordinator.set_last_publish(now)
+            if multi:
+                log.info(
+                    "Published merged descriptor: %d intro points from %d nodes",
+                    len(chosen),
+                    len(instances),
+                )
+            self.published_intro_points = len(chosen)
+            self._published_ring = self._ring(self.view) if self.view else None
+            self._fired_ring = None
+            self._mark_ready(f"published {self.address} with {len(chosen)} intro points")
+            self.notifier.status(
+                f"Publishing {self.address}: {len(chosen)} intro points, "
+                + ", ".join(f"{p} {'ok' if r.ok else 'failed'}" for p, r in outcome.items())
+            )
+        return outcome
+
+    async def _upload(
+        self,
+        ctrl: ReconnectingController,
+        chosen: list[IntroPoint],
+        now: int,
+        flow_control: str | None,
+        pow_params: PowParams | None,
+    ) -> dict[PeriodLabel, PeriodPublish]:
+        cfg = self.config.publish
         async with self._upload_lock:
             view = await read_network_view(ctrl)
             self.view = view
@@ -625,23 +918,49 @@ class Daemon:
                 view,
                 now=now,
                 revision_clock=self.revision_clock,
-                flow_control=self.intro.flow_control,
-                pow_params=self.intro.pow_params,
+                flow_control=flow_control,
+                pow_params=pow_params,
                 client_auth_keys=self.config.master.authorized_clients,
                 lifetime_minutes=cfg.descriptor_lifetime_mins,
                 upload_timeout=cfg.upload_timeout_secs,
             )
-        outcome = {label: self._period_result(result) for label, result in results.items()}
-        if any(r.ok for r in outcome.values()):
-            self.published_intro_points = len(chosen)
-            self._published_ring = self._ring(view)
-            self._fired_ring = None
-            self._mark_ready(f"published {self.address} with {len(chosen)} intro points")
-            self.notifier.status(
-                f"Publishing {self.address}: {len(chosen)} intro points, "
-                + ", ".join(f"{p} {'ok' if r.ok else 'failed'}" for p, r in outcome.items())
+        return results
+
+    async def verify_published(self) -> None:
+        """Supervised task: after each upload, fetch the master descriptor back through tor and
+        check that the HSDirs serve a revision at least as new as the one we posted."""
+        while True:
+            await self._verify_wakeup.wait()
+            self._verify_wakeup.clear()
+            await asyncio.sleep(VERIFY_DELAY_SECS)
+            generation = self._publish_generation
+            posted = dict(self._posted)
+            try:
+                view = await self._current_view()
+                decoded = await fetch_descriptor(
+                    self._controller(), self.address, view, timeout=VERIFY_FETCH_TIMEOUT_SECS
+                )
+            except (ControlError, RustBalanceError) as exc:
+                log.warning("Could not fetch the published descriptor back: %s", exc)
+                continue
+            if generation != self._publish_generation:
+                continue  # published again meanwhile: that upload is verified next
+            expected = posted.get(decoded.time_period)
+            if expected is None:
+                log.debug("Fetched a descriptor of period %d we did not post", decoded.time_period)
+                continue
+            if decoded.revision_counter >= expected:
+                self._verify_republishes = 0
+                log.info("Descriptor verified on HSDirs (rev=%d)", decoded.revision_counter)
+                continue
+            log.warning(
+                "HSDirs serve an older descriptor (rev=%d, posted rev=%d)",
+                decoded.revision_counter,
+                expected,
             )
-        return outcome
+            if self._verify_republishes < VERIFY_MAX_REPUBLISHES and self.should_publish():
+                self._verify_republishes += 1
+                self.trigger.fire("verification found an older descriptor")
 
     async def reconnect(self) -> None:
         """Phase 1.4: a fresh control session before each retry."""
@@ -662,6 +981,7 @@ class Daemon:
             clock=time.time,
             sleep=asyncio.sleep,
             wait=self.trigger.wait,
+            is_publisher=self.should_publish,
             poll_interval=cfg.first_publish_poll_secs,
             max_wait=cfg.first_publish_max_wait_secs,
         )
@@ -741,12 +1061,18 @@ class Daemon:
         ]
         if self.status_server is not None:
             tasks.append(TaskSpec("status", self.status_server.serve_forever, restartable=True))
+        tasks.append(TaskSpec("verify", self.verify_published, restartable=True))
+        if self.coordinator is not None:
+            tasks.append(TaskSpec("coordinator", self.coordinator.run, restartable=True))
+            tasks.append(TaskSpec("cluster", self.run_cluster, restartable=True))
         return tasks
 
     def hooks(self) -> list[ShutdownHook]:
         drain = self.config.proxy.drain_timeout_secs
         return [
             ShutdownHook("notify systemd", self._notify_stopping, timeout=1.0),
+            # A publisher sends lease_release so the next node takes over at once.
+            ShutdownHook("leave cluster", self._leave_cluster, timeout=3.0),
             # Stop accepting and let open connections finish, bounded (Phase 2.5).
             ShutdownHook("drain proxy", self._drain_proxy, timeout=drain + 6.0),
             ShutdownHook("stop tor", self._stop_tor, timeout=20.0),

@@ -1,0 +1,366 @@
+"""A 3-node cluster launcher for the multi-node end-to-end tests (issue "Multi-node cluster").
+
+:func:`running_cluster` starts three ``rustbalance run`` daemons on the session's private Tor
+network: one master key, a shared cluster token file (0600), distinct UDP coordination ports on
+127.0.0.1, priorities 10/20/30, each node its own managed tor and its own
+:class:`~tests.torhelpers.NamedHTTPServer` target answering ``hello from <node>-target``.
+
+With ``relay=True`` all coordination traffic passes through a :class:`UdpFaultRelay` the test
+controls: every node listens on its own port but advertises (and is seeded with) a relay front
+port, so the relay can cut one node's link and restore it.
+
+Every daemon is stopped by PID (SIGTERM, then SIGKILL), and its managed tor by PID too, also
+when the test fails; the relay thread is stopped and joined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
+from rustbalance.demo import NodeProcess, write_node_config
+from rustbalance.node.cluster_link import ADVERTISE_ENV
+from rustbalance.node.status import read_status
+from rustbalance.testnet import PrivateTorNetwork
+from rustbalance.tor.process import pid_is_alive
+from tests.node_e2e import NODE_PUBLISH_TIMEOUT, _is_tor
+from tests.torhelpers import NamedHTTPServer
+
+__all__ = [
+    "NAMES",
+    "SHORT_TIMINGS",
+    "ClusterNode",
+    "RunningCluster",
+    "UdpFaultRelay",
+    "free_udp_ports",
+    "running_cluster",
+    "wait_for",
+]
+
+LOCALHOST = "127.0.0.1"
+NAMES = ("node-a", "node-b", "node-c")
+PRIORITIES = (10, 20, 30)
+# interval, timeout, grace: short timings for the tests that do not measure the default bound.
+SHORT_TIMINGS = (1.0, 3.0, 3.0)
+UPLOAD_TIMEOUT_SECS = 15
+
+
+def free_udp_ports(n: int) -> list[int]:
+    """n distinct free UDP ports on 127.0.0.1 (held open together, so they differ)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((LOCALHOST, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_for(predicate: Callable[[], bool], limit: float, what: str, step: float = 0.5) -> float:
+    """Poll ``predicate`` until true; the seconds it took; AssertionError after ``limit`` s."""
+    start = time.monotonic()
+    while True:
+        if predicate():
+            return time.monotonic() - start
+        if time.monotonic() - start > limit:
+            raise AssertionError(f"timed out after {limit:.0f} s waiting for {what}")
+        time.sleep(step)
+
+
+class UdpFaultRelay:
+    """A UDP relay in a thread: one front port per node, forwarding to that node's real port.
+
+    A datagram is forwarded only if its source port is a known node port and the pair of
+    nodes is not cut. Forwarding uses the front socket, so the target sees the sender's
+    advertised address. ``cut(name)`` isolates one node from all others; ``heal()`` undoes it.
+    """
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._name_of_port: dict[int, str] = {}  # real listen port -> node name
+        self._blocked: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="udp-fault-relay", daemon=True)
+        self.forwarded = 0
+        self.dropped = 0
+
+    def add_front(self, front_port: int, node_port: int, name: str) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((LOCALHOST, front_port))
+        sock.setblocking(False)
+        self._name_of_port[node_port] = name
+        self._selector.register(sock, selectors.EVENT_READ, (node_port, name))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def cut(self, name: str) -> None:
+        with self._lock:
+            self._blocked.add(name)
+
+    def heal(self) -> None:
+        with self._lock:
+            self._blocked.clear()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for key, _ in self._selector.select(timeout=0.2):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                node_port, target_name = key.data
+                for _ in range(64):  # bounded drain per wake-up
+                    try:
+                        data, addr = sock.recvfrom(65535)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        break
+                    source = self._name_of_port.get(addr[1])
+                    with self._lock:
+                        blocked = source is None or bool({source, target_name} & self._blocked)
+                    if blocked:
+                        self.dropped += 1
+                        continue
+                    with contextlib.suppress(OSError):
+                        sock.sendto(data, (LOCALHOST, node_port))
+                        self.forwarded += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for key in list(self._selector.get_map().values()):
+            sock = key.fileobj
+            self._selector.unregister(sock)
+            assert isinstance(sock, socket.socket)
+            sock.close()
+        self._selector.close()
+
+
+class _EnvNodeProcess(NodeProcess):
+    """NodeProcess with extra environment variables (the advertised coordination address)."""
+
+    def __init__(self, config_path: Path, log_path: Path, extra_env: dict[str, str]) -> None:
+        super().__init__(config_path, log_path)
+        self.extra_env = extra_env
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "RUSTBALANCE_TOR_PASSWORD"}
+        env.update(self.extra_env)
+        env["PYTHONUNBUFFERED"] = "1"
+        with self.log_path.open("ab") as log_fh:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "rustbalance.cli.main",
+                    "run",
+                    "--config",
+                    str(self.config_path),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=log_fh,
+                env=env,
+                start_new_session=True,
+            )
+        self.started_at = time.monotonic()
+
+
+@dataclass
+class ClusterNode:
+    name: str
+    priority: int
+    process: NodeProcess
+    work_dir: Path
+    target: NamedHTTPServer
+    listen_port: int
+    killed: bool = False
+
+    @property
+    def status_socket(self) -> Path:
+        return self.work_dir / "state" / "status.sock"
+
+    def status(self) -> dict[str, Any]:
+        return read_status(self.status_socket)
+
+    def try_status(self) -> dict[str, Any] | None:
+        if self.killed:
+            return None
+        try:
+            return self.status()
+        except Exception:
+            return None
+
+    def tor_pid(self) -> int | None:
+        import re
+
+        found = re.findall(r"started tor pid (\d+)", self.process.log_text())
+        return int(found[-1]) if found else None
+
+    def kill(self) -> None:
+        """SIGKILL the daemon and its tor by PID (a crash: no lease release)."""
+        tor_pid = self.tor_pid()
+        self.killed = True
+        self.process.stop(signal.SIGKILL, timeout=10)
+        if tor_pid is not None and pid_is_alive(tor_pid) and _is_tor(tor_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(tor_pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        tor_pid = self.tor_pid()
+        self.process.stop()
+        if tor_pid is not None and pid_is_alive(tor_pid) and _is_tor(tor_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(tor_pid, signal.SIGKILL)
+
+
+@dataclass
+class RunningCluster:
+    master: IdentityKey
+    nodes: list[ClusterNode]
+    relay: UdpFaultRelay | None = None
+    timings: tuple[float, float, float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return self.master.onion_address
+
+    def node(self, name: str) -> ClusterNode:
+        return next(n for n in self.nodes if n.name == name)
+
+    def alive(self) -> list[ClusterNode]:
+        return [n for n in self.nodes if not n.killed]
+
+    def statuses(self) -> dict[str, dict[str, Any] | None]:
+        return {n.name: n.try_status() for n in self.alive()}
+
+    def publishers(self) -> list[str]:
+        return sorted(
+            name for name, doc in self.statuses().items() if doc and doc["role"] == "publisher"
+        )
+
+    def wait_formed(self, limit: float = NODE_PUBLISH_TIMEOUT) -> None:
+        """One publisher, everyone else standby in mode multi, with every node's intro
+        points in the publisher's last published descriptor."""
+
+        def formed() -> bool:
+            docs = self.statuses()
+            if any(doc is None for doc in docs.values()):
+                return False
+            ready = [d for d in docs.values() if d is not None]
+            if not all(d["mode"] == "multi" for d in ready):
+                return False
+            pubs = [d for d in ready if d["role"] == "publisher"]
+            if len(pubs) != 1:
+                return False
+            published = set(pubs[0]["intro_points"]["published_auth_keys"])
+            return all(
+                d["intro_points"]["own_auth_keys"]
+                and published & set(d["intro_points"]["own_auth_keys"])
+                for d in ready
+            )
+
+        wait_for(formed, limit, "the cluster to form and publish a merged descriptor", 1.0)
+
+
+def _coordination(
+    listen: int, seeds: list[int], token: Path, timings: tuple[float, float, float] | None
+) -> dict[str, object]:
+    section: dict[str, object] = {
+        "cluster_token_path": token,
+        "listen": f"{LOCALHOST}:{listen}",
+        "peers": [f"{LOCALHOST}:{p}" for p in seeds],
+    }
+    if timings is not None:
+        interval, timeout, grace = timings
+        section["heartbeat_interval_secs"] = interval
+        section["heartbeat_timeout_secs"] = timeout
+        section["takeover_grace_secs"] = grace
+    return section
+
+
+@contextlib.contextmanager
+def running_cluster(
+    network: PrivateTorNetwork,
+    work_dir: Path,
+    *,
+    timings: tuple[float, float, float] | None = None,
+    relay: bool = False,
+) -> Iterator[RunningCluster]:
+    """Start the three nodes (see the module docstring); stop everything afterwards."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    master = IdentityKey.generate(secrets.token_bytes)
+    key_file = work_dir / "master.key"
+    write_seed_key_file(master, key_file)
+    token = work_dir / "cluster.token"
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32) + "\n")
+    ports = free_udp_ports(2 * len(NAMES) if relay else len(NAMES))
+    listen_ports = ports[: len(NAMES)]
+    # Without the relay, peers talk to each other's listen ports directly.
+    front_ports = ports[len(NAMES) :] if relay else listen_ports
+    fault_relay: UdpFaultRelay | None = None
+    nodes: list[ClusterNode] = []
+    targets: list[NamedHTTPServer] = []
+    try:
+        if relay:
+            fault_relay = UdpFaultRelay()
+            for name, listen, front in zip(NAMES, listen_ports, front_ports, strict=True):
+                fault_relay.add_front(front, listen, name)
+            fault_relay.start()
+        for index, (name, priority) in enumerate(zip(NAMES, PRIORITIES, strict=True)):
+            node_dir = work_dir / name
+            node_dir.mkdir()
+            target = NamedHTTPServer(f"{name}-target")
+            targets.append(target)
+            seeds = [p for i, p in enumerate(front_ports) if i != index]
+            config = write_node_config(
+                node_dir / "config.toml",
+                node_id=name,
+                key_file=key_file,
+                master_address=master.onion_address,
+                target=f"{LOCALHOST}:{target.port}",
+                work_dir=node_dir,
+                extra_torrc=network.client_torrc_lines(),
+                overrides={
+                    "node": {"priority": priority},
+                    # A cold HSDir circuit on the loaded private network can hold one HSDir's
+                    # verdict for the whole default 60 s; a period counts as published once
+                    # any HSDir accepted it, so wait less for stragglers.
+                    "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
+                    "coordination": _coordination(listen_ports[index], seeds, token, timings),
+                },
+            )
+            env = {ADVERTISE_ENV: f"{LOCALHOST}:{front_ports[index]}"} if relay else {}
+            process = _EnvNodeProcess(config, node_dir / "node.log", env)
+            process.start()
+            nodes.append(
+                ClusterNode(name, priority, process, node_dir, target, listen_ports[index])
+            )
+        yield RunningCluster(master, nodes, fault_relay, timings)
+    finally:
+        for node in nodes:
+            with contextlib.suppress(Exception):
+                node.stop()
+        for target in targets:
+            target.close()
+        if fault_relay is not None:
+            fault_relay.close()
