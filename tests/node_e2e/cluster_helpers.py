@@ -21,8 +21,6 @@ import secrets
 import selectors
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +30,6 @@ from typing import Any
 
 from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
 from rustbalance.demo import NodeProcess, write_node_config
-from rustbalance.node.cluster_link import ADVERTISE_ENV
 from rustbalance.node.status import read_status
 from rustbalance.testnet import PrivateTorNetwork
 from rustbalance.tor.process import pid_is_alive
@@ -152,36 +149,6 @@ class UdpFaultRelay:
         self._selector.close()
 
 
-class _EnvNodeProcess(NodeProcess):
-    """NodeProcess with extra environment variables (the advertised coordination address)."""
-
-    def __init__(self, config_path: Path, log_path: Path, extra_env: dict[str, str]) -> None:
-        super().__init__(config_path, log_path)
-        self.extra_env = extra_env
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "RUSTBALANCE_TOR_PASSWORD"}
-        env.update(self.extra_env)
-        env["PYTHONUNBUFFERED"] = "1"
-        with self.log_path.open("ab") as log_fh:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "rustbalance.cli.main",
-                    "run",
-                    "--config",
-                    str(self.config_path),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log_fh,
-                stderr=log_fh,
-                env=env,
-                start_new_session=True,
-            )
-        self.started_at = time.monotonic()
-
-
 @dataclass
 class ClusterNode:
     name: str
@@ -281,13 +248,19 @@ class RunningCluster:
 
 
 def _coordination(
-    listen: int, seeds: list[int], token: Path, timings: tuple[float, float, float] | None
+    listen: int,
+    seeds: list[int],
+    token: Path,
+    timings: tuple[float, float, float] | None,
+    advertise: int | None,
 ) -> dict[str, object]:
     section: dict[str, object] = {
         "cluster_token_path": token,
         "listen": f"{LOCALHOST}:{listen}",
         "peers": [f"{LOCALHOST}:{p}" for p in seeds],
     }
+    if advertise is not None:
+        section["advertise"] = f"{LOCALHOST}:{advertise}"
     if timings is not None:
         interval, timeout, grace = timings
         section["heartbeat_interval_secs"] = interval
@@ -346,11 +319,16 @@ def running_cluster(
                     # verdict for the whole default 60 s; a period counts as published once
                     # any HSDir accepted it, so wait less for stragglers.
                     "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
-                    "coordination": _coordination(listen_ports[index], seeds, token, timings),
+                    "coordination": _coordination(
+                        listen_ports[index],
+                        seeds,
+                        token,
+                        timings,
+                        front_ports[index] if relay else None,
+                    ),
                 },
             )
-            env = {ADVERTISE_ENV: f"{LOCALHOST}:{front_ports[index]}"} if relay else {}
-            process = _EnvNodeProcess(config, node_dir / "node.log", env)
+            process = NodeProcess(config, node_dir / "node.log")
             process.start()
             nodes.append(
                 ClusterNode(name, priority, process, node_dir, target, listen_ports[index])

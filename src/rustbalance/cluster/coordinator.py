@@ -281,6 +281,9 @@ class Coordinator(Generic[PointT]):
             encode_intro_point=encode_intro_point,
             decode_intro_point=decode_intro_point,
             on_change=on_change,
+            advertise=(
+                str(config.coordination.advertise) if config.coordination.advertise else None
+            ),
         )
 
     def __repr__(self) -> str:

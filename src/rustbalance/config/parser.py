@@ -692,8 +692,11 @@ class _Builder:
                 "cluster_token_path",
                 "is required when coordination.peers is not empty (multi-node)",
             )
+        advertise = s.endpoint("advertise", "") if s.has("advertise") else None
         s.finish()
-        return CoordinationConfig(token, listen, peers, interval, timeout, grace, skew, datagram)
+        return CoordinationConfig(
+            token, listen, peers, interval, timeout, grace, skew, datagram, advertise
+        )
 
     def metrics(self) -> MetricsConfig:
         s = self.section("metrics")

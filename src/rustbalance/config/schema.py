@@ -148,6 +148,8 @@ class CoordinationConfig:
     takeover_grace_secs: float = 15.0
     clock_skew_tolerance_secs: float = 5.0
     max_datagram_bytes: int = 65000
+    # The address peers should use for this node (NAT, a relay); None = listen.
+    advertise: Endpoint | None = None
 
     @property
     def is_multi_node(self) -> bool:

@@ -34,9 +34,7 @@ from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.errors import ConfigError
 
 __all__ = [
-    "ADVERTISE_ENV",
     "MergeSignature",
-    "advertise_from_env",
     "learned_peers",
     "load_cluster_key",
     "merge_inputs",
@@ -44,9 +42,6 @@ __all__ = [
     "multi_node_wanted",
 ]
 
-# The address this node tells its peers to use for it (e.g. behind NAT or a relay); unset =
-# coordination.listen. An environment variable until the config gets a coordination.advertise key.
-ADVERTISE_ENV = "RUSTBALANCE_COORDINATION_ADVERTISE"
 _MAX_TOKEN_BYTES = 4096
 
 # (multi-node?, own auth keys, ((peer id, peer auth keys), ...))
@@ -95,11 +90,6 @@ def load_cluster_key(path: Path) -> ClusterKey:
         return ClusterKey(token)
     except CoordinationError as exc:
         raise ConfigError(f"cluster token {path}: {exc}") from None
-
-
-def advertise_from_env(environ: Mapping[str, str] = os.environ) -> str | None:
-    value = environ.get(ADVERTISE_ENV, "").strip()
-    return value or None
 
 
 def merge_inputs(

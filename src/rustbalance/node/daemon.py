@@ -79,7 +79,6 @@ from rustbalance.errors import (
 )
 from rustbalance.node.cluster_link import (
     MergeSignature,
-    advertise_from_env,
     load_cluster_key,
     merge_inputs,
     merge_signature,
@@ -643,27 +642,14 @@ class Daemon:
             key: ClusterKey = load_cluster_key(token_path)
         except ConfigError as exc:
             raise StartupError(str(exc), EXIT_CONFIG) from None
-        advertise = advertise_from_env()
+        advertise = coordination.advertise
         try:
-            if advertise is None:
-                self.coordinator = Coordinator.from_config(
-                    self.config,
-                    key,
-                    encode_intro_point=encode_intro_point,
-                    decode_intro_point=decode_intro_point,
-                )
-            else:
-                self.coordinator = Coordinator(
-                    node_id=self.config.node.id,
-                    priority=self.config.node.priority,
-                    publisher_eligible=self.config.node.publisher_eligible,
-                    config=coordination,
-                    key=key,
-                    state_dir=self.config.node.state_dir,
-                    encode_intro_point=encode_intro_point,
-                    decode_intro_point=decode_intro_point,
-                    advertise=advertise,
-                )
+            self.coordinator = Coordinator.from_config(
+                self.config,
+                key,
+                encode_intro_point=encode_intro_point,
+                decode_intro_point=decode_intro_point,
+            )
         except RustBalanceError as exc:
             raise StartupError(f"coordination: {exc}", EXIT_CONFIG) from None
         log.info(

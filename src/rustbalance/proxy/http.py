@@ -5,6 +5,13 @@ re-framed from the message headers (RFC 9112 §6): HEAD / 1xx / 204 / 304 respon
 no body whatever their Content-Length says (§6.3), chunked bodies stream both ways, and
 keep-alive carries several requests per connection. After a 101 the connection is a raw
 byte relay both ways (RFC 9110 §7.8).
+
+The common case -- a bodiless GET/DELETE/OPTIONS from an HTTP/1.1 client, answered with a
+Content-Length body -- takes a fast path that parses and writes the bytes itself (h11 costs
+most of the time per request). It accepts only what it fully checks; anything else (or any
+doubt) goes to h11 with the bytes read so far, before anything was sent on, or -- once the
+request went to the target -- after bringing both h11 connections to the same state, so the
+h11 code decides every unusual case. Both paths produce the same bytes.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -20,7 +28,15 @@ import h11
 
 from .relay import relay_both
 from .rewrite import RewriteRules, rewrite_request_headers, rewrite_response_headers
-from .session import Outcome, Phase, ProxyStats, SessionState, error_page, reason_phrase
+from .session import (
+    Outcome,
+    Phase,
+    ProxyStats,
+    SessionState,
+    error_page,
+    error_response_bytes,
+    reason_phrase,
+)
 from .settings import ProxyError, ProxySettings
 from .upstream import ConnectTimeout, Upstream, UpstreamError
 
@@ -62,6 +78,7 @@ class HttpContext:
     touch: Callable[[SessionState], None]
     draining: Callable[[], bool]
     interceptor: Interceptor | None = None
+    fast_path: bool = True
 
 
 class ClientGone(Exception):
@@ -132,6 +149,7 @@ class HttpSession:
         self.upstream: Upstream | None = None
         self.target: h11.Connection | None = None
         self.method = b"GET"
+        self._pending = bytearray()  # client bytes the fast path read but did not use yet
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -189,6 +207,12 @@ class HttpSession:
                 if self.ctx.draining():
                     return
                 self.state.phase = Phase.WAITING_REQUEST
+                if self._fast_possible():
+                    handled = await self._fast_request()
+                    if handled is False:
+                        return
+                    if handled is True:
+                        continue
                 try:
                     event = await self.client_event()
                 except h11.RemoteProtocolError as exc:
@@ -228,8 +252,14 @@ class HttpSession:
                 headers=rewrite_request_headers(request.headers, self.ctx.rules),
             )
         )
-        upstream = self.upstream
         sender = asyncio.create_task(self._send_body(body))
+        return await self._finish(body, sender)
+
+    async def _finish(self, body: _Body, sender: asyncio.Task[None]) -> bool:
+        """Relay the response to a request sent (``sender`` sends its body); False when the
+        connection must close afterwards."""
+        assert self.upstream is not None
+        upstream = self.upstream
 
         def _on_sent(task: asyncio.Task[None]) -> None:
             # The client failed mid-body: stop waiting for a response to a broken request.
@@ -286,13 +316,19 @@ class HttpSession:
             return False
         if reply is None:
             return None
+        return await self._answer_intercepted(reply, body)
+
+    async def _answer_intercepted(self, reply: InterceptedResponse, body: _Body) -> bool:
         self.state.set_outcome(Outcome.INTERCEPTED)
         # An unread body would be taken for the next request: close instead (RFC 9112 §9.6).
         close = not body.done
         await self._send_simple(reply.status, reply.headers, reply.body, close=close)
         return not close
 
-    async def _ensure_upstream(self) -> bool:
+    async def _ensure_upstream(
+        self, send_error: Callable[[int], Awaitable[None]] | None = None
+    ) -> bool:
+        send_error = send_error or self._send_error
         if self.upstream is not None and (
             self.upstream.reader.at_eof()
             or self.upstream.writer.is_closing()
@@ -309,13 +345,13 @@ class HttpSession:
             log.warning("%s", exc)
             self.ctx.stats.connect_timeouts += 1
             self.state.set_outcome(Outcome.CONNECT_TIMEOUT)
-            await self._send_error(502)
+            await send_error(502)
             return False
         except UpstreamError as exc:
             log.warning("Session #%d: %s", self.state.session_id, exc)
             self.ctx.stats.upstream_errors += 1
             self.state.set_outcome(Outcome.UPSTREAM_ERROR)
-            await self._send_error(502)
+            await send_error(502)
             return False
         finally:
             self.state.phase = Phase.ACTIVE
@@ -397,6 +433,182 @@ class HttpSession:
             initial_down=target_extra,
         )
 
+    # -- the fast path ----------------------------------------------------------------------
+
+    def _fast_possible(self) -> bool:
+        if not self.ctx.fast_path:
+            return False
+        if self.client.our_state is not h11.IDLE or self.client.their_state is not h11.IDLE:
+            return False
+        data, closed = self.client.trailing_data
+        if data or closed:
+            return False  # h11 holds bytes (or the EOF) already: it goes on
+        return self.target is None or self.target.our_state is h11.IDLE
+
+    def _to_h11(self) -> None:
+        """Hand what the fast path read (nothing of it used) to the h11 path."""
+        if self._pending:
+            self.client.receive_data(bytes(self._pending))
+            self._pending.clear()
+
+    async def _fast_request(self) -> bool | None:
+        """One request on the fast path: True (next request), False (close), or None when
+        h11 must handle it (nothing was sent on; the bytes read are with h11)."""
+        limit = self.ctx.settings.max_header_bytes
+        pending = self._pending
+        while True:  # read until the end of the head; bounded by max_header_bytes
+            end = pending.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(pending) > limit or b"\n\n" in pending or b"\n\r\n" in pending:
+                self._to_h11()  # too long or bare-LF framing: h11 decides
+                return None
+            try:
+                data = await self.reader.read(self.ctx.settings.read_size)
+            except OSError as exc:
+                raise ClientGone(f"client connection failed: {exc}") from exc
+            if not data:
+                self._to_h11()
+                self.client.receive_data(b"")
+                return None
+            self.ctx.count_up(self.state, len(data))
+            if self.state.phase is Phase.WAITING_REQUEST:
+                self.state.phase = Phase.ACTIVE
+            pending += data
+        head = bytes(pending[: end + 4])
+        request = _parse_request(head[:end])
+        if request is None:
+            self._to_h11()
+            return None
+        del pending[: end + 4]
+        method, target, fields = request
+        self.state.phase = Phase.ACTIVE
+        self.state.requests += 1
+        self.ctx.stats.requests += 1
+        self.method = method
+        if self.ctx.interceptor is not None:
+            seen = InterceptedRequest(
+                method=method.decode("ascii"),
+                path=target.decode("latin-1"),
+                headers=tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in fields),
+                read_body=_no_body,
+            )
+            try:
+                reply = await self.ctx.interceptor(seen)
+            except ProxyError:
+                self._sync_client(head)
+                await self._send_simple(413, (), error_page(413), close=True)
+                return False
+            if reply is not None:
+                self._sync_client(head)
+                body = _Body(self, done=True)
+                return await self._answer_intercepted(reply, body) and self._next_cycle()
+        if not await self._ensure_upstream(self._send_raw_error):
+            return False
+        assert self.upstream is not None and self.target is not None
+        out_target = _origin_form(target)
+        out_fields = rewrite_request_headers(fields, self.ctx.rules)
+        self.upstream.writer.write(
+            b"%s %s HTTP/1.1\r\n%s" % (method, out_target, _serialize_fields(out_fields))
+        )
+        return await self._fast_response(head, (method, out_target, out_fields))
+
+    async def _fast_response(self, head: bytes, sent: tuple[bytes, bytes, Fields]) -> bool:
+        assert self.upstream is not None
+        reader = self.upstream.reader
+        limit = self.ctx.settings.max_header_bytes
+        buf = bytearray()
+        eof = False
+        while True:  # read the response head; bounded by max_header_bytes
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0 or len(buf) > limit or b"\n\n" in buf or b"\n\r\n" in buf:
+                break
+            try:
+                data = await reader.read(self.ctx.settings.read_size)
+            except OSError:
+                data = b""
+            if not data:
+                eof = True
+                break
+            self.ctx.touch(self.state)
+            buf += data
+        response = None if eof or end < 0 else _parse_response(bytes(buf[:end]))
+        if response is None:
+            return await self._slow_response(head, sent, bytes(buf), eof)
+        status, reason, fields, length, reuse = response
+        del buf[: end + 4]
+        out = b"HTTP/1.1 %d %s\r\n%s" % (
+            status,
+            reason,
+            _serialize_fields(rewrite_response_headers(fields, self.ctx.rules)),
+        )
+        remaining = length
+        while True:  # the body, streamed: exactly Content-Length bytes
+            if len(buf) > remaining:
+                reuse = False  # bytes after the response: do not trust this connection
+                del buf[remaining:]
+            remaining -= len(buf)
+            out = out + buf if out else bytes(buf)
+            if out:
+                self.ctx.count_down(self.state, len(out))
+                self.writer.write(out)
+                await self.writer.drain()
+                out = b""
+            if remaining == 0:
+                break
+            try:
+                data = await reader.read(self.ctx.settings.read_size)
+            except OSError:
+                data = b""
+            if not data:  # mid-body: the short body tells the client; close
+                self.ctx.stats.upstream_errors += 1
+                self.state.set_outcome(Outcome.UPSTREAM_ERROR)
+                return False
+            self.ctx.touch(self.state)
+            buf = bytearray(data)
+        if not reuse:
+            await self._close_upstream()
+        return True
+
+    async def _slow_response(
+        self, head: bytes, sent: tuple[bytes, bytes, Fields], got: bytes, eof: bool
+    ) -> bool:
+        """The response is not for the fast path: bring both h11 connections to where the
+        bytes are (request received and sent, ``got`` received) and let h11 relay it."""
+        assert self.target is not None
+        self._sync_client(head)
+        method, target, fields = sent
+        self.target.send(h11.Request(method=method, target=target, headers=fields))
+        self.target.send(h11.EndOfMessage())
+        self.target.receive_data(got)
+        if eof:
+            self.target.receive_data(b"")
+        sender = asyncio.create_task(_nothing())
+        await sender  # the request had no body: its "sending" is over before the response
+        return await self._finish(_Body(self, done=True), sender) and self._next_cycle()
+
+    def _sync_client(self, head: bytes) -> None:
+        """Feed the request head the fast path used (and what followed) to the h11 server."""
+        self.client.receive_data(head + bytes(self._pending))
+        self._pending.clear()
+        request = self.client.next_event()
+        end = self.client.next_event()
+        assert isinstance(request, h11.Request) and isinstance(end, h11.EndOfMessage)
+
+    def _next_cycle(self) -> bool:
+        if self.client.our_state is h11.DONE and self.client.their_state is h11.DONE:
+            self.client.start_next_cycle()
+            return True
+        return False
+
+    async def _send_raw_error(self, status: int) -> None:
+        """An error page on the fast path (h11 saw no request); the connection closes."""
+        data = error_response_bytes(status)
+        self.ctx.count_down(self.state, len(data))
+        with contextlib.suppress(ConnectionError):
+            self.writer.write(data)
+            await self.writer.drain()
+
     # -- responses the proxy makes itself ---------------------------------------------------
 
     async def _send_simple(
@@ -456,3 +668,103 @@ def _origin_form(target: bytes) -> bytes:
     if parts.query:
         path += "?" + parts.query
     return path.encode("latin-1")
+
+
+# -- fast-path parsing (RFC 9112 §3, §5; what h11 accepts, restricted to the simple case) ----
+
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1")
+_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([0-9]{3}) ([\t\x20-\x7e\x80-\xff]*)")
+_FIELD = re.compile(
+    rb"(" + _TOKEN + rb"):[ \t]*"
+    rb"((?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?)[ \t]*"
+)
+_FAST_METHODS = frozenset({b"GET", b"DELETE", b"OPTIONS"})
+_NOT_FAST_REQUEST_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"te"})
+
+Fields = list[tuple[bytes, bytes]]
+
+
+def _parse_fields(lines: list[bytes]) -> Fields | None:
+    fields: Fields = []
+    for line in lines:
+        match = _FIELD.fullmatch(line)
+        if match is None:
+            return None  # obs-fold, bad characters...: h11 decides
+        fields.append((match[1].lower(), match[2]))
+    return fields
+
+
+def _parse_request(head: bytes) -> tuple[bytes, bytes, Fields] | None:
+    """A bodiless GET/DELETE/OPTIONS from an HTTP/1.1 client that keeps the connection, with
+    exactly one Host; None for anything else."""
+    lines = head.split(b"\r\n")
+    match = _REQUEST_LINE.fullmatch(lines[0])
+    if match is None or match[1] not in _FAST_METHODS:
+        return None
+    fields = _parse_fields(lines[1:])
+    if fields is None:
+        return None
+    hosts = lengths = 0
+    for name, value in fields:
+        if name == b"host":
+            hosts += 1
+        elif name == b"content-length":
+            lengths += 1
+            if value != b"0":
+                return None
+        elif name == b"connection":
+            if value.lower() != b"keep-alive":
+                return None
+        elif name in _NOT_FAST_REQUEST_FIELDS:
+            return None
+    if hosts != 1 or lengths > 1:
+        return None
+    return match[1], match[2], fields
+
+
+def _parse_response(head: bytes) -> tuple[int, bytes, Fields, int, bool] | None:
+    """An HTTP/1.1 final response framed by one Content-Length: (status, reason, fields,
+    length, keep the target connection); None for anything else."""
+    lines = head.split(b"\r\n")
+    match = _STATUS_LINE.fullmatch(lines[0])
+    if match is None:
+        return None
+    status = int(match[1])
+    if status < 200 or status in (204, 304):
+        return None
+    fields = _parse_fields(lines[1:])
+    if fields is None:
+        return None
+    length: int | None = None
+    reuse = True
+    for name, value in fields:
+        if name == b"content-length":
+            if length is not None or not value.isdigit():
+                return None
+            length = int(value)
+        elif name == b"transfer-encoding":
+            return None
+        elif name == b"connection":
+            tokens = {t.strip().lower() for t in value.split(b",")}
+            if b"close" in tokens:
+                reuse = False
+    if length is None:
+        return None
+    return status, match[2], fields, length, reuse
+
+
+def _serialize_fields(fields: Fields) -> bytes:
+    """Field lines as h11 writes them: Host first, then the rest in order; the blank line."""
+    out = [b"%s: %s\r\n" % (n, v) for n, v in fields if n == b"host"]
+    out += [b"%s: %s\r\n" % (n, v) for n, v in fields if n != b"host"]
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+async def _no_body(_limit: int) -> bytes:
+    return b""
+
+
+async def _nothing() -> None:
+    return None

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
+import socket
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 Counter = Callable[[int], None]
 
@@ -80,3 +86,313 @@ async def relay_both(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# -- zero-copy relay (Linux splice) -----------------------------------------------------------
+#
+# In tcp mode to a plain-TCP target the bytes need not pass through Python at all: each
+# direction moves them socket -> pipe -> socket with splice(2), so they stay in the kernel
+# and one readiness callback moves up to _SPLICE_CHUNK bytes. The asyncio transports stay the
+# owners of the sockets (they close them); the relay pauses them (reading paused, nothing
+# buffered for writing: the transport has no registration left), takes what they already
+# read, and registers its own readiness callbacks on the same descriptors through the
+# selector loop's internal _add_reader/_add_writer -- the public add_reader refuses a
+# descriptor a transport owns, and a dup() would double the descriptors per connection.
+# Loops without those calls (another event loop implementation) use the stream relay.
+
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_SPLICE_CHUNK = 1 << 20
+_PIPE_SIZE = 1 << 20
+# Callbacks moved per readiness event before yielding to other connections (fairness).
+_BURST = 8
+
+
+def splice_supported() -> bool:
+    return sys.platform == "linux" and hasattr(os, "splice")
+
+
+class _Sock(Protocol):
+    def fileno(self) -> int: ...
+    def shutdown(self, how: int, /) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Watch:
+    add_reader: Callable[[int, Callable[[], None]], object]
+    remove_reader: Callable[[int], object]
+    add_writer: Callable[[int, Callable[[], None]], object]
+    remove_writer: Callable[[int], object]
+
+
+def _watch(loop: asyncio.AbstractEventLoop) -> _Watch | None:
+    calls: list[Callable[..., object]] = []
+    for name in ("_add_reader", "_remove_reader", "_add_writer", "_remove_writer"):
+        call = getattr(loop, name, None)
+        if not callable(call):
+            return None
+        calls.append(call)
+    return _Watch(calls[0], calls[1], calls[2], calls[3])
+
+
+def can_splice(*writers: asyncio.StreamWriter) -> bool:
+    """True when every stream is a plain (non-TLS) socket whose buffered input we can take."""
+    if not splice_supported() or _watch(asyncio.get_running_loop()) is None:
+        return False
+    for writer in writers:
+        transport = writer.transport
+        if writer.get_extra_info("sslcontext") is not None or writer.get_extra_info("ssl_object"):
+            return False
+        if not isinstance(transport, asyncio.ReadTransport) or transport.is_closing():
+            return False
+        if writer.get_extra_info("socket") is None:
+            return False
+        if transport.get_write_buffer_size() != 0:
+            return False
+    return True
+
+
+def _new_pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # capped by /proc/sys/fs/pipe-max-size; 64 KiB is fine too
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    return read_end, write_end
+
+
+# Empty pipes waiting for the next burst of any connection: a connection holds a pipe only
+# while bytes move, so idle connections cost no descriptors beyond their two sockets.
+_PIPE_POOL: list[tuple[int, int]] = []
+_PIPE_POOL_MAX = 64
+
+
+def _take_pipe() -> tuple[int, int]:
+    return _PIPE_POOL.pop() if _PIPE_POOL else _new_pipe()
+
+
+def _give_pipe(pipe: tuple[int, int], empty: bool) -> None:
+    if empty and len(_PIPE_POOL) < _PIPE_POOL_MAX:
+        _PIPE_POOL.append(pipe)
+        return
+    for fd in pipe:
+        os.close(fd)
+
+
+def release_pipes() -> None:
+    """Close the pooled pipes (tests counting descriptors; a process shutting down)."""
+    while _PIPE_POOL:
+        _give_pipe(_PIPE_POOL.pop(), empty=False)
+
+
+class _SpliceDirection:
+    """One direction, ``src`` -> pipe -> ``dst``; calls ``on_end`` once (None or the error)."""
+
+    def __init__(
+        self,
+        watch: _Watch,
+        src: _Sock,
+        dst: _Sock,
+        count: Counter,
+        on_end: Callable[[_SpliceDirection, BaseException | None], None],
+    ) -> None:
+        self._watch = watch
+        self._src = src
+        self._dst = dst
+        self._count = count
+        self._on_end = on_end
+        self._pipe: tuple[int, int] | None = None  # from the pool while bytes move
+        self._pending = 0  # bytes in the pipe, not yet written to dst
+        self._reading = False
+        self._writing = False
+        self.ended = False
+
+    def start(self) -> None:
+        self._want_read()
+
+    def close(self) -> None:
+        """Unregister and free the pipe (idempotent); the sockets belong to the caller."""
+        self._stop_read()
+        self._stop_write()
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            _give_pipe(pipe, empty=self._pending == 0)
+
+    def _want_read(self) -> None:
+        if not self._reading:
+            self._watch.add_reader(self._src.fileno(), self._on_readable)
+            self._reading = True
+
+    def _stop_read(self) -> None:
+        if self._reading:
+            self._watch.remove_reader(self._src.fileno())
+            self._reading = False
+
+    def _want_write(self) -> None:
+        if not self._writing:
+            self._watch.add_writer(self._dst.fileno(), self._on_writable)
+            self._writing = True
+
+    def _stop_write(self) -> None:
+        if self._writing:
+            self._watch.remove_writer(self._dst.fileno())
+            self._writing = False
+
+    def _end(self, error: BaseException | None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.close()
+        if error is None:
+            # Half-close: pass the FIN on; the other direction runs on.
+            with contextlib.suppress(OSError):
+                self._dst.shutdown(socket.SHUT_WR)
+        self._on_end(self, error)
+
+    def _on_readable(self) -> None:
+        try:
+            self._pump()
+        except OSError as exc:
+            self._end(exc)
+
+    def _on_writable(self) -> None:
+        try:
+            if self._flush():
+                self._stop_write()
+                self._pump()
+        except OSError as exc:
+            self._end(exc)
+
+    def _flush(self) -> bool:
+        """Write the pipe out to dst; True once it is empty."""
+        assert self._pipe is not None
+        while self._pending:
+            try:
+                n = os.splice(self._pipe[0], self._dst.fileno(), self._pending, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return False
+            self._pending -= n
+        return True
+
+    def _pump(self) -> None:
+        if self._pipe is None:
+            self._pipe = _take_pipe()
+        for _ in range(_BURST):  # bounded; level-triggered readiness calls us again
+            try:
+                n = os.splice(self._src.fileno(), self._pipe[1], _SPLICE_CHUNK, flags=_SPLICE_FLAGS)
+            except BlockingIOError:  # the pipe is empty here, so: no input yet
+                _give_pipe(self._pipe, empty=True)  # idle: the pipe goes back to the pool
+                self._pipe = None
+                break
+            if n == 0:
+                self._end(None)
+                return
+            self._count(n)
+            self._pending = n
+            if not self._flush():  # dst is full: stop reading until it drains (backpressure)
+                self._stop_read()
+                self._want_write()
+                return
+        self._want_read()
+
+
+def _take_buffered(reader: asyncio.StreamReader) -> bytes:
+    buffer = getattr(reader, "_buffer", None)
+    if not isinstance(buffer, bytearray):
+        raise RuntimeError("unexpected StreamReader internals")
+    data = bytes(buffer)
+    buffer.clear()
+    return data
+
+
+def _detach(writer: asyncio.StreamWriter) -> _Sock:
+    """Stop the transport reading; return its socket (the transport still owns it)."""
+    transport = writer.transport
+    assert isinstance(transport, asyncio.ReadTransport)  # checked by can_splice
+    transport.pause_reading()
+    sock: _Sock = writer.get_extra_info("socket")
+    return sock
+
+
+async def splice_both(
+    client_reader: asyncio.StreamReader,
+    client_writer: asyncio.StreamWriter,
+    target_reader: asyncio.StreamReader,
+    target_writer: asyncio.StreamWriter,
+    *,
+    count_up: Counter,
+    count_down: Counter,
+) -> None:
+    """:func:`relay_both` with splice(2): same half-close, counting and error semantics.
+
+    Call only when :func:`can_splice` says so for both writers. Cancelling it (the idle
+    watchdog) stops the relay; closing the transports afterwards closes the sockets.
+    """
+    loop = asyncio.get_running_loop()
+    watch = _watch(loop)
+    assert watch is not None  # checked by can_splice
+    client = _detach(client_writer)
+    target = _detach(target_writer)
+    directions: list[_SpliceDirection] = []
+    try:
+        # What the transports read before they were paused goes first.
+        for reader, dst, count in (
+            (client_reader, target, count_up),
+            (target_reader, client, count_down),
+        ):
+            if exc := reader.exception():
+                raise exc
+            early = _take_buffered(reader)
+            if early:
+                count(len(early))
+                await _send_all(loop, watch, dst, early)
+        finished: asyncio.Future[None] = loop.create_future()
+
+        def on_end(_direction: _SpliceDirection, error: BaseException | None) -> None:
+            if finished.done():
+                return
+            if error is not None:
+                finished.set_exception(error)
+            elif all(d.ended for d in directions):
+                finished.set_result(None)
+
+        for reader, src, dst, count in (
+            (client_reader, client, target, count_up),
+            (target_reader, target, client, count_down),
+        ):
+            direction = _SpliceDirection(watch, src, dst, count, on_end)
+            directions.append(direction)
+            if reader.at_eof():  # EOF arrived before the pause: pass it on now
+                direction.ended = True
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)
+        if all(d.ended for d in directions):
+            return
+        for direction in directions:
+            if not direction.ended:
+                direction.start()
+        await finished
+    finally:
+        for direction in directions:
+            direction.close()
+
+
+async def _send_all(
+    loop: asyncio.AbstractEventLoop, watch: _Watch, sock: _Sock, data: bytes
+) -> None:
+    """Write ``data`` to a non-blocking socket (the bytes a transport read before the pause)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(sock.fileno(), view) :]
+            continue
+        except BlockingIOError:
+            pass
+        writable: asyncio.Future[None] = loop.create_future()
+
+        def ready(future: asyncio.Future[None] = writable) -> None:
+            if not future.done():
+                future.set_result(None)
+
+        watch.add_writer(sock.fileno(), ready)
+        try:
+            await writable
+        finally:
+            watch.remove_writer(sock.fileno())

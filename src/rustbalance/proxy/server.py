@@ -9,7 +9,7 @@ import socket
 from types import TracebackType
 
 from .http import ClientGone, HttpContext, HttpSession, Interceptor, TargetGone
-from .relay import relay_both
+from .relay import can_splice, relay_both, splice_both
 from .rewrite import RewriteRules
 from .session import Outcome, Phase, ProxyStats, SessionState, error_response_bytes
 from .settings import ProxyError, ProxySettings
@@ -27,10 +27,23 @@ class ReverseProxy:
 
     ``start()`` binds (``port`` is then the bound port); ``close(drain_timeout)`` stops
     accepting, lets in-flight sessions finish for a bounded time, then cuts the rest.
+    ``splice=False`` forces the stream relay in tcp mode (TLS targets always use it);
+    ``http_fast_path=False`` sends every http-mode request through h11 (for comparison).
     """
 
-    def __init__(self, settings: ProxySettings, *, interceptor: Interceptor | None = None) -> None:
+    def __init__(
+        self,
+        settings: ProxySettings,
+        *,
+        interceptor: Interceptor | None = None,
+        splice: bool = True,
+        http_fast_path: bool = True,
+    ) -> None:
         self.settings = settings
+        # tcp mode to a plain-TCP target relays with splice(2) where the OS has it.
+        self._splice = splice
+        # http mode parses simple requests itself; False sends every request through h11.
+        self._http_fast_path = http_fast_path
         self.stats = ProxyStats()
         self.rules = RewriteRules(
             target_host=settings.target.host,
@@ -265,6 +278,17 @@ class ReverseProxy:
         state.phase = Phase.ACTIVE
         self._touch(state)
         try:
+            if self._splice and can_splice(writer, upstream.writer):
+                # Plain TCP both sides: the bytes stay in the kernel (splice through a pipe).
+                await splice_both(
+                    reader,
+                    writer,
+                    upstream.reader,
+                    upstream.writer,
+                    count_up=lambda n: self._count_up(state, n),
+                    count_down=lambda n: self._count_down(state, n),
+                )
+                return
             await relay_both(
                 reader,
                 writer,
@@ -292,6 +316,7 @@ class ReverseProxy:
             touch=self._touch,
             draining=lambda: self._draining,
             interceptor=self._interceptor,
+            fast_path=self._http_fast_path,
         )
         await HttpSession(ctx, state, reader, writer).run()
 
