@@ -12,7 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-MODULES: tuple[str, ...] = ("benchmarks.bench_descriptor", "benchmarks.bench_proxy")
+MODULES: tuple[str, ...] = (
+    "benchmarks.bench_descriptor",
+    "benchmarks.bench_proxy",
+    "benchmarks.bench_memory",
+    "benchmarks.bench_onion",
+)
 
 
 def main() -> int:
