@@ -476,6 +476,11 @@ class Daemon:
                 )
                 if not publishing:
                     self._published_signature = None
+                elif self.intro.count or self._current_signature()[2]:
+                    # A takeover publishes at once: failover time is what the election
+                    # already spent (timeout + grace), not a debounce on top of it.
+                    self._signature_changed_at = None
+                    self.trigger.fire("became publisher")
             if publishing and not self._publishing:
                 signature = self._current_signature()
                 if signature == self._published_signature:

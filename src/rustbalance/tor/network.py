@@ -316,16 +316,22 @@ async def fetch_descriptor(
 ) -> DecodedDescriptor:
     """``HSFETCH`` ``address`` and return its verified, decrypted descriptor.
 
+    Without ``servers`` we name the HSDirs a client would ask now (``hsdir_spread_fetch`` per
+    replica) ourselves: left to pick, tor skips any HSDir it asked for this address in the last
+    15 minutes (``hs_client.c`` requery period), so repeated fetches (verification after every
+    upload) would soon fail with no HSDir left to ask.
+
     Raises :class:`FetchError` with tor's reason when every HSDir asked failed, ``TIMEOUT``
     when nothing conclusive arrived in time, ``BAD_DESCRIPTOR`` when what arrived does not
     verify (tor only emits a body after its own checks; we check again, tor.md section 6.6).
     """
     bare = _bare(address)
+    chosen = list(servers) or [relay.fingerprint for relay in view.fetch_hsdirs(bare)]
     outstanding: set[str] = set()
     reasons: list[str] = []
     sub = await ctrl.subscribe("HS_DESC", "HS_DESC_CONTENT")
     try:
-        await ctrl.hs_fetch(bare, servers)
+        await ctrl.hs_fetch(bare, chosen)
         async for raw in _events_until(sub, timeout):
             try:
                 if raw.type == "HS_DESC_CONTENT":
