@@ -1,4 +1,4 @@
-"""docs/config.md stays true: its examples parse and it documents every key."""
+"""docs/config.md and the README stay true: its examples parse and it documents every key."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import dataclasses
 import re
 import tomllib
 from pathlib import Path
+
+import pytest
 
 from rustbalance.config import parse_config
 from rustbalance.config.schema import Config
@@ -37,10 +39,14 @@ def test_docs_full_example_is_valid_and_sets_every_key() -> None:
         assert keys == documented, section.name
 
 
-def test_docs_tables_list_every_key() -> None:
-    text = DOC.read_text(encoding="utf-8")
+README = DOC.parents[1] / "README.md"
+
+
+@pytest.mark.parametrize("path", [DOC, README], ids=["docs/config.md", "README.md"])
+def test_docs_tables_list_every_key(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
     _minimal, full = toml_blocks()
     for section, table in tomllib.loads(full).items():
-        part = text.split(f"## `[{section}]`", 1)[1].split("\n## ", 1)[0]
+        part = re.split(rf"#+ `\[{section}\]`", text, maxsplit=1)[1].split("\n#", 1)[0]
         for key in table:
-            assert f"| `{key}` |" in part, f"{section}.{key} is not documented"
+            assert f"| `{key}` |" in part, f"{section}.{key} is not documented in {path.name}"
