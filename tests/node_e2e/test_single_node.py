@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -110,6 +113,67 @@ def test_sigterm_stops_cleanly(node: RunningNode) -> None:
     assert not pid_is_alive(tor_pid)
     assert not (node.work_dir / "state" / "status.sock").exists()
     print(f"SIGTERM to exit: {took:.1f} s")
+
+
+def _free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+_SAMPLE_RE = re.compile(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$")
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """``GET /metrics``: sample (name with labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE_RE.match(line)
+        if m is not None:
+            samples[m.group(1)] = float(m.group(2))
+    return samples
+
+
+@pytest.mark.tor
+def test_metrics_endpoint_and_health_probe(tor_network: PrivateTorNetwork, tmp_path: Path) -> None:
+    """``[metrics]`` on a free port and ``[health]`` probing every 2 s: /metrics shows the
+    publisher, tor, its intro points and a healthy target; status shows the probe's state."""
+    port = _free_tcp_port()
+    overrides: dict[str, dict[str, object]] = {
+        "metrics": {"enabled": True, "listen": f"127.0.0.1:{port}"},
+        "health": {
+            "http_probe_enabled": True,
+            "http_probe_interval_secs": 2,
+            "http_probe_timeout_secs": 1,
+        },
+    }
+    with running_node(tor_network, tmp_path / "metrics-node", overrides=overrides) as node:
+        node.wait_line(r"Metrics served on http://127\.0\.0\.1:\d+/metrics", 30)
+        node.wait_published(timeout=75)
+        deadline = time.monotonic() + 15
+        while True:
+            samples = _scrape(port)
+            doc = node.process.status()
+            published = samples.get('rustbalance_publishes_total{period="current",result="ok"}')
+            if published and doc["target"]["probes"] >= 1:
+                break
+            assert time.monotonic() < deadline, (samples, doc.get("target"))
+            time.sleep(0.5)
+        assert samples["rustbalance_is_publisher"] == 1
+        assert samples["rustbalance_tor_up"] == 1
+        assert samples['rustbalance_intro_points{source="own"}'] > 0
+        assert samples['rustbalance_intro_points{source="merged"}'] > 0
+        assert samples["rustbalance_target_up"] == 1
+        assert samples["rustbalance_tor_restarts_total"] == 0
+        assert samples['rustbalance_hsdir_uploads_total{result="ok"}'] >= 1
+        assert 0 <= samples["rustbalance_descriptor_age_seconds"] < 120
+        assert "rustbalance_proxy_connections_total" in samples
+        assert doc["target"]["healthy"] is True
+        assert doc["target"]["last_probe"] == "status 200"
+    assert "Target health probe: GET / every 2 s (first in 2 s)" in node.process.log_text()
 
 
 # --------------------------------------------------------------------------- start-up errors

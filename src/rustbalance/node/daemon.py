@@ -15,7 +15,10 @@ the one before):
 5. one :class:`ReconnectingController` (cookie auth, or the password from
    ``RUSTBALANCE_TOR_PASSWORD``), kept for the daemon's life (W17);
 6. supervised tasks (W14, Phase 2.5): publish loop (Phase 1.4/1.5/2.3), own intro-point tracker,
-   consensus watcher, tor watchdog (Phase 1.2), status endpoint, systemd watchdog pings.
+   consensus watcher, tor watchdog (Phase 1.2), status endpoint, systemd watchdog pings, and,
+   when configured, the ``/metrics`` snapshot feeder (``[metrics]``, bound at start-up before
+   tor so a taken port fails fast naming ``metrics.listen``) and the target's HTTP health probe
+   (``[health] http_probe_enabled``).
 
 A single node is the publisher. tor's own publishing stays on: with the same key and tor's OPE
 revision counter our descriptor and tor's are comparable, and the newest wins (W6). Uploads are
@@ -56,6 +59,7 @@ import os
 import signal
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -84,7 +88,14 @@ from rustbalance.node.cluster_link import (
     merge_signature,
     multi_node_wanted,
 )
+from rustbalance.node.health_probe import DEFAULT_START_DELAY_SECS, HealthProber
 from rustbalance.node.intro_tracker import IntroTracker
+from rustbalance.node.metrics import (
+    MetricsServer,
+    NodeMetrics,
+    proxy_snapshot,
+    start_metrics_server,
+)
 from rustbalance.node.proctitle import set_process_title
 from rustbalance.node.publish_policy import (
     PERIODS,
@@ -159,6 +170,10 @@ CLUSTER_REPUBLISH_DEBOUNCE_SECS = 1.5
 VERIFY_DELAY_SECS = 2.0
 VERIFY_FETCH_TIMEOUT_SECS = 30.0
 VERIFY_MAX_REPUBLISHES = 3
+# How often the metrics snapshot is rebuilt from the daemon's state (scrapes read the latest).
+METRICS_UPDATE_SECS = 5.0
+# The metrics exporter keeps at most this many HSDirs' last upload result (the newest ones).
+METRICS_MAX_HSDIRS = 64
 
 
 # (time period, SRV, responsible HSDir fingerprints) of the first and second descriptor.
@@ -240,6 +255,36 @@ def _adopt_owner(directory: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- the daemon
+
+
+def _hsdir_label(hsdir: str) -> str:
+    """``$FINGERPRINT~nickname`` (status form) -> ``FINGERPRINT`` (a metric label value)."""
+    return hsdir.removeprefix("$").split("~", 1)[0].split("=", 1)[0] or "unknown"
+
+
+class _PublishCounters:
+    """Monotonic publish totals for metrics: per period and per HSDir upload."""
+
+    def __init__(self) -> None:
+        self.periods: dict[str, dict[str, int]] = {}
+        self.hsdir_uploads = {"ok": 0, "failed": 0}
+        self.hsdir_last: OrderedDict[str, bool] = OrderedDict()
+
+    def record(self, outcome: PublishOutcome) -> None:
+        for period, result in outcome.items():
+            counts = self.periods.setdefault(str(period), {"ok": 0, "failed": 0})
+            counts["ok" if result.ok else "failed"] += 1
+            for hsdir in result.hsdirs:
+                self.hsdir_uploads["ok" if hsdir.ok else "failed"] += 1
+                label = _hsdir_label(hsdir.hsdir)
+                self.hsdir_last[label] = hsdir.ok
+                self.hsdir_last.move_to_end(label)
+                while len(self.hsdir_last) > METRICS_MAX_HSDIRS:
+                    self.hsdir_last.popitem(last=False)
+
+    def record_failure(self) -> None:
+        """A round that raised: the publish loop counts it as failed for every period."""
+        self.record({p: PeriodResult(ok=False) for p in PERIODS})
 
 
 class _GuardedTor:
@@ -332,6 +377,11 @@ class Daemon:
         self._verify_wakeup = asyncio.Event()
         self._verify_republishes = 0
         self._eligible = config.node.publisher_eligible
+        # Observability: /metrics (config.metrics) and the target's HTTP probe (config.health).
+        self.metrics = NodeMetrics()
+        self.metrics_server: MetricsServer | None = None
+        self.publish_counters = _PublishCounters()
+        self.prober: HealthProber | None = None
 
     # -- status ---------------------------------------------------------------------------
 
@@ -371,9 +421,60 @@ class Daemon:
                     for node_id, points in coordinator.peer_intro_points().items()
                 },
             }
+        prober = self.prober
+        if prober is not None:
+            last = prober.last_result
+            doc["target"] = {
+                "healthy": prober.up,
+                "probes": prober.probes,
+                "consecutive_failures": prober.state.consecutive_failures,
+                "last_probe": last.detail if last is not None else None,
+            }
         doc["ready"] = self.ready
         doc["uptime_secs"] = round(time.monotonic() - self.started_at, 1)
         return doc
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """The :class:`NodeMetrics` snapshot of the daemon's current numbers."""
+        counters = self.publish_counters
+        stats = self.watchdog.stats()
+        snapshot: dict[str, Any] = {
+            "publishes": {p: dict(c) for p, c in counters.periods.items()},
+            "hsdir_uploads": dict(counters.hsdir_uploads),
+            "hsdir_last_upload": dict(counters.hsdir_last),
+            "descriptor_age_seconds": self.publish_state.descriptor_age(time.time()),
+            "is_publisher": self.should_publish(),
+            "tor_up": self.guarded_tor.running if self.guarded_tor is not None else False,
+            "tor_restarts": stats.restarts,
+        }
+        age = snapshot["descriptor_age_seconds"]
+        if age is not None and age < 0:  # the wall clock stepped back
+            snapshot["descriptor_age_seconds"] = 0.0
+        intro = {"own": self.intro.count, "merged": self.published_intro_points}
+        coordinator = self.coordinator
+        if coordinator is not None:
+            intro["peers"] = sum(len(p) for p in coordinator.peer_intro_points().values())
+            snapshot["peers_alive"] = len(coordinator.live_peers())
+            snapshot["heartbeats_sent"] = coordinator.counters.heartbeats_sent
+            snapshot["heartbeats_received"] = coordinator.counters.heartbeats_received
+            snapshot["rejected_messages"] = {str(k): v for k, v in coordinator.rejected.items()}
+        else:
+            snapshot["peers_alive"] = 0
+        snapshot["intro_points"] = intro
+        if self.proxy is not None:
+            snapshot.update(proxy_snapshot(self.proxy.stats))
+        if self.prober is not None:
+            snapshot["target_up"] = self.prober.up
+        return snapshot
+
+    def update_metrics(self) -> None:
+        self.metrics.update(self.metrics_snapshot())
+
+    async def feed_metrics(self) -> None:
+        """Supervised task: rebuild the metrics snapshot every few seconds."""
+        while True:
+            self.update_metrics()
+            await asyncio.sleep(METRICS_UPDATE_SECS)
 
     def _peer_statuses(self) -> tuple[PeerStatus, ...]:
         coordinator = self.coordinator
@@ -664,6 +765,44 @@ class Daemon:
             f", advertised as {advertise}" if advertise else "",
         )
 
+    async def _start_metrics(self) -> None:
+        """Bind ``/metrics`` before tor starts: a taken port is a start-up error naming the key
+        (not a supervised task failing over and over)."""
+        listen = self.config.metrics.listen
+        try:
+            self.metrics_server = await start_metrics_server(
+                self.metrics,
+                enabled=self.config.metrics.enabled,
+                host=listen.host,
+                port=listen.port,
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"metrics.listen: cannot listen on {listen}: "
+                f"{os.strerror(exc.errno) if exc.errno else exc} "
+                "(choose a free port, or set [metrics] enabled = false)"
+            ) from None
+        if self.metrics_server is not None:
+            self.update_metrics()
+
+    def _start_prober(self, proxy: ReverseProxy) -> None:
+        """``[health] http_probe_enabled``: probe the target the way the proxy reaches it."""
+        health = self.config.health
+        if not health.http_probe_enabled:
+            return
+        # An onion target is reached through tor, which needs time to settle after start-up;
+        # a direct target is probed after one interval (at most the default delay).
+        start_delay = DEFAULT_START_DELAY_SECS
+        if not proxy.settings.target.is_onion:
+            start_delay = min(start_delay, health.http_probe_interval_secs)
+        self.prober = HealthProber(proxy.settings, health, start_delay=start_delay)
+        log.info(
+            "Target health probe: GET %s every %g s (first in %g s)",
+            health.http_probe_path,
+            health.http_probe_interval_secs,
+            start_delay,
+        )
+
     async def start(self) -> None:
         """Everything before the supervised tasks; StartupError names what failed."""
         cfg = self.config
@@ -678,12 +817,12 @@ class Daemon:
         else:
             assert cfg.tor.socks is not None  # the parser fills the system default
             socks = (cfg.tor.socks.host, cfg.tor.socks.port)
+        await self._start_metrics()
         proxy = await self._start_proxy(socks)
+        self._start_prober(proxy)
         tor = await self._start_tor(proxy.port, socks[1])
         self.guarded_tor = _GuardedTor(tor)
         await self._start_controller(tor)
-        if cfg.metrics.enabled:
-            log.debug("Metrics endpoint is not implemented yet; [metrics] is ignored")
         self.status_server = StatusServer(cfg.node.status_socket, self.status_document)
         try:
             await self.status_server.start()
@@ -961,10 +1100,22 @@ class Daemon:
             await conn.close()  # the controller notices and reconnects (re-subscribing)
         await ctrl.wait_connected(CONTROL_WAIT_SECS)
 
+    async def _publish_counted(self) -> PublishOutcome:
+        """``publish_once`` as the publish loop runs it, counted for metrics."""
+        try:
+            outcome = await self.publish_once()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.publish_counters.record_failure()
+            raise
+        self.publish_counters.record(outcome)
+        return outcome
+
     async def publish_loop(self) -> None:
         cfg = self.config.publish
         await run_publish_loop(
-            self.publish_once,
+            self._publish_counted,
             self.reconnect,
             self._has_intro_points,
             self.publish_state,
@@ -1037,6 +1188,11 @@ class Daemon:
         if self.status_server is not None:
             with contextlib.suppress(Exception):
                 await self.status_server.close()
+        if self.prober is not None:
+            self.prober.stop()
+        if self.metrics_server is not None:
+            with contextlib.suppress(Exception):
+                await self.metrics_server.close()
 
     def tasks(self) -> list[TaskSpec]:
         tasks = [
@@ -1053,6 +1209,10 @@ class Daemon:
         if self.status_server is not None:
             tasks.append(TaskSpec("status", self.status_server.serve_forever, restartable=True))
         tasks.append(TaskSpec("verify", self.verify_published, restartable=True))
+        if self.metrics_server is not None:
+            tasks.append(TaskSpec("metrics", self.feed_metrics, restartable=True))
+        if self.prober is not None:
+            tasks.append(TaskSpec("health-probe", self.prober.run, restartable=True))
         if self.coordinator is not None:
             tasks.append(TaskSpec("coordinator", self.coordinator.run, restartable=True))
             tasks.append(TaskSpec("cluster", self.run_cluster, restartable=True))
