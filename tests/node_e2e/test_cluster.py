@@ -69,7 +69,7 @@ def visitor(tor_network: PrivateTorNetwork) -> Iterator[TorInstance]:
     try:
         yield client
     finally:
-        client.stop()
+        tor_network.remove(client)
 
 
 def _publisher_doc(cluster: RunningCluster) -> dict[str, Any]:
