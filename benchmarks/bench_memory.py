@@ -28,6 +28,7 @@ GOAL_MB = 200.0
 _PROXY = """
 import asyncio, os, sys
 from rustbalance.proxy import ProxySettings, ReverseProxy, Target
+from rustbalance.proxy.eventloop import run
 
 async def main() -> None:
     mode, port = sys.argv[1], int(sys.argv[2])
@@ -39,7 +40,8 @@ async def main() -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await proxy.close(1.0)
 
-asyncio.run(main())
+# The event loop `rustbalance run` uses for this mode (uvloop for http, stock for tcp).
+run(main(), mode=sys.argv[1])
 """
 
 # Accepts connections and holds them, reading nothing (a target that keeps them idle).

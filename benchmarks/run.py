@@ -2,10 +2,15 @@
 
 Each benchmark module exposes ``run() -> list[str]`` returning Markdown lines. Figures are ratios
 against a peer measured in the same run (stem, HAProxy, the direct path), never absolute claims.
+
+``python -m benchmarks.run --only bench_onion`` runs one module and replaces only its sections
+(its ``## `` headings) in the existing BENCHMARKS.md, marked with the date of that run; a module
+that fails then leaves the file alone.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import platform
 import sys
@@ -20,7 +25,19 @@ MODULES: tuple[str, ...] = (
 )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument(
+        "--only",
+        metavar="MODULE",
+        help="run one module (e.g. bench_onion) and replace only its sections in BENCHMARKS.md",
+    )
+    args = parser.parse_args(argv)
+    if args.only is not None:
+        name = args.only if args.only.startswith("benchmarks.") else f"benchmarks.{args.only}"
+        if name not in MODULES:
+            parser.error(f"unknown module {args.only!r}; one of: {', '.join(MODULES)}")
+        return _run_one(name)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     out: list[str] = [
         "# Benchmarks",
@@ -47,6 +64,47 @@ def main() -> int:
     Path("BENCHMARKS.md").write_text(text, encoding="utf-8")
     print(text)
     return 1 if failed else 0
+
+
+def _run_one(name: str) -> int:
+    """Run one module; splice its sections into BENCHMARKS.md (written only on success)."""
+    print(f"running {name} ...", file=sys.stderr, flush=True)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    lines: list[str] = importlib.import_module(name).run()
+    note = (
+        f"_This section: run {started} on its own (`python -m benchmarks.run --only "
+        f"{name.removeprefix('benchmarks.')}`), {_cpu_count()} cores._"
+    )
+    path = Path("BENCHMARKS.md")
+    old = path.read_text(encoding="utf-8").splitlines() if path.exists() else ["# Benchmarks"]
+    text = "\n".join(_splice(old, lines, note)).rstrip() + "\n"
+    path.write_text(text, encoding="utf-8")
+    print("\n".join(lines))
+    return 0
+
+
+def _splice(old: list[str], new: list[str], note: str) -> list[str]:
+    """``old`` with every section (a ``## `` heading up to the next one) whose heading ``new``
+    also has replaced by ``new`` (at the first such section's place; at the end if none), and
+    ``note`` after ``new``'s first heading."""
+    headings = {line for line in new if line.startswith("## ")}
+    first = next((i for i, line in enumerate(new) if line.startswith("## ")), None)
+    if first is not None:
+        new = [*new[: first + 1], "", note, *new[first + 1 :]]
+    out: list[str] = []
+    inserted = False
+    skipping = False
+    for line in old:
+        if line.startswith("## "):
+            skipping = line in headings
+            if skipping and not inserted:
+                out.extend([*new, ""])
+                inserted = True
+        if not skipping:
+            out.append(line)
+    if not inserted:
+        out.extend(["", *new])
+    return out
 
 
 def _cpu_count() -> int:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from rustbalance.cluster.messages import (
     DEFAULT_MAX_DATAGRAM_BYTES,
     MAX_KNOWN_PEERS,
+    MAX_REPORT_HOPS,
     PROTOCOL_VERSION,
     ClusterKey,
     CoordinationError,
@@ -25,6 +26,7 @@ from rustbalance.cluster.messages import (
     MessageType,
     Payload,
     PeerAnnounce,
+    PublisherReport,
     Receiver,
     RejectReason,
     Role,
@@ -37,6 +39,7 @@ from rustbalance.cluster.messages import (
 
 TOKEN = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n"
 KEY = ClusterKey(TOKEN)
+V = bytes([PROTOCOL_VERSION])
 NOW = 1_700_000_000.0
 
 
@@ -58,8 +61,12 @@ def heartbeat(**changes: object) -> Heartbeat:
     return Heartbeat(**fields)  # type: ignore[arg-type]
 
 
+REPORT = PublisherReport("node-c", 5, 9, 2**64 - 1, 2**32 - 1, MAX_REPORT_HOPS)
+
 ALL_PAYLOADS: list[Payload] = [
     heartbeat(),
+    heartbeat(believed_publisher=REPORT),
+    heartbeat(role=Role.STANDBY, believed_publisher=PublisherReport("node-a", 0, 0, 0, 0, 0)),
     heartbeat(role=Role.STANDBY, last_publish=None, publisher_eligible=False, known_peers=()),
     IntroPoints((b"\x01" * 300, b"\x02" * 500)),
     IntroPoints(()),
@@ -223,7 +230,7 @@ def test_rejects_unknown_type_even_when_authentic() -> None:
         b"",  # heartbeat with no fields
         bytes([7]) + bytes(12 + 32 + 2 + 2),  # unknown role
         bytes([1]) + bytes(12) + bytes(32) + b"\x02",  # last_publish flag of 2
-        bytes([1]) + bytes(12) + bytes(32) + b"\x00\x01\x00\x00\x00",  # trailing byte
+        bytes([1]) + bytes(12) + bytes(32) + b"\x00\x01\x00\x00\x00\x00",  # trailing byte
         bytes([1]) + bytes(12) + bytes(32) + b"\x00\x01\x00\x01\x02\xff\xfe\x01x",  # bad UTF-8
         bytes([1]) + bytes(12) + bytes(32) + b"\x00\x01\x00\x01\x01a\x03bad",  # bad address
         bytes([1]) + bytes(12) + bytes(32) + b"\x00\x01\xff\xff",  # too many peers
@@ -236,7 +243,13 @@ def test_rejects_malformed_heartbeats(payload: bytes) -> None:
 
 @pytest.mark.parametrize(
     "datagram",
-    [b"", b"\x01", b"\x01\x06node-a", b"\x01\x00" + bytes(40), b"\x01\x02\xff\xfe" + bytes(40)],
+    [
+        b"",
+        V,
+        V + b"\x06node-a",
+        V + b"\x00" + bytes(40),
+        V + b"\x02\xff\xfe" + bytes(40),
+    ],
 )
 def test_rejects_malformed_envelopes(datagram: bytes) -> None:
     assert Receiver("node-b", KEY).receive(datagram, NOW) is RejectReason.MALFORMED
@@ -372,5 +385,92 @@ def test_heartbeat_round_trip_property(
 ) -> None:
     known = tuple((n, check_peer_address(_address(ip))) for n, ip in peers)
     hb = Heartbeat(role, priority, term, digest, last_publish, eligible, known)
+    env = Receiver("zz-receiver", KEY).receive(make_sender().seal(hb, NOW), NOW)
+    assert isinstance(env, Envelope) and env.payload == hb
+
+
+# -- the believed publisher (protocol version 2) -----------------------------------------------
+
+_HB_PREFIX = bytes([1]) + bytes(12) + bytes(32) + b"\x00\x01\x00\x00"  # ... 0 known peers
+_REPORT_FIELDS = struct.pack(">IQQI", 5, 9, 1234, 800)
+
+
+def _heartbeat_body(tail: bytes) -> bytes:
+    header = struct.pack(">QQB", int(NOW * 1000), int(NOW * 1000), MessageType.HEARTBEAT)
+    return header + _HB_PREFIX + tail
+
+
+def test_believed_publisher_layout() -> None:
+    body = _heartbeat_body(b"\x01\x06node-c" + _REPORT_FIELDS + b"\x03")
+    env = Receiver("node-b", KEY).receive(_seal_body(body), NOW)
+    assert isinstance(env, Envelope) and isinstance(env.payload, Heartbeat)
+    assert env.payload.believed_publisher == PublisherReport("node-c", 5, 9, 1234, 800, 3)
+    assert encode_body(env.seq, env.timestamp_ms, env.payload) == body
+    none = Receiver("node-b", KEY).receive(_seal_body(_heartbeat_body(b"\x00")), NOW)
+    assert isinstance(none, Envelope) and isinstance(none.payload, Heartbeat)
+    assert none.payload.believed_publisher is None
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"",  # no believed-publisher flag: a version 1 heartbeat body
+        b"\x02",  # flag of 2
+        b"\x01",  # flag but no report
+        b"\x01\x06node-c" + _REPORT_FIELDS,  # no hop count
+        b"\x01\x06node-c" + _REPORT_FIELDS + bytes([MAX_REPORT_HOPS + 1]),  # too many hops
+        b"\x01\x06node-c" + _REPORT_FIELDS + b"\xff",
+        b"\x01\x04bad!" + _REPORT_FIELDS + b"\x00",  # invalid node id
+        b"\x01\x00" + _REPORT_FIELDS + b"\x00",  # empty node id
+        b"\x01\x02\xff\xfe" + _REPORT_FIELDS + b"\x00",  # not UTF-8
+        b"\x01\x06node-c" + _REPORT_FIELDS + b"\x00\x00",  # trailing byte
+        b"\x00\x00",  # trailing byte after "no report"
+    ],
+)
+def test_rejects_malformed_believed_publisher(tail: bytes) -> None:
+    receiver = Receiver("node-b", KEY)
+    assert receiver.receive(_seal_body(_heartbeat_body(tail)), NOW) is RejectReason.MALFORMED
+    assert receiver.last_seq("node-a") is None  # rejected: no state changed
+
+
+def test_believed_publisher_validation_on_construction() -> None:
+    with pytest.raises(CoordinationError, match="at most 16"):
+        PublisherReport("node-c", 1, 1, 1, 0, MAX_REPORT_HOPS + 1)
+    for bad in [
+        ("bad id!", 1, 1, 1, 0, 0),
+        ("node-c", -1, 1, 1, 0, 0),
+        ("node-c", 1, 2**64, 1, 0, 0),
+        ("node-c", 1, 1, -1, 0, 0),
+        ("node-c", 1, 1, 1, 2**32, 0),
+        ("node-c", 1, 1, 1, 0, True),
+    ]:
+        with pytest.raises(CoordinationError):
+            PublisherReport(*bad)
+    with pytest.raises(CoordinationError, match="PublisherReport"):
+        heartbeat(believed_publisher=("node-c", 1))
+
+
+def test_version_1_datagrams_are_rejected_as_unknown_version() -> None:
+    # Version 2 added the believed publisher; a version 1 node's datagrams are counted, not used.
+    assert PROTOCOL_VERSION == 2
+    datagram = bytearray(make_sender().seal(heartbeat(), NOW))
+    datagram[0] = 1
+    assert Receiver("node-b", KEY).receive(bytes(datagram), NOW) is RejectReason.UNKNOWN_VERSION
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, MAX_REPORT_HOPS),
+)
+def test_believed_publisher_round_trip_property(
+    node_id: str, priority: int, term: int, seq: int, age_ms: int, hops: int
+) -> None:
+    report = PublisherReport(node_id, priority, term, seq, age_ms, hops)
+    hb = heartbeat(believed_publisher=report)
     env = Receiver("zz-receiver", KEY).receive(make_sender().seal(hb, NOW), NOW)
     assert isinstance(env, Envelope) and env.payload == hb

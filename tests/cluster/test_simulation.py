@@ -1,13 +1,29 @@
 """Whole-cluster simulation: sealed datagrams, peer tables and elections of 2-5 nodes.
 
 Hypothesis drives message loss, delay, partitions and heals, crashes, restarts (with the peers
-file), graceful shutdowns and clock skew within tolerance. Invariants:
+file), graceful shutdowns and clock skew within tolerance. Links are per pair of nodes, so
+besides group partitions it cuts single pairs: non-transitive partitions, where A hears B and B
+hears C but A and C do not hear each other (then A and C each see no better node and would both
+publish, were it not for the believed publisher each heartbeat carries).
+
+The invariant for such graphs is about *connected components of the link graph*: two nodes are
+in one component when a path of working links joins them, even if they cannot talk directly.
+Invariants:
 
 - once stable (no topology change and no loss for timeout + grace + a few intervals), every
   connected component has at most one publisher, exactly one if it has an eligible node, and it
-  is the best-ranked eligible node; after a full heal there is exactly one in the cluster;
-- the publisher holds the intro points of exactly the live peers of its component;
-- a publisher crash is followed by a takeover within interval + timeout + grace;
+  is the component's best-ranked eligible node; every node of the component names it as the
+  publisher (``Election.publisher``); after a full heal there is exactly one in the cluster.
+  "At most one among nodes that hear each other directly" would be too weak (A and C above),
+  and "one in the whole cluster" is impossible while the graph is split;
+- the publisher holds the intro points of exactly its live direct neighbours (a node it cannot
+  hear cannot give it intro points; in a full mesh that is its whole component);
+- a publisher crash is followed by a takeover within interval + timeout + grace (plus one
+  datagram transit per relay when the successor only heard it through others);
+- a fresh cluster elects its best-ranked eligible node once the discovery window (two
+  intervals) is over, not timeout + grace after the start, and nobody else ever claims;
+- a node restarting next to a stable publisher (also when the publisher's first heartbeat to
+  it is lost) follows it: no claim, no role change anywhere;
 - every datagram between honest nodes is accepted (also when reordered or after restarts).
 """
 
@@ -16,7 +32,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from hypothesis import settings
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -25,6 +42,8 @@ from rustbalance.cluster.election import (
     BecomePublisher,
     Election,
     ElectionTimings,
+    InformPeer,
+    RelayBelief,
     SendLeaseClaim,
     SendLeaseRelease,
 )
@@ -66,6 +85,9 @@ class Node:
     table: PeerTable = field(init=False)
     election: Election = field(init=False)
     next_heartbeat: float = field(init=False)
+    last_heartbeat: float | None = field(init=False, default=None)
+    # When each peer last got a heartbeat of its own from us (InformPeer, as the coordinator).
+    answered: dict[str, float] = field(init=False, default_factory=dict)
     intro_points: tuple[bytes, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -101,11 +123,15 @@ class ClusterMachine(RuleBasedStateMachine):
         self.nodes: dict[str, Node] = {}
         self.down: set[str] = set()
         self.group: dict[str, int] = {}
+        self.cut: set[frozenset[str]] = set()  # pairs whose link is down (both directions)
         self.loss = 0.0
         self.rng = random.Random(0)
         self.queue: list[tuple[float, int, str, bytes]] = []
         self.counter = 0
         self.role_changes = 0
+        self.claims: list[tuple[float, str]] = []  # (global time, node) of every BecomePublisher
+        # (src, dst) pairs whose next heartbeat is lost (a targeted single loss).
+        self.lose_next_heartbeat: set[tuple[str, str]] = set()
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -139,13 +165,17 @@ class ClusterMachine(RuleBasedStateMachine):
         return [k for k in sorted(self.nodes) if k not in self.down]
 
     def connected(self, a: str, b: str) -> bool:
-        return self.group[a] == self.group[b]
+        """Whether the direct link a <-> b works."""
+        return self.group[a] == self.group[b] and frozenset((a, b)) not in self.cut
 
-    def broadcast(self, src: str, payload: Payload) -> None:
+    def broadcast(self, src: str, payload: Payload, only: str | None = None) -> None:
         node = self.nodes[src]
         datagram = node.sender.seal(payload, node.local(self.t))
-        for dst in self.nodes:
+        for dst in self.nodes if only is None else [only]:
             if dst == src or not self.connected(src, dst) or self.rng.random() < self.loss:
+                continue
+            if isinstance(payload, Heartbeat) and (src, dst) in self.lose_next_heartbeat:
+                self.lose_next_heartbeat.discard((src, dst))
                 continue
             self.counter += 1
             self.queue.append(
@@ -154,15 +184,30 @@ class ClusterMachine(RuleBasedStateMachine):
 
     def apply(self, src: str, actions: list[Action]) -> None:
         node = self.nodes[src]
+        broadcast = False
         for action in actions:
             if isinstance(action, SendLeaseClaim):
                 self.broadcast(src, LeaseClaim(action.term, action.priority))
             elif isinstance(action, SendLeaseRelease):
                 self.broadcast(src, LeaseRelease(action.term))
+            elif isinstance(action, RelayBelief):
+                # As the coordinator does: heartbeat early, at most once per half interval.
+                last = node.last_heartbeat
+                if src not in self.down and (last is None or self.t - last >= INTERVAL / 2):
+                    self.send_heartbeat(src)
+                    broadcast = True
+            elif isinstance(action, InformPeer):
+                # As the coordinator does: that peer alone, at most once per half interval.
+                last = node.answered.get(action.node_id)
+                due = last is None or self.t - last >= INTERVAL / 2
+                if src not in self.down and not broadcast and due:
+                    node.answered[action.node_id] = self.t
+                    self.send_heartbeat(src, only=action.node_id)
             else:
                 self.role_changes += 1
                 if isinstance(action, BecomePublisher):
                     assert node.election.is_publisher
+                    self.claims.append((self.t, src))
 
     def deliver(self, dst: str, datagram: bytes) -> None:
         node = self.nodes[dst]
@@ -172,17 +217,50 @@ class ClusterMachine(RuleBasedStateMachine):
             raise AssertionError(f"honest datagram rejected: {result}")
         assert isinstance(result, Envelope)
         p, sender, e = result.payload, result.sender, node.election
+        seq = result.seq
         if isinstance(p, Heartbeat):
             node.table.on_heartbeat(sender, p, now)
-            self.apply(
-                dst, e.on_heartbeat(sender, p.role, p.priority, p.term, p.publisher_eligible, now)
+            actions = e.on_heartbeat(
+                sender,
+                p.role,
+                p.priority,
+                p.term,
+                p.publisher_eligible,
+                now,
+                seq=seq,
+                report=p.believed_publisher,
             )
+            self.apply(dst, actions)
         elif isinstance(p, IntroPoints):
             node.table.on_intro_points(sender, p, now)
         elif isinstance(p, LeaseClaim):
-            self.apply(dst, e.on_lease_claim(sender, p.term, p.priority, now))
+            self.apply(dst, e.on_lease_claim(sender, p.term, p.priority, now, seq=seq))
         elif isinstance(p, LeaseRelease):
-            self.apply(dst, e.on_lease_release(sender, p.term, now))
+            self.apply(dst, e.on_lease_release(sender, p.term, now, seq=seq))
+
+    def send_heartbeat(self, node_id: str, only: str | None = None) -> None:
+        node = self.nodes[node_id]
+        if only is None:  # an answer to one peer does not move the periodic timer
+            node.next_heartbeat = self.t + INTERVAL
+            node.last_heartbeat = self.t
+        e = node.election
+        now = node.local(self.t)
+        self.broadcast(
+            node_id,
+            Heartbeat(
+                e.role,
+                e.priority,
+                e.term,
+                intro_points_digest(node.intro_points),
+                None,
+                e.eligible,
+                node.table.gossip(),
+                e.report(now),
+            ),
+            only,
+        )
+        self.broadcast(node_id, IntroPoints(node.intro_points), only)
+        node.peers_file = node.table.to_json()  # the daemon persists learned peers
 
     def step(self) -> None:
         self.t += STEP
@@ -198,22 +276,7 @@ class ClusterMachine(RuleBasedStateMachine):
                 self.apply(node_id, node.election.on_peer_expired(dead, now))
             self.apply(node_id, node.election.tick(now))
             if self.t >= node.next_heartbeat:
-                node.next_heartbeat += INTERVAL
-                e = node.election
-                self.broadcast(
-                    node_id,
-                    Heartbeat(
-                        e.role,
-                        e.priority,
-                        e.term,
-                        intro_points_digest(node.intro_points),
-                        None,
-                        e.eligible,
-                        node.table.gossip(),
-                    ),
-                )
-                self.broadcast(node_id, IntroPoints(node.intro_points))
-                node.peers_file = node.table.to_json()  # the daemon persists learned peers
+                self.send_heartbeat(node_id)
 
     def run(self, seconds: float) -> None:
         for _ in range(int(seconds / STEP)):
@@ -223,10 +286,23 @@ class ClusterMachine(RuleBasedStateMachine):
         return [k for k in self.up() if self.nodes[k].election.is_publisher]
 
     def components(self) -> list[list[str]]:
-        groups: dict[int, list[str]] = {}
-        for k in self.up():
-            groups.setdefault(self.group[k], []).append(k)
-        return list(groups.values())
+        """Connected components of the working links among running nodes (paths count)."""
+        seen: set[str] = set()
+        result: list[list[str]] = []
+        for start in self.up():
+            if start in seen:
+                continue
+            seen.add(start)
+            component, frontier = [start], [start]
+            while frontier:
+                a = frontier.pop()
+                for b in self.up():
+                    if b not in seen and self.connected(a, b):
+                        seen.add(b)
+                        component.append(b)
+                        frontier.append(b)
+            result.append(sorted(component))
+        return result
 
     def stabilize_and_check(self) -> None:
         self.loss = 0.0
@@ -237,14 +313,17 @@ class ClusterMachine(RuleBasedStateMachine):
         for component in self.components():
             pubs = [k for k in component if self.nodes[k].election.is_publisher]
             eligible = [k for k in component if self.nodes[k].eligible]
-            assert len(pubs) == (1 if eligible else 0), (component, pubs)
+            assert len(pubs) == (1 if eligible else 0), (component, pubs, sorted(self.cut))
             if pubs:
                 best = min(eligible, key=lambda k: (self.nodes[k].priority, k))
                 assert pubs == [best]
+                for k in component:  # everyone, also beyond direct reach, names it
+                    node = self.nodes[k]
+                    assert node.election.publisher(node.local(self.t)) == best, (k, best)
                 table = self.nodes[best].table
                 now = self.nodes[best].local(self.t)
                 held = table.intro_points(now)
-                assert set(held) == set(component) - {best}
+                assert set(held) == {k for k in component if k != best and self.connected(best, k)}
                 for peer_id, points in held.items():
                     assert points == self.nodes[peer_id].intro_points
 
@@ -263,10 +342,37 @@ class ClusterMachine(RuleBasedStateMachine):
         for k in self.nodes:
             self.group[k] = data.draw(st.integers(0, 2))
 
+    @rule(data=st.data())
+    def cut_links(self, data: st.DataObject) -> None:
+        """Cut any set of single links (mostly non-transitive partitions)."""
+        pairs = [frozenset((a, b)) for a in sorted(self.nodes) for b in sorted(self.nodes) if a < b]
+        self.cut = set(data.draw(st.lists(st.sampled_from(pairs), max_size=len(pairs))))
+
+    @precondition(lambda self: len(self.nodes) >= 3)
+    @rule(data=st.data(), hub_ranks_worst=st.booleans(), check=st.booleans())
+    def non_transitive_partition(
+        self, data: st.DataObject, hub_ranks_worst: bool, check: bool
+    ) -> None:
+        """A hears B, B hears C, A and C cannot talk; every other link works.
+
+        With ``hub_ranks_worst`` B ranks worse than A and C: the case where A and C each see
+        only worse nodes, so only the believed-publisher reports keep them from both publishing.
+        """
+        a, b, c = data.draw(st.permutations(sorted(self.nodes)))[:3]
+        if hub_ranks_worst:
+            a, c, b = sorted((a, b, c), key=lambda k: (self.nodes[k].priority, k))
+        for k in self.nodes:
+            self.group[k] = 0
+        self.cut = {frozenset((a, c))}
+        assert self.connected(a, b) and self.connected(b, c) and not self.connected(a, c)
+        if check:
+            self.stabilize_and_check()
+
     @rule()
     def heal_and_check(self) -> None:
         for k in self.nodes:
             self.group[k] = 0
+        self.cut.clear()
         self.stabilize_and_check()
         if any(self.nodes[k].eligible for k in self.up()):
             assert len(self.publishers()) == 1
@@ -288,30 +394,101 @@ class ClusterMachine(RuleBasedStateMachine):
         self.apply(node_id, node.election.shutdown(node.local(self.t)))
         self.down.add(node_id)
 
-    @precondition(lambda self: bool(self.down))
-    @rule(data=st.data())
-    def restart(self, data: st.DataObject) -> None:
-        node_id = data.draw(st.sampled_from(sorted(self.down)))
+    def reboot(self, node_id: str) -> None:
+        """Start a down node again, with its peers file, as a new process."""
         old = self.nodes[node_id]
         self.nodes[node_id] = Node(
             node_id, old.priority, old.eligible, old.skew, self.t, old.rng, old.peers_file
         )
         self.down.discard(node_id)
+        # Datagrams still in flight were sent to the old process: its socket is gone.
+        self.queue = [m for m in self.queue if m[2] != node_id]
 
-    @rule()
-    def publisher_crash_failover(self) -> None:
+    @precondition(lambda self: bool(self.down))
+    @rule(data=st.data())
+    def restart(self, data: st.DataObject) -> None:
+        self.reboot(data.draw(st.sampled_from(sorted(self.down))))
+
+    @precondition(lambda self: len(self.up()) >= 2)
+    @rule(
+        data=st.data(),
+        down_for=st.integers(1, 40),
+        phase=st.integers(0, int(INTERVAL / STEP) - 1),
+        lose_first=st.booleans(),
+    )
+    def restart_next_to_a_live_publisher(
+        self, data: st.DataObject, down_for: int, phase: int, lose_first: bool
+    ) -> None:
+        """A node that does not publish restarts while the publisher runs: it follows it."""
         for k in self.nodes:
             self.group[k] = 0
+        self.cut.clear()
         self.stabilize_and_check()
         pubs = self.publishers()
-        others = [k for k in self.up() if self.nodes[k].eligible and k not in pubs]
-        if len(pubs) != 1 or not others:
+        candidates = [k for k in self.up() if k not in pubs]
+        if len(pubs) != 1 or not candidates:
             return
-        self.down.add(pubs[0])
-        crashed_at = self.t
-        while not self.publishers():
+        victim = data.draw(st.sampled_from(candidates))
+        self.check_restart_follows(pubs[0], victim, down_for, phase, lose_first)
+
+    def check_restart_follows(
+        self, publisher: str, victim: str, down_for: int, phase: int, lose_first: bool
+    ) -> None:
+        """Crash ``victim``, restart it ``phase`` steps after a heartbeat of ``publisher``.
+
+        Phase 0 is the worst case: the publisher's next two heartbeats come at the end of the
+        victim's discovery window. With ``lose_first`` the publisher's first heartbeat to it is
+        lost too. The window still holds the publisher's answers to the victim's own heartbeats
+        and the other nodes' reports, so it must not claim, and nobody's role changes.
+        """
+        self.down.add(victim)
+        self.run(down_for)
+        for _ in range(int(INTERVAL / STEP) + 1):
+            if self.nodes[publisher].last_heartbeat == self.t:
+                break
             self.step()
-            assert self.t - crashed_at <= TIMINGS.failover_bound, "failover too slow"
+        self.run(phase * STEP)
+        self.reboot(victim)
+        if lose_first:
+            self.lose_next_heartbeat.add((publisher, victim))
+        claims, changes = len(self.claims), self.role_changes
+        for _ in range(int((TIMEOUT + GRACE + 2 * INTERVAL) / STEP)):
+            self.step()
+            assert self.publishers() == [publisher], ("a restarted node stole", victim)
+        assert (len(self.claims), self.role_changes) == (claims, changes)
+        node = self.nodes[victim]
+        assert node.election.publisher(node.local(self.t)) == publisher
+        self.lose_next_heartbeat.clear()
+
+    @rule(keep_cuts=st.booleans())
+    def publisher_crash_failover(self, keep_cuts: bool) -> None:
+        """Crash the publisher; with ``keep_cuts`` its successor may only hear it via relays."""
+        for k in self.nodes:
+            self.group[k] = 0
+        if not keep_cuts:
+            self.cut.clear()
+        self.stabilize_and_check()
+        pubs = self.publishers()
+        if not pubs:
+            return
+        victim = pubs[0]
+        self.down.add(victim)
+        crashed_at = self.t
+        # Every remaining component that can publish needs its own publisher again. A
+        # successor that heard the victim through relays learns of it up to one transit
+        # (and one simulation step) later per relay.
+        bound = TIMINGS.failover_bound + (len(self.nodes) - 2) * (MAX_DELAY + STEP)
+        while True:
+            waiting = [
+                c
+                for c in self.components()
+                if any(self.nodes[k].eligible for k in c)
+                and not any(self.nodes[k].election.is_publisher for k in c)
+            ]
+            if not waiting:
+                break
+            self.step()
+            assert self.t - crashed_at <= bound, ("failover too slow", waiting, self.cut)
 
     @invariant()
     def bounded_state(self) -> None:
@@ -321,5 +498,74 @@ class ClusterMachine(RuleBasedStateMachine):
             )
 
 
-ClusterMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=12, deadline=None)
+ClusterMachine.TestCase.settings = settings(max_examples=120, stateful_step_count=12, deadline=None)
 TestCluster = ClusterMachine.TestCase
+
+
+def test_non_transitive_triangle_with_the_worst_hub() -> None:
+    """The case of the issue, directed: n1 (worst) links n0 and n2, which cannot talk.
+
+    Without the believed publisher in the heartbeats n2 takes over once n0 is silent for timeout
+    + grace, and both publish for good; with it n2 keeps hearing, through n1, that the better n0
+    publishes, and nothing changes.
+    """
+    m = ClusterMachine()
+    for i, priority in enumerate([0, 2, 1]):
+        m.nodes[f"n{i}"] = Node(f"n{i}", priority, True, 0.0, m.t, random.Random(i))
+        m.group[f"n{i}"] = 0
+    m.stabilize_and_check()
+    assert m.publishers() == ["n0"]
+    m.cut = {frozenset(("n0", "n2"))}
+    m.stabilize_and_check()  # one component: n0 publishes, n1 and n2 both name it
+    assert m.publishers() == ["n0"]
+    n2 = m.nodes["n2"]
+    # n2 hears n1 only
+    assert {p.node_id for p in n2.table.live_peers(n2.local(m.t))} == {"n1"}
+    m.cut.clear()
+    m.stabilize_and_check()
+    assert m.publishers() == ["n0"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(2, 5),
+    priorities=st.lists(st.integers(0, 2), min_size=5, max_size=5),
+    eligible=st.lists(st.booleans(), min_size=5, max_size=5),
+    skews=st.lists(st.integers(-15, 15), min_size=5, max_size=5),
+    seed=st.integers(0, 2**32),
+)
+def test_fresh_cluster_elects_once_the_discovery_window_is_over(
+    n: int, priorities: list[int], eligible: list[bool], skews: list[int], seed: int
+) -> None:
+    """All nodes start together (first heartbeats at random phases within an interval).
+
+    The best-ranked eligible node claims when its window is over (one step of rounding), far
+    before timeout + grace; it is the only claim ever made, and everyone names it.
+    """
+    m = ClusterMachine()
+    m.setup(n, priorities, eligible, skews, seed)
+    window = TIMINGS.discovery_window
+    m.run(window + STEP)
+    best = min((k for k in m.nodes if m.nodes[k].eligible), key=lambda k: (m.nodes[k].priority, k))
+    assert len(m.claims) == 1, m.claims
+    claimed_at, winner = m.claims[0]
+    assert winner == best
+    assert window <= claimed_at - START <= window + STEP < TIMEOUT + GRACE
+    m.stabilize_and_check()
+    assert m.claims == [(claimed_at, best)]
+
+
+@pytest.mark.parametrize("lose_first", [False, True])
+@pytest.mark.parametrize("phase", range(int(INTERVAL / STEP)))
+@pytest.mark.parametrize(("n", "victim"), [(2, "n1"), (3, "n1"), (3, "n2")])
+def test_restart_next_to_a_live_publisher_in_every_phase(
+    n: int, victim: str, phase: int, lose_first: bool
+) -> None:
+    """Every phase of the restart against the publisher's heartbeats, also with the first one
+    lost: the restarted node never claims. (Without InformPeer, or with a window of one
+    interval, the two-node case with phase 0 and a lost first heartbeat claims.)"""
+    m = ClusterMachine()
+    m.setup(n, [0, 1, 2, 2, 2], [True] * 5, [0] * 5, 7 + phase)
+    m.stabilize_and_check()
+    assert m.publishers() == ["n0"]
+    m.check_restart_follows("n0", victim, 3, phase, lose_first)

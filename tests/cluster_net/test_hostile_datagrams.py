@@ -18,6 +18,7 @@ import pytest
 
 from rustbalance.cluster.coordinator import Coordinator
 from rustbalance.cluster.messages import (
+    PROTOCOL_VERSION,
     ClusterKey,
     Heartbeat,
     LeaseClaim,
@@ -120,9 +121,9 @@ async def test_hostile_datagrams_are_rejected_counted_and_change_nothing(
                 RejectReason.FUTURE,
             ),
             # The largest UDP datagram over IPv4: beyond max_datagram_bytes (65000).
-            (b"\x01" + os.urandom(65506), RejectReason.OVERSIZED),
+            (bytes([PROTOCOL_VERSION]) + os.urandom(65506), RejectReason.OVERSIZED),
             (b"", RejectReason.MALFORMED),
-            (b"\x01\xff" + os.urandom(40), RejectReason.MALFORMED),
+            (bytes([PROTOCOL_VERSION, 0xFF]) + os.urandom(40), RejectReason.MALFORMED),
             (b"\x09" + os.urandom(100), RejectReason.UNKNOWN_VERSION),
             (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", RejectReason.UNKNOWN_VERSION),
         ]
@@ -146,7 +147,8 @@ async def test_hostile_datagrams_are_rejected_counted_and_change_nothing(
 
         lines = [r.getMessage() for r in caplog.records if r.name == TRANSPORT_LOGGER]
         for name in ("forged", "stale", "future", "oversized", "malformed", "unknown_version"):
-            mine = [line for line in lines if line.endswith(f": {name}")]
+            # The reason ends the line, or is followed by a hint in parentheses (stale/future).
+            mine = [line for line in lines if line.endswith(f": {name}") or f": {name} (" in line]
             assert len(mine) == 1, (name, lines)  # rate-limited: one line per reason
             assert source in mine[0]
         text = caplog.text

@@ -41,6 +41,7 @@ def test_load_config_resolves_relative_paths_against_the_file_folder(tmp_path: P
 def test_load_config_does_not_open_the_key_file(tmp_path: Path) -> None:
     # The key is checked by the daemon at start; a config naming a missing key is valid here.
     config = load_config(write(tmp_path, tomli_w.dumps(MINIMAL_DOC)))
+    assert config.master.identity_key_path is not None
     assert not config.master.identity_key_path.exists()
 
 

@@ -393,11 +393,11 @@ def test_odd_unknown_key_is_quoted_so_it_stays_on_one_line() -> None:
 
 
 def test_unknown_section_is_an_error() -> None:
-    doc = tomli_doc() + "[wireguard]\ninterface = 'wg-rb'\n[proxi]\n"
+    doc = tomli_doc() + "[wireguards]\ninterface = 'wg-rb'\n[proxi]\n"
     with pytest.raises(ConfigProblems) as info:
         parse_config(doc, BASE)
     assert info.value.problems == (
-        "[wireguard]: unknown section",
+        "[wireguards]: unknown section (did you mean '[wireguard]'?)",
         "[proxi]: unknown section (did you mean '[proxy]'?)",
     )
 

@@ -7,7 +7,8 @@ network: one master key, a shared cluster token file (0600), distinct UDP coordi
 
 With ``relay=True`` all coordination traffic passes through a :class:`UdpFaultRelay` the test
 controls: every node listens on its own port but advertises (and is seeded with) a relay front
-port, so the relay can cut one node's link and restore it.
+port, so the relay can cut one node's links, or a single pair of nodes (a non-transitive
+partition), and restore them.
 
 Every daemon is stopped by PID (SIGTERM, then SIGKILL), and its managed tor by PID too, also
 when the test fails; the relay thread is stopped and joined.
@@ -83,13 +84,15 @@ class UdpFaultRelay:
 
     A datagram is forwarded only if its source port is a known node port and the pair of
     nodes is not cut. Forwarding uses the front socket, so the target sees the sender's
-    advertised address. ``cut(name)`` isolates one node from all others; ``heal()`` undoes it.
+    advertised address. ``cut(name)`` isolates one node from all others; ``cut_pair(a, b)``
+    cuts only the link between a and b (both directions); ``heal()`` undoes every cut.
     """
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
         self._name_of_port: dict[int, str] = {}  # real listen port -> node name
         self._blocked: set[str] = set()
+        self._blocked_pairs: set[frozenset[str]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="udp-fault-relay", daemon=True)
@@ -110,9 +113,14 @@ class UdpFaultRelay:
         with self._lock:
             self._blocked.add(name)
 
+    def cut_pair(self, a: str, b: str) -> None:
+        with self._lock:
+            self._blocked_pairs.add(frozenset((a, b)))
+
     def heal(self) -> None:
         with self._lock:
             self._blocked.clear()
+            self._blocked_pairs.clear()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -129,7 +137,11 @@ class UdpFaultRelay:
                         break
                     source = self._name_of_port.get(addr[1])
                     with self._lock:
-                        blocked = source is None or bool({source, target_name} & self._blocked)
+                        blocked = (
+                            source is None
+                            or bool({source, target_name} & self._blocked)
+                            or frozenset((source, target_name)) in self._blocked_pairs
+                        )
                     if blocked:
                         self.dropped += 1
                         continue
@@ -236,6 +248,12 @@ class RunningCluster:
                 return False
             pubs = [d for d in ready if d["role"] == "publisher"]
             if len(pubs) != 1:
+                return False
+            # Stable means the best-ranked live node publishes: a node that starts more than a
+            # discovery window (2 intervals) after the others finds one of them publishing and
+            # takes over only when its own window ends.
+            best = min(self.alive(), key=lambda n: (n.priority, n.name))
+            if pubs[0]["node_id"] != best.name:
                 return False
             published = set(pubs[0]["intro_points"]["published_auth_keys"])
             return all(

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from rustbalance.cluster.messages import PROTOCOL_VERSION
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
 from rustbalance.tor.control import ControlConnection
 from rustbalance.tor.network import FetchError, fetch_descriptor, read_network_view
@@ -339,10 +340,10 @@ class TestRelayedShortTimings:
         sender = b"node-a"
         forged = [
             # A well-formed header claiming to be node-a, with garbage for the sealed body.
-            bytes([1, len(sender)]) + sender + os.urandom(12) + os.urandom(64)
+            bytes([PROTOCOL_VERSION, len(sender)]) + sender + os.urandom(12) + os.urandom(64)
             for _ in range(5)
         ]
-        oversized = bytes([1, len(sender)]) + sender + os.urandom(65_100)
+        oversized = bytes([PROTOCOL_VERSION, len(sender)]) + sender + os.urandom(65_100)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             for datagram in forged:
                 sock.sendto(datagram, ("127.0.0.1", node.listen_port))

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
+import dataclasses
 import os
+import socket
 import stat
 import time
 from pathlib import Path
@@ -12,11 +16,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from rustbalance.cli.init_cmd import CliError, Io, run_init
+from rustbalance.cli.init_cmd import CliError, Io, run_init, validated_config
+from rustbalance.cli.join_cmd import JoinSettings, joined_config
 from rustbalance.cli.main import build_parser, main
-from rustbalance.config import load_config
+from rustbalance.config import load_config, parse_config
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
-from rustbalance.deploy.join_token import decode, token_needs_passphrase
+from rustbalance.deploy.join_token import JoinPayload, decode, token_needs_passphrase
+from rustbalance.node.join import JoinAnswer, JoinRequest, parse_join_answer
+from rustbalance.node.mesh import Mesh
 
 PASSPHRASE = "correct horse battery staple"
 SECRET_FILES = ("master.key", "cluster.token", "join.secret", "wireguard.key")
@@ -74,7 +81,7 @@ def test_init_writes_private_files_a_valid_config_and_a_decodable_token(
     conf = tmp_path / "conf"
     assert _mode(conf) == 0o700
     names = {p.name for p in conf.iterdir()}
-    assert names == {*SECRET_FILES, "config.toml", "cluster.toml", "join-token.txt"}
+    assert names == {*SECRET_FILES, "config.toml", "join-token.txt"}
     for path in conf.iterdir():
         assert _mode(path) == 0o600, path
     config = load_config(conf / "config.toml")
@@ -85,6 +92,13 @@ def test_init_writes_private_files_a_valid_config_and_a_decodable_token(
     assert config.tor.mode == "system"
     assert config.coordination.cluster_token_path == conf / "cluster.token"
     assert str(config.coordination.listen) == "10.99.0.1:51821"
+    # No sidecar: WireGuard and joins are keys of the one config file.
+    assert config.wireguard.enabled and config.join.enabled
+    assert str(config.wireguard.address) == "10.99.0.1/24"
+    assert str(config.wireguard.endpoint) == "203.0.113.5:51820"
+    assert config.wireguard.private_key_path == conf / "wireguard.key"
+    assert config.join.secret_path == conf / "join.secret"
+    assert str(config.join.tunnel_network) == "10.99.0.0/24"
     token = _printed_token(out)
     assert (conf / "join-token.txt").read_text().strip() == token
     payload = decode(token, PASSPHRASE, now=int(time.time()))
@@ -221,7 +235,75 @@ def _join_args(tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_join_with_the_printed_token_writes_a_valid_config(
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _answer_from_node_a(conf: Path, payload: JoinPayload, wg_public: str) -> JoinAnswer:
+    """node-a's own responder (built from its init config by the daemon's Mesh) answering
+    node-b's request: the bytes the daemon's proxy would send back through the onion."""
+    mesh = Mesh(load_config(conf / "config.toml"))
+    asyncio.run(mesh.start(None))
+    assert mesh.responder is not None
+    request = JoinRequest(
+        "node-b", payload.cluster_token, wg_public, "198.51.100.7:51820", 51821, 0
+    )
+    now = time.time()
+    body = dataclasses.replace(request, request_time=int(now)).to_json()
+    decision = mesh.responder.handle(
+        "POST",
+        "/.rb/" + payload.join_secret,
+        [("Content-Length", str(len(body)))],
+        body,
+        now,
+    )
+    assert decision.status == 200
+    return parse_join_answer(decision.body)
+
+
+def _settings(tmp_path: Path) -> JoinSettings:
+    return JoinSettings(
+        config_dir=tmp_path / "conf2",
+        state_dir=tmp_path / "state2",
+        node_id="node-b",
+        priority=20,
+        endpoint="198.51.100.7:51820",
+        target="127.0.0.1:8001",
+        tor_mode="system",
+        proxy_port=8080,
+        coordination_port=51821,
+        wireguard=True,
+    )
+
+
+@pytest.mark.parametrize("standby", [False, True])
+def test_joined_config_from_node_a_answer_is_valid(
+    tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str], standby: bool
+) -> None:
+    extra = ("--no-wireguard", "--standby-token") if standby else ("--no-wireguard",)
+    assert main(_init(tmp_path, passfile, *extra)) == 0
+    payload = decode(_printed_token(capsys.readouterr().out), PASSPHRASE, now=int(time.time()))
+    assert (payload.master_key_seed is None) is standby
+    answer = _answer_from_node_a(
+        tmp_path / "conf", payload, base64.b64encode(b"\x07" * 32).decode()
+    )
+    doc = joined_config(_settings(tmp_path), payload, answer)
+    text = validated_config(doc, tmp_path / "conf2").decode()
+    config = parse_config(text, tmp_path / "conf2")
+    assert config.node.id == "node-b" and config.node.priority == 20
+    assert config.node.publisher_eligible is not standby
+    # The assigned tunnel address is where coordination listens; node-a is the one peer.
+    assert str(config.wireguard.address) == f"{answer.tunnel_address}/24"
+    assert str(config.coordination.listen) == f"{answer.tunnel_address}:51821"
+    assert [str(p) for p in config.coordination.peers] == ["10.99.0.1:51821"]
+    assert config.join.enabled and config.join.secret_path == tmp_path / "conf2" / "join.secret"
+    assert config.wireguard.peers_path == tmp_path / "state2" / "wireguard_peers.json"
+    assert payload.cluster_token not in text and payload.join_secret not in text
+
+
+def test_join_without_a_reachable_tor_fails_and_writes_nothing(
     tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(_init(tmp_path, passfile)) == 0
@@ -229,34 +311,32 @@ def test_join_with_the_printed_token_writes_a_valid_config(
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
     args = _join_args(tmp_path, "--token-file", str(token_file), "--passphrase-file", str(passfile))
-    assert main([*args, "--target", "127.0.0.1:8001"]) == 0
-    conf, conf2 = tmp_path / "conf", tmp_path / "conf2"
-    assert _mode(conf2) == 0o700
-    assert {p.name for p in conf2.iterdir()} == {*SECRET_FILES, "config.toml", "cluster.toml"}
-    for path in conf2.iterdir():
-        assert _mode(path) == 0o600, path
-    config = load_config(conf2 / "config.toml")
-    assert config.is_multi_node and [str(p) for p in config.coordination.peers] == [
-        "10.99.0.1:51821"
-    ]
-    assert config.node.priority == 20 and config.node.publisher_eligible
-    assert str(config.target.address) == "127.0.0.1:8001"
-    for name in ("master.key", "cluster.token", "join.secret"):
-        assert (conf2 / name).read_bytes() == (conf / name).read_bytes()
-    assert (conf2 / "wireguard.key").read_bytes() != (conf / "wireguard.key").read_bytes()
-    assert config.master.onion_address == load_identity_key(conf / "master.key").onion_address
+    socks = ["--tor-socks", f"127.0.0.1:{_closed_port()}", "--join-attempts", "1"]
+    assert main([*args, *socks]) == 1
+    err = capsys.readouterr().err
+    assert "rustbalance: error: join failed after 1 attempts: connection failed" in err
+    assert token not in err and PASSPHRASE not in err
+    assert not (tmp_path / "conf2").exists() and not (tmp_path / "state2").exists()
+    assert main([*args, "--join-attempts", "0"]) == 1
+    assert "--join-attempts must be 1-20" in capsys.readouterr().err
+    # An existing node is refused before it could join a second time with a new key.
+    (tmp_path / "state2").mkdir()
+    (tmp_path / "state2" / "wireguard_peers.json").write_text("{}")
+    assert main([*args, *socks]) == 1
+    assert "wireguard_peers.json already exists" in capsys.readouterr().err
+    assert not (tmp_path / "conf2").exists()
 
 
-def test_join_positional_passphrase_token_and_standby_token(
+def test_join_positional_passphrase_token_reaches_the_join(
     tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(_init(tmp_path, passfile, "--standby-token")) == 0
     token = _printed_token(capsys.readouterr().out)
-    assert main(_join_args(tmp_path, token, "--passphrase-file", str(passfile))) == 0
-    conf2 = tmp_path / "conf2"
-    # A standby joiner never receives the master key.
-    assert not (conf2 / "master.key").exists()
-    assert not load_config(conf2 / "config.toml").node.publisher_eligible
+    socks = ["--tor-socks", f"127.0.0.1:{_closed_port()}", "--join-attempts", "1"]
+    assert main(_join_args(tmp_path, token, "--passphrase-file", str(passfile), *socks)) == 1
+    # Decoded (a wrong token would fail before): it got as far as tor's SOCKS port.
+    assert "join failed after 1 attempts" in capsys.readouterr().err
+    assert not (tmp_path / "conf2").exists()
 
 
 @pytest.mark.parametrize("damage", ["wrong-passphrase", "flipped", "truncated"])
@@ -302,8 +382,10 @@ def test_raw_token_is_refused_on_argv_and_accepted_from_a_file(
     assert not (tmp_path / "conf2").exists()
     token_file = tmp_path / "raw"
     token_file.write_text(token)
-    assert main(_join_args(tmp_path, "--token-file", str(token_file))) == 0
-    assert load_config(tmp_path / "conf2" / "config.toml").node.id == "node-b"
+    socks = ["--tor-socks", f"127.0.0.1:{_closed_port()}", "--join-attempts", "1"]
+    assert main(_join_args(tmp_path, "--token-file", str(token_file), *socks)) == 1
+    # Accepted from the file: decoded, then the join itself was tried.
+    assert "join failed after 1 attempts" in capsys.readouterr().err
 
 
 def test_join_refuses_the_issuers_node_id(

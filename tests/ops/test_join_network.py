@@ -227,3 +227,53 @@ async def test_join_via_onion_gives_up_on_a_dead_socks_port() -> None:
     assert slept == [15.0]
     with pytest.raises(JoinError, match="master address"):
         await join_via_onion(("127.0.0.1", 1), "not-an-onion", SECRET, _request())
+
+
+def test_wants_lets_only_join_paths_leave_the_fast_path() -> None:
+    wants = make_join_interceptor(
+        JoinResponder(join_secret=SECRET, cluster_token=TOKEN, self_info=SELF)
+    ).wants
+    assert wants(b"/.rb/" + SECRET.encode())
+    assert wants(b"/.rb")
+    assert wants(b"http://" + MASTER.encode() + b"/.rb/x")  # absolute form
+    assert not wants(b"/")
+    assert not wants(b"/static/app.js?x=.r")
+
+
+async def test_join_path_after_a_fast_path_request_on_one_connection() -> None:
+    """A keep-alive client first gets a page from the target (callback fast path), then POSTs
+    to /.rb on the same connection: the interceptor answers, the target never sees the path."""
+    seen: list[bytes] = []
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            seen.append(head.split(b" ")[1])
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server = await asyncio.start_server(target, "127.0.0.1", 0)
+    port = int(server.sockets[0].getsockname()[1])
+    responder = JoinResponder(join_secret=SECRET, cluster_token=TOKEN, self_info=SELF)
+    settings = ProxySettings(
+        target=Target("127.0.0.1", port, is_onion=False),
+        listen_port=0,
+        connect_timeout=2,
+        idle_timeout=5,
+        drain_timeout=1,
+    )
+    proxy = ReverseProxy(settings, interceptor=make_join_interceptor(responder))
+    await proxy.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(f"GET /page HTTP/1.1\r\nHost: {MASTER}\r\n\r\n".encode())
+        first = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+        assert first.startswith(b"HTTP/1.1 200")
+        writer.write(_post("/.rb/wrong-secret", b"{}"))
+        await writer.drain()
+        second = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert second.startswith(b"HTTP/1.1 404")
+        assert seen == [b"/page"]
+    finally:
+        await proxy.close(1)
+        server.close()

@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 from rustbalance.proxy.rewrite import (
     RewriteRules,
+    request_fields_bytes,
+    response_fields_bytes,
     rewrite_csp,
     rewrite_location,
     rewrite_origin,
@@ -147,3 +149,78 @@ def test_request_headers_always_carry_exactly_one_target_host(
     listed = {t.strip().lower() for v in _get(headers, b"connection") for t in v.split(b",")}
     cookies = [] if b"cookie" in listed else _get(headers, b"cookie")
     assert _get(out, b"cookie") == cookies  # end-to-end fields pass, unless named hop-by-hop
+
+
+# -- the fast path's one-pass versions agree with the general functions --------------------
+
+_T = TARGET_ONION.encode()
+_MB = MASTER.encode()
+_names = st.sampled_from(
+    [
+        b"host", b"origin", b"referer", b"location", b"content-location", b"set-cookie",
+        b"content-security-policy", b"content-security-policy-report-only",
+        b"access-control-allow-origin", b"connection", b"keep-alive", b"te", b"trailer",
+        b"upgrade", b"proxy-connection", b"proxy-authorization", b"transfer-encoding",
+        b"content-length", b"x-drop", b"accept", b"cookie",
+    ]
+)  # fmt: skip
+_values = st.one_of(
+    st.sampled_from(
+        [
+            b"keep-alive", b"close", b"Keep-Alive", b"x-drop, accept", b"upgrade", b"chunked",
+            b"http://" + _T + b"/p?q#f", b"http://" + _MB + b"/from", b"//" + _T + b"/s",
+            b"https://" + _T + b":443/", b"sid=1; Domain=." + _T + b"; Path=/",
+            b"default-src " + _T + b":80 x" + _T, b"http://" + _MB, b"0", b"12",
+        ]
+    ),
+    st.binary(max_size=12).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+)  # fmt: skip
+_fields = st.lists(st.tuples(_names, _values), max_size=8)
+
+
+def _serialize(fields: list[tuple[bytes, bytes]]) -> bytes:
+    """How h11 writes field lines: Host first, then the others in order."""
+    lines = [b"%s: %s\r\n" % f for f in fields if f[0] == b"host"]
+    lines += [b"%s: %s\r\n" % f for f in fields if f[0] != b"host"]
+    return b"".join(lines) + b"\r\n"
+
+
+@settings(max_examples=400)
+@given(fields=_fields, rules=st.sampled_from([RULES, NO_MASTER]))
+def test_one_pass_request_fields_match_the_general_rewrite(
+    fields: list[tuple[bytes, bytes]], rules: RewriteRules
+) -> None:
+    host_line = b"host: %s\r\n" % rules.target_authority.encode()
+    fast = request_fields_bytes(fields, rules, host_line)
+    if fast is not None:
+        assert fast == _serialize(rewrite_request_headers(fields, rules))
+    # It refuses exactly what the fast path must not handle alone.
+    unusual = any(
+        (n == b"connection" and v.lower() != b"keep-alive") or n == b"transfer-encoding"
+        for n, v in fields
+    )
+    assert (fast is None) == unusual
+
+
+@settings(max_examples=400)
+@given(fields=_fields, rules=st.sampled_from([RULES, NO_MASTER]))
+def test_one_pass_response_fields_match_the_general_rewrite(
+    fields: list[tuple[bytes, bytes]], rules: RewriteRules
+) -> None:
+    fast = response_fields_bytes(fields, rules)
+    if fast is not None:
+        assert fast == _serialize(rewrite_response_headers(fields, rules))
+    unusual = any(n in (b"host", b"transfer-encoding") for n, _ in fields)
+    assert (fast is None) == unusual
+
+
+def test_one_pass_response_rewrites_location_and_drops_connection_named_fields() -> None:
+    fields = [
+        (b"location", b"http://" + _T + b"/next"),
+        (b"connection", b"X-Secret"),
+        (b"x-secret", b"1"),
+        (b"content-length", b"0"),
+    ]
+    assert response_fields_bytes(fields, RULES) == (
+        b"location: http://" + _MB + b"/next\r\ncontent-length: 0\r\n\r\n"
+    )

@@ -10,9 +10,9 @@ terminal prompt; generated secrets only go to files. Every file is 0600 in a 070
 first written to a temporary name, then renamed once everything is ready, so a failure leaves
 nothing half-written. Existing files are never overwritten (keys must not be regenerated).
 
-The config schema has no place yet for the WireGuard and join settings, so they go to a sidecar
-``cluster.toml`` next to ``config.toml`` (``[wireguard]`` private_key_path, endpoint,
-tunnel_network, tunnel_address; ``[join]`` secret_path) until the schema grows those sections.
+The config gets ``[wireguard]`` (key file, tunnel address = the first host of the tunnel
+network, endpoint; ``enabled`` unless ``--no-wireguard``) and ``[join]`` (enabled, secret file,
+tunnel network), so the node answers joins over the master onion as soon as it runs.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from rustbalance.deploy.join_token import (
 from rustbalance.errors import ConfigError, RustBalanceError
 
 __all__ = [
-    "CLUSTER_FILE",
     "CLUSTER_TOKEN_FILE",
     "CONFIG_FILE",
     "DEFAULT_CONFIG_DIR",
@@ -72,7 +71,6 @@ DEFAULT_STATE_DIR = "/var/lib/rustbalance"
 DEFAULT_TUNNEL_NETWORK = "10.99.0.0/24"
 DEFAULT_COORDINATION_PORT = 51821
 CONFIG_FILE = "config.toml"
-CLUSTER_FILE = "cluster.toml"
 MASTER_KEY_FILE = "master.key"
 CLUSTER_TOKEN_FILE = "cluster.token"  # noqa: S105 (a file name)
 JOIN_SECRET_FILE = "join.secret"  # noqa: S105 (a file name)
@@ -231,18 +229,29 @@ def validated_config(config: dict[str, Any], config_dir: Path) -> bytes:
     return text.encode("utf-8")
 
 
-def cluster_sidecar(
-    config_dir: Path, endpoint: str, tunnel_network: str, tunnel_address: str | None
-) -> bytes:
-    wireguard: dict[str, Any] = {
-        "private_key_path": str(config_dir / WIREGUARD_KEY_FILE),
-        "endpoint": endpoint,
-        "tunnel_network": tunnel_network,
+def mesh_sections(
+    config_dir: Path,
+    *,
+    endpoint: str,
+    tunnel_network: ipaddress.IPv4Network,
+    tunnel_address: str,
+    wireguard: bool,
+) -> dict[str, dict[str, Any]]:
+    """The ``[wireguard]`` and ``[join]`` tables of a node's config (docs/config.md)."""
+    return {
+        "wireguard": {
+            "enabled": wireguard,
+            "private_key_path": str(config_dir / WIREGUARD_KEY_FILE),
+            "address": f"{tunnel_address}/{tunnel_network.prefixlen}",
+            "listen_port": parse_endpoint(endpoint).port,
+            "endpoint": endpoint,
+        },
+        "join": {
+            "enabled": True,
+            "secret_path": str(config_dir / JOIN_SECRET_FILE),
+            "tunnel_network": str(tunnel_network),
+        },
     }
-    if tunnel_address is not None:
-        wireguard["tunnel_address"] = tunnel_address
-    doc = {"wireguard": wireguard, "join": {"secret_path": str(config_dir / JOIN_SECRET_FILE)}}
-    return tomli_w.dumps(doc).encode("utf-8")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, default_priority: int) -> None:
@@ -279,6 +288,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_priority: i
     )
     parser.add_argument(
         "--proxy-port", type=int, default=8080, help="local port of the reverse proxy (8080)"
+    )
+    parser.add_argument(
+        "--no-wireguard",
+        action="store_true",
+        help="do not let the daemon manage a WireGuard interface (a tunnel managed elsewhere)",
     )
     parser.add_argument(
         "--non-interactive",
@@ -455,6 +469,15 @@ def run_init(args: argparse.Namespace, io: Io) -> int:
     }
     if args.tor_mode == "managed":
         config["tor"]["data_dir"] = str(state_dir / "tor")
+    config.update(
+        mesh_sections(
+            config_dir,
+            endpoint=endpoint,
+            tunnel_network=network,
+            tunnel_address=tunnel_address,
+            wireguard=not args.no_wireguard,
+        )
+    )
     config_text = validated_config(config, config_dir)
 
     ensure_private_dir(config_dir)
@@ -464,9 +487,6 @@ def run_init(args: argparse.Namespace, io: Io) -> int:
         staged.add(CLUSTER_TOKEN_FILE, cluster_token.encode("ascii") + b"\n")
         staged.add(JOIN_SECRET_FILE, join_secret.encode("ascii") + b"\n")
         staged.add(WIREGUARD_KEY_FILE, wg_private)
-        staged.add(
-            CLUSTER_FILE, cluster_sidecar(config_dir, endpoint, str(network), tunnel_address)
-        )
         if not args.raw_token:
             # Useless without the passphrase, so it may sit on disk (deploy.sh prints its path).
             staged.add(JOIN_TOKEN_FILE, token.encode("ascii") + b"\n")

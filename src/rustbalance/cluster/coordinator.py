@@ -24,6 +24,17 @@ peer whose last copy from us is not our current set, and to every peer every
 ``intro_refresh_heartbeats`` heartbeats. The protocol has no "please resend": the refresh is what
 repairs a lost datagram or a peer that restarted within the heartbeat timeout.
 
+Every heartbeat carries the election's believed publisher (``Election.report``). When the
+election says a newer sign of life of that publisher arrived, or the belief changed
+(:class:`~rustbalance.cluster.election.RelayBelief`), the heartbeat goes out at once instead of
+at its time (at most once per half interval, and the periodic timer restarts from it), so the
+news crosses a non-transitive partition hop by hop without an interval of delay per hop.
+When a peer's heartbeat names no publisher or a worse one than ours, or a worse peer claims
+(:class:`~rustbalance.cluster.election.InformPeer`), that peer alone gets our heartbeat at once
+(at most once per half interval per peer): a node that has just started learns the publisher
+within a round trip of its first heartbeat, well inside its discovery window, and a wrong claim
+is answered within one.
+
 Learned peers are saved as JSON (``cluster_peers.json`` in the state dir, mode 0600, written
 atomically) and loaded at start, so a restarted node finds the cluster without its seed peers.
 
@@ -51,6 +62,8 @@ from rustbalance.cluster.election import (
     BecomePublisher,
     Election,
     ElectionTimings,
+    InformPeer,
+    RelayBelief,
     SendLeaseClaim,
     SendLeaseRelease,
     StepDown,
@@ -58,6 +71,7 @@ from rustbalance.cluster.election import (
 from rustbalance.cluster.messages import (
     MAX_INTRO_POINTS,
     MAX_KNOWN_PEERS,
+    MAX_U64,
     ClusterKey,
     CoordinationError,
     Envelope,
@@ -71,10 +85,11 @@ from rustbalance.cluster.messages import (
     RejectReason,
     Role,
     Sender,
+    check_node_id,
     check_peer_address,
     intro_points_digest,
 )
-from rustbalance.cluster.peers import PeerTable, load_known_peers
+from rustbalance.cluster.peers import AddressSource, KnownPeer, PeerTable, load_known_peers
 from rustbalance.cluster.transport import DEFAULT_WARN_INTERVAL_SECS, Address, ClusterTransport
 from rustbalance.config.schema import Config, CoordinationConfig
 from rustbalance.errors import RustBalanceError
@@ -127,6 +142,8 @@ class CoordinatorCounters:
     """Monotonic counters for metrics (datagrams, not messages, where one is sent to many)."""
 
     heartbeats_sent: int = 0
+    early_heartbeats_sent: int = 0  # sent before their time to relay the believed publisher
+    inform_heartbeats_sent: int = 0  # sent to one peer that does not know our publisher
     heartbeats_received: int = 0
     intro_points_sent: int = 0
     intro_points_received: int = 0
@@ -255,6 +272,9 @@ class Coordinator(Generic[PointT]):
         self._sources: dict[str, Address] = {}
         self._last_publish: int | None = None
         self._next_heartbeat = 0.0
+        self._last_heartbeat: float | None = None  # when the last broadcast heartbeat went out
+        # When each peer last got a heartbeat of its own (on appearing, or InformPeer).
+        self._answered: dict[str, float] = {}
         self._heartbeats = 0
         self._gossip_limit = MAX_KNOWN_PEERS
         self._saved_peers_json: str | None = None
@@ -294,7 +314,7 @@ class Coordinator(Generic[PointT]):
 
     def _new_election(self) -> Election:
         # The coordinator is only run in multi-node mode (peers configured or remembered), so
-        # never single_node: a lone member waits timeout + grace and then claims.
+        # never single_node: a lone member listens for the discovery window and then claims.
         return Election(
             self.node_id,
             self.priority,
@@ -381,6 +401,17 @@ class Coordinator(Generic[PointT]):
             self._send_intro_points(self._all_targets(), list(self._live_ids()))
         return True
 
+    def add_peer(self, node_id: str, address: str) -> None:
+        """A peer learned outside coordination (a node admitted over the master onion, or the
+        saved mesh peers): it gets our heartbeats from the next tick and is saved with the
+        learned peers. Its own heartbeats later replace the address (it speaks for itself)."""
+        canonical = check_peer_address(address)
+        if check_node_id(node_id) == self.node_id:
+            raise CoordinationError("a peer cannot have our own node id")
+        self.peers.restore(
+            [KnownPeer(node_id, canonical, AddressSource.RESTORED, 0.0)], self._monotonic()
+        )
+
     def set_last_publish(self, unix_time: int) -> None:
         """Record a successful publish (advertised in our heartbeats)."""
         self._last_publish = int(unix_time)
@@ -454,14 +485,22 @@ class Coordinator(Generic[PointT]):
             self._apply(self.election.on_peer_expired(node_id, now))
             self._notify(ChangeKind.PEER_DOWN)
         self._apply(self.election.tick(now))
+        # Bounded: only the entries that can still hold an answer back.
+        limit = self.timings.heartbeat_interval / 2
+        self._answered = {k: t for k, t in self._answered.items() if now - t < limit}
         if not self._stopped and now >= self._next_heartbeat:
-            self._next_heartbeat = now + self.timings.heartbeat_interval
-            self._send_heartbeat(self._all_targets())
-            self._heartbeats += 1
-            if self._heartbeats % self._refresh_every == 0:
-                live = list(self._live_ids())
-                self._send_intro_points(self._targets_of(live), live)
+            self._broadcast_heartbeat(now)
         await self._save_peers_file()
+
+    def _broadcast_heartbeat(self, now: float) -> None:
+        """The periodic heartbeat (also sent early to relay our believed publisher)."""
+        self._next_heartbeat = now + self.timings.heartbeat_interval
+        self._last_heartbeat = now
+        self._send_heartbeat(self._all_targets())
+        self._heartbeats += 1
+        if self._heartbeats % self._refresh_every == 0:
+            live = list(self._live_ids())
+            self._send_intro_points(self._targets_of(live), live)
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -469,6 +508,14 @@ class Coordinator(Generic[PointT]):
         now = self._monotonic()
         sender = envelope.sender
         payload = envelope.payload
+        if _highest_term(payload) >= MAX_U64:
+            # A node that adopts this term can never claim the next one (it does not fit the
+            # wire's 64 bits): the election would be stuck for good. Only a broken or hostile
+            # cluster member sends it; drop it like an undecodable message.
+            self.transport.warn(
+                f"term:{sender}", "dropped a message from %s: its term cannot be exceeded", sender
+            )
+            return
         self._sources[sender] = source
         if isinstance(payload, Heartbeat):
             self.counters.heartbeats_received += 1
@@ -480,6 +527,8 @@ class Coordinator(Generic[PointT]):
                 payload.term,
                 payload.publisher_eligible,
                 now,
+                seq=envelope.seq,
+                report=payload.believed_publisher,
             )
             if appeared:
                 log.info("peer %s is up (%s, priority %d)", sender, payload.role, payload.priority)
@@ -487,6 +536,7 @@ class Coordinator(Generic[PointT]):
                 if not self._stopped and self._running:
                     # It may not know us yet and would drop our intro points: heartbeat first.
                     self._send_heartbeat(self._targets_of([sender]))
+                    self._answered[sender] = now  # it has our belief: no InformPeer on top
             if (
                 not self._stopped
                 and self._running
@@ -498,16 +548,23 @@ class Coordinator(Generic[PointT]):
         elif isinstance(payload, IntroPoints):
             self.counters.intro_points_received += 1
             if self.peers.on_intro_points(sender, payload, now):
-                self._decoded[sender] = self._decode_points(sender, payload.intro_points)
+                # The table's copy: duplicates removed, so a point is never merged twice.
+                peer = self.peers.get(sender)
+                points = peer.intro_points if peer is not None else payload.intro_points
+                self._decoded[sender] = self._decode_points(sender, points)
                 self._notify(ChangeKind.INTRO_POINTS)
         elif isinstance(payload, LeaseClaim):
             self.counters.lease_claims_received += 1
             log.info("peer %s claims the publisher lease (term %d)", sender, payload.term)
-            self._apply(self.election.on_lease_claim(sender, payload.term, payload.priority, now))
+            self._apply(
+                self.election.on_lease_claim(
+                    sender, payload.term, payload.priority, now, seq=envelope.seq
+                )
+            )
         elif isinstance(payload, LeaseRelease):
             self.counters.lease_releases_received += 1
             log.info("peer %s released the publisher lease (term %d)", sender, payload.term)
-            self._apply(self.election.on_lease_release(sender, payload.term, now))
+            self._apply(self.election.on_lease_release(sender, payload.term, now, seq=envelope.seq))
             # Its publishing stopped: the daemon's view of who publishes changed.
             self._notify(ChangeKind.ROLE)
         elif isinstance(payload, PeerAnnounce):
@@ -573,6 +630,7 @@ class Coordinator(Generic[PointT]):
                 last_publish=self._last_publish,
                 publisher_eligible=self._eligible,
                 known_peers=self.peers.gossip(self._gossip_limit),
+                believed_publisher=self.election.report(self._monotonic()),
             )
             try:
                 datagram = self.transport.seal(heartbeat)
@@ -612,6 +670,7 @@ class Coordinator(Generic[PointT]):
             return 0
 
     def _apply(self, actions: list[Action]) -> None:
+        broadcast = False  # a heartbeat to everyone went out for these actions
         for action in actions:
             if isinstance(action, BecomePublisher):
                 log.info("%s becomes the publisher (term %d)", self.node_id, action.term)
@@ -628,6 +687,46 @@ class Coordinator(Generic[PointT]):
                 for _ in range(_RELEASE_COPIES):
                     release = LeaseRelease(action.term)
                     self.counters.lease_releases_sent += self._broadcast(release)
+            elif isinstance(action, RelayBelief):
+                broadcast = self._relay_belief() or broadcast
+            elif isinstance(action, InformPeer) and not broadcast:
+                self._inform_peer(action.node_id)
+
+    def _inform_peer(self, node_id: str) -> None:
+        """Send ``node_id`` alone our heartbeat now (it does not know our believed publisher).
+
+        At most once per half interval per peer, so a peer that keeps disagreeing (e.g. it heard
+        later news of the publisher than we did) costs at most two extra datagrams per interval.
+        """
+        if self._stopped or not self._running:
+            return
+        now = self._monotonic()
+        last = self._answered.get(node_id)
+        if last is not None and now - last < self.timings.heartbeat_interval / 2:
+            return
+        targets = self._targets_of([node_id])
+        if not targets:
+            return
+        self._answered[node_id] = now
+        self.counters.inform_heartbeats_sent += 1
+        self._send_heartbeat(targets)
+
+    def _relay_belief(self) -> bool:
+        """Send our heartbeat now so a newer sign of our believed publisher travels on at once.
+
+        At most once per half interval (so a burst of news costs at most two heartbeats per
+        interval); the periodic timer restarts from here, so in steady state every node still
+        sends one heartbeat per interval, just in a wave behind the publisher's. True if sent.
+        """
+        if self._stopped or not self._running:
+            return False
+        now = self._monotonic()
+        last = self._last_heartbeat
+        if last is not None and now - last < self.timings.heartbeat_interval / 2:
+            return False
+        self.counters.early_heartbeats_sent += 1
+        self._broadcast_heartbeat(now)
+        return True
 
     def _notify(self, kind: ChangeKind) -> None:
         self.changed.set()
@@ -673,6 +772,16 @@ class Coordinator(Generic[PointT]):
             return
         self._saved_peers_json = text
         self.counters.peers_file_writes += 1
+
+
+def _highest_term(payload: Payload) -> int:
+    """The largest election term a payload carries (0 if none)."""
+    if isinstance(payload, Heartbeat):
+        report = payload.believed_publisher
+        return max(payload.term, report.term if report is not None else 0)
+    if isinstance(payload, LeaseClaim | LeaseRelease):
+        return payload.term
+    return 0
 
 
 def _save(path: Path, text: str) -> None:

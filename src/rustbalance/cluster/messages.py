@@ -12,7 +12,20 @@ Wire format (all integers big-endian)::
     body      = seq(u64) ‖ timestamp_ms(u64) ‖ type(u8) ‖ payload
 
 Payloads are a compact binary encoding; every count and length is bounded, trailing bytes are
-an error. The AEAD is ChaCha20-Poly1305 with a key derived by HKDF-SHA256 from the token; the
+an error. The heartbeat (strings are len(u8) ‖ UTF-8, flags are 0 or 1)::
+
+    heartbeat = role(u8) ‖ priority(u32) ‖ term(u64) ‖ intro_digest(32)
+                ‖ flag ‖ [last_publish(u64)] ‖ eligible(flag) ‖ count(u16) ‖ count × (id ‖ address)
+                ‖ flag ‖ [believed publisher]                                   (version 2)
+    believed publisher = id ‖ priority(u32) ‖ term(u64) ‖ seq(u64) ‖ age_ms(u32) ‖ hops(u8 ≤ 16)
+
+Version 2 (this one) added the heartbeat's *believed publisher* (:class:`PublisherReport`, see
+:mod:`rustbalance.cluster.election`), which ends the heartbeat payload. Version 1 decoders reject
+any trailing bytes, so the field could not be added compatibly: the version byte went to 2, and
+with it the HKDF info, so the two versions never share a key. A version 1 datagram is rejected as
+``unknown_version`` (counted, never acted on); every node of a cluster must run the same version.
+
+The AEAD is ChaCha20-Poly1305 with a key derived by HKDF-SHA256 from the token; the
 HKDF info names the protocol and its version, so a future version never shares a key.
 
 Everything that parses untrusted bytes raises only :class:`CoordinationError` (with a typed
@@ -44,6 +57,7 @@ __all__ = [
     "MAX_INTRO_POINTS",
     "MAX_INTRO_POINT_BYTES",
     "MAX_KNOWN_PEERS",
+    "MAX_REPORT_HOPS",
     "PROTOCOL_VERSION",
     "ClusterKey",
     "CoordinationError",
@@ -55,6 +69,7 @@ __all__ = [
     "MessageType",
     "Payload",
     "PeerAnnounce",
+    "PublisherReport",
     "Receiver",
     "RejectReason",
     "Role",
@@ -67,7 +82,7 @@ __all__ = [
     "open_datagram",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_CLOCK_SKEW_SECS = 5.0
 DEFAULT_MAX_DATAGRAM_BYTES = 65000
 # Tor puts at most 20 intro points in a descriptor; a node offers at most that many. The bound
@@ -76,7 +91,12 @@ MAX_INTRO_POINTS = 64
 MAX_INTRO_POINT_BYTES = 8192
 # Bounds the gossip list (W17: unbounded lists overflowed the datagram).
 MAX_KNOWN_PEERS = 256
+# A believed-publisher report is relayed through at most this many nodes: every relay may make the
+# report look fresher by one datagram's transit time (transit is not measured), so the hop limit
+# bounds that error even around cycles. 16 is far beyond any real cluster's diameter.
+MAX_REPORT_HOPS = 16
 MAX_ADDRESS_CHARS = 255
+MAX_U8 = 0xFF
 MAX_U32 = 0xFFFFFFFF
 MAX_U64 = 0xFFFFFFFFFFFFFFFF
 
@@ -88,6 +108,8 @@ _MIN_TOKEN_BYTES = 16
 _HKDF_INFO = b"rustbalance cluster coordination v%d" % PROTOCOL_VERSION
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _BODY_HEADER = struct.Struct(">QQB")
+# PublisherReport after its node id: priority u32, term u64, seq u64, age_ms u32 (then hops u8).
+_REPORT = struct.Struct(">IQQI")
 
 
 class CoordinationError(RustBalanceError):
@@ -157,6 +179,39 @@ def _check_uint(value: int, limit: int, name: str) -> None:
 
 
 @dataclass(frozen=True)
+class PublisherReport:
+    """The publisher a heartbeat's sender believes in, and how fresh that belief is.
+
+    ``seq`` is the publisher's own sequence number (of the message that was its latest sign of
+    life): it orders reports of one publisher, so an old report echoed back through a cycle never
+    counts as news. ``age_ms`` is how long before this heartbeat that sign of life reached the
+    sender (measured on the sender's own clock and summed over the relays, so it never restarts
+    at a hop). ``hops`` counts the nodes that relayed it before the sender (0: the sender heard
+    the publisher itself, or is the publisher: then ``seq`` is 0 and receivers ignore the report,
+    the heartbeat's role already says it).
+    """
+
+    node_id: str
+    priority: int
+    term: int
+    seq: int
+    age_ms: int
+    hops: int
+
+    def __post_init__(self) -> None:
+        check_node_id(self.node_id)
+        _check_uint(self.priority, MAX_U32, "publisher priority")
+        _check_uint(self.term, MAX_U64, "publisher term")
+        _check_uint(self.seq, MAX_U64, "publisher sequence number")
+        _check_uint(self.age_ms, MAX_U32, "publisher report age")
+        _check_uint(self.hops, MAX_U8, "publisher report hops")
+        if self.hops > MAX_REPORT_HOPS:
+            raise CoordinationError(
+                f"publisher report relayed through {self.hops} nodes (at most {MAX_REPORT_HOPS})"
+            )
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     role: Role
     priority: int
@@ -165,6 +220,8 @@ class Heartbeat:
     last_publish: int | None  # unix seconds of the last successful publish, None if never
     publisher_eligible: bool
     known_peers: tuple[tuple[str, str], ...] = ()  # (node_id, "host:port")
+    # Who the sender believes publishes (None: it knows of no live publisher). Protocol v2.
+    believed_publisher: PublisherReport | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.role, Role):
@@ -183,6 +240,10 @@ class Heartbeat:
             check_node_id(node_id)
             if check_peer_address(address) != address:
                 raise CoordinationError("peer address is not in canonical form")
+        if self.believed_publisher is not None and not isinstance(
+            self.believed_publisher, PublisherReport
+        ):
+            raise CoordinationError("believed publisher must be a PublisherReport")
 
 
 @dataclass(frozen=True)
@@ -291,6 +352,14 @@ def _encode_payload(payload: Payload) -> bytes:
         for node_id, address in payload.known_peers:
             _put_str(out, node_id)
             _put_str(out, address)
+        report = payload.believed_publisher
+        if report is None:
+            out.append(0)
+        else:
+            out.append(1)
+            _put_str(out, report.node_id)
+            out += _REPORT.pack(report.priority, report.term, report.seq, report.age_ms)
+            out.append(report.hops)
     elif isinstance(payload, IntroPoints):
         out += struct.pack(">H", len(payload.intro_points))
         for point in payload.intro_points:
@@ -359,7 +428,14 @@ def _decode_payload(kind: MessageType, r: _Reader) -> Payload:
         if count > MAX_KNOWN_PEERS:
             raise CoordinationError("too many known peers")
         peers = tuple((r.text(), r.text()) for _ in range(count))
-        payload = Heartbeat(role, priority, term, digest, last_publish, eligible, peers)
+        report = None
+        if r.flag():
+            report_id = r.text()
+            report_priority, report_term, report_seq, age_ms = r.unpack(_REPORT.format)
+            report = PublisherReport(
+                report_id, report_priority, report_term, report_seq, age_ms, r.u8()
+            )
+        payload = Heartbeat(role, priority, term, digest, last_publish, eligible, peers, report)
     elif kind is MessageType.INTRO_POINTS:
         (count,) = r.unpack(">H")
         if count > MAX_INTRO_POINTS:

@@ -44,6 +44,12 @@ DEFAULT_WARN_INTERVAL_SECS = 60.0
 _RESOLVE_TTL_SECS = 60.0
 _RESOLVE_TIMEOUT_SECS = 5.0
 
+# A timestamp outside the tolerance is a replay or, far more often, a wrong clock on one side.
+_SKEW_HINT = (
+    " (timestamp beyond coordination.clock_skew_tolerance_secs: check the clocks (NTP) of "
+    "both nodes)"
+)
+
 Address = tuple[str, int]
 MessageHandler = Callable[[Envelope, Address], None]
 
@@ -254,9 +260,10 @@ class ClusterTransport:
             self.rejected[result] += 1
             self._warn.warning(
                 f"reject:{result.value}",
-                "dropped coordination datagram from %s: %s",
+                "dropped coordination datagram from %s: %s%s",
                 _format_address(source),
                 result.value,
+                _SKEW_HINT if result in (RejectReason.STALE, RejectReason.FUTURE) else "",
             )
             return
         self.datagrams_accepted += 1

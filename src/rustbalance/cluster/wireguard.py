@@ -451,14 +451,28 @@ class WireGuardInterface:
 
     async def _run(self, *argv: str, stdin: bytes | None = None) -> bytes:
         full = self._argv(argv)
-        process = await asyncio.create_subprocess_exec(
-            *full,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        # Input goes through a real pipe, filled before the child starts: `wg` opens
+        # /dev/stdin by name, which fails (ENXIO) on the socketpair that uvloop's subprocess
+        # PIPE is. The input (a key) is far below the pipe buffer, so the write cannot block.
+        stdin_fd: int | None = None
+        if stdin is not None:
+            stdin_fd, write_fd = os.pipe()
+            try:
+                os.write(write_fd, stdin)
+            finally:
+                os.close(write_fd)
         try:
-            out, err = await asyncio.wait_for(process.communicate(stdin), _COMMAND_TIMEOUT_SECS)
+            process = await asyncio.create_subprocess_exec(
+                *full,
+                stdin=stdin_fd if stdin_fd is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        finally:
+            if stdin_fd is not None:
+                os.close(stdin_fd)
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), _COMMAND_TIMEOUT_SECS)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()

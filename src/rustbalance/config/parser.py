@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -29,6 +30,8 @@ from rustbalance.config.schema import (
     CoordinationConfig,
     Endpoint,
     HealthConfig,
+    IdentityMode,
+    JoinConfig,
     MasterConfig,
     MetricsConfig,
     NodeConfig,
@@ -38,6 +41,8 @@ from rustbalance.config.schema import (
     TargetConfig,
     TorConfig,
     TorMode,
+    WireGuardConfig,
+    WireGuardMode,
 )
 from rustbalance.crypto.onion_address import decode_onion_address
 from rustbalance.errors import ConfigError, InvalidKeyError
@@ -56,6 +61,8 @@ SECTIONS = (
     "coordination",
     "metrics",
     "health",
+    "wireguard",
+    "join",
 )
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -73,6 +80,13 @@ _SYSTEM_CONTROL = "127.0.0.1:9051"
 _SYSTEM_SOCKS = "127.0.0.1:9050"
 _SYSTEM_HS_DIR = "/var/lib/tor/rustbalance_node_hs"
 _SYSTEM_TORRC_INCLUDE = "/etc/tor/torrc.d/rustbalance.conf"
+# Linux interface names: at most 15 bytes (IFNAMSIZ 16 with the NUL); the characters `ip` and
+# wireguard-go accept without quoting.
+_IFNAME = re.compile(r"[A-Za-z0-9_=+.-]{1,15}")
+# node/join.py's limits on the tunnel network: a /20 holds 4094 nodes (far more than a
+# cluster), a /30 the smallest network with two hosts.
+_MIN_TUNNEL_PREFIX, _MAX_TUNNEL_PREFIX = 20, 30
+_WIREGUARD_PEERS_FILE = "wireguard_peers.json"
 
 
 class ConfigProblems(ConfigError):
@@ -387,7 +401,7 @@ class _Builder:
                 suffix = f" (did you mean '[{hint[0]}]'?)" if hint else ""
                 self.problems.append(f"[{_key_name(name)}]: unknown section{suffix}")
         node = self.node()
-        master = self.master()
+        master = self.master(node)
         target = self.target()
         tor = self.tor()
         proxy = self.proxy()
@@ -395,11 +409,25 @@ class _Builder:
         coordination = self.coordination()
         metrics = self.metrics()
         health = self.health()
+        wireguard = self.wireguard(node)
+        join = self.join(wireguard, coordination, proxy)
         if not self.problems:
             self.check_listeners(proxy, metrics)
         if self.problems:
             raise ConfigProblems(self.problems)
-        return Config(node, master, target, tor, proxy, publish, coordination, metrics, health)
+        return Config(
+            node,
+            master,
+            target,
+            tor,
+            proxy,
+            publish,
+            coordination,
+            metrics,
+            health,
+            wireguard,
+            join,
+        )
 
     def node(self) -> NodeConfig:
         s = self.section("node")
@@ -416,15 +444,37 @@ class _Builder:
                     f"path is {length} bytes; unix socket paths are limited to "
                     f"{_MAX_UNIX_SOCKET_PATH} (set a shorter node.status_socket)",
                 )
+        identity_mode = cast(
+            IdentityMode,
+            s.choice(
+                "identity_mode", _default(NodeConfig, "identity_mode"), ("shared", "instance")
+            ),
+        )
+        instance_key = s.path("instance_key_path", state_dir / "keys" / "instance.key", self.base)
         s.finish()
-        return NodeConfig(node_id, state_dir, status_socket, priority, eligible)
+        return NodeConfig(
+            node_id, state_dir, status_socket, priority, eligible, identity_mode, instance_key
+        )
 
-    def master(self) -> MasterConfig:
+    def master(self, node: NodeConfig) -> MasterConfig:
         s = self.section("master")
-        key_path = s.path("identity_key_path", Path(), self.base, required=True)
+        # Instance mode: only a node that may publish (sign the master descriptor) needs the
+        # master key; the others host their own key and need just the master address.
+        key_needed = node.identity_mode == "shared" or node.publisher_eligible
+        key_path = s.optional_path("identity_key_path", self.base)
+        if key_path is None and key_needed:
+            why = "" if node.identity_mode == "shared" else " (this instance is publisher-eligible)"
+            s.problem("identity_key_path", f"is required{why}")
         onion: str | None = None
         if s.has("onion_address"):
             onion = s.text("onion_address", "", check=_check_master_onion).lower()
+        elif key_path is None and not key_needed:
+            s.mark("onion_address")
+            s.problem(
+                "onion_address",
+                "is required without master.identity_key_path (the node's ob_config names "
+                "the master address)",
+            )
 
         def client(index: int, value: object) -> bytes | None:
             if not isinstance(value, str):
@@ -444,8 +494,23 @@ class _Builder:
             if key in seen:
                 s.item_problem("authorized_clients", index, "the same key is listed twice")
             seen.add(key)
+        backends = s.items("backends", lambda i, v: _backend(s, i, v))
+        for index, backend in enumerate(backends):
+            if backend in backends[:index]:
+                s.item_problem("backends", index, f"{backend} is listed twice")
+            elif backend == onion:
+                s.item_problem("backends", index, f"{backend} is the master address itself")
+        m = MasterConfig
+        poll = s.duration("backend_poll_secs", _default(m, "backend_poll_secs"))
+        max_age = s.duration("backend_max_age_secs", _default(m, "backend_max_age_secs"))
+        if s.ok("backend_poll_secs", "backend_max_age_secs") and max_age <= poll:
+            # One slow poll must not drop a healthy backend.
+            s.problem(
+                "backend_max_age_secs",
+                f"must be more than master.backend_poll_secs ({poll:g}), got {max_age:g}",
+            )
         s.finish()
-        return MasterConfig(key_path, onion, clients)
+        return MasterConfig(key_path, onion, clients, backends, poll, max_age)
 
     def target(self) -> TargetConfig:
         s = self.section("target")
@@ -724,6 +789,102 @@ class _Builder:
         s.finish()
         return HealthConfig(enabled, path, interval, timeout, status, threshold)
 
+    def wireguard(self, node: NodeConfig) -> WireGuardConfig:
+        s = self.section("wireguard")
+        c = WireGuardConfig
+        enabled = s.boolean("enabled", _default(c, "enabled"))
+        interface = s.text("interface", _default(c, "interface"), check=_check_ifname)
+        key_path = s.optional_path("private_key_path", self.base)
+        address: ipaddress.IPv4Interface | None = None
+        if s.has("address"):
+            text = s.text("address", "", check=_check_tunnel_address)
+            if s.ok("address"):
+                address = ipaddress.IPv4Interface(text)
+        else:
+            s.mark("address")
+        port = s.integer("listen_port", _default(c, "listen_port"), 1, 65535)
+        mode = cast(
+            WireGuardMode,
+            s.choice("mode", _default(c, "mode"), ("auto", "kernel", "userspace")),
+        )
+        peers_path = s.path("peers_path", node.state_dir / _WIREGUARD_PEERS_FILE, self.base)
+        endpoint = s.endpoint("endpoint", "") if s.has("endpoint") else None
+        if enabled:
+            for key, value in (("private_key_path", key_path), ("address", address)):
+                if value is None and s.ok(key):
+                    s.problem(key, "is required when wireguard.enabled = true")
+        s.finish()
+        return WireGuardConfig(
+            enabled=enabled,
+            interface=interface,
+            private_key_path=key_path,
+            address=address,
+            listen_port=port,
+            mode=mode,
+            peers_path=peers_path,
+            endpoint=endpoint,
+        )
+
+    def join(
+        self,
+        wireguard: WireGuardConfig,
+        coordination: CoordinationConfig,
+        proxy: ProxyConfig,
+    ) -> JoinConfig:
+        s = self.section("join")
+        enabled = s.boolean("enabled", _default(JoinConfig, "enabled"))
+        secret_path = s.optional_path("secret_path", self.base)
+        network: ipaddress.IPv4Network | None = None
+        if s.has("tunnel_network"):
+            text = s.text("tunnel_network", "", check=_check_tunnel_network)
+            if s.ok("tunnel_network"):
+                network = ipaddress.IPv4Network(text)
+        else:
+            s.mark("tunnel_network")
+            if wireguard.address is not None:
+                network = wireguard.address.network
+        address = wireguard.address
+        if network is not None and address is not None and address.ip not in network:
+            s.problem(
+                "tunnel_network",
+                f"{network} does not contain this node's wireguard.address {address.ip}",
+            )
+        if enabled:
+            if secret_path is None and s.ok("secret_path"):
+                s.problem("secret_path", "is required when join.enabled = true")
+            # The join answer describes this node to the joiner: its WireGuard identity and
+            # tunnel address (node/join.py PeerInfo), so these must be known even when the
+            # tunnel itself is managed outside rustbalance.
+            for key, value in (
+                ("private_key_path", wireguard.private_key_path),
+                ("address", wireguard.address),
+                ("endpoint", wireguard.endpoint),
+            ):
+                if value is None and not any(
+                    p.startswith(f"wireguard.{key}:") for p in self.problems
+                ):
+                    self.problems.append(f"wireguard.{key}: is required when join.enabled = true")
+            if coordination.cluster_token_path is None:
+                # Joiners prove they hold the cluster token; without one nothing can be checked.
+                self.problems.append(
+                    "coordination.cluster_token_path: is required when join.enabled = true"
+                )
+            reach = coordination.advertise or coordination.listen
+            if reach.host in ("0.0.0.0", "::"):
+                # Joiners are told where to send heartbeats; a wildcard is nowhere.
+                self.problems.append(
+                    f"coordination.listen: {reach} is a wildcard address, which joiners cannot "
+                    "reach; listen on the tunnel address or set coordination.advertise"
+                )
+            if proxy.mode != "http":
+                # The join request is an HTTP POST answered by the proxy itself; tcp mode
+                # copies bytes to the target without looking at them.
+                self.problems.append(
+                    f"proxy.mode: must be 'http' when join.enabled = true, got '{proxy.mode}'"
+                )
+        s.finish()
+        return JoinConfig(enabled, secret_path, network)
+
     def check_listeners(self, proxy: ProxyConfig, metrics: MetricsConfig) -> None:
         # Both are TCP listeners; the coordination socket is UDP and may share a port number.
         if (
@@ -753,12 +914,56 @@ def _check_master_onion(value: str) -> str | None:
     return None
 
 
+def _backend(s: _Section, index: int, value: object) -> str | None:
+    """One ``master.backends`` item: a v3 ``<56 chars>.onion``, lower-cased."""
+    if not isinstance(value, str):
+        s.item_problem("backends", index, f"must be a string, got {_describe(value)}")
+        return None
+    if (message := _check_master_onion(value)) is not None:
+        s.item_problem("backends", index, message)
+        return None
+    return value.lower()
+
+
 def _is_unix_path(value: str) -> bool:
     return value.startswith("unix:") or "/" in value
 
 
 def _check_binary(value: str) -> str | None:
     return _path_problem(value)
+
+
+def _check_ifname(value: str) -> str | None:
+    if _IFNAME.fullmatch(value):
+        return None
+    return f"must be 1-15 characters of A-Z a-z 0-9 _ = + . -, got {value!r}"
+
+
+def _check_tunnel_address(value: str) -> str | None:
+    example = "an IPv4 address with its network's prefix, such as '10.99.0.1/24'"
+    if "/" not in value:
+        return f"must be {example}, got {value!r}"
+    try:
+        interface = ipaddress.IPv4Interface(value)
+    except ValueError:
+        return f"must be {example}, got {value!r}"
+    network = interface.network
+    if network.prefixlen < 31 and interface.ip in (
+        network.network_address,
+        network.broadcast_address,
+    ):
+        return f"{interface.ip} is the network or broadcast address of {network}"
+    return None
+
+
+def _check_tunnel_network(value: str) -> str | None:
+    try:
+        network = ipaddress.IPv4Network(value, strict=True)
+    except ValueError:
+        return f"must be an IPv4 network such as '10.99.0.0/24', got {value!r}"
+    if "/" not in value or not _MIN_TUNNEL_PREFIX <= network.prefixlen <= _MAX_TUNNEL_PREFIX:
+        return f"must be a /{_MIN_TUNNEL_PREFIX} to /{_MAX_TUNNEL_PREFIX} network, got {value!r}"
+    return None
 
 
 def _check_probe_path(value: str) -> str | None:

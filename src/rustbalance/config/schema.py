@@ -11,6 +11,7 @@ Durations are ``float`` seconds (TOML ints and floats are both accepted). Paths 
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,8 @@ __all__ = [
     "CoordinationConfig",
     "Endpoint",
     "HealthConfig",
+    "IdentityMode",
+    "JoinConfig",
     "MasterConfig",
     "MetricsConfig",
     "NodeConfig",
@@ -29,10 +32,16 @@ __all__ = [
     "TargetConfig",
     "TorConfig",
     "TorMode",
+    "WireGuardConfig",
+    "WireGuardMode",
 ]
 
 TorMode = Literal["managed", "system"]
+# "shared": every node's tor hosts the master key; "instance": a node's tor hosts its own key as
+# an Onionbalance instance of the master (tor.md §11).
+IdentityMode = Literal["shared", "instance"]
 ProxyMode = Literal["http", "tcp"]
+WireGuardMode = Literal["auto", "kernel", "userspace"]
 
 
 @dataclass(frozen=True)
@@ -61,17 +70,29 @@ class NodeConfig:
     status_socket: Path
     priority: int = 10
     publisher_eligible: bool = True
+    identity_mode: IdentityMode = "shared"
+    # Instance mode: the node's own onion service key (a 32-byte seed, generated 0600 in a
+    # 0700 folder if missing). The parser fills ``<state_dir>/keys/instance.key``.
+    instance_key_path: Path | None = None
 
 
 @dataclass(frozen=True)
 class MasterConfig:
-    identity_key_path: Path
+    # None only for a node in instance mode that is not publisher-eligible (it never signs).
+    identity_key_path: Path | None
     # Lower-case ``<56 chars>.onion``; None if the operator did not state it (the daemon derives
     # it from the key; when given, the daemon checks that it matches the key).
     onion_address: str | None = None
     # Raw 32-byte x25519 public keys of the clients allowed to discover the service
     # (restricted discovery). Empty = anyone who knows the address.
     authorized_clients: tuple[bytes, ...] = ()
+    # Plain tor onion services (Onionbalance instances of the master, no RustBalance on them):
+    # lower-case ``<56 chars>.onion``, distinct, never the master itself.
+    backends: tuple[str, ...] = ()
+    # How often the publisher HSFETCHes and probes each backend.
+    backend_poll_secs: float = 60.0
+    # A backend with no successful fetch and probe for this long drops out of the descriptor.
+    backend_max_age_secs: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -173,6 +194,40 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class WireGuardConfig:
+    """The node's WireGuard interface of the coordination mesh (system.md §11.1, W4, W9).
+
+    ``enabled`` = the daemon brings the interface up at start and down at exit. The key, the
+    address and the endpoint also describe this node to joiners when only ``[join]`` is on (a
+    tunnel managed outside rustbalance, or a private test network on loopback).
+    """
+
+    enabled: bool = False
+    interface: str = "wg-rb"
+    # The base64 private key file (0600, as `wg genkey` writes it); never inline.
+    private_key_path: Path | None = None
+    # This node's tunnel address with the tunnel network's prefix, e.g. 10.99.0.1/24.
+    address: ipaddress.IPv4Interface | None = None
+    listen_port: int = 51820
+    mode: WireGuardMode = "auto"
+    # Persisted mesh peers (JSON, 0600); the parser fills <state_dir>/wireguard_peers.json.
+    peers_path: Path | None = None
+    # The public HOST:PORT other nodes reach this node's WireGuard at (told to joiners).
+    endpoint: Endpoint | None = None
+
+
+@dataclass(frozen=True)
+class JoinConfig:
+    """Joins over the master onion (``POST /.rb/<join secret>``, node/join.py)."""
+
+    enabled: bool = False
+    # File holding the join secret (0600); never inline.
+    secret_path: Path | None = None
+    # Where joiners' tunnel addresses come from; the parser fills wireguard.address's network.
+    tunnel_network: ipaddress.IPv4Network | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig
     master: MasterConfig
@@ -183,6 +238,8 @@ class Config:
     coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    wireguard: WireGuardConfig = field(default_factory=WireGuardConfig)
+    join: JoinConfig = field(default_factory=JoinConfig)
 
     @property
     def is_multi_node(self) -> bool:

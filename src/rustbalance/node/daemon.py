@@ -20,6 +20,14 @@ the one before):
    tor so a taken port fails fast naming ``metrics.listen``) and the target's HTTP health probe
    (``[health] http_probe_enabled``).
 
+Identity modes (node/identity.py): in ``shared`` mode (above) tor hosts the master key; in
+``instance`` mode tor hosts the node's own key with the same ``ob_config``, its intro points are
+read from its own descriptor (``hs/service/desc/id/<own address>``, HS_DESC events for that
+address), tor's native publishing (of the instance descriptor) always stays on, and the
+publisher publishes the master descriptor even when alone. A non-eligible instance node loads
+no master key and never publishes. Plain tor backends (``master.backends``, node/backends.py)
+are fetched and checked by the node that publishes and merged as one more node each.
+
 A single node is the publisher. tor's own publishing stays on: with the same key and tor's OPE
 revision counter our descriptor and tor's are comparable, and the newest wins (W6). Uploads are
 serialised (the per-HSDir events name the address, not the upload) and one
@@ -60,7 +68,7 @@ import signal
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +81,7 @@ from rustbalance.descriptor.builder import PowParams
 from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.descriptor.intro_point_codec import decode_intro_point, encode_intro_point
 from rustbalance.descriptor.merge import merge_intro_points
+from rustbalance.descriptor.parser import DecodedDescriptor
 from rustbalance.errors import (
     ConfigError,
     ControlError,
@@ -81,6 +90,9 @@ from rustbalance.errors import (
     RustBalanceError,
     TorProcessError,
 )
+from rustbalance.node.backend_state import BackendBook
+from rustbalance.node.backends import FETCH_TIMEOUT_SECS as BACKEND_FETCH_TIMEOUT_SECS
+from rustbalance.node.backends import BackendPoller, probe_onion
 from rustbalance.node.cluster_link import (
     MergeSignature,
     load_cluster_key,
@@ -89,13 +101,22 @@ from rustbalance.node.cluster_link import (
     multi_node_wanted,
 )
 from rustbalance.node.health_probe import DEFAULT_START_DELAY_SECS, HealthProber
+from rustbalance.node.identity import (
+    NodeIdentity,
+    default_instance_key_path,
+    load_or_create_instance_key,
+    master_key_needed,
+    resolve_identity,
+)
 from rustbalance.node.intro_tracker import IntroTracker
+from rustbalance.node.mesh import Mesh, MeshError, mesh_wants_cluster
 from rustbalance.node.metrics import (
     MetricsServer,
     NodeMetrics,
     proxy_snapshot,
     start_metrics_server,
 )
+from rustbalance.node.own_descriptor import OwnNextDescriptor
 from rustbalance.node.proctitle import set_process_title
 from rustbalance.node.publish_policy import (
     PERIODS,
@@ -121,6 +142,7 @@ from rustbalance.node.torrc import (
 )
 from rustbalance.node.watchdog import TorWatchdog, WatchdogPolicy, run_tor_watchdog
 from rustbalance.proxy import ProxySettings, ReverseProxy, parse_target
+from rustbalance.proxy.eventloop import run as run_event_loop
 from rustbalance.tor.control import (
     ControlConnection,
     ControlTimeoutError,
@@ -152,6 +174,8 @@ EXIT_CONFIG = 2
 INTRO_POLL_SECS = 20.0
 # tor emits CREATED, then one UPLOAD per HSDir: read once, shortly after the burst.
 INTRO_EVENT_DEBOUNCE_SECS = 1.0
+# Instance mode, segment B: HSFETCH of our own desc_next (own_descriptor.py).
+OWN_FETCH_TIMEOUT_SECS = 20.0
 # How often the consensus valid-after is checked (a new consensus may move the period, the SRV
 # or the HSDir ring; 20 s voting on the test network, 1 h live).
 NETWORK_POLL_SECS = 10.0
@@ -159,6 +183,10 @@ NETWORK_POLL_SECS = 10.0
 INTRO_MIN_VALIDITY_SECS = 60
 # How long to wait for the control session when one is needed (reconnects back off <= 5 s).
 CONTROL_WAIT_SECS = 30.0
+# A tor whose process lives but whose control port has not given us a working session for this
+# many watchdog intervals is hung (SIGSTOP, a deadlock, swapped out): the watchdog restarts it.
+# Two intervals, so one slow reconnect (commands time out after 10 s) is never mistaken for it.
+TOR_HUNG_INTERVALS = 2.0
 # tor events that mean tor built or is uploading a new descriptor of its own (tor.md §9.4);
 # our own HSPOSTs come without UPLOAD and with auth type UNKNOWN (tor.md §9.3).
 _OWN_DESCRIPTOR_ACTIONS = frozenset({"CREATED", "UPLOAD", "UPLOADED"})
@@ -194,6 +222,8 @@ class StartupError(RustBalanceError):
 def load_master_key(config: Config) -> IdentityKey:
     """The master identity key, refusing group/world-readable files (docs/config.md)."""
     path = config.master.identity_key_path
+    if path is None:
+        raise StartupError("master.identity_key_path: is required", EXIT_CONFIG)
     try:
         mode = path.stat().st_mode
     except OSError as exc:
@@ -220,8 +250,29 @@ def load_master_key(config: Config) -> IdentityKey:
     return key
 
 
-def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, IdentityKey]:
-    """Load and validate the config and the master key; StartupError(exit 2) on any problem."""
+def load_identity(config: Config) -> NodeIdentity:
+    """The keys of ``node.identity_mode`` (identity.py): the master key when this node needs
+    it, the node's own instance key (generated if missing) in instance mode."""
+    master = None
+    if master_key_needed(config) or config.master.identity_key_path is not None:
+        master = load_master_key(config)
+    instance = None
+    if config.node.identity_mode == "instance":
+        path = default_instance_key_path(config)
+        try:
+            instance, created = load_or_create_instance_key(path)
+        except InvalidKeyError as exc:
+            raise StartupError(f"node.instance_key_path: {exc}", EXIT_CONFIG) from None
+        if created:
+            log.info("Generated this node's instance key %s (%s)", path, instance.onion_address)
+    try:
+        return resolve_identity(config, master, instance)
+    except ConfigError as exc:
+        raise StartupError(str(exc), EXIT_CONFIG) from None
+
+
+def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, NodeIdentity]:
+    """Load and validate the config and the keys; StartupError(exit 2) on any problem."""
     try:
         config = load_config(config_path)
     except ConfigProblems as exc:
@@ -229,7 +280,7 @@ def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, IdentityKey]
         raise StartupError(f"invalid config {config_path}: {problems}", EXIT_CONFIG) from None
     except ConfigError as exc:
         raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
-    return config, load_master_key(config)
+    return config, load_identity(config)
 
 
 def _write_file(path: Path, text: str, mode: int) -> None:
@@ -291,10 +342,22 @@ class _GuardedTor:
     """The watchdog's view of tor: during shutdown tor is stopped on purpose, so it must not
     be "restarted" by the watchdog; ``running`` is the last observed state for status."""
 
-    def __init__(self, tor: TorProcess) -> None:
+    def __init__(
+        self,
+        tor: TorProcess,
+        *,
+        connected: Callable[[], bool] | None = None,
+        hung_after: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.tor = tor
         self.shutting_down = False
         self.running = True
+        # Lost control port (system.md §12): the process runs, the control port does not answer.
+        self._connected = connected
+        self._hung_after = hung_after
+        self._clock = clock
+        self._disconnected_since: float | None = None
 
     @property
     def last_method(self) -> str | None:
@@ -304,14 +367,37 @@ class _GuardedTor:
     async def is_running(self) -> bool:
         if self.shutting_down:
             return True
-        self.running = await self.tor.is_running()
+        alive = await self.tor.is_running()
+        if alive and self._hung():
+            alive = False
+        self.running = alive
         return self.running
+
+    def _hung(self) -> bool:
+        """True once the control session has been down for ``hung_after`` s while the
+        process lives (its commands time out, so the controller keeps reconnecting)."""
+        if self._connected is None or self._hung_after is None or self._connected():
+            self._disconnected_since = None
+            return False
+        now = self._clock()
+        if self._disconnected_since is None:
+            self._disconnected_since = now
+            return False
+        silent = now - self._disconnected_since
+        if silent < self._hung_after:
+            return False
+        log.warning(
+            "Tor is running but its control port has not answered for %.0f s: treating it as hung",
+            silent,
+        )
+        return True
 
     async def restart(self) -> str | None:
         if self.shutting_down:
             return None
         await self.tor.restart()
         self.running = True
+        self._disconnected_since = None
         if isinstance(self.tor, ManagedTor):
             return "managed process"
         return self.last_method
@@ -323,14 +409,28 @@ class Daemon:
     def __init__(
         self,
         config: Config,
-        key: IdentityKey,
+        key: IdentityKey | NodeIdentity,
         *,
         notifier: SystemdNotifier | None = None,
     ) -> None:
         self.config = config
-        self.key = key
-        self.address = key.onion_address
-        self._bare = self.address.removesuffix(".onion")
+        # A bare key is the shared mode (the key tor hosts is the master key).
+        identity = (
+            key
+            if isinstance(key, NodeIdentity)
+            else NodeIdentity("shared", key.onion_address, key, key)
+        )
+        self.identity = identity
+        # The master key: None on an instance node that never publishes.
+        self.key: IdentityKey | None = identity.master_key
+        self.address = identity.master_address
+        # tor's own service (intro points, HS_DESC events): the master in shared mode, the
+        # node's own instance address in instance mode.
+        self.service_address = identity.service_address
+        self._bare = self.service_address.removesuffix(".onion")
+        self.backends: BackendPoller | None = None
+        self._own_next = OwnNextDescriptor()
+        self._socks: tuple[str, int] | None = None
         self.notifier = notifier or SystemdNotifier()
         self.intro = IntroTracker()
         self.publish_state = PublishState()
@@ -363,7 +463,9 @@ class Daemon:
         self._proxy_closed = False
         self._tor_stopped = False
         # Multi-node mode (None: a single node for good).
-        self.multi_node = multi_node_wanted(config)
+        self.multi_node = multi_node_wanted(config) or mesh_wants_cluster(config)
+        # [join] / [wireguard] (node/mesh.py): the join responder and the tunnel interface.
+        self.mesh = Mesh(config)
         self.coordinator: Coordinator[IntroPoint] | None = None
         self.published_auth_keys: tuple[bytes, ...] = ()
         self._alone_since: float | None = None  # monotonic; None while peers are live
@@ -430,6 +532,22 @@ class Daemon:
                 "consecutive_failures": prober.state.consecutive_failures,
                 "last_probe": last.detail if last is not None else None,
             }
+        if self.identity.mode == "instance":
+            doc["instance_onion_address"] = self.service_address
+        if self.backends is not None:
+            now = time.time()
+            book = self.backends.book
+            doc["backends"] = {
+                f"{address}.onion": {
+                    "up": book.down_reason(address, now) is None,
+                    "reason": book.down_reason(address, now),
+                    "intro_points": len(state.intro_points),
+                    "auth_keys": [p.auth_key.hex() for p in state.intro_points],
+                }
+                for address, state in book.states.items()
+            }
+        if self.mesh.active:
+            doc["mesh"] = self.mesh.status()
         doc["ready"] = self.ready
         doc["uptime_secs"] = round(time.monotonic() - self.started_at, 1)
         return doc
@@ -499,6 +617,8 @@ class Daemon:
 
     def should_publish(self) -> bool:
         """Single node: always. Cluster: the elected publisher, or a node left alone."""
+        if self.key is None:
+            return False  # a non-eligible instance node has no master key to sign with
         coordinator = self.coordinator
         if coordinator is None:
             return True
@@ -507,7 +627,15 @@ class Daemon:
         return coordinator.is_publisher or self._alone_settled()
 
     def _native_publishing_wanted(self) -> bool:
-        """tor's own uploads: on for a single node and a node left alone, off in a cluster."""
+        """tor's own uploads: on for a single node and a node left alone, off in a cluster.
+        Instance mode: always on (tor publishes the instance's own descriptor, which never
+        competes with the master's, and keeps its intro points fresh). Shared mode with
+        ``master.backends``: always off, since tor's own master descriptor (without the
+        backends' intro points) would replace the merged one."""
+        if not self.identity.native_publishes_master:
+            return True
+        if self.config.master.backends:
+            return False
         if self.coordinator is None:
             return True
         return self._alone_settled()
@@ -618,8 +746,10 @@ class Daemon:
             proxy_host="127.0.0.1" if listen in ("0.0.0.0", "::", "") else listen,
             num_intro_points=tor.num_intro_points,
             onionbalance_instance=True,
-            # Multi-node: off until the node knows it is alone (the cluster task turns it on).
-            publish_descriptors=not self.multi_node,
+            # Multi-node shared mode: off until the node knows it is alone (the cluster task
+            # turns it on). Instance mode: always on (the instance's own descriptor).
+            # Shared mode with plain backends: off (tor's would lack their intro points).
+            publish_descriptors=self._native_publishing_at_start(),
             pow=PowSettings(tor.pow_queue_rate, tor.pow_queue_burst) if tor.pow_enabled else None,
             intro_dos=(
                 IntroDosSettings(tor.intro_dos_rate_per_sec, tor.intro_dos_burst_per_sec)
@@ -628,16 +758,31 @@ class Daemon:
             ),
         )
 
+    def _native_publishing_at_start(self) -> bool:
+        """``PublishHidServDescriptors`` in the torrc (see :meth:`_native_publishing_wanted`);
+        a cluster node starts with it off until it knows it is alone."""
+        if not self.identity.native_publishes_master:
+            return True
+        return not self.multi_node and not self.config.master.backends
+
     def _write_hidden_service_dir(self) -> None:
         hs_dir = self.config.tor.hidden_service_dir
         try:
-            write_hidden_service_dir(self.key, hs_dir)
+            write_hidden_service_dir(self.identity.service_key, hs_dir)
             _write_file(hs_dir / OB_CONFIG_FILENAME, ob_config_text(self.address), 0o600)
             if self.config.tor.mode == "system":
                 _adopt_owner(hs_dir)
         except (InvalidKeyError, OSError) as exc:
             raise StartupError(f"cannot write hidden service directory {hs_dir}: {exc}") from None
-        log.info("Wrote onion service directory %s (master %s)", hs_dir, self.address)
+        if self.identity.mode == "instance":
+            log.info(
+                "Wrote onion service directory %s (instance %s of master %s)",
+                hs_dir,
+                self.service_address,
+                self.address,
+            )
+        else:
+            log.info("Wrote onion service directory %s (master %s)", hs_dir, self.address)
 
     async def _start_proxy(self, socks: tuple[str, int]) -> ReverseProxy:
         cfg = self.config
@@ -657,7 +802,7 @@ class Daemon:
                 max_connections=cfg.proxy.max_connections,
                 drain_timeout=cfg.proxy.drain_timeout_secs,
             )
-            proxy = ReverseProxy(settings)
+            proxy = ReverseProxy(settings, interceptor=self.mesh.interceptor())
             await proxy.start()
         except RustBalanceError as exc:
             raise StartupError(f"reverse proxy: {exc}") from None
@@ -765,6 +910,54 @@ class Daemon:
             f", advertised as {advertise}" if advertise else "",
         )
 
+    def _start_backends(self) -> None:
+        """``master.backends``: fetched and merged by the node that publishes (backends.py)."""
+        master = self.config.master
+        if self.identity.mode == "instance":
+            log.info(
+                "Identity mode instance: tor hosts %s; %s",
+                self.service_address,
+                "master key present (publisher-eligible)"
+                if self.key is not None
+                else "no master key (never publishes)",
+            )
+            if self.key is None and not self.multi_node:
+                log.warning("No master key and no peers: nobody publishes %s here", self.address)
+        if not master.backends:
+            return
+        if self.key is None:
+            log.info("master.backends ignored: this node never publishes")
+            return
+        book = BackendBook(
+            master.backends,
+            poll_secs=master.backend_poll_secs,
+            max_age_secs=master.backend_max_age_secs,
+        )
+        self.backends = BackendPoller(
+            book,
+            self._fetch_backend,
+            self._probe_backend,
+            on_change=self.trigger.fire,
+            is_active=self.should_publish,
+        )
+        log.info("Merging %d plain tor backends", len(master.backends))
+
+    async def _fetch_backend(self, address: str) -> DecodedDescriptor:
+        view = await self._current_view()
+        return await fetch_descriptor(
+            self._controller(), address, view, timeout=BACKEND_FETCH_TIMEOUT_SECS
+        )
+
+    async def _probe_backend(self, address: str) -> None:
+        if self._socks is None:
+            raise ControlError("no SOCKS port yet")
+        await probe_onion(self._socks, address, self.config.proxy.virtual_port)
+
+    def _backend_intro_points(self) -> dict[str, tuple[IntroPoint, ...]]:
+        if self.backends is None:
+            return {}
+        return self.backends.book.intro_points(time.time())
+
     async def _start_metrics(self) -> None:
         """Bind ``/metrics`` before tor starts: a taken port is a start-up error naming the key
         (not a supervised task failing over and over)."""
@@ -810,6 +1003,12 @@ class Daemon:
         self.notifier.status("Starting")
         if self.multi_node:
             self._start_coordinator()
+        # Before the coordinator binds (its task starts after start()): coordination.listen
+        # may be the WireGuard tunnel address.
+        try:
+            await self.mesh.start(self.coordinator)
+        except MeshError as exc:
+            raise StartupError(str(exc), EXIT_CONFIG if exc.config_problem else 1) from None
         self._write_hidden_service_dir()
         if cfg.tor.mode == "managed":
             socks_port = cfg.tor.socks.port if cfg.tor.socks else pick_free_ports(1)[0]
@@ -818,10 +1017,16 @@ class Daemon:
             assert cfg.tor.socks is not None  # the parser fills the system default
             socks = (cfg.tor.socks.host, cfg.tor.socks.port)
         await self._start_metrics()
+        self._socks = socks
+        self._start_backends()
         proxy = await self._start_proxy(socks)
         self._start_prober(proxy)
         tor = await self._start_tor(proxy.port, socks[1])
-        self.guarded_tor = _GuardedTor(tor)
+        self.guarded_tor = _GuardedTor(
+            tor,
+            connected=lambda: self.ctrl is not None and self.ctrl.connection is not None,
+            hung_after=TOR_HUNG_INTERVALS * cfg.tor.watchdog_interval_secs,
+        )
         await self._start_controller(tor)
         self.status_server = StatusServer(cfg.node.status_socket, self.status_document)
         try:
@@ -842,12 +1047,15 @@ class Daemon:
         ctrl = self._controller()
         try:
             view = await self._current_view()
+            service = self.service_address
             try:
-                decoded = await read_own_descriptor(ctrl, self.address, view)
+                decoded = await read_own_descriptor(ctrl, service, view)
             except DescriptorError:
                 # Our view may predate a new period: read it again once.
                 self.view = None
-                decoded = await read_own_descriptor(ctrl, self.address, await self._current_view())
+                decoded = await read_own_descriptor(ctrl, service, await self._current_view())
+            if self.identity.mode == "instance":
+                decoded = await self._client_view_descriptor(decoded)
         except ControlReplyError as exc:
             # 551: tor has not built a descriptor yet (start-up, just restarted).
             log.debug("Own descriptor not available yet: %s", exc)
@@ -866,6 +1074,24 @@ class Daemon:
             if self.intro.count:
                 self.trigger.fire("intro points changed")
         return self.intro.count > 0
+
+    async def _client_view_descriptor(self, current: DecodedDescriptor) -> DecodedDescriptor:
+        """Instance mode: in segment B the own ``desc_next`` as clients fetch it, whose intro
+        points survive tor's rotation at the next SRV (own_descriptor.py)."""
+        view = await self._current_view()
+
+        async def fetch() -> DecodedDescriptor:
+            return await fetch_descriptor(
+                self._controller(), self.service_address, view, timeout=OWN_FETCH_TIMEOUT_SECS
+            )
+
+        try:
+            return await self._own_next.client_view(
+                current, view.current_time_period(), time.time(), fetch
+            )
+        except (ControlError, RustBalanceError) as exc:
+            log.debug("Fetching our own next descriptor failed (using the current): %s", exc)
+            return current
 
     async def _has_intro_points(self) -> bool:
         # Phase 1.5: every poll reads the descriptor while none is known.
@@ -901,6 +1127,7 @@ class Daemon:
                     and event.action in _OWN_DESCRIPTOR_ACTIONS
                     and event.auth_type != "UNKNOWN"
                 ):
+                    self._own_next.mark_stale()
                     next_read = min(next_read, loop.time() + INTRO_EVENT_DEBOUNCE_SECS)
         finally:
             await sub.aclose()
@@ -911,7 +1138,9 @@ class Daemon:
         """What a published descriptor depends on: (period, SRV, responsible HSDirs) x 2."""
         ring: list[tuple[int, bytes, tuple[str, ...]]] = []
         for target in view.descriptor_targets():
-            blinded = blind_public_key(self.key.public_key, target.time_period, view.period_length)
+            blinded = blind_public_key(
+                self.identity.master_public_key, target.time_period, view.period_length
+            )
             fps = tuple(r.fingerprint for r in view.store_hsdirs(blinded, target))
             ring.append((target.time_period, target.srv, fps))
         return tuple(ring)
@@ -926,6 +1155,9 @@ class Daemon:
         periods_then = [(tp, srv) for tp, srv, _ in published]
         if periods_now != periods_then:
             log.info("Time period or shared random value changed: republishing")
+            if self.backends is not None:
+                # Backends publish descriptors for the new period too: fetch them now.
+                self.backends.book.expedite(time.time())
             self.trigger.fire("time period / SRV changed")
         else:
             log.info("Responsible HSDirs changed: republishing")
@@ -988,6 +1220,12 @@ class Daemon:
         instances, flow_control = merge_inputs(points, self.intro.flow_control, peers)
         if not multi:
             flow_control = self.intro.flow_control
+        backend_points = self._backend_intro_points()
+        if backend_points:
+            # One more "node" each in the fair round-robin (after ours and the peers'). Their
+            # flow-control line is unknown to us: leave it out (slower, never broken).
+            instances.extend(backend_points.values())
+            flow_control = None
         if not any(instances):
             error = "no intro points yet"
             return {p: PeriodResult(ok=False, error=error) for p in PERIODS}
@@ -997,8 +1235,12 @@ class Daemon:
         chosen = merge_intro_points(instances, cfg.max_intro_points, now, INTRO_MIN_VALIDITY_SECS)
         if not chosen:
             return {p: PeriodResult(ok=False, error="intro points expire soon") for p in PERIODS}
-        # pow-params cannot work across nodes (tor.md §12): a single node only.
-        pow_params = None if self.multi_node else self.intro.pow_params
+        # pow-params cannot work across nodes (tor.md §12): a single node only, and only when
+        # its tor hosts the master key (a PoW solution is bound to the service's blinded key,
+        # so an instance's seed cannot be copied into the master descriptor).
+        single_master = not self.multi_node and not backend_points
+        shared = self.identity.mode == "shared"
+        pow_params = self.intro.pow_params if single_master and shared else None
         self._publishing = True
         try:
             results = await self._upload(ctrl, chosen, now, flow_control, pow_params)
@@ -1013,11 +1255,13 @@ class Daemon:
             self._verify_wakeup.set()
             if self.coordinator is not None:
                 self.coordinator.set_last_publish(now)
-            if multi:
+            if multi or backend_points:
                 log.info(
-                    "Published merged descriptor: %d intro points from %d nodes",
+                    "Published merged descriptor: %d intro points from %d nodes "
+                    "(%d plain backends)",
                     len(chosen),
                     len(instances),
+                    len(backend_points),
                 )
             self.published_intro_points = len(chosen)
             self._published_ring = self._ring(self.view) if self.view else None
@@ -1038,6 +1282,8 @@ class Daemon:
         pow_params: PowParams | None,
     ) -> dict[PeriodLabel, PeriodPublish]:
         cfg = self.config.publish
+        if self.key is None:
+            raise ControlError("this node has no master key (instance mode, not eligible)")
         async with self._upload_lock:
             view = await read_network_view(ctrl)
             self.view = view
@@ -1193,6 +1439,8 @@ class Daemon:
         if self.metrics_server is not None:
             with contextlib.suppress(Exception):
                 await self.metrics_server.close()
+        with contextlib.suppress(Exception):
+            await self.mesh.close()
 
     def tasks(self) -> list[TaskSpec]:
         tasks = [
@@ -1213,9 +1461,13 @@ class Daemon:
             tasks.append(TaskSpec("metrics", self.feed_metrics, restartable=True))
         if self.prober is not None:
             tasks.append(TaskSpec("health-probe", self.prober.run, restartable=True))
+        if self.mesh.interface is not None:
+            tasks.append(TaskSpec("wireguard", self.mesh.watch_wireguard, restartable=True))
         if self.coordinator is not None:
             tasks.append(TaskSpec("coordinator", self.coordinator.run, restartable=True))
             tasks.append(TaskSpec("cluster", self.run_cluster, restartable=True))
+        if self.backends is not None:
+            tasks.append(TaskSpec("backends", self.backends.run, restartable=True))
         return tasks
 
     def hooks(self) -> list[ShutdownHook]:
@@ -1273,6 +1525,7 @@ class Daemon:
 
 def run_node(config_path: str | os.PathLike[str], args: list[str] | None = None) -> int:
     """``rustbalance run``: the process exit code (0 clean stop, 1 failure, 2 config/key)."""
-    config, key = load_node(config_path)
+    config, identity = load_node(config_path)
     set_process_title(args if args is not None else ["run", "--config", str(config_path)])
-    return asyncio.run(Daemon(config, key).run())
+    # uvloop in http mode (faster proxy), the stock loop in tcp mode (splice): proxy/eventloop.py
+    return run_event_loop(Daemon(config, identity).run(), mode=config.proxy.mode)

@@ -5,6 +5,11 @@ W15: the original replaced its list only when the number changed, so a tor that 
 intro point kept publishing a dead one). ``flow-control`` and ``pow-params`` are kept from the
 same descriptor: a single node copies them into the master descriptor, which is valid because
 there is one node (system.md W11, tor.md §12).
+
+The descriptor is the one tor hosts: the master's in ``shared`` mode, the node's own instance
+descriptor in ``instance`` mode (decoded with the instance address; its intro points accept the
+master's subcredentials through ``ob_config``, tor.md §11). ``pow-params`` is carried over only
+in shared mode (a PoW solution is bound to the blinded key of the service that checks it).
 """
 
 from __future__ import annotations

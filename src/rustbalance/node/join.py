@@ -52,7 +52,7 @@ from python_socks.async_.asyncio import Proxy as SocksProxy
 from rustbalance.config.addresses import parse_endpoint
 from rustbalance.crypto.onion_address import ONION_SUFFIX, decode_onion_address
 from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError
-from rustbalance.proxy.http import InterceptedRequest, InterceptedResponse, Interceptor
+from rustbalance.proxy.http import InterceptedRequest, InterceptedResponse
 
 __all__ = [
     "DEFAULT_TUNNEL_NETWORK",
@@ -61,6 +61,7 @@ __all__ = [
     "JoinAnswer",
     "JoinDecision",
     "JoinError",
+    "JoinInterceptor",
     "JoinRequest",
     "JoinResponder",
     "PeerInfo",
@@ -583,12 +584,7 @@ def _conflict(message: str) -> JoinDecision:
 AddPeer = Callable[[PeerInfo], Awaitable[None]]
 
 
-def make_join_interceptor(
-    responder: JoinResponder,
-    *,
-    add_peer: AddPeer | None = None,
-    clock: Callable[[], float] = time.time,
-) -> Interceptor:
+class JoinInterceptor:
     """The proxy interceptor: answers ``/.rb/...`` itself, passes every other path on.
 
     ``add_peer`` is the daemon's callback for a newly admitted peer (add it to WireGuard and
@@ -596,16 +592,38 @@ def make_join_interceptor(
     gets a 500, so it can retry.
     """
 
-    async def intercept(request: InterceptedRequest) -> InterceptedResponse | None:
+    def __init__(
+        self,
+        responder: JoinResponder,
+        *,
+        add_peer: AddPeer | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._responder = responder
+        self._add_peer = add_peer
+        self._clock = clock
+
+    @staticmethod
+    def wants(target: bytes) -> bool:
+        """The proxy's cheap pre-filter on the raw request target (origin or absolute form):
+        only a target that may name ``/.rb`` leaves the proxy's callback fast path. A false
+        positive costs one coroutine switch; a false negative is impossible, since every
+        path :meth:`__call__` answers contains ``/.rb``."""
+        return b"/.rb" in target
+
+    async def __call__(self, request: InterceptedRequest) -> InterceptedResponse | None:
         # Everything under /.rb is ours: the target must never see a join secret in a path.
         if request.path != "/.rb" and not request.path.startswith(JOIN_PATH_PREFIX):
             return None
+        responder = self._responder
         length = responder.body_length(request.method, request.path, request.headers)
         body = b"" if length is None else await request.read_body(length)
-        decision = responder.handle(request.method, request.path, request.headers, body, clock())
-        if decision.admitted is not None and add_peer is not None:
+        decision = responder.handle(
+            request.method, request.path, request.headers, body, self._clock()
+        )
+        if decision.admitted is not None and self._add_peer is not None:
             try:
-                await add_peer(decision.admitted)
+                await self._add_peer(decision.admitted)
             except Exception as exc:  # the daemon's failure must not leave a half-added peer
                 name = decision.admitted.node_id
                 log.error("Could not add joined node %s: %s", name, type(exc).__name__)
@@ -613,7 +631,15 @@ def make_join_interceptor(
                 return InterceptedResponse(500, _JSON_HEADERS, b'{"error":"internal error"}')
         return decision.to_response()
 
-    return intercept
+
+def make_join_interceptor(
+    responder: JoinResponder,
+    *,
+    add_peer: AddPeer | None = None,
+    clock: Callable[[], float] = time.time,
+) -> JoinInterceptor:
+    """The proxy interceptor for ``responder`` (see :class:`JoinInterceptor`)."""
+    return JoinInterceptor(responder, add_peer=add_peer, clock=clock)
 
 
 # --- joiner side ----------------------------------------------------------------------------

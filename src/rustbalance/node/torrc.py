@@ -7,7 +7,8 @@ Why these options (tor.md §10-§11, system.md W7/W19):
   current and next time period on every intro point. Without it, intro points read from tor's
   first descriptor fail from 12:00 to 00:00 UTC ("Could not get valid INTRO2 keys"). Tor 0.4.9
   accepts an ``ob_config`` naming the service's own address, so this holds even when the node's
-  tor hosts the master key itself.
+  tor hosts the master key itself (``identity_mode = "shared"``); in ``"instance"`` mode tor
+  hosts the node's own key and the same ``ob_config`` names the master (node/identity.py).
 - The options live in a torrc include (system mode) or are re-applied after every tor restart
   (managed mode), because anything set with SETCONF vanishes when tor restarts (W7).
 - ``PublishHidServDescriptors`` is a global option; it sticks only when it is in the torrc.

@@ -2,7 +2,9 @@
 
 Pure pieces: :mod:`.settings` (settings, target parsing), :mod:`.rewrite` (header rules),
 :mod:`.session` (per-connection state, counters, error pages). Asyncio shell:
-:mod:`.upstream` (SOCKS5 / direct / TLS connect), :mod:`.relay`, :mod:`.http`, :mod:`.server`.
+:mod:`.upstream` (SOCKS5 / direct / TLS connect), :mod:`.protocol` (stream protocol whose bytes
+the http fast path can take in callbacks), :mod:`.relay`, :mod:`.http`, :mod:`.server`;
+:mod:`.eventloop` picks the process's event loop (uvloop for http mode).
 """
 
 from .http import InterceptedRequest, InterceptedResponse, Interceptor

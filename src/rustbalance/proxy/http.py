@@ -8,10 +8,14 @@ byte relay both ways (RFC 9110 §7.8).
 
 The common case -- a bodiless GET/DELETE/OPTIONS from an HTTP/1.1 client, answered with a
 Content-Length body -- takes a fast path that parses and writes the bytes itself (h11 costs
-most of the time per request). It accepts only what it fully checks; anything else (or any
+most of the time per request). It runs in the protocol callbacks (:class:`_FastLoop`, on
+:class:`.protocol.SinkProtocol`): keep-alive requests and their responses need no future,
+task or coroutine switch each. It accepts only what it fully checks; anything else (or any
 doubt) goes to h11 with the bytes read so far, before anything was sent on, or -- once the
 request went to the target -- after bringing both h11 connections to the same state, so the
-h11 code decides every unusual case. Both paths produce the same bytes.
+h11 code decides every unusual case. Both paths produce the same bytes (tests compare them).
+An await the callbacks cannot do (connecting to the target, asking an interceptor) hands the
+request back to the session's coroutine, which then re-enters the callbacks.
 """
 
 from __future__ import annotations
@@ -22,12 +26,21 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import h11
 
+from .protocol import SinkProtocol, sink_protocol_of, take_buffered
 from .relay import relay_both
-from .rewrite import RewriteRules, rewrite_request_headers, rewrite_response_headers
+from .rewrite import (
+    RewriteRules,
+    request_fields_bytes,
+    response_fields_bytes,
+    rewrite_request_headers,
+    rewrite_response_headers,
+)
 from .session import (
     Outcome,
     Phase,
@@ -63,6 +76,18 @@ class InterceptedResponse:
 
 
 Interceptor = Callable[[InterceptedRequest], Awaitable[InterceptedResponse | None]]
+"""Answers a request itself (a response) or passes it on (None). It may also have a method
+``wants(target: bytes) -> bool``, a cheap synchronous filter on the raw request target: a
+request it does not want goes to the target without asking the interceptor (which would have
+returned None), so it stays on the fast path's callbacks."""
+
+
+def _asks(interceptor: Interceptor | None, target: bytes) -> bool:
+    """Whether ``interceptor`` is to be asked about a request for ``target``."""
+    if interceptor is None:
+        return False
+    wants = getattr(interceptor, "wants", None)
+    return wants is None or bool(wants(target))
 
 
 @dataclass
@@ -150,6 +175,7 @@ class HttpSession:
         self.target: h11.Connection | None = None
         self.method = b"GET"
         self._pending = bytearray()  # client bytes the fast path read but did not use yet
+        self._carry: _Exit | None = None  # a request the fast path parsed for the next turn
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -238,7 +264,7 @@ class HttpSession:
     async def _handle(self, request: h11.Request) -> bool:
         """Answer one request; False when the connection must close afterwards."""
         body = _Body(self)
-        if self.ctx.interceptor is not None:
+        if _asks(self.ctx.interceptor, bytes(request.target)):
             reply = await self._intercept(request, body)
             if reply is not None:
                 return reply
@@ -452,41 +478,32 @@ class HttpSession:
             self._pending.clear()
 
     async def _fast_request(self) -> bool | None:
-        """One request on the fast path: True (next request), False (close), or None when
-        h11 must handle it (nothing was sent on; the bytes read are with h11)."""
-        limit = self.ctx.settings.max_header_bytes
-        pending = self._pending
-        while True:  # read until the end of the head; bounded by max_header_bytes
-            end = pending.find(b"\r\n\r\n")
-            if end >= 0:
-                break
-            if len(pending) > limit or b"\n\n" in pending or b"\n\r\n" in pending:
-                self._to_h11()  # too long or bare-LF framing: h11 decides
-                return None
-            try:
-                data = await self.reader.read(self.ctx.settings.read_size)
-            except OSError as exc:
-                raise ClientGone(f"client connection failed: {exc}") from exc
-            if not data:
-                self._to_h11()
-                self.client.receive_data(b"")
-                return None
-            self.ctx.count_up(self.state, len(data))
-            if self.state.phase is Phase.WAITING_REQUEST:
-                self.state.phase = Phase.ACTIVE
-            pending += data
-        head = bytes(pending[: end + 4])
-        request = _parse_request(head[:end])
-        if request is None:
+        """Requests on the fast path: True (next request), False (close), or None when h11
+        must handle the next request (nothing of it was sent on; its bytes are with h11)."""
+        found = self._carry
+        self._carry = None
+        if found is None:
+            found = await _FastLoop(self, None).run()
+        return await self._after_fast(found)
+
+    async def _after_fast(self, found: _Exit) -> bool | None:
+        """Go on from where the callbacks stopped (see :class:`_Exit`)."""
+        kind = found.kind
+        if kind is _ExitKind.H11:
             self._to_h11()
+            if found.eof:
+                self.client.receive_data(b"")
             return None
-        del pending[: end + 4]
-        method, target, fields = request
-        self.state.phase = Phase.ACTIVE
-        self.state.requests += 1
-        self.ctx.stats.requests += 1
-        self.method = method
-        if self.ctx.interceptor is not None:
+        if kind is _ExitKind.CLOSE:
+            return False
+        if kind is _ExitKind.SLOW:
+            assert found.sent is not None
+            return await self._slow_response(found.head, found.sent, found.got, found.eof)
+        # REQUEST: a fast request (counted already) that needs an await before it goes on.
+        assert found.request is not None
+        head = found.head
+        method, target, fields = found.request
+        if self.ctx.interceptor is not None and _asks(self.ctx.interceptor, target):
             seen = InterceptedRequest(
                 method=method.decode("ascii"),
                 path=target.decode("latin-1"),
@@ -511,64 +528,11 @@ class HttpSession:
         self.upstream.writer.write(
             b"%s %s HTTP/1.1\r\n%s" % (method, out_target, _serialize_fields(out_fields))
         )
-        return await self._fast_response(head, (method, out_target, out_fields))
-
-    async def _fast_response(self, head: bytes, sent: tuple[bytes, bytes, Fields]) -> bool:
-        assert self.upstream is not None
-        reader = self.upstream.reader
-        limit = self.ctx.settings.max_header_bytes
-        buf = bytearray()
-        eof = False
-        while True:  # read the response head; bounded by max_header_bytes
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0 or len(buf) > limit or b"\n\n" in buf or b"\n\r\n" in buf:
-                break
-            try:
-                data = await reader.read(self.ctx.settings.read_size)
-            except OSError:
-                data = b""
-            if not data:
-                eof = True
-                break
-            self.ctx.touch(self.state)
-            buf += data
-        response = None if eof or end < 0 else _parse_response(bytes(buf[:end]))
-        if response is None:
-            return await self._slow_response(head, sent, bytes(buf), eof)
-        status, reason, fields, length, reuse = response
-        del buf[: end + 4]
-        out = b"HTTP/1.1 %d %s\r\n%s" % (
-            status,
-            reason,
-            _serialize_fields(rewrite_response_headers(fields, self.ctx.rules)),
-        )
-        remaining = length
-        while True:  # the body, streamed: exactly Content-Length bytes
-            if len(buf) > remaining:
-                reuse = False  # bytes after the response: do not trust this connection
-                del buf[remaining:]
-            remaining -= len(buf)
-            out = out + buf if out else bytes(buf)
-            if out:
-                self.ctx.count_down(self.state, len(out))
-                self.writer.write(out)
-                await self.writer.drain()
-                out = b""
-            if remaining == 0:
-                break
-            try:
-                data = await reader.read(self.ctx.settings.read_size)
-            except OSError:
-                data = b""
-            if not data:  # mid-body: the short body tells the client; close
-                self.ctx.stats.upstream_errors += 1
-                self.state.set_outcome(Outcome.UPSTREAM_ERROR)
-                return False
-            self.ctx.touch(self.state)
-            buf = bytearray(data)
-        if not reuse:
-            await self._close_upstream()
-        return True
+        found = await _FastLoop(self, (head, found.request)).run()
+        if found.kind is _ExitKind.REQUEST:
+            self._carry = found  # the next turn of the request loop takes it
+            return True
+        return await self._after_fast(found)
 
     async def _slow_response(
         self, head: bytes, sent: tuple[bytes, bytes, Fields], got: bytes, eof: bool
@@ -643,6 +607,365 @@ class HttpSession:
             await self._send_simple(status, headers, page, close=True)
 
 
+# -- the fast path in callbacks ---------------------------------------------------------------
+
+
+class _ExitKind(Enum):
+    H11 = "h11"  # the next request is not for the fast path: h11 takes the bytes read
+    CLOSE = "close"  # the connection closes (outcome and counters set already)
+    SLOW = "slow"  # the response is not for the fast path: h11 relays it
+    REQUEST = "request"  # a fast request that needs an await (interceptor, connect)
+
+
+@dataclass
+class _Exit:
+    """Where :class:`_FastLoop` stopped and what the coroutine takes over."""
+
+    kind: _ExitKind
+    eof: bool = False  # H11: the client closed; SLOW: the target closed
+    head: bytes = b""  # SLOW / REQUEST: the client's request head, as received
+    request: Request | None = None  # REQUEST: the parsed request
+    sent: Request | None = None  # SLOW: the request as sent to the target
+    got: bytes = b""  # SLOW: what the target sent so far
+
+
+_HEAD, _RESPONSE, _BODY = 0, 1, 2  # what the loop waits for: a request, a response head, body
+
+
+class _TargetSink:
+    """Routes the target protocol's events to the loop's target handlers."""
+
+    __slots__ = ("loop",)
+
+    def __init__(self, loop: _FastLoop) -> None:
+        self.loop = loop
+
+    def on_data(self, data: bytes) -> None:
+        try:
+            self.loop.target_data(data)
+        except Exception as exc:
+            self.loop.fail(exc)
+
+    def on_eof(self) -> None:
+        self.loop.guard(self.loop.target_ended, None)
+
+    def on_lost(self, error: BaseException | None) -> None:
+        self.loop.guard(self.loop.target_ended, None)
+
+    def on_write_paused(self, paused: bool) -> None:
+        return None  # only request heads (bounded by max_header_bytes) are written there
+
+
+class _FastLoop:
+    """The fast path, run in the protocols' callbacks: no future, task or coroutine switch
+    per request. Keep-alive requests and their responses go through here one after the
+    other (pipelined requests wait in ``session._pending``) until something needs h11 or an
+    await; then ``run()`` returns an :class:`_Exit` and the session goes on from there, in
+    the exact state the await-based code would have reached.
+
+    Flow control: the target is not read while the client's write buffer is over its limit,
+    and the client is not read while more than ``pending_cap`` pipelined bytes wait.
+    """
+
+    def __init__(self, session: HttpSession, sent: tuple[bytes, Request] | None) -> None:
+        # ``sent``: the request head as received and the request parsed from it (the request
+        # went to the target already, its response is next).
+        self.session = session
+        self.ctx = session.ctx
+        self.state = session.state
+        self.stats = session.ctx.stats
+        self.rules = session.ctx.rules
+        self.interceptor = session.ctx.interceptor
+        loop = asyncio.get_running_loop()
+        self.clock = loop.time
+        self.done: asyncio.Future[_Exit] = loop.create_future()
+        client = sink_protocol_of(session.writer)
+        assert client is not None  # the proxy's server builds SinkProtocols
+        self.client = client
+        # A read-write transport (the stream API only types it as writable).
+        self.client_transport = cast(asyncio.Transport, session.writer.transport)
+        self.pending = session._pending
+        self.limit = self.ctx.settings.max_header_bytes
+        self.pending_cap = self.limit + self.ctx.settings.read_size
+        self.stage = _HEAD if sent is None else _RESPONSE
+        self.sent = sent
+        self.host_line = b"host: %s\r\n" % self.ctx.rules.target_authority.encode("latin-1")
+        self.tbuf = bytearray()
+        self.remaining = 0
+        self.reuse = True
+        self.client_eof = False
+        self.client_lost = False
+        self.target: SinkProtocol | None = None
+        self.target_transport: asyncio.Transport | None = None
+        self.target_eof = False
+        self.client_paused = False  # we paused reading the client
+        self.target_paused = False  # we paused reading the target
+
+    async def run(self) -> _Exit:
+        session = self.session
+        early = take_buffered(session.reader)
+        self.client.sink = self
+        if self.client.ended:
+            self.client_eof = True
+            self.client_lost = self.client_transport.is_closing()
+        upstream = session.upstream
+        if upstream is not None:
+            target = sink_protocol_of(upstream.writer)
+            assert target is not None  # connect_upstream builds SinkProtocols
+            self.target = target
+            # Read-write (streams type it as writable; uvloop's are no ReadTransport subclass).
+            self.target_transport = cast(asyncio.Transport, upstream.writer.transport)
+            self.tbuf += take_buffered(upstream.reader)
+            target.sink = _TargetSink(self)
+            self.target_eof = target.ended
+            if self.client.write_paused:
+                self.on_write_paused(True)  # the client is behind already: wait for it
+        try:
+            waiting_response = self.stage == _RESPONSE
+            if early:
+                self.on_data(early)  # (waiting for a request: this parses it too)
+            elif not waiting_response:
+                self.guard(self.next_request, None)
+            if waiting_response and not self.done.done():
+                self.guard(self.try_response, None)  # what the target sent, or its EOF
+            return await self.done
+        finally:
+            self.detach()
+
+    def detach(self) -> None:
+        """Hand both connections back to their streams (idempotent)."""
+        if self.client.sink is self:
+            self.client.sink = None
+            if self.client_paused:
+                self.client_paused = False
+                self.client_transport.resume_reading()
+        target = self.target
+        if target is not None and isinstance(target.sink, _TargetSink):
+            target.sink = None
+            if self.target_paused:
+                self.target_paused = False
+                transport = self.target_transport
+                if transport is not None:
+                    transport.resume_reading()
+
+    def finish(self, found: _Exit) -> None:
+        if not self.done.done():
+            self.detach()
+            self.done.set_result(found)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.detach()
+            self.done.set_exception(exc)
+
+    def guard(self, handler: Callable[[Any], None], arg: Any) -> None:
+        """Run a handler; an error ends the loop with it (the session task reports it)
+        instead of reaching the transport, which would only log it."""
+        try:
+            handler(arg)
+        except Exception as exc:
+            self.fail(exc)
+
+    # -- client side (the loop is the client protocol's sink) ------------------------------
+
+    def on_data(self, data: bytes) -> None:
+        try:
+            self.client_data(data)
+        except Exception as exc:
+            self.fail(exc)
+
+    def client_data(self, data: bytes) -> None:
+        state = self.state
+        # What ctx.count_up (ReverseProxy._count_up) does, inlined: this runs per request.
+        n = len(data)
+        state.bytes_up += n
+        self.stats.bytes_up += n
+        state.last_activity = self.clock()
+        if state.phase is Phase.WAITING_REQUEST:
+            state.phase = Phase.ACTIVE
+        self.pending += data
+        if self.stage == _HEAD:
+            self.next_request(None)
+        elif len(self.pending) > self.pending_cap and not self.client_paused:
+            self.client_paused = True  # pipelined requests pile up: wait for the response
+            self.client_transport.pause_reading()
+
+    def on_eof(self) -> None:
+        self.client_eof = True
+        if self.stage == _HEAD:
+            self.guard(self.next_request, None)
+
+    def on_lost(self, error: BaseException | None) -> None:
+        self.client_eof = self.client_lost = True
+        if self.stage == _HEAD:
+            self.guard(self.next_request, None)
+        else:
+            self.fail(ClientGone(f"client connection lost: {error}"))
+
+    def on_write_paused(self, paused: bool) -> None:
+        # The client reads slower than the target sends: stop reading the target meanwhile.
+        transport = self.target_transport
+        if paused == self.target_paused or transport is None:
+            return
+        self.target_paused = paused
+        if paused:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def next_request(self, _arg: object) -> None:
+        """Parse the next request head from ``pending`` and send it on, or stop."""
+        pending = self.pending
+        end = pending.find(b"\r\n\r\n")
+        if end < 0:
+            if len(pending) > self.limit or b"\n\n" in pending or b"\n\r\n" in pending:
+                self.finish(_Exit(_ExitKind.H11))  # too long or bare-LF framing: h11 decides
+            elif self.client_eof:
+                self.finish(_Exit(_ExitKind.H11, eof=True))
+            return
+        if self.client_lost:
+            self.finish(_Exit(_ExitKind.H11, eof=True))
+            return
+        head = bytes(pending[: end + 4])
+        request = _parse_request(head[:end])
+        if request is None:
+            self.finish(_Exit(_ExitKind.H11))
+            return
+        del pending[: end + 4]
+        session, state = self.session, self.state
+        method, target, fields = request
+        state.phase = Phase.ACTIVE
+        state.requests += 1
+        self.stats.requests += 1
+        session.method = method
+        if self.target is not None and self.target_eof:
+            self.drop_target()  # the target closed its idle keep-alive connection
+        transport = self.target_transport
+        out = None
+        if transport is not None and (
+            self.interceptor is None or not _asks(self.interceptor, target)
+        ):
+            out = request_fields_bytes(fields, self.rules, self.host_line)
+        if out is None or transport is None:
+            self.finish(_Exit(_ExitKind.REQUEST, head=head, request=request))
+            return
+        transport.write(b"%s %s HTTP/1.1\r\n%s" % (method, _origin_form(target), out))
+        self.sent = (head, request)
+        self.stage = _RESPONSE
+        if self.tbuf:
+            self.try_response(None)
+
+    # -- target side -------------------------------------------------------------------------
+
+    def target_data(self, data: bytes) -> None:
+        if self.stage == _BODY:  # (what goes on to the client counts as activity)
+            self.body(data)
+            return
+        self.tbuf += data
+        if self.stage == _RESPONSE:
+            self.try_response(None)
+
+    def target_ended(self, _arg: object) -> None:
+        self.target_eof = True
+        if self.stage == _RESPONSE:
+            self.try_response(None)
+        elif self.stage == _BODY:
+            self.mid_body_failure()
+        else:
+            self.drop_target()  # idle keep-alive connection closed: the next one reconnects
+
+    def drop_target(self) -> None:
+        target, transport = self.target, self.target_transport
+        self.target = self.target_transport = None
+        self.tbuf.clear()
+        self.target_eof = False
+        self.target_paused = False
+        if target is not None:
+            target.sink = None
+        if transport is not None:
+            transport.abort()
+        self.session.upstream = None
+        self.session.target = None
+
+    def mid_body_failure(self) -> None:
+        # Mid-body: the client already has the head, so all we can do is close (the short
+        # body tells it something went wrong).
+        self.ctx.stats.upstream_errors += 1
+        self.state.set_outcome(Outcome.UPSTREAM_ERROR)
+        self.finish(_Exit(_ExitKind.CLOSE))
+
+    def try_response(self, _arg: object) -> None:
+        """Parse the response head in ``tbuf`` and send it (and what body came) on."""
+        buf = self.tbuf
+        end = buf.find(b"\r\n\r\n")
+        response = None
+        if end >= 0:
+            response = _parse_response(bytes(buf[:end]))
+        elif not (self.target_eof or len(buf) > self.limit or b"\n\n" in buf or b"\n\r\n" in buf):
+            self.state.last_activity = self.clock()  # (ctx.touch)
+            return  # wait for the rest of the head
+        fields_out = None
+        if response is not None:
+            fields_out = response_fields_bytes(response[2], self.rules)
+        if response is None or fields_out is None:
+            assert self.sent is not None
+            head, (method, target, fields) = self.sent
+            sent = (method, _origin_form(target), rewrite_request_headers(fields, self.ctx.rules))
+            self.finish(_Exit(_ExitKind.SLOW, self.target_eof, head, None, sent, bytes(buf)))
+            return
+        status, reason, _fields, length, reuse = response
+        out = b"HTTP/1.1 %d %s\r\n%s" % (status, reason, fields_out)
+        start = end + 4
+        if len(buf) - start > length:
+            reuse = False  # bytes after the response: do not trust this connection
+        body = buf[start : start + length]
+        buf.clear()
+        self.remaining = length - len(body)
+        self.reuse = reuse
+        self.to_client(out + body if body else out)
+        if self.remaining == 0:
+            self.response_done()
+        else:
+            self.stage = _BODY
+            if self.target_eof:
+                self.mid_body_failure()
+
+    def body(self, data: bytes) -> None:
+        """Response body bytes: exactly Content-Length of them go on."""
+        remaining = self.remaining
+        if len(data) > remaining:
+            self.reuse = False  # bytes after the response: do not trust this connection
+            data = data[:remaining]
+        self.remaining = remaining - len(data)
+        self.to_client(data)
+        if self.remaining == 0:
+            self.response_done()
+
+    def to_client(self, data: bytes) -> None:
+        state = self.state
+        # What ctx.count_down (ReverseProxy._count_down) does, inlined: this runs per request.
+        n = len(data)
+        state.bytes_down += n
+        self.stats.bytes_down += n
+        state.last_activity = self.clock()
+        self.client_transport.write(data)
+
+    def response_done(self) -> None:
+        self.stage = _HEAD
+        self.sent = None
+        if not self.reuse:
+            self.drop_target()
+        if self.ctx.draining():
+            self.finish(_Exit(_ExitKind.CLOSE))
+            return
+        self.state.phase = Phase.WAITING_REQUEST
+        if self.client_paused:
+            self.client_paused = False
+            self.client_transport.resume_reading()
+        if self.pending or self.client_eof:
+            self.next_request(None)
+
+
 def _failure(task: asyncio.Task[None]) -> BaseException | None:
     if not task.done() or task.cancelled():
         return None
@@ -673,38 +996,41 @@ def _origin_form(target: bytes) -> bytes:
 # -- fast-path parsing (RFC 9112 §3, §5; what h11 accepts, restricted to the simple case) ----
 
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1")
-_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([0-9]{3}) ([\t\x20-\x7e\x80-\xff]*)")
-_FIELD = re.compile(
-    rb"(" + _TOKEN + rb"):[ \t]*"
-    rb"((?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?)[ \t]*"
+_VCHAR = rb"[\x21-\x7e\x80-\xff]"
+# A field value without the blanks around it (RFC 9110 §5.5: visible characters, inner blanks).
+# The possessive quantifiers keep every match linear: with plain ones, a long run of blanks
+# followed by a bad byte made the regex engine try every split of the run (quadratic: ~10 s
+# of a blocked event loop for one 64 KiB header line).
+_VALUE = rb"(?:" + _VCHAR + rb"++(?:[ \t]++" + _VCHAR + rb"++)*+)?"
+_FIELD_LINE = rb"\r\n" + _TOKEN + rb":[ \t]*+" + _VALUE + rb"[ \t]*+"
+# Whole heads (without the final CRLF CRLF) in one match; the fields are then read out of the
+# validated block with one findall.
+_REQUEST_HEAD = re.compile(
+    rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1((?:" + _FIELD_LINE + rb")*+)"
 )
+_RESPONSE_HEAD = re.compile(
+    rb"HTTP/1\.1 ([0-9]{3}) ([\t\x20-\x7e\x80-\xff]*)((?:" + _FIELD_LINE + rb")*+)"
+)
+_FIELD_ITEM = re.compile(rb"\r\n(" + _TOKEN + rb"):[ \t]*+(" + _VALUE + rb")[ \t]*+")
 _FAST_METHODS = frozenset({b"GET", b"DELETE", b"OPTIONS"})
 _NOT_FAST_REQUEST_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"te"})
 
 Fields = list[tuple[bytes, bytes]]
+Request = tuple[bytes, bytes, Fields]  # method, target, fields
 
 
-def _parse_fields(lines: list[bytes]) -> Fields | None:
-    fields: Fields = []
-    for line in lines:
-        match = _FIELD.fullmatch(line)
-        if match is None:
-            return None  # obs-fold, bad characters...: h11 decides
-        fields.append((match[1].lower(), match[2]))
-    return fields
+def _parse_fields(block: bytes) -> Fields:
+    """The fields of a block the head regex validated (each line ``CRLF name: value``)."""
+    return [(name.lower(), value) for name, value in _FIELD_ITEM.findall(block)]
 
 
 def _parse_request(head: bytes) -> tuple[bytes, bytes, Fields] | None:
     """A bodiless GET/DELETE/OPTIONS from an HTTP/1.1 client that keeps the connection, with
     exactly one Host; None for anything else."""
-    lines = head.split(b"\r\n")
-    match = _REQUEST_LINE.fullmatch(lines[0])
+    match = _REQUEST_HEAD.fullmatch(head)
     if match is None or match[1] not in _FAST_METHODS:
-        return None
-    fields = _parse_fields(lines[1:])
-    if fields is None:
-        return None
+        return None  # obs-fold, bad characters, another method...: h11 decides
+    fields = _parse_fields(match[3])
     hosts = lengths = 0
     for name, value in fields:
         if name == b"host":
@@ -726,16 +1052,13 @@ def _parse_request(head: bytes) -> tuple[bytes, bytes, Fields] | None:
 def _parse_response(head: bytes) -> tuple[int, bytes, Fields, int, bool] | None:
     """An HTTP/1.1 final response framed by one Content-Length: (status, reason, fields,
     length, keep the target connection); None for anything else."""
-    lines = head.split(b"\r\n")
-    match = _STATUS_LINE.fullmatch(lines[0])
+    match = _RESPONSE_HEAD.fullmatch(head)
     if match is None:
         return None
     status = int(match[1])
     if status < 200 or status in (204, 304):
         return None
-    fields = _parse_fields(lines[1:])
-    if fields is None:
-        return None
+    fields = _parse_fields(match[3])
     length: int | None = None
     reuse = True
     for name, value in fields:

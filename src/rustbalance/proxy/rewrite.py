@@ -261,3 +261,69 @@ def rewrite_response_headers(
             value = _map(value, rewrite_allow_origin, rules)
         out.append((name, value))
     return _fix_framing(out)
+
+
+# -- one-pass versions for http mode's fast path ------------------------------------------------
+#
+# The fast path handles only messages without an upgrade or a transfer coding, so most of the
+# general functions' work has nothing to do there. These build the same bytes as
+# ``rewrite_*_headers`` followed by the serialisation h11 does (Host first, then the other
+# fields in order, lowercase names), in one loop; tests check that they agree.
+
+_REQUEST_SKIP = _HOP_BY_HOP | {b"host"}
+_RESPONSE_MAPS: dict[bytes, Callable[[str, RewriteRules], str]] = {
+    b"location": rewrite_location,
+    b"content-location": rewrite_location,
+    b"set-cookie": rewrite_set_cookie,
+    b"content-security-policy": rewrite_csp,
+    b"content-security-policy-report-only": rewrite_csp,
+    b"access-control-allow-origin": rewrite_allow_origin,
+}
+_KEPT_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
+def request_fields_bytes(
+    fields: Sequence[tuple[bytes, bytes]], rules: RewriteRules, host_line: bytes
+) -> bytes | None:
+    """The field lines (and the blank line) of a request as the target should see them, or
+    None when the fields need the general path (an upgrade, a transfer coding, Connection
+    naming other fields). ``host_line`` is ``b"host: <target authority>\\r\\n"``."""
+    out = [host_line]
+    for name, value in fields:
+        if name in _REQUEST_SKIP:
+            if name == b"connection" and value.lower() != b"keep-alive":
+                return None
+            continue
+        if name == b"origin":
+            value = _map(value, rewrite_origin, rules)
+        elif name == b"referer":
+            value = _map(value, rewrite_referer, rules)
+        elif name == b"transfer-encoding":
+            return None
+        out.append(b"%s: %s\r\n" % (name, value))
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def response_fields_bytes(
+    fields: Sequence[tuple[bytes, bytes]], rules: RewriteRules
+) -> bytes | None:
+    """The field lines (and the blank line) of a final response as the client should see
+    them, or None when they need the general path (a transfer coding, a Host field)."""
+    drop: frozenset[bytes] | set[bytes] = _HOP_BY_HOP
+    for name, value in fields:
+        if name == b"connection":
+            named = {t.strip().lower() for t in value.split(b",") if t.strip()}
+            drop = drop | (named - _KEPT_CONNECTION_TOKENS)
+        elif name == b"host" or name == b"transfer-encoding":
+            return None
+    out = []
+    for name, value in fields:
+        if name in drop:
+            continue
+        func = _RESPONSE_MAPS.get(name)
+        if func is not None:
+            value = _map(value, func, rules)
+        out.append(b"%s: %s\r\n" % (name, value))
+    out.append(b"\r\n")
+    return b"".join(out)

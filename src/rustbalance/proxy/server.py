@@ -9,6 +9,7 @@ import socket
 from types import TracebackType
 
 from .http import ClientGone, HttpContext, HttpSession, Interceptor, TargetGone
+from .protocol import make_protocol_factory
 from .relay import can_splice, relay_both, splice_both
 from .rewrite import RewriteRules
 from .session import Outcome, Phase, ProxyStats, SessionState, error_response_bytes
@@ -77,11 +78,11 @@ class ReverseProxy:
         if self._server is not None:
             raise ProxyError("proxy already started")
         try:
-            self._server = await asyncio.start_server(
-                self._on_client,
+            # asyncio.start_server, but with protocols the http fast path can divert.
+            self._server = await asyncio.get_running_loop().create_server(
+                make_protocol_factory(self.settings.read_size * 2, self._on_client),
                 self.settings.listen_host,
                 self.settings.listen_port,
-                limit=self.settings.read_size * 2,
                 backlog=min(4096, max(128, self.settings.max_connections)),
             )
         except OSError as exc:

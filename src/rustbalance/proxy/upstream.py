@@ -11,6 +11,7 @@ from python_socks import ProxyError as SocksProxyError
 from python_socks import ProxyType
 from python_socks.async_.asyncio import Proxy as SocksProxy
 
+from .protocol import open_stream
 from .settings import ProxyError, ProxySettings, Target, format_seconds
 
 
@@ -51,8 +52,8 @@ async def _open(settings: ProxySettings, context: ssl.SSLContext | None) -> Upst
     limit = settings.read_size * 2
     server_hostname = target.host if context is not None else None
     if not target.is_onion:
-        reader, writer = await asyncio.open_connection(
-            target.host, target.port, ssl=context, server_hostname=server_hostname, limit=limit
+        reader, writer = await open_stream(
+            limit, host=target.host, port=target.port, ssl=context, server_hostname=server_hostname
         )
         _tune(writer)
         return Upstream(reader, writer)
@@ -63,8 +64,8 @@ async def _open(settings: ProxySettings, context: ssl.SSLContext | None) -> Upst
     # only a backstop, longer so that it never fires first.
     sock = await proxy.connect(target.host, target.port, timeout=settings.connect_timeout + 60)
     try:
-        reader, writer = await asyncio.open_connection(
-            sock=sock, ssl=context, server_hostname=server_hostname, limit=limit
+        reader, writer = await open_stream(
+            limit, sock=sock, ssl=context, server_hostname=server_hostname
         )
     except BaseException:
         sock.close()

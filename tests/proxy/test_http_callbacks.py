@@ -1,0 +1,403 @@
+"""http mode's callback fast path: same bytes as h11 for any input, flow control, reconnects.
+
+The differential fuzz sends random pipelined request sequences (well-formed fast-path
+requests, requests only h11 handles, malformed bytes), cut at random points, through a proxy
+with the fast path and one without it, both on the event loop ``rustbalance run`` uses for
+http mode; the client and the target must see exactly the same bytes from both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rustbalance.proxy import InterceptedRequest, InterceptedResponse, ProxySettings, ReverseProxy
+from rustbalance.proxy.eventloop import ENV_VAR, new_event_loop, run
+
+from .helpers import MASTER, direct_target, read_all, running_proxy, tcp_server
+
+_BIG = 300_000  # more than one read and more than the transports' write-buffer limit
+
+
+def _answer(method: bytes, path: bytes, head: bytes) -> bytes:
+    """The target's raw response to one request (chosen by the path)."""
+    echo = b"%s %s host=%s" % (method, path, _host(head))
+    if path.startswith(b"/chunked"):
+        return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+            len(echo),
+            echo,
+        )
+    if path.startswith(b"/close"):
+        return b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(echo),
+            echo,
+        )
+    if path.startswith(b"/204"):
+        return b"HTTP/1.1 204 No Content\r\n\r\n"
+    if path.startswith(b"/big"):
+        body = bytes(range(256)) * (_BIG // 256)
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    if path.startswith(b"/redirect"):
+        return (
+            b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{port}/x\r\n"
+            b"Set-Cookie: a=b; Domain=127.0.0.1\r\nConnection: X-Drop\r\nX-Drop: 1\r\n"
+            b"Content-Length: 0\r\n\r\n"
+        )
+    body = b"" if method == b"HEAD" else echo
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(echo), body)
+
+
+def _host(head: bytes) -> bytes:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"host":
+            return value.strip()
+    return b"-"
+
+
+async def _scripted_target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A simple HTTP/1.1 server: request bodies by Content-Length, one answer per request."""
+    port = writer.get_extra_info("sockname")[1]
+    buffer = b""
+    for _ in range(100):  # requests per connection
+        while b"\r\n\r\n" not in buffer:
+            data = await reader.read(65536)
+            if not data:
+                return
+            buffer += data
+        head, _, buffer = buffer.partition(b"\r\n\r\n")
+        method, path = [*head.split(b" "), b"", b""][:2]
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(buffer) < length:
+            data = await reader.read(65536)
+            if not data:
+                return
+            buffer += data
+        buffer = buffer[length:]
+        writer.write(_answer(method, path, head).replace(b"{port}", str(port).encode()))
+        await writer.drain()
+        if path.startswith(b"/close"):
+            writer.write_eof()
+            return
+
+
+class _Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def two_proxies() -> Iterator[tuple[int, int, int, _Errors]]:
+    """(fast proxy port, h11-only proxy port, target port, error log) on a thread running
+    the event loop ``rustbalance run`` picks for http mode."""
+    loop = new_event_loop("http")
+    ports: list[int] = []
+    started = threading.Event()
+    stop = asyncio.Event()
+    errors = _Errors()
+    logging.getLogger("rustbalance.proxy").addHandler(errors)
+
+    async def main() -> None:
+        async with tcp_server(_scripted_target) as port:
+            proxies = []
+            for fast in (True, False):
+                settings_ = ProxySettings(target=direct_target(port), master_onion=MASTER)
+                proxy = ReverseProxy(settings_, http_fast_path=fast)
+                await proxy.start()
+                proxies.append(proxy)
+            ports.extend([proxies[0].port, proxies[1].port, port])
+            started.set()
+            await stop.wait()
+            for proxy in proxies:
+                await proxy.close(drain_timeout=1.0)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield ports[0], ports[1], ports[2], errors
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()
+        logging.getLogger("rustbalance.proxy").removeHandler(errors)
+
+
+def _exchange(port: int, chunks: list[bytes]) -> bytes:
+    """Send the chunks (apart, so that the proxy reads them separately), half-close, read
+    everything until the proxy closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for chunk in chunks:
+            with contextlib.suppress(OSError):
+                sock.sendall(chunk)
+            time.sleep(0.002)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        received = []
+        for _ in range(10_000):  # bounded: the proxy closes, or the timeout ends it
+            try:
+                data = sock.recv(1 << 20)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not data:
+                break
+            received.append(data)
+        return b"".join(received)
+
+
+_M = MASTER.encode()
+_PIECES = [
+    b"GET /a HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
+    b"GET /b?q=1 HTTP/1.1\r\nHost: " + _M + b"\r\nOrigin: http://" + _M + b"\r\n\r\n",
+    b"DELETE /c HTTP/1.1\r\nhost: x\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /redirect HTTP/1.1\r\nHost: x\r\nReferer: http://" + _M + b"/from\r\n\r\n",
+    b"GET /chunked HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /204 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody",
+    b"GET /abs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET http://" + _M + b"/absolute HTTP/1.1\r\nHost: y\r\n\r\n",
+    b"GET /old HTTP/1.0\r\nHost: x\r\n\r\n",
+    b"GET /lf HTTP/1.1\nHost: x\n\n",
+    b"GET /nohost HTTP/1.1\r\n\r\n",
+    b"GET /two HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET /fold HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n",
+    b"GET /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET /cl HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",
+    b"GET /bad\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /sp HTTP/1.1\r\nHost : x\r\n\r\n",
+]
+
+_streams = st.lists(
+    st.one_of(st.sampled_from(_PIECES), st.binary(min_size=1, max_size=24)),
+    min_size=1,
+    max_size=5,
+).map(b"".join)
+
+
+@st.composite
+def _cut(draw: st.DrawFn) -> list[bytes]:
+    data = draw(_streams)
+    points = sorted(set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=4))))
+    chunks, last = [], 0
+    for point in [*points, len(data)]:
+        if point > last:
+            chunks.append(data[last:point])
+            last = point
+    return chunks
+
+
+@settings(max_examples=120, deadline=None)
+@given(chunks=_cut())
+def test_fast_path_answers_exactly_like_h11(
+    two_proxies: tuple[int, int, int, _Errors], chunks: list[bytes]
+) -> None:
+    fast_port, slow_port, target_port, errors = two_proxies
+    fast = _exchange(fast_port, chunks)
+    slow = _exchange(slow_port, chunks)
+    assert fast == slow
+    assert fast == b"" or fast.startswith(b"HTTP/1.1 ")
+    assert b"127.0.0.1:%d/x" % target_port not in fast  # the Location was rewritten
+    assert errors.records == []
+
+
+@pytest.mark.parametrize("index", range(len(_PIECES)))
+def test_each_kind_of_request_alone_cut_and_pipelined(
+    two_proxies: tuple[int, int, int, _Errors], index: int
+) -> None:
+    fast_port, slow_port, target_port, errors = two_proxies
+    piece = _PIECES[index]
+    half = len(piece) // 2
+    for chunks in ([piece], [piece[:half], piece[half:]], [_PIECES[0], piece, _PIECES[1]]):
+        fast = _exchange(fast_port, chunks)
+        assert fast == _exchange(slow_port, chunks)
+        assert fast.startswith(b"HTTP/1.1 ")
+        assert b"127.0.0.1:%d/x" % target_port not in fast
+    assert errors.records == []
+
+
+def test_pipelined_fast_requests_are_answered_in_order(
+    two_proxies: tuple[int, int, int, _Errors],
+) -> None:
+    fast_port, _slow, target_port, _errors = two_proxies
+    requests = b"".join(b"GET /n%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(50))
+    answer = _exchange(fast_port, [requests])
+    bodies = [part.split(b"\r\n\r\n", 1)[1] for part in answer.split(b"HTTP/1.1 200 OK")[1:]]
+    assert bodies == [b"GET /n%d host=127.0.0.1:%d" % (i, target_port) for i in range(50)]
+
+
+async def _a_slow_client_stops_the_proxy_reading_the_target() -> None:
+    """Flow control: while the client does not read, the proxy must not buffer the whole
+    response; the target's writes block until the client reads again."""
+    size = 64 * 1024 * 1024
+    finished = asyncio.Event()
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while b"\r\n\r\n" not in await reader.read(65536):
+            pass
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        block = b"x" * (1 << 20)
+        for _ in range(size // len(block)):
+            writer.write(block)
+            await writer.drain()
+        finished.set()
+        await read_all(reader, 30)
+
+    async with tcp_server(target) as port:
+        settings_ = ProxySettings(target=direct_target(port), master_onion=MASTER)
+        async with running_proxy(settings_) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, limit=1 << 16)
+            try:
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                await asyncio.sleep(1.0)  # the client reads nothing meanwhile
+                assert not finished.is_set()
+                got = 0
+                async with asyncio.timeout(60):
+                    while got < size:
+                        data = await reader.read(1 << 20)
+                        assert data
+                        got += len(data)
+                assert got == size
+                await asyncio.wait_for(finished.wait(), 10)
+                assert proxy.stats.bytes_down == len(head) + size
+            finally:
+                writer.transport.abort()
+
+
+async def _idle_target_connection_closed_by_the_target_is_reopened() -> None:
+    connections: list[int] = []
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        while b"\r\n\r\n" not in await reader.read(65536):
+            pass
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write_eof()  # closes the keep-alive connection while it is idle
+
+    async with tcp_server(target) as port:
+        settings_ = ProxySettings(target=direct_target(port), master_onion=MASTER)
+        async with running_proxy(settings_) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            try:
+                for _ in range(3):
+                    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    assert head.startswith(b"HTTP/1.1 200 ")
+                    assert await asyncio.wait_for(reader.readexactly(2), 5) == b"ok"
+                    await asyncio.sleep(0.2)
+            finally:
+                writer.transport.abort()
+            assert proxy.stats.requests == 3 and proxy.stats.upstream_errors == 0
+    assert len(connections) == 3
+
+
+async def _target_dying_mid_body_closes_the_client_and_counts_it() -> None:
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while b"\r\n\r\n" not in await reader.read(65536):
+            pass
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"partial")
+        await writer.drain()
+        writer.transport.abort()
+
+    async with tcp_server(target) as port:
+        settings_ = ProxySettings(target=direct_target(port), master_onion=MASTER)
+        async with running_proxy(settings_) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            try:
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = await read_all(reader, 5)
+            finally:
+                writer.transport.abort()
+            assert proxy.stats.upstream_errors == 1
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\npartial")
+
+
+async def _interceptor_wants_filter_skips_it_for_other_paths() -> None:
+    seen: list[str] = []
+
+    class JoinOnly:
+        def wants(self, target: bytes) -> bool:
+            return target.startswith(b"/.rb/")
+
+        async def __call__(self, request: InterceptedRequest) -> InterceptedResponse | None:
+            seen.append(request.path)
+            if request.path.startswith("/.rb/"):
+                return InterceptedResponse(200, (), b"mine")
+            return None
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(10):
+            if b"\r\n\r\n" not in await reader.read(65536):
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\ntarget")
+            await writer.drain()
+
+    async with tcp_server(target) as port:
+        settings_ = ProxySettings(target=direct_target(port), master_onion=MASTER)
+        async with running_proxy(settings_, interceptor=JoinOnly()) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            try:
+                for path in (b"/", b"/.rb/x", b"/a", b"/b"):
+                    writer.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+                    await asyncio.sleep(0.05)
+                writer.write_eof()
+                answer = await read_all(reader, 5)
+            finally:
+                writer.transport.abort()
+            assert proxy.stats.requests == 4
+    bodies = [part.rsplit(b"\r\n\r\n", 1)[1] for part in answer.split(b"HTTP/1.1 ")[1:]]
+    assert bodies == [b"target", b"mine", b"target", b"target"]
+    assert seen == ["/.rb/x"]  # the other paths never reached the interceptor
+
+
+_SCENARIOS = {
+    "flow-control": _a_slow_client_stops_the_proxy_reading_the_target,
+    "reconnect": _idle_target_connection_closed_by_the_target_is_reopened,
+    "mid-body": _target_dying_mid_body_closes_the_client_and_counts_it,
+    "interceptor-filter": _interceptor_wants_filter_skips_it_for_other_paths,
+}
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("scenario", list(_SCENARIOS))
+def test_callback_path_on_both_event_loops(
+    scenario: str, loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each scenario on uvloop (what ``rustbalance run`` uses in http mode) and on the stock
+    loop (its fallback): their transports differ (uvloop's are no asyncio subclasses)."""
+    monkeypatch.setenv(ENV_VAR, loop)
+    assert issubclass(run(_loop_type(), mode="http"), uvloop.Loop) is (loop == "uvloop")
+    run(_SCENARIOS[scenario](), mode="http")
+
+
+async def _loop_type() -> type[asyncio.AbstractEventLoop]:
+    return type(asyncio.get_running_loop())

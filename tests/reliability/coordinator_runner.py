@@ -1,0 +1,91 @@
+"""A cluster coordinator as a process, for the clock-skew test (run under libfaketime).
+
+Usage: ``python -m tests.reliability.coordinator_runner <settings.json>``; the settings name
+``node_id``, ``priority``, ``listen``, ``peers``, ``token_path``, ``interval``, ``timeout``,
+``grace``, ``skew_tolerance`` and ``max_lifetime``. It runs the
+:class:`~rustbalance.cluster.coordinator.Coordinator` the daemon runs (same sealing, clock
+checks, election), without tor, and prints one JSON line every 0.2 s with what the daemon's
+``rustbalance status`` shows under ``cluster``: role, term, believed publisher, live peers,
+counters and rejected datagrams per reason, plus its wall clock. It exits 0 on SIGTERM (a
+publisher sends lease_release first) or by itself after ``max_lifetime`` seconds, so a crashed
+test cannot leave it behind. Coordination warnings go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rustbalance.cluster.coordinator import Coordinator
+from rustbalance.cluster.messages import ClusterKey
+from rustbalance.config.addresses import parse_endpoint
+from rustbalance.config.schema import CoordinationConfig
+
+STATUS_EVERY_SECS = 0.2
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+async def main(settings: dict[str, Any], token: bytes) -> int:
+    config = CoordinationConfig(
+        cluster_token_path=Path(settings["token_path"]),
+        listen=parse_endpoint(settings["listen"]),
+        peers=tuple(parse_endpoint(p) for p in settings["peers"]),
+        heartbeat_interval_secs=settings["interval"],
+        heartbeat_timeout_secs=settings["timeout"],
+        takeover_grace_secs=settings["grace"],
+        clock_skew_tolerance_secs=settings["skew_tolerance"],
+    )
+    node: Coordinator[bytes] = Coordinator(
+        node_id=settings["node_id"],
+        priority=settings["priority"],
+        publisher_eligible=True,
+        config=config,
+        key=ClusterKey(token),
+        state_dir=None,
+        encode_intro_point=_identity,
+        decode_intro_point=_identity,
+    )
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+
+    async def report() -> None:
+        while True:
+            status = {
+                "node_id": node.node_id,
+                "wall": time.time(),
+                "role": node.role.value,
+                "term": node.term,
+                "publisher": node.publisher(),
+                "live": [p.node_id for p in node.live_peers()],
+                "rejected": {str(k): v for k, v in node.rejected.items() if v},
+                "heartbeats_received": node.counters.heartbeats_received,
+            }
+            sys.stdout.write(json.dumps(status) + "\n")
+            sys.stdout.flush()
+            await asyncio.sleep(STATUS_EVERY_SECS)
+
+    async with asyncio.TaskGroup() as group:
+        runner = group.create_task(node.run())
+        reporter = group.create_task(report())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings["max_lifetime"])
+        await node.shutdown()
+        runner.cancel()
+        reporter.cancel()
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    doc = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
+    sys.exit(asyncio.run(main(doc, Path(doc["token_path"]).read_bytes())))
