@@ -49,6 +49,10 @@ __all__ = [
 
 # Shorter needles would match ordinary log text by chance (16 hex chars = 64 bits).
 MIN_NEEDLE_CHARS = 16
+# A generated secret (os.urandom, secrets.token_*) has many distinct bytes. A test fixture made
+# of one repeated byte or character (bytes(32), "ttt...") is not one, and its forms (a run of
+# zeros, of "t", of "A") turn up in unrelated logs by chance (a tor log's all-zero digest).
+MIN_DISTINCT_SYMBOLS = 6
 # A generic 0600 file larger than this is a cache or a database, not a key or token.
 MAX_GENERIC_SECRET_BYTES = 4096
 MAX_SECRET_FILE_BYTES = 64 * 1024
@@ -136,6 +140,8 @@ class SecretSet:
     seen: dict[Path, tuple[int, int]] = field(default_factory=dict)
 
     def add_bytes(self, data: bytes, kind: str, source: Path) -> None:
+        if len(set(data)) < MIN_DISTINCT_SYMBOLS:
+            return
         exact, folded = secret_forms(data)
         for needle in exact:
             self.exact.setdefault(needle, (kind, source))
@@ -144,7 +150,7 @@ class SecretSet:
 
     def add_text(self, text: str, kind: str, source: Path) -> None:
         text = text.strip()
-        if len(text) < MIN_NEEDLE_CHARS:
+        if len(text) < MIN_NEEDLE_CHARS or len(set(text)) < MIN_DISTINCT_SYMBOLS:
             return
         raw = text.encode()
         self.exact.setdefault(raw, (kind, source))

@@ -92,6 +92,17 @@ def test_token_cookie_and_tor_expanded_key_are_found(outside_dir: Path) -> None:
     ]
 
 
+def test_repeated_byte_fixtures_are_not_needles(outside_dir: Path) -> None:
+    """A fake cookie of 32 zero bytes or a token of one repeated letter (test fixtures, not
+    generated secrets) would match any log with a run of zeros; a random one still matches."""
+    _write_secret(outside_dir / "control_auth_cookie", bytes(32))
+    _write_secret(outside_dir / "cluster.token", b"t" * 43 + b"\n")
+    token = secrets.token_hex(32)
+    _write_secret(outside_dir / "join.secret", token.encode())
+    (outside_dir / "tor.log").write_text(f"digest {'0' * 64} {'t' * 43} {token}\n")
+    assert _scan(outside_dir) == [("tor.log", "join secret", "join.secret")]
+
+
 def test_generic_0600_file_counts_but_public_files_do_not(outside_dir: Path) -> None:
     passphrase = "correct-horse-" + secrets.token_urlsafe(18)
     _write_secret(outside_dir / "settings.ini", f"secret_value = {passphrase}\n".encode())
