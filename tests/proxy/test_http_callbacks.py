@@ -255,8 +255,8 @@ async def _a_slow_client_stops_the_proxy_reading_the_target() -> None:
     finished = asyncio.Event()
 
     async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while b"\r\n\r\n" not in await reader.read(65536):
-            pass
+        # readuntil raises at EOF: a client that leaves early cannot spin this handler.
+        await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
         block = b"x" * (1 << 20)
         for _ in range(size // len(block)):
@@ -293,8 +293,8 @@ async def _idle_target_connection_closed_by_the_target_is_reopened() -> None:
 
     async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connections.append(1)
-        while b"\r\n\r\n" not in await reader.read(65536):
-            pass
+        # readuntil raises at EOF: a client that leaves early cannot spin this handler.
+        await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
         await asyncio.sleep(0.05)
@@ -319,8 +319,8 @@ async def _idle_target_connection_closed_by_the_target_is_reopened() -> None:
 
 async def _target_dying_mid_body_closes_the_client_and_counts_it() -> None:
     async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while b"\r\n\r\n" not in await reader.read(65536):
-            pass
+        # readuntil raises at EOF: a client that leaves early cannot spin this handler.
+        await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
         await writer.drain()
         await asyncio.sleep(0.1)
