@@ -691,7 +691,8 @@ def _onion_lines(results: dict[str, Figures], failed: dict[str, str], load: floa
         "same network in one run. Probes fetch the master through a separate client; times "
         "include the 1 s pause and NEWNYM between failed probes and depend on the voting "
         f"schedule (±10 s). The machine (2 cores, load average {load:.2f} when this section "
-        'started) was shared with other Tor networks. A bound that was hit reads "> N s".',
+        "started, the sections run just before included). A bound that was hit reads "
+        '"> N s".',
         "",
         "| system | start -> master answers | vs Onionbalance | kill a backend -> first "
         "fetched descriptor without its intro points | vs Onionbalance |",

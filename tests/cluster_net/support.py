@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -16,22 +15,11 @@ from rustbalance.cluster.messages import ClusterKey, Role
 from rustbalance.config.schema import CoordinationConfig, Endpoint
 from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.descriptor.intro_point_codec import decode_intro_point, encode_intro_point
+from rustbalance.testnet.cluster import free_udp_ports as free_udp_ports  # re-exported
 
 TOKEN = b"cluster-net-test-token-0123456789abcdef"
 INTERVAL, TIMEOUT, GRACE = 0.5, 1.5, 1.5
 LOCALHOST = "127.0.0.1"
-
-
-def free_udp_ports(n: int) -> list[int]:
-    """n distinct free UDP ports on 127.0.0.1 (all held open together, so they differ)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind((LOCALHOST, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def coordination_config(port: int, seeds: list[int]) -> CoordinationConfig:

@@ -26,6 +26,7 @@ from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
 from rustbalance.demo import NodeProcess, write_node_config
 from rustbalance.errors import RustBalanceError
 from rustbalance.testnet import PrivateTorNetwork
+from rustbalance.testnet.cluster import is_tor
 from rustbalance.tor.process import pid_is_alive
 from tests.torhelpers import NamedHTTPServer
 
@@ -136,13 +137,6 @@ class RunningNode:
         return len(os.listdir(f"/proc/{self.process.pid}/fd"))
 
 
-def _is_tor(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == "tor"
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def running_node(
     network: PrivateTorNetwork,
@@ -188,7 +182,7 @@ def running_node(
             node.stop()
             # The managed tor exits with the daemon (SIGTERM, or __OwningControllerProcess
             # after a SIGKILL); make sure by PID.
-            if tor_pid is not None and pid_is_alive(tor_pid) and _is_tor(tor_pid):
+            if tor_pid is not None and pid_is_alive(tor_pid) and is_tor(tor_pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(tor_pid, signal.SIGKILL)
         target.close()

@@ -17,10 +17,7 @@ when the test fails; the relay thread is stopped and joined.
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
 import selectors
-import signal
 import socket
 import threading
 import time
@@ -29,13 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
-from rustbalance.demo import NodeProcess, write_node_config
-from rustbalance.node.status import read_status
 from rustbalance.testnet import PrivateTorNetwork
-from rustbalance.tor.process import pid_is_alive
-from tests.node_e2e import NODE_PUBLISH_TIMEOUT, _is_tor
-from tests.torhelpers import NamedHTTPServer
+from rustbalance.testnet.cluster import (
+    LOCALHOST,
+    NAMES,
+    ClusterNode,
+    LaunchedCluster,
+    free_udp_ports,
+    launch_cluster,
+)
+from tests.node_e2e import NODE_PUBLISH_TIMEOUT
 
 __all__ = [
     "NAMES",
@@ -48,24 +48,8 @@ __all__ = [
     "wait_for",
 ]
 
-LOCALHOST = "127.0.0.1"
-NAMES = ("node-a", "node-b", "node-c")
-PRIORITIES = (10, 20, 30)
 # interval, timeout, grace: short timings for the tests that do not measure the default bound.
 SHORT_TIMINGS = (1.0, 3.0, 3.0)
-UPLOAD_TIMEOUT_SECS = 15
-
-
-def free_udp_ports(n: int) -> list[int]:
-    """n distinct free UDP ports on 127.0.0.1 (held open together, so they differ)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind((LOCALHOST, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_for(predicate: Callable[[], bool], limit: float, what: str, step: float = 0.5) -> float:
@@ -162,73 +146,10 @@ class UdpFaultRelay:
 
 
 @dataclass
-class ClusterNode:
-    name: str
-    priority: int
-    process: NodeProcess
-    work_dir: Path
-    target: NamedHTTPServer
-    listen_port: int
-    killed: bool = False
-
-    @property
-    def status_socket(self) -> Path:
-        return self.work_dir / "state" / "status.sock"
-
-    def status(self) -> dict[str, Any]:
-        return read_status(self.status_socket)
-
-    def try_status(self) -> dict[str, Any] | None:
-        if self.killed:
-            return None
-        try:
-            return self.status()
-        except Exception:
-            return None
-
-    def tor_pid(self) -> int | None:
-        import re
-
-        found = re.findall(r"started tor pid (\d+)", self.process.log_text())
-        return int(found[-1]) if found else None
-
-    def kill(self) -> None:
-        """SIGKILL the daemon and its tor by PID (a crash: no lease release)."""
-        tor_pid = self.tor_pid()
-        self.killed = True
-        self.process.stop(signal.SIGKILL, timeout=10)
-        if tor_pid is not None and pid_is_alive(tor_pid) and _is_tor(tor_pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(tor_pid, signal.SIGKILL)
-
-    def stop(self) -> None:
-        tor_pid = self.tor_pid()
-        self.process.stop()
-        if tor_pid is not None and pid_is_alive(tor_pid) and _is_tor(tor_pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(tor_pid, signal.SIGKILL)
-
-
-@dataclass
-class RunningCluster:
-    master: IdentityKey
-    nodes: list[ClusterNode]
+class RunningCluster(LaunchedCluster):
     relay: UdpFaultRelay | None = None
     timings: tuple[float, float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def address(self) -> str:
-        return self.master.onion_address
-
-    def node(self, name: str) -> ClusterNode:
-        return next(n for n in self.nodes if n.name == name)
-
-    def alive(self) -> list[ClusterNode]:
-        return [n for n in self.nodes if not n.killed]
-
-    def statuses(self) -> dict[str, dict[str, Any] | None]:
-        return {n.name: n.try_status() for n in self.alive()}
 
     def publishers(self) -> list[str]:
         return sorted(
@@ -296,67 +217,29 @@ def running_cluster(
     relay: bool = False,
 ) -> Iterator[RunningCluster]:
     """Start the three nodes (see the module docstring); stop everything afterwards."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    master = IdentityKey.generate(secrets.token_bytes)
-    key_file = work_dir / "master.key"
-    write_seed_key_file(master, key_file)
-    token = work_dir / "cluster.token"
-    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32) + "\n")
     ports = free_udp_ports(2 * len(NAMES) if relay else len(NAMES))
     listen_ports = ports[: len(NAMES)]
     # Without the relay, peers talk to each other's listen ports directly.
     front_ports = ports[len(NAMES) :] if relay else listen_ports
     fault_relay: UdpFaultRelay | None = None
-    nodes: list[ClusterNode] = []
-    targets: list[NamedHTTPServer] = []
+
+    def coordination(index: int, token: Path) -> dict[str, object]:
+        seeds = [p for i, p in enumerate(front_ports) if i != index]
+        advertise = front_ports[index] if relay else None
+        return _coordination(listen_ports[index], seeds, token, timings, advertise)
+
     try:
         if relay:
             fault_relay = UdpFaultRelay()
             for name, listen, front in zip(NAMES, listen_ports, front_ports, strict=True):
                 fault_relay.add_front(front, listen, name)
             fault_relay.start()
-        for index, (name, priority) in enumerate(zip(NAMES, PRIORITIES, strict=True)):
-            node_dir = work_dir / name
-            node_dir.mkdir()
-            target = NamedHTTPServer(f"{name}-target")
-            targets.append(target)
-            seeds = [p for i, p in enumerate(front_ports) if i != index]
-            config = write_node_config(
-                node_dir / "config.toml",
-                node_id=name,
-                key_file=key_file,
-                master_address=master.onion_address,
-                target=f"{LOCALHOST}:{target.port}",
-                work_dir=node_dir,
-                extra_torrc=network.client_torrc_lines(),
-                overrides={
-                    "node": {"priority": priority},
-                    # A cold HSDir circuit on the loaded private network can hold one HSDir's
-                    # verdict for the whole default 60 s; a period counts as published once
-                    # any HSDir accepted it, so wait less for stragglers.
-                    "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
-                    "coordination": _coordination(
-                        listen_ports[index],
-                        seeds,
-                        token,
-                        timings,
-                        front_ports[index] if relay else None,
-                    ),
-                },
+        with launch_cluster(
+            network, work_dir, coordination=coordination, listen_ports=listen_ports
+        ) as launched:
+            yield RunningCluster(
+                launched.master, launched.nodes, launched.started, fault_relay, timings
             )
-            process = NodeProcess(config, node_dir / "node.log")
-            process.start()
-            nodes.append(
-                ClusterNode(name, priority, process, node_dir, target, listen_ports[index])
-            )
-        yield RunningCluster(master, nodes, fault_relay, timings)
     finally:
-        for node in nodes:
-            with contextlib.suppress(Exception):
-                node.stop()
-        for target in targets:
-            target.close()
         if fault_relay is not None:
             fault_relay.close()

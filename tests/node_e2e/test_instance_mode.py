@@ -34,6 +34,7 @@ import tomli_w
 from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
 from rustbalance.demo import NodeProcess
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
+from rustbalance.testnet.cluster import stop_all
 from tests.node_e2e import NODE_PUBLISH_TIMEOUT
 from tests.node_e2e.cluster_helpers import (
     SHORT_TIMINGS,
@@ -112,6 +113,7 @@ def instance_cluster(net: PrivateTorNetwork, work_dir: Path) -> Iterator[Running
     ports = free_udp_ports(2)
     nodes: list[ClusterNode] = []
     targets: list[NamedHTTPServer] = []
+    started = time.monotonic()
     try:
         for index, (name, eligible) in enumerate((("node-a", True), ("node-b", False))):
             node_dir = work_dir / name
@@ -135,13 +137,9 @@ def instance_cluster(net: PrivateTorNetwork, work_dir: Path) -> Iterator[Running
             nodes.append(
                 ClusterNode(name, 10 * (index + 1), process, node_dir, target, ports[index])
             )
-        yield RunningCluster(master, nodes, None, SHORT_TIMINGS)
+        yield RunningCluster(master, nodes, started, relay=None, timings=SHORT_TIMINGS)
     finally:
-        for node in nodes:
-            with contextlib.suppress(Exception):
-                node.stop()
-        for target in targets:
-            target.close()
+        stop_all(nodes, targets)
 
 
 def _files_holding(folder: Path, needles: list[bytes]) -> list[Path]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from rustbalance.cluster.coordinator import Coordinator
 from rustbalance.cluster.messages import ClusterKey
 from rustbalance.cluster.wireguard import generate_private_key
 from rustbalance.config import Config, parse_config
-from rustbalance.node.join import PeerInfo
+from rustbalance.node.join import JoinRequest, PeerInfo, parse_join_answer
 from rustbalance.node.mesh import (
     Mesh,
     MeshError,
@@ -27,6 +29,7 @@ from rustbalance.node.mesh import (
     read_mesh_peers,
     read_private_secret,
 )
+from rustbalance.proxy import ProxySettings, ReverseProxy, Target
 
 KEY = base64.b64encode(b"\x05" * 32).decode()
 PEER = PeerInfo("node-b", "127.0.0.9:51821", KEY, "203.0.113.9:51820", "127.0.0.9")
@@ -166,3 +169,73 @@ async def test_start_errors_are_config_problems(tmp_path: Path) -> None:
     assert not mesh_wants_cluster(_config(tmp_path, join=False))
     _private(state / "wireguard_peers.json", mesh_peers_json([PEER]))
     assert mesh_wants_cluster(_config(tmp_path, join=False))
+
+
+async def test_concurrent_joins_through_the_proxy_are_admitted_once_each(tmp_path: Path) -> None:
+    """Nine joiners race each other over real connections into a real proxy: the mesh's
+    interceptor, its add_peer (peers file written in a thread, the coordinator) and the
+    responder's rate limit all see interleaved requests. One joiner asks twice at once.
+
+    Expected: exactly 5 admissions (the default rate limit), each with its own tunnel
+    address; the rest a 404 that looks like any other wrong path; the joiner that asked
+    twice gets the same address both times if both were answered 200; the peers file, the
+    mesh's peers and the coordinator hold exactly the admitted nodes, nothing half-added."""
+    config = _config(tmp_path)
+    coordinator: Coordinator[bytes] = Coordinator.from_config(
+        config, ClusterKey(TOKEN.encode()), encode_intro_point=bytes, decode_intro_point=bytes
+    )
+    mesh = Mesh(config)
+    await mesh.start(coordinator)
+    interceptor = mesh.interceptor()
+    assert interceptor is not None
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead_port = int(closed.getsockname()[1])
+    settings = ProxySettings(
+        target=Target("127.0.0.1", dead_port, is_onion=False), listen_port=0, drain_timeout=1
+    )
+
+    def join_body(n: int) -> bytes:
+        key = base64.b64encode(bytes([0x40 + n]) * 32).decode()
+        request = JoinRequest(f"joiner-{n}", TOKEN, key, "198.51.100.7:51820", 51821, 0)
+        return dataclasses.replace(request, request_time=int(time.time())).to_json()
+
+    async def post(port: int, body: bytes) -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(
+                f"POST /.rb/{SECRET} HTTP/1.1\r\nHost: x.onion\r\nContent-Length: {len(body)}"
+                "\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            data = await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+        head, _, answer = data.partition(b"\r\n\r\n")
+        return int(head.split(b" ")[1]), answer
+
+    bodies = [join_body(n) for n in range(8)] + [join_body(3)]  # joiner-3 asks twice
+    proxy = ReverseProxy(settings, interceptor=interceptor)
+    await proxy.start()
+    try:
+        results = await asyncio.gather(*(post(proxy.port, body) for body in bodies))
+    finally:
+        await proxy.close(1)
+    statuses = [status for status, _ in results]
+    assert set(statuses) <= {200, 404}, statuses
+    answered: dict[str, set[str]] = {}
+    for (status, answer), body in zip(results, bodies, strict=True):
+        if status == 200:
+            node = json.loads(body)["node_id"]
+            answered.setdefault(node, set()).add(parse_join_answer(answer).tunnel_address)
+    assert len(answered) == 5, statuses  # the rate limit, whatever the interleaving
+    assert all(len(addresses) == 1 for addresses in answered.values()), answered
+    addresses = [next(iter(a)) for a in answered.values()]
+    assert len(set(addresses)) == 5 and "127.0.0.8" not in addresses
+    assert {peer.node_id for peer in mesh.peers} == set(answered)
+    saved = read_mesh_peers(config.wireguard.peers_path or Path())
+    assert {peer.node_id: peer.tunnel_address for peer in saved} == {
+        node: next(iter(a)) for node, a in answered.items()
+    }
+    assert {p.node_id for p in coordinator.peers.known_peers()} == set(answered)
+    assert mesh.status()["joins_admitted"] == 5

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -258,11 +259,13 @@ def _watch_config(tmp_path: Path) -> Config:
 
 
 async def test_a_crashed_wireguard_go_is_brought_back_with_its_peers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The supervised watcher: wireguard-go killed by PID (a real crash, made on demand) takes
-    the interface with it; the watcher rebuilds it with the saved peer."""
+    the interface with it; the watcher rebuilds it with the saved peer and says so (WARNING
+    when it finds it gone, INFO when it is back)."""
     monkeypatch.setattr(mesh_module, "WIREGUARD_WATCH_SECS", 0.5)
+    caplog.set_level(logging.INFO, logger="rustbalance")
     with _namespace():
         mesh = Mesh(_watch_config(tmp_path), netns=NS)
         await mesh.start(None)
@@ -281,6 +284,13 @@ async def test_a_crashed_wireguard_go_is_brought_back_with_its_peers(
                 assert time.monotonic() < deadline, "the interface did not come back"
                 await asyncio.sleep(0.2)
             assert "inet 10.77.0.1/24" in _ns("ip", "-4", "address", "show", WATCH_IF).stdout
+            for _ in range(50):  # the log line follows the rebuild in the same task
+                if f"WireGuard {WATCH_IF} recovered with 1 peer(s)" in caplog.text:
+                    break
+                await asyncio.sleep(0.1)
+            gone = [r for r in caplog.records if "disappeared: bringing it up again" in r.message]
+            assert gone and gone[0].levelno == logging.WARNING
+            assert f"WireGuard {WATCH_IF} recovered with 1 peer(s)" in caplog.text
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)

@@ -58,9 +58,10 @@ import pytest
 from rustbalance.crypto.time_period import srv_run_start
 from rustbalance.demo import NodeProcess
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
+from rustbalance.testnet.cluster import is_tor
 from rustbalance.tor.consensus import Consensus, parse_consensus, time_params
 from rustbalance.tor.process import pid_is_alive
-from tests.node_e2e import NODE_PUBLISH_TIMEOUT, _is_tor, log_lines
+from tests.node_e2e import NODE_PUBLISH_TIMEOUT, log_lines
 from tests.node_e2e.cluster_helpers import ClusterNode, RunningCluster, running_cluster
 from tests.torhelpers import get_with_retries, http_get_via_tor
 
@@ -148,7 +149,7 @@ async def _worker(
 
 def _kill_tor(node: ClusterNode) -> str:
     pid = node.tor_pid()
-    if pid is None or not pid_is_alive(pid) or not _is_tor(pid):
+    if pid is None or not pid_is_alive(pid) or not is_tor(pid):
         return "no tor running"
     os.kill(pid, signal.SIGKILL)
     return f"tor pid {pid} killed"

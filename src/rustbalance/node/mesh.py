@@ -392,6 +392,9 @@ class Mesh:
             log.warning("WireGuard %s disappeared: bringing it up again", interface.ifname)
             await interface.down()
             await interface.up()
+            log.info(
+                "WireGuard %s recovered with %d peer(s)", interface.ifname, len(interface.peers)
+            )
 
     async def _link_present(self, interface: WireGuardInterface) -> bool:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns is not None else []

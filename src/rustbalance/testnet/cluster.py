@@ -1,0 +1,232 @@
+"""A RustBalance cluster of ``rustbalance run`` daemons on a private Tor network.
+
+Used by the multi-node end-to-end tests (``tests/node_e2e/cluster_helpers.py``, which adds a
+UDP fault relay and short timings) and by the onion benchmark (``benchmarks/onion_cluster.py``,
+production timings): one launcher, so what is measured is what is tested.
+
+:func:`launch_cluster` writes one master key and one cluster token file (0600, never on a
+command line), then one config per node: its own managed tor joined to the network, its own
+target (a :class:`~rustbalance.testnet.apps.NamedHTTPServer` answering
+``hello from <node>-target``), priority 10/20/30 and the coordination section the caller
+builds. All configs are written before the first daemon starts, so "started" means all of them
+at (nearly) once. Every daemon, and its managed tor, is stopped by PID (SIGTERM, then SIGKILL),
+also when the caller fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
+from rustbalance.demo import NodeProcess, write_node_config
+from rustbalance.node.status import read_status
+from rustbalance.testnet.apps import NamedHTTPServer
+from rustbalance.testnet.network import PrivateTorNetwork
+from rustbalance.tor.process import pid_is_alive
+
+__all__ = [
+    "LOCALHOST",
+    "NAMES",
+    "PRIORITIES",
+    "UPLOAD_TIMEOUT_SECS",
+    "ClusterNode",
+    "LaunchedCluster",
+    "free_udp_ports",
+    "is_tor",
+    "launch_cluster",
+    "stop_all",
+]
+
+LOCALHOST = "127.0.0.1"
+NAMES = ("node-a", "node-b", "node-c")
+PRIORITIES = (10, 20, 30)
+# On a loaded private network one cold HSDir circuit can hold an upload round for the whole
+# default 60 s, and a period counts as published as soon as any HSDir accepted it, so the
+# stragglers get less time (this only bounds the wait for their verdicts).
+UPLOAD_TIMEOUT_SECS = 15
+
+_TOR_PID = re.compile(r"started tor pid (\d+)")
+
+
+def free_udp_ports(n: int) -> list[int]:
+    """n distinct free UDP ports on 127.0.0.1 (held open together, so they differ)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind((LOCALHOST, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def is_tor(pid: int) -> bool:
+    """Whether ``pid`` is a tor now: PIDs are reused, so only signal one that still is."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "tor"
+    except OSError:
+        return False
+
+
+@dataclass
+class ClusterNode:
+    name: str
+    priority: int
+    process: NodeProcess
+    work_dir: Path
+    target: NamedHTTPServer
+    listen_port: int
+    killed: bool = False
+
+    @property
+    def status_socket(self) -> Path:
+        return self.work_dir / "state" / "status.sock"
+
+    def status(self) -> dict[str, Any]:
+        """The daemon's status document (raises when it does not answer)."""
+        return read_status(self.status_socket)
+
+    def try_status(self) -> dict[str, Any] | None:
+        """The status document, None when the node was killed or does not answer (yet)."""
+        if self.killed:
+            return None
+        try:
+            return self.status()
+        except Exception:
+            return None
+
+    def own_auth_keys(self) -> frozenset[str]:
+        """The auth keys of this node's own intro points (empty when unknown)."""
+        doc = self.try_status() or {}
+        return frozenset((doc.get("intro_points") or {}).get("own_auth_keys") or ())
+
+    def tor_pid(self) -> int | None:
+        """The managed tor's PID, from the daemon's log (None before tor started)."""
+        found = _TOR_PID.findall(self.process.log_text())
+        return int(found[-1]) if found else None
+
+    def _kill_tor(self, tor_pid: int | None) -> None:
+        if tor_pid is not None and pid_is_alive(tor_pid) and is_tor(tor_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(tor_pid, signal.SIGKILL)
+
+    def kill(self) -> None:
+        """SIGKILL the daemon and its tor by PID: a crashed machine, no lease release."""
+        tor_pid = self.tor_pid()
+        self.killed = True
+        self.process.stop(signal.SIGKILL, timeout=10)
+        self._kill_tor(tor_pid)
+
+    def stop(self) -> None:
+        """SIGTERM (SIGKILL after 30 s); the managed tor exits with it, made sure by PID."""
+        tor_pid = self.tor_pid()
+        self.process.stop()
+        self._kill_tor(tor_pid)
+
+
+@dataclass
+class LaunchedCluster:
+    master: IdentityKey
+    nodes: list[ClusterNode]
+    started: float  # time.monotonic() just before the first daemon was launched
+
+    @property
+    def address(self) -> str:
+        return self.master.onion_address
+
+    def node(self, name: str) -> ClusterNode:
+        return next(n for n in self.nodes if n.name == name)
+
+    def alive(self) -> list[ClusterNode]:
+        return [n for n in self.nodes if not n.killed]
+
+    def statuses(self) -> dict[str, dict[str, Any] | None]:
+        return {n.name: n.try_status() for n in self.alive()}
+
+
+# (node index, cluster token file) -> the node's [coordination] section.
+CoordinationFor = Callable[[int, Path], Mapping[str, object]]
+
+
+@contextlib.contextmanager
+def launch_cluster(
+    network: PrivateTorNetwork,
+    work_dir: Path,
+    *,
+    coordination: CoordinationFor,
+    listen_ports: list[int],
+) -> Iterator[LaunchedCluster]:
+    """Start one daemon per name in :data:`NAMES`; stop every one (and its tor) afterwards.
+
+    ``listen_ports[i]`` is node i's UDP coordination port (its ``coordination.listen``, which
+    ``coordination`` must set); ``coordination(i, token_path)`` gives node i's section.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    master = IdentityKey.generate(secrets.token_bytes)
+    key_file = work_dir / "master.key"
+    write_seed_key_file(master, key_file)
+    token = work_dir / "cluster.token"
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32) + "\n")
+    nodes: list[ClusterNode] = []
+    targets: list[NamedHTTPServer] = []
+    try:
+        configs: list[Path] = []
+        for index, name in enumerate(NAMES):
+            node_dir = work_dir / name
+            node_dir.mkdir()
+            target = NamedHTTPServer(f"{name}-target")
+            targets.append(target)
+            configs.append(
+                write_node_config(
+                    node_dir / "config.toml",
+                    node_id=name,
+                    key_file=key_file,
+                    master_address=master.onion_address,
+                    target=f"{LOCALHOST}:{target.port}",
+                    work_dir=node_dir,
+                    extra_torrc=network.client_torrc_lines(),
+                    overrides={
+                        "node": {"priority": PRIORITIES[index]},
+                        "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
+                        "coordination": coordination(index, token),
+                    },
+                )
+            )
+        started = time.monotonic()
+        for index, config in enumerate(configs):
+            process = NodeProcess(config, config.parent / "node.log")
+            process.start()
+            nodes.append(
+                ClusterNode(
+                    NAMES[index],
+                    PRIORITIES[index],
+                    process,
+                    config.parent,
+                    targets[index],
+                    listen_ports[index],
+                )
+            )
+        yield LaunchedCluster(master, nodes, started)
+    finally:
+        stop_all(nodes, targets)
+
+
+def stop_all(nodes: list[ClusterNode], targets: list[NamedHTTPServer]) -> None:
+    """Stop every node (and its tor) by PID, then close the targets; never raises for one."""
+    for node in nodes:
+        with contextlib.suppress(Exception):
+            node.stop()
+    for target in targets:
+        target.close()
