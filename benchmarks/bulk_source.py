@@ -1,7 +1,9 @@
 """A bulk TCP source for the proxy benchmarks, run as its own process.
 
-``python -m benchmarks.bulk_source KIND TOTAL`` listens on a free port of 127.0.0.1, prints
-it, and sends TOTAL bytes down every connection it accepts (one at a time), then closes it.
+``python -m benchmarks.bulk_source KIND TOTAL [http]`` listens on a free port of 127.0.0.1,
+prints it, and sends TOTAL bytes down every connection it accepts (one at a time), then closes
+it. With ``http`` it first reads the request head and sends the bytes as the body of an
+HTTP/1.1 200 response with a Content-Length (for http mode).
 It runs apart from the downloading client so the two ends of the load generator do not
 share a GIL. Two kinds of data:
 
@@ -44,8 +46,23 @@ def _send_file(conn: socket.socket, total: int, fd: int) -> None:
             sent += n
 
 
+def _http_head(conn: socket.socket, total: int) -> None:
+    """Read the request head (bounded) and send a 200 response head for ``total`` bytes."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(4096)
+        if not chunk or len(head) > 65536:
+            raise ConnectionError("no request head")
+        head += chunk
+    conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+        + f"Content-Length: {total}\r\nConnection: close\r\n\r\n".encode()
+    )
+
+
 def main(argv: list[str]) -> int:
     kind, total = argv[0], int(argv[1])
+    http = argv[2:] == ["http"]
     if kind not in ("memory", "file"):
         print(f"unknown source kind {kind!r}: memory or file", file=sys.stderr)
         return 2
@@ -65,6 +82,8 @@ def main(argv: list[str]) -> int:
         while True:  # until stdin closes
             conn, _ = listener.accept()
             with conn, contextlib.suppress(OSError):
+                if http:
+                    _http_head(conn, total)
                 if kind == "memory":
                     _send_memory(conn, total)
                 else:

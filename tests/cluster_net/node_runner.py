@@ -1,10 +1,16 @@
-"""A coordinator as a process, for the network-namespace test (``python -m`` inside ``ip netns``).
+"""A cluster coordinator as a process: the network-namespace test runs it inside ``ip netns``,
+the clock-skew and full-disk tests under libfaketime or on a tiny filesystem.
 
-Usage: ``python -m tests.cluster_net.node_runner <settings.json>`` with keys ``node_id``,
-``priority``, ``listen``, ``peers``, ``token_path``, ``state_dir``, ``max_lifetime``. Prints one
-JSON status line every 0.1 s (role, who it believes publishes, live peers). On SIGTERM it sends
-lease_release if it publishes and exits 0; it also exits on its own after ``max_lifetime``
-seconds, so a crashed test cannot leave it behind.
+Usage: ``python -m tests.cluster_net.node_runner <settings.json>``; the settings name
+``node_id``, ``priority``, ``listen``, ``peers``, ``token_path``, ``interval``, ``timeout``,
+``grace`` and ``max_lifetime``, and optionally ``state_dir`` (default: none, nothing saved),
+``skew_tolerance`` (default: the config's) and ``status_every`` (default 0.1 s). It runs the
+:class:`~rustbalance.cluster.coordinator.Coordinator` the daemon runs (same sealing, clock
+checks, election), without tor, and prints one JSON status line every ``status_every`` seconds
+with what ``rustbalance status`` shows under ``cluster``: role, term, believed publisher, live
+peers, counters and rejected datagrams per reason, plus its wall clock. It exits 0 on SIGTERM
+(a publisher sends lease_release first) or by itself after ``max_lifetime`` seconds, so a
+crashed test cannot leave it behind. Log lines (INFO and up) go to stderr.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +30,15 @@ from rustbalance.cluster.messages import ClusterKey
 from rustbalance.config.addresses import parse_endpoint
 from rustbalance.config.schema import CoordinationConfig
 
-STATUS_EVERY_SECS = 0.1
-
 
 def _identity(data: bytes) -> bytes:
     return data
 
 
 async def main(settings: dict[str, Any], token: bytes) -> int:
+    optional: dict[str, Any] = {}
+    if "skew_tolerance" in settings:
+        optional["clock_skew_tolerance_secs"] = settings["skew_tolerance"]
     config = CoordinationConfig(
         cluster_token_path=Path(settings["token_path"]),
         listen=parse_endpoint(settings["listen"]),
@@ -37,33 +46,38 @@ async def main(settings: dict[str, Any], token: bytes) -> int:
         heartbeat_interval_secs=settings["interval"],
         heartbeat_timeout_secs=settings["timeout"],
         takeover_grace_secs=settings["grace"],
+        **optional,
     )
+    state_dir = settings.get("state_dir")
     node: Coordinator[bytes] = Coordinator(
         node_id=settings["node_id"],
         priority=settings["priority"],
         publisher_eligible=True,
         config=config,
         key=ClusterKey(token),
-        state_dir=Path(settings["state_dir"]),
+        state_dir=Path(state_dir) if state_dir is not None else None,
         encode_intro_point=_identity,
         decode_intro_point=_identity,
     )
+    every = float(settings.get("status_every", 0.1))
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
 
     async def report() -> None:
         while True:
             status = {
                 "node_id": node.node_id,
+                "wall": time.time(),
                 "role": node.role.value,
+                "term": node.term,
                 "publisher": node.publisher(),
                 "live": [p.node_id for p in node.live_peers()],
+                "rejected": {str(k): v for k, v in node.rejected.items() if v},
                 "heartbeats_received": node.counters.heartbeats_received,
             }
             sys.stdout.write(json.dumps(status) + "\n")
             sys.stdout.flush()
-            await asyncio.sleep(STATUS_EVERY_SECS)
+            await asyncio.sleep(every)
 
     async with asyncio.TaskGroup() as group:
         runner = group.create_task(node.run())
@@ -77,5 +91,6 @@ async def main(settings: dict[str, Any], token: bytes) -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     doc = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     sys.exit(asyncio.run(main(doc, Path(doc["token_path"]).read_bytes())))

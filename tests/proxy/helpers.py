@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -241,9 +242,25 @@ async def raw_exchange(port: int, data: bytes, limit: float = 5.0) -> bytes:
         writer.transport.abort()
 
 
-def fd_count() -> int:
-    import os
+@contextlib.contextmanager
+def counting_splice() -> Iterator[list[int]]:
+    """Replace os.splice with a wrapper recording the bytes each call moved (restored after)."""
+    calls: list[int] = []
+    real = os.splice
 
+    def counting(src: int, dst: int, count: int, *args: object, **kwargs: int) -> int:
+        n = real(src, dst, count, *args, **kwargs)  # type: ignore[arg-type]
+        calls.append(n)
+        return n
+
+    os.splice = counting  # type: ignore[assignment]
+    try:
+        yield calls
+    finally:
+        os.splice = real
+
+
+def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 

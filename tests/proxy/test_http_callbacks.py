@@ -10,21 +10,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
 import pytest
 import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rustbalance.proxy import InterceptedRequest, InterceptedResponse, ProxySettings, ReverseProxy
+from rustbalance.proxy import (
+    InterceptedRequest,
+    InterceptedResponse,
+    ProxySettings,
+    ReverseProxy,
+    relay,
+)
 from rustbalance.proxy.eventloop import ENV_VAR, new_event_loop, run
 
-from .helpers import MASTER, direct_target, read_all, running_proxy, tcp_server
+from .helpers import (
+    MASTER,
+    counting_splice,
+    direct_target,
+    fd_count,
+    read_all,
+    running_proxy,
+    tcp_server,
+)
 
 _BIG = 300_000  # more than one read and more than the transports' write-buffer limit
 
@@ -317,15 +334,19 @@ async def _idle_target_connection_closed_by_the_target_is_reopened() -> None:
     assert len(connections) == 3
 
 
-async def _target_dying_mid_body_closes_the_client_and_counts_it() -> None:
+async def _target_dying_mid_body(declared: int, sent: bytes) -> None:
+    """The target promises ``declared`` body bytes, sends ``sent``, then resets: the client
+    gets the head and exactly ``sent`` (copied, or spliced when large), then the close."""
+
     async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # readuntil raises at EOF: a client that leaves early cannot spin this handler.
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % declared)
         await writer.drain()
         await asyncio.sleep(0.1)
-        writer.write(b"partial")
+        writer.write(sent)
         await writer.drain()
+        await asyncio.sleep(0.1)
         writer.transport.abort()
 
     async with tcp_server(target) as port:
@@ -334,11 +355,12 @@ async def _target_dying_mid_body_closes_the_client_and_counts_it() -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             try:
                 writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-                answer = await read_all(reader, 5)
+                answer = await read_all(reader, 10)
             finally:
                 writer.transport.abort()
             assert proxy.stats.upstream_errors == 1
-    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\npartial")
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ") and body == sent  # short body, then closed
 
 
 async def _interceptor_wants_filter_skips_it_for_other_paths() -> None:
@@ -379,11 +401,90 @@ async def _interceptor_wants_filter_skips_it_for_other_paths() -> None:
     assert seen == ["/.rb/x"]  # the other paths never reached the interceptor
 
 
-_SCENARIOS = {
+async def _large_bodies_move_by_splice_byte_exact_on_keep_alive() -> None:
+    """Bodies over relay.BODY_SPLICE_MIN move target -> pipe -> client with splice(2): every
+    byte, in order, the connection kept alive for the next (small and large) responses."""
+    bodies = [os.urandom(3 * 1024 * 1024 + 7), b"small", os.urandom(relay.BODY_SPLICE_MIN + 1)]
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for body in bodies:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for i in range(0, len(body), 100_000):  # in pieces: readiness waits on both sides
+                writer.write(body[i : i + 100_000])
+                await writer.drain()
+                await asyncio.sleep(0)
+        await read_all(reader, 10)
+
+    before = fd_count()
+    with counting_splice() as calls:
+        async with tcp_server(target) as port:
+            settings_ = ProxySettings(target=direct_target(port), master_onion=MASTER)
+            async with running_proxy(settings_) as proxy:
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+                try:
+                    got = []
+                    for body in bodies:
+                        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                        assert head.startswith(b"HTTP/1.1 200 ")
+                        got.append(await asyncio.wait_for(reader.readexactly(len(body)), 20))
+                    assert got == bodies
+                    assert proxy.stats.requests == 3 and proxy.stats.upstream_errors == 0
+                    heads = proxy.stats.bytes_down - sum(map(len, bodies))
+                    assert 0 < heads < 300  # counted: every body byte, the heads
+                finally:
+                    writer.transport.abort()
+    assert sum(calls) > len(bodies[0])  # (in and out of the pipe: most of the large bodies)
+    relay.release_pipes()
+    await asyncio.sleep(0.1)  # (closed transports close their sockets a loop turn later)
+    assert fd_count() <= before  # the dup()ed descriptors and pipes are closed
+
+
+async def _client_leaving_mid_spliced_body_ends_the_session() -> None:
+    target_done = asyncio.Event()
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 30))
+        try:
+            for _ in range(1024):  # 1 GiB: far more than any buffer holds
+                writer.write(b"y" * (1 << 20))
+                await writer.drain()
+        except (ConnectionError, OSError):
+            target_done.set()  # the proxy closed its side once the client left
+
+    before = fd_count()
+    async with tcp_server(target) as port:
+        settings_ = ProxySettings(target=direct_target(port), master_onion=MASTER)
+        async with running_proxy(settings_) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            await asyncio.wait_for(reader.readexactly(4 * 1024 * 1024), 10)
+            writer.transport.abort()
+            await asyncio.wait_for(target_done.wait(), 10)
+            for _ in range(500):
+                if proxy.stats.active == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert proxy.stats.active == 0
+            assert proxy.stats.bytes_down < (1 << 30)
+    relay.release_pipes()
+    await asyncio.sleep(0.1)
+    assert fd_count() <= before
+
+
+_SCENARIOS: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
     "flow-control": _a_slow_client_stops_the_proxy_reading_the_target,
     "reconnect": _idle_target_connection_closed_by_the_target_is_reopened,
-    "mid-body": _target_dying_mid_body_closes_the_client_and_counts_it,
+    "mid-body": functools.partial(_target_dying_mid_body, 100, b"partial"),
     "interceptor-filter": _interceptor_wants_filter_skips_it_for_other_paths,
+    "splice-keep-alive": _large_bodies_move_by_splice_byte_exact_on_keep_alive,
+    "splice-target-dies": functools.partial(
+        _target_dying_mid_body, 4 * 1024 * 1024, os.urandom(1024 * 1024)
+    ),
+    "splice-client-leaves": _client_leaving_mid_spliced_body_ends_the_session,
 }
 
 

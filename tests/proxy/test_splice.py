@@ -13,24 +13,23 @@ from pathlib import Path
 import pytest
 
 from rustbalance.proxy import ProxySettings, relay
-from tests.proxy.helpers import direct_target, fd_count, read_all, running_proxy, tcp_server
+from tests.proxy.helpers import (
+    counting_splice,
+    direct_target,
+    fd_count,
+    read_all,
+    running_proxy,
+    tcp_server,
+)
 
 pytestmark = pytest.mark.skipif(not relay.splice_supported(), reason="needs Linux splice(2)")
 
 
 @pytest.fixture
-def splice_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+def splice_calls() -> Iterator[list[int]]:
     """Counts the splice(2) calls the relay makes (and the bytes each moved)."""
-    calls: list[int] = []
-    real = os.splice
-
-    def counting(src: int, dst: int, count: int, *args: object, **kwargs: int) -> int:
-        n = real(src, dst, count, *args, **kwargs)  # type: ignore[arg-type]
-        calls.append(n)
-        return n
-
-    monkeypatch.setattr(os, "splice", counting)
-    yield calls
+    with counting_splice() as calls:
+        yield calls
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -45,12 +45,13 @@ def mounted_tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 
 class Runner:
-    """One coordinator_runner process; status lines go to a file the test reads."""
+    """One coordinator process (tests/cluster_net/node_runner.py); status lines go to a file
+    the test reads, log lines to another."""
 
     def __init__(self, work: Path, name: str, settings: dict[str, Any]) -> None:
         self.name = name
         self.settings_path = work / f"{name}.json"
-        self.settings_path.write_text(json.dumps(settings))
+        self.settings_path.write_text(json.dumps({"status_every": 0.2, **settings}))
         self.out = work / f"{name}.out"
         self.err = work / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -68,7 +69,7 @@ class Runner:
                 [
                     sys.executable,
                     "-m",
-                    "tests.reliability.coordinator_runner",
+                    "tests.cluster_net.node_runner",
                     str(self.settings_path),
                 ],
                 stdout=out,

@@ -3,7 +3,7 @@
 Real clock skew, not a mock: the skewed node runs under libfaketime (Debian package
 ``faketime``; ``FAKETIME=+30s`` or ``-30s`` moves its wall clock, the monotonic clock stays
 real, as with a wrong NTP setting). The nodes are real coordinator processes
-(tests/reliability/coordinator_runner.py: the daemon's own Coordinator, sealed UDP on 127.0.0.1)
+(tests/cluster_net/node_runner.py: the daemon's own Coordinator, sealed UDP on 127.0.0.1)
 without tor: skew only touches coordination, and leaving tor out keeps the test to seconds.
 
 Expected behaviour, and why:

@@ -3,7 +3,7 @@
 A real full disk, not a mock: the node's state directory is a 256 KiB tmpfs (mounted for the
 test, we run as root; always unmounted) filled to the last byte. The node is a real
 ``rustbalance run`` in cluster mode on the private Tor network; its peers are coordinator
-processes (tests/reliability/coordinator_runner.py) so that it learns a new peer while the disk
+processes (tests/cluster_net/node_runner.py) so that it learns a new peer while the disk
 is full and must save ``cluster_peers.json``.
 
 Expected: the daemon keeps running and serving the master address; it logs a clear, rate-limited

@@ -143,6 +143,7 @@ from rustbalance.node.torrc import (
 from rustbalance.node.watchdog import TorWatchdog, WatchdogPolicy, run_tor_watchdog
 from rustbalance.proxy import ProxySettings, ReverseProxy, parse_target
 from rustbalance.proxy.eventloop import run as run_event_loop
+from rustbalance.proxy.fd_limit import raise_nofile_limit
 from rustbalance.tor.control import (
     ControlConnection,
     ControlTimeoutError,
@@ -802,6 +803,7 @@ class Daemon:
                 max_connections=cfg.proxy.max_connections,
                 drain_timeout=cfg.proxy.drain_timeout_secs,
             )
+            raise_nofile_limit(cfg.proxy.max_connections)
             proxy = ReverseProxy(settings, interceptor=self.mesh.interceptor())
             await proxy.start()
         except RustBalanceError as exc:

@@ -33,7 +33,14 @@ from urllib.parse import urlsplit
 import h11
 
 from .protocol import SinkProtocol, sink_protocol_of, take_buffered
-from .relay import relay_both
+from .relay import (
+    BODY_SPLICE_MIN,
+    BodyEnd,
+    BodySplice,
+    relay_both,
+    splice_supported,
+    transport_fd,
+)
 from .rewrite import (
     RewriteRules,
     request_fields_bytes,
@@ -689,6 +696,8 @@ class _FastLoop:
         self.pending_cap = self.limit + self.ctx.settings.read_size
         self.stage = _HEAD if sent is None else _RESPONSE
         self.sent = sent
+        # The request being answered asked to close the connection after its response.
+        self.close_after = sent is not None and _asks_close(sent[1][2])
         self.host_line = b"host: %s\r\n" % self.ctx.rules.target_authority.encode("latin-1")
         self.tbuf = bytearray()
         self.remaining = 0
@@ -700,6 +709,8 @@ class _FastLoop:
         self.target_eof = False
         self.client_paused = False  # we paused reading the client
         self.target_paused = False  # we paused reading the target
+        self.splice: BodySplice | None = None  # a large body moving with splice(2)
+        self.can_splice = splice_supported()
 
     async def run(self) -> _Exit:
         session = self.session
@@ -734,6 +745,9 @@ class _FastLoop:
 
     def detach(self) -> None:
         """Hand both connections back to their streams (idempotent)."""
+        if self.splice is not None:
+            self.splice.cancel()  # (mid-body: the session closes the connection next)
+            self.splice = None
         if self.client.sink is self:
             self.client.sink = None
             if self.client_paused:
@@ -804,8 +818,9 @@ class _FastLoop:
 
     def on_write_paused(self, paused: bool) -> None:
         # The client reads slower than the target sends: stop reading the target meanwhile.
+        # (During a body splice the target stays paused: the splice has the bytes.)
         transport = self.target_transport
-        if paused == self.target_paused or transport is None:
+        if paused == self.target_paused or transport is None or self.splice is not None:
             return
         self.target_paused = paused
         if paused:
@@ -851,6 +866,7 @@ class _FastLoop:
             return
         transport.write(b"%s %s HTTP/1.1\r\n%s" % (method, _origin_form(target), out))
         self.sent = (head, request)
+        self.close_after = _asks_close(fields)
         self.stage = _RESPONSE
         if self.tbuf:
             self.try_response(None)
@@ -914,6 +930,10 @@ class _FastLoop:
             self.finish(_Exit(_ExitKind.SLOW, self.target_eof, head, None, sent, bytes(buf)))
             return
         status, reason, _fields, length, reuse = response
+        if self.close_after:
+            # What h11 does for a client that asked to close (the connection field is a
+            # hop-by-hop one, never among fields_out): "Connection: close" last.
+            fields_out = fields_out[:-2] + b"Connection: close\r\n\r\n"
         out = b"HTTP/1.1 %d %s\r\n%s" % (status, reason, fields_out)
         start = end + 4
         if len(buf) - start > length:
@@ -929,6 +949,8 @@ class _FastLoop:
             self.stage = _BODY
             if self.target_eof:
                 self.mid_body_failure()
+            elif self.remaining >= BODY_SPLICE_MIN:
+                self.start_splice()
 
     def body(self, data: bytes) -> None:
         """Response body bytes: exactly Content-Length of them go on."""
@@ -940,6 +962,58 @@ class _FastLoop:
         self.to_client(data)
         if self.remaining == 0:
             self.response_done()
+        elif self.remaining >= BODY_SPLICE_MIN:
+            self.start_splice()
+
+    def start_splice(self) -> None:
+        """Move the rest of a large body with splice(2) (:class:`.relay.BodySplice`) when
+        both sockets are plain; it starts once the client's write buffer is empty."""
+        target = self.target_transport
+        if not self.can_splice or target is None or self.splice is not None:
+            return
+        src, dst = transport_fd(target), transport_fd(self.client_transport)
+        if src is None or dst is None:
+            self.can_splice = False  # TLS or no socket: this connection copies
+            return
+        try:
+            splice = BodySplice(
+                asyncio.get_running_loop(),
+                src,
+                dst,
+                self.remaining,
+                self.count_spliced,
+                self.splice_ended,
+                ready=lambda: not self.client_transport.get_write_buffer_size(),
+            )
+        except OSError:  # out of descriptors: copying works without any
+            return
+        if not self.target_paused:  # (it may be already: the client is behind)
+            self.target_paused = True  # (detach resumes it)
+            target.pause_reading()
+        self.splice = splice
+        splice.start()
+
+    def count_spliced(self, n: int) -> None:
+        state = self.state
+        state.bytes_down += n
+        self.stats.bytes_down += n
+        state.last_activity = self.clock()
+
+    def splice_ended(self, kind: BodyEnd, error: BaseException | None) -> None:
+        self.splice = None
+        try:
+            if kind is BodyEnd.DONE:
+                self.remaining = 0
+                self.target_paused = False
+                if self.target_transport is not None:
+                    self.target_transport.resume_reading()
+                self.response_done()
+            elif kind is BodyEnd.TARGET_ENDED:
+                self.mid_body_failure()
+            else:
+                self.fail(ClientGone(f"client connection lost: {error}"))
+        except Exception as exc:
+            self.fail(exc)
 
     def to_client(self, data: bytes) -> None:
         state = self.state
@@ -955,7 +1029,7 @@ class _FastLoop:
         self.sent = None
         if not self.reuse:
             self.drop_target()
-        if self.ctx.draining():
+        if self.close_after or self.ctx.draining():
             self.finish(_Exit(_ExitKind.CLOSE))
             return
         self.state.phase = Phase.WAITING_REQUEST
@@ -1025,8 +1099,8 @@ def _parse_fields(block: bytes) -> Fields:
 
 
 def _parse_request(head: bytes) -> tuple[bytes, bytes, Fields] | None:
-    """A bodiless GET/DELETE/OPTIONS from an HTTP/1.1 client that keeps the connection, with
-    exactly one Host; None for anything else."""
+    """A bodiless GET/DELETE/OPTIONS from an HTTP/1.1 client, with exactly one Host and at
+    most a plain ``Connection: keep-alive`` or ``close``; None for anything else."""
     match = _REQUEST_HEAD.fullmatch(head)
     if match is None or match[1] not in _FAST_METHODS:
         return None  # obs-fold, bad characters, another method...: h11 decides
@@ -1040,13 +1114,18 @@ def _parse_request(head: bytes) -> tuple[bytes, bytes, Fields] | None:
             if value != b"0":
                 return None
         elif name == b"connection":
-            if value.lower() != b"keep-alive":
+            if value.lower() not in (b"keep-alive", b"close"):
                 return None
         elif name in _NOT_FAST_REQUEST_FIELDS:
             return None
     if hosts != 1 or lengths > 1:
         return None
     return match[1], match[2], fields
+
+
+def _asks_close(fields: Fields) -> bool:
+    """The client's ``Connection: close`` (RFC 9112 §9.6): the last response, then close."""
+    return any(name == b"connection" and value.lower() == b"close" for name, value in fields)
 
 
 def _parse_response(head: bytes) -> tuple[int, bytes, Fields, int, bool] | None:

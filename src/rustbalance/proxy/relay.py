@@ -10,6 +10,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 Counter = Callable[[int], None]
@@ -396,3 +397,166 @@ async def _send_all(
             await writable
         finally:
             watch.remove_writer(sock.fileno())
+
+
+# -- zero-copy body (Linux splice), for http mode's fast path ---------------------------------
+#
+# A large response body whose length is known (Content-Length) needs no parsing: once its head
+# went to the client, exactly that many bytes move target -> pipe -> client with splice(2),
+# as tcp mode does. The transports stay the owners of the sockets: the target's is paused for
+# the duration (the loop reads none of these bytes), the client's keeps reading (pipelined
+# requests) and must have nothing buffered for writing when the first spliced byte goes out
+# (``ready``: the splice waits for the client to be writable until then), so the byte order
+# on the client connection is kept. Readiness comes from the loop's public add_reader/add_writer
+# on dup()ed descriptors -- they work on any loop (uvloop refuses a transport's own
+# descriptor) and cost two descriptors only while a large body moves.
+
+BODY_SPLICE_MIN = 256 * 1024  # smaller bodies: a copy is cheaper than the set-up
+
+
+class BodyEnd(Enum):
+    DONE = "done"  # every byte went to the client
+    TARGET_ENDED = "target ended"  # EOF (or an error) from the target before the last byte
+    CLIENT_GONE = "client gone"  # writing to the client failed
+
+
+def transport_fd(transport: asyncio.BaseTransport) -> int | None:
+    """The socket descriptor of a plain (non-TLS) socket transport; None otherwise."""
+    if transport.get_extra_info("sslcontext") is not None or transport.get_extra_info("ssl_object"):
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    fd = sock.fileno()
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
+class BodySplice:
+    """Move exactly ``length`` bytes from ``src_fd`` to ``dst_fd`` with splice(2) (callbacks
+    only). ``on_end(kind, error)`` is called once, unless :meth:`cancel` came first."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        src_fd: int,
+        dst_fd: int,
+        length: int,
+        count: Counter,
+        on_end: Callable[[BodyEnd, BaseException | None], None],
+        ready: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self._loop = loop
+        self._ready = ready
+        self._remaining = length
+        self._count = count
+        self._on_end = on_end
+        # dup() gives descriptors of our own to register (inheritable=False: O_CLOEXEC).
+        self._src = os.dup(src_fd)
+        try:
+            self._dst = os.dup(dst_fd)
+        except OSError:
+            os.close(self._src)
+            raise
+        self._pipe: tuple[int, int] | None = _take_pipe()
+        self._pending = 0  # bytes in the pipe, not yet written to the client
+        self._reading = False
+        self._writing = False
+        self.ended = False
+
+    @property
+    def remaining(self) -> int:
+        """Bytes not yet read from the target."""
+        return self._remaining
+
+    def start(self) -> None:
+        if self._ready():
+            self._pump()
+        else:  # the client's transport still writes what it buffered: wait for it
+            self._loop.add_writer(self._dst, self._await_ready)
+            self._writing = True
+
+    def _await_ready(self) -> None:
+        # Writable, but the transport may flush its buffer in this very loop turn: ask again
+        # on the next writability (a full socket is not writable, so this does not spin).
+        if not self.ended and self._ready():
+            self._loop.remove_writer(self._dst)
+            self._writing = False
+            self._pump()
+
+    def cancel(self) -> None:
+        """Stop without calling ``on_end`` (idempotent); the sockets stay open."""
+        self.ended = True
+        self._close()
+
+    def _close(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._src)
+            self._reading = False
+        if self._writing:
+            self._loop.remove_writer(self._dst)
+            self._writing = False
+        if self._src >= 0:
+            os.close(self._src)
+            os.close(self._dst)
+            self._src = self._dst = -1
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            _give_pipe(pipe, empty=self._pending == 0)
+
+    def _end(self, kind: BodyEnd, error: BaseException | None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self._close()
+        self._on_end(kind, error)
+
+    def _want(self, reading: bool) -> None:
+        """Wait for the target to be readable (True) or the client writable (False)."""
+        if reading and not self._reading:
+            self._loop.add_reader(self._src, self._pump)
+            self._reading = True
+        elif not reading and self._reading:
+            self._loop.remove_reader(self._src)
+            self._reading = False
+        if not reading and not self._writing:
+            self._loop.add_writer(self._dst, self._pump)
+            self._writing = True
+        elif reading and self._writing:
+            self._loop.remove_writer(self._dst)
+            self._writing = False
+
+    def _pump(self) -> None:
+        if self.ended:
+            return
+        pipe = self._pipe
+        assert pipe is not None
+        for _ in range(_BURST):  # bounded; level-triggered readiness calls us again
+            while self._pending:
+                try:
+                    n = os.splice(pipe[0], self._dst, self._pending, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    self._want(reading=False)  # the client is behind: backpressure
+                    return
+                except OSError as exc:
+                    self._end(BodyEnd.CLIENT_GONE, exc)
+                    return
+                self._pending -= n
+            if self._remaining == 0:
+                self._end(BodyEnd.DONE, None)
+                return
+            try:
+                n = os.splice(
+                    self._src, pipe[1], min(self._remaining, _SPLICE_CHUNK), flags=_SPLICE_FLAGS
+                )
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._end(BodyEnd.TARGET_ENDED, exc)
+                return
+            if n == 0:
+                self._end(BodyEnd.TARGET_ENDED, None)
+                return
+            self._remaining -= n
+            self._pending = n
+            self._count(n)
+        self._want(reading=self._pending == 0)

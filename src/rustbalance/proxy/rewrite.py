@@ -291,7 +291,7 @@ def request_fields_bytes(
     out = [host_line]
     for name, value in fields:
         if name in _REQUEST_SKIP:
-            if name == b"connection" and value.lower() != b"keep-alive":
+            if name == b"connection" and value.lower() not in (b"keep-alive", b"close"):
                 return None
             continue
         if name == b"origin":
