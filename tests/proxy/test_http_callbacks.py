@@ -267,16 +267,18 @@ def test_pipelined_fast_requests_are_answered_in_order(
 
 async def _a_slow_client_stops_the_proxy_reading_the_target() -> None:
     """Flow control: while the client does not read, the proxy must not buffer the whole
-    response; the target's writes block until the client reads again."""
+    response; the target's writes block until the client reads again. Each MiB carries its
+    own byte value, so bytes the splice sent ahead of what the transport still buffered
+    (when the body switches to splice(2) with the client behind) would show."""
     size = 64 * 1024 * 1024
+    blocks = [bytes([i]) * (1 << 20) for i in range(size >> 20)]
     finished = asyncio.Event()
 
     async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # readuntil raises at EOF: a client that leaves early cannot spin this handler.
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-        block = b"x" * (1 << 20)
-        for _ in range(size // len(block)):
+        for block in blocks:
             writer.write(block)
             await writer.drain()
         finished.set()
@@ -292,13 +294,13 @@ async def _a_slow_client_stops_the_proxy_reading_the_target() -> None:
                 assert head.startswith(b"HTTP/1.1 200 ")
                 await asyncio.sleep(1.0)  # the client reads nothing meanwhile
                 assert not finished.is_set()
-                got = 0
+                got = bytearray()
                 async with asyncio.timeout(60):
-                    while got < size:
+                    while len(got) < size:
                         data = await reader.read(1 << 20)
                         assert data
-                        got += len(data)
-                assert got == size
+                        got += data
+                assert got == b"".join(blocks)
                 await asyncio.wait_for(finished.wait(), 10)
                 assert proxy.stats.bytes_down == len(head) + size
             finally:

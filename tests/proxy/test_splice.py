@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -282,3 +283,57 @@ async def test_idle_spliced_connections_hold_no_pipes() -> None:
         finally:
             for _reader, writer in conns:
                 writer.transport.abort()
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of non-blocking TCP sockets on 127.0.0.1."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _addr = listener.accept()
+    for sock in (near, far):
+        sock.setblocking(False)
+    return near, far
+
+
+async def test_body_splice_waits_for_ready_then_moves_exactly_its_length() -> None:
+    # http mode starts a body splice while the client's transport may still hold body bytes
+    # for writing; ``ready`` (the transport's buffer is empty) must hold the spliced bytes
+    # back until then, or they would overtake the buffered ones. And it moves exactly the
+    # declared length: what follows (the next response) stays in the target's socket.
+    loop = asyncio.get_running_loop()
+    target_far, target = _tcp_pair()
+    client, client_far = _tcp_pair()
+    body, after = os.urandom(1024 * 1024), b"HTTP/1.1 next"
+    ready = False
+    counted: list[int] = []
+    ended: asyncio.Future[tuple[relay.BodyEnd, BaseException | None]] = loop.create_future()
+    try:
+        # (a task: more than the socket buffers may hold until the splice reads)
+        sender = asyncio.create_task(loop.sock_sendall(target_far, body + after))
+        splice = relay.BodySplice(
+            loop,
+            target.fileno(),
+            client.fileno(),
+            len(body),
+            counted.append,
+            lambda kind, error: ended.set_result((kind, error)),
+            ready=lambda: ready,
+        )
+        splice.start()
+        await asyncio.sleep(0.2)
+        with pytest.raises(BlockingIOError):
+            client_far.recv(1)  # nothing spliced while not ready
+        assert counted == []
+        ready = True
+        got = bytearray()
+        async with asyncio.timeout(10):
+            while len(got) < len(body):
+                got += await loop.sock_recv(client_far, 1 << 20)
+        assert await asyncio.wait_for(ended, 5) == (relay.BodyEnd.DONE, None)
+        await asyncio.wait_for(sender, 5)
+        assert bytes(got) == body and sum(counted) == len(body)
+        assert await loop.sock_recv(target, 100) == after  # not taken by the splice
+    finally:
+        for sock in (target_far, target, client, client_far):
+            sock.close()
+        relay.release_pipes()
