@@ -15,7 +15,10 @@ doubt) goes to h11 with the bytes read so far, before anything was sent on, or -
 request went to the target -- after bringing both h11 connections to the same state, so the
 h11 code decides every unusual case. Both paths produce the same bytes (tests compare them).
 An await the callbacks cannot do (connecting to the target, asking an interceptor) hands the
-request back to the session's coroutine, which then re-enters the callbacks.
+request back to the session's coroutine, which then re-enters the callbacks. A request with
+``Connection: close`` is the fast path's too: it answers with h11's ``Connection: close`` and
+closes. The rest of a body of ``relay.BODY_SPLICE_MIN`` bytes or more moves with splice(2)
+(:class:`.relay.BodySplice`) between plain sockets; through TLS it is copied.
 """
 
 from __future__ import annotations
