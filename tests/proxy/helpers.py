@@ -186,6 +186,15 @@ class HttpClient:
     async def close(self) -> None:
         self.writer.transport.abort()
 
+    @classmethod
+    async def get_once(cls, port: int, target: bytes = b"/") -> Response:
+        """One GET on a fresh connection, closed afterwards."""
+        client = await cls.connect(port)
+        try:
+            return await client.request(b"GET", target)
+        finally:
+            await client.close()
+
     async def request(
         self,
         method: bytes,

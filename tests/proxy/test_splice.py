@@ -15,6 +15,7 @@ import pytest
 
 from rustbalance.proxy import ProxySettings, relay
 from tests.proxy.helpers import (
+    HttpClient,
     counting_splice,
     direct_target,
     fd_count,
@@ -337,3 +338,32 @@ async def test_body_splice_waits_for_ready_then_moves_exactly_its_length() -> No
         for sock in (target_far, target, client, client_far):
             sock.close()
         relay.release_pipes()
+
+
+async def test_out_of_descriptors_a_large_http_body_is_copied_and_nothing_leaks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # EMFILE when the body splice sets up (its dup()s or its pipe): the descriptors it got
+    # are given back and the body is copied instead, byte for byte.
+    def no_pipe() -> tuple[int, int]:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(relay, "_take_pipe", no_pipe)
+    body = os.urandom(2 * 1024 * 1024)
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        await read_all(reader, 10)
+
+    relay.release_pipes()
+    before = fd_count()
+    async with (
+        tcp_server(target) as port,
+        running_proxy(ProxySettings(target=direct_target(port))) as proxy,
+    ):
+        response = await HttpClient.get_once(proxy.port)
+    await asyncio.sleep(0.1)
+    assert response.status == 200 and response.body == body
+    assert fd_count() <= before

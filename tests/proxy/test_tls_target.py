@@ -99,11 +99,7 @@ async def test_tls_target_is_verified_and_reached(tmp_path: Path, size: int) -> 
             target = Target(host="localhost", port=port, is_onion=False, use_tls=True)
             settings = ProxySettings(target=target, tls_ca_file=str(cert), connect_timeout=5.0)
             async with running_proxy(settings) as proxy:
-                client = await HttpClient.connect(proxy.port)
-                try:
-                    response = await client.request(b"GET", b"/")
-                finally:
-                    await client.close()
+                response = await HttpClient.get_once(proxy.port)
     assert response.status == 200
     assert response.body == body
     assert sni == ["localhost"]
@@ -118,10 +114,6 @@ async def test_tls_target_with_an_untrusted_certificate_gets_502(tmp_path: Path)
         # The proxy trusts only another CA: a plain-host target's certificate is checked.
         settings = ProxySettings(target=target, tls_ca_file=str(other), connect_timeout=5.0)
         async with running_proxy(settings) as proxy:
-            client = await HttpClient.connect(proxy.port)
-            try:
-                response = await client.request(b"GET", b"/")
-            finally:
-                await client.close()
+            response = await HttpClient.get_once(proxy.port)
     assert response.status == 502
     assert b"secure hello" not in response.body

@@ -457,16 +457,16 @@ class BodySplice:
         except OSError:
             os.close(self._src)
             raise
-        self._pipe: tuple[int, int] | None = _take_pipe()
+        try:
+            self._pipe: tuple[int, int] | None = _take_pipe()
+        except OSError:  # out of descriptors: give the dups back, the caller copies
+            os.close(self._src)
+            os.close(self._dst)
+            raise
         self._pending = 0  # bytes in the pipe, not yet written to the client
         self._reading = False
         self._writing = False
         self.ended = False
-
-    @property
-    def remaining(self) -> int:
-        """Bytes not yet read from the target."""
-        return self._remaining
 
     def start(self) -> None:
         if self._ready():
