@@ -241,10 +241,18 @@ class TestDefaultTimings:
     ) -> None:
         cluster = default_cluster
         standby = cluster.node("node-c")
-        dead_keys = set(standby.status()["intro_points"]["own_auth_keys"])
+        # Start from a published descriptor holding the standby's current intro points: tor
+        # may have just replaced one, and the publisher republishes within a tick (bounded).
+        fetched: tuple[int, set[str]] | None = None
+        dead_keys: set[str] = set()
+        for _ in range(30):
+            dead_keys = set(standby.status()["intro_points"]["own_auth_keys"])
+            fetched = await _fetch_auth_keys(visitor, cluster.address)
+            if dead_keys and fetched is not None and fetched[1] & dead_keys:
+                break
+            await asyncio.sleep(2)
         live_keys = set(cluster.node("node-b").status()["intro_points"]["own_auth_keys"])
         assert dead_keys
-        fetched = await _fetch_auth_keys(visitor, cluster.address)
         assert fetched is not None and fetched[1] & dead_keys
         killed_at = time.monotonic()
         standby.kill()
