@@ -40,6 +40,7 @@ EXPECTED: list[tuple[str, str, str]] = [
     ("Service", "RuntimeDirectoryMode", "0700"),
     ("Service", "ConfigurationDirectory", "rustbalance"),
     ("Service", "ConfigurationDirectoryMode", "0700"),
+    ("Service", "ReadOnlyPaths", "/etc/rustbalance"),
     ("Service", "CapabilityBoundingSet", "CAP_NET_ADMIN"),
     ("Service", "AmbientCapabilities", "CAP_NET_ADMIN"),
     ("Service", "NoNewPrivileges", "yes"),
@@ -139,8 +140,12 @@ def test_runs_unprivileged_with_only_net_admin(unit: Unit) -> None:
     assert unit.get("Service", "User") == "rustbalance"
     assert unit.get("Service", "CapabilityBoundingSet").split() == ["CAP_NET_ADMIN"]
     assert unit.get("Service", "AmbientCapabilities").split() == ["CAP_NET_ADMIN"]
-    # Only the state and runtime directories are writable; the config folder never is.
+    # Only the state and runtime directories are writable; the config folder never is
+    # (ConfigurationDirectory= alone would make it writable: tests/systemd checks the mount).
     assert not unit.has_option("Service", "ReadWritePaths")
+    assert unit.get("Service", "ReadOnlyPaths") == "/etc/" + unit.get(
+        "Service", "ConfigurationDirectory"
+    )
 
 
 def test_the_config_check_and_the_daemon_read_the_same_file(unit: Unit) -> None:
