@@ -165,12 +165,11 @@ def seconds(entry: dict[str, Any]) -> float:
     return int(entry["__REALTIME_TIMESTAMP"]) / 1e6
 
 
-def configure_for_the_test_network(node: Node) -> None:
-    """What an operator of this private network would edit after deploy.sh --init: tor joins
-    the network (its authorities), the ports are free ones of this host, and WireGuard is left
-    off (the container has no /dev/net/tun and this kernel no WireGuard module)."""
+def private_network_torrc(node: Node) -> list[str]:
+    """The lines a tor needs to join the private network, its (empty) GeoIP files copied into
+    the container, where the service sees them."""
     geoip = node.container.path(GEOIP)
-    geoip.mkdir(parents=True)
+    geoip.mkdir(parents=True, exist_ok=True)
     lines = []
     for line in node.network.client_torrc_lines():
         name, _, path = line.partition(" ")
@@ -178,6 +177,14 @@ def configure_for_the_test_network(node: Node) -> None:
             (geoip / Path(path).name).write_text("")
             line = f"{name} {GEOIP}/{Path(path).name}"
         lines.append(line)
+    return lines
+
+
+def configure_for_the_test_network(node: Node) -> None:
+    """What an operator of this private network would edit after deploy.sh --init: tor joins
+    the network (its authorities), the ports are free ones of this host, and WireGuard is left
+    off (the container has no /dev/net/tun and this kernel no WireGuard module)."""
+    lines = private_network_torrc(node)
     doc = node.config()
     doc["tor"]["extra_torrc"] = lines
     doc["target"]["address"] = f"127.0.0.1:{node.target.port}"
@@ -480,3 +487,96 @@ def test_children_never_notify_systemd(node: Node) -> None:
     # The managed tor speaks sd_notify; it must not inherit NOTIFY_SOCKET (node/sdnotify.py).
     node.ensure_active()
     assert not [e for e in node.journal(0) if "Got notification message" in str(e["MESSAGE"])]
+
+
+# -- deploy.sh --clean, then tor.mode = "system" (the root drop-in) --------------------------
+
+# capability(7) numbers: the unit's CAP_NET_ADMIN and the drop-in's four.
+SYSTEM_TOR_CAPS = {"NET_ADMIN": 12, "CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "KILL": 5}
+
+
+def ports_in_use(*ports: int) -> list[int]:
+    taken = []
+    for port in ports:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                taken.append(port)
+    return taken
+
+
+def test_clean_then_system_tor_mode_serves_with_the_drop_in(node: Node) -> None:
+    """deploy.sh --clean removes the node (user included); --tor-mode system then deploys one
+    attached to Debian's tor@default, which runs on the private network because the
+    operator's /etc/tor/torrc says so. The drop-in runs the daemon as root with only the
+    capabilities system mode needs. Uses 127.0.0.1:9050 and :9051 (deploy.sh's system tor)."""
+    taken = ports_in_use(9050, 9051)
+    assert not taken, (
+        f"127.0.0.1 ports {taken} are in use: the system tor in the container needs them"
+    )
+    container = node.container
+    torrc = [f"{line}" for line in node.network.client_torrc_lines()]
+    torrc = [
+        f"{name} {GEOIP}/{Path(rest).name}" if name in ("GeoIPFile", "GeoIPv6File") else line
+        for line in torrc
+        for name, _, rest in [line.partition(" ")]
+    ]
+    container.path("/etc/tor/torrc").write_text("\n".join(torrc) + "\n")
+    node.systemctl("stop", UNIT)
+    clean = container.run([f"{SOURCE}/deploy/deploy.sh", "--clean", "--yes"], timeout=300)
+    assert clean.returncode == 0, redacted(clean.stdout + clean.stderr)
+    assert "rustbalance:" not in container.path("/etc/passwd").read_text()
+    for gone in ("/etc/rustbalance", "/var/lib/rustbalance", "/etc/systemd/system/" + UNIT):
+        assert not container.path(gone).exists(), gone
+    deploy = container.run(
+        [
+            f"{SOURCE}/deploy/deploy.sh",
+            "--init",
+            "--tor-mode",
+            "system",
+            "--endpoint",
+            "127.0.0.1:51820",
+            "--target",
+            f"127.0.0.1:{node.target.port}",
+            "--passphrase-file",
+            "/root/passphrase",
+            "--no-start",
+        ],
+        env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELS},
+        timeout=600,
+    )
+    assert deploy.returncode == 0, redacted(deploy.stdout + deploy.stderr)
+    assert container.run(["systemctl", "is-active", "tor@default.service"]).returncode == 0
+    doc = node.config()
+    assert doc["tor"]["mode"] == "system"
+    doc["target"]["address"] = f"127.0.0.1:{node.target.port}"
+    doc["proxy"]["listen_port"] = free_port()
+    doc["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}
+    doc["coordination"]["listen"] = f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
+    doc["wireguard"]["enabled"] = False
+    node.write_config(tomli_w.dumps(doc))
+    node.address = doc["master"]["onion_address"]
+    try:
+        since = node.now_usec()
+        assert node.systemctl("enable", UNIT) == 0
+        node.figures["system_tor_start_s"] = node.start()
+        assert_serving(node, since_usec=since)
+        status = dict(
+            line.split(":", 1)
+            for line in container.ok(["cat", f"/proc/{node.main_pid()}/status"]).splitlines()
+        )
+        assert status["Uid"].split() == ["0"] * 4
+        assert int(status["CapBnd"], 16) == sum(1 << bit for bit in SYSTEM_TOR_CAPS.values())
+        hs_dir = container.path("/var/lib/tor/rustbalance_node_hs")
+        tor_uid = next(
+            line.split(":")[2]
+            for line in container.path("/etc/passwd").read_text().splitlines()
+            if line.startswith("debian-tor:")
+        )
+        assert {str(p.stat().st_uid) for p in [hs_dir, *hs_dir.iterdir()]} == {tor_uid}
+        out = container.ok(["systemd-analyze", "security", UNIT, "--no-pager"])
+        match = re.search(r"Overall exposure level for rustbalance\.service: (\d+\.\d)", out)
+        assert match, out
+        node.figures["exposure_system_tor"] = float(match.group(1))
+    finally:
+        node.systemctl("stop", UNIT)
+        node.systemctl("stop", "tor@default.service")
