@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
 # Deploy a RustBalance node on a Debian host (see deploy/README.md).
 #
-#   deploy.sh --init  --endpoint HOST:PORT --target HOST:PORT [--priority N] [--passphrase-file F]
-#   deploy.sh --join  --endpoint HOST:PORT --token-file FILE|- [--priority N] [--passphrase-file F]
+#   deploy.sh --init  --endpoint HOST:PORT --target HOST:PORT [--priority N] [--passphrase-file F] [--tor-mode M] [--no-start]
+#   deploy.sh --join  --endpoint HOST:PORT --token-file FILE|- [--priority N] [--passphrase-file F] [--tor-mode M] [--no-start]
 #   deploy.sh --clean [--yes]
 #
 # Every run is idempotent. Secrets (join token, passphrase, keys) never appear on a command line:
 # the token reaches `rustbalance join` on stdin, the passphrase as a file name, and everything
-# under /etc/rustbalance is 0600 in a 0700 directory.
+# under /etc/rustbalance is 0600 in a 0700 directory, owned by the service user `rustbalance`.
+# --tor-mode managed (default): the node runs its own tor, unprivileged, inside the unit's
+# sandbox; system: it attaches to tor@default (needs root for now: deploy/system-tor.conf).
+# --no-start installs and configures everything but starts nothing (edit the config first).
 #
 # All paths are relative to $RB_ROOT (default /) so the tests can run the whole script against a
-# scratch directory with apt-get, python3, systemctl, ip and modprobe replaced by stubs on PATH.
+# scratch directory with apt-get, dpkg-query, python3, systemctl, ip, modprobe and the user and
+# ownership tools (getent, useradd, userdel, chown) replaced by stubs on PATH; the script itself
+# runs for real under systemd in tests/systemd/test_container.py.
 set -euo pipefail
 
 readonly WG_IF=wg-rb
 readonly UNIT=rustbalance.service
+readonly SERVICE_USER=rustbalance
+readonly PACKAGES=(tor wireguard-tools python3-venv)
+readonly SYSTEM_TOR_DROPIN=system-tor.conf
 # What tor sees; the %include line names the directory, so tor loads every file in it.
 readonly INCLUDE_LINE="%include /etc/tor/torrc.d/"
 readonly MARKER="# rustbalance: deploy.sh added the next line; deploy.sh --clean removes it"
@@ -36,6 +44,7 @@ TORRC="$R/etc/tor/torrc"
 TORRC_D="$R/etc/tor/torrc.d"
 HS_DIR="$R/var/lib/tor/rustbalance_node_hs"
 UNIT_FILE="$R/etc/systemd/system/$UNIT"
+DROPIN_DIR="$R/etc/systemd/system/$UNIT.d"
 WG_CONF="$R/etc/wireguard/$WG_IF.conf"
 
 MODE=""
@@ -44,6 +53,8 @@ TARGET=""
 PRIORITY=""
 TOKEN_FILE=""
 PASSPHRASE_FILE=""
+TOR_MODE=managed
+NO_START=0
 ASSUME_YES=0
 
 log() { printf 'deploy: %s\n' "$*"; }
@@ -78,14 +89,16 @@ parse_args() {
         --priority) need_value "$1" $# && PRIORITY="$2" && shift ;;
         --token-file) need_value "$1" $# && TOKEN_FILE="$2" && shift ;;
         --passphrase-file) need_value "$1" $# && PASSPHRASE_FILE="$2" && shift ;;
+        --tor-mode) need_value "$1" $# && TOR_MODE="$2" && shift ;;
         --yes) ASSUME_YES=1 ;;
+        --no-start) NO_START=1 ;;
         --token | --token=* | --passphrase | --passphrase=* | --master-key | --master-key=* | \
             --cluster-token | --cluster-token=* | --join-secret | --join-secret=*)
             # The original script took these in argv, where ps, shell history and logs see them.
             usage_error "${1%%=*}: secrets are never taken on the command line; use --token-file FILE (or - for stdin) and --passphrase-file FILE"
             ;;
         -h | --help)
-            sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+            sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *) usage_error "unknown argument: $1" ;;
@@ -96,6 +109,7 @@ parse_args() {
     if [[ "$MODE" != clean ]]; then
         [[ -n "$ENDPOINT" ]] || usage_error "--$MODE needs --endpoint HOST:PORT (the WireGuard endpoint peers reach)"
         [[ -z "$PRIORITY" || "$PRIORITY" =~ ^[0-9]+$ ]] || usage_error "--priority must be a number"
+        [[ "$TOR_MODE" == managed || "$TOR_MODE" == system ]] || usage_error "--tor-mode must be managed or system"
         if [[ -n "$PASSPHRASE_FILE" && ! -r "$PASSPHRASE_FILE" ]]; then
             usage_error "cannot read --passphrase-file $PASSPHRASE_FILE"
         fi
@@ -131,10 +145,23 @@ write_if_changed() {
     return 0
 }
 
+packages_installed() {
+    local package status
+    for package in "${PACKAGES[@]}"; do
+        status="$(dpkg-query -W -f '${db:Status-Status}' "$package" 2>/dev/null)" || return 1
+        [[ "$status" == installed ]] || return 1
+    done
+}
+
 install_packages() {
-    log "installing Debian packages: tor wireguard-tools python3-venv"
-    apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q tor wireguard-tools python3-venv
+    # A re-run needs no package index (and no network) when everything is there already.
+    if packages_installed; then
+        log "Debian packages already installed: ${PACKAGES[*]}"
+    else
+        log "installing Debian packages: ${PACKAGES[*]}"
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${PACKAGES[@]}"
+    fi
     # The unit sets ProtectKernelModules=yes, so the daemon cannot trigger the module load itself.
     if ! modprobe wireguard; then
         log "warning: could not load the wireguard kernel module; WireGuard setup may fail"
@@ -147,26 +174,41 @@ make_private_dir() {
 }
 
 # 3.3: every file under the config and state directories is 0600, every directory 0700,
-# whatever umask the tool that wrote them had.
+# whatever umask the tool that wrote them had, and all of it belongs to the service user: the
+# daemon reads its config and keys as that user (the unit mounts /etc/rustbalance read-only).
+# -P: a symlink in there is changed itself, never what it points to.
 lock_down() {
     local dir
     for dir in "$CONF_DIR" "$STATE_DIR"; do
         [[ -d "$dir" ]] || continue
         find "$dir" -type d -exec chmod 0700 {} +
         find "$dir" -type f -exec chmod 0600 {} +
+        chown -R -P "$SERVICE_USER:$SERVICE_USER" "$dir"
     done
+}
+
+# The daemon's own system user (no login, no home of its own: its home is the state folder).
+ensure_service_user() {
+    if getent passwd "$SERVICE_USER" >/dev/null; then
+        return 0
+    fi
+    useradd --system --user-group --home-dir /var/lib/rustbalance --no-create-home \
+        --shell /usr/sbin/nologin --comment "RustBalance daemon" "$SERVICE_USER"
+    log "created system user $SERVICE_USER"
 }
 
 create_dirs() {
     make_private_dir "$CONF_DIR"
     make_private_dir "$STATE_DIR"
     install -d -m 0755 "$TORRC_D" "$(dirname "$UNIT_FILE")"
-    make_private_dir "$HS_DIR"
-    # tor refuses a HiddenServiceDir it does not own; the daemon writes the keys as root.
-    if getent passwd debian-tor >/dev/null && ! chown debian-tor:debian-tor "$HS_DIR"; then
-        # Only a scratch RB_ROOT run by a non-root user may get here.
-        [[ -n "$R" ]] || die "cannot chown $HS_DIR to debian-tor"
-        log "warning: could not chown $HS_DIR to debian-tor"
+    if [[ "$TOR_MODE" == system ]]; then
+        make_private_dir "$HS_DIR"
+        # tor refuses a HiddenServiceDir it does not own; the daemon writes the keys as root.
+        if getent passwd debian-tor >/dev/null && ! chown debian-tor:debian-tor "$HS_DIR"; then
+            # Only a scratch RB_ROOT run by a non-root user may get here.
+            [[ -n "$R" ]] || die "cannot chown $HS_DIR to debian-tor"
+            log "warning: could not chown $HS_DIR to debian-tor"
+        fi
     fi
 }
 
@@ -184,7 +226,8 @@ TOR_CHANGED=0
 
 configure_tor() {
     local base
-    base="# Written by rustbalance deploy.sh; deploy.sh --clean removes it.
+    if [[ "$TOR_MODE" == system ]]; then
+        base="# Written by rustbalance deploy.sh; deploy.sh --clean removes it.
 # The daemon reaches tor here; the onion service itself is in $DAEMON_CONF_NAME (daemon-owned).
 # Debian's tor-service-defaults-torrc sets CookieAuthFile /run/tor/control.authcookie; the
 # group-readable flag only works with that explicit path.
@@ -192,6 +235,12 @@ SocksPort 9050
 ControlPort 9051
 CookieAuthentication 1
 CookieAuthFileGroupReadable 1"
+    else
+        base="# Written by rustbalance deploy.sh; deploy.sh --clean removes it.
+# The node runs its own tor (tor.mode = managed); the system tor only gives rustbalance join
+# a SOCKS port to reach the master onion. No control port: nothing needs one.
+SocksPort 9050"
+    fi
     # 0644: tor re-reads its configuration as debian-tor on reload; nothing secret in here.
     if write_if_changed "$TORRC_D/$BASE_CONF_NAME" "$base" 0644; then
         TOR_CHANGED=1
@@ -222,9 +271,25 @@ install_unit() {
     if write_if_changed "$UNIT_FILE" "$(cat "$SCRIPT_DIR/$UNIT")" 0644; then
         UNIT_CHANGED=1
     fi
+    local dropin="$DROPIN_DIR/$SYSTEM_TOR_DROPIN"
+    if [[ "$TOR_MODE" == system ]]; then
+        install -d -m 0755 "$DROPIN_DIR"
+        if write_if_changed "$dropin" "$(cat "$SCRIPT_DIR/$SYSTEM_TOR_DROPIN")" 0644; then
+            UNIT_CHANGED=1
+        fi
+    elif [[ -e "$dropin" ]]; then
+        rm -f "$dropin"
+        rmdir --ignore-fail-on-non-empty "$DROPIN_DIR"
+        UNIT_CHANGED=1
+    fi
 }
 
 start_service() {
+    if [[ "$NO_START" == 1 ]]; then
+        log "--no-start: not starting anything; when the config is ready run:"
+        log "systemctl daemon-reload && systemctl enable --now $UNIT"
+        return 0
+    fi
     if ! systemd_running; then
         log "systemd is not PID 1: not starting anything"
         log "on a systemd host this runs: systemctl daemon-reload && systemctl enable --now $UNIT"
@@ -243,7 +308,7 @@ run_cli() { (umask 0077 && "$VENV/bin/rustbalance" "$@"); }
 
 cli_args=()
 common_cli_args() {
-    cli_args=(--config-dir "$CONF_DIR" --endpoint "$ENDPOINT")
+    cli_args=(--config-dir "$CONF_DIR" --endpoint "$ENDPOINT" --tor-mode "$TOR_MODE")
     [[ -z "$PRIORITY" ]] || cli_args+=(--priority "$PRIORITY")
     # A file name, not the passphrase: argv is world-readable in /proc.
     [[ -z "$PASSPHRASE_FILE" ]] || cli_args+=(--passphrase-file "$PASSPHRASE_FILE")
@@ -285,9 +350,13 @@ deploy() {
     # explicit mode, and the CLI runs under umask 0077 (see run_cli).
     umask 0022
     install_packages
+    ensure_service_user
     create_dirs
     install_venv
-    configure_tor
+    # A managed node needs the system tor only to join (its SOCKS port reaches the master onion).
+    if [[ "$TOR_MODE" == system || "$MODE" == join ]]; then
+        configure_tor
+    fi
     install_unit
     if [[ "$MODE" == init ]]; then run_init; else run_join; fi
     lock_down
@@ -328,7 +397,8 @@ clean() {
     else
         log "systemd is not PID 1: not stopping anything (would run: systemctl disable --now $UNIT)"
     fi
-    rm -f "$UNIT_FILE"
+    rm -f "$UNIT_FILE" "$DROPIN_DIR/$SYSTEM_TOR_DROPIN"
+    [[ ! -d "$DROPIN_DIR" ]] || rmdir --ignore-fail-on-non-empty "$DROPIN_DIR"
     if systemd_running; then
         systemctl daemon-reload
         systemctl reset-failed "$UNIT" || true
@@ -343,6 +413,10 @@ clean() {
     [[ ! -d "$TORRC_D" ]] || rmdir --ignore-fail-on-non-empty "$TORRC_D"
     rm -rf "$HS_DIR" "$CONF_DIR" "$STATE_DIR" "$VENV"
     [[ ! -d "$OPT_DIR" ]] || rmdir --ignore-fail-on-non-empty "$OPT_DIR"
+    if getent passwd "$SERVICE_USER" >/dev/null; then
+        userdel "$SERVICE_USER"
+        log "deleted system user $SERVICE_USER"
+    fi
     restart_tor || log "warning: could not restart tor"
     log "clean: done (the Debian packages tor, wireguard-tools and python3-venv stay installed)"
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import tomli_w
 
 from rustbalance.cli import config_cmd
 from rustbalance.config import ConfigProblems, load_config
+from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
 from tests.config import MINIMAL_DOC, document
 
 
@@ -76,8 +78,16 @@ def test_load_config_prefixes_every_problem_with_the_file(tmp_path: Path) -> Non
     assert info.value.source == str(path)
 
 
+def with_master_key(tmp_path: Path) -> dict[str, dict[str, object]]:
+    """The minimal document naming a real 0600 key: `config check` opens the key files too
+    (tests/cli/test_config_check.py)."""
+    key = tmp_path / "master.key"
+    write_seed_key_file(IdentityKey.generate(os.urandom), key)
+    return document(master={"identity_key_path": str(key)})
+
+
 def test_cli_check_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path, tomli_w.dumps(MINIMAL_DOC))
+    path = write(tmp_path, tomli_w.dumps(with_master_key(tmp_path)))
     assert run_cli("config", "check", str(path)) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [
@@ -87,22 +97,24 @@ def test_cli_check_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_cli_check_multi_node_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    doc = document(
-        tor={"mode": "system"},
-        coordination={"peers": ["10.0.0.2:51821"], "cluster_token_path": "t"},
-        target={"use_tls": True},
-    )
+    doc = with_master_key(tmp_path)
+    doc["tor"] = {"mode": "system"}
+    doc["coordination"] = {"peers": ["10.0.0.2:51821"], "cluster_token_path": "t"}
+    doc["target"]["use_tls"] = True
+    fd = os.open(tmp_path / "t", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"a-cluster-token-of-at-least-32-characters\n")
+    os.close(fd)
     assert run_cli("config", "check", str(write(tmp_path, tomli_w.dumps(doc)))) == 0
     summary = capsys.readouterr().out.splitlines()[1]
     assert summary == ("node node-a, multi-node (1 peers), tor system, target 127.0.0.1:8000 (tls)")
 
 
-def test_cli_check_prints_each_problem_and_exits_1(
+def test_cli_check_prints_each_problem_and_exits_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     doc = document(node={"priority": True}, tor={"mode": "foo"})
     path = write(tmp_path, tomli_w.dumps(doc))
-    assert run_cli("config", "check", str(path)) == 1
+    assert run_cli("config", "check", str(path)) == 2  # 2 = configuration (cli/main.py)
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.splitlines() == [
@@ -112,8 +124,8 @@ def test_cli_check_prints_each_problem_and_exits_1(
     ]
 
 
-def test_cli_check_missing_file_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli("config", "check", str(tmp_path / "none.toml")) == 1
+def test_cli_check_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("config", "check", str(tmp_path / "none.toml")) == 2
     assert "cannot read config file" in capsys.readouterr().err
 
 

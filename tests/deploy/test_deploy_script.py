@@ -1,9 +1,11 @@
 """deploy/deploy.sh run for real against a scratch root (RB_ROOT).
 
-apt-get, python3 (venv creation), pip, modprobe, systemctl, ip and the ``rustbalance`` CLI are
-stubs on PATH that record their argv (and the CLI its stdin). That is deliberate: these tests are
-about the script's own file operations, modes, idempotence, clean-up and how it hands secrets to
-the CLI, not about Debian's package manager or systemd. Everything else (install, find, awk,
+apt-get, dpkg-query, python3 (venv creation), pip, modprobe, systemctl, ip, the user database
+tools (getent, useradd, userdel), chown and the ``rustbalance`` CLI are stubs on PATH that record
+their argv (and the CLI its stdin): this host's users and packages must not change. These tests
+are about the script's own file operations, modes, idempotence, clean-up and how it hands
+secrets to the CLI; tests/systemd/test_container.py runs the same script for real, with real
+users, packages and systemd, in a booted Debian container. Everything else (install, find, awk,
 chmod, mktemp...) is the real tool.
 """
 
@@ -20,6 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "deploy" / "deploy.sh"
 UNIT = REPO / "deploy" / "rustbalance.service"
+SYSTEM_TOR_DROPIN = REPO / "deploy" / "system-tor.conf"
 
 OPERATOR_TORRC = (
     "## The operator's own torrc: deploy.sh must leave every line of it alone.\n"
@@ -47,6 +50,20 @@ python3)
     ;;
 systemctl)
     [[ "${1:-}" != is-active ]] || [[ -e "$STUB_STATE/active" ]]
+    ;;
+dpkg-query)
+    # Installed only when the test says so; then the script must not touch apt at all.
+    if [[ -e "$STUB_STATE/packages-installed" ]]; then printf installed; else exit 1; fi
+    ;;
+getent)
+    # getent passwd|group NAME: users and groups of the stubbed host live in $STUB_STATE.
+    [[ -e "$STUB_STATE/$1-$2" ]]
+    ;;
+useradd)
+    touch "$STUB_STATE/passwd-${*: -1}" "$STUB_STATE/group-${*: -1}"
+    ;;
+userdel)
+    rm -f "$STUB_STATE/passwd-$1" "$STUB_STATE/group-$1"
     ;;
 ip)
     [[ "$*" != "link show dev wg-rb" ]] || [[ -e "$STUB_STATE/wg-rb" ]]
@@ -137,6 +154,17 @@ class Host:
             str(self.passphrase_file()),
         )
 
+    def init_system_tor(self) -> subprocess.CompletedProcess[str]:
+        return self.ok(
+            "--init",
+            "--endpoint",
+            "203.0.113.5:51820",
+            "--target",
+            "127.0.0.1:8080",
+            "--tor-mode",
+            "system",
+        )
+
     def boot_systemd(self) -> None:
         self.path("run/systemd/system").mkdir(parents=True)
 
@@ -167,11 +195,13 @@ def host(tmp_path: Path) -> Host:
     (root / "etc/tor/torrc").write_text(OPERATOR_TORRC)
     stubs = tmp_path / "stubs"
     stubs.mkdir()
-    for name in ("apt-get", "python3", "modprobe", "systemctl", "ip", "rustbalance"):
+    stubbed = ("apt-get", "dpkg-query", "python3", "modprobe", "systemctl", "ip", "rustbalance")
+    for name in (*stubbed, "getent", "useradd", "userdel", "chown"):
         (stubs / name).write_text(STUB)
         (stubs / name).chmod(0o755)
     state = tmp_path / "state"
     state.mkdir()
+    (state / "passwd-debian-tor").touch()  # the tor package's user
     work = tmp_path / "work"
     work.mkdir()
     return Host(root, stubs, state, tmp_path / "argv.log", work)
@@ -189,7 +219,7 @@ def test_script_uses_strict_mode() -> None:
     assert "\nset -euo pipefail\n" in SCRIPT.read_text()
 
 
-def test_init_installs_packages_venv_tor_config_and_unit(host: Host) -> None:
+def test_init_installs_packages_venv_user_and_unit_and_leaves_tor_alone(host: Host) -> None:
     result = host.init()
     calls = host.calls()
     assert "apt-get install -y -q tor wireguard-tools python3-venv" in calls
@@ -197,7 +227,28 @@ def test_init_installs_packages_venv_tor_config_and_unit(host: Host) -> None:
     assert f"python3 -m venv {venv}" in calls
     assert f"pip install --quiet --upgrade {REPO}" in calls
     assert "modprobe wireguard" in calls
+    assert (
+        "useradd --system --user-group --home-dir /var/lib/rustbalance --no-create-home "
+        "--shell /usr/sbin/nologin --comment RustBalance daemon rustbalance"
+    ) in calls
+    # A managed node (the default) runs its own tor: the system tor is not touched.
+    assert host.path("etc/tor/torrc").read_text() == OPERATOR_TORRC
+    assert not host.path("etc/tor/torrc.d/rustbalance-base.conf").exists()
+    assert not host.path("var/lib/tor/rustbalance_node_hs").exists()
+    assert not host.path("etc/systemd/system/rustbalance.service.d").exists()
+    unit = host.path("etc/systemd/system/rustbalance.service")
+    assert unit.read_bytes() == UNIT.read_bytes()
+    assert mode(unit) == 0o644
+    assert not any(call.startswith("systemctl") for call in calls)
+    assert "systemctl daemon-reload && systemctl enable --now rustbalance.service" in result.stdout
 
+
+def test_system_tor_mode_configures_tor_and_installs_the_drop_in(host: Host) -> None:
+    result = host.init_system_tor()
+    calls = host.calls()
+    assert "chown debian-tor:debian-tor " + str(host.path("var/lib/tor/rustbalance_node_hs")) in (
+        calls
+    )
     base = host.path("etc/tor/torrc.d/rustbalance-base.conf").read_text().splitlines()
     settings = [line for line in base if line and not line.startswith("#")]
     assert settings == [
@@ -210,11 +261,47 @@ def test_init_installs_packages_venv_tor_config_and_unit(host: Host) -> None:
     assert torrc.startswith(OPERATOR_TORRC)
     assert torrc.splitlines().count(INCLUDE_LINE) == 1
 
-    unit = host.path("etc/systemd/system/rustbalance.service")
-    assert unit.read_bytes() == UNIT.read_bytes()
-    assert mode(unit) == 0o644
+    dropin = host.path("etc/systemd/system/rustbalance.service.d/system-tor.conf")
+    assert dropin.read_bytes() == SYSTEM_TOR_DROPIN.read_bytes()
+    assert mode(dropin) == 0o644
     # Not booted with systemd: nothing is started, the script says what it would run.
     assert not any(call.startswith("systemctl") for call in calls)
+    assert "systemctl daemon-reload && systemctl enable --now rustbalance.service" in result.stdout
+    # Back to managed: the drop-in goes, the unit is the plain one again.
+    host.init()
+    assert not dropin.parent.exists()
+
+
+def test_packages_already_installed_need_no_apt(host: Host) -> None:
+    (host.state / "packages-installed").touch()
+    result = host.init()
+    assert not any(call.startswith("apt-get") for call in host.calls())
+    assert "already installed: tor wireguard-tools python3-venv" in result.stdout
+
+
+def test_service_user_owns_config_and_state_and_is_created_once(host: Host) -> None:
+    host.init()
+    conf, state = host.path("etc/rustbalance"), host.path("var/lib/rustbalance")
+    calls = host.calls()
+    assert f"chown -R -P rustbalance:rustbalance {conf}" in calls
+    assert f"chown -R -P rustbalance:rustbalance {state}" in calls
+    # After the CLI wrote the keys (as root), so they end up the service user's.
+    init_call = next(i for i, call in enumerate(calls) if call.startswith("rustbalance init"))
+    assert calls.index(f"chown -R -P rustbalance:rustbalance {conf}") > init_call
+    host.log.unlink()
+    host.init()
+    assert not any(call.startswith("useradd") for call in host.calls())
+    host.ok("--clean", "--yes")
+    assert "userdel rustbalance" in host.calls()
+    assert not (host.state / "passwd-rustbalance").exists()
+
+
+def test_no_start_starts_nothing_even_under_systemd(host: Host) -> None:
+    host.boot_systemd()
+    result = host.ok(
+        "--init", "--endpoint", "203.0.113.5:51820", "--target", "127.0.0.1:8080", "--no-start"
+    )
+    assert not any(call.startswith("systemctl") for call in host.calls())
     assert "systemctl daemon-reload && systemctl enable --now rustbalance.service" in result.stdout
 
 
@@ -223,7 +310,7 @@ def test_init_calls_the_cli_with_flags_only(host: Host) -> None:
     conf = host.path("etc/rustbalance")
     init_calls = [c for c in host.calls() if c.startswith("rustbalance init")]
     assert init_calls == [
-        f"rustbalance init --config-dir {conf} --endpoint 203.0.113.5:51820 "
+        f"rustbalance init --config-dir {conf} --endpoint 203.0.113.5:51820 --tor-mode managed "
         f"--passphrase-file {host.work / 'passphrase'} --target 127.0.0.1:8080"
     ]
     # The CLI got the passphrase through the file, not through argv.
@@ -239,17 +326,24 @@ def test_modes_private_dirs_and_secret_files(host: Host) -> None:
     assert {p.name for p in files} >= {"config.toml", "master.key", "join-token.txt"}
     assert {p.name: mode(p) for p in files} == {p.name: 0o600 for p in files}
     assert mode(host.path("var/lib/rustbalance")) == 0o700
+
+
+def test_system_tor_modes(host: Host) -> None:
+    host.init_system_tor()
     assert mode(host.path("var/lib/tor/rustbalance_node_hs")) == 0o700
     # tor re-reads its config as debian-tor: the include file must stay world-readable.
     assert mode(host.path("etc/tor/torrc.d/rustbalance-base.conf")) == 0o644
 
 
-def test_init_twice_is_idempotent(host: Host) -> None:
-    host.init()
+@pytest.mark.parametrize("tor_mode", ["managed", "system"])
+def test_init_twice_is_idempotent(host: Host, tor_mode: str) -> None:
+    init = host.init_system_tor if tor_mode == "system" else host.init
+    init()
     first = snapshot(host.root)
-    second_run = host.init()
+    second_run = init()
     assert snapshot(host.root) == first
-    assert host.path("etc/tor/torrc").read_text().splitlines().count(INCLUDE_LINE) == 1
+    includes = host.path("etc/tor/torrc").read_text().splitlines().count(INCLUDE_LINE)
+    assert includes == (1 if tor_mode == "system" else 0)
     calls = host.calls()
     assert sum(c.startswith("rustbalance init") for c in calls) == 1
     assert sum(c.startswith("python3 -m venv") for c in calls) == 1
@@ -260,7 +354,7 @@ def test_init_keeps_an_operators_own_include(host: Host) -> None:
     torrc = host.path("etc/tor/torrc")
     original = OPERATOR_TORRC + "%include /etc/tor/torrc.d/*.conf\n"
     torrc.write_text(original)
-    host.init()
+    host.init_system_tor()
     assert torrc.read_text() == original  # already includes our file: nothing added
     host.ok("--clean", "--yes")
     assert torrc.read_text() == original  # and the operator's line survives --clean
@@ -269,19 +363,27 @@ def test_init_keeps_an_operators_own_include(host: Host) -> None:
 def test_torrc_without_final_newline_gets_a_separate_include_line(host: Host) -> None:
     torrc = host.path("etc/tor/torrc")
     torrc.write_text("Log notice syslog")
-    host.init()
+    host.init_system_tor()
     lines = torrc.read_text().splitlines()
     assert lines[0] == "Log notice syslog"
     assert lines[-1] == INCLUDE_LINE
 
 
-def test_clean_removes_everything_it_added(host: Host) -> None:
+@pytest.mark.parametrize("tor_mode", ["managed", "system"])
+def test_clean_removes_everything_it_added(host: Host, tor_mode: str) -> None:
     pristine = snapshot(host.root)
-    host.init()
+    if tor_mode == "system":
+        host.init_system_tor()
+    else:
+        host.init()
     # What the daemon itself writes at run time, which --clean must remove as well.
     host.path("etc/tor/torrc.d/rustbalance.conf").write_text("HiddenServiceDir x\n")
     host.path("etc/wireguard/wg-rb.conf").write_text("[Interface]\nPrivateKey = k\n")
-    host.path("var/lib/tor/rustbalance_node_hs/hostname").write_text("x.onion\n")
+    if tor_mode == "system":
+        host.path("var/lib/tor/rustbalance_node_hs/hostname").write_text("x.onion\n")
+    else:
+        host.path("var/lib/rustbalance/tor/hidden_service").mkdir(parents=True)
+        host.path("var/lib/rustbalance/tor/hidden_service/hostname").write_text("x.onion\n")
     host.path("var/lib/rustbalance/state.json").write_text("{}")
     host.ok("--clean", "--yes")
     assert snapshot(host.root) == pristine
@@ -289,7 +391,7 @@ def test_clean_removes_everything_it_added(host: Host) -> None:
 
 
 def test_clean_leaves_other_files_in_torrc_d(host: Host) -> None:
-    host.init()
+    host.init_system_tor()
     other = host.path("etc/tor/torrc.d/operator.conf")
     other.write_text("ExitRelay 0\n")
     host.ok("--clean", "--yes")
@@ -314,7 +416,7 @@ def test_clean_needs_confirmation(host: Host) -> None:
 
 def test_systemd_host_init_enables_unit_and_restarts_tor(host: Host) -> None:
     host.boot_systemd()
-    host.init()
+    host.init_system_tor()
     calls = host.calls()
     assert "systemctl restart tor@default.service" in calls
     assert calls.index("systemctl daemon-reload") < calls.index(
@@ -322,8 +424,16 @@ def test_systemd_host_init_enables_unit_and_restarts_tor(host: Host) -> None:
     )
     # A second run changes no tor setting, so tor is not restarted again.
     host.log.unlink()
-    host.init()
+    host.init_system_tor()
     assert "systemctl restart tor@default.service" not in host.calls()
+
+
+def test_systemd_host_managed_init_enables_unit_and_never_restarts_tor(host: Host) -> None:
+    host.boot_systemd()
+    host.init()
+    calls = host.calls()
+    assert "systemctl enable --now rustbalance.service" in calls
+    assert not any("tor@default" in call for call in calls)
 
 
 def test_systemd_host_rerun_restarts_an_active_daemon(host: Host) -> None:
@@ -358,9 +468,13 @@ def test_join_passes_token_file_on_stdin(host: Host) -> None:
     join_calls = [c for c in host.calls() if c.startswith("rustbalance join")]
     assert join_calls == [
         f"rustbalance join --config-dir {host.path('etc/rustbalance')} "
-        "--endpoint 198.51.100.7:51820 --token-file -"
+        "--endpoint 198.51.100.7:51820 --tor-mode managed --token-file -"
     ]
     assert mode(host.path("etc/rustbalance/master.key")) == 0o600
+    # A managed joiner still needs the system tor's SOCKS port to reach the master onion, and
+    # nothing more from it.
+    base = host.path("etc/tor/torrc.d/rustbalance-base.conf").read_text().splitlines()
+    assert [line for line in base if line and not line.startswith("#")] == ["SocksPort 9050"]
 
 
 def test_join_reads_token_from_stdin(host: Host) -> None:
@@ -440,6 +554,10 @@ def test_secret_flags_are_refused(host: Host, flag: str) -> None:
         (("--join", "--endpoint", "1.2.3.4:5", "--token-file", "/nonexistent"), "cannot read"),
         (("--init", "--endpoint"), "needs a value"),
         (("--bogus",), "unknown argument"),
+        (
+            ("--init", "--endpoint", "1.2.3.4:5", "--target", "1.2.3.4:6", "--tor-mode", "x"),
+            "--tor-mode must be managed or system",
+        ),
     ],
 )
 def test_usage_errors(host: Host, args: tuple[str, ...], message: str) -> None:

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,3 +113,34 @@ async def test_watchdog_pings_at_half_interval(
     assert [r.getMessage() for r in caplog.records] == [
         "Skipping systemd watchdog ping: daemon is not healthy"
     ]
+
+
+def test_the_process_environment_is_consumed_so_children_cannot_notify(
+    receiver: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found under a real systemd (tests/systemd): the managed tor inherited NOTIFY_SOCKET and
+    sent its own READY=1, which systemd logged as a warning twice per start."""
+    sock, path = receiver
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    notifier = SystemdNotifier()
+    assert notifier.enabled and notifier.watchdog_interval == 15.0
+    child = subprocess.run(
+        ["env"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.splitlines()
+    assert not [
+        line
+        for line in child
+        if line.split("=", 1)[0] in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    ]
+    assert notifier.ready()  # our own notifications still go out
+    assert sock.recv(4096) == b"READY=1"
+
+
+def test_an_explicit_environment_leaves_the_process_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    SystemdNotifier({"NOTIFY_SOCKET": "/tmp/x"})
+    assert os.environ["NOTIFY_SOCKET"] == "/run/systemd/notify"

@@ -167,14 +167,14 @@ def test_daemon_not_running_exits_1_with_one_line(
         ("[node]\nstatus_socket = 5\n", "node.status_socket must be a non-empty string"),
     ],
 )
-def test_bad_config_exits_1(
+def test_bad_config_exits_2(
     short_dir: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str
 ) -> None:
     cfg = short_dir / "config.toml"
     if content is not None:
         cfg.write_text(content)
     args = parse(["status", "--config", str(cfg), "--format", "json"])
-    assert args.func(args) == 1
+    assert args.func(args) == 2  # a configuration problem, not a daemon that is down
     err = capsys.readouterr().err
     assert err.startswith("rustbalance status: ") and message in err
     assert err.count("\n") == 1

@@ -117,7 +117,7 @@ def test_init_refuses_to_overwrite_an_existing_node(
 ) -> None:
     assert main(_init(tmp_path, passfile)) == 0
     before = (tmp_path / "conf" / "master.key").read_bytes()
-    assert main(_init(tmp_path, passfile)) == 1
+    assert main(_init(tmp_path, passfile)) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
     assert (tmp_path / "conf" / "master.key").read_bytes() == before
     assert not [p for p in (tmp_path / "conf").iterdir() if p.name.startswith(".")]
@@ -166,9 +166,9 @@ def test_init_without_required_values_or_passphrase_is_an_error(
 ) -> None:
     args = _init(tmp_path, passfile)
     no_target = args[: args.index("--target")] + args[args.index("--target") + 2 :]
-    assert main(no_target) == 1
+    assert main(no_target) == 2
     assert "--target is required" in capsys.readouterr().err
-    assert main(_init(tmp_path, None)) == 1
+    assert main(_init(tmp_path, None)) == 2
     assert "--passphrase-file" in capsys.readouterr().err
     assert not (tmp_path / "conf").exists()
 
@@ -317,12 +317,12 @@ def test_join_without_a_reachable_tor_fails_and_writes_nothing(
     assert "rustbalance: error: join failed after 1 attempts: connection failed" in err
     assert token not in err and PASSPHRASE not in err
     assert not (tmp_path / "conf2").exists() and not (tmp_path / "state2").exists()
-    assert main([*args, "--join-attempts", "0"]) == 1
+    assert main([*args, "--join-attempts", "0"]) == 2
     assert "--join-attempts must be 1-20" in capsys.readouterr().err
     # An existing node is refused before it could join a second time with a new key.
     (tmp_path / "state2").mkdir()
     (tmp_path / "state2" / "wireguard_peers.json").write_text("{}")
-    assert main([*args, *socks]) == 1
+    assert main([*args, *socks]) == 2
     assert "wireguard_peers.json already exists" in capsys.readouterr().err
     assert not (tmp_path / "conf2").exists()
 
@@ -357,7 +357,7 @@ def test_wrong_passphrase_or_damaged_token_writes_nothing(
         pass_for_join = tmp_path / "wrong"
         pass_for_join.write_text("not the right passphrase at all")
     args = _join_args(tmp_path, "--token-file", str(token_file))
-    assert main([*args, "--passphrase-file", str(pass_for_join)]) == 1
+    assert main([*args, "--passphrase-file", str(pass_for_join)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     assert "rustbalance: error:" in err
@@ -376,7 +376,7 @@ def test_raw_token_is_refused_on_argv_and_accepted_from_a_file(
     assert "shown only this once" in captured.err
     # Not stored: the raw token is the secret itself.
     assert not (tmp_path / "conf" / "join-token.txt").exists()
-    assert main(_join_args(tmp_path, token)) == 1
+    assert main(_join_args(tmp_path, token)) == 2
     err = capsys.readouterr().err
     assert "--token-file" in err and token not in err
     assert not (tmp_path / "conf2").exists()
@@ -395,6 +395,6 @@ def test_join_refuses_the_issuers_node_id(
     token = _printed_token(capsys.readouterr().out)
     args = _join_args(tmp_path, token, "--passphrase-file", str(passfile))
     args[args.index("node-b")] = "node-a"
-    assert main(args) == 1
+    assert main(args) == 2
     assert "issuing node" in capsys.readouterr().err
     assert not (tmp_path / "conf2").exists()

@@ -406,6 +406,6 @@ def test_join_token_damaged_is_refused_before_any_network(tmp_path: Path) -> Non
         "--passphrase-file", str(passfile), "--non-interactive",
         stdin=damaged,
     )  # fmt: skip
-    assert join.returncode == 1
+    assert join.returncode == 2  # an input problem (cli/main.py)
     assert join.stderr.count("\n") == 1 and "rustbalance: error:" in join.stderr
     assert not (tmp_path / "conf2").exists()

@@ -1,4 +1,15 @@
-"""``rustbalance config check FILE``: validate a config file without starting anything."""
+"""``rustbalance config check FILE``: validate a config and the files it names, start nothing.
+
+Like ``nginx -t``: besides the syntax, types, ranges and unknown keys of the config itself, every
+key and token file the config names is opened with the daemon's own loader and must exist, be
+readable, not be readable by others (0600) and hold a usable key: the master key (and that it
+matches ``master.onion_address``), the cluster token, the join secret, and, when they already
+exist, the instance key and the WireGuard private key (the daemon generates those two when they
+are missing). Nothing is created or changed, and no secret ever reaches the output.
+
+Exit 0 when everything is usable, 2 for any problem (cli/main.py: 2 = configuration), so the
+unit's ``ExecStartPre=`` check and ``RestartPreventExitStatus=2`` agree with ``rustbalance run``.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +17,21 @@ import argparse
 import sys
 from typing import Any
 
-from rustbalance.config import ConfigProblems, load_config
-from rustbalance.errors import ConfigError
+from rustbalance.cli.logging_setup import error_line
+from rustbalance.cluster.wireguard import WireGuardError, load_or_create_private_key
+from rustbalance.config import Config, ConfigProblems, load_config
+from rustbalance.errors import ConfigError, InvalidKeyError
+from rustbalance.node.cluster_link import load_cluster_key
+from rustbalance.node.daemon import EXIT_CONFIG, StartupError, load_master_key
+from rustbalance.node.identity import (
+    default_instance_key_path,
+    load_or_create_instance_key,
+    master_key_needed,
+)
+from rustbalance.node.join import JoinError, check_secret_strength
+from rustbalance.node.mesh import MeshError, read_private_secret
 
-__all__ = ["check", "register"]
+__all__ = ["check", "file_problems", "register"]
 
 # argparse's _SubParsersAction is private and generic; Any keeps the signature honest.
 SubParsers = Any
@@ -22,10 +44,11 @@ def register(commands: SubParsers, debug_commands: SubParsers) -> None:
     actions = group.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND")
     check_parser = actions.add_parser(
         "check",
-        help="validate a config file and print a summary",
+        help="validate a config file and the key and token files it names",
         description=(
-            "Validate FILE: syntax, types, ranges, unknown keys. Key and token files are only "
-            "named in the config; the daemon checks them when it starts."
+            "Validate FILE (syntax, types, ranges, unknown keys) and every key and token file "
+            "it names: each must exist, be readable only by its owner (0600) and hold a "
+            "usable key. Exit 0 if all is well, 2 otherwise."
         ),
     )
     check_parser.add_argument("file", metavar="FILE", help="path of the TOML config file")
@@ -34,25 +57,75 @@ def register(commands: SubParsers, debug_commands: SubParsers) -> None:
     def usage(args: argparse.Namespace) -> int:
         del args
         group.print_help(sys.stderr)
-        return 2
+        return EXIT_CONFIG
 
     group.set_defaults(func=usage)
 
 
+def file_problems(config: Config) -> list[str]:
+    """One message per unusable key or token file the config names (the module docstring).
+
+    Each file is read with the loader the daemon uses at start, so the check and the start
+    cannot disagree; a missing instance or WireGuard key is fine (the daemon creates it).
+    """
+    problems: list[str] = []
+    if config.master.identity_key_path is not None or master_key_needed(config):
+        try:
+            load_master_key(config)
+        except StartupError as exc:
+            problems.append(str(exc))
+    if config.node.identity_mode == "instance":
+        instance = default_instance_key_path(config)
+        if instance.exists() or instance.is_symlink():
+            try:
+                load_or_create_instance_key(instance)
+            except InvalidKeyError as exc:
+                problems.append(f"node.instance_key_path: {exc}")
+    token = config.coordination.cluster_token_path
+    if token is not None:
+        try:
+            load_cluster_key(token)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    secret = config.join.secret_path
+    if secret is not None:
+        try:
+            check_secret_strength("join secret", read_private_secret(secret, "join secret"))
+        except MeshError as exc:
+            problems.append(str(exc))
+        except JoinError as exc:
+            problems.append(f"{secret}: {exc}")
+    wg_key = config.wireguard.private_key_path
+    if wg_key is not None and (wg_key.exists() or wg_key.is_symlink()):
+        try:
+            load_or_create_private_key(wg_key)
+        except (WireGuardError, OSError, UnicodeDecodeError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            problems.append(f"wireguard.private_key_path: {detail}")
+    return problems
+
+
+def _report(file: str, problems: list[str]) -> int:
+    for problem in problems:
+        print(error_line(problem, prefix=f"{file}: "), file=sys.stderr)
+    count = len(problems)
+    summary = f"{count} problem{'s' if count != 1 else ''}"
+    print(error_line(summary, prefix=f"{file}: "), file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def check(args: argparse.Namespace) -> int:
-    """Print ``FILE: ok`` and a summary (exit 0) or every problem, one per line (exit 1)."""
+    """Print ``FILE: ok`` and a summary (exit 0) or every problem, one per line (exit 2)."""
     file: str = args.file
     try:
         config = load_config(file)
     except ConfigProblems as exc:
-        for problem in exc.problems:
-            print(f"{file}: {problem}", file=sys.stderr)
-        count = len(exc.problems)
-        print(f"{file}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
-        return 1
+        return _report(file, list(exc.problems))
     except ConfigError as exc:  # not raised by load_config today; keep the contract anyway
-        print(f"{file}: {exc}", file=sys.stderr)
-        return 1
+        return _report(file, [str(exc)])
+    problems = file_problems(config)
+    if problems:
+        return _report(file, problems)
     print(f"{file}: ok")
     print(config.summary())
     return 0

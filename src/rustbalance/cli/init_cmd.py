@@ -80,8 +80,18 @@ _MAX_SECRET_FILE = 64 * 1024
 _NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+
 class CliError(RustBalanceError):
-    """A usage or input problem; main() prints it as one line and exits 1."""
+    """A problem main() prints as one line. ``exit_code`` 2 (the default): a usage or input
+    problem (a flag, a passphrase, a token, a file in the way); 1: it failed at run time (a
+    file could not be written, the join did not get through). cli/main.py has the rule."""
+
+    def __init__(self, message: str, *, exit_code: int = EXIT_CONFIG) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # --- shared helpers (also used by join_cmd) -------------------------------------------------
@@ -170,7 +180,9 @@ def ensure_private_dir(path: Path) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(path, 0o700)
     except OSError as exc:
-        raise CliError(f"cannot create {path}: {exc.strerror or exc}") from None
+        raise CliError(
+            f"cannot create {path}: {exc.strerror or exc}", exit_code=EXIT_RUNTIME
+        ) from None
 
 
 class StagedFiles:
@@ -199,7 +211,9 @@ class StagedFiles:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise CliError(f"cannot write {final}: {exc.strerror or exc}") from None
+            raise CliError(
+                f"cannot write {final}: {exc.strerror or exc}", exit_code=EXIT_RUNTIME
+            ) from None
         self._staged.append((tmp, final))
         return final
 

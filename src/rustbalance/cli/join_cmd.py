@@ -19,9 +19,10 @@ Where the token may come from:
   while a raw token *is* the secret, and argv is readable by every user in ``/proc`` and lands
   in shell history.
 
-A wrong passphrase, a damaged token or a failed join is a one-line error, exit 1, and nothing is
-written: the token is decoded and the join answered before anything touches the disk, and the
-files are written under temporary names and renamed only at the end.
+A wrong passphrase or a damaged token is a one-line error with exit 2 (an input problem), a
+failed join one with exit 1 (run time: tor, the network, the cluster), and nothing is written:
+the token is decoded and the join answered before anything touches the disk, and the files are
+written under temporary names and renamed only at the end.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from rustbalance.cli.init_cmd import (
     CLUSTER_TOKEN_FILE,
     CONFIG_FILE,
     DEFAULT_COORDINATION_PORT,
+    EXIT_RUNTIME,
     JOIN_SECRET_FILE,
     MASTER_KEY_FILE,
     WIREGUARD_KEY_FILE,
@@ -57,7 +59,12 @@ from rustbalance.cli.init_cmd import (
     validated_config,
 )
 from rustbalance.config import parse_endpoint
-from rustbalance.deploy.join_token import JoinPayload, decode, token_needs_passphrase
+from rustbalance.deploy.join_token import (
+    JoinPayload,
+    JoinTokenError,
+    decode,
+    token_needs_passphrase,
+)
 from rustbalance.node.join import JoinAnswer, JoinError, JoinRequest, join_via_onion
 from rustbalance.node.mesh import mesh_peers_json
 
@@ -136,10 +143,14 @@ def _read_token(args: argparse.Namespace) -> str:
 
 
 def _decode(args: argparse.Namespace, token: str, io: Io) -> JoinPayload:
-    passphrase = (
-        obtain_passphrase(args, io, confirm=False) if token_needs_passphrase(token) else None
-    )
-    return decode(token, passphrase, now=int(time.time()))
+    try:
+        passphrase = (
+            obtain_passphrase(args, io, confirm=False) if token_needs_passphrase(token) else None
+        )
+        return decode(token, passphrase, now=int(time.time()))
+    except JoinTokenError as exc:
+        # A wrong passphrase or a damaged token: input the operator must fix (exit 2).
+        raise CliError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -273,7 +284,7 @@ def run_join(args: argparse.Namespace, io: Io) -> int:
         )
     except JoinError as exc:
         # JoinError never carries the join secret or the cluster token.
-        raise CliError(str(exc)) from None
+        raise CliError(str(exc), exit_code=EXIT_RUNTIME) from None
     config_text = validated_config(joined_config(settings, payload, answer), settings.config_dir)
 
     ensure_private_dir(settings.config_dir)

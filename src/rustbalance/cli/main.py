@@ -3,6 +3,20 @@
 Each command group lives in its own module under ``rustbalance.cli`` and exposes
 ``register(commands, debug_commands)``, which adds argparse sub-parsers. A sub-parser sets
 ``func`` to a callable taking the parsed namespace and returning the exit code.
+
+Exit codes, the same for every command (one rule, :func:`exit_code_for`):
+
+- 0: done;
+- 1 (``EXIT_RUNTIME``): it failed while running (tor or the network, the daemon not running,
+  a file that could not be written); trying again later may work;
+- 2 (``EXIT_CONFIG``): the command line, the configuration or an input file (key, token,
+  passphrase) is wrong; nothing changes until it is fixed, so systemd must not restart
+  (``RestartPreventExitStatus=2`` in deploy/rustbalance.service). argparse's usage errors
+  are 2 as well.
+
+The logging options ``-v``/``-q``/``--log-format`` are accepted before and after the
+subcommand (``rustbalance run -v`` and ``rustbalance -v run``); logging_setup.py says how lines
+look on a terminal, in journald and as JSON.
 """
 
 from __future__ import annotations
@@ -14,7 +28,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 from rustbalance import __version__
-from rustbalance.errors import RustBalanceError
+from rustbalance.cli.logging_setup import LOG_FORMATS, LogSettings, configure_logging, write_error
+from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
 
 # Command modules, in the order their commands appear in --help. A module that does not exist
 # yet is an error: every name here must be importable.
@@ -31,41 +50,100 @@ COMMAND_MODULES: tuple[str, ...] = (
 Handler = Callable[[argparse.Namespace], int]
 
 
+def _add_logging_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """-v/-q/--log-format on ``parser``. Below the top level the defaults are SUPPRESS, so a
+    subcommand that is not given the option keeps what was given before the subcommand."""
+    group = parser.add_argument_group("logging")
+    exclusive = group.add_mutually_exclusive_group()
+    default_flag: object = False if top else argparse.SUPPRESS
+    exclusive.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default_flag,
+        help="log at DEBUG level (never logs secrets)",
+    )
+    exclusive.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default_flag,
+        help="log only warnings and errors",
+    )
+    group.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text" if top else argparse.SUPPRESS,
+        help="text (default; under systemd one <priority>-prefixed line per event, no "
+        "timestamps) or json (one object per line)",
+    )
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:  # argparse keeps its sub-parsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found.append(sub)
+                found.extend(_subparsers(sub))
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rustbalance",
         description="Load balancing and high availability for Tor v3 onion services.",
     )
     parser.add_argument("--version", action="version", version=f"rustbalance {__version__}")
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log at DEBUG level (never logs secrets)"
-    )
+    _add_logging_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     debug = commands.add_parser("debug", help="offline and operator debugging tools")
     debug_commands = debug.add_subparsers(dest="debug_command", metavar="DEBUG_COMMAND")
     for name in COMMAND_MODULES:
         module = importlib.import_module(name)
         module.register(commands, debug_commands)
+    for sub in _subparsers(parser):
+        _add_logging_options(sub, top=False)
     return parser
+
+
+def log_settings(args: argparse.Namespace) -> LogSettings:
+    """What -v/-q/--log-format asked for (wherever on the command line they were)."""
+    if args.verbose and args.quiet:
+        # Given on both sides of the subcommand: argparse's exclusive group sees only one side.
+        raise ConfigError("-v/--verbose and -q/--quiet exclude each other")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    return LogSettings(level=level, format=args.log_format)
+
+
+def exit_code_for(exc: RustBalanceError) -> int:
+    """The exit code of a failed command (module docstring): an error may carry its own
+    ``exit_code``; otherwise a config or key problem is 2 and everything else 1."""
+    explicit = getattr(exc, "exit_code", None)
+    if explicit in (EXIT_RUNTIME, EXIT_CONFIG):
+        return int(explicit)
+    if isinstance(exc, ConfigError | InvalidKeyError):
+        return EXIT_CONFIG
+    return EXIT_RUNTIME
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        settings = log_settings(args)
+    except ConfigError as exc:
+        parser.error(str(exc))  # exits 2, like every other usage error
+    configure_logging(settings)
     func: Handler | None = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)
-        return 2
+        return EXIT_CONFIG
     try:
         return func(args)
     except RustBalanceError as exc:
-        print(f"rustbalance: error: {exc}", file=sys.stderr)
-        return 1
+        write_error(str(exc))
+        return exit_code_for(exc)
     except KeyboardInterrupt:
         return 130
 

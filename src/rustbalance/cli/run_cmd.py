@@ -8,9 +8,9 @@ config or the master key is invalid (one clear message on stderr; restarting wil
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
+from rustbalance.cli.logging_setup import write_error
 from rustbalance.node.daemon import StartupError, run_node
 
 __all__ = ["register", "run"]
@@ -38,5 +38,5 @@ def run(args: argparse.Namespace) -> int:
     try:
         return run_node(config, ["run", "--config", config])
     except StartupError as exc:
-        print(f"rustbalance: error: {exc}", file=sys.stderr)
+        write_error(str(exc))
         return exc.exit_code

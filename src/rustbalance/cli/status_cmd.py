@@ -3,7 +3,8 @@
 Reads ``node.status_socket`` from the config (default ``<node.state_dir>/status.sock``,
 ``/var/lib/rustbalance/status.sock``) and prints what the daemon's status endpoint answers.
 Only those two keys are read, so the command works even for an operator who cannot read the
-key files the full config names. Exit 1 with a one-line reason if the daemon is not reachable.
+key files the full config names. Exit 1 with a one-line reason if the daemon is not reachable,
+2 if the config cannot be read or names no usable socket (cli/main.py: 2 = configuration).
 """
 
 from __future__ import annotations
@@ -17,12 +18,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rustbalance.cli.logging_setup import write_error
 from rustbalance.node.status import DEFAULT_STATUS_SOCKET, StatusError, read_status
 
 __all__ = ["format_status_text", "register", "status", "status_socket_from_config"]
 
 DEFAULT_CONFIG = "/etc/rustbalance/config.toml"
 SubParsers = Any  # argparse's _SubParsersAction is private and generic
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+
+class StatusConfigError(StatusError):
+    """The config does not say where the status socket is (exit 2, not 1)."""
 
 
 def register(commands: SubParsers, debug_commands: SubParsers) -> None:
@@ -49,18 +57,18 @@ def status_socket_from_config(config_file: str | Path) -> Path:
     try:
         data = tomllib.loads(file.read_bytes().decode("utf-8"))
     except OSError as exc:
-        raise StatusError(f"cannot read config {file}: {exc.strerror or exc}") from None
+        raise StatusConfigError(f"cannot read config {file}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise StatusError(f"config {file} is not valid TOML: {exc}") from None
+        raise StatusConfigError(f"config {file} is not valid TOML: {exc}") from None
     node = data.get("node", {})
     if not isinstance(node, dict):
-        raise StatusError(f"config {file}: [node] is not a table")
+        raise StatusConfigError(f"config {file}: [node] is not a table")
     base = file.absolute().parent
     state_dir = node.get("state_dir")
     sock = node.get("status_socket")
     for key, value in (("state_dir", state_dir), ("status_socket", sock)):
         if value is not None and (not isinstance(value, str) or not value):
-            raise StatusError(f"config {file}: node.{key} must be a non-empty string")
+            raise StatusConfigError(f"config {file}: node.{key} must be a non-empty string")
     if isinstance(sock, str):
         return base / sock
     if isinstance(state_dir, str):
@@ -130,13 +138,14 @@ def format_status_text(doc: Mapping[str, Any], now: float | None = None) -> str:
 
 
 def status(args: argparse.Namespace) -> int:
-    """Print the daemon's status; exit 1 with a one-line reason if it is not reachable."""
+    """Print the daemon's status; exit 1 with a one-line reason if it is not reachable (2 if
+    the config says nothing usable)."""
     try:
         path = status_socket_from_config(args.config)
         doc = read_status(path, timeout=args.timeout)
     except StatusError as exc:
-        print(f"rustbalance status: {exc}", file=sys.stderr)
-        return 1
+        write_error(str(exc), prefix="rustbalance status: ")
+        return EXIT_CONFIG if isinstance(exc, StatusConfigError) else EXIT_RUNTIME
     if args.format == "json":
         sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     else:

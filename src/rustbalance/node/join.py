@@ -58,6 +58,7 @@ __all__ = [
     "DEFAULT_TUNNEL_NETWORK",
     "JOIN_PATH_PREFIX",
     "MAX_BODY_BYTES",
+    "MIN_SECRET_CHARS",
     "JoinAnswer",
     "JoinDecision",
     "JoinError",
@@ -65,6 +66,7 @@ __all__ = [
     "JoinRequest",
     "JoinResponder",
     "PeerInfo",
+    "check_secret_strength",
     "join_via_onion",
     "make_join_interceptor",
     "parse_join_answer",
@@ -95,6 +97,15 @@ _NOT_FOUND = b'{"error":"not found"}'
 
 class JoinError(RustBalanceError):
     """A join failed; the message never contains the join secret or the cluster token."""
+
+
+MIN_SECRET_CHARS = 32
+
+
+def check_secret_strength(name: str, value: object) -> None:
+    """W3: an empty or short join secret or cluster token would let anyone join."""
+    if not isinstance(value, str) or len(value) < MIN_SECRET_CHARS:
+        raise JoinError(f"{name} must be at least {MIN_SECRET_CHARS} characters (128 random bits)")
 
 
 class _BadRequest(JoinError):
@@ -397,10 +408,8 @@ class JoinResponder:
         max_joins: int = DEFAULT_MAX_JOINS,
         window_secs: float = DEFAULT_WINDOW_SECS,
     ) -> None:
-        # W3: an empty or short secret would let anyone join.
         for name, value in (("join_secret", join_secret), ("cluster_token", cluster_token)):
-            if not isinstance(value, str) or len(value) < 32:
-                raise JoinError(f"{name} must be at least 32 characters (128 random bits)")
+            check_secret_strength(name, value)
         if max_joins < 1 or not window_secs > 0:
             raise JoinError("max_joins must be >= 1 and window_secs > 0")
         try:

@@ -19,11 +19,25 @@ from collections.abc import Awaitable, Callable, Mapping
 log = logging.getLogger(__name__)
 
 
+# What systemd tells the main process only (sd_notify(3), sd_watchdog_enabled(3)).
+NOTIFY_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
 class SystemdNotifier:
-    """Send sd_notify datagrams; a no-op when ``NOTIFY_SOCKET`` is unset."""
+    """Send sd_notify datagrams; a no-op when ``NOTIFY_SOCKET`` is unset.
+
+    Reading the process environment (``env`` None) also removes the notify variables from it,
+    as sd_notify(3)'s ``unset_environment`` does: the children we start (our managed tor,
+    which speaks sd_notify itself, wireguard-go, ip, wg) must not talk to our service manager.
+    Under ``NotifyAccess=main`` systemd drops their messages anyway, but logs a warning for
+    each one ("Got notification message from PID ..."), and a child's READY=1 must never count.
+    """
 
     def __init__(self, env: Mapping[str, str] | None = None, pid: int | None = None) -> None:
-        env = os.environ if env is None else env
+        if env is None:
+            env = dict(os.environ)
+            for name in NOTIFY_VARIABLES:
+                os.environ.pop(name, None)
         self._pid = os.getpid() if pid is None else pid
         raw = env.get("NOTIFY_SOCKET", "")
         self._address: str | None = None

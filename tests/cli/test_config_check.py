@@ -1,0 +1,185 @@
+"""`rustbalance config check` checks the key and token files the config names, like `nginx -t`.
+
+Real files with real modes; every file is read by the daemon's own loader, so a config that
+passes the check gets past the daemon's start-up checks of the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from rustbalance.cli.main import main
+from rustbalance.cluster.wireguard import generate_private_key
+from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
+
+EXIT_CONFIG = 2  # cli/main.py: a configuration problem
+CLUSTER_TOKEN = secrets.token_urlsafe(32)
+JOIN_SECRET = secrets.token_urlsafe(32)
+
+
+class Node:
+    """A config folder as `rustbalance init` leaves it: every secret file 0600."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.key = IdentityKey.generate(os.urandom)
+        self.master = root / "master.key"
+        write_seed_key_file(self.key, self.master)
+        self.token = self.secret("cluster.token", CLUSTER_TOKEN + "\n")
+        self.join_secret = self.secret("join.secret", JOIN_SECRET + "\n")
+        self.wg_key = self.secret("wireguard.key", generate_private_key() + "\n")
+        self.doc: dict[str, dict[str, Any]] = {
+            "node": {"id": "node-a", "state_dir": str(root / "state")},
+            "master": {
+                "identity_key_path": str(self.master),
+                "onion_address": self.key.onion_address,
+            },
+            "target": {"address": "127.0.0.1:8000"},
+            "tor": {"mode": "managed", "data_dir": str(root / "state" / "tor")},
+            "coordination": {"cluster_token_path": str(self.token), "listen": "10.99.0.1:51821"},
+            "wireguard": {
+                "enabled": True,
+                "private_key_path": str(self.wg_key),
+                "address": "10.99.0.1/24",
+                "endpoint": "203.0.113.5:51820",
+            },
+            "join": {"enabled": True, "secret_path": str(self.join_secret)},
+        }
+
+    def secret(self, name: str, text: str) -> Path:
+        path = self.root / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        return path
+
+    def check(self) -> int:
+        config = self.root / "config.toml"
+        config.write_text(tomli_w.dumps(self.doc))
+        return main(["config", "check", str(config)])
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Node:
+    return Node(tmp_path)
+
+
+def errors(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    captured = capsys.readouterr()
+    for secret in (CLUSTER_TOKEN, JOIN_SECRET):
+        assert secret not in captured.out + captured.err
+    return captured.err.splitlines()
+
+
+def test_a_complete_node_passes(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    assert node.check() == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("config.toml: ok")
+
+
+@pytest.mark.parametrize(
+    ("attribute", "expected"),
+    [
+        ("master", "master key {path}: cannot read: No such file or directory"),
+        ("token", "cluster token {path}: cannot read: No such file or directory"),
+        ("join_secret", "join secret {path}: cannot read: No such file or directory"),
+    ],
+)
+def test_a_missing_key_or_token_file_is_named(
+    node: Node, capsys: pytest.CaptureFixture[str], attribute: str, expected: str
+) -> None:
+    path: Path = getattr(node, attribute)
+    path.unlink()
+    assert node.check() == EXIT_CONFIG
+    lines = errors(capsys)
+    config = node.root / "config.toml"
+    assert lines == [f"{config}: " + expected.format(path=path), f"{config}: 1 problem"]
+
+
+@pytest.mark.parametrize("attribute", ["master", "token", "join_secret"])
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644], ids=lambda mode: f"{mode:04o}")
+def test_a_key_or_token_file_others_can_read_is_refused(
+    node: Node, capsys: pytest.CaptureFixture[str], attribute: str, mode: int
+) -> None:
+    path: Path = getattr(node, attribute)
+    path.chmod(mode)
+    assert node.check() == EXIT_CONFIG
+    (problem, _summary) = errors(capsys)
+    assert f"{path}: mode {mode:04o} lets others read it; run: chmod 600 {path}" in problem
+
+
+def test_a_readable_wireguard_key_is_refused(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node.wg_key.chmod(0o644)
+    assert node.check() == EXIT_CONFIG
+    (problem, _summary) = errors(capsys)
+    assert "wireguard.private_key_path:" in problem and "must not be readable by others" in problem
+
+
+def test_a_missing_wireguard_or_instance_key_is_fine(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The daemon creates both when they are missing; the check must not (nor complain).
+    node.wg_key.unlink()
+    node.doc["node"]["identity_mode"] = "instance"
+    node.doc["node"]["instance_key_path"] = str(node.root / "keys" / "instance.key")
+    assert node.check() == 0, errors(capsys)
+    assert not node.wg_key.exists()
+    assert not (node.root / "keys").exists()
+
+
+def test_an_exposed_instance_key_is_refused(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    instance = node.root / "instance.key"
+    write_seed_key_file(IdentityKey.generate(os.urandom), instance)
+    instance.chmod(0o644)
+    node.doc["node"]["identity_mode"] = "instance"
+    node.doc["node"]["instance_key_path"] = str(instance)
+    assert node.check() == EXIT_CONFIG
+    (problem, _summary) = errors(capsys)
+    assert problem.endswith(
+        f"node.instance_key_path: instance key {instance}: mode 0644 "
+        f"lets others read it; run: chmod 600 {instance}"
+    )
+
+
+def test_the_wrong_master_key_and_a_corrupt_one_are_named(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = IdentityKey.generate(os.urandom)
+    node.master.unlink()
+    write_seed_key_file(other, node.master)
+    assert node.check() == EXIT_CONFIG
+    (problem, _summary) = errors(capsys)
+    assert f"is for {other.onion_address}, but master.onion_address is" in problem
+    node.master.write_bytes(b"\x00" * 31)
+    assert node.check() == EXIT_CONFIG
+    (problem, _summary) = errors(capsys)
+    assert "master key" in problem
+
+
+def test_every_problem_is_reported_at_once(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    node.master.unlink()
+    node.token.chmod(0o644)
+    node.join_secret.write_text("")
+    node.wg_key.write_text("not base64\n")
+    assert node.check() == EXIT_CONFIG
+    lines = errors(capsys)
+    assert len(lines) == 4 + 1
+    assert lines[-1].endswith(": 4 problems")
+
+
+def test_a_symlinked_token_is_refused(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    # The daemon opens secrets with O_NOFOLLOW; the check must say so before it starts.
+    real = node.root / "elsewhere.token"
+    node.token.rename(real)
+    node.token.symlink_to(real)
+    assert node.check() == EXIT_CONFIG
+    (problem, _summary) = errors(capsys)
+    assert f"cluster token {node.token}: cannot read" in problem
