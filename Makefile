@@ -4,10 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the product, its tests, the demo and the benchmarks use.
-APT_PACKAGES := tor python3-venv haproxy socat shellcheck iproute2 wireguard-tools wireguard-go curl systemd faketime
+APT_PACKAGES := tor python3-venv haproxy socat shellcheck iproute2 wireguard-tools wireguard-go curl systemd faketime zsh man-db
 APT_STAMP := .apt-installed
 
-.PHONY: all deps test lint unit demo bench clean
+.PHONY: all deps test lint unit demo bench cli-files clean
 
 all: test
 
@@ -41,6 +41,11 @@ unit: deps
 
 demo: deps
 	$(PY) -m rustbalance.demo
+
+# Shell completions and the man page under share/, generated from the argparse definitions
+# (a test fails when the committed files are out of date).
+cli-files: deps
+	$(PY) -m tests.cli.cli_files
 
 bench: deps
 	$(PY) -m benchmarks.run
