@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -25,9 +26,11 @@ import tomli_w
 
 from rustbalance.crypto.keys import load_identity_key
 from rustbalance.demo import NodeProcess
+from rustbalance.node.status import read_status
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
 from tests.cli.onionbalance_tool import fill_instances, generate_config, onionbalance_bin
-from tests.node_e2e.instance_helpers import names_served
+from tests.node_e2e.cluster_helpers import wait_for
+from tests.node_e2e.instance_helpers import master_intro_keys, names_served
 from tests.torhelpers import NamedHTTPServer
 
 
@@ -118,6 +121,36 @@ async def test_the_imported_config_serves_the_master_through_onionbalances_insta
         config_path.write_text(tomli_w.dumps(config))
         node = NodeProcess(config_path, tmp_path / "node.log")
         node.start()
+        # RustBalance's descriptor replaces Onionbalance's on the HSDirs: what a client
+        # fetches now holds this node's own intro points and both instances'.
+        status_socket = tmp_path / "state" / "status.sock"
+        wanted: set[bytes] = set()
+
+        def merged() -> bool:
+            try:
+                doc = read_status(status_socket)
+            except Exception:
+                return False
+            own = set(doc["intro_points"]["own_auth_keys"])
+            entries = [doc.get("backends", {}).get(a) for a in addresses]
+            if not own or not all(e and e["up"] and e["auth_keys"] for e in entries):
+                return False
+            wanted.clear()
+            wanted.update(bytes.fromhex(k) for k in own)
+            for entry in entries:
+                assert entry is not None
+                wanted.add(bytes.fromhex(entry["auth_keys"][0]))
+            return wanted <= {bytes.fromhex(k) for k in doc["intro_points"]["published_auth_keys"]}
+
+        await asyncio.to_thread(wait_for, merged, 300, "both instances merged and published")
+        deadline = time.monotonic() + 180
+        fetched: set[bytes] = set()
+        while time.monotonic() < deadline and not wanted <= fetched:
+            # HSFETCH through the client: it also refreshes the client's cached descriptor.
+            fetched = await master_intro_keys(client, master)
+            if not wanted <= fetched:
+                await asyncio.sleep(5)
+        assert wanted <= fetched, "the HSDirs do not serve RustBalance's merged descriptor"
         after = await names_served(
             client.socks_address, master, names | {"rustbalance-node"}, tag="rustbalance"
         )
