@@ -332,9 +332,19 @@ def render(data: Mapping[str, Any], out_dir: Path = CHARTS_DIR) -> list[Chart]:
     return drawn
 
 
-def markdown(charts: list[Chart], out_dir: Path, relative_to: Path) -> list[str]:
-    """The ``## Charts`` section of BENCHMARKS.md (image paths relative to ``relative_to``)."""
+def markdown(
+    charts: list[Chart],
+    out_dir: Path,
+    relative_to: Path,
+    provenance: Mapping[str, str] | None = None,
+) -> list[str]:
+    """The ``## Charts`` section of BENCHMARKS.md (image paths relative to ``relative_to``);
+    ``provenance`` notes where a results section came from when not from its own run."""
     lines = [HEADING, "", "Drawn from `benchmarks/results.json` by `benchmarks/charts.py`.", ""]
+    for section, note in sorted((provenance or {}).items()):
+        lines += [f"- `{section}`: {note}."]
+    if provenance:
+        lines.append("")
     for chart in charts:
         path = os.path.relpath(out_dir / chart.file, relative_to)
         lines += [f"![{chart.title}]({path})", "", f"_{chart.caption}_", ""]

@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     failed = False
-    header_end = len(out)
     results.take()
     for name in MODULES:
         try:
@@ -71,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         out.append("")
     data: dict[str, Any] = {"run": _run_facts(started), **results.take()}
     results.save(data)
-    out[header_end:header_end] = _charts_section(data)
-    text = "\n".join(out).rstrip() + "\n"
+    text = "\n".join(with_charts(out, _charts_section(data))).rstrip() + "\n"
     Path("BENCHMARKS.md").write_text(text, encoding="utf-8")
     print(text)
     return 1 if failed else 0
@@ -85,7 +83,12 @@ def _run_one(name: str) -> int:
     results.take()
     lines: list[str] = importlib.import_module(name).run()
     data = results.load()
-    data.update(results.take())
+    taken = results.take()
+    data.update(taken)
+    provenance = {k: v for k, v in data.get("provenance", {}).items() if k not in taken}
+    data.pop("provenance", None)
+    if provenance:
+        data["provenance"] = provenance
     results.save(data)
     note = (
         f"_This section: run {started} on its own (`python -m benchmarks.run --only "
@@ -94,7 +97,7 @@ def _run_one(name: str) -> int:
     path = Path("BENCHMARKS.md")
     old = path.read_text(encoding="utf-8").splitlines() if path.exists() else ["# Benchmarks"]
     spliced = _splice(old, lines, note)
-    text = "\n".join(_splice(spliced, _charts_section(data), "")).rstrip() + "\n"
+    text = "\n".join(with_charts(spliced, _charts_section(data))).rstrip() + "\n"
     path.write_text(text, encoding="utf-8")
     print("\n".join(lines))
     return 0
@@ -124,6 +127,22 @@ def _splice(old: list[str], new: list[str], note: str) -> list[str]:
     return out
 
 
+def with_charts(lines: list[str], section: list[str]) -> list[str]:
+    """``lines`` without any ``## Charts`` section, and ``section`` (if any) put before the
+    first ``## `` heading: the pictures come right after the run's intro."""
+    kept: list[str] = []
+    skipping = False
+    for line in lines:
+        if line.startswith("## "):
+            skipping = line == charts.HEADING
+        if not skipping:
+            kept.append(line)
+    if not section:
+        return kept
+    first = next((i for i, line in enumerate(kept) if line.startswith("## ")), len(kept))
+    return [*kept[:first], *section, *kept[first:]]
+
+
 def _run_facts(started: str) -> dict[str, Any]:
     return {
         "started": started,
@@ -136,7 +155,9 @@ def _run_facts(started: str) -> dict[str, Any]:
 def _charts_section(data: dict[str, Any]) -> list[str]:
     """The ``## Charts`` lines, after drawing every chart ``data`` has results for."""
     drawn = charts.render(data, charts.CHARTS_DIR)
-    return charts.markdown(drawn, charts.CHARTS_DIR, Path.cwd()) if drawn else []
+    if not drawn:
+        return []
+    return charts.markdown(drawn, charts.CHARTS_DIR, Path.cwd(), data.get("provenance"))
 
 
 def _cpu_count() -> int:

@@ -144,13 +144,23 @@ def test_runner_writes_json_charts_and_the_section(
     monkeypatch.setattr(results.save, "__defaults__", (tmp_path / "results.json",))
     monkeypatch.setattr(charts, "CHARTS_DIR", tmp_path / "benchmarks" / "charts")
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "results.json").write_text(json.dumps({"onion": SAMPLE["onion"]}))
-    (tmp_path / "BENCHMARKS.md").write_text("# Benchmarks\n\n## Charts\n\nold\n\n## Other\n\nx\n")
+    provenance = {"onion": "transcribed from an older run", "memory_idle": "old numbers"}
+    (tmp_path / "results.json").write_text(
+        json.dumps({"onion": SAMPLE["onion"], "provenance": provenance})
+    )
+    (tmp_path / "BENCHMARKS.md").write_text(
+        "# Benchmarks\n\nintro\n\n## Other\n\nx\n\n## Charts\n\nstale chart text\n"
+    )
     assert run.main(["--only", "bench_standin"]) == 0
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["memory_idle"] == SAMPLE["memory_idle"] and saved["onion"] == SAMPLE["onion"]
+    # The re-measured section is its own run's now; the other keeps its note.
+    assert saved["provenance"] == {"onion": "transcribed from an older run"}
     text = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "old" not in text and "## Other" in text and "## Stand-in" in text
+    assert "- `onion`: transcribed from an older run." in text and "old numbers" not in text
+    assert "stale chart text" not in text and "## Other" in text and "## Stand-in" in text
+    # The pictures come right after the intro, before every table section.
+    assert text.index("intro") < text.index("## Charts") < text.index("## Other")
     assert "![Memory per connection](benchmarks/charts/memory_per_connection.png)" in text
     assert "![Failover timelines](benchmarks/charts/failover_timeline.png)" in text
     assert (tmp_path / "benchmarks" / "charts" / "failover_timeline.png").is_file()
