@@ -9,6 +9,7 @@ generates. shtab and argparse-manpage are the standard generators for argparse (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,22 +30,38 @@ _ROOT = Path(__file__).resolve().parents[2]
 _COLUMNS = "100"
 
 
-def _parser() -> argparse.ArgumentParser:
+@contextlib.contextmanager
+def _columns() -> Iterator[None]:
+    """$COLUMNS fixed while argparse formats, then as it was."""
+    before = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = _COLUMNS
-    return build_parser()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = before
 
 
 def bash() -> str:
-    return str(shtab.complete(_parser(), "bash"))
+    with _columns():
+        return str(shtab.complete(build_parser(), "bash"))
 
 
 def zsh() -> str:
-    return str(shtab.complete(_parser(), "zsh"))
+    with _columns():
+        return str(shtab.complete(build_parser(), "zsh"))
 
 
 def man() -> str:
+    with _columns():
+        return _man()
+
+
+def _man() -> str:
     page = Manpage(
-        _parser(),
+        build_parser(),
         {
             "project_name": "rustbalance",
             "version": __version__,
