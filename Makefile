@@ -25,7 +25,8 @@ $(APT_STAMP): Makefile
 
 # The venv gets exactly the lock (every direct and indirect dependency, with hashes), then the
 # project itself without resolving anything (--no-deps) and built by the locked setuptools.
-# PYTHON picks the interpreter (any >= 3.11), e.g. make test PYTHON=python3.13 VENV=.venv-3.13
+# PYTHON picks the interpreter (any >= 3.11), e.g.
+# make test PYTHON=$(pyenv prefix 3.13.0)/bin/python3.13 VENV=.venv-3.13
 $(STAMP): pyproject.toml $(DEV_LOCK) $(APT_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --require-hashes -r $(DEV_LOCK)
