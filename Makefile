@@ -4,14 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the product, its tests, the demo and the benchmarks use.
-APT_PACKAGES := tor python3-venv haproxy socat shellcheck iproute2 wireguard-tools wireguard-go curl systemd faketime systemd-container debootstrap
+APT_PACKAGES := tor python3-venv haproxy socat shellcheck iproute2 wireguard-tools wireguard-go curl systemd faketime systemd-container debootstrap zsh man-db prometheus
 APT_STAMP := .apt-installed
+DEV_LOCK := requirements/dev.lock
+RUNTIME_LOCK := requirements/runtime.lock
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 
-.PHONY: all deps test lint unit demo bench clean
+.PHONY: all deps test lint unit demo bench cli-files lock clean
 
 all: test
 
-$(APT_STAMP):
+$(APT_STAMP): Makefile
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
@@ -20,10 +23,14 @@ $(APT_STAMP):
 	fi
 	@touch $@
 
-$(STAMP): pyproject.toml $(APT_STAMP)
-	@PYBIN=$$(command -v python3.11 || command -v python3); \
-	test -x $(PY) || $$PYBIN -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+# The venv gets exactly the lock (every direct and indirect dependency, with hashes), then the
+# project itself without resolving anything (--no-deps) and built by the locked setuptools.
+# PYTHON picks the interpreter (any >= 3.11), e.g.
+# make test PYTHON=$(pyenv prefix 3.13.0)/bin/python3.13 VENV=.venv-3.13
+$(STAMP): pyproject.toml $(DEV_LOCK) $(APT_STAMP)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --require-hashes -r $(DEV_LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
 deps: $(STAMP)
@@ -41,6 +48,20 @@ unit: deps
 
 demo: deps
 	$(PY) -m rustbalance.demo
+
+# Shell completions and the man page under share/, generated from the argparse definitions
+# (a test fails when the committed files are out of date).
+cli-files: deps
+	$(PY) -m tests.cli.cli_files
+
+# Re-resolve the locks after a change of pyproject.toml's pins (needs PyPI): one resolution for
+# every Python >= 3.11 (--universal); the runtime lock is the subset the product installs
+# (the Debian package) and takes its versions from the dev lock.
+lock: deps
+	$(VENV)/bin/uv pip compile pyproject.toml requirements/build.in --extra dev --universal \
+	  --python-version 3.11 --generate-hashes --quiet -o $(DEV_LOCK)
+	$(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	  --generate-hashes --quiet -c $(DEV_LOCK) -o $(RUNTIME_LOCK)
 
 bench: deps
 	$(PY) -m benchmarks.run

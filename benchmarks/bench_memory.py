@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 
 from benchmarks.bench_proxy import _free_port, _haproxy, _haproxy_proxy_config
+from benchmarks.results import record
 
 GOAL_CONNECTIONS = 10_000
 GOAL_MB = 200.0
@@ -199,6 +200,16 @@ def run() -> list[str]:
         lines.append(
             f"| {name} | {count} | {rest:.1f} | {loaded:.1f} | {per * 1024:.1f} | {at_goal:.0f} |"
         )
+    record(
+        "memory_idle",
+        "rows",
+        [
+            {"process": name, "connections": count, "rss_rest_mb": rest, "rss_loaded_mb": loaded}
+            for name, count, rest, loaded in rows
+        ],
+    )
+    record("memory_idle", "goal_mb", GOAL_MB)
+    record("memory_idle", "goal_connections", GOAL_CONNECTIONS)
     ours = [r for r in rows if r[0].startswith("RustBalance")]
     worst = max(r[2] + (r[3] - r[2]) / r[1] * GOAL_CONNECTIONS for r in ours)
     verdict = "met" if worst <= GOAL_MB else "NOT met"

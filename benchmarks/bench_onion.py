@@ -52,6 +52,7 @@ from tests.node_e2e import RunningNode, running_node
 from benchmarks.bench_memory import _measure, _raise_nofile, _rss_mb
 from benchmarks.bench_proxy import _bulk_source
 from benchmarks.onion_cluster import BenchCluster, BenchNode, bench_cluster
+from benchmarks.results import finite, record
 from rustbalance.errors import ControlError, TorProcessError
 from rustbalance.testnet import PrivateTorNetwork
 from rustbalance.testnet.network import TorInstance
@@ -827,6 +828,25 @@ def run() -> list[str]:
                 except Exception as exc:
                     failed[name] = f"{type(exc).__name__}: {exc}"
                     results[name] = {}
+    record(
+        "onion",
+        "systems",
+        {name: {k: finite(v) for k, v in figures.items()} for name, figures in results.items()},
+    )
+    record("onion", "bounds", BOUNDS)
+    record("onion", "issue_bound_secs", ISSUE_BOUND)
+    single = results.get("RustBalance (1 node)", {})
+    if all(single.get(k) for k in ("node_rss_rest", "node_rss_loaded", "node_connections")):
+        record(
+            "onion",
+            "node_memory",
+            {
+                "rss_rest_mb": single["node_rss_rest"],
+                "rss_loaded_mb": single["node_rss_loaded"],
+                "connections": single["node_connections"],
+                "tor_rss_mb": single.get("node_tor_rss"),
+            },
+        )
     ours_splice = _proxy_cpu_per_gb(splice=True)
     ours_streams = _proxy_cpu_per_gb(splice=False)
     lines = _onion_lines(results, failed, load)

@@ -29,6 +29,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from benchmarks.results import record
+
 BULK_BYTES = 1024 * 1024 * 1024
 CONCURRENCY = 16
 SECONDS = 3.0
@@ -262,6 +264,21 @@ def _bulk_section(mode: str, kind: str) -> list[str]:
         med = _median(times)
         cpu_text = f"{_median(cpu[name]) / gib:.2f}" if name in cpu else "—"
         lines.append(f"| {name} | {gib / med:.2f} | {cpu_text} | {med / ours_s:.2f}x |")
+    record(
+        "proxy_bulk",
+        f"{mode}/{kind}",
+        {
+            "bytes": BULK_BYTES,
+            "rounds": ROUNDS,
+            "paths": {
+                name: {
+                    "gib_per_s": gib / _median(times),
+                    "cpu_s_per_gib": _median(cpu[name]) / gib if name in cpu else None,
+                }
+                for name, times in seconds.items()
+            },
+        },
+    )
     ratio = hap_s / ours_s
     if http:
         verdict = "met" if ratio >= 0.8 else "NOT met"
@@ -362,6 +379,22 @@ def _rps_section(mode: str) -> list[str]:
             f"| {name} | {_median(rps[name]):.0f} | {_median(p50[name]):.2f} | "
             f"{_median(p99[name]):.2f} | {ours_rps / _median(rps[name]):.2f}x |"
         )
+    record(
+        "proxy_rps",
+        mode,
+        {
+            "connections": CONCURRENCY,
+            "seconds": SECONDS,
+            "paths": {
+                name: {
+                    "rps": _median(rps[name]),
+                    "p50_ms": _median(p50[name]),
+                    "p99_ms": _median(p99[name]),
+                }
+                for name in rps
+            },
+        },
+    )
     direct_p50 = _median(p50["direct"])
     ours_added = _median(p50[ours]) - direct_p50
     hap_added = _median(p50[hap]) - direct_p50

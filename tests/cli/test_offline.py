@@ -190,3 +190,68 @@ def test_build_descriptor_rejects_a_bad_instance(
     assert f"instance {wrong}" in capsys.readouterr().err
     assert main([*argv, "--instance", "no-equals-sign"]) == 2  # a usage problem
     assert "ADDR=DESCRIPTOR_FILE" in capsys.readouterr().err
+
+
+def _client_auth_descriptor(tmp_path: Path, client_secret: bytes) -> tuple[str, Path]:
+    """A master descriptor readable with ``client_secret`` (built by the CLI)."""
+    master = make_key(4)
+    key_file = tmp_path / "master.key"
+    write_seed_key_file(master, key_file)
+    address, path = _write_instance(tmp_path, 26, 2)
+    auth = tmp_path / "alice.auth"
+    pub = base64.b32encode(x25519_public(client_secret)).decode().rstrip("=")
+    auth.write_text(f"descriptor:x25519:{pub}\n")
+    argv = ["debug", "build-descriptor", "--key", str(key_file), "--now", str(NOW)]
+    argv += ["--client-auth", str(auth), "--instance", f"{address}={path}"]
+    desc = tmp_path / "master.desc"
+    with pytest.MonkeyPatch.context() as patch:
+        out = io.StringIO()
+        patch.setattr("sys.stdout", out)
+        assert main(argv) == 0
+    desc.write_text(out.getvalue())
+    return master.onion_address, desc
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        # arti crates/tor-keymgr/testdata/bob.auth_private: auth type "notdescriptor".
+        ("{addr}:notdescriptor:x25519:{key}", "auth type must be 'descriptor'"),
+        # A fifth field in front: tor and arti both need exactly 4.
+        ("extra:{addr}:descriptor:x25519:{key}", "4 fields"),
+        # No address: 3 fields.
+        ("descriptor:x25519:{key}", "4 fields"),
+        # tor src/test/test_hs_client.c test_parse_auth_file_content: all-zeroes key.
+        ("{addr}:descriptor:x25519:" + "a" * 52, "all zero"),
+    ],
+    ids=["wrong-auth-type", "five-fields", "three-fields", "all-zero-key"],
+)
+def test_decode_descriptor_refuses_auth_private_files_tor_and_arti_reject(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str, reason: str
+) -> None:
+    """Each of these held a key that decrypts the descriptor (or the zero key), and the old
+    reader took whatever followed the first ``descriptor:x25519:``; tor's
+    ``parse_auth_file_content`` (hs_client.c) and arti's ``parse_client_keypair``
+    (tor-keymgr ctor/client.rs) refuse them, so must we, with the reason."""
+    client_secret = bytes(range(1, 33))
+    master, desc = _client_auth_descriptor(tmp_path, client_secret)
+    key = base64.b32encode(client_secret).decode().rstrip("=").lower()
+    bad = tmp_path / "alice.auth_private"
+    bad.write_text(line.format(addr=master.removesuffix(".onion"), key=key) + "\n")
+    argv = ["debug", "decode-descriptor", "--address", master, "--now", str(NOW)]
+    argv += ["--client-auth-key", str(bad), str(desc)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"client auth key file {bad}" in err and reason in err
+    assert key not in err.lower()
+    # The same key in tor's format decrypts it.
+    good = tmp_path / "good.auth_private"
+    good.write_text(f"{master.removesuffix('.onion')}:descriptor:x25519:{key}\n")
+    argv[-2] = str(good)
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["client_authorization"] is True
+    # A valid file for another service is named as such.
+    other = make_key(5).onion_address
+    good.write_text(f"{other.removesuffix('.onion')}:descriptor:x25519:{key}\n")
+    assert main(argv) == 1
+    assert f"is for {other}, not {master}" in capsys.readouterr().err

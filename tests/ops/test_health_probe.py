@@ -137,14 +137,22 @@ async def test_unexpected_status_and_timeout_count_as_failures() -> None:
     finally:
         await target.stop()
     # A listener that never answers: the probe's own timeout ends it.
-    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
     port = int(silent.sockets[0].getsockname()[1])
     try:
         result = await probe_once(_settings(port), "/", 200, 0.3)
         assert not result.ok and "timed out" in result.detail
     finally:
+        # Since Python 3.12 wait_closed() waits for every accepted connection: close them.
+        for writer in held:
+            writer.close()
         silent.close()
-        await silent.wait_closed()
+        await asyncio.wait_for(silent.wait_closed(), 10)
 
 
 async def test_stop_ends_the_loop() -> None:

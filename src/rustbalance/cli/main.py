@@ -45,9 +45,53 @@ COMMAND_MODULES: tuple[str, ...] = (
     "rustbalance.cli.run_cmd",
     "rustbalance.cli.init_cmd",
     "rustbalance.cli.join_cmd",
+    "rustbalance.cli.import_onionbalance",
 )
 
 Handler = Callable[[argparse.Namespace], int]
+
+# Shell-completion hints, read by shtab from an action's ``complete`` attribute (the generated
+# completions in share/ come from these; tests/cli/cli_files.py): options that name a file or
+# a folder, by their dest.
+_FILE_DESTS = frozenset(
+    {
+        "key",
+        "out",
+        "file",
+        "config",
+        "client_auth",
+        "client_auth_key",
+        "passphrase_file",
+        "import_key",
+        "token_file",
+        "onionbalance_config",
+    }
+)
+_DIR_DESTS = frozenset({"config_dir", "state_dir"})
+_COMPLETE_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files"}
+_COMPLETE_DIR = {"bash": "_shtab_compgen_dirs", "zsh": "_files -/"}
+
+
+def _print_group_help(group: argparse.ArgumentParser) -> Handler:
+    """A command group run without its sub-command prints its own help (exit 2)."""
+
+    def usage(args: argparse.Namespace) -> int:
+        del args
+        group.print_help(sys.stderr)
+        return 2
+
+    return usage
+
+
+def _add_completion_hints(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_completion_hints(sub)
+        elif action.dest in _FILE_DESTS:
+            action.complete = _COMPLETE_FILE  # type: ignore[attr-defined]
+        elif action.dest in _DIR_DESTS:
+            action.complete = _COMPLETE_DIR  # type: ignore[attr-defined]
 
 
 def _add_logging_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -99,11 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     debug = commands.add_parser("debug", help="offline and operator debugging tools")
     debug_commands = debug.add_subparsers(dest="debug_command", metavar="DEBUG_COMMAND")
+    debug.set_defaults(func=_print_group_help(debug))
     for name in COMMAND_MODULES:
         module = importlib.import_module(name)
         module.register(commands, debug_commands)
     for sub in _subparsers(parser):
         _add_logging_options(sub, top=False)
+    _add_completion_hints(parser)
     return parser
 
 

@@ -24,9 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rustbalance.config.addresses import parse_client_auth_key
 from rustbalance.crypto.blinding import blind_identity
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_seed_key_file
-from rustbalance.crypto.onion_address import decode_onion_address
+from rustbalance.crypto.onion_address import decode_onion_address, encode_onion_address
 from rustbalance.crypto.revision import revision_counter
 from rustbalance.crypto.time_period import (
     TimeParams,
@@ -35,10 +36,11 @@ from rustbalance.crypto.time_period import (
     time_period_num,
 )
 from rustbalance.descriptor.builder import MAX_INTRO_POINTS, build_descriptor
+from rustbalance.descriptor.client_auth import parse_auth_private
 from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.descriptor.merge import merge_intro_points
 from rustbalance.descriptor.parser import DecodedDescriptor, decode_descriptor
-from rustbalance.errors import ConfigError, DescriptorError, RustBalanceError
+from rustbalance.errors import ConfigError, DescriptorError, InvalidKeyError, RustBalanceError
 
 __all__ = ["register"]
 
@@ -51,7 +53,6 @@ _ROUNDS_PER_PERIOD = 24
 # on HSDirs, hs_descriptor.h HS_DESC_DEFAULT_LIFETIME); drop ones expiring within 1 h.
 _MIN_REMAINING_VALIDITY = 3600
 _MAX_INPUT = 1 << 20
-_AUTH_PREFIX = "descriptor:x25519:"
 
 
 def register(
@@ -177,18 +178,29 @@ def _read_small(path: str, what: str) -> str:
 def _client_public_key(path: str) -> bytes:
     # tor <HiddenServiceDir>/authorized_clients/<name>.auth: "descriptor:x25519:<base32 pk>".
     text = _read_small(path, "client auth file").strip()
-    if text.startswith(_AUTH_PREFIX):
-        text = text[len(_AUTH_PREFIX) :]
-    return _b32_key(text, f"client auth file {path}")
+    try:
+        return parse_client_auth_key(text)
+    except ConfigError as exc:
+        raise ConfigError(f"client auth file {path}: {exc}") from None
 
 
-def _client_private_key(path: str) -> bytes:
-    # tor ClientOnionAuthDir/<name>.auth_private: "<addr>:descriptor:x25519:<base32 sk>".
-    text = _read_small(path, "client auth key file").strip()
-    marker = text.find(_AUTH_PREFIX)
-    if marker >= 0:
-        text = text[marker + len(_AUTH_PREFIX) :]
-    return _b32_key(text, f"client auth key file {path}")
+def _client_private_key(path: str, address: str) -> bytes:
+    # tor ClientOnionAuthDir/<name>.auth_private, read by tor's and arti's rules.
+    text = _read_small(path, "client auth key file")
+    try:
+        parsed = parse_auth_private(text)
+    except InvalidKeyError as exc:
+        raise ConfigError(f"client auth key file {path}: {exc}") from None
+    if parsed.onion_address != _canonical_address(address):
+        raise ConfigError(
+            f"client auth key file {path} is for {parsed.onion_address}, not {address}"
+        )
+    return parsed.secret_key
+
+
+def _canonical_address(address: str) -> str:
+    """``address`` in canonical form (lower case, with ``.onion``); checks it."""
+    return encode_onion_address(decode_onion_address(address))
 
 
 def _candidates(now: int, params: TimeParams) -> list[int]:
@@ -237,7 +249,7 @@ def _decode_descriptor(args: argparse.Namespace) -> int:
     now = _now(args)
     client_key = None
     if args.client_auth_key:
-        client_key = _client_private_key(args.client_auth_key)
+        client_key = _client_private_key(args.client_auth_key, args.address)
     decoded = decode_descriptor(
         _read_text(args.file),
         args.address,

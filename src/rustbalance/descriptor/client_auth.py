@@ -18,8 +18,11 @@ adds fakes even without client authorization, then shuffles the list).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,14 +30,17 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 from nacl.exceptions import RuntimeError as NaclRuntimeError
 
-from rustbalance.errors import DescriptorError
+from rustbalance.crypto.onion_address import ONION_SUFFIX, decode_onion_address
+from rustbalance.errors import DescriptorError, InvalidKeyError
 
 __all__ = [
     "AUTH_CLIENT_MULTIPLE",
     "COOKIE_LENGTH",
     "AuthClient",
+    "ClientAuthPrivateKey",
     "build_auth_clients",
     "find_descriptor_cookie",
+    "parse_auth_private",
     "x25519_public",
 ]
 
@@ -49,6 +55,12 @@ IV_LENGTH = 16
 # hs_descriptor.h HS_DESC_AUTH_CLIENT_MULTIPLE.
 AUTH_CLIENT_MULTIPLE = 16
 X25519_LENGTH = 32
+# hs_client.c parse_auth_file_content: BASE32_NOPAD_LEN(CURVE25519_SECKEY_LEN) = 52; the
+# address field is HS_SERVICE_ADDR_LEN_BASE32 = 56 characters, without ".onion".
+_SECRET_KEY_CHARS = 52
+_BASE32_CHARS = re.compile(r"[A-Za-z2-7]*")
+# tor's SPLIT_SKIP_SPACE strips TOR_ISSPACE characters around each field.
+_TOR_SPACE = " \t\r\n\v\f"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +70,62 @@ class AuthClient:
     client_id: bytes
     iv: bytes
     encrypted_cookie: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAuthPrivateKey:
+    """A client's restricted-discovery key for one service (tor's ``.auth_private`` file)."""
+
+    onion_address: str
+    secret_key: bytes
+
+    def __repr__(self) -> str:  # the secret never reaches a log or a traceback
+        return f"ClientAuthPrivateKey(onion_address={self.onion_address!r}, secret_key=<hidden>)"
+
+
+def parse_auth_private(text: str) -> ClientAuthPrivateKey:
+    """Parse ``<56-char address>:descriptor:x25519:<52-char base32 secret key>``.
+
+    The rules are tor's (``src/feature/hs/hs_client.c`` ``parse_auth_file_content``, and
+    ``hs_config_client_authorization`` for the address) and arti's
+    (``crates/tor-keymgr/src/keystore/ctor/client.rs`` ``parse_client_keypair``): exactly 4
+    ``:``-separated fields (blanks around a field ignored, as tor's ``SPLIT_SKIP_SPACE``), auth
+    type ``descriptor``, key type ``x25519``, a valid v3 address without ``.onion``, and 52
+    base32 characters (any case) of a key that is not all zero. Like arti we also refuse a
+    non-canonical last character (tor drops the 4 surplus bits). The whole file is one
+    record: a second line would be part of the key field, as in tor. Raises
+    :class:`InvalidKeyError`, whose message never contains the key.
+    """
+    fields = [field.strip(_TOR_SPACE) for field in text.split(":")]
+    if len(fields) != 4:
+        raise InvalidKeyError(
+            "must be exactly 4 fields '<address>:descriptor:x25519:<base32 key>', "
+            f"got {len(fields)}"
+        )
+    address, auth_type, key_type, body = fields
+    if auth_type != "descriptor":
+        raise InvalidKeyError(f"auth type must be 'descriptor', got {auth_type[:32]!r}")
+    if key_type != "x25519":
+        raise InvalidKeyError(f"key type must be 'x25519', got {key_type[:32]!r}")
+    if address.lower().endswith(ONION_SUFFIX) or len(address) != 56:
+        raise InvalidKeyError("the address must be the 56 characters of a v3 address, no .onion")
+    try:
+        decode_onion_address(address)
+    except InvalidKeyError as exc:
+        raise InvalidKeyError(f"the address is not a valid v3 onion address: {exc}") from None
+    if len(body) != _SECRET_KEY_CHARS:
+        raise InvalidKeyError(f"the key must be {_SECRET_KEY_CHARS} base32 characters")
+    if not _BASE32_CHARS.fullmatch(body):
+        raise InvalidKeyError("the key has characters outside the base32 alphabet (a-z, 2-7)")
+    try:
+        secret = base64.b32decode(body.upper() + "====")
+    except (binascii.Error, ValueError):  # unreachable after the checks above
+        raise InvalidKeyError("the key is not base32") from None
+    if base64.b32encode(secret).decode("ascii").rstrip("=") != body.upper():
+        raise InvalidKeyError("the key is not canonical base32 (its last character is wrong)")
+    if not any(secret):
+        raise InvalidKeyError("the key is all zero")
+    return ClientAuthPrivateKey(address.lower() + ONION_SUFFIX, secret)
 
 
 def x25519_public(secret: bytes) -> bytes:

@@ -42,7 +42,17 @@ key                         value                            exported as
 ``proxy_timeouts``          ``{"connect"|"idle"|"session":   ``rustbalance_proxy_timeouts_total
                             n}``                             {kind}``
 ``target_up``               bool                             ``rustbalance_target_up``
+``last_publish_time``       ``{"current"|"next": unix time}``  ``rustbalance_last_publish_
+                            of the last successful publish   timestamp_seconds{period}``
+``peers_up``                ``{node_id: bool}`` (<= 256)     ``rustbalance_peer_up{peer}``
+``backends_up``             ``{"<56>.onion": bool}`` (<= 64) ``rustbalance_backend_up{backend}``
 =========================== ================================ ===================================
+
+Always exported, snapshot or not: ``rustbalance_build_info{version, python}`` = 1, the
+process metrics of prometheus-client's process collector (``process_cpu_seconds_total``,
+``process_resident_memory_bytes``, ``process_open_fds``, ``process_start_time_seconds``...),
+and ``rustbalance_last_publish_timestamp_seconds`` for both periods, 0 until the first
+successful publish (so an alert on its age needs no ``absent()``; deploy/prometheus/).
 
 :func:`proxy_snapshot` turns a ``ProxyStats`` into the ``proxy_*`` keys.
 """
@@ -53,16 +63,23 @@ import asyncio
 import contextlib
 import logging
 import math
+import platform
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import h11
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from rustbalance import __version__
 from rustbalance.errors import RustBalanceError
 from rustbalance.proxy.session import ProxyStats
 
@@ -80,6 +97,10 @@ log = logging.getLogger("rustbalance.metrics")
 DEFAULT_LISTEN = ("127.0.0.1", 9100)
 _MAX_HSDIRS = 64
 _MAX_REASONS = 32
+_MAX_PEERS = 256
+_MAX_BACKENDS = 64
+# The two descriptors tor keeps (tor.md 3.2), as the publish loop names them.
+_PERIODS = ("current", "next")
 # Label values come from the daemon, but keep them printable and short all the same: a label
 # is part of every scrape and of the time series' identity.
 _LABEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -118,6 +139,30 @@ def _counts(
         if allowed is not None and label not in allowed:
             raise MetricsError(f"metrics snapshot: {key} has unknown entry {label!r}")
         result[label] = _count(count, f"{key}.{label}")
+    return result
+
+
+def _flags(value: object, key: str, limit: int) -> dict[str, bool]:
+    if not isinstance(value, Mapping) or len(value) > limit:
+        raise MetricsError(f"metrics snapshot: {key} must be a mapping of at most {limit}")
+    return {_label(name, key): _flag(up, f"{key}.{name}") for name, up in value.items()}
+
+
+def _times(value: object, key: str) -> dict[str, float]:
+    if not isinstance(value, Mapping):
+        raise MetricsError(f"metrics snapshot: {key} must map periods to Unix times")
+    result: dict[str, float] = {}
+    for period, when in value.items():
+        if period not in _PERIODS:
+            raise MetricsError(f"metrics snapshot: {key} has unknown period {period!r}")
+        if (
+            isinstance(when, bool)
+            or not isinstance(when, int | float)
+            or not math.isfinite(when)
+            or when < 0
+        ):
+            raise MetricsError(f"metrics snapshot: {key}.{period} must be a Unix time >= 0")
+        result[period] = float(when)
     return result
 
 
@@ -170,6 +215,12 @@ def _validate(snapshot: Mapping[str, Any]) -> dict[str, Any]:
             clean[key] = _counts(value, key, ("up", "down"))
         elif key == "proxy_timeouts":
             clean[key] = _counts(value, key, ("connect", "idle", "session"))
+        elif key == "last_publish_time":
+            clean[key] = _times(value, key)
+        elif key == "peers_up":
+            clean[key] = _flags(value, key, _MAX_PEERS)
+        elif key == "backends_up":
+            clean[key] = _flags(value, key, _MAX_BACKENDS)
         else:
             raise MetricsError(f"metrics snapshot: unknown key {key!r}")
     return clean
@@ -195,6 +246,29 @@ class _SnapshotCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         v = self.values
+        info = GaugeMetricFamily(
+            "rustbalance_build_info",
+            "Always 1; the labels name the running version and Python.",
+            labels=["version", "python"],
+        )
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
+        published = GaugeMetricFamily(
+            "rustbalance_last_publish_timestamp_seconds",
+            "Unix time of the last successful publish of each descriptor (0 = never).",
+            labels=["period"],
+        )
+        times = v.get("last_publish_time", {})
+        for period in _PERIODS:
+            published.add_metric([period], times.get(period, 0.0))
+        yield published
+        yield from self._up("peers_up", "rustbalance_peer_up", "peer", "1 if this peer is live.")
+        yield from self._up(
+            "backends_up",
+            "rustbalance_backend_up",
+            "backend",
+            "1 if this plain tor backend is merged (descriptor fresh, reachable).",
+        )
         yield from self._counter(
             "rustbalance_publishes",
             "Master descriptor publishes by time period and result.",
@@ -264,6 +338,13 @@ class _SnapshotCollector(Collector):
         )
         yield from self._gauge("target_up", "1 if the target passes its health checks.")
 
+    def _up(self, key: str, name: str, label: str, doc: str) -> Iterator[GaugeMetricFamily]:
+        if key in self.values:
+            family = GaugeMetricFamily(name, doc, labels=[label])
+            for value, up in self.values[key].items():
+                family.add_metric([value], 1.0 if up else 0.0)
+            yield family
+
     def _gauge(self, key: str, doc: str) -> Iterator[GaugeMetricFamily]:
         if key in self.values:
             yield GaugeMetricFamily(f"rustbalance_{key}", doc, value=float(self.values[key]))
@@ -291,6 +372,8 @@ class NodeMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self._collector = _SnapshotCollector()
         self.registry.register(self._collector)
+        # process_* metrics of this process (Linux /proc), in the private registry too.
+        ProcessCollector(registry=self.registry)
 
     def update(self, snapshot: Mapping[str, Any]) -> None:
         """Merge ``snapshot`` into the current values (keys not given keep their value).
