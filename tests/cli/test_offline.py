@@ -253,5 +253,5 @@ def test_decode_descriptor_refuses_auth_private_files_tor_and_arti_reject(
     # A valid file for another service is named as such.
     other = make_key(5).onion_address
     good.write_text(f"{other.removesuffix('.onion')}:descriptor:x25519:{key}\n")
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert f"is for {other}, not {master}" in capsys.readouterr().err
