@@ -43,9 +43,9 @@ from rustbalance.cluster.messages import (
     Role,
     Sender,
 )
-from rustbalance.config.addresses import parse_endpoint
 from rustbalance.config.schema import CoordinationConfig
 from rustbalance.errors import RustBalanceError
+from rustbalance.rules import parse_endpoint
 
 OWN_ID = "node-self"
 SENDERS = ("node-a", "node-b", "node-c", "node-d")

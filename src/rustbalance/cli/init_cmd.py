@@ -23,7 +23,6 @@ import contextlib
 import getpass
 import ipaddress
 import os
-import re
 import secrets
 import socket
 import sys
@@ -37,7 +36,7 @@ import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from rustbalance.config import parse_config, parse_endpoint
+from rustbalance.config import parse_config
 from rustbalance.crypto.keys import SECRET_KEY_HEADER, IdentityKey, load_identity_key
 from rustbalance.deploy.join_token import (
     DEFAULT_LIFETIME_SECS,
@@ -47,6 +46,13 @@ from rustbalance.deploy.join_token import (
     encode_with_passphrase,
 )
 from rustbalance.errors import ConfigError, RustBalanceError
+from rustbalance.rules import (
+    NODE_ID_RULE,
+    is_node_id,
+    node_id_from,
+    parse_endpoint,
+    parse_tunnel_network,
+)
 
 __all__ = [
     "CLUSTER_TOKEN_FILE",
@@ -77,7 +83,6 @@ JOIN_SECRET_FILE = "join.secret"  # noqa: S105 (a file name)
 WIREGUARD_KEY_FILE = "wireguard.key"
 JOIN_TOKEN_FILE = "join-token.txt"  # noqa: S105 (a file name)
 _MAX_SECRET_FILE = 64 * 1024
-_NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class CliError(RustBalanceError):
@@ -106,13 +111,12 @@ def generate_wireguard_key() -> tuple[bytes, str]:
 
 def default_node_id() -> str:
     """The host name, reduced to the node-id alphabet (a stable, readable default)."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64].strip("-.")
-    return name or "node-1"
+    return node_id_from(socket.gethostname()) or "node-1"
 
 
 def check_node_id(node_id: str) -> str:
-    if not _NODE_ID_RE.fullmatch(node_id):
-        raise CliError("--node-id must be 1-64 characters of A-Z a-z 0-9 . _ -")
+    if not is_node_id(node_id):
+        raise CliError(f"--node-id must be {NODE_ID_RULE}")
     return node_id
 
 
@@ -402,11 +406,9 @@ def run_init(args: argparse.Namespace, io: Io) -> int:
         allow_onion=True,
     )
     try:
-        network = ipaddress.IPv4Network(args.tunnel_network, strict=True)
-    except ValueError:
-        raise CliError("--tunnel-network must be an IPv4 network such as 10.99.0.0/24") from None
-    if not 20 <= network.prefixlen <= 30:
-        raise CliError("--tunnel-network must be a /20 to /30")
+        network = parse_tunnel_network(args.tunnel_network)
+    except ConfigError as exc:
+        raise CliError(f"--tunnel-network {exc}") from None
     tunnel_address = str(next(network.hosts()))
     listen = args.coordination_listen or f"{tunnel_address}:{DEFAULT_COORDINATION_PORT}"
     listen = check_endpoint(listen, "--coordination-listen")

@@ -24,7 +24,7 @@ from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from rustbalance.config.addresses import parse_client_auth_key, parse_endpoint, parse_host
+from rustbalance.config.addresses import parse_client_auth_key
 from rustbalance.config.schema import (
     Config,
     CoordinationConfig,
@@ -46,6 +46,7 @@ from rustbalance.config.schema import (
 )
 from rustbalance.crypto.onion_address import decode_onion_address
 from rustbalance.errors import ConfigError, InvalidKeyError
+from rustbalance.rules import parse_endpoint, parse_host
 
 __all__ = ["ConfigProblems", "load_config", "parse_config"]
 
@@ -317,7 +318,7 @@ class _Section:
         allow_onion: bool = False,
         allow_port_zero: bool = False,
     ) -> Endpoint:
-        fallback = Endpoint("127.0.0.1", 1)
+        fallback = Endpoint(host="127.0.0.1", port=1)
         if default:
             fallback = parse_endpoint(default, allow_port_zero=allow_port_zero)
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from rustbalance.rules import Endpoint
+
 __all__ = [
     "Config",
     "CoordinationConfig",
@@ -42,25 +44,6 @@ TorMode = Literal["managed", "system"]
 IdentityMode = Literal["shared", "instance"]
 ProxyMode = Literal["http", "tcp"]
 WireGuardMode = Literal["auto", "kernel", "userspace"]
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A TCP or UDP ``host:port``. ``host`` is an IPv4/IPv6 literal (no brackets), a DNS name
-    or a v3 ``.onion`` address in lower case."""
-
-    host: str
-    port: int
-
-    @property
-    def is_onion(self) -> bool:
-        return self.host.endswith(".onion")
-
-    def __str__(self) -> str:
-        # An IPv6 literal needs brackets, otherwise its colons are ambiguous with the port's.
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -162,7 +145,7 @@ class PublishConfig:
 @dataclass(frozen=True)
 class CoordinationConfig:
     cluster_token_path: Path | None = None
-    listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 51821))
+    listen: Endpoint = field(default_factory=lambda: Endpoint(host="127.0.0.1", port=51821))
     peers: tuple[Endpoint, ...] = ()
     heartbeat_interval_secs: float = 5.0
     heartbeat_timeout_secs: float = 15.0
@@ -180,7 +163,7 @@ class CoordinationConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True
-    listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 9100))
+    listen: Endpoint = field(default_factory=lambda: Endpoint(host="127.0.0.1", port=9100))
 
 
 @dataclass(frozen=True)
