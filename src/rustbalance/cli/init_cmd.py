@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import getpass
 import ipaddress
 import os
@@ -36,6 +35,7 @@ import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from rustbalance.atomic_file import StagedFile, stage_file
 from rustbalance.config import parse_config
 from rustbalance.crypto.keys import SECRET_KEY_HEADER, IdentityKey, load_identity_key
 from rustbalance.deploy.join_token import (
@@ -178,47 +178,45 @@ def ensure_private_dir(path: Path) -> None:
 
 
 class StagedFiles:
-    """Files written under temporary names (0600 from the first byte), renamed on commit.
+    """Files written under temporary names (0600 from the first byte), put in place on commit.
 
-    Nothing is visible under its final name until every file is written, and :meth:`abort`
-    removes the temporaries, so a failure leaves the folder as it was.
+    Nothing is visible under its final name until every file is written, no existing file is
+    ever replaced, and :meth:`abort` removes the temporaries, so a failure leaves the folder
+    as it was.
     """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._staged: list[tuple[Path, Path]] = []
+        self._staged: list[StagedFile] = []
 
     def add(self, name: str, content: bytes) -> Path:
         final = self.directory / name
         if final.exists() or final.is_symlink():
             raise CliError(f"{final} already exists; refusing to overwrite it")
-        tmp = self.directory / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         try:
-            fd = os.open(tmp, flags, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(content)
-                handle.flush()
-                os.fsync(handle.fileno())
+            self._staged.append(stage_file(final, content, mode=0o600))
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise CliError(f"cannot write {final}: {exc.strerror or exc}") from None
-        self._staged.append((tmp, final))
         return final
 
     def commit(self) -> None:
-        for _tmp, final in self._staged:
-            if final.exists() or final.is_symlink():
-                raise CliError(f"{final} appeared meanwhile; refusing to overwrite it")
-        for tmp, final in self._staged:
-            os.replace(tmp, final)
-        self._staged.clear()
+        for staged in self._staged:
+            if staged.path.exists() or staged.path.is_symlink():
+                raise CliError(f"{staged.path} appeared meanwhile; refusing to overwrite it")
+        while self._staged:
+            staged = self._staged.pop(0)
+            try:
+                staged.commit(overwrite=False)
+            except FileExistsError:
+                raise CliError(
+                    f"{staged.path} appeared meanwhile; refusing to overwrite it"
+                ) from None
+            except OSError as exc:
+                raise CliError(f"cannot write {staged.path}: {exc.strerror or exc}") from None
 
     def abort(self) -> None:
-        for tmp, _final in self._staged:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        for staged in self._staged:
+            staged.discard()
         self._staged.clear()
 
 

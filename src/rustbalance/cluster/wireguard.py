@@ -39,7 +39,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from rustbalance.cluster.coordinator import write_file_atomic
+from rustbalance.atomic_file import write_file_atomic
 from rustbalance.errors import ConfigError, RustBalanceError
 from rustbalance.rules import is_interface_name, parse_endpoint, parse_ip_address
 
