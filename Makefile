@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := tor python3-venv haproxy socat shellcheck iproute2 wireguard-tools wireguard-go curl systemd faketime
 APT_STAMP := .apt-installed
 
-.PHONY: all deps test lint unit demo bench clean
+.PHONY: all deps test lint unit demo bench clean config-docs
 
 all: test
 
@@ -38,6 +38,10 @@ test: lint
 
 unit: deps
 	$(VENV)/bin/pytest -m "not tor"
+
+# docs/config.md's key reference, generated from src/rustbalance/config/schema.py.
+config-docs: deps
+	$(PY) -m rustbalance.config.docs docs/config.md
 
 demo: deps
 	$(PY) -m rustbalance.demo
