@@ -610,3 +610,14 @@ def test_exceptions_are_config_errors() -> None:
     with pytest.raises(ConfigError):
         parse_config("x = ", BASE)
     assert issubclass(ConfigProblems, ConfigError)
+
+
+def test_a_relation_also_holds_against_the_other_keys_default() -> None:
+    # Only the interval is set: the default timeout must still be checked against it.
+    assert problems(health={"http_probe_interval_secs": 1}) == (
+        "health.http_probe_timeout_secs: must be <= health.http_probe_interval_secs (1), got 5",
+    )
+    assert problems(coordination={"heartbeat_interval_secs": 10}) == (
+        "coordination.heartbeat_timeout_secs: must be more than 2 x "
+        "coordination.heartbeat_interval_secs (20), got 15",
+    )

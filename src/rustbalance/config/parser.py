@@ -164,17 +164,19 @@ class _SectionReader:
         if not present:
             if declared.required:
                 self.problem(name, "is required")
-            return fallback
-        try:
-            value = declared.reader.read(self.table[name], base)
-        except Invalid as exc:
-            self.problem(name, exc.message)
-            return fallback
-        except InvalidItems as exc:
-            for index, message in exc.items:
-                self.problem(f"{name}[{index}]", message)
-            self.failed.add(name)
-            return fallback if exc.parsed is None else exc.parsed
+            value = fallback
+        else:
+            try:
+                value = declared.reader.read(self.table[name], base)
+            except Invalid as exc:
+                self.problem(name, exc.message)
+                return fallback
+            except InvalidItems as exc:
+                for index, message in exc.items:
+                    self.problem(f"{name}[{index}]", message)
+                self.failed.add(name)
+                return fallback if exc.parsed is None else exc.parsed
+        # Defaults too: a short interval set alone must not slip under the default timeout.
         relation = declared.relation
         if relation is not None and self.ok(relation.other):
             other = derived.own[relation.other]
