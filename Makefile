@@ -36,8 +36,10 @@ lint: deps
 test: lint
 	$(VENV)/bin/pytest
 
+# No root needed, under a minute: the tor, slow and root tiers are left out (and counted),
+# and fuzz tests run a tenth of their example budgets (tests/budget.py).
 unit: deps
-	$(VENV)/bin/pytest -m "not tor"
+	$(VENV)/bin/pytest -m "not tor and not slow and not root" --fuzz-scale 0.1
 
 # docs/config.md's key reference, generated from src/rustbalance/config/schema.py.
 config-docs: deps

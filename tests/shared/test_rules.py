@@ -21,6 +21,7 @@ from rustbalance.rules import (
     parse_ip_address,
     parse_tunnel_network,
 )
+from tests.budget import budget
 from tests.config import ONION_A
 
 NODE_ID_CHARS = set(string.ascii_letters + string.digits + "._-")
@@ -44,7 +45,7 @@ def test_the_rule_text_names_every_allowed_character() -> None:
     assert NODE_ID_RULE == "1-64 characters of A-Z a-z 0-9 . _ -"
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(st.text(max_size=80))
 def test_node_id_is_exactly_the_ascii_alphabet_of_1_to_64(value: str) -> None:
     assert is_node_id(value) == (1 <= len(value) <= 64 and set(value) <= NODE_ID_CHARS)
@@ -113,7 +114,7 @@ def test_port_zero_only_where_allowed() -> None:
     assert parse_endpoint("127.0.0.1:0", allow_port_zero=True).port == 0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(st.text(max_size=60))
 def test_an_accepted_endpoint_prints_as_plain_ascii(text: str) -> None:
     """Whatever a peer sends, an address that passes prints on one line, without quotes."""
@@ -127,7 +128,7 @@ def test_an_accepted_endpoint_prints_as_plain_ascii(text: str) -> None:
     assert not set(shown) & set(" \t\"'\\")
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(
     st.ip_addresses(v=6),
     st.text(alphabet=string.ascii_letters + string.digits + "_=+.-", min_size=1, max_size=15),
