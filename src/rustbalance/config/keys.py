@@ -97,9 +97,12 @@ def describe(value: object) -> str:
 
 
 class Reader(ABC, Generic[T]):
-    """TOML value -> typed value; ``type_doc`` is the Type column of docs/config.md."""
+    """TOML value -> typed value."""
 
-    type_doc: str
+    @property
+    @abstractmethod
+    def type_doc(self) -> str:
+        """The Type column of docs/config.md."""
 
     @abstractmethod
     def read(self, value: object, base: Path) -> T:
@@ -151,7 +154,7 @@ class Integer(Reader[int]):
     high: int | None = None
 
     @property
-    def type_doc(self) -> str:  # type: ignore[override]
+    def type_doc(self) -> str:
         return (
             f"integer {self.low}..{self.high}" if self.high is not None else f"integer ≥ {self.low}"
         )
@@ -173,7 +176,7 @@ class Duration(Reader[float]):
     zero_means_off: bool = False
 
     @property
-    def type_doc(self) -> str:  # type: ignore[override]
+    def type_doc(self) -> str:
         return "duration, 0 = off" if self.zero_means_off else "duration"
 
     def read(self, value: object, base: Path) -> float:
@@ -218,7 +221,7 @@ class Array(Reader[tuple[T, ...]]):
     an item equal to an earlier one is refused with ``duplicate(item)`` as the message."""
 
     item: Reader[T]
-    type_doc: str
+    type_doc: str = "array of strings"
     duplicate: Callable[[T], str] | None = None
 
     def read(self, value: object, base: Path) -> tuple[T, ...]:

@@ -254,7 +254,6 @@ class MasterConfig:
     authorized_clients: tuple[bytes, ...] = key(
         Array(
             Text(parse_client_auth_key),
-            type_doc="array of strings",
             duplicate=lambda _key: "the same key is listed twice",
         ),
         default=(),
@@ -269,7 +268,6 @@ class MasterConfig:
     backends: tuple[str, ...] = key(
         Array(
             Text(_onion_address),
-            type_doc="array of strings",
             duplicate=lambda onion: f"{onion} is listed twice",
         ),
         default=(),
@@ -356,7 +354,7 @@ class TorConfig:
         doc="Managed tor's DataDirectory.",
     )
     extra_torrc: tuple[str, ...] = key(
-        Array(Text(_torrc_line), type_doc="array of strings"),
+        Array(Text(_torrc_line)),
         default=(),
         example=["SafeLogging 1"],
         doc="Extra torrc lines, one per item (no newlines), e.g. a private network's "
