@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rustbalance.config.keys import Derived, Invalid, InvalidItems, Key, describe, key_of
+from rustbalance.config.keys import Derived, Invalid, InvalidItems, describe, key_of
 from rustbalance.config.schema import MAX_UNIX_SOCKET_PATH, Config
 from rustbalance.errors import ConfigError
 
@@ -129,7 +129,7 @@ class _SectionReader:
         fields = dataclasses.fields(cls)
         values: dict[str, Any] = {}
         for f in fields:
-            values[f.name] = self._read_key(f.name, key_of(f), f, base, Derived(values, built))
+            values[f.name] = self._read_key(f, base, Derived(values, built))
         _SECTION_CHECKS.get(self.name, _no_check)(self, values, built)
         known = [f.name for f in fields]
         for key in self.table:
@@ -139,14 +139,10 @@ class _SectionReader:
                 self.problems.append(f"{self.name}.{_key_name(key)}: unknown key{suffix}")
         return cls(**values)
 
-    def _read_key(
-        self,
-        name: str,
-        declared: Key,
-        f: dataclasses.Field[Any],
-        base: Path,
-        derived: Derived,
-    ) -> Any:
+    def _read_key(self, f: dataclasses.Field[Any], base: Path, derived: Derived) -> Any:
+        """The key's value: read, derived or its default; a problem is recorded, and the
+        default (or derived value) returned so that later keys can still be checked."""
+        name, declared = f.name, key_of(f)
         present = name in self.table
         if declared.only_if is not None:
             other, wanted, message = declared.only_if
