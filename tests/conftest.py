@@ -44,14 +44,15 @@ def _log_dir(config: pytest.Config, name: str) -> Path:
 # root: needs root (network namespaces, mounts); run without root it fails, never skips.
 # `make unit` = pytest -m "not tor and not slow and not root" (no root needed, under a
 # minute); `make test` runs every tier. A test gets its tier from the fixtures it uses, from
-# its own marker, or from its place below (a new test in these modules or folders is tiered
-# like its neighbours).
+# its own marker, or from its place below, the longest that matches (a new test in these
+# modules or folders is tiered like its neighbours).
 
 TIERS = ("tor", "slow", "root")
 _TIER_OF_FIXTURE = {"tor_network": "tor", "real_tor": "tor"}
 _TIER_OF_PLACE: dict[str, tuple[str, ...]] = {
     "tests/cluster_net/": ("slow",),  # coordinators on real UDP sockets and timers
-    "tests/cluster_net/test_wireguard_netns.py": ("root",),
+    "tests/cluster_net/test_codec_and_limits.py": (),  # pure: codec and limit checks
+    "tests/cluster_net/test_wireguard_netns.py": ("slow", "root"),
     "tests/cluster/test_coordinator_boot.py": ("slow",),
     "tests/cluster/test_simulation.py::TestCluster": ("slow",),  # stateful, many elections
     "tests/deploy/test_deploy_script.py": ("slow",),  # deploy.sh runs with stub commands
@@ -93,9 +94,9 @@ def tiers_of(item: pytest.Item) -> set[str]:
         for name in getattr(item, "fixturenames", ())
         if (tier := _TIER_OF_FIXTURE.get(name)) is not None
     )
-    for place, tiers in _TIER_OF_PLACE.items():
-        if item.nodeid.startswith(place):
-            found.update(tiers)
+    places = [place for place in _TIER_OF_PLACE if item.nodeid.startswith(place)]
+    if places:
+        found.update(_TIER_OF_PLACE[max(places, key=len)])
     return found
 
 
