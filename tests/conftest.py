@@ -40,7 +40,7 @@ def _log_dir(config: pytest.Config, name: str) -> Path:
 # ----------------------------------------------------------------------------- test tiers
 #
 # tor:  starts real tor processes (the session's private network, or a tor of its own).
-# slow: runs for seconds on real timers, or daemons and scripts as subprocesses.
+# slow: runs for seconds (real timers, daemons and scripts as subprocesses, costly KDFs).
 # root: needs root (network namespaces, mounts); run without root it fails, never skips.
 # `make unit` = pytest -m "not tor and not slow and not root" (no root needed, under a
 # minute); `make test` runs every tier. A test gets its tier from the fixtures it uses, from
@@ -57,6 +57,7 @@ _TIER_OF_PLACE: dict[str, tuple[str, ...]] = {
     "tests/cluster/test_simulation.py::TestCluster": ("slow",),  # stateful, many elections
     "tests/deploy/test_deploy_script.py": ("slow",),  # deploy.sh runs with stub commands
     "tests/node_e2e/": ("slow",),  # `rustbalance run` as a subprocess
+    "tests/ops/test_init_join_cli.py": ("slow",),  # init/join end to end, Argon2 at full cost
     "tests/ops/test_mesh_wireguard_netns.py": ("root",),
     "tests/reliability/test_clock_skew.py": ("slow",),
     "tests/reliability/test_full_disk.py": ("root",),
