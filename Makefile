@@ -10,7 +10,7 @@ DEV_LOCK := requirements/dev.lock
 RUNTIME_LOCK := requirements/runtime.lock
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 
-.PHONY: all deps test lint unit demo bench cli-files lock clean
+.PHONY: all deps test lint unit demo bench cli-files lock clean config-docs
 
 all: test
 
@@ -43,8 +43,14 @@ lint: deps
 test: lint
 	$(VENV)/bin/pytest
 
+# No root needed, under a minute: the tor, slow and root tiers are left out (and counted),
+# and fuzz tests run a tenth of their example budgets (tests/budget.py).
 unit: deps
-	$(VENV)/bin/pytest -m "not tor"
+	$(VENV)/bin/pytest -m "not tor and not slow and not root" --fuzz-scale 0.1
+
+# docs/config.md's key reference, generated from src/rustbalance/config/schema.py.
+config-docs: deps
+	$(PY) -m rustbalance.config.docs docs/config.md
 
 demo: deps
 	$(PY) -m rustbalance.demo

@@ -37,3 +37,9 @@ class ConfigError(RustBalanceError):
 
 class TorProcessError(RustBalanceError):
     """A Tor process could not be started, checked or restarted."""
+
+
+class RuleError(ConfigError):
+    """A value breaks one of the shared rules of :mod:`rustbalance.rules` (node id, endpoint,
+    interface name, tunnel network). A ConfigError because the config was the rules' first
+    user; every other caller turns it into its own layer's error."""

@@ -36,6 +36,7 @@ from rustbalance.cluster.messages import (
     encode_body,
     intro_points_digest,
 )
+from tests.budget import budget
 
 TOKEN = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n"
 KEY = ClusterKey(TOKEN)
@@ -317,14 +318,14 @@ def test_twenty_intro_points_and_many_peers_fit_in_a_datagram() -> None:
 VALID_DATAGRAMS = [make_sender(seed=i).seal(p, NOW) for i, p in enumerate(ALL_PAYLOADS)]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=budget(400), deadline=None)
 @given(st.binary(max_size=2000), st.floats(NOW - 100, NOW + 100))
 def test_fuzz_random_bytes_always_rejected(data: bytes, now: float) -> None:
     result = Receiver("node-b", KEY).receive(data, now)
     assert isinstance(result, RejectReason)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=budget(400), deadline=None)
 @given(st.sampled_from(VALID_DATAGRAMS), st.data())
 def test_fuzz_bit_flips_always_rejected(datagram: bytes, data: st.DataObject) -> None:
     flips = data.draw(st.lists(st.integers(0, len(datagram) * 8 - 1), min_size=1, max_size=4))
@@ -337,7 +338,7 @@ def test_fuzz_bit_flips_always_rejected(datagram: bytes, data: st.DataObject) ->
     assert receiver.last_seq("node-a") is None
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(st.sampled_from(VALID_DATAGRAMS), st.integers(0, 200), st.binary(max_size=40))
 def test_fuzz_truncation_and_extension_rejected(datagram: bytes, cut: int, tail: bytes) -> None:
     mutated = datagram[: max(0, len(datagram) - cut)] + tail
@@ -346,7 +347,7 @@ def test_fuzz_truncation_and_extension_rejected(datagram: bytes, cut: int, tail:
     assert isinstance(Receiver("node-b", KEY).receive(mutated, NOW), RejectReason)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=budget(400), deadline=None)
 @given(st.binary(max_size=600))
 def test_fuzz_authentic_garbage_bodies(body: bytes) -> None:
     # Correctly sealed but arbitrary plaintext: the body parser must never raise.
@@ -361,7 +362,7 @@ def _address(ip: IPv4Address | IPv6Address) -> str:
     return f"[{ip}]:51821" if ip.version == 6 else f"{ip}:51821"
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(
     st.sampled_from([Role.PUBLISHER, Role.STANDBY]),
     st.integers(0, 2**32 - 1),
@@ -458,7 +459,7 @@ def test_version_1_datagrams_are_rejected_as_unknown_version() -> None:
     assert Receiver("node-b", KEY).receive(bytes(datagram), NOW) is RejectReason.UNKNOWN_VERSION
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(
     st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True),
     st.integers(0, 2**32 - 1),

@@ -17,6 +17,7 @@ from rustbalance.cluster.messages import (
     intro_points_digest,
 )
 from rustbalance.cluster.peers import AddressSource, KnownPeer, PeerTable, load_known_peers
+from tests.budget import budget
 
 T0 = 1000.0
 
@@ -180,7 +181,7 @@ def test_loader_bounds_entry_count() -> None:
         load_known_peers(json.dumps(doc), max_peers=2)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.text(),

@@ -61,6 +61,7 @@ from rustbalance.cluster.messages import (
     intro_points_digest,
 )
 from rustbalance.cluster.peers import PeerTable, load_known_peers
+from tests.budget import budget
 
 INTERVAL, TIMEOUT, GRACE = 5.0, 15.0, 15.0
 TIMINGS = ElectionTimings(INTERVAL, TIMEOUT, GRACE)
@@ -498,7 +499,9 @@ class ClusterMachine(RuleBasedStateMachine):
             )
 
 
-ClusterMachine.TestCase.settings = settings(max_examples=120, stateful_step_count=12, deadline=None)
+ClusterMachine.TestCase.settings = settings(
+    max_examples=budget(120), stateful_step_count=12, deadline=None
+)
 TestCluster = ClusterMachine.TestCase
 
 
@@ -526,7 +529,7 @@ def test_non_transitive_triangle_with_the_worst_hub() -> None:
     assert m.publishers() == ["n0"]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=budget(150), deadline=None)
 @given(
     n=st.integers(2, 5),
     priorities=st.lists(st.integers(0, 2), min_size=5, max_size=5),

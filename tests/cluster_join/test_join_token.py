@@ -27,6 +27,7 @@ from rustbalance.deploy.join_token import (
     token_needs_passphrase,
 )
 from rustbalance.errors import RustBalanceError
+from tests.budget import budget
 
 FAST = Argon2Params(memory_kib=8, time_cost=1, parallelism=1)
 PASSPHRASE = "correct horse battery staple"
@@ -467,14 +468,14 @@ def test_from_json_rejects(data: bytes, message: str) -> None:
 
 
 @given(st.text(max_size=400))
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=budget(400), deadline=None)
 def test_fuzz_random_text_only_raises_join_token_error(text: str) -> None:
     with pytest.raises(JoinTokenError):
         decode(text, PASSPHRASE, now=NOW)
 
 
 @given(st.binary(max_size=300))
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=budget(400), deadline=None)
 def test_fuzz_random_binary_after_prefix(data: bytes) -> None:
     text = TOKEN_PREFIX + base64.urlsafe_b64encode(data).rstrip(b"=").decode()
     with pytest.raises(JoinTokenError):
@@ -482,7 +483,7 @@ def test_fuzz_random_binary_after_prefix(data: bytes) -> None:
 
 
 @given(st.binary(min_size=1, max_size=300), st.sampled_from([1, 2]))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 def test_fuzz_structured_garbage_with_valid_checksum(data: bytes, kind: int) -> None:
     # Gets past the checksum, so the deeper parsing and the AEAD are exercised too.
     with pytest.raises(JoinTokenError):
@@ -490,7 +491,7 @@ def test_fuzz_structured_garbage_with_valid_checksum(data: bytes, kind: int) -> 
 
 
 @given(st.data())
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 def test_fuzz_mutated_valid_token(data: st.DataObject) -> None:
     token = encode_raw(payload(), rng())
     index = data.draw(st.integers(0, len(token) - 1))

@@ -27,8 +27,8 @@ from typing import Any
 
 from rustbalance.cluster.coordinator import Coordinator
 from rustbalance.cluster.messages import ClusterKey
-from rustbalance.config.addresses import parse_endpoint
 from rustbalance.config.schema import CoordinationConfig
+from rustbalance.rules import parse_endpoint
 
 
 def _identity(data: bytes) -> bytes:

@@ -25,8 +25,8 @@ LOCALHOST = "127.0.0.1"
 def coordination_config(port: int, seeds: list[int]) -> CoordinationConfig:
     return CoordinationConfig(
         cluster_token_path=None,
-        listen=Endpoint(LOCALHOST, port),
-        peers=tuple(Endpoint(LOCALHOST, p) for p in seeds),
+        listen=Endpoint(host=LOCALHOST, port=port),
+        peers=tuple(Endpoint(host=LOCALHOST, port=p) for p in seeds),
         heartbeat_interval_secs=INTERVAL,
         heartbeat_timeout_secs=TIMEOUT,
         takeover_grace_secs=GRACE,

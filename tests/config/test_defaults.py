@@ -33,7 +33,7 @@ def test_minimal_config_parses_with_required_values() -> None:
     config = minimal()
     assert config.node.id == "node-a"
     assert config.master.identity_key_path == Path("/etc/rustbalance/master.key")
-    assert config.target.address == Endpoint("127.0.0.1", 8000)
+    assert config.target.address == Endpoint(host="127.0.0.1", port=8000)
     assert str(config.target.address) == "127.0.0.1:8000"
     assert not config.target.is_onion
     assert config.tor.mode == "managed"
@@ -109,8 +109,8 @@ def test_managed_hidden_service_dir_follows_data_dir() -> None:
 def test_tor_system_defaults() -> None:
     tor = parse_config(MINIMAL.replace('"managed"', '"system"'), BASE).tor
     assert tor.mode == "system"
-    assert tor.control == Endpoint("127.0.0.1", 9051)
-    assert tor.socks == Endpoint("127.0.0.1", 9050)
+    assert tor.control == Endpoint(host="127.0.0.1", port=9051)
+    assert tor.socks == Endpoint(host="127.0.0.1", port=9050)
     assert tor.hidden_service_dir == Path("/var/lib/tor/rustbalance_node_hs")
     assert tor.torrc_include == Path("/etc/tor/torrc.d/rustbalance.conf")
 
@@ -143,7 +143,7 @@ def test_coordination_defaults_make_a_single_node() -> None:
     config = minimal()
     coordination = config.coordination
     assert coordination.cluster_token_path is None
-    assert coordination.listen == Endpoint("127.0.0.1", 51821)
+    assert coordination.listen == Endpoint(host="127.0.0.1", port=51821)
     assert coordination.peers == ()
     assert coordination.heartbeat_interval_secs == 5
     assert coordination.heartbeat_timeout_secs == 15
@@ -157,7 +157,7 @@ def test_coordination_defaults_make_a_single_node() -> None:
 def test_metrics_defaults() -> None:
     metrics = minimal().metrics
     assert metrics.enabled is True
-    assert metrics.listen == Endpoint("127.0.0.1", 9100)
+    assert metrics.listen == Endpoint(host="127.0.0.1", port=9100)
 
 
 def test_health_defaults() -> None:

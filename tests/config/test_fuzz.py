@@ -23,6 +23,7 @@ from rustbalance.config.schema import (
     TorConfig,
 )
 from rustbalance.errors import ConfigError
+from tests.budget import budget
 from tests.config import BASE, ONION_A, document
 
 SCHEMA = {
@@ -91,7 +92,7 @@ def parse_or_config_error(text: str) -> Config | None:
         return None
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(st.text(max_size=300))
 def test_random_text_raises_only_config_error(text: str) -> None:
     parse_or_config_error(text)
@@ -146,13 +147,13 @@ toml_lines = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(st.lists(toml_lines, max_size=25))
 def test_toml_ish_text_raises_only_config_error(lines: list[str]) -> None:
     parse_or_config_error("\n".join(lines))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=budget(400), deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(KEYS), toml_values), min_size=1, max_size=6))
 def test_random_values_for_known_keys_raise_only_config_error(
     assignments: list[tuple[tuple[str, str], Any]],
@@ -167,7 +168,7 @@ def test_random_values_for_known_keys_raise_only_config_error(
     parse_or_config_error(text)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(st.sampled_from([*sorted(SCHEMA), "master"]), st.text(min_size=1, max_size=20), toml_values)
 def test_unknown_keys_are_reported_on_one_line(section: str, key: str, value: Any) -> None:
     known = {k for s, k in KEYS if s == section}
@@ -187,7 +188,7 @@ def test_deeply_nested_arrays_are_a_config_error() -> None:
     assert parse_or_config_error(text) is None
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(
     node_id=st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True),
     priority=st.integers(0, 2**32 - 1),
@@ -216,7 +217,7 @@ def test_valid_values_come_back_unchanged(
     assert math.isclose(config.coordination.heartbeat_timeout_secs, timeout)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(st.datetimes(timezones=st.just(datetime.UTC)) | st.dates() | st.times())
 def test_dates_are_never_accepted_as_durations(value: object) -> None:
     text = tomli_w.dumps(document(publish={"upload_timeout_secs": value}))

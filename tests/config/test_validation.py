@@ -271,9 +271,9 @@ VALID: list[tuple[str, str, Any, str, Any]] = [
     ("node", "priority", 2**32 - 1, "priority", 2**32 - 1),
     ("node", "publisher_eligible", False, "publisher_eligible", False),
     ("master", "onion_address", ONION_A.upper(), "onion_address", ONION_A),
-    ("target", "address", f"{ONION_B.upper()}:443", "address", Endpoint(ONION_B, 443)),
-    ("target", "address", "[::1]:65535", "address", Endpoint("::1", 65535)),
-    ("target", "address", "App.Example:1", "address", Endpoint("app.example", 1)),
+    ("target", "address", f"{ONION_B.upper()}:443", "address", Endpoint(host=ONION_B, port=443)),
+    ("target", "address", "[::1]:65535", "address", Endpoint(host="::1", port=65535)),
+    ("target", "address", "App.Example:1", "address", Endpoint(host="app.example", port=1)),
     ("target", "session_timeout_secs", 0, "session_timeout_secs", 0.0),
     ("target", "connect_timeout_secs", 0.25, "connect_timeout_secs", 0.25),
     ("target", "use_tls", True, "use_tls", True),
@@ -285,7 +285,7 @@ VALID: list[tuple[str, str, Any, str, Any]] = [
         "extra_torrc",
         ("DirAuthority a", "TestingTorNetwork 1"),
     ),
-    ("tor", "socks", "127.0.0.1:9150", "socks", Endpoint("127.0.0.1", 9150)),
+    ("tor", "socks", "127.0.0.1:9150", "socks", Endpoint(host="127.0.0.1", port=9150)),
     ("tor", "pow_queue_burst", 250, "pow_queue_burst", 250),
     ("proxy", "listen_port", 0, "listen_port", 0),
     ("proxy", "listen_host", "::1", "listen_host", "::1"),
@@ -503,9 +503,9 @@ def tomli_doc_with(**sections: dict[str, Any]) -> str:
 @pytest.mark.parametrize(
     ("control", "expected"),
     [
-        ("127.0.0.1:9151", Endpoint("127.0.0.1", 9151)),
-        ("[::1]:9051", Endpoint("::1", 9051)),
-        ("localhost:9051", Endpoint("localhost", 9051)),
+        ("127.0.0.1:9151", Endpoint(host="127.0.0.1", port=9151)),
+        ("[::1]:9051", Endpoint(host="::1", port=9051)),
+        ("localhost:9051", Endpoint(host="localhost", port=9051)),
         ("/run/tor/control", Path("/run/tor/control")),
         ("unix:/run/tor/control", Path("/run/tor/control")),
     ],
@@ -523,7 +523,7 @@ def test_system_mode_bad_control(control: str) -> None:
 
 def test_managed_mode_with_fixed_socks_port() -> None:
     config = parse(tor={"socks": "127.0.0.1:19050"})
-    assert config.tor.socks == Endpoint("127.0.0.1", 19050)
+    assert config.tor.socks == Endpoint(host="127.0.0.1", port=19050)
 
 
 # --- master ---------------------------------------------------------------------------------
@@ -555,7 +555,10 @@ def test_multi_node_with_token() -> None:
     )
     assert config.is_multi_node
     assert config.coordination.is_multi_node
-    assert config.coordination.peers == (Endpoint("10.0.0.2", 51821), Endpoint("fd00::3", 51821))
+    assert config.coordination.peers == (
+        Endpoint(host="10.0.0.2", port=51821),
+        Endpoint(host="fd00::3", port=51821),
+    )
     assert "multi-node (2 peers)" in config.summary()
 
 
@@ -607,3 +610,14 @@ def test_exceptions_are_config_errors() -> None:
     with pytest.raises(ConfigError):
         parse_config("x = ", BASE)
     assert issubclass(ConfigProblems, ConfigError)
+
+
+def test_a_relation_also_holds_against_the_other_keys_default() -> None:
+    # Only the interval is set: the default timeout must still be checked against it.
+    assert problems(health={"http_probe_interval_secs": 1}) == (
+        "health.http_probe_timeout_secs: must be <= health.http_probe_interval_secs (1), got 5",
+    )
+    assert problems(coordination={"heartbeat_interval_secs": 10}) == (
+        "coordination.heartbeat_timeout_secs: must be more than 2 x "
+        "coordination.heartbeat_interval_secs (20), got 15",
+    )

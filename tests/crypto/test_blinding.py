@@ -24,6 +24,7 @@ from rustbalance.crypto.blinding import (
 )
 from rustbalance.crypto.keys import IdentityKey, clamp_scalar
 from rustbalance.errors import InvalidKeyError
+from tests.budget import budget
 
 # /work/shared/reference/tor.md section 5 and system.md section 9.3.
 KAT_A = bytes.fromhex("e33734887a0d09abdf3470ca9839814b5813e29844f05feaff0609899f8ce633")
@@ -129,7 +130,7 @@ def test_invalid_public_keys_rejected() -> None:
         subcredential(SUB_A, b"short")
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=budget(25), deadline=None)
 @given(
     st.binary(min_size=32, max_size=32),
     st.integers(min_value=0, max_value=2**64 - 1),
@@ -152,7 +153,7 @@ def test_matches_stem_blinding_and_blinded_signature(
     ) == subcredential(key.public_key, blinded.public_key)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(
     st.binary(min_size=32, max_size=32),
     st.integers(min_value=0, max_value=2**64 - 1),

@@ -26,6 +26,7 @@ from rustbalance.crypto.certs import (
 )
 from rustbalance.crypto.keys import IdentityKey
 from rustbalance.errors import CertificateError
+from tests.budget import budget
 
 # A type-04 signing-key certificate written by Debian's tor 0.4.9.11 (`tor --list-fingerprint`
 # on a fresh DataDirectory; keys/ed25519_signing_cert without its 32-byte file header). It
@@ -217,7 +218,7 @@ def test_malformed_certs_rejected(raw: bytes, problem: str) -> None:
         parse_cert(raw)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=budget(500), deadline=None)
 @given(st.binary(max_size=300))
 def test_parse_arbitrary_bytes_only_raises_certificate_error(data: bytes) -> None:
     try:
@@ -229,7 +230,7 @@ def test_parse_arbitrary_bytes_only_raises_certificate_error(data: bytes) -> Non
         cert.verify(None, NOW)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(st.binary(min_size=1, max_size=len(TOR_CERT)), st.integers(0, len(TOR_CERT) - 1))
 def test_mutated_tor_cert_never_crashes(patch: bytes, offset: int) -> None:
     data = TOR_CERT[:offset] + patch + TOR_CERT[offset + len(patch) :]
@@ -240,7 +241,7 @@ def test_mutated_tor_cert_never_crashes(patch: bytes, offset: int) -> None:
     assert data == TOR_CERT  # only the genuine cert verifies
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(
     st.integers(0, 255),
     st.integers(1, 2**32 - 1),

@@ -27,6 +27,7 @@ from rustbalance.crypto.keys import (
     write_seed_key_file,
 )
 from rustbalance.errors import InvalidKeyError
+from tests.budget import budget
 
 # tor src/test/ed25519_vectors.inc (torproject/tor commit 7ca470e13c70): seed, expanded secret
 # key, public key and the Ed25519 signature of the public key by itself ("self-signature").
@@ -305,7 +306,7 @@ def test_huge_file_rejected(tmp_path: Path) -> None:
         load_identity_key(path)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=budget(400), deadline=None)
 @given(st.binary(max_size=200), st.none() | st.binary(max_size=80))
 def test_parse_arbitrary_bytes_only_raises_invalid_key(data: bytes, public: bytes | None) -> None:
     try:
@@ -315,7 +316,7 @@ def test_parse_arbitrary_bytes_only_raises_invalid_key(data: bytes, public: byte
     assert len(key.public_key) == 32
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(st.binary(min_size=32, max_size=32), st.binary(max_size=100))
 def test_round_trips_and_signatures_verify(seed: bytes, message: bytes) -> None:
     key = IdentityKey.from_seed(seed)
@@ -331,7 +332,7 @@ def test_round_trips_and_signatures_verify(seed: bytes, message: bytes) -> None:
     Ed25519PublicKey.from_public_bytes(key.public_key).verify(signature, message)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(st.integers(min_value=0, max_value=63), st.integers(min_value=1, max_value=255))
 def test_corrupted_tor_key_file_is_detected(position: int, xor: int) -> None:
     # Header and scalar damage is caught (header check, clamping, a·G != A); the PRF half
@@ -346,7 +347,7 @@ def test_corrupted_tor_key_file_is_detected(position: int, xor: int) -> None:
     pytest.fail(f"corrupted key file accepted: {loaded.onion_address}")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(
     st.sampled_from([b"-----BEGIN PRIVATE KEY-----\n", b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n"]),
     st.binary(max_size=120),

@@ -14,6 +14,7 @@ from stem.descriptor.hidden_service import HiddenServiceDescriptorV3
 from rustbalance.crypto.keys import IdentityKey
 from rustbalance.crypto.onion_address import decode_onion_address, encode_onion_address
 from rustbalance.errors import InvalidKeyError
+from tests.budget import budget
 
 # tor src/test/test_hs_common.c test_build_address / test_validate_address: the RFC 8032
 # section 7.1 test-1 public key and the address tor's hs_build_address.py made from it.
@@ -129,7 +130,7 @@ def test_matches_stem_for_generated_keys() -> None:
         )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(st.text(max_size=80))
 def test_decode_arbitrary_text_only_raises_invalid_key(text: str) -> None:
     try:
@@ -139,7 +140,7 @@ def test_decode_arbitrary_text_only_raises_invalid_key(text: str) -> None:
     assert encode_onion_address(key).removesuffix(".onion") == text.lower().removesuffix(".onion")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz234567", min_size=56, max_size=56))
 def test_decode_arbitrary_base32_only_raises_invalid_key(body: str) -> None:
     try:
@@ -149,7 +150,7 @@ def test_decode_arbitrary_base32_only_raises_invalid_key(body: str) -> None:
     assert encode_onion_address(key) == body + ".onion"
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(st.integers(min_value=1, max_value=2**252))
 def test_round_trip_for_valid_keys(scalar: int) -> None:
     public = bytes(crypto_scalarmult_ed25519_base_noclamp(scalar.to_bytes(32, "little")))

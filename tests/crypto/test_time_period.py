@@ -29,6 +29,7 @@ from rustbalance.crypto.time_period import (
     time_period_num,
     time_period_start,
 )
+from tests.budget import budget
 
 TEST_NET_20S = TimeParams(
     period_length_minutes=8, rotation_offset_minutes=4, voting_interval_seconds=20
@@ -89,7 +90,7 @@ def test_start_of_next_period_on_10s_test_network() -> None:
         assert time_period_start(tp + 1, TEST_NET_10S) == utc(expected)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(
     t=st.integers(min_value=10**8, max_value=4 * 10**9),
     params=st.sampled_from([LIVE_TIME_PARAMS, TEST_NET_20S, TEST_NET_10S]),
@@ -106,7 +107,7 @@ def test_srv_run_start_live() -> None:
     assert srv_run_start(utc("2017-06-24 00:00:00"), LIVE_TIME_PARAMS) == utc("2017-06-24 00:00:00")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(rounds=st.integers(min_value=10**6, max_value=10**8))
 def test_srv_run_start_test_network(rounds: int) -> None:
     valid_after = rounds * 20
@@ -234,7 +235,7 @@ def test_client_finds_a_ring_the_service_uploaded_to(service: str, client: str) 
     assert fetch in [(t.time_period, t.srv) for t in targets]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=budget(400), deadline=None)
 @given(
     params=st.sampled_from([LIVE_TIME_PARAMS, TEST_NET_20S, TEST_NET_10S]),
     rounds=st.integers(min_value=10**6, max_value=10**7),

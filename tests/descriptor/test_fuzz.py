@@ -15,6 +15,7 @@ import rustbalance.descriptor.builder as builder
 from rustbalance.descriptor.layers import SUPERENCRYPTED_CONSTANT, encrypt_layer, pad_plaintext
 from rustbalance.descriptor.parser import decode_descriptor
 from rustbalance.errors import DescriptorError
+from tests.budget import budget
 
 from .helpers import NOW, PERIOD_LENGTH, TIME_PERIOD, make_descriptor, make_key
 
@@ -92,7 +93,7 @@ def _decode(text: str) -> None:
         assert not str(exc).startswith("malformed descriptor (")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(st.lists(_mutation, min_size=1, max_size=3))
 def test_mutated_outer_text(mutations: list[tuple[str, int, int, str]]) -> None:
     text = VALID
@@ -101,14 +102,14 @@ def test_mutated_outer_text(mutations: list[tuple[str, int, int, str]]) -> None:
     _decode(text)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(st.integers(0, 60_000), st.binary(min_size=1, max_size=8))
 def test_byte_flips(position: int, data: bytes) -> None:
     pos = position % len(VALID)
     _decode(VALID[:pos] + data.decode("latin-1") + VALID[pos + len(data) :])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(st.text(max_size=2000))
 def test_random_text(text: str) -> None:
     _decode(text)
@@ -126,7 +127,7 @@ def _patched_encrypt(layer_is_middle: bool, mutate: Callable[[str], str]) -> obj
     return wrapper
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=budget(250), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.booleans(), st.lists(_mutation, min_size=1, max_size=3))
 def test_mutated_layer_plaintext_with_valid_signature(
     middle: bool, mutations: list[tuple[str, int, int, str]]

@@ -24,6 +24,7 @@ from rustbalance.descriptor.layers import (
     pad_plaintext,
 )
 from rustbalance.errors import DescriptorError
+from tests.budget import budget
 
 from .helpers import rng
 
@@ -147,7 +148,7 @@ def test_client_auth_formula_matches_the_spec() -> None:
     assert dec.update(real[0].encrypted_cookie) == cookie
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(st.integers(0, 40))
 def test_auth_client_count_is_padded_to_a_multiple_of_16(n_clients: int) -> None:
     randbytes = rng(n_clients)

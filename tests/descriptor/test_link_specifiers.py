@@ -13,6 +13,7 @@ from rustbalance.descriptor.link_specifiers import (
     encode_link_specifiers,
 )
 from rustbalance.errors import DescriptorError
+from tests.budget import budget
 
 
 def test_known_encoding_of_ipv4_and_ed25519() -> None:
@@ -75,13 +76,13 @@ _spec = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(st.lists(_spec, min_size=1, max_size=8))
 def test_round_trip(specs: list[LinkSpecifier]) -> None:
     assert decode_link_specifiers(encode_link_specifiers(specs)) == tuple(specs)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=budget(500), deadline=None)
 @given(st.binary(max_size=300))
 def test_random_bytes_only_raise_descriptor_error(data: bytes) -> None:
     try:

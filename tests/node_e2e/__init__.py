@@ -23,10 +23,10 @@ from datetime import datetime
 from pathlib import Path
 
 from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
-from rustbalance.demo import NodeProcess, write_node_config
 from rustbalance.errors import RustBalanceError
 from rustbalance.testnet import PrivateTorNetwork
 from rustbalance.testnet.cluster import is_tor
+from rustbalance.testnet.node import NodeProcess, write_node_config
 from rustbalance.tor.process import pid_is_alive
 from tests.torhelpers import NamedHTTPServer
 

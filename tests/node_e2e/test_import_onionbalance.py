@@ -25,9 +25,9 @@ import pytest
 import tomli_w
 
 from rustbalance.crypto.keys import load_identity_key
-from rustbalance.demo import NodeProcess
 from rustbalance.node.status import read_status
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
+from rustbalance.testnet.node import NodeProcess
 from tests.cli.onionbalance_tool import fill_instances, generate_config, onionbalance_bin
 from tests.node_e2e.cluster_helpers import wait_for
 from tests.node_e2e.instance_helpers import master_intro_keys, names_served

@@ -32,9 +32,9 @@ import pytest
 import tomli_w
 
 from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
-from rustbalance.demo import NodeProcess
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
 from rustbalance.testnet.cluster import stop_all
+from rustbalance.testnet.node import NodeProcess
 from tests.node_e2e import NODE_PUBLISH_TIMEOUT
 from tests.node_e2e.cluster_helpers import (
     SHORT_TIMINGS,

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
-from rustbalance.demo import write_node_config
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
+from rustbalance.testnet.node import write_node_config
 from rustbalance.tor.process import pid_is_alive
 from tests.node_e2e import RunningNode, running_node
 from tests.torhelpers import get_with_retries

@@ -37,12 +37,12 @@ from python_socks.async_.asyncio import Proxy
 
 from rustbalance.cluster.wireguard import public_key_of
 from rustbalance.config import load_config
-from rustbalance.demo import NodeProcess
 from rustbalance.deploy.join_token import decode
 from rustbalance.node.join import JoinRequest, parse_join_answer
 from rustbalance.node.mesh import read_mesh_peers
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
 from rustbalance.testnet.apps import NamedHTTPServer, http_get_via_tor
+from rustbalance.testnet.node import NodeProcess
 from rustbalance.tor.process import pick_free_ports, pid_is_alive
 
 pytestmark = pytest.mark.tor

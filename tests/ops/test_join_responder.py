@@ -19,6 +19,7 @@ from rustbalance.node.join import (
     parse_join_answer,
     parse_join_request,
 )
+from tests.budget import budget
 
 SECRET = "S" * 20 + "ecret-join-path-value-43c"
 TOKEN = "T" * 20 + "oken-cluster-value-000043"
@@ -222,7 +223,7 @@ _header_names = st.sampled_from(
 _header_values = st.one_of(st.integers(min_value=-5, max_value=9000).map(str), st.text(max_size=12))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=budget(400), deadline=None)
 @given(
     method=st.sampled_from(["POST", "GET", "PUT", "post", ""]),
     path=st.one_of(st.just("/.rb/" + SECRET), st.text(max_size=80).map(lambda s: "/.rb/" + s)),
@@ -255,7 +256,7 @@ _json_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(
     fields=st.dictionaries(
         st.sampled_from(

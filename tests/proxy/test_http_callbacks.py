@@ -32,6 +32,7 @@ from rustbalance.proxy import (
     relay,
 )
 from rustbalance.proxy.eventloop import ENV_VAR, new_event_loop, run
+from tests.budget import budget
 
 from .helpers import (
     MASTER,
@@ -226,7 +227,7 @@ def _cut(draw: st.DrawFn) -> list[bytes]:
     return chunks
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=budget(120), deadline=None)
 @given(chunks=_cut())
 def test_fast_path_answers_exactly_like_h11(
     two_proxies: tuple[int, int, int, _Errors], chunks: list[bytes]

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from rustbalance.proxy import InterceptedRequest, InterceptedResponse, ProxySettings
 from rustbalance.proxy.http import _parse_request, _parse_response
+from tests.budget import budget
 
 from .helpers import MASTER, direct_target, read_all, running_proxy, tcp_server
 
@@ -182,7 +183,7 @@ def _fields_bytes(fields: list[tuple[bytes, bytes, bytes, bytes]]) -> bytes:
     return b"".join(b"\r\n%s:%s%s%s" % f for f in fields)
 
 
-@settings(max_examples=300)
+@settings(max_examples=budget(300))
 @given(
     method=st.sampled_from([b"GET", b"DELETE", b"OPTIONS"]),
     path=st.binary(max_size=12).map(lambda b: b"/" + bytes(c for c in b if 0x21 <= c <= 0x7E)),
@@ -212,7 +213,7 @@ def test_fast_parser_reads_valid_requests_exactly_as_h11(
     assert parsed == (bytes(event.method), bytes(event.target), list(event.headers))
 
 
-@settings(max_examples=500)
+@settings(max_examples=budget(500))
 @given(
     fields=st.lists(_field, max_size=3),
     position=st.integers(0, 200),
@@ -238,7 +239,7 @@ def test_fast_parser_accepts_only_what_h11_reads_the_same(
         assert parsed == (bytes(event.method), bytes(event.target), list(event.headers))
 
 
-@settings(max_examples=300)
+@settings(max_examples=budget(300))
 @given(
     status=st.integers(200, 599).filter(lambda s: s not in (204, 304)),
     reason=st.sampled_from([b"OK", b"", b"Not Found", b"x \t y"]),

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rustbalance.proxy import ProxySettings, ReverseProxy
+from tests.budget import budget
 
 from .helpers import MASTER, Reply, direct_target, http_target
 
@@ -122,7 +123,7 @@ request_like = st.builds(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=budget(150), deadline=None)
 @given(data=st.one_of(st.binary(min_size=1, max_size=300), request_like))
 def test_random_request_bytes_never_crash_the_proxy(
     proxy_port: tuple[int, _Errors], data: bytes

@@ -17,6 +17,7 @@ from rustbalance.proxy.rewrite import (
     rewrite_response_headers,
     rewrite_set_cookie,
 )
+from tests.budget import budget
 
 from .helpers import MASTER, TARGET_ONION
 
@@ -108,7 +109,7 @@ text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=2
 paths = st.text(st.sampled_from("abcxyz0189/-._~%?=&"), max_size=40).map(lambda p: "/" + p)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(value=text)
 def test_rewriters_never_fail_on_any_header_value(value: str) -> None:
     for rules in (RULES, NO_MASTER):
@@ -122,7 +123,7 @@ def test_rewriters_never_fail_on_any_header_value(value: str) -> None:
             assert isinstance(rewrite(value, rules), str)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(path=paths)
 def test_any_target_url_becomes_the_same_path_on_the_master(path: str) -> None:
     rewritten = rewrite_location(f"http://{TARGET_ONION}{path}", RULES)
@@ -138,7 +139,7 @@ header_names = st.sampled_from(
 header_values = st.binary(max_size=60).map(lambda b: bytes(c for c in b if c >= 0x20 and c != 0x7F))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(headers=st.lists(st.tuples(header_names, header_values), max_size=12))
 def test_request_headers_always_carry_exactly_one_target_host(
     headers: list[tuple[bytes, bytes]],
@@ -185,7 +186,7 @@ def _serialize(fields: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join(lines) + b"\r\n"
 
 
-@settings(max_examples=400)
+@settings(max_examples=budget(400))
 @given(fields=_fields, rules=st.sampled_from([RULES, NO_MASTER]))
 def test_one_pass_request_fields_match_the_general_rewrite(
     fields: list[tuple[bytes, bytes]], rules: RewriteRules
@@ -204,7 +205,7 @@ def test_one_pass_request_fields_match_the_general_rewrite(
     assert (fast is None) == unusual
 
 
-@settings(max_examples=400)
+@settings(max_examples=budget(400))
 @given(fields=_fields, rules=st.sampled_from([RULES, NO_MASTER]))
 def test_one_pass_response_fields_match_the_general_rewrite(
     fields: list[tuple[bytes, bytes]], rules: RewriteRules

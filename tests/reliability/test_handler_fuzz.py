@@ -43,9 +43,10 @@ from rustbalance.cluster.messages import (
     Role,
     Sender,
 )
-from rustbalance.config.addresses import parse_endpoint
 from rustbalance.config.schema import CoordinationConfig
 from rustbalance.errors import RustBalanceError
+from rustbalance.rules import parse_endpoint
+from tests.budget import budget
 
 OWN_ID = "node-self"
 SENDERS = ("node-a", "node-b", "node-c", "node-d")
@@ -175,7 +176,7 @@ async def _drive(plan: list[tuple[str, Payload, float]]) -> None:
     assert node.transport.datagrams_accepted == len(plan)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=budget(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=steps)
 def test_authentic_random_messages_never_break_the_handler(
     plan: list[tuple[str, Payload, float]],

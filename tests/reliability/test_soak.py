@@ -56,9 +56,9 @@ from typing import Any
 import pytest
 
 from rustbalance.crypto.time_period import srv_run_start
-from rustbalance.demo import NodeProcess
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
 from rustbalance.testnet.cluster import is_tor
+from rustbalance.testnet.node import NodeProcess
 from rustbalance.tor.consensus import Consensus, parse_consensus, time_params
 from rustbalance.tor.process import pid_is_alive
 from tests.node_e2e import NODE_PUBLISH_TIMEOUT, log_lines

@@ -34,6 +34,7 @@ from rustbalance.tor.consensus import (
     parse_microdescriptors,
     time_params,
 )
+from tests.budget import budget
 
 DATA = Path(__file__).parent.parent / "data"
 CONSENSUS_TEXT = (DATA / "consensus_microdesc.txt").read_text()
@@ -190,7 +191,7 @@ def test_malformed_consensus_structure() -> None:
         parse_consensus(unclosed)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(st.text(max_size=400))
 def test_fuzz_consensus_raises_only_consensus_error(text: str) -> None:
     try:
@@ -201,7 +202,7 @@ def test_fuzz_consensus_raises_only_consensus_error(text: str) -> None:
     assert consensus.voting_interval > 0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(
     position=st.integers(min_value=0, max_value=len(CONSENSUS_TEXT) - 1),
     garbage=st.text(alphabet=" \n=-+/09AZaz:.@r", max_size=12),
@@ -328,7 +329,7 @@ def test_malformed_microdescriptors(mutation: Callable[[str], str], message: str
     assert "line" in str(info.value)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(st.text(max_size=400))
 def test_fuzz_microdescriptors_raise_only_consensus_error(text: str) -> None:
     try:

@@ -33,6 +33,7 @@ from rustbalance.tor.control_protocol import (
     typed_event,
     unquote_string,
 )
+from tests.budget import budget
 
 ADDR = "pg6mmjiyjmcrsslvykfwnntlaru7p5svn6y2ymmju6nubxndf4pscryd"
 FP = "2730B98E6E1B2A59C1D7D0A1D46B1C5E0A4A0C11"
@@ -320,7 +321,7 @@ line_text = st.text(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(st.lists(line_text, max_size=20))
 def test_data_block_round_trip(lines: list[str]) -> None:
     text = "".join(line + "\n" for line in lines)
@@ -332,7 +333,7 @@ def test_data_block_round_trip(lines: list[str]) -> None:
     assert parse_getinfo(reply) == {"k": text}
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=budget(400), deadline=None)
 @given(st.binary(max_size=300), st.integers(min_value=1, max_value=17))
 def test_random_bytes_raise_only_control_errors(data: bytes, chunk: int) -> None:
     parser = ControlParser(max_line_length=64, max_reply_size=256)
@@ -352,7 +353,7 @@ def test_random_bytes_raise_only_control_errors(data: bytes, chunk: int) -> None
 reply_line = st.text(alphabet='ABCDEFGHIJ=" \\$~0123456789-+.xyz', max_size=40)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=budget(400), deadline=None)
 @given(
     st.sampled_from([250, 650, 551]),
     st.sampled_from(["", "HS_DESC ", "HS_DESC_CONTENT ", "PROTOCOLINFO ", "AUTH METHODS="]),

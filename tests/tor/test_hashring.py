@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rustbalance.tor.hashring import hs_index, relay_index, responsible_hsdirs
+from tests.budget import budget
 
 SRV = b"\x43" * 32
 LENGTH = 1440
@@ -164,7 +165,7 @@ def test_index_rejects_bad_lengths() -> None:
         hs_index(b"\x01" * 32, 1, LENGTH, -1)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(
     ids=st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=30, unique=True),
     blinded=st.binary(min_size=32, max_size=32),

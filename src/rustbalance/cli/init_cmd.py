@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import getpass
 import ipaddress
 import os
-import re
 import secrets
 import socket
 import sys
@@ -37,7 +35,8 @@ import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from rustbalance.config import parse_config, parse_endpoint
+from rustbalance.atomic_file import StagedFile, stage_file
+from rustbalance.config import parse_config
 from rustbalance.crypto.keys import SECRET_KEY_HEADER, IdentityKey, load_identity_key
 from rustbalance.deploy.join_token import (
     DEFAULT_LIFETIME_SECS,
@@ -47,6 +46,13 @@ from rustbalance.deploy.join_token import (
     encode_with_passphrase,
 )
 from rustbalance.errors import ConfigError, RustBalanceError
+from rustbalance.rules import (
+    NODE_ID_RULE,
+    is_node_id,
+    node_id_from,
+    parse_endpoint,
+    parse_tunnel_network,
+)
 
 __all__ = [
     "CLUSTER_TOKEN_FILE",
@@ -77,7 +83,6 @@ JOIN_SECRET_FILE = "join.secret"  # noqa: S105 (a file name)
 WIREGUARD_KEY_FILE = "wireguard.key"
 JOIN_TOKEN_FILE = "join-token.txt"  # noqa: S105 (a file name)
 _MAX_SECRET_FILE = 64 * 1024
-_NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 EXIT_RUNTIME = 1
@@ -116,13 +121,12 @@ def generate_wireguard_key() -> tuple[bytes, str]:
 
 def default_node_id() -> str:
     """The host name, reduced to the node-id alphabet (a stable, readable default)."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64].strip("-.")
-    return name or "node-1"
+    return node_id_from(socket.gethostname()) or "node-1"
 
 
 def check_node_id(node_id: str) -> str:
-    if not _NODE_ID_RE.fullmatch(node_id):
-        raise CliError("--node-id must be 1-64 characters of A-Z a-z 0-9 . _ -")
+    if not is_node_id(node_id):
+        raise CliError(f"--node-id must be {NODE_ID_RULE}")
     return node_id
 
 
@@ -186,49 +190,47 @@ def ensure_private_dir(path: Path) -> None:
 
 
 class StagedFiles:
-    """Files written under temporary names (0600 from the first byte), renamed on commit.
+    """Files written under temporary names (0600 from the first byte), put in place on commit.
 
-    Nothing is visible under its final name until every file is written, and :meth:`abort`
-    removes the temporaries, so a failure leaves the folder as it was.
+    Nothing is visible under its final name until every file is written, no existing file is
+    ever replaced, and :meth:`abort` removes the temporaries, so a failure leaves the folder
+    as it was.
     """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._staged: list[tuple[Path, Path]] = []
+        self._staged: list[StagedFile] = []
 
     def add(self, name: str, content: bytes) -> Path:
         final = self.directory / name
         if final.exists() or final.is_symlink():
             raise CliError(f"{final} already exists; refusing to overwrite it")
-        tmp = self.directory / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         try:
-            fd = os.open(tmp, flags, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(content)
-                handle.flush()
-                os.fsync(handle.fileno())
+            self._staged.append(stage_file(final, content, mode=0o600))
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise CliError(
                 f"cannot write {final}: {exc.strerror or exc}", exit_code=EXIT_RUNTIME
             ) from None
-        self._staged.append((tmp, final))
         return final
 
     def commit(self) -> None:
-        for _tmp, final in self._staged:
-            if final.exists() or final.is_symlink():
-                raise CliError(f"{final} appeared meanwhile; refusing to overwrite it")
-        for tmp, final in self._staged:
-            os.replace(tmp, final)
-        self._staged.clear()
+        for staged in self._staged:
+            if staged.path.exists() or staged.path.is_symlink():
+                raise CliError(f"{staged.path} appeared meanwhile; refusing to overwrite it")
+        while self._staged:
+            staged = self._staged.pop(0)
+            try:
+                staged.commit(overwrite=False)
+            except FileExistsError:
+                raise CliError(
+                    f"{staged.path} appeared meanwhile; refusing to overwrite it"
+                ) from None
+            except OSError as exc:
+                raise CliError(f"cannot write {staged.path}: {exc.strerror or exc}") from None
 
     def abort(self) -> None:
-        for tmp, _final in self._staged:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        for staged in self._staged:
+            staged.discard()
         self._staged.clear()
 
 
@@ -416,11 +418,9 @@ def run_init(args: argparse.Namespace, io: Io) -> int:
         allow_onion=True,
     )
     try:
-        network = ipaddress.IPv4Network(args.tunnel_network, strict=True)
-    except ValueError:
-        raise CliError("--tunnel-network must be an IPv4 network such as 10.99.0.0/24") from None
-    if not 20 <= network.prefixlen <= 30:
-        raise CliError("--tunnel-network must be a /20 to /30")
+        network = parse_tunnel_network(args.tunnel_network)
+    except ConfigError as exc:
+        raise CliError(f"--tunnel-network {exc}") from None
     tunnel_address = str(next(network.hosts()))
     listen = args.coordination_listen or f"{tunnel_address}:{DEFAULT_COORDINATION_PORT}"
     listen = check_endpoint(listen, "--coordination-listen")

@@ -58,7 +58,6 @@ from rustbalance.cli.init_cmd import (
     read_secret_file,
     validated_config,
 )
-from rustbalance.config import parse_endpoint
 from rustbalance.deploy.join_token import (
     JoinPayload,
     JoinTokenError,
@@ -67,6 +66,7 @@ from rustbalance.deploy.join_token import (
 )
 from rustbalance.node.join import JoinAnswer, JoinError, JoinRequest, join_via_onion
 from rustbalance.node.mesh import mesh_peers_json
+from rustbalance.rules import parse_endpoint
 
 __all__ = ["JoinSettings", "joined_config", "register", "run_join"]
 

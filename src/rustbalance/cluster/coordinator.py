@@ -46,10 +46,8 @@ clock step never expires peers or triggers a takeover.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -57,6 +55,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from rustbalance.atomic_file import write_file_atomic
 from rustbalance.cluster.election import (
     Action,
     BecomePublisher,
@@ -100,7 +99,6 @@ __all__ = [
     "Coordinator",
     "CoordinatorCounters",
     "LivePeer",
-    "write_file_atomic",
 ]
 
 log = logging.getLogger(__name__)
@@ -159,29 +157,6 @@ class CoordinatorCounters:
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def write_file_atomic(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same dir, fsync, rename)."""
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, mode)  # mkstemp already uses 0600; be explicit for other modes
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # The rename is durable only once the directory entry is on disk.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class Coordinator(Generic[PointT]):

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import re
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -48,8 +47,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from rustbalance.config.addresses import parse_endpoint
 from rustbalance.errors import ConfigError, RustBalanceError
+from rustbalance.rules import is_node_id, parse_endpoint
 
 __all__ = [
     "DEFAULT_CLOCK_SKEW_SECS",
@@ -106,7 +105,6 @@ _KEY_LEN = 32
 _DIGEST_LEN = 32
 _MIN_TOKEN_BYTES = 16
 _HKDF_INFO = b"rustbalance cluster coordination v%d" % PROTOCOL_VERSION
-_NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _BODY_HEADER = struct.Struct(">QQB")
 # PublisherReport after its node id: priority u32, term u64, seq u64, age_ms u32 (then hops u8).
 _REPORT = struct.Struct(">IQQI")
@@ -152,8 +150,8 @@ _ROLES_BY_CODE = {code: role for role, code in _ROLE_CODES.items()}
 
 
 def check_node_id(node_id: str) -> str:
-    """Return ``node_id`` if it is 1-64 characters of ``[A-Za-z0-9._-]`` (the config rule)."""
-    if not isinstance(node_id, str) or not _NODE_ID.fullmatch(node_id):
+    """Return ``node_id`` if it follows the node-id rule of :mod:`rustbalance.rules`."""
+    if not is_node_id(node_id):
         raise CoordinationError(f"invalid node id {node_id!r}")
     return node_id
 

@@ -32,8 +32,8 @@ from rustbalance.cluster.messages import (
     RejectReason,
     Sender,
 )
-from rustbalance.config.addresses import parse_endpoint
 from rustbalance.errors import ConfigError
+from rustbalance.rules import parse_endpoint
 
 __all__ = ["DEFAULT_WARN_INTERVAL_SECS", "Address", "ClusterTransport", "RateLimitedLog"]
 
@@ -206,7 +206,9 @@ class ClusterTransport:
         for target in targets:
             try:
                 self._transport.sendto(datagram, target)
-            except OSError as exc:  # e.g. an IPv6 target on an IPv4 socket
+            except (OSError, ValueError) as exc:
+                # An IPv6 target on an IPv4 socket: OSError on the stock loop, ValueError on
+                # uvloop ("socket family mismatch"), which must not end the coordinator.
                 self._send_failed(exc, target)
                 continue
             sent += 1

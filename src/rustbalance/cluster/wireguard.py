@@ -39,9 +39,9 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from rustbalance.cluster.coordinator import write_file_atomic
-from rustbalance.config.addresses import parse_endpoint
+from rustbalance.atomic_file import write_file_atomic
 from rustbalance.errors import ConfigError, RustBalanceError
+from rustbalance.rules import is_interface_name, parse_endpoint, parse_ip_address
 
 __all__ = [
     "DEFAULT_KEEPALIVE_SECS",
@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 DEFAULT_KEEPALIVE_SECS = 25
 PEERS_FILE_VERSION = 1
 _KEY_LEN = 32
-_IFNAME = re.compile(r"[A-Za-z0-9_=+.-]{1,15}")
 _NETNS = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _COMMAND_TIMEOUT_SECS = 10.0
 _APPEAR_TIMEOUT_SECS = 5.0
@@ -132,8 +131,8 @@ class WireGuardPeer:
     def __post_init__(self) -> None:
         _check_key(self.public_key, "peer public key")
         try:
-            ipaddress.ip_address(self.tunnel_ip)
-        except ValueError:
+            parse_ip_address(self.tunnel_ip, allow_zone=False)
+        except ConfigError:
             raise WireGuardError(f"invalid tunnel IP {self.tunnel_ip!r}") from None
         if self.endpoint is not None:
             try:
@@ -213,7 +212,7 @@ class WireGuardInterface:
         wg: str = "wg",
         ip: str = "ip",
     ) -> None:
-        if not _IFNAME.fullmatch(ifname):
+        if not is_interface_name(ifname):
             raise WireGuardError(f"invalid interface name {ifname!r}")
         if netns is not None and not _NETNS.fullmatch(netns):
             raise WireGuardError(f"invalid network namespace name {netns!r}")

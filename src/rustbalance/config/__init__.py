@@ -5,7 +5,7 @@ Both raise :class:`ConfigProblems` (a :class:`~rustbalance.errors.ConfigError`) 
 problem, one per line, each naming its key. See docs/config.md for every key.
 """
 
-from rustbalance.config.addresses import parse_client_auth_key, parse_endpoint, parse_host
+from rustbalance.config.addresses import parse_client_auth_key
 from rustbalance.config.parser import ConfigProblems, load_config, parse_config
 from rustbalance.config.schema import (
     Config,
@@ -22,6 +22,7 @@ from rustbalance.config.schema import (
     TorConfig,
     TorMode,
 )
+from rustbalance.rules import parse_endpoint, parse_host
 
 __all__ = [
     "Config",

@@ -1,99 +1,24 @@
-"""Pure parsing of host names, ``host:port`` endpoints and client-auth keys in the config.
+"""Pure parsing of restricted-discovery client keys (``master.authorized_clients``).
 
-Every function raises :class:`ConfigError` with a message that describes the problem but not
-the key; the config parser prefixes the key. Other layers (CLI flags) may use them too.
+Raises :class:`ConfigError` with a message that describes the problem but not the key; the
+config parser prefixes the key. Host names and endpoints follow the shared rules of
+:mod:`rustbalance.rules`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import re
 
-from rustbalance.config.schema import Endpoint
-from rustbalance.crypto.onion_address import ONION_SUFFIX, decode_onion_address
-from rustbalance.errors import ConfigError, InvalidKeyError
+from rustbalance.errors import ConfigError
 
-__all__ = [
-    "parse_client_auth_key",
-    "parse_endpoint",
-    "parse_host",
-]
+__all__ = ["parse_client_auth_key"]
 
-_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_PORT = re.compile(r"[0-9]{1,5}")
-_MAX_HOSTNAME = 253
 # tor's client-auth public key: 32 bytes = 52 base32 characters without padding.
 _CLIENT_KEY_PREFIX = "descriptor:x25519:"
 _CLIENT_KEY_CHARS = 52
 _BASE32 = re.compile(r"[A-Za-z2-7]+")
-
-
-def parse_host(text: str, *, allow_onion: bool) -> str:
-    """Check an IPv4/IPv6 literal (brackets optional), DNS name or v3 onion address.
-
-    Returns the host in its canonical form: IPv6 without brackets, onion addresses and DNS
-    names in lower case.
-    """
-    if text.startswith("[") and text.endswith("]"):
-        try:
-            return str(ipaddress.IPv6Address(text[1:-1]))
-        except ValueError:
-            raise ConfigError(f"{text!r} is not a valid IPv6 address") from None
-    if ":" in text:
-        try:
-            return str(ipaddress.IPv6Address(text))
-        except ValueError:
-            raise ConfigError(f"{text!r} is not a valid IP address or host name") from None
-    lowered = text.lower()
-    if lowered.endswith(ONION_SUFFIX):
-        if not allow_onion:
-            raise ConfigError("onion addresses are not allowed here")
-        try:
-            decode_onion_address(lowered)
-        except InvalidKeyError as exc:
-            raise ConfigError(f"{text!r}: {exc}") from None
-        return lowered
-    try:
-        return str(ipaddress.IPv4Address(text))
-    except ValueError:
-        pass
-    labels = lowered.removesuffix(".").split(".")
-    if (
-        not text
-        or len(lowered) > _MAX_HOSTNAME
-        or not all(_LABEL.fullmatch(label) for label in labels)
-        # An all-numeric name such as "300.1.1.1" is a mistyped IPv4 address, not a host name.
-        or labels[-1].isdigit()
-    ):
-        raise ConfigError(f"{text!r} is not a valid IP address or host name")
-    return lowered
-
-
-def parse_endpoint(
-    text: str, *, allow_onion: bool = False, allow_port_zero: bool = False
-) -> Endpoint:
-    """Parse ``host:port``, ``[v6]:port`` or (if allowed) ``<56 chars>.onion:port``."""
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0 or not text[close + 1 :].startswith(":"):
-            raise ConfigError(f"{text!r} must be '[IPv6]:PORT'")
-        host_text, port_text = text[: close + 1], text[close + 2 :]
-    else:
-        host_text, sep, port_text = text.rpartition(":")
-        if not sep or not host_text:
-            raise ConfigError(f"{text!r} must be 'HOST:PORT'")
-        if ":" in host_text:
-            raise ConfigError(f"{text!r}: an IPv6 address needs brackets: '[IPv6]:PORT'")
-    host = parse_host(host_text, allow_onion=allow_onion)
-    if not _PORT.fullmatch(port_text):
-        raise ConfigError(f"{text!r}: port {port_text!r} is not a number")
-    port = int(port_text)
-    low = 0 if allow_port_zero else 1
-    if not low <= port <= 65535:
-        raise ConfigError(f"{text!r}: port must be {low}-65535, got {port}")
-    return Endpoint(host, port)
 
 
 def parse_client_auth_key(text: str) -> bytes:

@@ -1,12 +1,14 @@
-"""The validated configuration: frozen, typed dataclasses, one per TOML section.
+"""The validated configuration: one frozen, keyword-only class per TOML section.
 
-Instances are built by :func:`rustbalance.config.parser.parse_config`, which has already checked
-every value, so code that receives a :class:`Config` never re-validates. Field defaults here are
-the documented defaults (docs/config.md); defaults that depend on other keys (``status_socket``,
-the tor endpoints and directories) are filled in by the parser.
+Every key is declared here once (:func:`~rustbalance.config.keys.key`): its Python type, its
+reader (TOML type and bounds), its default, its documentation and its value in the full
+example. The parser (``parser.py``) reads and checks a file from these declarations and
+``docs.py`` generates docs/config.md from them. Rules that relate keys of different sections
+live in the parser.
 
-Durations are ``float`` seconds (TOML ints and floats are both accepted). Paths are absolute
-``Path`` objects: relative paths in the file are resolved against the config file's folder.
+Instances come from :func:`rustbalance.config.parse_config`, which has checked every value,
+so code that receives a :class:`Config` never re-validates. Durations are ``float`` seconds;
+paths are absolute (relative ones are resolved against the config file's folder).
 """
 
 from __future__ import annotations
@@ -14,7 +16,38 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
+
+from rustbalance.config.addresses import parse_client_auth_key
+from rustbalance.config.keys import (
+    Array,
+    Boolean,
+    Derived,
+    Duration,
+    Integer,
+    Invalid,
+    PathValue,
+    Reader,
+    Relation,
+    Text,
+    choice,
+    describe,
+    key,
+    path_problem,
+    section,
+)
+from rustbalance.crypto.onion_address import decode_onion_address
+from rustbalance.errors import ConfigError, InvalidKeyError
+from rustbalance.rules import (
+    INTERFACE_NAME_RULE,
+    NODE_ID_RULE,
+    Endpoint,
+    is_interface_name,
+    is_node_id,
+    parse_endpoint,
+    parse_host,
+    parse_tunnel_network,
+)
 
 __all__ = [
     "Config",
@@ -43,191 +76,712 @@ IdentityMode = Literal["shared", "instance"]
 ProxyMode = Literal["http", "tcp"]
 WireGuardMode = Literal["auto", "kernel", "userspace"]
 
+_U32_MAX = 2**32 - 1
+# tor's limit for the PoW and intro DoS defence parameters (INT32_MAX).
+_I32_MAX = 2**31 - 1
+# Linux sun_path is 108 bytes including the terminating NUL.
+MAX_UNIX_SOCKET_PATH = 107
+_SYSTEM_SOCKS = Endpoint(host="127.0.0.1", port=9050)
+_SYSTEM_CONTROL = Endpoint(host="127.0.0.1", port=9051)
+
+
+# --- value rules used by one key each --------------------------------------------------------
+
+
+def _node_id(value: str) -> str:
+    if not is_node_id(value):
+        raise Invalid(f"must be {NODE_ID_RULE}, got {value!r}")
+    return value
+
+
+def _onion_address(value: str) -> str:
+    """A v3 ``<56 chars>.onion``, lower-cased."""
+    if not value.lower().endswith(".onion"):
+        raise Invalid(f"must be '<56 characters>.onion', got {value!r}")
+    try:
+        decode_onion_address(value)
+    except InvalidKeyError as exc:
+        raise Invalid(str(exc)) from None
+    return value.lower()
+
+
+def _not_empty(value: str) -> str:
+    if message := path_problem(value):
+        raise Invalid(message)
+    return value
+
+
+def _torrc_line(value: str) -> str:
+    # One item is one torrc line; a newline would smuggle in lines we never validated into
+    # the torrc we write.
+    if any(c in value for c in "\r\n\0"):
+        raise Invalid("must be a single line (no newline or NUL)")
+    return value
+
+
+def _interface_name(value: str) -> str:
+    if not is_interface_name(value):
+        raise Invalid(f"must be {INTERFACE_NAME_RULE}, got {value!r}")
+    return value
+
+
+def _tunnel_address(value: str) -> ipaddress.IPv4Interface:
+    example = "an IPv4 address with its network's prefix, such as '10.99.0.1/24'"
+    try:
+        # An address without its prefix would silently become a /32.
+        interface = ipaddress.IPv4Interface(value) if "/" in value else None
+    except ValueError:
+        interface = None
+    if interface is None:
+        raise Invalid(f"must be {example}, got {value!r}")
+    network = interface.network
+    ends = (network.network_address, network.broadcast_address)
+    if network.prefixlen < 31 and interface.ip in ends:
+        raise Invalid(f"{interface.ip} is the network or broadcast address of {network}")
+    return interface
+
+
+def _probe_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise Invalid(f"must start with '/', got {value!r}")
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise Invalid("must not contain spaces or control characters")
+    return value
+
+
+def _endpoint(*, allow_onion: bool = False) -> Text[Endpoint]:
+    return Text(
+        lambda value: parse_endpoint(value, allow_onion=allow_onion),
+        type_doc="endpoint",
+        expect="a 'HOST:PORT' string",
+    )
+
 
 @dataclass(frozen=True)
-class Endpoint:
-    """A TCP or UDP ``host:port``. ``host`` is an IPv4/IPv6 literal (no brackets), a DNS name
-    or a v3 ``.onion`` address in lower case."""
+class ControlAddress(Reader[Endpoint | Path]):
+    """``tor.control``: ``HOST:PORT``, or a unix socket path (``unix:PATH`` as in tor's
+    ControlPort, or any value containing a ``/``), relative to the config's folder."""
 
-    host: str
-    port: int
+    type_doc: str = "string"
 
-    @property
-    def is_onion(self) -> bool:
-        return self.host.endswith(".onion")
+    def read(self, value: object, base: Path) -> Endpoint | Path:
+        if not isinstance(value, str):
+            raise Invalid(f"must be a string, got {describe(value)}")
+        if value.startswith("unix:") or "/" in value:
+            return PathValue().read(value.removeprefix("unix:"), base)
+        try:
+            return parse_endpoint(value)
+        except ConfigError as exc:
+            hint = "or give a unix socket path ('/run/tor/control' or 'unix:PATH')"
+            raise Invalid(f"{exc}; {hint}") from None
 
-    def __str__(self) -> str:
-        # An IPv6 literal needs brackets, otherwise its colons are ambiguous with the port's.
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+
+# --- the sections ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@section
 class NodeConfig:
-    id: str
-    state_dir: Path
-    status_socket: Path
-    priority: int = 10
-    publisher_eligible: bool = True
-    identity_mode: IdentityMode = "shared"
-    # Instance mode: the node's own onion service key (a 32-byte seed, generated 0600 in a
-    # 0700 folder if missing). The parser fills ``<state_dir>/keys/instance.key``.
-    instance_key_path: Path | None = None
+    id: str = key(
+        Text(_node_id),
+        required=True,
+        example="node-b",
+        doc=f"This node's name in the cluster, unique per cluster: `{NODE_ID_RULE}`.",
+    )
+    priority: int = key(
+        Integer(0, _U32_MAX),
+        default=10,
+        example=20,
+        doc="Publisher election preference: the lowest number wins.",
+    )
+    publisher_eligible: bool = key(
+        Boolean(),
+        default=True,
+        doc="`false` = this node never becomes the publisher (it only serves).",
+    )
+    state_dir: Path = key(
+        PathValue(),
+        default=Path("/var/lib/rustbalance"),
+        doc="Where the daemon keeps its state.",
+    )
+    status_socket: Path = key(
+        PathValue(),
+        derive=lambda d: d.own["state_dir"] / "status.sock",
+        default_doc="`<state_dir>/status.sock`",
+        example="/run/rustbalance/status.sock",
+        doc=f"Unix socket for `rustbalance status`. At most {MAX_UNIX_SOCKET_PATH} bytes "
+        "(a unix socket limit).",
+    )
+    identity_mode: IdentityMode = key(
+        choice("shared", "instance"),
+        default="shared",
+        doc="`shared`: this node's tor hosts the master key. `instance` (Onionbalance-style): "
+        "its tor hosts the node's own key with `HiddenServiceOnionbalanceInstance 1` and an "
+        "`ob_config` naming the master address; only a publisher-eligible instance needs the "
+        "master key.",
+    )
+    instance_key_path: Path = key(
+        PathValue(),
+        derive=lambda d: d.own["state_dir"] / "keys" / "instance.key",
+        default_doc="`<state_dir>/keys/instance.key`",
+        example="/var/lib/rustbalance/keys/instance.key",
+        doc="`instance` mode: the node's own onion service key (32-byte seed); generated "
+        "(0600, folder 0700) when missing, refused when others can read it.",
+    )
 
 
-@dataclass(frozen=True)
+@section
 class MasterConfig:
     # None only for a node in instance mode that is not publisher-eligible (it never signs).
-    identity_key_path: Path | None
-    # Lower-case ``<56 chars>.onion``; None if the operator did not state it (the daemon derives
-    # it from the key; when given, the daemon checks that it matches the key).
-    onion_address: str | None = None
-    # Raw 32-byte x25519 public keys of the clients allowed to discover the service
-    # (restricted discovery). Empty = anyone who knows the address.
-    authorized_clients: tuple[bytes, ...] = ()
-    # Plain tor onion services (Onionbalance instances of the master, no RustBalance on them):
-    # lower-case ``<56 chars>.onion``, distinct, never the master itself.
-    backends: tuple[str, ...] = ()
-    # How often the publisher HSFETCHes and probes each backend.
-    backend_poll_secs: float = 60.0
-    # A backend with no successful fetch and probe for this long drops out of the descriptor.
-    backend_max_age_secs: float = 900.0
+    identity_key_path: Path | None = key(
+        PathValue(),
+        default=None,
+        default_doc="**required** (optional for an `instance` node with "
+        "`publisher_eligible = false`)",
+        example="/etc/rustbalance/master.key",
+        doc="The master onion service's identity key: a 32-byte seed, tor's "
+        "`hs_ed25519_secret_key`, or a PEM PKCS#8 key. Mode 0600. A non-eligible instance "
+        "node never signs, so it needs no master key at all.",
+    )
+    onion_address: str | None = key(
+        Text(_onion_address),
+        default=None,
+        default_doc="unset (**required** without `identity_key_path`)",
+        example="rkeohxlubhyzl7ks3mwtzos5olfgocn7dwkbeg7toseadnapn5optfad.onion",
+        doc="The master `<56 chars>.onion`; when given with a key, the daemon checks that it "
+        "matches the key, which catches deploying the wrong key.",
+    )
+    # Raw 32-byte x25519 public keys (restricted discovery).
+    authorized_clients: tuple[bytes, ...] = key(
+        Array(
+            Text(parse_client_auth_key),
+            duplicate=lambda _key: "the same key is listed twice",
+        ),
+        default=(),
+        example=[
+            "descriptor:x25519:CO7E72XK6ICMP7JTLD6JYADSDCA5C5BHQEUCE7WGOTZX677JPNWQ",
+            "GHKKW2WO5SLBCN4ROA3ZG3TAOFX2YVZ272KNTWUEVABAISG7YEJA",
+        ],
+        doc="Restricted discovery: x25519 public keys of the clients allowed to find the "
+        "service, as `descriptor:x25519:<base32>` (the line of tor's `.auth` files) or the "
+        "bare 52-character base32 key. Empty = anyone who knows the address. Each key once.",
+    )
+    backends: tuple[str, ...] = key(
+        Array(
+            Text(_onion_address),
+            duplicate=lambda onion: f"{onion} is listed twice",
+        ),
+        default=(),
+        example=[
+            "5jfgyy7ctrjavpxvkb5rglwf7gkuo5vox27hxescd3vgsfcg2iwfmxqd.onion",
+            "compmldndjcxyun2njfv6pn5f5u7zkjscyqy3sezpzawxul5spfd5iad.onion",
+        ],
+        doc="Plain tor onion services (no RustBalance on them, each an Onionbalance instance "
+        "of the master: `HiddenServiceOnionbalanceInstance 1` and `ob_config`) as "
+        "`<56 chars>.onion`, distinct, not the master. The publisher fetches each one's "
+        "descriptor (HSFETCH) and merges its intro points as one more node.",
+    )
+    backend_poll_secs: float = key(
+        Duration(),
+        default=60.0,
+        doc="How often the publisher fetches each backend's descriptor and checks that the "
+        "backend answers on `proxy.virtual_port` through tor (failures are retried sooner, "
+        "with backoff).",
+    )
+    backend_max_age_secs: float = key(
+        Duration(),
+        default=900.0,
+        # One slow poll must not drop a healthy backend.
+        relation=Relation(">", "backend_poll_secs"),
+        doc="A backend whose descriptor could not be fetched for this long (or for its "
+        "descriptor lifetime, if shorter) drops out; so does one that failed 2 reachability "
+        "checks in a row.",
+    )
 
 
-@dataclass(frozen=True)
+@section
 class TargetConfig:
-    address: Endpoint
-    use_tls: bool = False
-    connect_timeout_secs: float = 30.0
-    idle_timeout_secs: float = 300.0
-    # 0 = no limit on a session's total duration.
-    session_timeout_secs: float = 0.0
+    address: Endpoint = key(
+        _endpoint(allow_onion=True),
+        required=True,
+        example="qe4xodvipulv6vvdkrtmgtd6ztfy3curwtxdpis56yhvxd6jwokbr4qd.onion:80",
+        doc="The operator's application: `host:port`, `[v6]:port` or `<56 chars>.onion:port` "
+        "(reached through tor).",
+    )
+    use_tls: bool = key(Boolean(), default=False, doc="Speak TLS to the target.")
+    connect_timeout_secs: float = key(
+        Duration(),
+        default=30.0,
+        doc="Give up connecting to the target (including the SOCKS handshake for an onion target).",
+    )
+    idle_timeout_secs: float = key(
+        Duration(),
+        default=300.0,
+        doc="Close a proxied connection with no traffic either way for this long.",
+    )
+    session_timeout_secs: float = key(
+        Duration(zero_means_off=True),
+        default=0.0,
+        example=3600,
+        doc="Close a proxied connection after this long, busy or not.",
+    )
 
     @property
     def is_onion(self) -> bool:
         return self.address.is_onion
 
 
-@dataclass(frozen=True)
+def _managed(derived: Derived) -> bool:
+    return bool(derived.own["mode"] == "managed")
+
+
+_SYSTEM_ONLY = "only used in system mode"
+
+
+@section
 class TorConfig:
-    data_dir: Path
-    hidden_service_dir: Path
-    mode: TorMode = "managed"
-    extra_torrc: tuple[str, ...] = ()
-    binary: str = "tor"
-    # System mode only (managed mode picks its own control port): a TCP endpoint or a unix
-    # socket path.
-    control: Endpoint | Path | None = None
+    section_doc: ClassVar[str] = (
+        '`mode = "managed"` (default): rustbalance starts and supervises its own tor process '
+        'in\n`data_dir`. `mode = "system"`: rustbalance attaches to a tor run by systemd, '
+        "through its\ncontrol port, and writes a torrc fragment that tor includes."
+    )
+
+    mode: TorMode = key(
+        choice("managed", "system"), default="managed", example="system", doc="See above."
+    )
+    data_dir: Path = key(
+        PathValue(),
+        default=Path("/var/lib/rustbalance/tor"),
+        doc="Managed tor's DataDirectory.",
+    )
+    extra_torrc: tuple[str, ...] = key(
+        Array(Text(_torrc_line)),
+        default=(),
+        example=["SafeLogging 1"],
+        doc="Extra torrc lines, one per item (no newlines), e.g. a private network's "
+        "`DirAuthority` lines.",
+    )
+    binary: str = key(
+        Text(_not_empty),
+        default="tor",
+        doc="The tor executable (managed mode), a name looked up in `PATH` or a path.",
+    )
+    # System mode only (managed mode picks its own control port).
+    control: Endpoint | Path | None = key(
+        ControlAddress(),
+        default=None,
+        only_if=(
+            "mode",
+            "system",
+            f"{_SYSTEM_ONLY}; managed mode runs its own tor and picks the control port "
+            "(remove the key or set tor.mode = 'system')",
+        ),
+        derive=lambda _d: _SYSTEM_CONTROL,
+        default_doc=f'system: `"{_SYSTEM_CONTROL}"`',
+        example="unix:/run/tor/control",
+        doc="System mode only (an error in managed mode): the control port `HOST:PORT`, or a "
+        "unix socket path (`/run/tor/control` or `unix:/run/tor/control`).",
+    )
     # None in managed mode = tor picks a free port and we ask it which one.
-    socks: Endpoint | None = None
+    socks: Endpoint | None = key(
+        _endpoint(),
+        default=None,
+        derive=lambda d: None if _managed(d) else _SYSTEM_SOCKS,
+        default_doc=f'system: `"{_SYSTEM_SOCKS}"`; managed: unset = tor picks a free port',
+        example="127.0.0.1:9050",
+        doc="tor's SOCKS port, used to reach an onion target.",
+    )
+    hidden_service_dir: Path = key(
+        PathValue(),
+        derive=lambda d: (
+            d.own["data_dir"] / "hidden_service"
+            if _managed(d)
+            else Path("/var/lib/tor/rustbalance_node_hs")
+        ),
+        default_doc="managed: `<data_dir>/hidden_service`; system: "
+        "`/var/lib/tor/rustbalance_node_hs`",
+        example="/var/lib/tor/rustbalance_node_hs",
+        doc="The node's onion service directory (holds the node's own key, not the master key).",
+    )
     # System mode only: the torrc fragment we write and the system tor includes.
-    torrc_include: Path | None = None
-    num_intro_points: int = 3
-    pow_enabled: bool = False
-    pow_queue_rate: int = 250
-    pow_queue_burst: int = 2500
-    intro_dos_enabled: bool = False
-    intro_dos_rate_per_sec: int = 25
-    intro_dos_burst_per_sec: int = 200
-    watchdog_interval_secs: float = 15.0
-    bootstrap_timeout_secs: float = 120.0
+    torrc_include: Path | None = key(
+        PathValue(),
+        default=None,
+        only_if=("mode", "system", f"{_SYSTEM_ONLY} (tor.mode = 'system')"),
+        derive=lambda _d: Path("/etc/tor/torrc.d/rustbalance.conf"),
+        default_doc="system: `/etc/tor/torrc.d/rustbalance.conf`",
+        example="/etc/tor/torrc.d/rustbalance.conf",
+        doc="System mode only (an error in managed mode): the torrc fragment rustbalance "
+        "writes for the system tor to `%include`.",
+    )
+    num_intro_points: int = key(
+        Integer(1, 20),
+        default=3,
+        doc="`HiddenServiceNumIntroductionPoints` of this node.",
+    )
+    pow_enabled: bool = key(
+        Boolean(),
+        default=False,
+        example=True,
+        doc="Proof-of-work DoS defence (`HiddenServicePoWDefensesEnabled`).",
+    )
+    pow_queue_rate: int = key(Integer(1, _I32_MAX), default=250, doc="`HiddenServicePoWQueueRate`.")
+    pow_queue_burst: int = key(
+        Integer(1, _I32_MAX),
+        default=2500,
+        relation=Relation(">=", "pow_queue_rate"),
+        doc="`HiddenServicePoWQueueBurst`.",
+    )
+    intro_dos_enabled: bool = key(
+        Boolean(),
+        default=False,
+        example=True,
+        doc="Rate-limit INTRODUCE2 at the intro points (`HiddenServiceEnableIntroDoSDefense`).",
+    )
+    intro_dos_rate_per_sec: int = key(
+        Integer(1, _I32_MAX),
+        default=25,
+        doc="`HiddenServiceEnableIntroDoSRatePerSec`.",
+    )
+    intro_dos_burst_per_sec: int = key(
+        Integer(1, _I32_MAX),
+        default=200,
+        relation=Relation(">=", "intro_dos_rate_per_sec"),
+        doc="`HiddenServiceEnableIntroDoSBurstPerSec`.",
+    )
+    watchdog_interval_secs: float = key(
+        Duration(),
+        default=15.0,
+        doc="How often the daemon checks that tor is alive (and restarts it). A tor whose "
+        "process lives but whose control port has given no working session for two intervals "
+        "counts as hung and is restarted too.",
+    )
+    bootstrap_timeout_secs: float = key(
+        Duration(),
+        default=120.0,
+        doc="How long tor may take to bootstrap before the daemon restarts it.",
+    )
 
 
-@dataclass(frozen=True)
+@section
 class ProxyConfig:
-    listen_host: str = "127.0.0.1"
+    section_doc: ClassVar[str] = (
+        "The reverse proxy between this node's onion service and the target."
+    )
+
+    listen_host: str = key(
+        Text(
+            lambda value: parse_host(value, allow_onion=False), type_doc="string (IP or host name)"
+        ),
+        default="127.0.0.1",
+        doc="Where the proxy listens (tor connects here).",
+    )
     # 0 = let the OS pick a free port (the daemon tells tor which one it got).
-    listen_port: int = 8080
-    virtual_port: int = 80
-    mode: ProxyMode = "http"
-    max_connections: int = 1024
-    drain_timeout_secs: float = 3.0
+    listen_port: int = key(
+        Integer(0, 65535),
+        default=8080,
+        doc="0 = pick a free port. Must differ from the metrics port on the same host.",
+    )
+    virtual_port: int = key(
+        Integer(1, 65535),
+        default=80,
+        doc="The onion service's port (what clients connect to).",
+    )
+    mode: ProxyMode = key(
+        choice("http", "tcp"),
+        default="http",
+        doc="`http` understands HTTP/1.1 (health, headers); `tcp` copies bytes.",
+    )
+    max_connections: int = key(
+        Integer(1),
+        default=1024,
+        doc="Most client connections proxied at once (more are refused: a 503 in http mode, a "
+        "close in tcp mode). At start the daemon raises its open-files soft limit to the hard "
+        "limit (systemd gives services 1024 soft, 524288 hard) and logs a WARNING when even "
+        "the hard limit is below the 2 × `max_connections` + 256 descriptors it may need.",
+    )
+    drain_timeout_secs: float = key(
+        Duration(),
+        default=3.0,
+        doc="On shutdown, how long open connections may finish.",
+    )
 
 
-@dataclass(frozen=True)
+@section
 class PublishConfig:
-    refresh_interval_secs: float = 600.0
-    max_intro_points: int = 20
-    descriptor_lifetime_mins: int = 180
-    retries: int = 3
-    retry_base_secs: float = 5.0
-    retry_max_secs: float = 30.0
-    first_publish_poll_secs: float = 5.0
-    first_publish_max_wait_secs: float = 120.0
-    descriptor_max_age_secs: float = 900.0
-    upload_timeout_secs: float = 60.0
+    refresh_interval_secs: float = key(
+        Duration(),
+        default=600.0,
+        doc="How often the publisher rebuilds and uploads the master descriptor.",
+    )
+    max_intro_points: int = key(
+        Integer(1, 20),
+        default=20,
+        doc="Intro points in the merged descriptor (tor's limit is 20).",
+    )
+    descriptor_lifetime_mins: int = key(
+        Integer(30, 720),
+        default=180,
+        doc="`descriptor-lifetime` of the descriptor (rend-spec range).",
+    )
+    retries: int = key(
+        Integer(0, 100),
+        default=3,
+        doc="Retries after a failed upload before waiting for the next refresh.",
+    )
+    retry_base_secs: float = key(
+        Duration(), default=5.0, doc="First retry delay; doubles each retry …"
+    )
+    retry_max_secs: float = key(
+        Duration(),
+        default=30.0,
+        relation=Relation(">=", "retry_base_secs"),
+        doc="… up to this.",
+    )
+    first_publish_poll_secs: float = key(
+        Duration(),
+        default=5.0,
+        doc="At start, how often to check whether enough intro points are known …",
+    )
+    first_publish_max_wait_secs: float = key(
+        Duration(),
+        default=120.0,
+        relation=Relation(">=", "first_publish_poll_secs"),
+        doc="… and the longest to wait before publishing anyway.",
+    )
+    descriptor_max_age_secs: float = key(
+        Duration(),
+        default=900.0,
+        doc="A published descriptor older than this is republished at once.",
+    )
+    upload_timeout_secs: float = key(Duration(), default=60.0, doc="Give up on one upload round.")
 
 
-@dataclass(frozen=True)
+@section
 class CoordinationConfig:
-    cluster_token_path: Path | None = None
-    listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 51821))
-    peers: tuple[Endpoint, ...] = ()
-    heartbeat_interval_secs: float = 5.0
-    heartbeat_timeout_secs: float = 15.0
-    takeover_grace_secs: float = 15.0
-    clock_skew_tolerance_secs: float = 5.0
-    max_datagram_bytes: int = 65000
+    section_doc: ClassVar[str] = "Nodes exchange signed heartbeats over UDP."
+
+    cluster_token_path: Path | None = key(
+        PathValue(),
+        default=None,
+        example="/etc/rustbalance/cluster.token",
+        doc="File with the cluster's shared secret (0600). **Required when `peers` is not "
+        "empty.** Never put the token itself in the config.",
+    )
+    listen: Endpoint = key(
+        _endpoint(),
+        default=Endpoint(host="127.0.0.1", port=51821),
+        example="10.0.0.2:51821",
+        doc="UDP address this node listens on.",
+    )
+    peers: tuple[Endpoint, ...] = key(
+        Array(
+            _endpoint(),
+            type_doc="array of endpoints",
+            duplicate=lambda endpoint: f"{endpoint} is listed twice",
+        ),
+        default=(),
+        example=["10.0.0.1:51821", "10.0.0.3:51821"],
+        doc="The other nodes' `listen` addresses. Empty = single node. No duplicates, not this "
+        "node's own `listen`.",
+    )
+    heartbeat_interval_secs: float = key(
+        Duration(), default=5.0, doc="How often a heartbeat is sent."
+    )
+    heartbeat_timeout_secs: float = key(
+        Duration(),
+        default=15.0,
+        # One lost heartbeat must not look like a dead peer.
+        relation=Relation(">", "heartbeat_interval_secs", factor=2),
+        doc="A peer silent this long is considered down (so one lost heartbeat is not enough).",
+    )
+    takeover_grace_secs: float = key(
+        Duration(),
+        default=15.0,
+        relation=Relation(">=", "heartbeat_interval_secs"),
+        doc="After the publisher is considered down, wait this long before taking over.",
+    )
+    clock_skew_tolerance_secs: float = key(
+        Duration(),
+        default=5.0,
+        doc="Messages whose timestamp is further than this from our clock are dropped "
+        "(counted as `stale`/`future` in `rustbalance status` and `/metrics`, logged with a "
+        "hint to check the clocks). A node whose clock is off by more hears no peer and serves "
+        "alone, as in a partition ([docs/reliability.md](reliability.md)).",
+    )
+    # Largest UDP payload over IPv4; below ~1 KiB a signed heartbeat with peers does not fit.
+    max_datagram_bytes: int = key(
+        Integer(1024, 65507),
+        default=65000,
+        doc="Largest coordination datagram sent or accepted.",
+    )
     # The address peers should use for this node (NAT, a relay); None = listen.
-    advertise: Endpoint | None = None
+    advertise: Endpoint | None = key(
+        _endpoint(),
+        default=None,
+        default_doc="unset (= `listen`)",
+        example="203.0.113.7:51821",
+        doc="The address this node tells its peers to reach it at, when that is not `listen` "
+        "(NAT, a relay in front of it).",
+    )
 
     @property
     def is_multi_node(self) -> bool:
         return bool(self.peers)
 
 
-@dataclass(frozen=True)
+@section
 class MetricsConfig:
-    enabled: bool = True
-    listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 9100))
+    enabled: bool = key(Boolean(), default=True, doc="Serve Prometheus metrics.")
+    listen: Endpoint = key(
+        _endpoint(),
+        default=Endpoint(host="127.0.0.1", port=9100),
+        doc="Where `/metrics` is served.",
+    )
 
 
-@dataclass(frozen=True)
+@section
 class HealthConfig:
-    http_probe_enabled: bool = False
-    http_probe_path: str = "/"
-    http_probe_interval_secs: float = 60.0
-    http_probe_timeout_secs: float = 5.0
-    probe_expected_status: int = 200
-    probe_failure_threshold: int = 3
+    http_probe_enabled: bool = key(
+        Boolean(),
+        default=False,
+        example=True,
+        doc="Probe the target over HTTP (`health` keys below); a target failing the probe "
+        "counts as down.",
+    )
+    http_probe_path: str = key(
+        Text(_probe_path, type_doc="string starting with `/`"),
+        default="/",
+        example="/health",
+        doc="Path requested by the probe (no spaces).",
+    )
+    http_probe_interval_secs: float = key(Duration(), default=60.0, doc="Time between probes.")
+    http_probe_timeout_secs: float = key(
+        Duration(),
+        default=5.0,
+        relation=Relation("<=", "http_probe_interval_secs"),
+        doc="Timeout of one probe.",
+    )
+    probe_expected_status: int = key(
+        Integer(100, 599),
+        default=200,
+        doc="The HTTP status a healthy target answers.",
+    )
+    probe_failure_threshold: int = key(
+        Integer(1, 1000),
+        default=3,
+        doc="Consecutive failures before the target counts as down.",
+    )
 
 
-@dataclass(frozen=True)
+@section
 class WireGuardConfig:
-    """The node's WireGuard interface of the coordination mesh (system.md §11.1, W4, W9).
+    """The node's WireGuard interface of the coordination mesh (system.md §11.1, W4, W9)."""
 
-    ``enabled`` = the daemon brings the interface up at start and down at exit. The key, the
-    address and the endpoint also describe this node to joiners when only ``[join]`` is on (a
-    tunnel managed outside rustbalance, or a private test network on loopback).
-    """
+    section_doc: ClassVar[str] = (
+        "The coordination mesh's WireGuard interface. With `enabled = true` the daemon brings "
+        "it up at\nstart (kernel module, or `wireguard-go` as its child process), before "
+        "coordination binds (so\n`coordination.listen` may be the tunnel address), re-applies "
+        "the saved peers and takes it down\non exit; it needs `CAP_NET_ADMIN`. The private key "
+        "goes to `wg` on stdin, never on a command\nline. `rustbalance init` / `join` write "
+        "this section."
+    )
 
-    enabled: bool = False
-    interface: str = "wg-rb"
-    # The base64 private key file (0600, as `wg genkey` writes it); never inline.
-    private_key_path: Path | None = None
-    # This node's tunnel address with the tunnel network's prefix, e.g. 10.99.0.1/24.
-    address: ipaddress.IPv4Interface | None = None
-    listen_port: int = 51820
-    mode: WireGuardMode = "auto"
-    # Persisted mesh peers (JSON, 0600); the parser fills <state_dir>/wireguard_peers.json.
-    peers_path: Path | None = None
-    # The public HOST:PORT other nodes reach this node's WireGuard at (told to joiners).
-    endpoint: Endpoint | None = None
+    enabled: bool = key(
+        Boolean(),
+        default=False,
+        example=True,
+        doc="Manage the interface. `false` = the tunnel (if any) is managed elsewhere; the keys "
+        "below still describe this node to joiners when `[join]` is on.",
+    )
+    interface: str = key(
+        Text(_interface_name),
+        default="wg-rb",
+        doc=f"Interface name: `{INTERFACE_NAME_RULE}` (`deploy.sh --clean` removes `wg-rb`).",
+    )
+    private_key_path: Path | None = key(
+        PathValue(),
+        default=None,
+        example="/etc/rustbalance/wireguard.key",
+        doc="File with the base64 private key (as `wg genkey` writes it), mode 0600. "
+        "**Required when `enabled` or `join.enabled`.**",
+    )
+    address: ipaddress.IPv4Interface | None = key(
+        Text(_tunnel_address, type_doc='IPv4 `"ADDR/PREFIX"`'),
+        default=None,
+        example="10.0.0.2/24",
+        doc="This node's tunnel address with the tunnel network's prefix, e.g. "
+        '`"10.99.0.1/24"` (not the network or broadcast address). **Required when `enabled` or '
+        "`join.enabled`.**",
+    )
+    listen_port: int = key(Integer(1, 65535), default=51820, doc="WireGuard's UDP port.")
+    mode: WireGuardMode = key(
+        choice("auto", "kernel", "userspace"),
+        default="auto",
+        doc="`auto`: the kernel module if it works, else `wireguard-go`; `kernel`: fail if the "
+        "module is missing; `userspace`: always `wireguard-go`.",
+    )
+    # The parser fills <state_dir>/wireguard_peers.json.
+    peers_path: Path | None = key(
+        PathValue(),
+        default=None,
+        derive=lambda d: d.built["node"].state_dir / "wireguard_peers.json",
+        default_doc="`<state_dir>/wireguard_peers.json`",
+        example="/var/lib/rustbalance/wireguard_peers.json",
+        doc="The mesh peers (node id, tunnel address, public key, endpoint, coordination "
+        "address), JSON, 0600. Written by `rustbalance join` and on every admitted join; read "
+        "at start, so a restart keeps the mesh.",
+    )
+    endpoint: Endpoint | None = key(
+        _endpoint(),
+        default=None,
+        example="203.0.113.7:51820",
+        doc="The public `HOST:PORT` other nodes reach this node's WireGuard at (told to "
+        "joiners). **Required when `join.enabled`.**",
+    )
 
 
-@dataclass(frozen=True)
+@section
 class JoinConfig:
     """Joins over the master onion (``POST /.rb/<join secret>``, node/join.py)."""
 
-    enabled: bool = False
-    # File holding the join secret (0600); never inline.
-    secret_path: Path | None = None
-    # Where joiners' tunnel addresses come from; the parser fills wireguard.address's network.
-    tunnel_network: ipaddress.IPv4Network | None = None
+    section_doc: ClassVar[str] = (
+        "New nodes join over the master onion: `rustbalance join` POSTs `/.rb/<join secret>` "
+        "through\ntor, and whichever node's proxy receives it answers it itself (the target "
+        "never sees the\nrequest). Every refusal for a wrong secret, a wrong cluster token, a "
+        "stale request or the rate\nlimit (5 admissions per 5 minutes per node) is the same "
+        "`404`; a malformed body is `400`. An\nadmitted node is added to the WireGuard "
+        "interface (when managed), to the coordination peers and\nto `wireguard.peers_path`."
+    )
+
+    enabled: bool = key(
+        Boolean(),
+        default=False,
+        example=True,
+        doc="Answer joins. Needs `secret_path`, `coordination.cluster_token_path`, "
+        "`wireguard.private_key_path`, `wireguard.address`, `wireguard.endpoint` and "
+        '`proxy.mode = "http"`.',
+    )
+    secret_path: Path | None = key(
+        PathValue(),
+        default=None,
+        example="/etc/rustbalance/join.secret",
+        doc="File with the join secret (mode 0600, at least 32 characters); never put the "
+        "secret itself in the config. **Required when `enabled`.**",
+    )
+    tunnel_network: ipaddress.IPv4Network | None = key(
+        Text(parse_tunnel_network, type_doc="IPv4 network"),
+        default=None,
+        derive=lambda d: (
+            None if d.built["wireguard"].address is None else d.built["wireguard"].address.network
+        ),
+        default_doc="the network of `wireguard.address`",
+        example="10.0.0.0/24",
+        doc="Where joiners' tunnel addresses are assigned from: a `/20` to `/30` that contains "
+        "`wireguard.address`.",
+    )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Config:
     node: NodeConfig
     master: MasterConfig

@@ -18,7 +18,6 @@ Key files understood by :func:`load_identity_key` (detected from their content):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from nacl.bindings import (
     crypto_scalarmult_ed25519_base_noclamp,
 )
 
+from rustbalance.atomic_file import write_file_atomic
 from rustbalance.crypto.onion_address import encode_onion_address
 from rustbalance.errors import InvalidKeyError
 
@@ -277,27 +277,6 @@ def load_identity_key(path: str | os.PathLike[str]) -> IdentityKey:
         raise InvalidKeyError(f"{key_path}: {exc}") from exc
 
 
-def _write_private_file(directory: Path, name: str, content: bytes) -> None:
-    """Write ``directory/name`` atomically with mode 0600 from the first byte on.
-
-    The temporary file is created with O_EXCL and mode 0600 (umask can only narrow it), so the
-    secret is never readable by others, then renamed over the target (POSIX rename is atomic).
-    """
-    target = directory / name
-    tmp = directory / f".{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def write_hidden_service_dir(key: IdentityKey, directory: str | os.PathLike[str]) -> None:
     """Write tor's ``HiddenServiceDir`` key files for ``key``.
 
@@ -309,9 +288,11 @@ def write_hidden_service_dir(key: IdentityKey, directory: str | os.PathLike[str]
     try:
         target.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(target, 0o700)
-        _write_private_file(target, SECRET_KEY_FILE, SECRET_KEY_HEADER + key.expanded)
-        _write_private_file(target, PUBLIC_KEY_FILE, PUBLIC_KEY_HEADER + key.public_key)
-        _write_private_file(target, HOSTNAME_FILE, (key.onion_address + "\n").encode("ascii"))
+        # Each file 0600 from its first byte, replaced atomically (a restart mid-write leaves
+        # tor the old key or the new one, never a torn file).
+        write_file_atomic(target / SECRET_KEY_FILE, SECRET_KEY_HEADER + key.expanded)
+        write_file_atomic(target / PUBLIC_KEY_FILE, PUBLIC_KEY_HEADER + key.public_key)
+        write_file_atomic(target / HOSTNAME_FILE, key.onion_address + "\n")
     except OSError as exc:
         raise InvalidKeyError(
             f"cannot write hidden service directory {target}: {exc.strerror or exc}"
@@ -327,19 +308,8 @@ def write_seed_key_file(key: IdentityKey, path: str | os.PathLike[str]) -> None:
         )
     target = Path(path)
     try:
-        fd = os.open(
-            target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600
-        )
+        write_file_atomic(target, key.seed, 0o600, overwrite=False)
     except FileExistsError as exc:
         raise InvalidKeyError(f"refusing to overwrite existing key file {target}") from exc
     except OSError as exc:
-        raise InvalidKeyError(f"cannot create key file {target}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(key.seed)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            target.unlink()
         raise InvalidKeyError(f"cannot write key file {target}: {exc.strerror or exc}") from exc

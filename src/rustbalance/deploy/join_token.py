@@ -48,10 +48,10 @@ from argon2.low_level import Type, hash_secret_raw
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from rustbalance.config.addresses import parse_endpoint, parse_host
 from rustbalance.crypto.keys import IdentityKey
 from rustbalance.crypto.onion_address import ONION_SUFFIX, decode_onion_address
 from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError
+from rustbalance.rules import NODE_ID_RULE, is_node_id, parse_endpoint, parse_host
 
 __all__ = [
     "DEFAULT_ARGON2",
@@ -104,7 +104,6 @@ _MAX_LIFETIME_SECS = 30 * 24 * 3600
 _CLOCK_SKEW_SECS = 300
 
 _MAX_SEED_PEERS = 64
-_NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Cluster token and join secret (W3): at least 32 URL-safe characters, which is >= 128 bits
 # whether the generator wrote hex (64 chars for 32 bytes) or base64url (43 chars). We cannot tell
 # the alphabets apart, so the floor is the one that holds for hex.
@@ -175,10 +174,8 @@ class JoinPayload:
         if len(set(peers)) != len(peers):
             raise JoinTokenError("seed_peers lists a peer twice")
         object.__setattr__(self, "seed_peers", peers)
-        if not isinstance(self.issuer_node_id, str) or not _NODE_ID_RE.fullmatch(
-            self.issuer_node_id
-        ):
-            raise JoinTokenError("issuer_node_id must be 1-64 characters of A-Z a-z 0-9 . _ -")
+        if not is_node_id(self.issuer_node_id):
+            raise JoinTokenError(f"issuer_node_id must be {NODE_ID_RULE}")
         for name in ("created_at", "expires_at"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:

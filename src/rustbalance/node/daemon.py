@@ -72,6 +72,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from rustbalance.atomic_file import write_file_atomic
 from rustbalance.cluster.coordinator import Coordinator
 from rustbalance.cluster.messages import ClusterKey
 from rustbalance.config import Config, ConfigProblems, load_config
@@ -286,12 +287,7 @@ def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, NodeIdentity
 
 def _write_file(path: Path, text: str, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    write_file_atomic(path, text, mode)
 
 
 def _adopt_owner(directory: Path) -> None:

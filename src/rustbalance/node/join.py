@@ -49,10 +49,10 @@ from python_socks import ProxyError as SocksProxyError
 from python_socks import ProxyType
 from python_socks.async_.asyncio import Proxy as SocksProxy
 
-from rustbalance.config.addresses import parse_endpoint
 from rustbalance.crypto.onion_address import ONION_SUFFIX, decode_onion_address
 from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError
 from rustbalance.proxy.http import InterceptedRequest, InterceptedResponse
+from rustbalance.rules import NODE_ID_RULE, is_node_id, parse_endpoint, parse_tunnel_network
 
 __all__ = [
     "DEFAULT_TUNNEL_NETWORK",
@@ -85,10 +85,6 @@ DEFAULT_MAX_JOINS = 5
 DEFAULT_WINDOW_SECS = 300.0
 MAX_REQUEST_AGE_SECS = 300
 MAX_REQUEST_AHEAD_SECS = 60
-# A /20 holds 4094 peers, far more than a cluster needs; bigger networks would only make the
-# in-memory bookkeeping unbounded for no benefit.
-_MIN_PREFIX, _MAX_PREFIX = 20, 30
-_MAX_NODE_ID = 64
 
 _JSON_HEADERS = (("Content-Type", "application/json"), ("Cache-Control", "no-store"))
 # One body for every authentication failure: identical bytes, so nothing distinguishes them.
@@ -332,12 +328,8 @@ def _reject_constant(name: str) -> None:
 
 
 def _check_node_id(node_id: object) -> None:
-    if (
-        not isinstance(node_id, str)
-        or not 1 <= len(node_id) <= _MAX_NODE_ID
-        or not all(c.isascii() and (c.isalnum() or c in "._-") for c in node_id)
-    ):
-        raise _BadRequest("node_id must be 1-64 characters of A-Z a-z 0-9 . _ -")
+    if not is_node_id(node_id):
+        raise _BadRequest(f"node_id must be {NODE_ID_RULE}")
 
 
 def _check_wg_key(key: object) -> str:
@@ -366,12 +358,9 @@ def _check_network(text: object) -> ipaddress.IPv4Network:
     if not isinstance(text, str):
         raise _BadRequest("tunnel network must be a string")
     try:
-        network = ipaddress.IPv4Network(text, strict=True)
-    except ValueError:
-        raise _BadRequest("tunnel network must be an IPv4 network such as 10.99.0.0/24") from None
-    if not _MIN_PREFIX <= network.prefixlen <= _MAX_PREFIX:
-        raise _BadRequest(f"tunnel network prefix must be /{_MIN_PREFIX} to /{_MAX_PREFIX}")
-    return network
+        return parse_tunnel_network(text)
+    except ConfigError as exc:
+        raise _BadRequest(f"tunnel network {exc}") from None
 
 
 def _header(headers: Iterable[tuple[str, str]], name: str) -> list[str]:

@@ -36,7 +36,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rustbalance.cluster.coordinator import Coordinator, write_file_atomic
+from rustbalance.atomic_file import write_file_atomic
+from rustbalance.cluster.coordinator import Coordinator
 from rustbalance.cluster.messages import CoordinationError
 from rustbalance.cluster.wireguard import (
     WireGuardError,

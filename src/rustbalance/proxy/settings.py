@@ -5,12 +5,12 @@ The config layer maps its ``[target]`` / ``[proxy]`` tables onto :class:`ProxySe
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Literal
 
-from rustbalance.errors import RustBalanceError
+from rustbalance.errors import RuleError, RustBalanceError
+from rustbalance.rules import parse_host
 
 ProxyMode = Literal["http", "tcp"]
 
@@ -79,8 +79,9 @@ def parse_target(text: str, *, use_tls: bool | None = None) -> Target:
                 raise ProxyError(f"invalid target {text!r}: expected host:port")
             port_text = rest[1:]
         try:
-            ipaddress.IPv6Address(host)
-        except ValueError as exc:
+            # The shared rule: also refuses zone ids that are no interface name.
+            host = parse_host(f"[{host}]", allow_onion=False)
+        except RuleError as exc:
             raise ProxyError(f"invalid target {text!r}: bad IPv6 address") from exc
     else:
         host, sep, port_part = raw.rpartition(":")

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
-from rustbalance.demo import NodeProcess, write_node_config
 from rustbalance.node.status import read_status
 from rustbalance.testnet.apps import NamedHTTPServer
 from rustbalance.testnet.network import PrivateTorNetwork
+from rustbalance.testnet.node import NodeProcess, write_node_config
 from rustbalance.tor.process import pid_is_alive
 
 __all__ = [

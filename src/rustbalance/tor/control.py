@@ -30,7 +30,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass
 from types import TracebackType
 
-from rustbalance.errors import ConfigError, ControlError
+from rustbalance.errors import ConfigError, ControlError, RuleError
+from rustbalance.rules import parse_endpoint
 from rustbalance.tor.control_protocol import (
     DEFAULT_MAX_LINE_LENGTH,
     DEFAULT_MAX_REPLY_SIZE,
@@ -194,20 +195,13 @@ class ControlAddress:
                 raise ConfigError("control address 'unix:' needs a socket path")
         if value.startswith("/"):
             return cls(path=value)
-        host = "127.0.0.1"
-        port_text = value
-        if value.startswith("["):
-            close = value.find("]")
-            if close < 0 or value[close + 1 : close + 2] != ":":
-                raise ConfigError(f"control address {text!r}: expected [IPv6]:PORT")
-            host, port_text = value[1:close], value[close + 2 :]
-        elif ":" in value:
-            host, _, port_text = value.rpartition(":")
-            if ":" in host:
-                raise ConfigError(f"control address {text!r}: put IPv6 addresses in brackets")
-        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ConfigError(f"control address {text!r}: expected HOST:PORT with port 1-65535")
-        return cls(host=host, port=int(port_text))
+        if value.isascii() and value.isdigit():
+            value = f"127.0.0.1:{value}"  # a bare port, as tor's ControlPort takes it
+        try:
+            endpoint = parse_endpoint(value)
+        except RuleError as exc:
+            raise ConfigError(f"control address {text!r}: {exc}") from None
+        return cls(host=endpoint.host, port=endpoint.port)
 
     def __str__(self) -> str:
         if self.path is not None:

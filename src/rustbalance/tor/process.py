@@ -19,13 +19,13 @@ import logging
 import os
 import re
 import socket
-import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from rustbalance.atomic_file import write_file_atomic
 from rustbalance.errors import TorProcessError
 
 __all__ = [
@@ -262,13 +262,10 @@ class ManagedTor(TorDataFiles):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # tor refuses a DataDirectory others can read (tor manual: DataDirectoryGroupReadable).
         os.chmod(self.data_dir, 0o700)
-        fd = os.open(self.torrc_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(self.torrc_text())
-        os.chmod(self.torrc_path, stat.S_IRUSR | stat.S_IWUSR)
+        write_file_atomic(self.torrc_path, self.torrc_text(), 0o600)
         # An empty defaults file keeps /etc/tor/torrc-defaults out (tor.md §13.10 pitfall 1).
         defaults = self.data_dir / "torrc-defaults"
-        defaults.write_text("")
+        write_file_atomic(defaults, "", 0o600)
         return defaults
 
     # -- lifecycle
