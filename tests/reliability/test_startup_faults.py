@@ -21,7 +21,7 @@ import pytest
 
 from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
 from rustbalance.demo import write_node_config
-from rustbalance.node.daemon import EXIT_CONFIG, EXIT_RUNTIME
+from rustbalance.node.startup import EXIT_CONFIG, EXIT_RUNTIME
 
 RUN_TIMEOUT = 60.0
 
