@@ -255,7 +255,7 @@ class Publisher:
         self._published_ring = descriptor_ring(master_key, view) if view else None
         self._fired_ring = None
 
-    async def _publish_counted(self) -> PublishOutcome:
+    async def publish_counted(self) -> PublishOutcome:
         """``publish_once`` as the publish loop runs it, counted for metrics."""
         try:
             outcome = await self.publish_once()
@@ -271,7 +271,7 @@ class Publisher:
         """Supervised task: the publish loop (node/publish_policy.py)."""
         cfg = self._config.publish
         await run_publish_loop(
-            self._publish_counted,
+            self.publish_counted,
             self._network.fresh_session,
             self._own.has_intro_points,
             self.state,
