@@ -239,5 +239,14 @@ class FakeCoordination:
         self.left = True
 
 
+async def until(condition: Callable[[], bool], rounds: int = 2000) -> None:
+    """Let the tasks run (a manual clock makes their sleeps instant) until ``condition()``."""
+    for _ in range(rounds):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
+
+
 def master_key(seed: int = 7) -> IdentityKey:
     return IdentityKey.from_seed(random.Random(seed).randbytes(32))

@@ -26,6 +26,7 @@ from tests.node.fakes import (
     decoded,
     intro_points,
     master_key,
+    until,
 )
 
 KEY = master_key()
@@ -147,12 +148,3 @@ async def test_the_cluster_task_wires_coordination_tor_and_the_publisher(tmp_pat
 
 class _Down:
     running = False
-
-
-async def until(condition: object, rounds: int = 2000) -> None:
-    assert callable(condition)
-    for _ in range(rounds):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition not reached")

@@ -25,6 +25,7 @@ from tests.node.fakes import (
     intro_points,
     master_key,
     reply_error,
+    until,
     with_srv,
 )
 
@@ -183,13 +184,3 @@ async def test_the_consensus_watch_rereads_the_view_on_a_new_consensus_only() ->
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-
-
-async def until(condition: object, rounds: int = 500) -> None:
-    """Let the task run (the manual clock makes its sleeps instant) until ``condition()``."""
-    assert callable(condition)
-    for _ in range(rounds):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition not reached")

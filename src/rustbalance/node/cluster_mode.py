@@ -18,10 +18,10 @@ actions for the shell (:mod:`rustbalance.node.cluster_loop`) to carry out. Rules
   must not hold the lease.
 - A node that becomes the publisher republishes at once (failover time is what the election
   already spent, not a debounce on top of it); one that becomes a standby forgets what it
-  published. While publisher, a change of the merged intro-point set (a peer's intro points
-  changed, a peer died or appeared) that lasts ``republish_debounce`` seconds (changes come in
-  bursts) republishes, unless a publish is in flight; nothing is republished while there are
-  no intro points at all.
+  published and any change it was waiting out. While publisher, a change of the merged
+  intro-point set (a peer's intro points changed, a peer died or appeared) that lasts
+  ``republish_debounce`` seconds (changes come in bursts) republishes, unless a publish is in
+  flight; nothing is republished while there are no intro points at all.
 - A standby never publishes: it is ready once its own intro points exist.
 """
 
@@ -222,6 +222,7 @@ class ClusterMode:
             actions.append(RoleChanged(publishing, observed.is_multi))
             if not publishing:
                 self.published_signature = None
+                self._signature_changed_at = None
             elif has_points:
                 self._signature_changed_at = None
                 actions.append(Republish("became publisher"))
