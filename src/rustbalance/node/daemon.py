@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 from rustbalance.config import Config
 from rustbalance.crypto.keys import IdentityKey
@@ -129,7 +131,7 @@ class Daemon:
         write_onion_service_dir(cfg, self.identity)
         socks = runtime.choose_socks()
         if await runtime.start_metrics(self.metrics):
-            self.metrics.update(metrics_values(self.snapshot()))
+            self.metrics.update(self._metrics_values())
         log_identity_mode(self.identity, clustered=self.clustered)
         self.publisher.backends = backend_poller(
             cfg,
@@ -183,6 +185,9 @@ class Daemon:
             mesh=runtime.mesh.status() if runtime.mesh.active else None,
         )
 
+    def _metrics_values(self) -> dict[str, Any]:
+        return metrics_values(self.snapshot())
+
     # -- supervision ----------------------------------------------------------------------
 
     def tasks(self) -> list[TaskSpec]:
@@ -200,8 +205,7 @@ class Daemon:
             tasks.append(TaskSpec("status", runtime.status_server.serve_forever, restartable=True))
         tasks.append(TaskSpec("verify", self.publisher.verify, restartable=True))
         if runtime.metrics_server is not None:
-            values = lambda: metrics_values(self.snapshot())  # noqa: E731
-            feed = lambda: feed_metrics(self.metrics, values, sleep=self.clock.sleep)  # noqa: E731
+            feed = partial(feed_metrics, self.metrics, self._metrics_values, sleep=self.clock.sleep)
             tasks.append(TaskSpec("metrics", feed, restartable=True))
         if runtime.prober is not None:
             tasks.append(TaskSpec("health-probe", runtime.prober.run, restartable=True))

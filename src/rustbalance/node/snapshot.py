@@ -5,7 +5,7 @@ part); :func:`status_document` and :func:`metrics_values` are the only places th
 into the status JSON (node/status.py serves it) and into the metrics snapshot keys
 (node/metrics.py). So ``status`` and ``/metrics`` can never disagree about a number.
 
-Status document (see also docs/config.md "Status")::
+Status document (what ``rustbalance status --format json`` prints)::
 
     {"node_id", "mode": "single"|"multi", "role": "publisher"|"standby",
      "master_onion_address", "tor": {"running", "restarts", "restart_failures", "mode"},
