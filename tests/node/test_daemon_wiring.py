@@ -148,3 +148,27 @@ async def test_the_cluster_task_wires_coordination_tor_and_the_publisher(tmp_pat
 
 class _Down:
     running = False
+
+
+class _Session:
+    """A fresh control session as the reconnecting controller hands it to its hooks."""
+
+    def __init__(self) -> None:
+        self.confs: list[dict[str, str]] = []
+
+    async def set_conf(self, items: dict[str, str]) -> None:
+        self.confs.append(dict(items))
+
+
+async def test_a_new_control_session_gets_native_publishing_set_again(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("x" * 64)
+    daemon, network, _, _ = build(config(tmp_path, CLUSTER))
+    session = _Session()
+    await daemon.cluster.on_control_connected(session)  # type: ignore[arg-type]
+    assert session.confs == []  # no coordination yet: the torrc says it
+    daemon.cluster.coordination = FakeCoordination()
+    await daemon.cluster.on_control_connected(session)  # type: ignore[arg-type]
+    await daemon.cluster.on_control_connected(session)  # type: ignore[arg-type]
+    assert session.confs == [{"PublishHidServDescriptors": "0"}] * 2  # on this very session
+    assert network.native == []
+    assert status_document(daemon.snapshot())["cluster"]["native_publishing"] is False
