@@ -224,9 +224,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run_script(tmp_path: Path, mode: str, sig: signal.Signals | None) -> tuple[int, str, str]:
+def run_script(
+    tmp_path: Path, mode: str, sig: signal.Signals | None, source: str = SCRIPT
+) -> tuple[int, str, str]:
     script = tmp_path / "daemon.py"
-    script.write_text(SCRIPT)
+    script.write_text(source)
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.Popen(
         [sys.executable, str(script), mode],
@@ -308,35 +310,8 @@ DAEMON_SCRIPT = textwrap.dedent(
 )
 
 
-def run_daemon_script(
-    tmp_path: Path, mode: str, sig: signal.Signals | None
-) -> tuple[int, str, str]:
-    script = tmp_path / "daemon.py"
-    script.write_text(DAEMON_SCRIPT)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), mode],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": SRC},
-    )
-    try:
-        assert proc.stdout is not None
-        prefix = ""
-        if sig is not None:
-            prefix = proc.stdout.readline()  # READY or STARTING: the handlers are installed
-            proc.send_signal(sig)
-        out, err = proc.communicate(timeout=20)
-        out = prefix + out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, out, err
-
-
 def test_a_start_up_error_exits_with_its_code_after_clean_up(tmp_path: Path) -> None:
-    code, out, err = run_daemon_script(tmp_path, "bad-config", None)
+    code, out, err = run_script(tmp_path, "bad-config", None, DAEMON_SCRIPT)
     assert code == 2
     assert out == "closed\n"
     assert err.splitlines() == [
@@ -345,14 +320,14 @@ def test_a_start_up_error_exits_with_its_code_after_clean_up(tmp_path: Path) -> 
 
 
 def test_a_signal_during_start_up_stops_it_cleanly(tmp_path: Path) -> None:
-    code, out, err = run_daemon_script(tmp_path, "slow-start", signal.SIGTERM)
+    code, out, err = run_script(tmp_path, "slow-start", signal.SIGTERM, DAEMON_SCRIPT)
     assert code == 0, err
     assert out == "STARTING\nclosed\n"
     assert err.splitlines() == ["INFO Received SIGTERM during start-up", "INFO Shutdown complete"]
 
 
 def test_a_started_daemon_runs_hooks_then_cleans_up(tmp_path: Path) -> None:
-    code, out, err = run_daemon_script(tmp_path, "serve", signal.SIGINT)
+    code, out, err = run_script(tmp_path, "serve", signal.SIGINT, DAEMON_SCRIPT)
     assert code == 0, err
     assert out == "READY\ndrained\nclosed\n"
     assert err.splitlines() == ["INFO Received SIGINT", "INFO Shutdown complete"]
