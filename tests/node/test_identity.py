@@ -120,7 +120,7 @@ def _write_node_config(tmp_path: Path, node: dict[str, object], master: dict[str
 
 
 def test_daemon_loads_a_non_eligible_instance_without_any_master_key(tmp_path: Path) -> None:
-    from rustbalance.node.daemon import load_node
+    from rustbalance.node.startup import load_node
 
     path = _write_node_config(
         tmp_path,
@@ -135,7 +135,7 @@ def test_daemon_loads_a_non_eligible_instance_without_any_master_key(tmp_path: P
 
 
 def test_daemon_refuses_a_readable_instance_key_with_exit_2(tmp_path: Path) -> None:
-    from rustbalance.node.daemon import StartupError, load_node
+    from rustbalance.node.startup import StartupError, load_node
 
     key_file = tmp_path / "instance.key"
     load_or_create_instance_key(key_file)
@@ -157,7 +157,7 @@ def test_daemon_refuses_a_readable_instance_key_with_exit_2(tmp_path: Path) -> N
 
 
 def test_daemon_refuses_a_corrupt_instance_key_with_exit_2(tmp_path: Path) -> None:
-    from rustbalance.node.daemon import StartupError, load_node
+    from rustbalance.node.startup import StartupError, load_node
 
     key_file = tmp_path / "instance.key"
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600)

@@ -14,14 +14,22 @@ from typing import Any
 
 import pytest
 
+from rustbalance.node.coordination import ClusterStatus
 from rustbalance.node.publish_policy import HsDirResult, PeriodResult, PublishState
+from rustbalance.node.snapshot import (
+    ClusterSnapshot,
+    IntroSnapshot,
+    NodeSnapshot,
+    PublishSnapshot,
+    TorSnapshot,
+    status_document,
+)
 from rustbalance.node.status import (
-    NodeStatus,
-    PeerStatus,
     StatusError,
     StatusServer,
     read_status,
 )
+from rustbalance.proxy.session import ProxyStats
 
 MASTER = "a" * 56 + ".onion"
 
@@ -49,28 +57,40 @@ def sample_status() -> dict[str, Any]:
         },
         1_700_000_000.0,
     )
-    return NodeStatus(
-        node_id="node-a",
-        mode="multi",
-        role="publisher",
-        master_onion_address=MASTER,
-        tor_running=True,
-        tor_restarts=2,
-        intro_points_own=3,
-        intro_points_published=6,
-        last_publish=publish.to_status(),
-        peers=(PeerStatus("node-b", True), PeerStatus("node-c", False)),
-        proxy={"connections_total": 12, "connections_active": 1},
-        generated_at=1_700_000_001.0,
-    ).to_dict()
+    cluster = ClusterStatus(
+        term=4,
+        election_role="publisher",
+        publisher="node-a",
+        counters={"heartbeats_sent": 9},
+        rejected={},
+        peer_intro_points={"node-b": 3},
+        live_peers=("node-b",),
+        known_peers=("node-b", "node-c"),
+    )
+    return status_document(
+        NodeSnapshot(
+            node_id="node-a",
+            master_onion_address=MASTER,
+            multi=True,
+            publisher=True,
+            ready=True,
+            uptime_secs=12.5,
+            generated_at=1_700_000_001.0,
+            tor=TorSnapshot("managed", running=True, restarts=2),
+            intro=IntroSnapshot((b"\x01" * 32,) * 3, (b"\x02" * 32,) * 6),
+            publish=PublishSnapshot(state=publish),
+            cluster=ClusterSnapshot(cluster, native_publishing=False),
+            proxy=ProxyStats(active=1, total=12),
+        )
+    )
 
 
 def test_status_document_has_the_documented_keys() -> None:
     doc = sample_status()
     assert doc["node_id"] == "node-a"
     assert (doc["mode"], doc["role"]) == ("multi", "publisher")
-    assert doc["tor"] == {"running": True, "restarts": 2, "restart_failures": 0}
-    assert doc["intro_points"] == {"own": 3, "published": 6}
+    assert doc["tor"] == {"running": True, "restarts": 2, "restart_failures": 0, "mode": "managed"}
+    assert (doc["intro_points"]["own"], doc["intro_points"]["published"]) == (3, 6)
     assert doc["last_publish"]["current"] == 1_700_000_000.0
     assert doc["last_publish"]["next"] is None
     assert doc["last_publish"]["results"]["current"]["hsdirs"] == [
@@ -80,7 +100,7 @@ def test_status_document_has_the_documented_keys() -> None:
         {"node_id": "node-b", "alive": True},
         {"node_id": "node-c", "alive": False},
     ]
-    assert doc["proxy"]["connections_total"] == 12
+    assert doc["proxy"]["total"] == 12
     assert doc["master_onion_address"] == MASTER
 
 

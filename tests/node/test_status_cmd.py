@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from rustbalance.cli import status_cmd
-from rustbalance.node.status import NodeStatus, PeerStatus, StatusServer
+from rustbalance.node.status import StatusServer
 
 MASTER = "b" * 56 + ".onion"
 PUBLISHED_AT = 1_700_000_000.0
@@ -38,16 +38,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def document() -> dict[str, Any]:
-    return NodeStatus(
-        node_id="node-a",
-        mode="single",
-        role="publisher",
-        master_onion_address=MASTER,
-        tor_running=True,
-        tor_restarts=1,
-        intro_points_own=3,
-        intro_points_published=3,
-        last_publish={
+    """A status document as the daemon sends it (node/snapshot.py), trimmed to what the
+    client shows."""
+    return {
+        "node_id": "node-a",
+        "mode": "single",
+        "role": "publisher",
+        "master_onion_address": MASTER,
+        "tor": {"running": True, "restarts": 1, "restart_failures": 0, "mode": "managed"},
+        "intro_points": {"own": 3, "published": 3},
+        "last_publish": {
             "current": PUBLISHED_AT,
             "next": None,
             "results": {
@@ -62,9 +62,10 @@ def document() -> dict[str, Any]:
                 "next": {"ok": False, "error": "551 Unable to upload", "hsdirs": []},
             },
         },
-        peers=(PeerStatus("node-b", False),),
-        proxy={"connections_active": 2, "connections_total": 40},
-    ).to_dict()
+        "peers": [{"node_id": "node-b", "alive": False}],
+        "proxy": {"connections_active": 2, "connections_total": 40},
+        "generated_at": None,
+    }
 
 
 def write_config(directory: Path, node_section: str) -> Path:

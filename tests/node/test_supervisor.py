@@ -224,9 +224,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run_script(tmp_path: Path, mode: str, sig: signal.Signals | None) -> tuple[int, str, str]:
+def run_script(
+    tmp_path: Path, mode: str, sig: signal.Signals | None, source: str = SCRIPT
+) -> tuple[int, str, str]:
     script = tmp_path / "daemon.py"
-    script.write_text(SCRIPT)
+    script.write_text(source)
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.Popen(
         [sys.executable, str(script), mode],
@@ -269,3 +271,63 @@ def test_task_failure_makes_the_process_exit_non_zero(tmp_path: Path) -> None:
     assert out == "READY\ndrained\n"  # shutdown hooks still run
     assert "ERROR Task 'proxy' failed: RuntimeError: listener died" in err
     assert err.splitlines()[-1] == "ERROR Exiting with status 1: task 'proxy' failed"
+
+
+# --- run_daemon: start-up, supervision, clean-up, exit code ----------------------------------
+
+DAEMON_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, logging, sys
+    from rustbalance.node.startup import StartupError
+    from rustbalance.node.supervisor import ShutdownHook, TaskSpec, run_daemon
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(message)s")
+    MODE = sys.argv[1]
+
+    async def start():
+        if MODE == "bad-config":
+            raise StartupError("invalid config x.toml: node.id: is required", 2)
+        if MODE == "slow-start":
+            print("STARTING", flush=True)
+            await asyncio.sleep(60)
+
+    async def close():
+        print("closed", flush=True)
+
+    async def serve():
+        print("READY", flush=True)
+        await asyncio.Event().wait()
+
+    async def drain():
+        print("drained", flush=True)
+
+    sys.exit(asyncio.run(run_daemon(
+        start, close, lambda: [TaskSpec("proxy", serve)],
+        lambda: [ShutdownHook("proxy drain", drain, timeout=3.0)],
+    )))
+    """
+)
+
+
+def test_a_start_up_error_exits_with_its_code_after_clean_up(tmp_path: Path) -> None:
+    code, out, err = run_script(tmp_path, "bad-config", None, DAEMON_SCRIPT)
+    assert code == 2
+    assert out == "closed\n"
+    assert err.splitlines() == [
+        "ERROR Start-up failed: invalid config x.toml: node.id: is required"
+    ]
+
+
+def test_a_signal_during_start_up_stops_it_cleanly(tmp_path: Path) -> None:
+    code, out, err = run_script(tmp_path, "slow-start", signal.SIGTERM, DAEMON_SCRIPT)
+    assert code == 0, err
+    assert out == "STARTING\nclosed\n"
+    assert err.splitlines() == ["INFO Received SIGTERM during start-up", "INFO Shutdown complete"]
+
+
+def test_a_started_daemon_runs_hooks_then_cleans_up(tmp_path: Path) -> None:
+    code, out, err = run_script(tmp_path, "serve", signal.SIGINT, DAEMON_SCRIPT)
+    assert code == 0, err
+    assert out == "READY\ndrained\nclosed\n"
+    assert err.splitlines() == ["INFO Received SIGINT", "INFO Shutdown complete"]

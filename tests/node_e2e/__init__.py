@@ -17,16 +17,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
-from rustbalance.errors import RustBalanceError
+from rustbalance.errors import ControlError, RustBalanceError
+from rustbalance.node.tor_network import ControlTorNetwork
 from rustbalance.testnet import PrivateTorNetwork
 from rustbalance.testnet.cluster import is_tor
 from rustbalance.testnet.node import NodeProcess, write_node_config
+from rustbalance.tor.control import ReconnectingController
+from rustbalance.tor.network import HsDirUpload, PlannedDescriptor
 from rustbalance.tor.process import pid_is_alive
 from tests.torhelpers import NamedHTTPServer
 
@@ -195,11 +198,11 @@ FAULT_FILE_ENV = "RB_TEST_FAULT_FILE"
 
 class FaultInjectedNodeProcess(NodeProcess):
     """``rustbalance run`` with one controlled fault: while ``fault_file`` contains ``next``,
-    the second upload of each publish round (the "next" period descriptor, which
-    ``publish_master`` always uploads after the "current" one) raises ``ControlError`` before
-    reaching tor. Real tor cannot fail only one of the two uploads on demand: on the private
-    network every HSDir is responsible for both descriptors. Everything else is the real daemon
-    on real tor; the process runs :func:`_fault_injected_main` instead of the CLI module."""
+    the upload of the "next" period descriptor raises ``ControlError`` before reaching tor
+    (:class:`NextUploadFault`, the daemon's tor network with that one fault). Real tor cannot
+    fail only one of the two uploads on demand: on the private network every HSDir is
+    responsible for both descriptors. Everything else is the real daemon on real tor; the
+    process runs :func:`_fault_injected_main` instead of the CLI module."""
 
     def __init__(self, config_path: Path, log_path: Path, fault_file: Path) -> None:
         super().__init__(config_path, log_path)
@@ -231,28 +234,28 @@ def _fault_active(fault_file: Path) -> bool:
         return False
 
 
+class NextUploadFault(ControlTorNetwork):
+    """The daemon's tor network, except that the "next" period upload fails while
+    ``fault_file`` says ``next``."""
+
+    def __init__(self, controller: Callable[[], ReconnectingController], fault_file: Path) -> None:
+        super().__init__(controller)
+        self.fault_file = fault_file
+
+    async def upload(self, planned: PlannedDescriptor, timeout: float) -> list[HsDirUpload]:  # noqa: ASYNC109
+        if planned.label == "next" and _fault_active(self.fault_file):
+            raise ControlError("injected test fault: next-period upload blocked")
+        return await super().upload(planned, timeout)
+
+
 def _fault_injected_main() -> None:  # pragma: no cover - runs in the node subprocess
-    import rustbalance.node.daemon as daemon
-    import rustbalance.tor.network as network
-    from rustbalance.cli.main import main
-    from rustbalance.errors import ControlError
+    """``rustbalance run`` (the CLI's own parser, logging and run command) with the daemon's
+    tor network replaced by :class:`NextUploadFault`."""
+    from rustbalance.cli import run_cmd
+    from rustbalance.cli.logging_setup import configure_logging
+    from rustbalance.cli.main import build_parser, log_settings
 
     fault_file = Path(os.environ[FAULT_FILE_ENV])
-    uploads_this_round = [0]
-    real_publish = getattr(daemon, "publish_master")  # noqa: B009 (not in daemon's __all__)
-    real_upload = network.upload_descriptor
-
-    async def publish_master(*args: object, **kwargs: object) -> object:
-        uploads_this_round[0] = 0
-        return await real_publish(*args, **kwargs)
-
-    async def upload_descriptor(*args: object, **kwargs: object) -> object:
-        uploads_this_round[0] += 1
-        active = _fault_active(fault_file)
-        if active and uploads_this_round[0] == 2:
-            raise ControlError("injected test fault: next-period upload blocked")
-        return await real_upload(*args, **kwargs)  # type: ignore[arg-type]
-
-    setattr(daemon, "publish_master", publish_master)  # noqa: B010
-    network.upload_descriptor = upload_descriptor  # type: ignore[assignment]
-    sys.exit(main(sys.argv[1:]))
+    args = build_parser().parse_args(sys.argv[1:])
+    configure_logging(log_settings(args))
+    sys.exit(run_cmd.run(args, network=lambda ctrl: NextUploadFault(ctrl, fault_file)))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from rustbalance.node.daemon import TOR_HUNG_INTERVALS, _GuardedTor
+from rustbalance.node.watchdog import TOR_HUNG_INTERVALS, GuardedTor
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
 from rustbalance.tor.process import pid_is_alive
 from tests.node_e2e import running_node
@@ -55,7 +55,7 @@ async def test_guarded_tor_counts_a_lasting_lost_control_session_as_down() -> No
     now = [0.0]
     connected = [True]
     tor = _ProcessAlive()
-    guarded = _GuardedTor(
+    guarded = GuardedTor(
         tor,  # type: ignore[arg-type]
         connected=lambda: connected[0],
         hung_after=30.0,
@@ -79,7 +79,7 @@ async def test_guarded_tor_counts_a_lasting_lost_control_session_as_down() -> No
     now[0] = 71.0
     assert await guarded.is_running()  # the restart starts a fresh count
     # Without a controller to ask (None), only the process check counts.
-    plain = _GuardedTor(tor)  # type: ignore[arg-type]
+    plain = GuardedTor(tor)  # type: ignore[arg-type]
     assert await plain.is_running()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
-from rustbalance.node.daemon import EXIT_CONFIG, EXIT_RUNTIME
+from rustbalance.node.startup import EXIT_CONFIG, EXIT_RUNTIME
 from rustbalance.testnet.node import write_node_config
 
 RUN_TIMEOUT = 60.0

@@ -22,7 +22,6 @@ from rustbalance.cluster.wireguard import WireGuardError, load_or_create_private
 from rustbalance.config import Config, ConfigProblems, load_config
 from rustbalance.errors import ConfigError, InvalidKeyError
 from rustbalance.node.cluster_link import load_cluster_key
-from rustbalance.node.daemon import EXIT_CONFIG, StartupError, load_master_key
 from rustbalance.node.identity import (
     default_instance_key_path,
     load_or_create_instance_key,
@@ -30,6 +29,7 @@ from rustbalance.node.identity import (
 )
 from rustbalance.node.join import JoinError, check_secret_strength
 from rustbalance.node.mesh import MeshError, read_private_secret
+from rustbalance.node.startup import EXIT_CONFIG, StartupError, load_master_key
 
 __all__ = ["check", "file_problems", "register"]
 

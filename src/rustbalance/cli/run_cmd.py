@@ -11,7 +11,9 @@ import argparse
 from typing import Any
 
 from rustbalance.cli.logging_setup import write_error
-from rustbalance.node.daemon import StartupError, run_node
+from rustbalance.node.daemon import NetworkFactory, run_node
+from rustbalance.node.startup import StartupError
+from rustbalance.node.tor_network import ControlTorNetwork
 
 __all__ = ["register", "run"]
 
@@ -33,10 +35,11 @@ def register(commands: SubParsers, debug_commands: SubParsers) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, network: NetworkFactory = ControlTorNetwork) -> int:
+    """``network``: how the daemon reaches tor (tests inject a fault, tests/node_e2e)."""
     config: str = args.config
     try:
-        return run_node(config, ["run", "--config", config])
+        return run_node(config, ["run", "--config", config], network=network)
     except StartupError as exc:
         write_error(str(exc))
         return exc.exit_code

@@ -26,13 +26,26 @@ from python_socks import ProxyError as SocksProxyError
 from python_socks import ProxyType
 from python_socks.async_.asyncio import Proxy as SocksProxy
 
+from rustbalance.config import Config
 from rustbalance.descriptor.parser import DecodedDescriptor
 from rustbalance.errors import ControlError, RustBalanceError
+from rustbalance.node import DAEMON_LOGGER
 from rustbalance.node.backend_state import BackendBook, BackendSignature
+from rustbalance.node.clock import Clock
+from rustbalance.node.consensus_watch import ConsensusWatch
+from rustbalance.node.snapshot import BackendSnapshot
+from rustbalance.node.tor_network import TorNetwork
 
-__all__ = ["FETCH_TIMEOUT_SECS", "PROBE_TIMEOUT_SECS", "BackendPoller", "probe_onion"]
+__all__ = [
+    "FETCH_TIMEOUT_SECS",
+    "PROBE_TIMEOUT_SECS",
+    "BackendPoller",
+    "backend_poller",
+    "probe_onion",
+]
 
 log = logging.getLogger(__name__)
+daemon_log = logging.getLogger(DAEMON_LOGGER)
 
 # HSFETCH: tor asks up to 6 HSDirs; a cold circuit on a loaded network can take a while.
 FETCH_TIMEOUT_SECS = 45.0
@@ -77,6 +90,7 @@ class BackendPoller:
         on_change: Callable[[str], None],
         is_active: Callable[[], bool],
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.book = book
         self._fetch = fetch
@@ -84,6 +98,7 @@ class BackendPoller:
         self._on_change = on_change
         self._is_active = is_active
         self._clock = clock
+        self._sleep = sleep
         self._signature: BackendSignature = ()
         self._was_active = False
         self.rounds = 0
@@ -129,6 +144,17 @@ class BackendPoller:
             )
             self._on_change("backend intro points changed")
 
+    def snapshot(self, now: float) -> tuple[BackendSnapshot, ...]:
+        """Every backend as ``status`` shows it."""
+        return tuple(
+            BackendSnapshot(
+                address,
+                self.book.down_reason(address, now),
+                tuple(p.auth_key for p in state.intro_points),
+            )
+            for address, state in self.book.states.items()
+        )
+
     async def run_once(self) -> None:
         """One round over the due backends (concurrently), then report."""
         due = self.book.due(self._clock())
@@ -151,4 +177,48 @@ class BackendPoller:
             wait = IDLE_SLEEP_SECS
             if active and next_due is not None:
                 wait = min(max(next_due - self._clock(), 0.05), IDLE_SLEEP_SECS)
-            await asyncio.sleep(wait)
+            await self._sleep(wait)
+
+
+def backend_poller(
+    config: Config,
+    may_publish: bool,
+    network: TorNetwork,
+    views: ConsensusWatch,
+    socks: Callable[[], tuple[str, int]],
+    *,
+    on_change: Callable[[str], None],
+    is_active: Callable[[], bool],
+    clock: Clock,
+) -> BackendPoller | None:
+    """The poller of ``master.backends`` over the node's tor (None without backends, or on a
+    node that never publishes: ``may_publish`` is False without a master key)."""
+    backends = config.master.backends
+    if not backends:
+        return None
+    if not may_publish:
+        daemon_log.info("master.backends ignored: this node never publishes")
+        return None
+    book = BackendBook(
+        backends,
+        poll_secs=config.master.backend_poll_secs,
+        max_age_secs=config.master.backend_max_age_secs,
+    )
+
+    async def fetch(address: str) -> DecodedDescriptor:
+        view = await views.current()
+        return await network.fetch(address, view, timeout=FETCH_TIMEOUT_SECS)
+
+    async def probe(address: str) -> None:
+        await probe_onion(socks(), address, config.proxy.virtual_port)
+
+    daemon_log.info("Merging %d plain tor backends", len(backends))
+    return BackendPoller(
+        book,
+        fetch,
+        probe,
+        on_change=on_change,
+        is_active=is_active,
+        clock=clock.wall,
+        sleep=clock.sleep,
+    )

@@ -1,9 +1,11 @@
 """Prometheus metrics (system.md §13.2 item 3.5) and the ``/metrics`` HTTP endpoint.
 
-The daemon owns its counters (the proxy's :class:`~rustbalance.proxy.ProxyStats`, the publish
-loop's results, the peer table...). Rather than mirroring every increment into prometheus
-objects, it hands :meth:`NodeMetrics.update` plain snapshot dicts of the current values, and a
-custom collector renders the latest snapshot at scrape time. So the numbers can never drift
+The daemon's components own their counters (the proxy's :class:`~rustbalance.proxy.ProxyStats`,
+the publisher's results, the peer table...). Rather than mirroring every increment into
+prometheus objects, :func:`feed_metrics` hands :meth:`NodeMetrics.update` the daemon's typed
+snapshot rendered by :func:`rustbalance.node.snapshot.metrics_values` (the same snapshot the
+status document is rendered from), and a custom collector renders the latest one at scrape
+time. So the numbers can never drift
 from the daemon's own, and a part that has not reported yet simply exports nothing.
 
 The registry is private (never prometheus-client's global one): tests and several daemons in
@@ -65,7 +67,7 @@ import logging
 import math
 import platform
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,9 +87,11 @@ from rustbalance.proxy.session import ProxyStats
 
 __all__ = [
     "DEFAULT_LISTEN",
+    "METRICS_UPDATE_SECS",
     "MetricsError",
     "MetricsServer",
     "NodeMetrics",
+    "feed_metrics",
     "proxy_snapshot",
     "start_metrics_server",
 ]
@@ -95,6 +99,8 @@ __all__ = [
 log = logging.getLogger("rustbalance.metrics")
 
 DEFAULT_LISTEN = ("127.0.0.1", 9100)
+# How often the daemon's snapshot is rendered into the metrics (scrapes read the latest).
+METRICS_UPDATE_SECS = 5.0
 _MAX_HSDIRS = 64
 _MAX_REASONS = 32
 _MAX_PEERS = 256
@@ -386,6 +392,18 @@ class NodeMetrics:
     def render(self) -> bytes:
         """The text exposition format, as served on ``/metrics``."""
         return bytes(generate_latest(self.registry))
+
+
+async def feed_metrics(
+    metrics: NodeMetrics,
+    values: Callable[[], Mapping[str, Any]],
+    *,
+    sleep: Callable[[float], Awaitable[None]],
+) -> None:
+    """Supervised task: update ``metrics`` from ``values()`` every few seconds."""
+    while True:
+        metrics.update(values())
+        await sleep(METRICS_UPDATE_SECS)
 
 
 # --- the HTTP endpoint ----------------------------------------------------------------------

@@ -158,6 +158,17 @@ class PublishState:
             self.consecutive_failures += 1
         return ok
 
+    def copy(self) -> PublishState:
+        """An independent copy (for a snapshot: later publishes do not change it)."""
+        return PublishState(
+            self.last_attempt,
+            dict(self.last_success),
+            dict(self.last_results),
+            self.consecutive_failures,
+            self.total_publishes,
+            self.total_failures,
+        )
+
     @property
     def last_any_success(self) -> float | None:
         return max(self.last_success.values(), default=None)

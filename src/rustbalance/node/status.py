@@ -1,18 +1,10 @@
 """The node's status model and its local, read-only status endpoint (system.md W16).
 
-The daemon owns the data: it passes a callable that returns the live status document. The
-server answers every connection on a unix socket (file 0600, its folder 0700 when we create it)
-with one JSON document and closes; nothing is read from the client, so it cannot change
-anything. :func:`read_status` is the client used by ``rustbalance status``.
-
-Document (keys always present)::
-
-    {"node_id", "mode": "single"|"multi", "role": "publisher"|"standby",
-     "master_onion_address", "tor": {"running", "restarts", "restart_failures"},
-     "intro_points": {"own", "published"},
-     "last_publish": {"current": unix|null, "next": unix|null, "last_attempt", ...,
-                      "results": {"current": {"ok", "error", "hsdirs": [...]}, ...}},
-     "peers": [{"node_id", "alive"}], "proxy": {counter: int}, "generated_at": unix}
+The daemon owns the data: it passes a callable that returns the live status document
+(node/snapshot.py renders it, and documents its keys). The server answers every connection on
+a unix socket (file 0600, its folder 0700 when we create it) with one JSON document and
+closes; nothing is read from the client, so it cannot change anything. :func:`read_status` is
+the client used by ``rustbalance status``.
 """
 
 from __future__ import annotations
@@ -25,9 +17,8 @@ import os
 import socket
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from rustbalance.errors import RustBalanceError
 
@@ -42,54 +33,6 @@ StatusProvider = Callable[[], Mapping[str, Any]]
 
 class StatusError(RustBalanceError):
     """The status endpoint could not be served or read; the message says why in one line."""
-
-
-@dataclass(frozen=True)
-class PeerStatus:
-    node_id: str
-    alive: bool
-
-
-@dataclass(frozen=True)
-class NodeStatus:
-    """Typed builder for the status document; the daemon fills it from its live state."""
-
-    node_id: str
-    mode: Literal["single", "multi"]
-    role: Literal["publisher", "standby"]
-    master_onion_address: str
-    tor_running: bool
-    tor_restarts: int = 0
-    tor_restart_failures: int = 0
-    intro_points_own: int = 0
-    intro_points_published: int = 0
-    last_publish: Mapping[str, Any] = field(
-        default_factory=lambda: {"current": None, "next": None, "results": {}}
-    )
-    peers: tuple[PeerStatus, ...] = ()
-    proxy: Mapping[str, int] = field(default_factory=dict)
-    generated_at: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            "mode": self.mode,
-            "role": self.role,
-            "master_onion_address": self.master_onion_address,
-            "tor": {
-                "running": self.tor_running,
-                "restarts": self.tor_restarts,
-                "restart_failures": self.tor_restart_failures,
-            },
-            "intro_points": {
-                "own": self.intro_points_own,
-                "published": self.intro_points_published,
-            },
-            "last_publish": dict(self.last_publish),
-            "peers": [{"node_id": p.node_id, "alive": p.alive} for p in self.peers],
-            "proxy": dict(self.proxy),
-            "generated_at": self.generated_at,
-        }
 
 
 def _prepare_socket_path(path: Path) -> None:

@@ -10,6 +10,10 @@ Here every task runs inside one :class:`asyncio.TaskGroup`:
 - SIGTERM / SIGINT log "Received SIGTERM" (or SIGINT), run the shutdown hooks (lease release,
   proxy drain, ...) each within its time bound while the tasks still run, cancel the tasks, log
   "Shutdown complete" and return 0.
+
+:func:`run_daemon` is a daemon's whole life around it (start-up that a signal can interrupt,
+supervision, clean-up) and the one place that decides the exit code; the bound on the whole
+shutdown is the sum of the hooks' time bounds.
 """
 
 from __future__ import annotations
@@ -23,9 +27,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from rustbalance.errors import RustBalanceError
+from rustbalance.node import DAEMON_LOGGER
 from rustbalance.node.publish_policy import backoff
+from rustbalance.node.startup import StartupError
 
 log = logging.getLogger(__name__)
+# run_daemon's start-up lines have always come from the daemon.
+daemon_log = logging.getLogger(DAEMON_LOGGER)
 
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1
@@ -197,6 +205,54 @@ class Supervisor:
             return EXIT_TASK_FAILED
         log.info("Shutdown complete")
         return EXIT_OK
+
+
+async def run_daemon(
+    start: Callable[[], Awaitable[None]],
+    close: Callable[[], Awaitable[None]],
+    tasks: Callable[[], Sequence[TaskSpec]],
+    hooks: Callable[[], Sequence[ShutdownHook]],
+) -> int:
+    """A daemon's whole life: ``start()``, then supervise ``tasks()`` until SIGTERM/SIGINT or a
+    fatal failure, then ``close()``; the process exit code.
+
+    A signal during start-up stops it (exit 0 after ``close``); a :class:`StartupError` is
+    logged as "Start-up failed: ..." and its exit code returned (2 config/key, 1 runtime)."""
+    loop = asyncio.get_running_loop()
+    starting = asyncio.current_task()
+    assert starting is not None
+    interrupted: list[str] = []
+
+    def stop_start_up(sig: signal.Signals) -> None:
+        daemon_log.info("Received %s during start-up", sig.name)
+        interrupted.append(sig.name)
+        starting.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_start_up, sig)
+    try:
+        await start()
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+        starting.uncancel()
+        await close()
+        daemon_log.info("Shutdown complete")
+        return EXIT_OK
+    except StartupError as exc:
+        daemon_log.error("Start-up failed: %s", exc)
+        await close()
+        return exc.exit_code
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    supervisor = Supervisor(tasks(), hooks())
+    supervisor.install_signal_handlers()
+    try:
+        return await supervisor.run()
+    finally:
+        supervisor.remove_signal_handlers()
+        await close()
 
 
 async def run_supervised(tasks: Sequence[TaskSpec], hooks: Sequence[ShutdownHook] = ()) -> int:

@@ -13,6 +13,11 @@ Every ``check_interval`` (15 s) the loop asks tor whether it runs. When it is do
 
 When tor is healthy the consecutive-failure counter resets (DEBUG log).
 
+:class:`GuardedTor` is the daemon's tor as the watchdog sees it: not "down" while the daemon
+stops it on purpose, and down when its process lives but its control port has not given a
+working session for ``TOR_HUNG_INTERVALS`` watchdog intervals (a hung tor: SIGSTOP, a deadlock,
+swapped out; system.md §12).
+
 The core (:class:`TorWatchdog`) takes the time as an argument and returns log lines; the shell
 (:func:`run_tor_watchdog`) does the I/O, so the core is tested without sleeping.
 """
@@ -21,16 +26,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from rustbalance.node import DAEMON_LOGGER
+from rustbalance.tor.process import ManagedTor, TorProcess
+
 log = logging.getLogger(__name__)
+# GuardedTor's lines have always come from the daemon.
+daemon_log = logging.getLogger(DAEMON_LOGGER)
 
 MSG_DOWN = "Tor process is not running, attempting restart"
 MSG_GIVE_UP = "Tor cannot be restarted, manual intervention required"
+# A tor whose process lives but whose control port has not given us a working session for this
+# many watchdog intervals is hung: the watchdog restarts it. Two intervals, so one slow
+# reconnect (commands time out after 10 s) is never mistaken for it.
+TOR_HUNG_INTERVALS = 2.0
 
 
 class TorLike(Protocol):
@@ -244,3 +259,68 @@ async def run_tor_watchdog(
         elif on_restarted is None:
             reapply_pending = False
         await sleep(pol.check_interval)
+
+
+class GuardedTor:
+    """The watchdog's view of tor: during shutdown tor is stopped on purpose, so it must not
+    be "restarted" by the watchdog; ``running`` is the last observed state for status."""
+
+    def __init__(
+        self,
+        tor: TorProcess,
+        *,
+        connected: Callable[[], bool] | None = None,
+        hung_after: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tor = tor
+        self.shutting_down = False
+        self.running = True
+        # Lost control port (system.md §12): the process runs, the control port does not answer.
+        self._connected = connected
+        self._hung_after = hung_after
+        self._clock = clock
+        self._disconnected_since: float | None = None
+
+    @property
+    def last_method(self) -> str | None:
+        method = getattr(self.tor, "last_method", None)
+        return method if isinstance(method, str) else None
+
+    async def is_running(self) -> bool:
+        if self.shutting_down:
+            return True
+        alive = await self.tor.is_running()
+        if alive and self._hung():
+            alive = False
+        self.running = alive
+        return self.running
+
+    def _hung(self) -> bool:
+        """True once the control session has been down for ``hung_after`` s while the
+        process lives (its commands time out, so the controller keeps reconnecting)."""
+        if self._connected is None or self._hung_after is None or self._connected():
+            self._disconnected_since = None
+            return False
+        now = self._clock()
+        if self._disconnected_since is None:
+            self._disconnected_since = now
+            return False
+        silent = now - self._disconnected_since
+        if silent < self._hung_after:
+            return False
+        daemon_log.warning(
+            "Tor is running but its control port has not answered for %.0f s: treating it as hung",
+            silent,
+        )
+        return True
+
+    async def restart(self) -> str | None:
+        if self.shutting_down:
+            return None
+        await self.tor.restart()
+        self.running = True
+        self._disconnected_since = None
+        if isinstance(self.tor, ManagedTor):
+            return "managed process"
+        return self.last_method

@@ -11,7 +11,10 @@ What lives here is the asyncio glue between tor's control port and the pure laye
   ``HS_DESC_CONTENT``, or a typed :class:`FetchError`.
 * :func:`read_own_descriptor`: a hosted service's first descriptor (``hs/service/desc/id``).
 * :func:`publish_master`: build both master descriptors ([FIRSTDESCUPLOAD] and
-  [SECONDDESCUPLOAD]) and upload each to its own responsible HSDirs.
+  [SECONDDESCUPLOAD]) and upload each to its own responsible HSDirs; in two steps,
+  :func:`plan_master_descriptors` (build, sign, name the HSDirs) and :func:`upload_planned`
+  (upload one, log and report the outcome), so a caller can upload through its own
+  :data:`Upload` (the node daemon's tor network interface).
 
 Decisions are made by the pure modules (``crypto``, ``descriptor``, ``tor.consensus``,
 ``tor.hashring``); this module only moves bytes and waits, always with a deadline.
@@ -20,10 +23,11 @@ Decisions are made by the pure modules (``crypto``, ``descriptor``, ``tor.consen
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -67,11 +71,16 @@ __all__ = [
     "HsDirUpload",
     "NetworkView",
     "PeriodPublish",
+    "PlannedDescriptor",
+    "Upload",
+    "control_upload",
     "fetch_descriptor",
+    "plan_master_descriptors",
     "publish_master",
     "read_network_view",
     "read_own_descriptor",
     "upload_descriptor",
+    "upload_planned",
 ]
 
 log = logging.getLogger(__name__)
@@ -417,6 +426,123 @@ class RevisionClock:
         return value
 
 
+@dataclass(frozen=True)
+class PlannedDescriptor:
+    """One master descriptor ready to upload: its period, its signed text and the HSDirs it
+    goes to (rend-spec-v3 [WHERE-HSDESC]); ``error`` says why it could not be built.
+
+    Today a plan holds one per period, the first and the second descriptor ([FIRSTDESCUPLOAD],
+    [SECONDDESCUPLOAD]); it may hold several per period (one per responsible HSDir), each
+    uploaded and reported on its own."""
+
+    label: PeriodLabel
+    time_period: int
+    revision_counter: int
+    intro_points: int
+    address: str
+    hsdirs: tuple[HSDirRelay, ...] = ()
+    text: str = field(default="", repr=False)
+    error: str | None = None
+
+
+# Uploads one planned descriptor to its HSDirs within ``timeout`` seconds.
+Upload = Callable[[PlannedDescriptor, float], Awaitable[list[HsDirUpload]]]
+
+
+def plan_master_descriptors(
+    identity: IdentityKey,
+    intro_points: Sequence[IntroPoint],
+    view: NetworkView,
+    *,
+    now: int,
+    randbytes: Randbytes = secrets.token_bytes,
+    revision_clock: RevisionClock | None = None,
+    flow_control: str | None = None,
+    pow_params: PowParams | None = None,
+    client_auth_keys: Sequence[bytes] = (),
+    lifetime_minutes: int = 180,
+) -> list[PlannedDescriptor]:
+    """Build and sign the first ("current") and second ("next") master descriptors and name
+    each one's responsible HSDirs. One that cannot be built is planned with its ``error``, so
+    a failure of one never discards the other."""
+    clock = revision_clock or RevisionClock()
+    address = identity.onion_address
+    planned: list[PlannedDescriptor] = []
+    labels: tuple[PeriodLabel, PeriodLabel] = ("current", "next")
+    for label, target in zip(labels, view.descriptor_targets(), strict=True):
+        blinded = blind_identity(identity, target.time_period, view.period_length)
+        counter = 0
+        try:
+            seconds = clock.seconds(blinded.public_key, now)
+            counter = revision_counter(blinded, target.srv_run_start, seconds)
+            text = build_descriptor(
+                identity_public_key=identity.public_key,
+                blinded=blinded,
+                intro_points=intro_points,
+                revision_counter=counter,
+                now=now,
+                randbytes=randbytes,
+                lifetime_minutes=lifetime_minutes,
+                client_auth_keys=client_auth_keys,
+                flow_control=flow_control,
+                pow_params=pow_params,
+            )
+            hsdirs = tuple(view.store_hsdirs(blinded.public_key, target))
+            error: str | None = None
+        except DescriptorError as exc:
+            text, hsdirs, error = "", (), str(exc)
+        planned.append(
+            PlannedDescriptor(
+                label, target.time_period, counter, len(intro_points), address, hsdirs, text, error
+            )
+        )
+    return planned
+
+
+async def upload_planned(
+    upload: Upload,
+    planned: PlannedDescriptor,
+    *,
+    timeout: float = 60.0,  # noqa: ASYNC109
+) -> PeriodPublish:
+    """Upload one planned descriptor with ``upload``; the outcome, never an exception for a
+    failed upload (it is logged and reported in :attr:`PeriodPublish.error`)."""
+    label = planned.label
+    failed = PeriodPublish(
+        label, planned.time_period, planned.revision_counter, planned.intro_points
+    )
+    if planned.error is not None:
+        log.warning("publishing the %s descriptor failed: %s", label, planned.error)
+        return dataclasses.replace(failed, error=planned.error)
+    try:
+        uploads = await upload(planned, timeout)
+    except (ControlError, DescriptorError) as exc:
+        log.warning("publishing the %s descriptor failed: %s", label, exc)
+        return dataclasses.replace(failed, error=str(exc))
+    accepted = sum(1 for result in uploads if result.ok)
+    log.info(
+        "Published %s descriptor (period %d, revision %d, %d intro points) to %d of %d HSDirs",
+        label,
+        planned.time_period,
+        planned.revision_counter,
+        planned.intro_points,
+        accepted,
+        len(uploads),
+    )
+    return dataclasses.replace(failed, hsdirs=tuple(uploads), descriptor=planned.text)
+
+
+def control_upload(ctrl: Controller) -> Upload:
+    """The :data:`Upload` that HSPOSTs through ``ctrl`` (:func:`upload_descriptor`)."""
+
+    async def upload(planned: PlannedDescriptor, timeout: float) -> list[HsDirUpload]:  # noqa: ASYNC109
+        return await upload_descriptor(
+            ctrl, planned.text, planned.address, planned.hsdirs, timeout=timeout
+        )
+
+    return upload
+
+
 async def publish_master(
     ctrl: Controller,
     identity: IdentityKey,
@@ -434,49 +560,17 @@ async def publish_master(
 ) -> dict[PeriodLabel, PeriodPublish]:
     """Build the first ("current") and second ("next") master descriptors and upload each to
     its responsible HSDirs, one after the other. A failure of one never discards the other."""
-    clock = revision_clock or RevisionClock()
-    wall = int(time.time()) if now is None else now
-    results: dict[PeriodLabel, PeriodPublish] = {}
-    labels: tuple[PeriodLabel, PeriodLabel] = ("current", "next")
-    for label, target in zip(labels, view.descriptor_targets(), strict=True):
-        blinded = blind_identity(identity, target.time_period, view.period_length)
-        counter = 0
-        try:
-            seconds = clock.seconds(blinded.public_key, wall)
-            counter = revision_counter(blinded, target.srv_run_start, seconds)
-            text = build_descriptor(
-                identity_public_key=identity.public_key,
-                blinded=blinded,
-                intro_points=intro_points,
-                revision_counter=counter,
-                now=wall,
-                randbytes=randbytes,
-                lifetime_minutes=lifetime_minutes,
-                client_auth_keys=client_auth_keys,
-                flow_control=flow_control,
-                pow_params=pow_params,
-            )
-            hsdirs = view.store_hsdirs(blinded.public_key, target)
-            uploads = await upload_descriptor(
-                ctrl, text, identity.onion_address, hsdirs, timeout=upload_timeout
-            )
-        except (ControlError, DescriptorError) as exc:
-            log.warning("publishing the %s descriptor failed: %s", label, exc)
-            results[label] = PeriodPublish(
-                label, target.time_period, counter, len(intro_points), error=str(exc)
-            )
-            continue
-        accepted = sum(1 for upload in uploads if upload.ok)
-        log.info(
-            "Published %s descriptor (period %d, revision %d, %d intro points) to %d of %d HSDirs",
-            label,
-            target.time_period,
-            counter,
-            len(intro_points),
-            accepted,
-            len(uploads),
-        )
-        results[label] = PeriodPublish(
-            label, target.time_period, counter, len(intro_points), tuple(uploads), None, text
-        )
-    return results
+    planned = plan_master_descriptors(
+        identity,
+        intro_points,
+        view,
+        now=int(time.time()) if now is None else now,
+        randbytes=randbytes,
+        revision_clock=revision_clock,
+        flow_control=flow_control,
+        pow_params=pow_params,
+        client_auth_keys=client_auth_keys,
+        lifetime_minutes=lifetime_minutes,
+    )
+    upload = control_upload(ctrl)
+    return {p.label: await upload_planned(upload, p, timeout=upload_timeout) for p in planned}

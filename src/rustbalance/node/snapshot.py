@@ -1,0 +1,220 @@
+"""One typed snapshot of the node, rendered as the ``status`` document and as ``/metrics``.
+
+The daemon assembles a :class:`NodeSnapshot` from its components (each gives its own typed
+part); :func:`status_document` and :func:`metrics_values` are the only places that turn it
+into the status JSON (node/status.py serves it) and into the metrics snapshot keys
+(node/metrics.py). So ``status`` and ``/metrics`` can never disagree about a number.
+
+Status document (what ``rustbalance status --format json`` prints)::
+
+    {"node_id", "mode": "single"|"multi", "role": "publisher"|"standby",
+     "master_onion_address", "tor": {"running", "restarts", "restart_failures", "mode"},
+     "intro_points": {"own", "published", "own_auth_keys", "published_auth_keys"},
+     "last_publish": {"current": unix|null, "next": unix|null, "last_attempt", ...,
+                      "results": {"current": {"ok", "error", "hsdirs": [...]}, ...}},
+     "peers": [{"node_id", "alive"}], "proxy": {counter: int}, "generated_at": unix,
+     "ready", "uptime_secs",
+     optional: "cluster", "target", "instance_onion_address", "backends", "mesh"}
+
+Intro auth keys are public (every client that knows the address sees them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from rustbalance.node.coordination import ClusterStatus
+from rustbalance.node.metrics import proxy_snapshot
+from rustbalance.node.publish_policy import PublishState
+from rustbalance.proxy.session import ProxyStats
+
+__all__ = [
+    "BackendSnapshot",
+    "ClusterSnapshot",
+    "IntroSnapshot",
+    "NodeSnapshot",
+    "PublishSnapshot",
+    "TargetSnapshot",
+    "TorSnapshot",
+    "metrics_values",
+    "status_document",
+]
+
+
+@dataclass(frozen=True)
+class TorSnapshot:
+    mode: str  # "managed" or "system"
+    running: bool
+    restarts: int = 0
+    restart_failures: int = 0
+
+
+@dataclass(frozen=True)
+class IntroSnapshot:
+    own_auth_keys: tuple[bytes, ...] = ()
+    # The intro points of the last successful publish (merged, in a cluster).
+    published_auth_keys: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class PublishSnapshot:
+    """The publish state (a copy) and the monotonic publish totals for metrics."""
+
+    state: PublishState = dataclasses.field(default_factory=PublishState)
+    # Descriptor age at ``generated_at`` (None: never published).
+    descriptor_age: float | None = None
+    periods: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
+    hsdir_uploads: Mapping[str, int] = dataclasses.field(
+        default_factory=lambda: {"ok": 0, "failed": 0}
+    )
+    hsdir_last_upload: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    status: ClusterStatus
+    # PublishHidServDescriptors as last applied (None: not yet).
+    native_publishing: bool | None
+
+
+@dataclass(frozen=True)
+class TargetSnapshot:
+    healthy: bool
+    probes: int
+    consecutive_failures: int
+    last_probe: str | None
+
+
+@dataclass(frozen=True)
+class BackendSnapshot:
+    address: str  # <56 chars>, without .onion
+    down_reason: str | None
+    auth_keys: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class NodeSnapshot:
+    node_id: str
+    master_onion_address: str
+    multi: bool
+    publisher: bool
+    ready: bool
+    uptime_secs: float
+    generated_at: float
+    tor: TorSnapshot
+    intro: IntroSnapshot = IntroSnapshot()
+    publish: PublishSnapshot = dataclasses.field(default_factory=PublishSnapshot)
+    # Instance mode: the address this node's tor hosts.
+    instance_onion_address: str | None = None
+    cluster: ClusterSnapshot | None = None
+    proxy: ProxyStats | None = None
+    target: TargetSnapshot | None = None
+    backends: tuple[BackendSnapshot, ...] | None = None
+    mesh: Mapping[str, Any] | None = None
+
+
+def _peers(cluster: ClusterSnapshot | None) -> list[dict[str, Any]]:
+    if cluster is None:
+        return []
+    live = set(cluster.status.live_peers)
+    known = live | set(cluster.status.known_peers)
+    return [{"node_id": node_id, "alive": node_id in live} for node_id in sorted(known)]
+
+
+def status_document(s: NodeSnapshot) -> dict[str, Any]:
+    """The ``rustbalance status`` JSON document."""
+    doc: dict[str, Any] = {
+        "node_id": s.node_id,
+        "mode": "multi" if s.multi else "single",
+        "role": "publisher" if s.publisher else "standby",
+        "master_onion_address": s.master_onion_address,
+        "tor": {
+            "running": s.tor.running,
+            "restarts": s.tor.restarts,
+            "restart_failures": s.tor.restart_failures,
+            "mode": s.tor.mode,
+        },
+        "intro_points": {
+            "own": len(s.intro.own_auth_keys),
+            "published": len(s.intro.published_auth_keys),
+            "own_auth_keys": [key.hex() for key in s.intro.own_auth_keys],
+            "published_auth_keys": [key.hex() for key in s.intro.published_auth_keys],
+        },
+        "last_publish": s.publish.state.to_status(),
+        "peers": _peers(s.cluster),
+        "proxy": (
+            {k: int(v) for k, v in dataclasses.asdict(s.proxy).items()}
+            if s.proxy is not None
+            else {}
+        ),
+        "generated_at": s.generated_at,
+    }
+    if s.cluster is not None:
+        status = s.cluster.status
+        doc["cluster"] = {
+            "term": status.term,
+            "election_role": status.election_role,
+            "publisher": status.publisher,
+            "native_publishing": s.cluster.native_publishing,
+            "counters": dict(status.counters),
+            "rejected": dict(status.rejected),
+            "peer_intro_points": dict(status.peer_intro_points),
+        }
+    if s.target is not None:
+        doc["target"] = {
+            "healthy": s.target.healthy,
+            "probes": s.target.probes,
+            "consecutive_failures": s.target.consecutive_failures,
+            "last_probe": s.target.last_probe,
+        }
+    if s.instance_onion_address is not None:
+        doc["instance_onion_address"] = s.instance_onion_address
+    if s.backends is not None:
+        doc["backends"] = {
+            f"{b.address}.onion": {
+                "up": b.down_reason is None,
+                "reason": b.down_reason,
+                "intro_points": len(b.auth_keys),
+                "auth_keys": [key.hex() for key in b.auth_keys],
+            }
+            for b in s.backends
+        }
+    if s.mesh is not None:
+        doc["mesh"] = dict(s.mesh)
+    doc["ready"] = s.ready
+    doc["uptime_secs"] = s.uptime_secs
+    return doc
+
+
+def metrics_values(s: NodeSnapshot) -> dict[str, Any]:
+    """The :class:`~rustbalance.node.metrics.NodeMetrics` snapshot keys."""
+    age = s.publish.descriptor_age
+    values: dict[str, Any] = {
+        "publishes": {p: dict(c) for p, c in s.publish.periods.items()},
+        "hsdir_uploads": dict(s.publish.hsdir_uploads),
+        "hsdir_last_upload": dict(s.publish.hsdir_last_upload),
+        # A wall clock that stepped back must not make the age negative.
+        "descriptor_age_seconds": None if age is None else max(age, 0.0),
+        "is_publisher": s.publisher,
+        "tor_up": s.tor.running,
+        "tor_restarts": s.tor.restarts,
+    }
+    intro = {"own": len(s.intro.own_auth_keys), "merged": len(s.intro.published_auth_keys)}
+    if s.cluster is not None:
+        status = s.cluster.status
+        intro["peers"] = sum(status.peer_intro_points.values())
+        values["peers_alive"] = len(status.live_peers)
+        values["heartbeats_sent"] = status.counters.get("heartbeats_sent", 0)
+        values["heartbeats_received"] = status.counters.get("heartbeats_received", 0)
+        values["rejected_messages"] = dict(status.rejected)
+    else:
+        values["peers_alive"] = 0
+    values["intro_points"] = intro
+    if s.proxy is not None:
+        values.update(proxy_snapshot(s.proxy))
+    if s.target is not None:
+        values["target_up"] = s.target.healthy
+    return values

@@ -1,0 +1,211 @@
+"""Start-up checks and files: everything the daemon does before it starts a process.
+
+1. load and validate the config and the keys (:func:`load_node`): the master key is refused
+   when others can read it, and checked against ``master.onion_address``, which catches
+   deploying the wrong key; in ``instance`` mode the node's own key is read or generated;
+2. write the onion service folder (:func:`write_onion_service_dir`): the key tor hosts (0700
+   folder, 0600 files) and ``ob_config`` naming the master address, so the node's tor runs as
+   an Onionbalance instance and its intro points accept the master subcredentials of the
+   previous, current and next period (tor.md §10-§11, system.md W19);
+3. the onion service's torrc settings (:func:`onion_service_settings`).
+
+Every failure is a :class:`StartupError` whose ``exit_code`` says whether restarting can help
+(2: configuration or key, it cannot; 1: a runtime problem).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+from rustbalance.atomic_file import write_file_atomic
+from rustbalance.config import Config, ConfigProblems, load_config
+from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
+from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError
+from rustbalance.node import DAEMON_LOGGER
+from rustbalance.node.identity import (
+    NodeIdentity,
+    default_instance_key_path,
+    load_or_create_instance_key,
+    master_key_needed,
+    resolve_identity,
+)
+from rustbalance.node.torrc import (
+    OB_CONFIG_FILENAME,
+    IntroDosSettings,
+    OnionServiceSettings,
+    PowSettings,
+    ob_config_text,
+)
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_OK",
+    "EXIT_RUNTIME",
+    "StartupError",
+    "load_identity",
+    "load_master_key",
+    "load_node",
+    "log_identity_mode",
+    "onion_service_settings",
+    "write_file",
+    "write_onion_service_dir",
+]
+
+log = logging.getLogger(DAEMON_LOGGER)
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+
+class StartupError(RustBalanceError):
+    """The daemon cannot start; ``exit_code`` 2 = configuration or key, 1 = runtime."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_RUNTIME) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def load_master_key(config: Config) -> IdentityKey:
+    """The master identity key, refusing group/world-readable files (docs/config.md)."""
+    path = config.master.identity_key_path
+    if path is None:
+        raise StartupError("master.identity_key_path: is required", EXIT_CONFIG)
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise StartupError(
+            f"master key {path}: cannot read: {exc.strerror or exc}", EXIT_CONFIG
+        ) from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise StartupError(
+            f"master key {path}: mode {stat.S_IMODE(mode):04o} lets others read it; "
+            f"run: chmod 600 {path}",
+            EXIT_CONFIG,
+        )
+    try:
+        key = load_identity_key(path)
+    except InvalidKeyError as exc:
+        raise StartupError(f"master key: {exc}", EXIT_CONFIG) from None
+    expected = config.master.onion_address
+    if expected is not None and expected.lower() != key.onion_address:
+        raise StartupError(
+            f"master key {path} is for {key.onion_address}, but master.onion_address is "
+            f"{expected}: wrong key file?",
+            EXIT_CONFIG,
+        )
+    return key
+
+
+def load_identity(config: Config) -> NodeIdentity:
+    """The keys of ``node.identity_mode`` (identity.py): the master key when this node needs
+    it, the node's own instance key (generated if missing) in instance mode."""
+    master = None
+    if master_key_needed(config) or config.master.identity_key_path is not None:
+        master = load_master_key(config)
+    instance = None
+    if config.node.identity_mode == "instance":
+        path = default_instance_key_path(config)
+        try:
+            instance, created = load_or_create_instance_key(path)
+        except InvalidKeyError as exc:
+            raise StartupError(f"node.instance_key_path: {exc}", EXIT_CONFIG) from None
+        if created:
+            log.info("Generated this node's instance key %s (%s)", path, instance.onion_address)
+    try:
+        return resolve_identity(config, master, instance)
+    except ConfigError as exc:
+        raise StartupError(str(exc), EXIT_CONFIG) from None
+
+
+def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, NodeIdentity]:
+    """Load and validate the config and the keys; StartupError(exit 2) on any problem."""
+    try:
+        config = load_config(config_path)
+    except ConfigProblems as exc:
+        problems = "; ".join(exc.problems)
+        raise StartupError(f"invalid config {config_path}: {problems}", EXIT_CONFIG) from None
+    except ConfigError as exc:
+        raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
+    return config, load_identity(config)
+
+
+def write_file(path: Path, text: str, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(path, text, mode)
+
+
+def _adopt_owner(directory: Path) -> None:
+    """System mode as root: tor refuses a HiddenServiceDir it does not own, so give the
+    directory to the owner of its parent (e.g. debian-tor for /var/lib/tor)."""
+    if os.geteuid() != 0:
+        return
+    parent = directory.parent.stat()
+    if parent.st_uid == 0:
+        return
+    for item in (directory, *directory.iterdir()):
+        os.chown(item, parent.st_uid, parent.st_gid)
+
+
+def write_onion_service_dir(config: Config, identity: NodeIdentity) -> None:
+    """The key tor hosts and ``ob_config`` in ``tor.hidden_service_dir`` (see the module doc)."""
+    hs_dir = config.tor.hidden_service_dir
+    try:
+        write_hidden_service_dir(identity.service_key, hs_dir)
+        write_file(hs_dir / OB_CONFIG_FILENAME, ob_config_text(identity.master_address), 0o600)
+        if config.tor.mode == "system":
+            _adopt_owner(hs_dir)
+    except (InvalidKeyError, OSError) as exc:
+        raise StartupError(f"cannot write hidden service directory {hs_dir}: {exc}") from None
+    if identity.mode == "instance":
+        log.info(
+            "Wrote onion service directory %s (instance %s of master %s)",
+            hs_dir,
+            identity.service_address,
+            identity.master_address,
+        )
+    else:
+        log.info("Wrote onion service directory %s (master %s)", hs_dir, identity.master_address)
+
+
+def onion_service_settings(
+    config: Config, proxy_port: int, *, publish_descriptors: bool
+) -> OnionServiceSettings:
+    """The onion service's torrc settings; ``publish_descriptors`` is tor's native publishing
+    at start (the cluster-mode state machine decides it)."""
+    tor = config.tor
+    listen = config.proxy.listen_host
+    return OnionServiceSettings(
+        hidden_service_dir=str(tor.hidden_service_dir),
+        proxy_port=proxy_port,
+        virtual_port=config.proxy.virtual_port,
+        # tor connects to the proxy; a wildcard listen address is reached on loopback.
+        proxy_host="127.0.0.1" if listen in ("0.0.0.0", "::", "") else listen,
+        num_intro_points=tor.num_intro_points,
+        onionbalance_instance=True,
+        publish_descriptors=publish_descriptors,
+        pow=PowSettings(tor.pow_queue_rate, tor.pow_queue_burst) if tor.pow_enabled else None,
+        intro_dos=(
+            IntroDosSettings(tor.intro_dos_rate_per_sec, tor.intro_dos_burst_per_sec)
+            if tor.intro_dos_enabled
+            else None
+        ),
+    )
+
+
+def log_identity_mode(identity: NodeIdentity, *, clustered: bool) -> None:
+    """Instance mode: say which key tor hosts and whether this node can publish."""
+    if identity.mode != "instance":
+        return
+    log.info(
+        "Identity mode instance: tor hosts %s; %s",
+        identity.service_address,
+        "master key present (publisher-eligible)"
+        if identity.master_key is not None
+        else "no master key (never publishes)",
+    )
+    if identity.master_key is None and not clustered:
+        log.warning("No master key and no peers: nobody publishes %s here", identity.master_address)
