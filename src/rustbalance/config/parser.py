@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from rustbalance.config.addresses import parse_client_auth_key, parse_endpoint, parse_host
+from rustbalance.config.pow import pow_refusal
 from rustbalance.config.schema import (
     Config,
     CoordinationConfig,
@@ -411,6 +412,15 @@ class _Builder:
         health = self.health()
         wireguard = self.wireguard(node)
         join = self.join(wireguard, coordination, proxy)
+        # Proof-of-work only where tor writes the master descriptor (config/pow.py).
+        refusal = tor.pow_enabled and pow_refusal(
+            identity_mode=node.identity_mode,
+            peers=coordination.peers,
+            backends=master.backends,
+            join_enabled=join.enabled,
+        )
+        if refusal:
+            self.problems.append(refusal)
         if not self.problems:
             self.check_listeners(proxy, metrics)
         if self.problems:
