@@ -75,6 +75,7 @@ from typing import Any
 from rustbalance.cluster.coordinator import Coordinator
 from rustbalance.cluster.messages import ClusterKey
 from rustbalance.config import Config, ConfigProblems, load_config
+from rustbalance.config.pow import pow_refusal
 from rustbalance.crypto.blinding import blind_public_key
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
 from rustbalance.descriptor.builder import PowParams
@@ -126,6 +127,7 @@ from rustbalance.node.publish_policy import (
     PublishSchedule,
     PublishState,
     PublishTrigger,
+    periods_to_publish,
     run_publish_loop,
 )
 from rustbalance.node.sdnotify import SystemdNotifier, run_watchdog_pings
@@ -281,6 +283,10 @@ def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, NodeIdentity
         raise StartupError(f"invalid config {config_path}: {problems}", EXIT_CONFIG) from None
     except ConfigError as exc:
         raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
+    # Peers saved by an earlier run make a cluster the config does not show (config/pow.py).
+    if config.tor.pow_enabled and (multi_node_wanted(config) or mesh_wants_cluster(config)):
+        refusal = pow_refusal(identity_mode=config.node.identity_mode, learned_peers=True)
+        raise StartupError(f"invalid config {config_path}: {refusal}", EXIT_CONFIG)
     return config, load_identity(config)
 
 
@@ -1237,15 +1243,18 @@ class Daemon:
         chosen = merge_intro_points(instances, cfg.max_intro_points, now, INTRO_MIN_VALIDITY_SECS)
         if not chosen:
             return {p: PeriodResult(ok=False, error="intro points expire soon") for p in PERIODS}
-        # pow-params cannot work across nodes (tor.md §12): a single node only, and only when
+        # pow-params cannot work across nodes (docs/pow.md): a single node only, and only when
         # its tor hosts the master key (a PoW solution is bound to the service's blinded key,
         # so an instance's seed cannot be copied into the master descriptor).
         single_master = not self.multi_node and not backend_points
         shared = self.identity.mode == "shared"
         pow_params = self.intro.pow_params if single_master and shared else None
+        carries_pow = single_master and shared and self.config.tor.pow_enabled
         self._publishing = True
         try:
-            results = await self._upload(ctrl, chosen, now, flow_control, pow_params)
+            results = await self._upload(
+                ctrl, chosen, now, flow_control, pow_params, periods_to_publish(carries_pow)
+            )
         finally:
             self._publishing = False
         outcome = {label: self._period_result(result) for label, result in results.items()}
@@ -1282,6 +1291,7 @@ class Daemon:
         now: int,
         flow_control: str | None,
         pow_params: PowParams | None,
+        periods: tuple[PeriodLabel, ...],
     ) -> dict[PeriodLabel, PeriodPublish]:
         cfg = self.config.publish
         if self.key is None:
@@ -1301,6 +1311,7 @@ class Daemon:
                 client_auth_keys=self.config.master.authorized_clients,
                 lifetime_minutes=cfg.descriptor_lifetime_mins,
                 upload_timeout=cfg.upload_timeout_secs,
+                periods=periods,
             )
         return results
 

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -431,14 +431,18 @@ async def publish_master(
     client_auth_keys: Sequence[bytes] = (),
     lifetime_minutes: int = 180,
     upload_timeout: float = 60.0,
+    periods: Collection[PeriodLabel] = ("current", "next"),
 ) -> dict[PeriodLabel, PeriodPublish]:
     """Build the first ("current") and second ("next") master descriptors and upload each to
-    its responsible HSDirs, one after the other. A failure of one never discards the other."""
+    its responsible HSDirs, one after the other. A failure of one never discards the other.
+    ``periods`` names the ones to build and upload (both by default)."""
     clock = revision_clock or RevisionClock()
     wall = int(time.time()) if now is None else now
     results: dict[PeriodLabel, PeriodPublish] = {}
     labels: tuple[PeriodLabel, PeriodLabel] = ("current", "next")
     for label, target in zip(labels, view.descriptor_targets(), strict=True):
+        if label not in periods:
+            continue
         blinded = blind_identity(identity, target.time_period, view.period_length)
         counter = 0
         try:
