@@ -88,9 +88,9 @@ async def _wait_for_other_segment(net: PrivateTorNetwork, client: TorInstance, n
 async def _check_pow_for_clients(
     node: RunningNode, factory: Callable[[], TorInstance], clock: RevisionClock
 ) -> str:
-    """The descriptor a fresh client fetches carries the node tor's seed; the same descriptor
-    with a suggested effort makes the client solve, and the node's tor verifies and serves it.
-    Returns the segment the check ran in."""
+    """The descriptor a fresh client fetches carries the node tor's seed, and at effort 0 the
+    client is served; the same descriptor with a suggested effort makes the client solve, and
+    the node's tor verifies and serves it. Returns the segment checked."""
     client = await asyncio.to_thread(factory)
     async with await ControlConnection.connect(client.control_address) as ctrl:
         view = await read_network_view(ctrl)
@@ -100,6 +100,15 @@ async def _check_pow_for_clients(
     assert fetched.pow_params is not None, "the master descriptor clients get has no pow-params"
     assert own.pow_params is not None
     assert fetched.pow_params.seed == own.pow_params.seed, "not the seed the node's tor checks"
+
+    # At suggested effort 0 (no flood) a client starts without a solution and is served (one
+    # that retries an unreachable intro point solves, for this very seed: served too).
+    assert fetched.pow_params.suggested_effort == 0
+    assert client.socks_address is not None
+    status, body = await http_get_via_tor(
+        client.socks_address, node.address, isolation="effort-0", timeout=60
+    )
+    assert (status, body.strip()) == (200, "hello from node-a-target")
 
     # What tor publishes under attack: the same descriptor with a suggested effort.
     solver = await asyncio.to_thread(factory)

@@ -8,8 +8,8 @@ thing only:
   its own descriptor, while a client binds its solution to the master's (``hs_client.c``
   ``consider_sending_introduce1``; ``hs_cell.c``
   ``handle_introduce2_encrypted_cell_pow_extension`` checks ``ip->blinded_id``);
-- a node hosting the master key drops a solution for another tor's seed; with the same seed at
-  suggested effort 0 the client sends no solution, and the node (PoW on) serves it;
+- a node hosting the master key drops a solution for another tor's seed, and (PoW on) serves a
+  client that sends none at effort 0;
 - a tor with PoW off drops every introduction that carries a solution (the spec says such a
   service should ignore it), and serves the same client without one.
 
@@ -176,7 +176,7 @@ async def test_instance_verifies_its_own_blinded_key_and_drops_the_masters(
     assert max(efforts.values(), default=0) >= EFFORT, efforts
 
 
-async def test_a_foreign_seed_is_dropped_and_effort_zero_is_served(
+async def test_a_foreign_seed_is_dropped_and_no_solution_is_served(
     pow_tors: PowTors, tor_client_factory: Callable[[], TorInstance]
 ) -> None:
     tors = pow_tors
@@ -195,16 +195,17 @@ async def test_a_foreign_seed_is_dropped_and_effort_zero_is_served(
     await wait_unserved(visit(client, tors.master.onion_address, "b-seed"), log, WRONG_SEED)
     assert " [warn] Invalid PoW cell extension." in log.text()
 
-    # The same seed at suggested effort 0: the client sends no solution, node B (PoW on)
-    # queues it at effort 0 and serves it.
+    # Without pow-params the client cannot send a solution; node B (PoW on) queues the
+    # introduction at effort 0 and serves it. (With the foreign seed at suggested effort 0 a
+    # client also starts without a solution, but one that finds an intro point unreachable
+    # retries with a solution, which B drops: seen in a run of this test, docs/pow.md.)
     client = await asyncio.to_thread(tor_client_factory)
     log = TorLog(tors.node_b)
-    idle = dataclasses.replace(other, suggested_effort=0)
     async with watch_circuits(tors.node_b.control_address) as circ:
         await publish_for_client(
-            client.control_address, client.control_address, tors.master, points, idle, tors.clock
+            client.control_address, client.control_address, tors.master, points, None, tors.clock
         )
-        status, body = await visit(client, tors.master.onion_address, "b-zero")
+        status, body = await visit(client, tors.master.onion_address, "b-plain")
         await asyncio.sleep(1)
         efforts = rend_efforts(drain(circ))
     assert (status, body.strip()) == (200, "hello from powb")
