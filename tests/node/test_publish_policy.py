@@ -16,6 +16,7 @@ from rustbalance.node.publish_policy import (
     PublishState,
     PublishTrigger,
     backoff,
+    periods_to_publish,
     publish_with_retries,
     run_publish_loop,
     wait_for_intro_points,
@@ -385,3 +386,14 @@ async def test_trigger_wakes_the_wait_early() -> None:
     await asyncio.wait_for(trigger.wait(600), timeout=5)
     assert schedule.pending == ["new time period"]
     assert schedule.decide(10.0, 5.0).reasons == ("new time period", "refresh interval")
+
+
+def test_a_node_carrying_pow_params_publishes_only_the_first_descriptor() -> None:
+    # docs/pow.md section 5: the intro points read from tor's first descriptor are bound to its
+    # blinded key; tor's own second descriptor is left in place.
+    assert periods_to_publish(carries_pow=True) == ("current",)
+    assert periods_to_publish(carries_pow=False) == ("current", "next")
+    state = PublishState()
+    assert state.record({"current": OK}, 100.0)
+    assert state.to_status()["current"] == 100.0
+    assert state.to_status()["next"] is None

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rustbalance.config.keys import Derived, Invalid, InvalidItems, describe, key_of
+from rustbalance.config.pow import pow_refusal
 from rustbalance.config.schema import MAX_UNIX_SOCKET_PATH, Config
 from rustbalance.errors import ConfigError
 
@@ -94,6 +95,7 @@ def parse_config(text: str, base_dir: str | os.PathLike[str]) -> Config:
         built[name] = reader.read(cls, base, built)
     if not problems:
         _check_listeners(built, problems)
+        _check_pow(built, problems)
     if problems:
         raise ConfigProblems(problems)
     return Config(**built)
@@ -288,6 +290,20 @@ def _check_listeners(built: Mapping[str, Any], problems: list[str]) -> None:
         and proxy.listen_host == metrics.listen.host
     ):
         problems.append(f"metrics.listen: {metrics.listen} is also proxy.listen_host:listen_port")
+
+
+def _check_pow(built: Mapping[str, Any], problems: list[str]) -> None:
+    # Proof-of-work only where tor writes the master descriptor (config/pow.py).
+    if not built["tor"].pow_enabled:
+        return
+    refusal = pow_refusal(
+        identity_mode=built["node"].identity_mode,
+        peers=built["coordination"].peers,
+        backends=built["master"].backends,
+        join_enabled=built["join"].enabled,
+    )
+    if refusal:
+        problems.append(refusal)
 
 
 _SECTION_CHECKS = {

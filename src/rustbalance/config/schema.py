@@ -421,8 +421,13 @@ class TorConfig:
     pow_enabled: bool = key(
         Boolean(),
         default=False,
-        example=True,
-        doc="Proof-of-work DoS defence (`HiddenServicePoWDefensesEnabled`).",
+        example=False,
+        doc="Proof-of-work DoS defence (`HiddenServicePoWDefensesEnabled`): clients solve a "
+        "puzzle when tor suggests an effort and are served first. Works only on a lone node "
+        'with `node.identity_mode = "shared"` and no `coordination.peers`, `master.backends` '
+        "or `join.enabled` (tor then publishes the master descriptor itself); refused anywhere "
+        "else, with the reason, because tor 0.4.9 cannot verify a solution made for a merged "
+        "descriptor ([docs/pow.md](pow.md)). `intro_dos_enabled` works in every mode.",
     )
     pow_queue_rate: int = key(Integer(1, _I32_MAX), default=250, doc="`HiddenServicePoWQueueRate`.")
     pow_queue_burst: int = key(

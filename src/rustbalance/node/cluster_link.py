@@ -16,7 +16,7 @@ It is carried over only when the descriptor holds the publisher's own intro poin
 otherwise it is left out (clients then do not use congestion control on those rendezvous
 circuits: slower, never broken). ``pow-params`` is always left out in multi-node mode: every
 node's tor has its own PoW seed, so a solution made for one node's seed is dropped by the
-others (tor.md §12); PoW still queues requests locally on each node.
+others; ``tor.pow_enabled`` is refused in a cluster (config/pow.py, docs/pow.md).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Intro points are compared by content, the set of intro auth keys, never by count
 W15: the original replaced its list only when the number changed, so a tor that rotated one
 intro point kept publishing a dead one). ``flow-control`` and ``pow-params`` are kept from the
 same descriptor: a single node copies them into the master descriptor, which is valid because
-there is one node (system.md W11, tor.md §12).
+there is one node (system.md W11); with ``pow-params`` only into the first one, whose blinded
+key these intro points are bound to (docs/pow.md).
 
 The descriptor is the one tor hosts: the master's in ``shared`` mode, the node's own instance
 descriptor in ``instance`` mode (decoded with the instance address; its intro points accept the

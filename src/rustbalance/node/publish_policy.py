@@ -5,7 +5,8 @@
 - Publish with retries (Phase 1.4): after a failed publish up to 3 retries with
   ``backoff(attempt, 5, 30)`` (about 5/10/20 s plus jitter), reconnecting to tor before each.
   Each time period is tracked separately: a failed "next" upload never discards a successful
-  "current" one; the publish fails only if no period succeeded.
+  "current" one; the publish fails only if no period succeeded. A node that carries
+  ``pow-params`` uploads only the first descriptor (:func:`periods_to_publish`).
 - Refresh schedule and emergency republish (Phase 2.3): publish every ``refresh_interval`` (600 s)
   or earlier on a trigger (intro points changed, new time period / SRV, tor restarted); if the
   last successful publish is older than ``descriptor_max_age`` (900 s), WARN and publish now.
@@ -119,6 +120,20 @@ class PeriodResult:
 
 PublishOutcome = Mapping[Period, PeriodResult]
 PublishOnce = Callable[[], Awaitable[PublishOutcome]]
+
+
+def periods_to_publish(carries_pow: bool) -> tuple[Period, ...]:
+    """Which of the two master descriptors this node uploads (docs/pow.md section 5).
+
+    Both, except when the node carries ``pow-params`` (a lone ``shared`` node with
+    ``tor.pow_enabled``): its intro points are read from tor's first descriptor
+    (``hs/service/desc/id``), and tor checks a PoW solution against the blinded key of the
+    descriptor that owns the intro point (hs_service.c ``pick_needed_intro_points``, hs_cell.c
+    ``handle_introduce2_encrypted_cell_pow_extension``). In the second descriptor, which
+    clients use in the second half of a period, they would drop every solved introduction;
+    tor's own upload of its second descriptor is left in place instead.
+    """
+    return ("current",) if carries_pow else PERIODS
 
 
 def outcome_ok(outcome: PublishOutcome) -> bool:

@@ -53,6 +53,7 @@ from rustbalance.node.publish_policy import (
     PublishSchedule,
     PublishState,
     PublishTrigger,
+    periods_to_publish,
     run_publish_loop,
 )
 from rustbalance.node.readiness import Readiness
@@ -221,6 +222,7 @@ class Publisher:
                 pow_params=publication.pow_params,
                 client_auth_keys=self._config.master.authorized_clients,
                 lifetime_minutes=cfg.descriptor_lifetime_mins,
+                periods=periods_to_publish(publication.pow_params is not None),
             )
             # One descriptor per period today; a plan with several per period (one per HSDir)
             # would combine their results per period here.

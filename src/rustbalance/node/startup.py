@@ -22,9 +22,11 @@ from pathlib import Path
 
 from rustbalance.atomic_file import write_file_atomic
 from rustbalance.config import Config, ConfigProblems, load_config
+from rustbalance.config.pow import pow_refusal
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
 from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError
 from rustbalance.node import DAEMON_LOGGER
+from rustbalance.node.cluster_link import multi_node_wanted
 from rustbalance.node.identity import (
     NodeIdentity,
     default_instance_key_path,
@@ -32,6 +34,7 @@ from rustbalance.node.identity import (
     master_key_needed,
     resolve_identity,
 )
+from rustbalance.node.mesh import mesh_wants_cluster
 from rustbalance.node.torrc import (
     OB_CONFIG_FILENAME,
     IntroDosSettings,
@@ -130,6 +133,10 @@ def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, NodeIdentity
         raise StartupError(f"invalid config {config_path}: {problems}", EXIT_CONFIG) from None
     except ConfigError as exc:
         raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
+    # Peers saved by an earlier run make a cluster the config does not show (config/pow.py).
+    if config.tor.pow_enabled and (multi_node_wanted(config) or mesh_wants_cluster(config)):
+        refusal = pow_refusal(identity_mode=config.node.identity_mode, learned_peers=True)
+        raise StartupError(f"invalid config {config_path}: {refusal}", EXIT_CONFIG)
     return config, load_identity(config)
 
 

@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -461,15 +461,19 @@ def plan_master_descriptors(
     pow_params: PowParams | None = None,
     client_auth_keys: Sequence[bytes] = (),
     lifetime_minutes: int = 180,
+    periods: Collection[PeriodLabel] = ("current", "next"),
 ) -> list[PlannedDescriptor]:
     """Build and sign the first ("current") and second ("next") master descriptors and name
     each one's responsible HSDirs. One that cannot be built is planned with its ``error``, so
-    a failure of one never discards the other."""
+    a failure of one never discards the other. ``periods`` names the ones to plan (both by
+    default; a lone node carrying ``pow-params`` plans only the first: docs/pow.md)."""
     clock = revision_clock or RevisionClock()
     address = identity.onion_address
     planned: list[PlannedDescriptor] = []
     labels: tuple[PeriodLabel, PeriodLabel] = ("current", "next")
     for label, target in zip(labels, view.descriptor_targets(), strict=True):
+        if label not in periods:
+            continue
         blinded = blind_identity(identity, target.time_period, view.period_length)
         counter = 0
         try:
@@ -557,9 +561,11 @@ async def publish_master(
     client_auth_keys: Sequence[bytes] = (),
     lifetime_minutes: int = 180,
     upload_timeout: float = 60.0,
+    periods: Collection[PeriodLabel] = ("current", "next"),
 ) -> dict[PeriodLabel, PeriodPublish]:
     """Build the first ("current") and second ("next") master descriptors and upload each to
-    its responsible HSDirs, one after the other. A failure of one never discards the other."""
+    its responsible HSDirs, one after the other. A failure of one never discards the other.
+    ``periods`` names the ones to build and upload (both by default)."""
     planned = plan_master_descriptors(
         identity,
         intro_points,
@@ -571,6 +577,7 @@ async def publish_master(
         pow_params=pow_params,
         client_auth_keys=client_auth_keys,
         lifetime_minutes=lifetime_minutes,
+        periods=periods,
     )
     upload = control_upload(ctrl)
     return {p.label: await upload_planned(upload, p, timeout=upload_timeout) for p in planned}
