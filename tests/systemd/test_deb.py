@@ -39,6 +39,7 @@ from tests.systemd.nspawn import (
     Container,
     ContainerError,
     Rootfs,
+    _locked,
     cache_root,
     why_not_runnable,
 )
@@ -109,13 +110,15 @@ class Installed:
 
 
 def build_deb(out: Path) -> tuple[Path, float]:
-    """``make deb`` into ``out`` (the checkout's build/ stays alone); the .deb and seconds."""
+    """``make deb`` into ``out`` (the checkout's build/ stays alone); the .deb and seconds.
+    The wheelhouse is cached per machine, and one build at a time fills it."""
     started = time.monotonic()
-    result = subprocess.run(
-        ["make", "-C", str(REPO), "deb", f"DEB_OUT={out}",
-         f"DEB_WHEELHOUSE={cache_root() / 'deb-wheelhouse'}"],
-        capture_output=True, text=True, timeout=MAKE_TIMEOUT, check=False,
-    )  # fmt: skip
+    with _locked(cache_root() / ".deb-wheelhouse.lock"):
+        result = subprocess.run(
+            ["make", "-C", str(REPO), "deb", f"DEB_OUT={out}",
+             f"DEB_WHEELHOUSE={cache_root() / 'deb-wheelhouse'}"],
+            capture_output=True, text=True, timeout=MAKE_TIMEOUT, check=False,
+        )  # fmt: skip
     elapsed = time.monotonic() - started
     tail = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
     assert result.returncode == 0, f"make deb failed:\n{tail}"
