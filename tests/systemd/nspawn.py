@@ -11,6 +11,8 @@ host's hard limit).
   wireguard-tools and iproute2, built once per machine into a cache folder keyed by the recipe
   (``RB_NSPAWN_CACHE``, default ``/var/cache/rustbalance-tests``), under a file lock, into a
   temporary folder renamed when complete. A clean CI machine builds it (about a minute).
+  :meth:`Rootfs.clean` is the other recipe: a clean Debian 12 with systemd and nothing of the
+  product, whose apt cache already holds what a given .deb will pull (test_deb.py).
 - :func:`wheelhouse`: the project's pinned runtime and build dependencies as wheels (host
   pip, cached the same way), so ``pip install`` inside the container needs no index.
 - :class:`Container`: an overlay on the cached rootfs (the rootfs itself never changes; the
@@ -51,6 +53,11 @@ PACKAGES = (
     "wireguard-tools",
     "iproute2",
 )
+# The clean Debian 12 of the package test: what boots and nothing more (procps: pgrep).
+CLEAN_PACKAGES = ("systemd", "systemd-sysv", "dbus", "procps")
+TOR_UNITS = ("tor.service", "tor@default.service")
+# What Debian 12's linux-image-amd64 provides that a package of ours can pull in.
+KERNEL_PROVIDES = ("wireguard-modules (= 1.0.0)",)
 # Bump when the build steps change: the cache key includes it.
 RECIPE_VERSION = "1"
 # Units of the rootfs that must not run in a test: tor.service would start a tor on the real
@@ -129,13 +136,26 @@ class Rootfs:
     built_seconds: float | None  # None: it came from the cache
 
     @classmethod
-    def ensure(cls) -> Rootfs:
+    def ensure(
+        cls,
+        packages: Sequence[str] = PACKAGES,
+        *,
+        disabled: Sequence[str] = DISABLED_UNITS,
+        masked: Sequence[str] = MASKED_UNITS,
+        kernel_provides: Sequence[str] = (),
+        download_for: Path | None = None,
+    ) -> Rootfs:
+        """The rootfs of this recipe, built unless cached. ``kernel_provides``: what dpkg
+        learns the (host's) kernel provides (:func:`_install_kernel_stub`). ``download_for``:
+        a .deb whose dependencies apt downloads into its cache (not installed): ``apt-get
+        install`` of that package then resolves and installs them without the mirror."""
         mirror = debian_mirror()
-        key = hashlib.sha256(
-            "\n".join(
-                [RECIPE_VERSION, SUITE, mirror, *PACKAGES, *DISABLED_UNITS, *MASKED_UNITS]
-            ).encode()
-        ).hexdigest()[:12]
+        recipe = [RECIPE_VERSION, SUITE, mirror, *packages, *disabled, *masked]
+        if kernel_provides:
+            recipe += ["kernel-provides", *kernel_provides]
+        if download_for is not None:
+            recipe += ["download-for", *_dependency_fields(download_for)]
+        key = hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:12]
         home = cache_root() / f"{SUITE}-{key}"
         final = home / "rootfs"
         with _locked(cache_root() / ".rootfs.lock"):
@@ -150,7 +170,7 @@ class Rootfs:
                     [
                         "debootstrap",
                         "--variant=minbase",
-                        f"--include={','.join(PACKAGES)}",
+                        f"--include={','.join(packages)}",
                         SUITE,
                         str(staging),
                         mirror,
@@ -159,15 +179,91 @@ class Rootfs:
                     log=home / "debootstrap.log",
                 )
                 _run(["chroot", str(staging), "apt-get", "clean"], timeout=120)
+                if kernel_provides:
+                    _install_kernel_stub(staging, kernel_provides)
+                if download_for is not None:
+                    _download_dependencies(staging, download_for, log=home / "apt.log")
                 root = f"--root={staging}"
-                _run(["systemctl", root, "disable", *DISABLED_UNITS], timeout=60)
-                _run(["systemctl", root, "mask", *MASKED_UNITS], timeout=60)
+                if disabled:
+                    _run(["systemctl", root, "disable", *disabled], timeout=60)
+                if masked:
+                    _run(["systemctl", root, "mask", *masked], timeout=60)
                 (staging / "etc/hostname").write_text("rbtest\n")
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             staging.rename(final)
             return cls(final, time.monotonic() - started)
+
+    @classmethod
+    def clean(cls, deb: Path) -> Rootfs:
+        """A clean Debian 12 that boots (systemd, dbus; procps for pgrep) with nothing of the
+        product or its dependencies installed, and ``deb``'s dependency closure in apt's
+        cache. The system tor's units are masked: installing tor as a dependency must not
+        start a tor on the real Tor network from a test. The kernel stub stands for the
+        kernel package every Debian host has (the container runs on the host's kernel)."""
+        return cls.ensure(
+            CLEAN_PACKAGES,
+            disabled=(),
+            masked=(*MASKED_UNITS, *TOR_UNITS),
+            kernel_provides=KERNEL_PROVIDES,
+            download_for=deb,
+        )
+
+
+def _install_kernel_stub(root: Path, provides: Sequence[str]) -> None:
+    """Install an empty package that provides what Debian's kernel packages provide.
+
+    A Debian 12 host has linux-image-amd64, which provides ``wireguard-modules`` (WireGuard is
+    built into Linux >= 5.6); a container has no kernel package of its own, so apt would
+    satisfy wireguard-tools' Recommends with a whole kernel image and an initramfs (measured:
+    a 101 s install instead of 20-odd). The stub tells dpkg what is true of a real host."""
+    build = root / "tmp" / "rbtest-host-kernel"
+    (build / "DEBIAN").mkdir(parents=True)
+    (build / "DEBIAN" / "control").write_text(
+        "Package: rbtest-host-kernel\n"
+        "Version: 1.0\n"
+        "Architecture: all\n"
+        "Maintainer: RustBalance tests <tests@example.org>\n"
+        f"Provides: {', '.join(provides)}\n"
+        "Description: the host's kernel (the container test runs on it)\n"
+    )
+    deb = root / "tmp" / "rbtest-host-kernel.deb"
+    try:
+        _run(["dpkg-deb", "--root-owner-group", "--build", str(build), str(deb)], timeout=60)
+        _run(["chroot", str(root), "dpkg", "-i", "/tmp/rbtest-host-kernel.deb"], timeout=120)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+        deb.unlink(missing_ok=True)
+
+
+def _dependency_fields(deb: Path) -> list[str]:
+    """What apt pulls for ``deb``: its relationship fields (the cache key of a download)."""
+    fields = ("Pre-Depends", "Depends", "Recommends")
+    out = subprocess.run(
+        ["dpkg-deb", "--field", str(deb), *fields],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return out.stdout.splitlines()
+
+
+def _download_dependencies(root: Path, deb: Path, *, log: Path) -> None:
+    """apt-get update and ``apt-get install --download-only`` of ``deb`` in the chroot: the
+    package lists and the .debs of its dependencies stay in the rootfs."""
+    inside = Path("/var/cache/rustbalance-download") / deb.name
+    copy = root / inside.relative_to("/")
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(deb, copy)
+    try:
+        _run(["chroot", str(root), "apt-get", "update", "-q"], timeout=PIP_TIMEOUT, log=log)
+        _run(
+            ["chroot", str(root), "apt-get", "install", "-y", "-q", "--download-only",
+             str(inside)],
+            timeout=PIP_TIMEOUT,
+            log=log,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(copy.parent)
 
 
 def _pinned_requirements() -> list[str]:
@@ -201,12 +297,14 @@ def wheelhouse() -> Path:
 
 
 def copy_source(dest: Path) -> None:
-    """What ``pip install`` and deploy.sh need from the checkout (no .git, no caches)."""
+    """What ``pip install`` and deploy.sh need from the checkout (no .git, no caches): the
+    build hook (setup.py), the license file and the generated completions and man page
+    (share/) that pyproject.toml names are part of the build."""
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", ".mypy_cache")
     dest.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE"):
         shutil.copy2(REPO / name, dest / name)
-    for name in ("src", "deploy"):
+    for name in ("src", "deploy", "share"):
         shutil.copytree(REPO / name, dest / name, ignore=ignore)
 
 
