@@ -1,0 +1,183 @@
+"""Distinct descriptors per HSDir (issue 19) on the private Tor network, with real tor.
+
+Three plain tor onion services run as Onionbalance instances of one master address with 8
+intro points each (24 > 20: more than one descriptor can hold). For the descriptor clients use
+now, :func:`~rustbalance.descriptor.distinct.assign_intro_points` gives each of the 8
+responsible HSDirs its own set of 20; each set is built into a descriptor signed with the
+master key (one revision counter for all), uploaded to its HSDir only, fetched back from that
+HSDir (``HSFETCH SERVER=``), verified and compared with what it should hold. Then a fresh tor
+client reaches the master address, and the descriptor it chose is one of the fetch HSDirs'.
+The session network has 10 HSDirs with tor's ring parameters (2 x 4 to store, 2 x 3 to
+fetch), so the 8 store positions are 8 different relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from rustbalance.crypto.blinding import blind_identity
+from rustbalance.crypto.keys import IdentityKey
+from rustbalance.crypto.revision import revision_counter
+from rustbalance.crypto.time_period import DescriptorTarget, client_fetch_target
+from rustbalance.descriptor.builder import build_descriptor
+from rustbalance.descriptor.distinct import assign_intro_points
+from rustbalance.descriptor.intro_point import IntroPoint
+from rustbalance.testnet import PrivateTorNetwork, TorInstance
+from rustbalance.tor.control import ControlConnection
+from rustbalance.tor.network import (
+    NetworkView,
+    decode_for_view,
+    fetch_per_hsdir,
+    read_network_view,
+    upload_per_hsdir,
+)
+from tests.torhelpers import NamedHTTPServer, get_with_retries, wait_for_descriptor
+
+pytestmark = pytest.mark.tor
+
+INSTANCES = 3
+INTRO_POINTS_EACH = 8  # HiddenServiceNumIntroductionPoints: 3 x 8 = 24 > 20
+
+
+@dataclass
+class Cluster:
+    master: IdentityKey
+    instances: list[TorInstance]
+    names: set[str]
+
+
+@pytest.fixture(scope="module")
+def cluster(tor_network: PrivateTorNetwork) -> Iterator[Cluster]:
+    master = IdentityKey.generate(secrets.token_bytes)
+    servers = [NamedHTTPServer(f"distinct-{i}") for i in range(INSTANCES)]
+    instances: list[TorInstance] = []
+    try:
+        for i, server in enumerate(servers):
+            instances.append(
+                tor_network.add_onion_service(
+                    f"distinct{i}",
+                    {80: server.port},
+                    [f"HiddenServiceNumIntroductionPoints {INTRO_POINTS_EACH}"],
+                    onionbalance_master=master.onion_address,
+                )
+            )
+        yield Cluster(master, instances, {f"hello from distinct-{i}" for i in range(INSTANCES)})
+    finally:
+        for inst in instances:
+            tor_network.remove(inst)
+        for server in servers:
+            server.close()
+
+
+async def _instance_points(conn: ControlConnection, cluster: Cluster) -> list[list[IntroPoint]]:
+    """Each instance's intro points, once they add up to more than 20 (a service publishes
+    before all its intro circuits are up, then again when they are)."""
+    deadline = time.monotonic() + 180
+    while True:
+        view = await read_network_view(conn)
+        points = [
+            list((await wait_for_descriptor(conn, inst.onion_address or "", view)).intro_points)
+            for inst in cluster.instances
+        ]
+        if sum(map(len, points)) > 20 or time.monotonic() > deadline:
+            return points
+        await asyncio.sleep(5)
+
+
+def _client_target(view: NetworkView) -> DescriptorTarget:
+    """The one of tor's two descriptors that clients fetch now (tor.md section 3.2)."""
+    c = view.consensus
+    tp, srv = client_fetch_target(c.valid_after, view.time_params, c.srv_current, c.srv_previous)
+    return next(t for t in view.descriptor_targets() if (t.time_period, t.srv) == (tp, srv))
+
+
+async def test_each_hsdir_serves_its_own_descriptor_and_a_client_gets_through(
+    tor_network: PrivateTorNetwork, cluster: Cluster
+) -> None:
+    address = cluster.master.onion_address
+    async with await ControlConnection.connect(tor_network.clients[0].control_address) as conn:
+        points = await _instance_points(conn, cluster)
+        assert sum(map(len, points)) > 20, [len(p) for p in points]
+        for _attempt in range(3):
+            view = await read_network_view(conn)
+            target = _client_target(view)
+            blinded = blind_identity(cluster.master, target.time_period, view.period_length)
+            store = view.store_hsdirs(blinded.public_key, target)
+            fetch = view.target_fetch_hsdirs(blinded.public_key, target)
+            # tor's defaults on 10 HSDirs: 8 different store HSDirs, the 6 fetch ones among
+            # them, and the fetch ones are exactly those a client computes for the address.
+            assert len(store) == 8 and len(fetch) == 6
+            assert set(fetch) <= set(store)
+            assert fetch == view.fetch_hsdirs(address)
+
+            now = int(time.time())
+            assignment = assign_intro_points(
+                points,
+                [r.fingerprint for r in fetch],
+                [r.fingerprint for r in store],
+                max_points=20,
+                now=now,
+                min_remaining_validity=600,
+            )
+            assert assignment.distinct
+            counter = revision_counter(blinded, target.srv_run_start, now)
+            texts = {
+                relay.fingerprint: build_descriptor(
+                    identity_public_key=cluster.master.public_key,
+                    blinded=blinded,
+                    intro_points=assignment.per_hsdir[relay.fingerprint],
+                    revision_counter=counter,
+                    now=now,
+                    randbytes=secrets.token_bytes,
+                )
+                for relay in store
+            }
+            uploads = await upload_per_hsdir(
+                conn, address, [(relay, texts[relay.fingerprint]) for relay in store], timeout=120
+            )
+            fetched = await fetch_per_hsdir(conn, address, view, store, timeout=120)
+            moved = _client_target(await read_network_view(conn)) != target
+            if moved and not all(f.ok for f in fetched):
+                continue  # a new period or SRV moved the ring meanwhile: again, on the new one
+            break
+        else:
+            pytest.fail("the ring moved under three attempts in a row")
+
+    assert [(u.fingerprint, u.ok, u.reason) for u in uploads] == [
+        (r.fingerprint, True, None) for r in store
+    ]
+    served: dict[str, set[bytes]] = {}
+    for result in fetched:
+        assert result.descriptor is not None, (result.nickname, result.reason)
+        assert result.descriptor.revision_counter == counter
+        assert result.descriptor.time_period == target.time_period
+        served[result.fingerprint] = {p.auth_key for p in result.descriptor.intro_points}
+    wanted = {h: {p.auth_key for p in pts} for h, pts in assignment.per_hsdir.items()}
+    # Each HSDir serves exactly the set it was given, and the sets really differ.
+    assert served == wanted
+    assert len({frozenset(s) for s in served.values()}) > 1
+    nodes_per_descriptor = {h: {assignment.owner[k] for k in s} for h, s in served.items()}
+    assert all(nodes == set(range(INSTANCES)) for nodes in nodes_per_descriptor.values())
+
+    # A fresh client picks one of the 6 fetch HSDirs (hs_pick_hsdir), gets that one's
+    # descriptor and reaches an instance through its intro points.
+    visitor = await asyncio.to_thread(tor_network.add_client, "distinctvisitor")
+    try:
+        assert visitor.socks_address is not None
+        body = await get_with_retries(visitor.socks_address, address, isolation="distinct")
+        assert body.strip() in cluster.names
+        async with await ControlConnection.connect(visitor.control_address) as vconn:
+            key = f"hs/client/desc/id/{address.removesuffix('.onion')}"
+            text = (await vconn.get_info(key))[key]
+            vview = await read_network_view(vconn)
+        cached = decode_for_view(text, address, vview)
+        got = {p.auth_key for p in cached.intro_points}
+        assert got in [wanted[r.fingerprint] for r in fetch]
+    finally:
+        await asyncio.to_thread(tor_network.remove, visitor)
