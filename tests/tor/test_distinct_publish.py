@@ -9,6 +9,9 @@ HSDir (``HSFETCH SERVER=``), verified and compared with what it should hold. The
 client reaches the master address, and the descriptor it chose is one of the fetch HSDirs'.
 The session network has 10 HSDirs with tor's ring parameters (2 x 4 to store, 2 x 3 to
 fetch), so the 8 store positions are 8 different relays.
+
+A second test shows, with real tor, the client rule that makes every HSDir of one target carry
+the same revision counter.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from rustbalance.descriptor.builder import build_descriptor
 from rustbalance.descriptor.distinct import assign_intro_points
 from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
+from rustbalance.tor.consensus import HSDirRelay
 from rustbalance.tor.control import ControlConnection
 from rustbalance.tor.network import (
     NetworkView,
@@ -37,6 +41,7 @@ from rustbalance.tor.network import (
     read_network_view,
     upload_per_hsdir,
 )
+from tests.descriptor.helpers import make_intro_point
 from tests.torhelpers import NamedHTTPServer, get_with_retries, wait_for_descriptor
 
 pytestmark = pytest.mark.tor
@@ -181,3 +186,65 @@ async def test_each_hsdir_serves_its_own_descriptor_and_a_client_gets_through(
         assert got in [wanted[r.fingerprint] for r in fetch]
     finally:
         await asyncio.to_thread(tor_network.remove, visitor)
+
+
+async def test_a_client_keeps_its_higher_revision_and_takes_an_equal_one(
+    tor_network: PrivateTorNetwork,
+) -> None:
+    """The client-side rule distinct descriptors are numbered for (hs_cache.c
+    ``cache_store_as_client``): a fetched descriptor with a *lower* revision counter than the
+    cached one is thrown away, an *equal* one replaces it. So all HSDirs of one target must
+    hold the same round: a client stuck with a dead descriptor must be able to replace it
+    from any other HSDir (docs/distinct-descriptors.md, section 3)."""
+    master = IdentityKey.generate(secrets.token_bytes)
+    address = master.onion_address
+    bare = address.removesuffix(".onion")
+    randbytes = secrets.token_bytes
+    sets = [
+        [make_intro_point(randbytes, index=i + 3 * n, now=int(time.time())) for i in range(3)]
+        for n in range(3)
+    ]
+    async with await ControlConnection.connect(tor_network.clients[0].control_address) as conn:
+        view = await read_network_view(conn)
+        target = _client_target(view)
+        blinded = blind_identity(master, target.time_period, view.period_length)
+        first, second = view.store_hsdirs(blinded.public_key, target)[:2]
+        now = int(time.time())
+        low = revision_counter(blinded, target.srv_run_start, now)
+        high = low + 1000
+
+        def build(points: list[IntroPoint], counter: int) -> str:
+            return build_descriptor(
+                identity_public_key=master.public_key,
+                blinded=blinded,
+                intro_points=points,
+                revision_counter=counter,
+                now=now,
+                randbytes=randbytes,
+            )
+
+        async def cached() -> set[bytes]:
+            key = f"hs/client/desc/id/{bare}"
+            text = (await conn.get_info(key))[key]
+            return {p.auth_key for p in decode_for_view(text, address, view).intro_points}
+
+        async def fetch(relay: HSDirRelay) -> set[bytes]:
+            (result,) = await fetch_per_hsdir(conn, address, view, [relay], timeout=120)
+            assert result.descriptor is not None, result.reason
+            return {p.auth_key for p in result.descriptor.intro_points}
+
+        keys = [{p.auth_key for p in points} for points in sets]
+        uploads = await upload_per_hsdir(
+            conn, address, [(first, build(sets[0], high)), (second, build(sets[1], low))]
+        )
+        assert all(u.ok for u in uploads), uploads
+        assert await fetch(first) == keys[0]
+        assert await cached() == keys[0]
+        # The lower one arrives (and is reported), but the client keeps its higher one.
+        assert await fetch(second) == keys[1]
+        assert await cached() == keys[0]
+        # An equal counter replaces it.
+        (upload,) = await upload_per_hsdir(conn, address, [(second, build(sets[2], high))])
+        assert upload.ok, upload
+        assert await fetch(second) == keys[2]
+        assert await cached() == keys[2]

@@ -17,6 +17,7 @@ import pytest
 from rustbalance.errors import ControlError
 from rustbalance.tor.consensus import HSDirRelay
 from rustbalance.tor.control import ControlConnection
+from rustbalance.tor.control_protocol import ControlReplyError
 from rustbalance.tor.network import (
     NetworkView,
     fetch_per_hsdir,
@@ -52,6 +53,8 @@ async def _fake(script: Script) -> FakeTor:
             writer.write(NULL_PROTOCOLINFO)
         elif keyword in ("AUTHENTICATE", "SETEVENTS"):
             writer.write(b"250 OK\r\n")
+        elif keyword == "+HSPOST" and data is not None and data.startswith("refuse"):
+            writer.write(b'552 Server "' + command.split("=")[1].split(" ")[0].encode() + b'"\r\n')
         elif keyword in ("+HSPOST", "HSFETCH"):
             writer.write(b"250 OK\r\n" + b"".join(script(command, data)))
         else:
@@ -118,6 +121,31 @@ async def test_an_hsdir_named_twice_is_refused_before_anything_is_sent() -> None
     finally:
         await fake.close()
     assert fake.commands("+HSPOST") == []
+
+
+async def test_a_refused_hspost_fails_only_its_own_hsdirs() -> None:
+    """tor answers 552 for an HSDir that left its consensus since our view: the other
+    descriptors still go out; when every HSPOST is refused, tor's error is raised as before."""
+
+    def script(_command: str, _data: str | None) -> list[bytes]:
+        return [_line(f"650 HS_DESC UPLOADED {ADDR} UNKNOWN {_hsdir(A)}")]
+
+    fake = await _fake(script)
+    try:
+        async with await ControlConnection.connect(f"127.0.0.1:{fake.port}", timeout=2) as conn:
+            results = await upload_per_hsdir(
+                conn, ADDR, [(A, "fine\n"), (C, "refuse\n")], timeout=1.5
+            )
+            with pytest.raises(ControlReplyError) as info:
+                await upload_per_hsdir(conn, ADDR, [(B, "refuse\n"), (D, "refuse too\n")])
+    finally:
+        await fake.close()
+    assert [(r.fingerprint, r.ok, r.reason) for r in results] == [
+        (A.fingerprint, True, None),
+        (C.fingerprint, False, "REFUSED 552"),
+    ]
+    assert info.value.code == 552
+    assert len(fake.commands("+HSPOST")) == 4
 
 
 async def test_fetch_reports_what_each_hsdir_served(view: NetworkView) -> None:

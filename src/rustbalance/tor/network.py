@@ -60,6 +60,7 @@ from rustbalance.tor.consensus import (
 from rustbalance.tor.control import ControlTimeoutError, Subscription
 from rustbalance.tor.control_protocol import (
     ControlProtocolError,
+    ControlReplyError,
     Event,
     HsDescContentEvent,
     HsDescEvent,
@@ -286,7 +287,10 @@ async def upload_per_hsdir(
     not be told apart. For the same reason uploads of the same address must not overlap, so
     callers serialise them (one descriptor target after the other).
 
-    HSDirs that never answer within ``timeout`` are reported with reason ``TIMEOUT``. An
+    HSDirs that never answer within ``timeout`` are reported with reason ``TIMEOUT``; the
+    HSDirs of an HSPOST tor refuses (``552`` for an HSDir no longer in its consensus, ``554``
+    for a descriptor it cannot parse) with ``REFUSED <code>``, unless every HSPOST was
+    refused: then tor's :class:`ControlReplyError` is raised. An
     ``HS_DESC UPLOAD`` event for an HSDir means tor's own service is uploading there too (its
     native publishing, tor.md section 9.3: our HSPOST uploads come without one); that HSDir's
     next verdict is tor's, so we skip one verdict. Results come in the order of ``uploads``.
@@ -305,10 +309,21 @@ async def upload_per_hsdir(
     order = list(pending)
     results: dict[str, HsDirUpload] = {}
     native_in_flight: dict[str, int] = {}
+    refused: ControlReplyError | None = None
     sub = await ctrl.subscribe("HS_DESC")
     try:
         for text, fingerprints in by_text.items():
-            await ctrl.hs_post(text, bare, fingerprints)
+            try:
+                await ctrl.hs_post(text, bare, fingerprints)
+            except ControlReplyError as exc:
+                # e.g. 552 for an HSDir that left tor's consensus since our view: the other
+                # texts still go out; these HSDirs get the refusal as their verdict.
+                refused = exc
+                for fp in fingerprints:
+                    relay = pending.pop(fp)
+                    results[fp] = HsDirUpload(fp, relay.nickname, False, f"REFUSED {exc.code}")
+        if refused is not None and len(results) == len(order):
+            raise refused  # nothing went out: the caller sees tor's reply, as before
         async for raw in _events_until(sub, timeout):
             try:
                 event = HsDescEvent.from_event(raw)
