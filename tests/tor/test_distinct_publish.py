@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from rustbalance.crypto.blinding import blind_identity
+from rustbalance.crypto.blinding import blind_identity, blind_public_key
 from rustbalance.crypto.keys import IdentityKey
+from rustbalance.crypto.onion_address import decode_onion_address
 from rustbalance.crypto.revision import revision_counter
 from rustbalance.crypto.time_period import DescriptorTarget, client_fetch_target
 from rustbalance.descriptor.builder import build_descriptor
@@ -33,7 +34,8 @@ from rustbalance.descriptor.distinct import assign_intro_points
 from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
 from rustbalance.tor.consensus import HSDirRelay
-from rustbalance.tor.control import ControlConnection
+from rustbalance.tor.control import ControlConnection, ControlTimeoutError
+from rustbalance.tor.control_protocol import HsDescEvent
 from rustbalance.tor.network import (
     NetworkView,
     decode_for_view,
@@ -248,3 +250,59 @@ async def test_a_client_keeps_its_higher_revision_and_takes_an_equal_one(
         assert upload.ok, upload
         assert await fetch(second) == keys[2]
         assert await cached() == keys[2]
+
+
+async def test_a_tor_client_asks_exactly_the_six_fetch_hsdirs(
+    tor_network: PrivateTorNetwork,
+) -> None:
+    """tor's own HSDir choice (``HSFETCH`` without ``SERVER=`` runs ``pick_hsdir_v3``): each
+    fetch picks one HSDir not asked for this address in the requery period (5 s on a test
+    network) from the union of the replicas' first 3, and a failed fetch is retried at
+    another. For an address nobody publishes, every fetch fails, so within a few seconds
+    tor asks every HSDir it would ever ask: exactly the 6 fetch HSDirs, never the 2 spares
+    of the 8 store HSDirs, never another relay (docs/distinct-descriptors.md, section 1)."""
+    fresh = await asyncio.to_thread(tor_network.add_client, "distinctpicker")
+    try:
+        async with await ControlConnection.connect(fresh.control_address) as conn:
+            for _attempt in range(3):
+                bare = IdentityKey.generate(secrets.token_bytes).onion_address[:-6]
+                view = await read_network_view(conn)
+                target = _client_target(view)
+                blinded = blind_public_key(
+                    decode_onion_address(bare), target.time_period, view.period_length
+                )
+                fetch = {r.fingerprint for r in view.target_fetch_hsdirs(blinded, target)}
+                store = {r.fingerprint for r in view.store_hsdirs(blinded, target)}
+                assert len(fetch) == 6 and len(store) == 8 and fetch < store
+                asked = await _hsdirs_asked(conn, bare, want=len(fetch))
+                if _client_target(await read_network_view(conn)) == target:
+                    assert asked == fetch
+                    return
+                # A new period or SRV moved the ring during the fetches: a new address.
+    finally:
+        await asyncio.to_thread(tor_network.remove, fresh)
+    pytest.fail("the ring moved under three attempts in a row")
+
+
+async def _hsdirs_asked(conn: ControlConnection, bare: str, *, want: int) -> set[str]:
+    """Six quick HSFETCHes without SERVER=; the HSDirs tor asks until ``want`` were seen
+    (at most 30 s), and 5 s more to catch any further one."""
+    asked: set[str] = set()
+    sub = await conn.subscribe("HS_DESC")
+    try:
+        for _ in range(6):
+            await conn.hs_fetch(bare)
+        deadline = time.monotonic() + 30
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                event = HsDescEvent.from_event(await sub.get(remaining))
+            except ControlTimeoutError:
+                break
+            if event.action == "REQUESTED" and event.address == bare:
+                assert event.hsdir_fingerprint is not None
+                if event.hsdir_fingerprint not in asked and len(asked) + 1 == want:
+                    deadline = min(deadline, time.monotonic() + 5)
+                asked.add(event.hsdir_fingerprint)
+    finally:
+        await sub.aclose()
+    return asked
