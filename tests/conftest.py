@@ -23,6 +23,7 @@ from hypothesis import settings
 
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
 from rustbalance.testnet.apps import NamedHTTPServer
+from rustbalance.testnet.network import SESSION_RELAYS, TOR_DEFAULT_HSDIR_PARAMS
 from tests import budget, secret_scan
 
 _NETWORK_KEY = pytest.StashKey[PrivateTorNetwork]()
@@ -133,13 +134,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def tor_network(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[PrivateTorNetwork]:
-    """One private Tor network (3 authorities, 4 relays, 1 client) for the whole test run.
+    """One private Tor network (3 authorities, 7 relays: 10 HSDirs; 1 client) for the whole
+    test run, with tor's own HSDir ring parameters (2 replicas, spread 4 to store, 3 to fetch):
+    the 8 store positions are different relays and a strict subset of the ring, as distinct
+    descriptors per HSDir need (docs/distinct-descriptors.md, "The test network").
 
     Stopped by PID at the end of the session, also after a failure or Ctrl-C (pytest tears
     session fixtures down on interrupt; the network's atexit hook and tor's
     ``__OwningControllerProcess`` are further nets).
     """
-    net = PrivateTorNetwork(tmp_path_factory.mktemp("tornet"), n_relays=4)
+    net = PrivateTorNetwork(
+        tmp_path_factory.mktemp("tornet"),
+        n_relays=SESSION_RELAYS,
+        consensus_params=TOR_DEFAULT_HSDIR_PARAMS,
+    )
     try:
         net.start()
     except BaseException:

@@ -41,6 +41,8 @@ from rustbalance.tor.process import (
 __all__ = [
     "AUTHORITY_COUNT",
     "DEFAULT_CONSENSUS_PARAMS",
+    "SESSION_RELAYS",
+    "TOR_DEFAULT_HSDIR_PARAMS",
     "ConsensusSummary",
     "PrivateTorNetwork",
     "Role",
@@ -52,6 +54,16 @@ AUTHORITY_COUNT = 3
 # every one of ~7 HSDirs, so every relay would be responsible for every descriptor and a hash-ring
 # check would prove nothing (param-spec, rend-spec [WHERE-HSDESC]). Spread 2 makes it a subset.
 DEFAULT_CONSENSUS_PARAMS = "hsdir_spread_store=2 hsdir_spread_fetch=2"
+# tor's own defaults (param-spec; hs_common.h HS_DEFAULT_HSDIR_N_REPLICAS / _SPREAD_STORE /
+# _SPREAD_FETCH), written out so the consensus states them: 8 store and 6 fetch positions, as
+# on the live network. Used with SESSION_RELAYS, where the 8 store positions are a strict
+# subset of the 10 HSDirs; distinct descriptors per HSDir (docs/distinct-descriptors.md) need
+# all 8 positions to be different relays.
+TOR_DEFAULT_HSDIR_PARAMS = "hsdir_n_replicas=2 hsdir_spread_store=4 hsdir_spread_fetch=3"
+# Relays of the test session's network besides the 3 authorities: 10 HSDirs. Measured on 2
+# shared cores (docs/distinct-descriptors.md, "The test network"): ready in about the same time
+# as with 4 relays, about 230 MB more memory.
+SESSION_RELAYS = 7
 VOTING_INTERVAL = (
     20  # tor.md §13.5: 8-minute time periods; Onionbalance's testnet timing expects it
 )

@@ -7,8 +7,13 @@ What lives here is the asyncio glue between tor's control port and the pure laye
 * :func:`upload_descriptor`: ``+HSPOST`` of one descriptor to an explicit list of HSDirs, and
   the per-HSDir outcome from ``HS_DESC UPLOADED/FAILED`` events (tor.md section 9.3: the
   ``250 OK`` only means the outer document parsed).
+* :func:`upload_per_hsdir`: "this descriptor to this HSDir only", for distinct descriptors
+  per HSDir (docs/distinct-descriptors.md): one ``+HSPOST SERVER=`` per distinct text, every
+  HSDir's verdict.
 * :func:`fetch_descriptor`: ``HSFETCH`` and the verified, decrypted descriptor from
   ``HS_DESC_CONTENT``, or a typed :class:`FetchError`.
+* :func:`fetch_per_hsdir`: ``HSFETCH SERVER=...`` and what *each* named HSDir serves
+  (fetch-back verification per HSDir).
 * :func:`read_own_descriptor`: a hosted service's first descriptor (``hs/service/desc/id``).
 * :func:`publish_master`: build both master descriptors ([FIRSTDESCUPLOAD] and
   [SECONDDESCUPLOAD]) and upload each to its own responsible HSDirs; in two steps,
@@ -59,6 +64,7 @@ from rustbalance.tor.consensus import (
 from rustbalance.tor.control import ControlTimeoutError, Subscription
 from rustbalance.tor.control_protocol import (
     ControlProtocolError,
+    ControlReplyError,
     Event,
     HsDescContentEvent,
     HsDescEvent,
@@ -68,6 +74,7 @@ from rustbalance.tor.hashring import responsible_hsdirs
 __all__ = [
     "Controller",
     "FetchError",
+    "HsDirFetch",
     "HsDirUpload",
     "NetworkView",
     "PeriodPublish",
@@ -75,11 +82,13 @@ __all__ = [
     "Upload",
     "control_upload",
     "fetch_descriptor",
+    "fetch_per_hsdir",
     "plan_master_descriptors",
     "publish_master",
     "read_network_view",
     "read_own_descriptor",
     "upload_descriptor",
+    "upload_per_hsdir",
     "upload_planned",
 ]
 
@@ -167,6 +176,23 @@ class NetworkView:
             self.hsdir_params.spread_store,
         )
 
+    def target_fetch_hsdirs(self, blinded_key: bytes, target: DescriptorTarget) -> list[HSDirRelay]:
+        """The HSDirs clients ask for ``target``'s descriptor once its period is the current
+        one: the same ring as :meth:`store_hsdirs` (tor ``nodelist.c``
+        ``node_set_hsdir_index`` copies the fetch index into the store index of the matching
+        descriptor), with ``hsdir_spread_fetch`` per replica instead of
+        ``hsdir_spread_store``. A prefix-closed subset of the store list when fetch <= store
+        (docs/distinct-descriptors.md)."""
+        return responsible_hsdirs(
+            blinded_key,
+            target.time_period,
+            self.period_length,
+            target.srv,
+            self.hsdirs,
+            self.hsdir_params.n_replicas,
+            self.hsdir_params.spread_fetch,
+        )
+
     def fetch_hsdirs(self, address: str) -> list[HSDirRelay]:
         """The HSDirs a client asks for ``address`` now (hsdir_spread_fetch per replica)."""
         c = self.consensus
@@ -245,23 +271,68 @@ async def upload_descriptor(
     *,
     timeout: float = 60.0,  # noqa: ASYNC109
 ) -> list[HsDirUpload]:
-    """``+HSPOST SERVER=<fp>... HSADDRESS=<addr>`` and wait for every HSDir's verdict.
-
-    HSDirs that never answer within ``timeout`` are reported with reason ``TIMEOUT``. Uploads of
-    the same address must not overlap (the events name the HSDir and the address, not the
-    upload), so callers serialise them. An ``HS_DESC UPLOAD`` event for an HSDir means tor's own
-    service is uploading there too (its native publishing, tor.md section 9.3: our HSPOST
-    uploads come without one); that HSDir's next verdict is tor's, so we skip one verdict.
-    """
+    """``+HSPOST SERVER=<fp>... HSADDRESS=<addr>`` of one descriptor to every HSDir in
+    ``hsdirs``, and every HSDir's verdict (see :func:`upload_per_hsdir`)."""
     if not hsdirs:
         raise ControlError("no HSDirs to upload to")
+    return await upload_per_hsdir(
+        ctrl, address, [(relay, descriptor) for relay in hsdirs], timeout=timeout
+    )
+
+
+async def upload_per_hsdir(
+    ctrl: Controller,
+    address: str,
+    uploads: Sequence[tuple[HSDirRelay, str]],
+    *,
+    timeout: float = 60.0,  # noqa: ASYNC109
+) -> list[HsDirUpload]:
+    """Upload each descriptor to its own HSDir only, and wait for every HSDir's verdict.
+
+    One ``+HSPOST SERVER=<fp>... HSADDRESS=<addr>`` per distinct descriptor text, naming the
+    HSDirs that get that text (so a single descriptor for all HSDirs is one HSPOST, as
+    before). Each HSDir may appear once: the ``HS_DESC UPLOADED/FAILED`` events name the
+    HSDir and the address, not the upload, so two uploads of one address to one HSDir could
+    not be told apart. For the same reason uploads of the same address must not overlap, so
+    callers serialise them (one descriptor target after the other).
+
+    HSDirs that never answer within ``timeout`` are reported with reason ``TIMEOUT``; the
+    HSDirs of an HSPOST tor refuses (``552`` for an HSDir no longer in its consensus, ``554``
+    for a descriptor it cannot parse) with ``REFUSED <code>``, unless every HSPOST was
+    refused: then tor's :class:`ControlReplyError` is raised. An
+    ``HS_DESC UPLOAD`` event for an HSDir means tor's own service is uploading there too (its
+    native publishing, tor.md section 9.3: our HSPOST uploads come without one); that HSDir's
+    next verdict is tor's, so we skip one verdict. Results come in the order of ``uploads``.
+    """
+    if not uploads:
+        raise ControlError("no HSDirs to upload to")
     bare = _bare(address)
-    pending = {relay.fingerprint.upper(): relay for relay in hsdirs}
+    pending: dict[str, HSDirRelay] = {}
+    by_text: dict[str, list[str]] = {}
+    for relay, text in uploads:
+        fp = relay.fingerprint.upper()
+        if fp in pending:
+            raise ControlError(f"HSDir {fp} is named twice in one upload round")
+        pending[fp] = relay
+        by_text.setdefault(text, []).append(fp)
+    order = list(pending)
     results: dict[str, HsDirUpload] = {}
     native_in_flight: dict[str, int] = {}
+    refused: ControlReplyError | None = None
     sub = await ctrl.subscribe("HS_DESC")
     try:
-        await ctrl.hs_post(descriptor, bare, list(pending))
+        for text, fingerprints in by_text.items():
+            try:
+                await ctrl.hs_post(text, bare, fingerprints)
+            except ControlReplyError as exc:
+                # e.g. 552 for an HSDir that left tor's consensus since our view: the other
+                # texts still go out; these HSDirs get the refusal as their verdict.
+                refused = exc
+                for fp in fingerprints:
+                    relay = pending.pop(fp)
+                    results[fp] = HsDirUpload(fp, relay.nickname, False, f"REFUSED {exc.code}")
+        if refused is not None and len(results) == len(order):
+            raise refused  # nothing went out: the caller sees tor's reply, as before
         async for raw in _events_until(sub, timeout):
             try:
                 event = HsDescEvent.from_event(raw)
@@ -289,7 +360,7 @@ async def upload_descriptor(
         await sub.aclose()
     for fp, relay in pending.items():
         results[fp] = HsDirUpload(fp, relay.nickname, False, "TIMEOUT")
-    return [results[relay.fingerprint.upper()] for relay in hsdirs]
+    return [results[fp] for fp in order]
 
 
 # --------------------------------------------------------------------------- fetch
@@ -376,6 +447,95 @@ async def fetch_descriptor(
         reason = reasons[-1]
         raise FetchError(reason, f"fetching {bare}.onion failed: {', '.join(reasons)}")
     raise FetchError("TIMEOUT", f"no descriptor for {bare}.onion within {timeout:g} s")
+
+
+@dataclass(frozen=True)
+class HsDirFetch:
+    """What one HSDir served: the verified descriptor, or why there is none (tor's REASON=,
+    e.g. ``NOT_FOUND``; ``BAD_DESCRIPTOR`` when it does not verify for us; ``TIMEOUT``)."""
+
+    fingerprint: str
+    nickname: str
+    descriptor: DecodedDescriptor | None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.descriptor is not None
+
+
+async def fetch_per_hsdir(
+    ctrl: Controller,
+    address: str,
+    view: NetworkView,
+    hsdirs: Sequence[HSDirRelay],
+    *,
+    timeout: float = 60.0,  # noqa: ASYNC109
+    client_auth_key: bytes | None = None,
+) -> list[HsDirFetch]:
+    """``HSFETCH <addr> SERVER=<fp>...`` and the verified descriptor *each* HSDir serves.
+
+    tor sends one request per named HSDir, bypassing its own HSDir choice and its 15-minute
+    requery rule (``hs_client.c`` ``hs_client_launch_v3_desc_fetch``), always for the blinded
+    key of the *current* time period (``directory_launch_v3_desc_fetch``): only the
+    descriptor clients use now can be fetched back. Each ``HS_DESC_CONTENT`` event names its
+    HSDir, and tor emits the body even when its own cache keeps a newer descriptor
+    (``client_dir_fetch_200`` passes the fetched body), so every HSDir's own answer is seen.
+    Results come in the order of ``hsdirs``.
+    """
+    if not hsdirs:
+        raise ControlError("no HSDirs to fetch from")
+    bare = _bare(address)
+    pending: dict[str, HSDirRelay] = {}
+    for relay in hsdirs:
+        fp = relay.fingerprint.upper()
+        if fp in pending:
+            raise ControlError(f"HSDir {fp} is named twice in one fetch")
+        pending[fp] = relay
+    order = list(pending)
+    results: dict[str, HsDirFetch] = {}
+
+    def settle(fp: str, descriptor: DecodedDescriptor | None, reason: str | None) -> None:
+        relay = pending.pop(fp)
+        results[fp] = HsDirFetch(fp, relay.nickname, descriptor, reason)
+
+    sub = await ctrl.subscribe("HS_DESC", "HS_DESC_CONTENT")
+    try:
+        await ctrl.hs_fetch(bare, order)
+        async for raw in _events_until(sub, timeout):
+            try:
+                if raw.type == "HS_DESC_CONTENT":
+                    content = HsDescContentEvent.from_event(raw)
+                    fp = (content.hsdir_fingerprint or "").upper()
+                    body = content.descriptor
+                    if content.address.lower() != bare or fp not in pending or not body.strip():
+                        continue  # a failure's empty body: its HS_DESC FAILED decides
+                    try:
+                        decoded = decode_for_view(body, bare, view, client_auth_key=client_auth_key)
+                    except DescriptorError as exc:
+                        log.warning(
+                            "HSDir %s serves a descriptor that does not verify: %s", fp, exc
+                        )
+                        settle(fp, None, "BAD_DESCRIPTOR")
+                    else:
+                        settle(fp, decoded, None)
+                else:
+                    event = HsDescEvent.from_event(raw)
+                    fp = (event.hsdir_fingerprint or "").upper()
+                    if event.address.lower() != bare or fp not in pending:
+                        continue
+                    if event.action == "FAILED":
+                        settle(fp, None, event.reason or "UNKNOWN")
+            except ControlProtocolError as exc:
+                log.warning("ignoring malformed %s event: %s", raw.type, exc)
+                continue
+            if not pending:
+                break
+    finally:
+        await sub.aclose()
+    for fp, relay in pending.items():
+        results[fp] = HsDirFetch(fp, relay.nickname, None, "TIMEOUT")
+    return [results[fp] for fp in order]
 
 
 async def read_own_descriptor(

@@ -1,0 +1,231 @@
+"""Distinct descriptors per HSDir: which intro points each responsible HSDir's descriptor lists.
+
+Pure and deterministic (no I/O, no clock, no randomness). The design, with every tor rule it
+rests on, is in ``docs/distinct-descriptors.md``; in short:
+
+* A client asks one HSDir, chosen uniformly from the union over replicas of the first
+  ``hsdir_spread_fetch`` HSDirs after each replica's index (rend-spec-v3 [WHERE-HSDESC]; tor
+  ``hs_client.c`` ``pick_hsdir_v3`` -> ``hs_common.c`` ``hs_pick_hsdir``: ``smartlist_choose``),
+  keeps that descriptor until the next time period, and picks its intro points uniformly
+  (``hs_client.c`` ``client_get_random_intro``: ``crypto_rand_int``). So with F fetch HSDirs
+  node ``n`` is reached with probability ``(1/F) * sum over h of k(n, h) / |D_h|``.
+* Up to ``max_points`` intro points (no more than 20) in total, every HSDir gets the same
+  descriptor, exactly :func:`~rustbalance.descriptor.merge.merge_intro_points` (today's
+  behaviour).
+* Beyond it, the publisher deals *slots* from one endless round-robin stream over the live
+  nodes: stream position ``i`` is node ``i mod N`` with that node's point ``(i div N) mod p_n``.
+  The fetch HSDirs, in tor's order, take consecutive chunks of ``cap`` slots, then the
+  store-only HSDirs (the ``hsdir_spread_store - hsdir_spread_fetch`` spares per replica that
+  clients ask only once the ring shifts) take the following chunks. A node already holding all
+  its points in the current chunk is skipped. Consequences (proved in the design document, and
+  checked by ``tests/descriptor/test_distinct.py``):
+
+  - every descriptor is full (``cap`` points) and lists ``min(N, cap)`` different nodes, so no
+    HSDir's answer depends on one node, and each node's points rotate over the descriptors;
+  - when every node has at least ``ceil(cap / N)`` points (always so with equal counts),
+    node ``n`` is reached with probability within ``1 / (F * cap)`` of ``1/N``; with unequal
+    counts within ``1 / cap`` of its water-filling share (round-robin with each node capped at
+    its own count, the rule of today's merge);
+  - beyond ``F * cap`` nodes (120 with 6 fetch HSDirs) some nodes cannot be listed at all; the
+    ``epoch`` moves the stream on by ``F * cap`` positions, so over ``K`` consecutive epochs
+    every node's slot count is within one of ``K * F * cap / N`` and each node is listed at
+    least once in every ``ceil(N / (F * cap))`` consecutive epochs. When every node would get
+    the same share anyway, the epoch is ignored, so a rotation never causes needless uploads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Generic, TypeVar
+
+from rustbalance.descriptor.builder import MAX_INTRO_POINTS
+from rustbalance.descriptor.intro_point import IntroPoint
+from rustbalance.descriptor.merge import merge_intro_points
+from rustbalance.errors import DescriptorError
+
+__all__ = [
+    "DistinctAssignment",
+    "Slot",
+    "assign_intro_points",
+    "deal_slots",
+    "effective_epoch",
+    "reach_probabilities",
+]
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Slot:
+    """One listed intro point: ``point`` of live node ``node`` (indices, not objects)."""
+
+    node: int
+    point: int
+
+
+def _chunk_order(fetch: Sequence[K], store: Sequence[K]) -> list[K]:
+    """Fetch HSDirs first (tor's order: they decide what clients see), then the store-only
+    spares. ``fetch`` is a subset of ``store`` whenever ``hsdir_spread_fetch <=
+    hsdir_spread_store`` (the defaults); were a consensus to set it larger, the extra fetch
+    HSDirs are part of the union, so clients asking them find a descriptor too."""
+    if len(set(fetch)) != len(fetch) or len(set(store)) != len(store):
+        raise DescriptorError("an HSDir is listed twice")
+    seen = set(fetch)
+    return [*fetch, *(h for h in store if h not in seen)]
+
+
+def effective_epoch(point_counts: Sequence[int], n_fetch: int, cap: int, epoch: int) -> int:
+    """``epoch``, or 0 when the rotation could not make the shares any fairer: every node can
+    take its turn in every chunk (at least ``ceil(cap / N)`` points each) and the fetch
+    chunks hold a whole number of turns (``N`` divides ``n_fetch * cap``), so every node
+    already gets exactly ``n_fetch * cap / N`` slots."""
+    n = len(point_counts)
+    if n == 0 or n_fetch == 0:
+        return 0
+    everyone_takes_turns = min(point_counts) >= math.ceil(cap / n)
+    if everyone_takes_turns and (n_fetch * cap) % n == 0:
+        return 0
+    return epoch
+
+
+def deal_slots(
+    point_counts: Sequence[int], n_chunks: int, n_fetch: int, cap: int, epoch: int = 0
+) -> list[list[Slot]]:
+    """The slot-dealing core: ``n_chunks`` lists of at most ``cap`` slots each.
+
+    ``point_counts[n]`` is how many distinct intro points live node ``n`` offers (each >= 1).
+    Chunks ``0 .. n_fetch - 1`` belong to the fetch HSDirs, the rest to the store-only ones.
+    Within a chunk a node's slots are distinct points. A chunk is full (``cap`` slots) unless
+    all the points together are fewer than ``cap``.
+    """
+    if not 1 <= cap <= MAX_INTRO_POINTS:
+        raise DescriptorError(f"cap must be 1-{MAX_INTRO_POINTS}, got {cap}")
+    if not 0 <= n_fetch <= n_chunks:
+        raise DescriptorError("n_fetch must be between 0 and n_chunks")
+    if epoch < 0:
+        raise DescriptorError("epoch must not be negative")
+    if any(count < 1 for count in point_counts):
+        raise DescriptorError("every live node needs at least one intro point")
+    nodes = len(point_counts)
+    if nodes == 0:
+        return [[] for _ in range(n_chunks)]
+    want = min(cap, sum(point_counts))
+    position = effective_epoch(point_counts, n_fetch, cap, epoch) * n_fetch * cap
+    chunks: list[list[Slot]] = []
+    for _ in range(n_chunks):
+        taken = [0] * nodes
+        chunk: list[Slot] = []
+        skipped_in_a_row = 0
+        # Each skip means that node already gave all its points to this chunk; N skips in a
+        # row would mean every node has (impossible while want <= total): a bound, not a rule.
+        while len(chunk) < want and skipped_in_a_row < nodes:
+            node = position % nodes
+            turn = position // nodes
+            position += 1
+            count = point_counts[node]
+            if taken[node] >= count:
+                skipped_in_a_row += 1
+                continue
+            skipped_in_a_row = 0
+            taken[node] += 1
+            chunk.append(Slot(node, turn % count))
+        chunks.append(chunk)
+    return chunks
+
+
+@dataclass(frozen=True)
+class DistinctAssignment(Generic[K]):
+    """The intro points of each HSDir's descriptor for one descriptor target (one blinded key).
+
+    ``per_hsdir`` covers the fetch HSDirs and the store HSDirs (upload to every key). With
+    ``distinct`` False every HSDir holds the same list: today's merged descriptor.
+    ``owner`` maps each listed intro point's auth key to the index of its node in the
+    caller's ``instances``; ``fetch`` keeps the fetch HSDirs for :func:`reach_probabilities`.
+    """
+
+    per_hsdir: Mapping[K, tuple[IntroPoint, ...]]
+    distinct: bool
+    fetch: tuple[K, ...]
+    owner: Mapping[bytes, int]
+    epoch: int
+
+
+def _live_points(
+    instances: Sequence[Sequence[IntroPoint]], deadline: int
+) -> tuple[list[int], list[list[IntroPoint]]]:
+    """Each node's points that outlive ``deadline``, duplicates (same auth key, the same intro
+    circuit) kept once at their first node; nodes left with none are not live."""
+    seen: set[bytes] = set()
+    live_index: list[int] = []
+    live: list[list[IntroPoint]] = []
+    for index, points in enumerate(instances):
+        mine: list[IntroPoint] = []
+        for point in points:
+            if point.expires_at > deadline and point.auth_key not in seen:
+                seen.add(point.auth_key)
+                mine.append(point)
+        if mine:
+            live_index.append(index)
+            live.append(mine)
+    return live_index, live
+
+
+def assign_intro_points(
+    instances: Sequence[Sequence[IntroPoint]],
+    fetch_hsdirs: Sequence[K],
+    store_hsdirs: Sequence[K],
+    *,
+    max_points: int,
+    now: int,
+    min_remaining_validity: int,
+    epoch: int = 0,
+) -> DistinctAssignment[K]:
+    """Intro points per HSDir for one descriptor target.
+
+    ``instances``: each node's intro points, in a stable node order (sorted by node id, so
+    that a new publisher after a failover deals the same layout). ``fetch_hsdirs`` and
+    ``store_hsdirs``: the responsible HSDirs for ``hsdir_spread_fetch`` and
+    ``hsdir_spread_store`` in tor's order (``tor.hashring.responsible_hsdirs``), as any
+    hashable keys (fingerprints). Points whose certificates expire before ``now +
+    min_remaining_validity`` are left out, as in the merge. ``epoch`` is the rotation epoch
+    (see the module docstring); it matters only beyond what a fair deal can give everyone.
+    """
+    if not 1 <= max_points <= MAX_INTRO_POINTS:
+        raise DescriptorError(f"max_points must be 1-{MAX_INTRO_POINTS}, got {max_points}")
+    if min_remaining_validity < 0:
+        raise DescriptorError("min_remaining_validity must not be negative")
+    if epoch < 0:
+        raise DescriptorError("epoch must not be negative")
+    order = _chunk_order(fetch_hsdirs, store_hsdirs)
+    live_index, live = _live_points(instances, now + min_remaining_validity)
+    owner = {p.auth_key: live_index[n] for n, points in enumerate(live) for p in points}
+    total = sum(len(points) for points in live)
+    if total <= max_points:
+        merged = tuple(merge_intro_points(instances, max_points, now, min_remaining_validity))
+        return DistinctAssignment({h: merged for h in order}, False, tuple(fetch_hsdirs), owner, 0)
+    counts = [len(points) for points in live]
+    used_epoch = effective_epoch(counts, len(fetch_hsdirs), max_points, epoch)
+    chunks = deal_slots(counts, len(order), len(fetch_hsdirs), max_points, used_epoch)
+    per_hsdir = {
+        hsdir: tuple(live[slot.node][slot.point] for slot in chunk)
+        for hsdir, chunk in zip(order, chunks, strict=True)
+    }
+    return DistinctAssignment(per_hsdir, True, tuple(fetch_hsdirs), owner, used_epoch)
+
+
+def reach_probabilities(assignment: DistinctAssignment[K]) -> dict[int, Fraction]:
+    """Exactly how likely a fresh client is to reach each node (by index in ``instances``),
+    choosing as tor does: one fetch HSDir uniformly (``hs_pick_hsdir``), then one intro point
+    of its descriptor uniformly (``client_get_random_intro``), every intro point working.
+    Nodes that no fetch descriptor lists are absent (probability 0)."""
+    result: dict[int, Fraction] = {}
+    for hsdir in assignment.fetch:
+        points = assignment.per_hsdir.get(hsdir, ())
+        for point in points:  # an empty descriptor reaches nobody
+            node = assignment.owner[point.auth_key]
+            share = Fraction(1, len(assignment.fetch) * len(points))
+            result[node] = result.get(node, Fraction(0)) + share
+    return result
