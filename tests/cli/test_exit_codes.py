@@ -83,6 +83,20 @@ def test_run_tor_that_cannot_start_is_1(tmp_path: Path) -> None:
     assert "tor did not start" in result.stderr
 
 
+def test_run_with_the_etcd_backend_is_refused_until_it_is_wired(tmp_path: Path) -> None:
+    """Issue 20 phase 1: the daemon must not start as if it were alone (it would publish)."""
+    config = node_config(tmp_path)
+    text = config.read_text() + (
+        '[coordination]\nbackend = "etcd"\n[etcd]\nendpoints = ["127.0.0.1:2379"]\n'
+        'ca_path = "ca.pem"\ncert_path = "c.pem"\nkey_path = "k.pem"\n'
+    )
+    config.write_text(text)
+    result = run_command("run", "--config", str(config))
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert "coordination.backend = 'etcd' is not run by this version" in result.stderr
+    assert not (tmp_path / "state" / "tor").exists()
+
+
 def test_status_unreadable_config_is_2_and_no_daemon_is_1(tmp_path: Path) -> None:
     assert main(["status", "--config", str(tmp_path / "missing.toml")]) == EXIT_CONFIG
     (tmp_path / "bad.toml").write_text("[node\n")

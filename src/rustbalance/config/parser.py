@@ -27,8 +27,10 @@ from typing import Any, TypeVar, cast
 from rustbalance.config.addresses import parse_client_auth_key, parse_endpoint, parse_host
 from rustbalance.config.schema import (
     Config,
+    CoordinationBackend,
     CoordinationConfig,
     Endpoint,
+    EtcdConfig,
     HealthConfig,
     IdentityMode,
     JoinConfig,
@@ -63,6 +65,7 @@ SECTIONS = (
     "health",
     "wireguard",
     "join",
+    "etcd",
 )
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -411,6 +414,7 @@ class _Builder:
         health = self.health()
         wireguard = self.wireguard(node)
         join = self.join(wireguard, coordination, proxy)
+        etcd = self.etcd(coordination, join)
         if not self.problems:
             self.check_listeners(proxy, metrics)
         if self.problems:
@@ -427,6 +431,7 @@ class _Builder:
             health,
             wireguard,
             join,
+            etcd,
         )
 
     def node(self) -> NodeConfig:
@@ -758,10 +763,64 @@ class _Builder:
                 "is required when coordination.peers is not empty (multi-node)",
             )
         advertise = s.endpoint("advertise", "") if s.has("advertise") else None
+        backend = cast(
+            CoordinationBackend,
+            s.choice("backend", _default(c, "backend"), ("embedded", "etcd")),
+        )
+        if backend == "etcd" and peers:
+            # Two coordinations at once would elect two publishers.
+            s.problem("peers", "must be empty with backend = 'etcd' (etcd knows the members)")
         s.finish()
         return CoordinationConfig(
-            token, listen, peers, interval, timeout, grace, skew, datagram, advertise
+            token, listen, peers, interval, timeout, grace, skew, datagram, advertise, backend
         )
+
+    # --- [etcd]: the etcd coordination backend (issue 20) ---------------------------------
+
+    def etcd(self, coordination: CoordinationConfig, join: JoinConfig) -> EtcdConfig:
+        s = self.section("etcd")
+        c = EtcdConfig
+
+        def endpoint(index: int, value: object) -> Endpoint | None:
+            if not isinstance(value, str):
+                s.item_problem(
+                    "endpoints", index, f"must be a 'HOST:PORT' string, got {_describe(value)}"
+                )
+                return None
+            try:
+                return parse_endpoint(value)
+            except ConfigError as exc:
+                s.item_problem("endpoints", index, str(exc))
+                return None
+
+        endpoints = s.items("endpoints", endpoint)
+        for index, item in enumerate(endpoints):
+            if item in endpoints[:index]:
+                s.item_problem("endpoints", index, f"{item} is listed twice")
+        ca_path = s.optional_path("ca_path", self.base)
+        cert_path = s.optional_path("cert_path", self.base)
+        key_path = s.optional_path("key_path", self.base)
+        prefix = s.text("prefix", _default(c, "prefix"), check=_check_etcd_prefix)
+        ttl = s.integer("lease_ttl_secs", _default(c, "lease_ttl_secs"), 2, 3600)
+        if coordination.backend == "etcd":
+            if not endpoints and s.ok("endpoints"):
+                s.problem("endpoints", "is required when coordination.backend = 'etcd'")
+            for key, value in (
+                ("ca_path", ca_path),
+                ("cert_path", cert_path),
+                ("key_path", key_path),
+            ):
+                if value is None and s.ok(key):
+                    s.problem(key, "is required when coordination.backend = 'etcd'")
+            if join.enabled:
+                # Joins add peers to the embedded coordinator; etcd members are added in etcd.
+                self.problems.append(
+                    "join.enabled: must be false with coordination.backend = 'etcd'"
+                )
+        s.finish()
+        return EtcdConfig(endpoints, ca_path, cert_path, key_path, prefix, ttl)
+
+    # --- end of [etcd] ---------------------------------------------------------------------
 
     def metrics(self) -> MetricsConfig:
         s = self.section("metrics")
@@ -896,6 +955,16 @@ class _Builder:
             self.problems.append(
                 f"metrics.listen: {metrics.listen} is also proxy.listen_host:listen_port"
             )
+
+
+def _check_etcd_prefix(value: str) -> str | None:
+    # A key prefix of printable ASCII without spaces, so the RBAC commands of docs/etcd.md can
+    # name it on a command line as it is.
+    if not 2 <= len(value) <= 128 or not value.startswith("/") or not value.endswith("/"):
+        return f"must be 2-128 characters starting and ending with '/', got {value!r}"
+    if any(not 0x21 <= ord(ch) <= 0x7E for ch in value):
+        return f"must be printable ASCII without spaces, got {value!r}"
+    return None
 
 
 def _check_node_id(value: str) -> str | None:

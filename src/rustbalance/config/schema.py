@@ -18,8 +18,10 @@ from typing import Literal
 
 __all__ = [
     "Config",
+    "CoordinationBackend",
     "CoordinationConfig",
     "Endpoint",
+    "EtcdConfig",
     "HealthConfig",
     "IdentityMode",
     "JoinConfig",
@@ -42,6 +44,8 @@ TorMode = Literal["managed", "system"]
 IdentityMode = Literal["shared", "instance"]
 ProxyMode = Literal["http", "tcp"]
 WireGuardMode = Literal["auto", "kernel", "userspace"]
+# [coordination] backend: the embedded sealed-UDP protocol, or an etcd cluster (issue 20).
+CoordinationBackend = Literal["embedded", "etcd"]
 
 
 @dataclass(frozen=True)
@@ -171,10 +175,29 @@ class CoordinationConfig:
     max_datagram_bytes: int = 65000
     # The address peers should use for this node (NAT, a relay); None = listen.
     advertise: Endpoint | None = None
+    # "embedded" (the keys above) or "etcd" (the [etcd] section; the keys above unused).
+    backend: CoordinationBackend = "embedded"
 
     @property
     def is_multi_node(self) -> bool:
         return bool(self.peers)
+
+
+# --- [etcd]: the etcd coordination backend (issue 20), docs/etcd.md -----------------------------
+@dataclass(frozen=True)
+class EtcdConfig:
+    """Used when ``coordination.backend = "etcd"``; then endpoints and the three TLS files are
+    required (the parser checks). The key file is checked (0600) when the daemon starts."""
+
+    endpoints: tuple[Endpoint, ...] = ()
+    ca_path: Path | None = None
+    cert_path: Path | None = None
+    key_path: Path | None = None
+    prefix: str = "/rustbalance/"
+    lease_ttl_secs: int = 10
+
+
+# --- end of [etcd] ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -240,6 +263,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     wireguard: WireGuardConfig = field(default_factory=WireGuardConfig)
     join: JoinConfig = field(default_factory=JoinConfig)
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
 
     @property
     def is_multi_node(self) -> bool:

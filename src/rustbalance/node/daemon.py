@@ -281,6 +281,14 @@ def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, NodeIdentity
         raise StartupError(f"invalid config {config_path}: {problems}", EXIT_CONFIG) from None
     except ConfigError as exc:
         raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
+    if config.coordination.backend == "etcd":
+        # Issue 20 phase 1 ships the backend (cluster/etcd_backend.py) but not its wiring:
+        # running without coordination would let every node publish alone.
+        raise StartupError(
+            f"{config_path}: coordination.backend = 'etcd' is not run by this version of the "
+            "daemon yet (docs/etcd.md, 'Status'); use 'embedded'",
+            EXIT_CONFIG,
+        )
     return config, load_identity(config)
 
 
