@@ -199,6 +199,12 @@ def joined(node_id: str = "node-a", lease: int = 7, sent: float = 0.0) -> EtcdMe
     return m
 
 
+def campaign(m: EtcdMembership[bytes], revision: int) -> None:
+    """Our create txn answered ``revision``, and our watch has delivered that event."""
+    m.campaigned(revision)
+    m.apply(put(revision, KEYS.election(m.node_id), lease=m.lease_id or 0))
+
+
 def test_a_new_node_registers_and_campaigns_once_synced_and_leased() -> None:
     m = member()
     m.desired_record = record("node-a")
@@ -209,7 +215,7 @@ def test_a_new_node_registers_and_campaigns_once_synced_and_leased() -> None:
     assert d.register and not d.campaign  # no view yet: do not campaign blind
     m.reset(5, [])
     assert m.decide(0.1, eligible=True).campaign
-    m.campaigned(6)
+    campaign(m, 6)
     d = m.decide(0.2, eligible=True)
     assert d.holds_lease and d.publisher == "node-a" and not d.campaign
 
@@ -217,7 +223,7 @@ def test_a_new_node_registers_and_campaigns_once_synced_and_leased() -> None:
 def test_the_oldest_candidacy_publishes_and_a_standby_takes_over_when_it_vanishes() -> None:
     b = joined("node-b", lease=8)
     b.apply(put(6, KEYS.election("node-a"), lease=7))
-    b.campaigned(9)
+    campaign(b, 9)
     d = b.decide(1.0, eligible=True)
     assert d.publisher == "node-a" and not d.holds_lease
     b.apply(delete(10, KEYS.election("node-a")))  # node-a's lease expired or was revoked
@@ -227,7 +233,7 @@ def test_the_oldest_candidacy_publishes_and_a_standby_takes_over_when_it_vanishe
 
 def test_a_publisher_cut_off_steps_down_before_its_lease_can_expire_on_the_server() -> None:
     m = joined(sent=100.0)
-    m.campaigned(6)
+    campaign(m, 6)
     assert m.decide(107.4, eligible=True).holds_lease
     # No keep-alive answered since the one sent at 100: etcd may expire the lease at 110; we
     # stop at 107.5, before any standby can see the candidacy vanish.
@@ -428,3 +434,48 @@ def test_never_two_publishers_with_random_cut_offs(steps: list[tuple[int, str, f
                 # The fencing transaction would pass: the holder's candidacy is in the store.
                 create, _ = etcd.keys[KEYS.election(holder)]
                 assert create == nodes[holder].campaign_revision
+
+
+def test_a_watch_answer_with_a_later_header_revision_does_not_skip_pending_events() -> None:
+    """Found on the real cluster: the watch's "created" answer carries the store's current
+    revision; taking it as the view's revision skipped the events still on their way (a
+    candidacy among them), and two nodes both believed they were the oldest candidate."""
+    m = joined("node-a", lease=7)  # listed at revision 5
+    m.apply(WatchBatch(9, ()))  # created: the store is at 9 already
+    m.apply(put(6, KEYS.election("node-b"), lease=8))  # then the events from 6 on arrive
+    m.campaigned(9)
+    assert m.publisher() == "node-b"
+    assert not m.decide(0.1, eligible=True).holds_lease
+
+
+def test_no_lease_before_the_view_has_caught_up_with_our_own_candidacy() -> None:
+    """Found on the real cluster: a node listed the prefix at revision 1, campaigned and got
+    revision 7; older candidacies (5, 6) were still on their way through its watch, and it
+    believed it was the oldest."""
+    m = member("node-c")
+    m.lease_granted(9, 10, 0.0)
+    m.reset(1, [])
+    m.campaigned(7)
+    assert not m.decide(0.1, eligible=True).holds_lease  # view at 1, our candidacy at 7
+    m.apply(put(5, KEYS.election("node-a"), lease=7))
+    m.apply(put(6, KEYS.election("node-b"), lease=8))
+    m.apply(put(7, KEYS.election("node-c"), lease=9))
+    d = m.decide(0.2, eligible=True)
+    assert d.publisher == "node-a" and not d.holds_lease
+
+
+def test_every_key_of_a_revoked_lease_goes_even_though_they_share_one_revision() -> None:
+    """Found on the real cluster: a lease revoke deletes the record and the candidacy in one
+    revision; skipping the second event as "already seen" left a dead node in the view."""
+    m = joined("node-b", lease=8)
+    m.apply(put(6, KEYS.node("node-a"), record("node-a"), lease=7))
+    m.apply(put(7, KEYS.election("node-a"), lease=7))
+    both = WatchBatch(
+        9,
+        (
+            WatchEvent("delete", KeyValue(KEYS.election("node-a"), b"", 0, 9, 0)),
+            WatchEvent("delete", KeyValue(KEYS.node("node-a"), b"", 0, 9, 0)),
+        ),
+    )
+    m.apply(both)
+    assert m.live_peers() == {} and m.publisher() is None

@@ -295,16 +295,23 @@ class EtcdMembership(Generic[PointT]):
 
     def apply(self, batch: WatchBatch) -> bool:
         """Apply one watch batch; True if the view changed. Events at or below the view's
-        revision (seen already, e.g. replayed after a re-watch) are skipped."""
+        revision (seen already, e.g. replayed after a re-watch) are skipped; the batch's own
+        header revision is not used (see below)."""
         changed = False
+        # One revision's events (a lease's keys deleting together) come in one batch, all with
+        # that revision: compare with the view's revision before this batch.
+        seen = self.revision
         for event in batch.events:
-            if event.kv.mod_revision <= self.revision:
+            if event.kv.mod_revision <= seen:
                 continue
             if event.kind == "put":
                 changed |= self._put(event.kv)
             else:
                 changed |= self._delete(event.kv.key)
-        self.revision = max(self.revision, batch.revision)
+            self.revision = event.kv.mod_revision
+        # Only events move the view's revision: a watch's "created" or progress answer
+        # carries the store's *current* revision, and the events between our listing and it
+        # are still on their way (taking that revision would skip them).
         self._check_own_candidacy()
         return changed
 
@@ -415,6 +422,9 @@ class EtcdMembership(Generic[PointT]):
             and self.campaign_revision is not None
             and own is not None
             and own.create_revision == self.campaign_revision
+            # Every candidacy older than ours is in the view only once the view has caught up
+            # with our own creation (etcd's recipe waits for the same).
+            and self.revision >= self.campaign_revision
             and publisher == self.node_id
         )
         record_missing = (

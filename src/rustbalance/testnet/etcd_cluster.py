@@ -150,6 +150,8 @@ class _Authority:
 class TestPki:
     """A test CA and the certificates of one test (see the module docstring)."""
 
+    __test__ = False  # not a pytest test class, despite its name
+
     def __init__(self, directory: Path) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
@@ -163,17 +165,23 @@ class TestPki:
         _write_private(self.directory / f"{stem}-key.pem", _key_pem(key))
 
     def server(self, member: str) -> tuple[Path, Path]:
-        cert, key = self._ca.issue(member, server=True)
-        self._write(f"server-{member}", cert, key)
-        return self.directory / f"server-{member}.pem", self.directory / f"server-{member}-key.pem"
+        """A member's certificate and key (issued once, then the same files)."""
+        paths = self.directory / f"server-{member}.pem", self.directory / f"server-{member}-key.pem"
+        if not paths[0].exists():
+            cert, key = self._ca.issue(member, server=True)
+            self._write(f"server-{member}", cert, key)
+        return paths
 
     def client(self, user: str) -> ClientCert:
-        """A client certificate whose CN (= etcd user name) is ``user``, from the test CA."""
-        cert, key = self._ca.issue(user, server=False)
-        self._write(f"client-{user}", cert, key)
-        return ClientCert(
+        """A client certificate whose CN (= etcd user name) is ``user``, from the test CA
+        (issued once, then the same files)."""
+        found = ClientCert(
             user, self.directory / f"client-{user}.pem", self.directory / f"client-{user}-key.pem"
         )
+        if not found.cert_path.exists():
+            cert, key = self._ca.issue(user, server=False)
+            self._write(f"client-{user}", cert, key)
+        return found
 
     def foreign_client(self, user: str) -> ClientCert:
         """A client certificate with CN ``user`` from another CA, which etcd must refuse."""
