@@ -68,6 +68,7 @@ class Fleet:
         self.etcd = etcd
         self.pki = pki
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.backends: list[EtcdBackend[bytes]] = []
 
     def start(
         self,
@@ -95,6 +96,7 @@ class Fleet:
         )
         backend.report_intro_points([f"{node_id}-ip1".encode(), f"{node_id}-ip2".encode()])
         self.tasks[id(backend)] = asyncio.create_task(backend.run(), name=f"etcd-{node_id}")
+        self.backends.append(backend)
         return backend
 
     async def kill(self, backend: EtcdBackend[bytes]) -> None:
@@ -108,6 +110,8 @@ class Fleet:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=10)
+        for backend in self.backends:  # the daemon closes it in leave(); a killed node never
+            await backend.client.close()
         for task in tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise AssertionError(f"{task.get_name()} failed: {task.exception()!r}")

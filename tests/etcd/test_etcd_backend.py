@@ -63,7 +63,7 @@ async def test_three_nodes_elect_one_publisher_and_learn_changes_by_watch(fleet:
     publisher = publisher_of(nodes)
     standbys = [b for b in nodes if b is not publisher]
     facts = publisher.facts()
-    assert facts.is_multi and facts.holds_lease and facts.authoritative
+    assert facts.is_multi and facts.holds_lease
     assert facts.peer_intro_points == {
         b.node_id: (f"{b.node_id}-ip1".encode(), f"{b.node_id}-ip2".encode()) for b in standbys
     }
@@ -81,6 +81,22 @@ async def test_three_nodes_elect_one_publisher_and_learn_changes_by_watch(fleet:
     assert latency < 1.0
     assert publisher.counters.watch_restarts == 0
     assert await watch.check() == [(), (publisher.node_id,)] or len(await watch.check()) == 1
+
+
+async def test_a_restarted_backend_task_carries_on_with_its_lease(fleet: Fleet) -> None:
+    """The daemon's supervisor restarts a failed task by calling ``run()`` again: the client
+    must still be open (phase 1 closed it when ``run()`` ended) and the lease carries on."""
+    a = fleet.start("node-a")
+    await until(lambda: a.is_publisher, 15)
+    task = fleet.tasks.pop(id(a))
+    task.cancel()
+    await asyncio.wait([task], timeout=10)
+    fleet.tasks[id(a)] = asyncio.create_task(a.run(), name="etcd-node-a-again")
+    before = a.counters.keepalives
+    await until(lambda: a.counters.keepalives >= before + 2, 3 * TTL)
+    assert a.is_publisher and await a.may_publish()
+    assert a.counters.leases_lost == 0
+    assert a.last_error is None
 
 
 async def test_sigterm_revokes_and_a_standby_takes_over_at_once(fleet: Fleet) -> None:

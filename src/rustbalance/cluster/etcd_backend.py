@@ -37,6 +37,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
 from rustbalance.cluster.etcd_client import (
     EtcdClient,
     EtcdCompacted,
@@ -61,6 +66,7 @@ __all__ = [
     "EtcdFacts",
     "EtcdStatus",
     "load_tls",
+    "tls_problems",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,30 +103,96 @@ def _read_pem(path: Path, what: str, *, private: bool) -> bytes:
     return data
 
 
-def load_tls(settings: EtcdConfig) -> TlsMaterial:
-    """The CA, client certificate and key named by ``[etcd]``; ConfigError naming the file."""
+def _common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    value = names[0].value if names else ""
+    return value if isinstance(value, str) else value.decode(errors="replace")
+
+
+def _check_certificates(path: Path, data: bytes, what: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificates(data)[0]
+    except (ValueError, IndexError):
+        raise ConfigError(f"etcd {what} {path}: not a PEM certificate") from None
+
+
+def _check_pair(cert_path: Path, cert: bytes, key_path: Path, key: bytes) -> None:
+    """The key must be an unencrypted private key whose public half is the certificate's
+    (else the TLS handshake fails later with a vaguer error). Never quotes the key."""
+    certificate = _check_certificates(cert_path, cert, "client certificate")
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(
+            f"etcd client key {key_path}: not an unencrypted PEM private key"
+        ) from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if private.public_key().public_bytes(der, public) != certificate.public_key().public_bytes(
+        der, public
+    ):
+        raise ConfigError(
+            f"etcd client key {key_path}: does not belong to the certificate {cert_path} "
+            f"(CN {_common_name(certificate)})"
+        )
+
+
+def _read_tls(settings: EtcdConfig, problems: list[str]) -> TlsMaterial | None:
     if settings.ca_path is None or settings.cert_path is None or settings.key_path is None:
-        raise ConfigError("etcd: ca_path, cert_path and key_path are required")
-    return TlsMaterial(
-        ca=_read_pem(settings.ca_path, "CA", private=False),
-        cert=_read_pem(settings.cert_path, "client certificate", private=False),
-        key=_read_pem(settings.key_path, "client key", private=True),
+        problems.append("etcd: ca_path, cert_path and key_path are required")
+        return None
+    read: dict[str, bytes] = {}
+    files = (
+        ("ca", settings.ca_path, "CA", False),
+        ("cert", settings.cert_path, "client certificate", False),
+        ("key", settings.key_path, "client key", True),
     )
+    for name, path, what, private in files:
+        try:
+            read[name] = _read_pem(path, what, private=private)
+            if name == "ca":
+                _check_certificates(path, read[name], what)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if "cert" in read and "key" in read:
+        try:
+            _check_pair(settings.cert_path, read["cert"], settings.key_path, read["key"])
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        return None
+    return TlsMaterial(ca=read["ca"], cert=read["cert"], key=read["key"])
+
+
+def tls_problems(settings: EtcdConfig) -> list[str]:
+    """Every problem of the three TLS files, one message each (``rustbalance config check``)."""
+    problems: list[str] = []
+    _read_tls(settings, problems)
+    return problems
+
+
+def load_tls(settings: EtcdConfig) -> TlsMaterial:
+    """The CA, client certificate and key named by ``[etcd]``: PEM files, the key 0600 (no
+    symlink followed) and the certificate's own; ConfigError naming the first bad file."""
+    problems: list[str] = []
+    material = _read_tls(settings, problems)
+    if material is None:
+        raise ConfigError(problems[0])
+    return material
 
 
 @dataclass(frozen=True)
 class EtcdFacts(Generic[PointT]):
     """What the cluster-mode state machine and the publisher observe (as ``CoordinationFacts``).
 
-    ``authoritative``: ``holds_lease`` is the whole answer. The embedded backend lets a node
-    that has heard no peer for a while publish alone; with etcd, being alone is etcd's call (a
-    lone node holds the election too), and a node cut off from etcd must not publish.
+    ``holds_lease`` is the whole answer: the node never publishes alone (the daemon's
+    ``ModePolicy.lease_only``). Being alone is etcd's call (the only node registered holds
+    the election), and a node cut off from etcd hears no peer either.
     """
 
     is_multi: bool
     holds_lease: bool
     peer_intro_points: Mapping[str, tuple[PointT, ...]]
-    authoritative: bool = True
 
 
 @dataclass(frozen=True)
@@ -207,6 +279,7 @@ class EtcdBackend(Generic[PointT]):
         *,
         encode_intro_point: Callable[[PointT], bytes],
         decode_intro_point: Callable[[bytes], PointT],
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> EtcdBackend[PointT]:
         """Build from ``[node]`` and ``[etcd]``; ConfigError for an unreadable or exposed file."""
         settings = config.etcd
@@ -223,6 +296,7 @@ class EtcdBackend(Generic[PointT]):
             timings=timings,
             encode_intro_point=encode_intro_point,
             decode_intro_point=decode_intro_point,
+            monotonic=monotonic,
         )
 
     def __repr__(self) -> str:
@@ -333,35 +407,42 @@ class EtcdBackend(Generic[PointT]):
     # -- the tasks ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """The supervised task: lease keeper, watcher and writer until cancelled."""
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._keep_lease(), name="etcd-lease")
-                group.create_task(self._watch(), name="etcd-watch")
-                group.create_task(self._write(), name="etcd-write")
-        finally:
-            await self.client.close()
+        """The supervised task: lease keeper, watcher and writer until cancelled. It may be
+        started again after a failure (the supervisor restarts it): the client stays open
+        until :meth:`leave`, and the lease and view carry over."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._keep_lease(), name="etcd-lease")
+            group.create_task(self._watch(), name="etcd-watch")
+            group.create_task(self._write(), name="etcd-write")
 
     async def leave(self) -> None:
         """SIGTERM: revoke the lease, which deletes our record and candidacy at once, so the
-        next candidate takes over without waiting for the TTL. Bounded by the call deadline."""
+        next candidate takes over without waiting for the TTL; then close the client. Bounded
+        by the call deadline. The node publishes nothing from here on (no lease)."""
         self._leaving = True
+        self._work.set()  # the writer sees _leaving and ends
+        self._lease_event.set()  # so does the lease keeper
         lease = self.membership.lease_id
         was_publisher = self.decision().holds_lease
         self.membership.lease_lost()
         self._evaluate()
-        if lease is None:
-            return
         try:
-            await self.client.revoke(lease)
-        except EtcdError as exc:
-            log.warning(
-                "etcd: could not revoke our lease (it expires within %d s): %s",
-                self.timings.ttl,
-                exc,
+            if lease is None:
+                return
+            try:
+                await self.client.revoke(lease)
+            except EtcdError as exc:
+                log.warning(
+                    "etcd: could not revoke our lease (it expires within %d s): %s",
+                    self.timings.ttl,
+                    exc,
+                )
+                return
+            log.info(
+                "etcd: lease revoked%s", " (publisher lease released)" if was_publisher else ""
             )
-            return
-        log.info("etcd: lease revoked%s", " (publisher lease released)" if was_publisher else "")
+        finally:
+            await self.client.close()
 
     async def _keep_lease(self) -> None:
         failures = 0
@@ -432,7 +513,7 @@ class EtcdBackend(Generic[PointT]):
     async def _watch(self) -> None:
         failures = 0
         prefix = self.keys.prefix_bytes
-        while True:
+        while not self._leaving:
             try:
                 revision, kvs = await self.client.get_prefix(prefix)
                 self.membership.reset(revision, kvs)
@@ -540,6 +621,8 @@ class EtcdBackend(Generic[PointT]):
             self._work.set()
 
     def _failed(self, what: str, exc: EtcdError) -> None:
+        if self._leaving:
+            return  # the client is closing: the calls it cut short are no news
         message = f"{what}: {exc}"
         if isinstance(exc, EtcdPermissionDenied):
             message += (

@@ -23,6 +23,7 @@ address, not the upload. Three supervised tasks run here:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Protocol
@@ -68,6 +69,7 @@ from rustbalance.tor.network import (
 )
 
 __all__ = [
+    "FENCED",
     "VERIFY_DELAY_SECS",
     "VERIFY_FETCH_TIMEOUT_SECS",
     "VERIFY_MAX_REPUBLISHES",
@@ -82,12 +84,19 @@ log = logging.getLogger(DAEMON_LOGGER)
 VERIFY_DELAY_SECS = 2.0
 VERIFY_FETCH_TIMEOUT_SECS = 30.0
 VERIFY_MAX_REPUBLISHES = 3
+# The error of an upload the coordination backend's fencing check stopped.
+FENCED = "the coordination backend did not confirm that we hold the publisher lease"
 
 
 class PublisherRole(Protocol):
     """Who publishes and what the cluster contributes (node/cluster_loop.py)."""
 
     def is_publisher(self) -> bool: ...
+
+    async def may_publish(self) -> bool:
+        """The coordination backend's fencing check, awaited immediately before each upload
+        (etcd: a transaction on our candidacy's revision; embedded and single node: True)."""
+        ...
 
     def facts(self) -> CoordinationFacts: ...
 
@@ -224,12 +233,17 @@ class Publisher:
             )
             # One descriptor per period today; a plan with several per period (one per HSDir)
             # would combine their results per period here.
-            return {
-                p.label: await upload_planned(
+            results: dict[PeriodLabel, PeriodPublish] = {}
+            for p in planned:
+                # Fencing (docs/etcd.md): a publisher that lost its lease since the round
+                # began (cut off, expired, replaced) must not upload; asked per upload, as
+                # late as possible. A refusal fails this period like any upload error.
+                if p.error is None and not await self._role.may_publish():
+                    p = dataclasses.replace(p, error=FENCED)
+                results[p.label] = await upload_planned(
                     self._network.upload, p, timeout=cfg.upload_timeout_secs
                 )
-                for p in planned
-            }
+            return results
 
     def _published(
         self,
