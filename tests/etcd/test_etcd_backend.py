@@ -7,6 +7,7 @@ and checks that no two nodes ever held the publisher lease at the same time.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from rustbalance.cluster.etcd_backend import EtcdBackend, load_tls
+from rustbalance.cluster.etcd_client import EtcdClient, EtcdUnavailable, WatchBatch
 from rustbalance.config.schema import EtcdConfig
 from rustbalance.errors import ConfigError
 from rustbalance.testnet.etcd_cluster import EtcdCluster, TcpCutter, TestPki
-from tests.etcd.conftest import TTL, Fleet, cert, holders, until
+from tests.etcd.conftest import TTL, Fleet, cert, holders, tls, until
 
 Backend = EtcdBackend[bytes]
 
@@ -225,10 +227,11 @@ async def test_a_node_cut_off_from_etcd_steps_down_within_the_ttl(
 
 
 async def test_a_node_without_the_right_certificate_cannot_register(
-    fleet: Fleet, pki: TestPki
+    fleet: Fleet, pki: TestPki, caplog: pytest.LogCaptureFixture
 ) -> None:
     a = fleet.start("node-a")
     await until(lambda: a.is_publisher, 15)
+    caplog.set_level(logging.INFO, logger="rustbalance.cluster.etcd_backend")
     intruders = [
         fleet.start("node-b", client_cert=cert(pki, "node-a", foreign=True)),  # untrusted CA
         fleet.start("node-b", client_cert=cert(pki, "stranger")),  # trusted CA, no such user
@@ -243,6 +246,17 @@ async def test_a_node_without_the_right_certificate_cannot_register(
     assert "permission denied" in (intruders[2].last_error or "")
     assert a.facts().peer_intro_points == {}
     assert a.is_publisher and await a.may_publish()
+    for intruder in intruders:
+        status = intruder.status()
+        assert not status.registered
+        assert status.last_error == intruder.last_error
+    assert a.status().registered
+    # Each failing kind of call (lease, watch, write) is logged once, not at every retry,
+    # even while they alternate; and a lease that works does not clear a refused write.
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert logged, "the refusals are logged"
+    assert len(logged) <= 3 * len(intruders), [r.getMessage() for r in logged]
+    assert not [r for r in caplog.records if "works again" in r.getMessage()]
 
 
 def test_the_client_key_must_not_be_readable_by_others(pki: TestPki, tmp_path: Path) -> None:
@@ -261,3 +275,64 @@ def test_the_client_key_must_not_be_readable_by_others(pki: TestPki, tmp_path: P
     with pytest.raises(ConfigError, match="cannot read"):
         load_tls(EtcdConfig(ca_path=pki.ca_path, cert_path=who.cert_path, key_path=link))
     assert "BEGIN" not in repr(load_tls(settings))
+
+
+async def test_after_quorum_came_back_a_killed_publisher_is_still_replaced(
+    fleet: Fleet, etcd: EtcdCluster
+) -> None:
+    """Found on the private Tor network: after quorum came back, a SIGKILLed publisher was
+    never replaced. Two causes, both in the client: closing a rotated-away channel cancelled
+    the watch on it as a task cancellation (the watcher ended silently, the view froze), and a
+    keep-alive on a closing channel could wait for ever (the lease keeper hung, the lease ran
+    out and was never renewed)."""
+    nodes = await three(fleet)
+    watch = NeverTwo(nodes)
+    etcd.kill("m2")
+    etcd.kill("m3")
+    await until(lambda: not holders(nodes), TTL + 1)
+    await asyncio.sleep(TTL)
+    etcd.restart("m2", wait=False)
+    etcd.restart("m3", wait=False)
+    await until(lambda: len(holders(nodes)) == 1, 30)
+    await until(lambda: all(b.status().registered for b in nodes), 15)
+    old = publisher_of(nodes)
+    started = time.monotonic()
+    await fleet.kill(old)
+    rest = [b for b in nodes if b is not old]
+    await until(lambda: len(holders(rest)) == 1, 4 * TTL)
+    print(f"takeover after quorum loss and a killed publisher: {time.monotonic() - started:.1f} s")
+    await watch.check()
+
+
+async def test_a_watch_on_a_rotated_channel_ends_as_unavailable(
+    etcd: EtcdCluster, pki: TestPki
+) -> None:
+    """Another call's failure moves the client to the next member and closes the old channel;
+    grpc then cancels the watch on it. That must end the watch as EtcdUnavailable (its owner
+    lists again on the new member), never as a cancellation of the watcher task itself, which
+    a TaskGroup drops silently."""
+    client = EtcdClient(etcd.endpoints, tls(pki, cert(pki, "node-a")), timeout=2)
+    try:
+        revision, _ = await client.get_prefix(etcd.prefix.encode())
+        batches: list[WatchBatch] = []
+
+        async def watch() -> None:
+            async for batch in client.watch_prefix(etcd.prefix.encode(), revision + 1):
+                batches.append(batch)
+
+        task = asyncio.create_task(watch())
+        await until(lambda: bool(batches), 5)  # the "created" answer
+        client._failed(client._generation, EtcdUnavailable("a keep-alive timed out"))
+        done, _ = await asyncio.wait([task], timeout=5)
+        assert done, "the watch did not end"
+        assert not task.cancelled()
+        assert isinstance(task.exception(), EtcdUnavailable), task.exception()
+        # A unary call cut by the same close is EtcdUnavailable too.
+        listing = asyncio.create_task(client.get_prefix(etcd.prefix.encode()))
+        await asyncio.sleep(0)
+        client._failed(client._generation, EtcdUnavailable("again"))
+        finished, _ = await asyncio.wait([listing], timeout=5)
+        assert finished and not listing.cancelled()
+        assert listing.exception() is None or isinstance(listing.exception(), EtcdUnavailable)
+    finally:
+        await client.close()

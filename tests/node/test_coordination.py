@@ -64,7 +64,9 @@ async def test_the_etcd_backend_is_chosen_and_starts_as_a_standby(
     assert status.backend == "etcd"
     assert status.election_role == "standby"
     assert status.publisher is None
-    assert status.etcd == EtcdLink(endpoint="127.0.0.1:2379", connected=False, last_error=None)
+    assert status.etcd == EtcdLink(
+        endpoint="127.0.0.1:2379", connected=False, registered=False, last_error=None
+    )
     assert status.counters["fencing_passed"] == 0
     # Not holding the lease: no, without asking etcd (there is none here to ask).
     assert await coordination.may_publish() is False

@@ -184,7 +184,12 @@ def etcd() -> NodeSnapshot:
             "role_changes": 3,
         },
         backend="etcd",
-        etcd=EtcdLink("127.0.0.1:2379", connected=False, last_error="keep-alive: unavailable"),
+        etcd=EtcdLink(
+            "127.0.0.1:2379",
+            connected=False,
+            registered=False,
+            last_error="keep-alive: unavailable",
+        ),
     )
     return dataclasses.replace(base, cluster=ClusterSnapshot(status, native_publishing=False))
 
@@ -209,12 +214,14 @@ def test_the_etcd_backend_reports_like_the_embedded_one_plus_its_link() -> None:
         "etcd": {
             "endpoint": "127.0.0.1:2379",
             "connected": False,
+            "registered": False,
             "last_error": "keep-alive: unavailable",
         },
     }
     assert doc["peers"] == status_document(full())["peers"]
     values = metrics_values(etcd())
     assert values["etcd_connected"] is False
+    assert values["etcd_registered"] is False
     assert values["etcd_fencing"] == {"passed": 5, "refused": 2, "failed": 1}
     assert values["peers_alive"] == 2
     assert values["rejected_messages"] == {"bad_record": 1}
@@ -225,6 +232,7 @@ def test_the_etcd_backend_reports_like_the_embedded_one_plus_its_link() -> None:
     text = metrics.render().decode()
     for line in (
         "rustbalance_etcd_connected 0.0",
+        "rustbalance_etcd_registered 0.0",
         'rustbalance_etcd_fencing_total{result="passed"} 5.0',
         'rustbalance_etcd_fencing_total{result="refused"} 2.0',
         'rustbalance_etcd_fencing_total{result="failed"} 1.0',

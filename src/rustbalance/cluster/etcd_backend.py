@@ -29,10 +29,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -78,6 +79,8 @@ _MAX_PEM_BYTES = 64 * 1024
 _RETRY_SECS = 0.2
 _MAX_RETRY_SECS = 2.0
 _WRITE_PAUSE_SECS = 0.05
+# A kind of call that keeps failing is logged again after this long.
+_ERROR_LOG_REPEAT_SECS = 60.0
 
 
 def _read_pem(path: Path, what: str, *, private: bool) -> bytes:
@@ -209,6 +212,7 @@ class EtcdStatus:
     known_peers: tuple[str, ...]
     endpoint: str
     connected: bool  # our lease is valid: etcd answered within the TTL
+    registered: bool  # and our member record is written on it (others see us)
     last_error: str | None
 
 
@@ -263,7 +267,8 @@ class EtcdBackend(Generic[PointT]):
         )
         self.counters = EtcdCounters()
         self.changed = asyncio.Event()
-        self.last_error: str | None = None
+        # kind of call -> (its last error, when that kind was last logged)
+        self._errors: dict[str, tuple[str, float]] = {}
         self._work = asyncio.Event()
         self._lease_event = asyncio.Event()  # wakes the lease keeper (a lease was lost)
         self._own_points: tuple[bytes, ...] = ()
@@ -343,6 +348,7 @@ class EtcdBackend(Generic[PointT]):
             known_peers=tuple(sorted(peers)),
             endpoint=self.client.endpoint,
             connected=decision.lease_valid,
+            registered=decision.lease_valid and membership.written_record is not None,
             last_error=self.last_error,
         )
 
@@ -411,9 +417,24 @@ class EtcdBackend(Generic[PointT]):
         started again after a failure (the supervisor restarts it): the client stays open
         until :meth:`leave`, and the lease and view carry over."""
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._keep_lease(), name="etcd-lease")
-            group.create_task(self._watch(), name="etcd-watch")
-            group.create_task(self._write(), name="etcd-write")
+            group.create_task(self._guarded("lease", self._keep_lease), name="etcd-lease")
+            group.create_task(self._guarded("watch", self._watch), name="etcd-watch")
+            group.create_task(self._guarded("write", self._write), name="etcd-write")
+
+    async def _guarded(self, name: str, step: Callable[[], Awaitable[None]]) -> None:
+        """Run one of :meth:`run`'s tasks; one that ends before :meth:`leave`, or is cancelled
+        by anything but its group, fails the whole run (the supervisor logs and restarts it)
+        instead of leaving the node with a dead watcher or lease keeper: a TaskGroup drops a
+        child that was cancelled from within without a word."""
+        try:
+            await step()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._leaving or task is None or task.cancelling():
+                raise
+            raise RuntimeError(f"etcd {name} task was cancelled from within") from None
+        if not self._leaving:
+            raise RuntimeError(f"etcd {name} task ended")
 
     async def leave(self) -> None:
         """SIGTERM: revoke the lease, which deletes our record and candidacy at once, so the
@@ -454,7 +475,7 @@ class EtcdBackend(Generic[PointT]):
                     lease = await self.client.grant(self.timings.ttl)
                 except EtcdError as exc:
                     failures += 1
-                    self._failed("lease grant", exc)
+                    self._failed("lease", "lease grant", exc)
                     await asyncio.sleep(_backoff(failures))
                     continue
                 if self._leaving:
@@ -465,7 +486,7 @@ class EtcdBackend(Generic[PointT]):
                 self.counters.lease_grants += 1
                 membership.lease_granted(lease.id, lease.ttl, sent)
                 log.info("etcd: lease %x granted (TTL %d s)", lease.id, lease.ttl)
-                self._ok()
+                self._ok("lease")
                 self._evaluate()
                 continue
             lease_id = membership.lease_id
@@ -485,13 +506,13 @@ class EtcdBackend(Generic[PointT]):
             except EtcdError as exc:
                 failures += 1
                 self.counters.keepalive_failures += 1
-                self._failed("keep-alive", exc)
+                self._failed("lease", "keep-alive", exc)
                 self._evaluate()  # the local deadline may have passed: step down now
                 continue
             failures = 0
             self.counters.keepalives += 1
             membership.lease_renewed(granted, sent)
-            self._ok()
+            self._ok("lease")
             self._evaluate()
 
     async def _sleep_until_due(self, failures: int) -> None:
@@ -517,6 +538,7 @@ class EtcdBackend(Generic[PointT]):
             try:
                 revision, kvs = await self.client.get_prefix(prefix)
                 self.membership.reset(revision, kvs)
+                self._ok("watch")
                 self._evaluate(force=True)
                 failures = 0
                 async for batch in self.client.watch_prefix(prefix, revision + 1):
@@ -529,7 +551,7 @@ class EtcdBackend(Generic[PointT]):
             except EtcdError as exc:
                 failures += 1
                 self.counters.watch_restarts += 1
-                self._failed("watch", exc)
+                self._failed("watch", "watch", exc)
                 await asyncio.sleep(_backoff(failures))
 
     async def _write(self) -> None:
@@ -577,10 +599,11 @@ class EtcdBackend(Generic[PointT]):
             except EtcdError as exc:
                 failures += 1
                 self.counters.write_failures += 1
-                self._failed("write", exc)
+                self._failed("write", "write", exc)
                 await asyncio.sleep(_backoff(failures))
             else:
                 failures = 0
+                self._ok("write")
             self._evaluate()
             if self._work.is_set():
                 # More to write at once (e.g. a campaign after registering, or a create that
@@ -620,7 +643,10 @@ class EtcdBackend(Generic[PointT]):
         ):
             self._work.set()
 
-    def _failed(self, what: str, exc: EtcdError) -> None:
+    def _failed(self, kind: str, what: str, exc: EtcdError) -> None:
+        """A call of ``kind`` (lease, watch, write) failed: :attr:`last_error` says so at once;
+        the log says so once per kind until it works again (or a minute passed), not at
+        every retry, also while several kinds fail in turn."""
         if self._leaving:
             return  # the client is closing: the calls it cut short are no news
         message = f"{what}: {exc}"
@@ -630,15 +656,25 @@ class EtcdBackend(Generic[PointT]):
                 f"{self.keys.prefix}nodes/{self.node_id} and {self.keys.prefix}election/"
                 f"{self.node_id}; docs/etcd.md)"
             )
-        if message != self.last_error:
+        now = self._monotonic()
+        previous = self._errors.pop(kind, None)
+        logged_at = previous[1] if previous is not None else -math.inf
+        if now - logged_at >= _ERROR_LOG_REPEAT_SECS:
             level = logging.ERROR if isinstance(exc, EtcdPermissionDenied) else logging.WARNING
             log.log(level, "etcd: %s", message)
-        self.last_error = message
+            logged_at = now
+        self._errors[kind] = (message, logged_at)  # last in = the latest error
 
-    def _ok(self) -> None:
-        if self.last_error is not None:
-            log.info("etcd: reachable again (%s)", self.client.endpoint)
-        self.last_error = None
+    def _ok(self, kind: str) -> None:
+        if self._errors.pop(kind, None) is not None:
+            log.info("etcd: %s works again (%s)", kind, self.client.endpoint)
+
+    @property
+    def last_error(self) -> str | None:
+        """The latest error of a kind of call that has not worked since (None: all work)."""
+        if not self._errors:
+            return None
+        return next(reversed(self._errors.values()))[0]
 
 
 def _backoff(failures: int) -> float:

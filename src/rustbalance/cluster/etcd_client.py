@@ -9,7 +9,9 @@ protobuf classes of :mod:`rustbalance.cluster.etcd_proto` stay inside this modul
 Endpoints: the client talks to one endpoint at a time and moves to the next one when a call
 fails for a reason that another member may not have (unreachable, deadline, no leader, member
 stopping). The channel of the failed endpoint is closed, which also ends a watch on it (its
-owner re-lists and watches again, on the next endpoint). Rotation is keyed by a channel
+owner re-lists and watches again, on the next endpoint): grpc cancels the calls of a closed
+channel with :class:`asyncio.CancelledError`, which each call turns into
+:class:`EtcdUnavailable` unless its own task is being cancelled. Rotation is keyed by a channel
 generation, so several calls failing together move on once, not once each.
 
 TLS: the CA, the client certificate and its key are read by the caller (files 0600) and given
@@ -68,6 +70,10 @@ _CHANNEL_OPTIONS = (
     ("grpc.enable_retries", 0),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
 )
+# Our own bound on a call, beyond grpc's deadline (which a call on a closing channel can miss).
+_DEADLINE_GRACE_SECS = 0.5
+# What grpc raises for a call on a channel that was closed under it.
+_CHANNEL_GONE = (grpc.aio.UsageError, asyncio.InvalidStateError)
 # etcd's own messages for failures another member may not have (server/etcdserver/errors.go).
 _TRANSIENT_MESSAGES = (
     "etcdserver: request timed out",
@@ -165,6 +171,17 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
+def _cut_short(what: str) -> EtcdUnavailable | None:
+    """A call ended by :class:`asyncio.CancelledError` that was not aimed at our task: grpc
+    cancels the calls of a channel being closed (the client moved to another member). That is
+    an unavailable endpoint to the caller, never a cancellation of its task (a TaskGroup would
+    drop such a task silently). None: the task itself is being cancelled, let it go."""
+    task = asyncio.current_task()
+    if task is None or task.cancelling():
+        return None
+    return EtcdUnavailable(f"{what}: the call was cut short (the channel closed)")
+
+
 def _translate(exc: grpc.aio.AioRpcError, what: str) -> EtcdError:
     code = exc.code()
     detail = exc.details() or ""
@@ -237,11 +254,24 @@ class EtcdClient:
             response_deserializer=_identity,
         )
         try:
-            raw = await call(request.SerializeToString(), timeout=self.timeout)
+            # grpc's own deadline, and ours on top: a call on a channel being closed can wait
+            # for ever (seen under load after an endpoint rotation).
+            async with asyncio.timeout(self.timeout + _DEADLINE_GRACE_SECS):
+                raw = await call(request.SerializeToString(), timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             error = _translate(exc, f"{method} on {self.endpoint}")
             self._failed(generation, error)
             raise error from None
+        except TimeoutError:
+            error = EtcdUnavailable(f"{method} on {self.endpoint}: no answer in time")
+            self._failed(generation, error)
+            raise error from None
+        except _CHANNEL_GONE:
+            raise EtcdUnavailable(f"{method}: the channel closed under the call") from None
+        except asyncio.CancelledError:
+            if (cut := _cut_short(method)) is None:
+                raise
+            raise cut from None
         response = response_type()
         try:
             response.ParseFromString(raw)
@@ -340,12 +370,25 @@ class EtcdClient:
         request = m.LeaseKeepAliveRequest(ID=lease_id).SerializeToString()
         stream = call(timeout=self.timeout)
         try:
-            await stream.write(request)
-            raw = await stream.read()
+            # Bounded by us too: a write on a channel being closed can wait for ever (seen
+            # under load: the lease keeper hung, and the node's lease ran out).
+            async with asyncio.timeout(self.timeout + _DEADLINE_GRACE_SECS):
+                await stream.write(request)
+                raw = await stream.read()
         except grpc.aio.AioRpcError as exc:
             error = _translate(exc, f"LeaseKeepAlive on {self.endpoint}")
             self._failed(generation, error)
             raise error from None
+        except TimeoutError:
+            error = EtcdUnavailable(f"LeaseKeepAlive on {self.endpoint}: no answer in time")
+            self._failed(generation, error)
+            raise error from None
+        except _CHANNEL_GONE:
+            raise EtcdUnavailable("LeaseKeepAlive: the channel closed under the call") from None
+        except asyncio.CancelledError:
+            if (cut := _cut_short("LeaseKeepAlive")) is None:
+                raise
+            raise cut from None
         finally:
             stream.cancel()
         if raw is grpc.aio.EOF:
@@ -429,6 +472,12 @@ class EtcdClient:
         except EtcdUnavailable as error:
             self._failed(generation, error)
             raise
+        except _CHANNEL_GONE:
+            raise EtcdUnavailable("Watch: the channel closed under the call") from None
+        except asyncio.CancelledError:
+            if (cut := _cut_short("Watch")) is None:
+                raise
+            raise cut from None
         finally:
             stream.cancel()
 

@@ -71,7 +71,8 @@ class EtcdLink:
 
     endpoint: str  # the member the node talks to now
     connected: bool  # our lease is valid: etcd answered within the TTL
-    last_error: str | None  # the last failed call (cleared by the next answer)
+    registered: bool  # and our member record is written on it (the others see us)
+    last_error: str | None  # the latest error of a kind of call that has not worked since
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,7 @@ class EtcdCoordination:
             live_peers=status.live_peers,
             known_peers=status.known_peers,
             backend="etcd",
-            etcd=EtcdLink(status.endpoint, status.connected, status.last_error),
+            etcd=EtcdLink(status.endpoint, status.connected, status.registered, status.last_error),
         )
 
     def report_intro_points(self, points: Sequence[IntroPoint]) -> None:

@@ -50,6 +50,8 @@ key                         value                            exported as
 ``backends_up``             ``{"<56>.onion": bool}`` (<= 64) ``rustbalance_backend_up{backend}``
 ``etcd_connected``          bool (etcd backend only: the     ``rustbalance_etcd_connected``
                             lease is valid)
+``etcd_registered``         bool (etcd backend only: our     ``rustbalance_etcd_registered``
+                            member record is on the lease)
 ``etcd_fencing``            ``{"passed"|"refused"|"failed":  ``rustbalance_etcd_fencing_total
                             n}`` (checks before uploads)     {result}``
 =========================== ================================ ===================================
@@ -183,7 +185,7 @@ _COUNTERS = (
     "proxy_connections_total",
 )
 _GAUGES_INT = ("peers_alive", "proxy_connections_active")
-_FLAGS = ("is_publisher", "tor_up", "target_up", "etcd_connected")
+_FLAGS = ("is_publisher", "tor_up", "target_up", "etcd_connected", "etcd_registered")
 
 
 def _validate(snapshot: Mapping[str, Any]) -> dict[str, Any]:
@@ -351,6 +353,9 @@ class _SnapshotCollector(Collector):
         yield from self._gauge("target_up", "1 if the target passes its health checks.")
         yield from self._gauge(
             "etcd_connected", "1 if this node's etcd lease is valid (etcd coordination)."
+        )
+        yield from self._gauge(
+            "etcd_registered", "1 if this node's member record is in etcd on a valid lease."
         )
         yield from self._counter(
             "rustbalance_etcd_fencing",

@@ -18,7 +18,7 @@ Status document (what ``rustbalance status --format json`` prints)::
 
     "cluster": {"backend": "embedded"|"etcd", "term", "election_role", "publisher",
                 "native_publishing", "counters", "rejected", "peer_intro_points",
-                etcd only: "etcd": {"endpoint", "connected", "last_error"}}
+                etcd only: "etcd": {"endpoint", "connected", "registered", "last_error"}}
 
 Intro auth keys are public (every client that knows the address sees them).
 """
@@ -172,6 +172,7 @@ def status_document(s: NodeSnapshot) -> dict[str, Any]:
             doc["cluster"]["etcd"] = {
                 "endpoint": status.etcd.endpoint,
                 "connected": status.etcd.connected,
+                "registered": status.etcd.registered,
                 "last_error": status.etcd.last_error,
             }
     if s.target is not None:
@@ -223,6 +224,7 @@ def metrics_values(s: NodeSnapshot) -> dict[str, Any]:
         values["rejected_messages"] = dict(status.rejected)
         if status.etcd is not None:
             values["etcd_connected"] = status.etcd.connected
+            values["etcd_registered"] = status.etcd.registered
             values["etcd_fencing"] = {
                 result: status.counters.get(f"fencing_{result}", 0)
                 for result in ("passed", "refused", "failed")

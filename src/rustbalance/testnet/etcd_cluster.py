@@ -47,6 +47,7 @@ __all__ = [
     "EtcdMember",
     "TcpCutter",
     "TestPki",
+    "etcd_sections",
     "rbac_commands",
 ]
 
@@ -224,6 +225,32 @@ def rbac_commands(prefix: str, node_ids: Iterable[str]) -> list[list[str]]:
         ]
     commands.append(["auth", "enable"])
     return commands
+
+
+# -- a node's config ---------------------------------------------------------------------------
+
+
+def etcd_sections(
+    pki: TestPki,
+    client: ClientCert,
+    endpoints: Iterable[str],
+    *,
+    prefix: str = "/rustbalance/",
+    lease_ttl_secs: int = 10,
+) -> dict[str, dict[str, object]]:
+    """The ``[coordination]`` and ``[etcd]`` sections of a node that authenticates as
+    ``client`` (its key stays 0600 where the PKI wrote it; the config names only paths)."""
+    return {
+        "coordination": {"backend": "etcd"},
+        "etcd": {
+            "endpoints": list(endpoints),
+            "ca_path": pki.ca_path,
+            "cert_path": client.cert_path,
+            "key_path": client.key_path,
+            "prefix": prefix,
+            "lease_ttl_secs": lease_ttl_secs,
+        },
+    }
 
 
 # -- the cluster -------------------------------------------------------------------------------
