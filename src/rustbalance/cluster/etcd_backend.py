@@ -652,9 +652,9 @@ class EtcdBackend(Generic[PointT]):
         message = f"{what}: {exc}"
         if isinstance(exc, EtcdPermissionDenied):
             message += (
-                f" (the client certificate's CN must be an etcd user whose role may write "
-                f"{self.keys.prefix}nodes/{self.node_id} and {self.keys.prefix}election/"
-                f"{self.node_id}; docs/etcd.md)"
+                f" (the client certificate's CN must be an etcd user whose role may read "
+                f"{self.keys.prefix} and write {self.keys.prefix}nodes/{self.node_id} and "
+                f"{self.keys.prefix}election/{self.node_id}; docs/etcd.md)"
             )
         now = self._monotonic()
         previous = self._errors.pop(kind, None)
