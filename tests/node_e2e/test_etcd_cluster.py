@@ -15,14 +15,17 @@ at once. The tests run in file order, each on the state the one before left:
 3. quorum lost (two members SIGKILLed): nobody publishes, every node keeps running, the
    descriptor on the HSDirs stays the last one published and the master keeps answering;
    the members restarted, a publisher is back by itself;
-4. SIGKILL of the publisher: a new descriptor is accepted (the time is printed, and
-   BENCHMARKS.md has it beside the embedded backend's, measured in the same run).
+4. SIGKILL of the publisher: a new descriptor is accepted (the time is printed; with the
+   default TTL, BENCHMARKS.md has it beside the embedded backend's, measured in the same run);
+5. SIGTERM of the publisher: its lease is revoked, the last node takes over at once and,
+   the only node registered, publishes alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -105,7 +108,6 @@ def stack(
     work = tmp_path_factory.mktemp("etcd-cluster")
     relays = EtcdRelays()
     metrics_ports = pick_free_ports(len(NAMES))
-    intruder: NodeProcess | None = None
     sampler: RoleSampler | None = None
     target = NamedHTTPServer("node-d-target")
     try:
@@ -144,18 +146,21 @@ def stack(
             def sampled() -> list[Any]:
                 return launched.alive()
 
-            sampler = RoleSampler(sampled)
-            stack = Stack(cluster, relays, sampler, intruder, metrics_ports)
-            wait_for(
-                lambda: _formed(stack), NODE_PUBLISH_TIMEOUT, "the etcd-backed cluster to form"
-            )
-            yield stack
-            sampler.never_two()
+            try:
+                sampler = RoleSampler(sampled)
+                stack = Stack(cluster, relays, sampler, intruder, metrics_ports)
+                wait_for(
+                    lambda: _formed(stack),
+                    NODE_PUBLISH_TIMEOUT,
+                    "the etcd-backed cluster to form",
+                )
+                yield stack
+                sampler.never_two()
+            finally:
+                if sampler is not None:
+                    sampler.close()
+                intruder.stop()  # while etcd still runs: its lease is revoked, not left
     finally:
-        if sampler is not None:
-            sampler.close()
-        if intruder is not None:
-            intruder.stop()
         target.close()
         relays.close()
 
@@ -289,7 +294,7 @@ async def test_a_publisher_cut_off_from_etcd_steps_down_within_the_ttl(stack: St
         )
         print(
             f"cut off from etcd: the publisher stepped down {step_down:.1f} s after the cut, "
-            f"another node took over {step_down + takeover:.1f} s after it (TTL {TTL} s)"
+            f"another node took over {step_down + takeover:.1f} s after the cut (TTL {TTL} s)"
         )
         assert step_down <= TTL  # within the TTL, measured
         doc = old.status()  # it keeps running and answering
@@ -418,3 +423,43 @@ def test_the_nodes_etcd_keys_are_private(stack: Stack) -> None:
     assert Path(pki).stat().st_mode & 0o777 == 0o700
     for key in Path(pki).glob("*-key.pem"):
         assert key.stat().st_mode & 0o777 == 0o600, key
+
+
+async def test_sigterm_of_the_publisher_revokes_its_lease_and_the_last_node_publishes_alone(
+    stack: Stack,
+) -> None:
+    """``lease_release`` with etcd is a revoke: the next node takes over without waiting for
+    the TTL. The node left is the only one registered: it holds the lease and publishes."""
+    await asyncio.to_thread(wait_for, lambda: len(stack.publishers()) == 1, 60, "a publisher")
+    old = stack.publisher()
+    (last,) = [n for n in stack.alive() if n is not old]
+    process = old.process.proc
+    assert process is not None
+    signalled_wall = time.time()
+    os.kill(process.pid, signal.SIGTERM)
+    took = await asyncio.to_thread(
+        wait_for,
+        lambda: (last.try_status() or {}).get("role") == "publisher",
+        TTL,
+        "the last node to take over",
+        0.05,
+    )
+    print(f"SIGTERM: the last node took over {took:.2f} s after the signal (TTL {TTL} s)")
+    assert took < TTL - 1  # the revoke, not the lease's expiry
+    assert await asyncio.to_thread(process.wait, 60) == 0
+    old.killed = True
+    old.stop()  # its tor, by PID
+    assert "etcd: lease revoked (publisher lease released)" in old.process.log_text()
+    await asyncio.to_thread(
+        wait_for,
+        lambda: _last_publish(last.status()) > signalled_wall,
+        NODE_PUBLISH_TIMEOUT,
+        "the last node's upload",
+    )
+    doc = last.status()
+    assert (doc["mode"], doc["role"]) == ("single", "publisher")
+    assert doc["cluster"]["native_publishing"] is False  # it publishes the master itself
+    assert set(doc["intro_points"]["published_auth_keys"]) == set(
+        doc["intro_points"]["own_auth_keys"]
+    )
+    stack.sampler.never_two()
