@@ -219,7 +219,7 @@ def test_an_etcd_node_with_usable_files_passes(
 ) -> None:
     etcd_node(node, etcd_pki)
     assert node.check() == 0, errors(capsys)
-    assert "multi-node (etcd, 1 endpoints)" in capsys.readouterr().out
+    assert "multi-node (etcd, 1 endpoint)" in capsys.readouterr().out
 
 
 def test_every_unusable_etcd_file_is_named(

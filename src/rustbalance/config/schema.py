@@ -894,7 +894,8 @@ class Config:
         mode = "multi-node" if self.is_multi_node else "single-node"
         peers = f" ({len(self.coordination.peers)} peers)" if self.coordination.peers else ""
         if self.coordination.backend == "etcd":
-            peers = f" (etcd, {len(self.etcd.endpoints)} endpoints)"
+            count = len(self.etcd.endpoints)
+            peers = f" (etcd, {count} endpoint{'' if count == 1 else 's'})"
         return (
             f"node {self.node.id}, {mode}{peers}, tor {self.tor.mode}, "
             f"target {self.target.address}{' (tls)' if self.target.use_tls else ''}"
