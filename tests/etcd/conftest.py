@@ -77,8 +77,9 @@ class Fleet:
         endpoints: list[str] | None = None,
         client_cert: ClientCert | None = None,
         eligible: bool = True,
+        ttl: int = TTL,
     ) -> EtcdBackend[bytes]:
-        timings = LeaseTimings(TTL)
+        timings = LeaseTimings(ttl)
         client = EtcdClient(
             endpoints or self.etcd.endpoints,
             tls(self.pki, client_cert or cert(self.pki, node_id)),
