@@ -9,8 +9,10 @@ published (intro points, revisions posted, the HSDir ring it was published to).
 One publish round is a pipeline: :func:`~rustbalance.node.publication.choose_publication`
 (merge) -> :func:`~rustbalance.tor.network.plan_master_descriptors` (build, sign, name the
 HSDirs) -> :func:`~rustbalance.tor.network.upload_planned` for each planned descriptor,
-through :meth:`TorNetwork.upload`. Uploads are serialised: tor's per-HSDir events name the
-address, not the upload. Three supervised tasks run here:
+through :meth:`TorNetwork.upload`, each fenced first by the coordination backend's
+``may_publish()`` (etcd: a transaction on our candidacy; docs/etcd.md). Uploads are
+serialised: tor's per-HSDir events name the address, not the upload. Three supervised tasks
+run here:
 
 - ``publish``: the publish loop (only the node that publishes, node/cluster_loop.py, uploads);
 - ``verify``: after each upload, fetch the master descriptor back through tor and log
