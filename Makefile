@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the product, its tests, the demo and the benchmarks use.
-APT_PACKAGES := tor python3-venv haproxy socat shellcheck iproute2 wireguard-tools wireguard-go curl systemd faketime systemd-container debootstrap zsh man-db prometheus
+APT_PACKAGES := tor python3-venv haproxy socat shellcheck iproute2 wireguard-tools wireguard-go curl systemd faketime systemd-container debootstrap zsh man-db prometheus etcd-server etcd-client
 APT_STAMP := .apt-installed
 DEV_LOCK := requirements/dev.lock
 RUNTIME_LOCK := requirements/runtime.lock

@@ -7,7 +7,13 @@ command line), each with its own managed tor, its own target, a UDP coordination
 are the product defaults (heartbeat 5 s, timeout 15 s, takeover grace 15 s), seeds point
 straight at each other's ports (no fault relay): the figures are the ones an operator gets.
 
-Every daemon and its managed tor are stopped by PID (SIGTERM, then SIGKILL), also on errors.
+:func:`bench_etcd_cluster` runs the same three daemons with ``[coordination] backend =
+"etcd"`` (lease TTL 10 s, the default) against a 3-member etcd cluster on loopback with TLS,
+client certificates and RBAC (:func:`rustbalance.testnet.cluster.launch_etcd_cluster`, the
+launcher of tests/node_e2e/test_etcd_cluster.py).
+
+Every daemon and its managed tor are stopped by PID (SIGTERM, then SIGKILL), also on errors;
+so is every etcd member.
 """
 
 from __future__ import annotations
@@ -25,9 +31,17 @@ from rustbalance.testnet.cluster import (
     LaunchedCluster,
     free_udp_ports,
     launch_cluster,
+    launch_etcd_cluster,
 )
 
-__all__ = ["NAMES", "UPLOAD_TIMEOUT_SECS", "BenchCluster", "BenchNode", "bench_cluster"]
+__all__ = [
+    "NAMES",
+    "UPLOAD_TIMEOUT_SECS",
+    "BenchCluster",
+    "BenchNode",
+    "bench_cluster",
+    "bench_etcd_cluster",
+]
 
 BenchNode = ClusterNode
 BenchCluster = LaunchedCluster
@@ -48,3 +62,10 @@ def bench_cluster(network: PrivateTorNetwork, work_dir: Path) -> Iterator[BenchC
 
     with launch_cluster(network, work_dir, coordination=coordination, listen_ports=ports) as c:
         yield c
+
+
+@contextlib.contextmanager
+def bench_etcd_cluster(network: PrivateTorNetwork, work_dir: Path) -> Iterator[BenchCluster]:
+    """The three daemons coordinated by etcd (default lease TTL); stops everything after."""
+    with launch_etcd_cluster(network, work_dir) as stack:
+        yield stack.launched

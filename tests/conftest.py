@@ -57,6 +57,7 @@ _TIER_OF_PLACE: dict[str, tuple[str, ...]] = {
     "tests/cluster/test_coordinator_boot.py": ("slow",),
     "tests/cluster/test_simulation.py::TestCluster": ("slow",),  # stateful, many elections
     "tests/deploy/test_deploy_script.py": ("slow",),  # deploy.sh runs with stub commands
+    "tests/etcd/": ("slow",),  # a real 3-member etcd cluster per test
     "tests/node_e2e/": ("slow",),  # `rustbalance run` as a subprocess
     "tests/ops/test_init_join_cli.py": ("slow",),  # init/join end to end, Argon2 at full cost
     "tests/ops/test_mesh_wireguard_netns.py": ("root",),

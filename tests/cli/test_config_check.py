@@ -17,6 +17,7 @@ import tomli_w
 from rustbalance.cli.main import main
 from rustbalance.cluster.wireguard import generate_private_key
 from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
+from rustbalance.testnet.etcd_cluster import TestPki
 
 EXIT_CONFIG = 2  # cli/main.py: a configuration problem
 CLUSTER_TOKEN = secrets.token_urlsafe(32)
@@ -183,3 +184,73 @@ def test_a_symlinked_token_is_refused(node: Node, capsys: pytest.CaptureFixture[
     assert node.check() == EXIT_CONFIG
     (problem, _summary) = errors(capsys)
     assert f"cluster token {node.token}: cannot read" in problem
+
+
+# -- the etcd backend's TLS files (issue 20) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def etcd_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    pki = TestPki(tmp_path_factory.mktemp("etcd-pki"))
+    pki.client("node-a")
+    pki.client("node-b")
+    return pki
+
+
+def etcd_node(node: Node, pki: TestPki) -> dict[str, Path]:
+    """The node with the etcd backend: its CA, certificate and key copied into its folder."""
+    who = pki.client("node-a")
+    files = {
+        "ca_path": node.root / "etcd-ca.pem",
+        "cert_path": node.root / "etcd-node-a.pem",
+        "key_path": node.root / "etcd-node-a-key.pem",
+    }
+    files["ca_path"].write_bytes(pki.ca_path.read_bytes())
+    files["cert_path"].write_bytes(who.cert_path.read_bytes())
+    node.secret(files["key_path"].name, who.key_path.read_text())
+    node.doc["coordination"] = {"backend": "etcd"}
+    node.doc["join"] = {"enabled": False}
+    node.doc["etcd"] = {"endpoints": ["127.0.0.1:2379"], **{k: str(v) for k, v in files.items()}}
+    return files
+
+
+def test_an_etcd_node_with_usable_files_passes(
+    node: Node, etcd_pki: TestPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    etcd_node(node, etcd_pki)
+    assert node.check() == 0, errors(capsys)
+    assert "multi-node (etcd, 1 endpoint)" in capsys.readouterr().out
+
+
+def test_every_unusable_etcd_file_is_named(
+    node: Node, etcd_pki: TestPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = etcd_node(node, etcd_pki)
+    files["ca_path"].unlink()
+    files["cert_path"].write_text("not a certificate\n")
+    files["key_path"].chmod(0o644)
+    assert node.check() == EXIT_CONFIG
+    lines = errors(capsys)
+    config = node.root / "config.toml"
+    key = files["key_path"]
+    assert lines == [
+        f"{config}: etcd CA {files['ca_path']}: cannot read: No such file or directory",
+        f"{config}: etcd client certificate {files['cert_path']}: not a PEM file",
+        f"{config}: etcd client key {key}: mode 0644 lets others read it; run: chmod 600 {key}",
+        f"{config}: 3 problems",
+    ]
+
+
+def test_an_etcd_key_of_another_certificate_is_refused(
+    node: Node, etcd_pki: TestPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = etcd_node(node, etcd_pki)
+    other = etcd_pki.client("node-b")
+    files["key_path"].write_bytes(other.key_path.read_bytes())
+    assert node.check() == EXIT_CONFIG
+    (problem, _summary) = errors(capsys)
+    assert problem.endswith(
+        f"etcd client key {files['key_path']}: does not belong to the certificate "
+        f"{files['cert_path']} (CN node-a)"
+    )
+    assert other.key_path.read_text().splitlines()[1] not in problem

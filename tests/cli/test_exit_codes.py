@@ -83,6 +83,21 @@ def test_run_tor_that_cannot_start_is_1(tmp_path: Path) -> None:
     assert "tor did not start" in result.stderr
 
 
+def test_run_with_the_etcd_backend_and_missing_tls_files_is_2(tmp_path: Path) -> None:
+    """The etcd backend's files are opened at start-up: a missing one is a config error that
+    names the file, and the daemon never starts as if it were alone (it would publish)."""
+    config = node_config(tmp_path)
+    text = config.read_text() + (
+        '[coordination]\nbackend = "etcd"\n[etcd]\nendpoints = ["127.0.0.1:2379"]\n'
+        'ca_path = "ca.pem"\ncert_path = "c.pem"\nkey_path = "k.pem"\n'
+    )
+    config.write_text(text)
+    result = run_command("run", "--config", str(config))
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"etcd CA {tmp_path / 'ca.pem'}: cannot read" in result.stderr
+    assert not (tmp_path / "state" / "tor").exists()
+
+
 def test_status_unreadable_config_is_2_and_no_daemon_is_1(tmp_path: Path) -> None:
     assert main(["status", "--config", str(tmp_path / "missing.toml")]) == EXIT_CONFIG
     (tmp_path / "bad.toml").write_text("[node\n")

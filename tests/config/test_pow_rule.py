@@ -40,8 +40,20 @@ def test_a_lone_shared_node_keeps_pow() -> None:
         ({"master": {"backends": [ONION_B]}}, "master.backends is set"),
         (JOIN_READY, "join.enabled = true"),
         ({"node": {"identity_mode": "instance"}}, 'node.identity_mode = "instance"'),
+        (
+            {
+                "coordination": {"backend": "etcd"},
+                "etcd": {
+                    "endpoints": ["127.0.0.1:2379"],
+                    "ca_path": "etcd/ca.pem",
+                    "cert_path": "etcd/node.pem",
+                    "key_path": "etcd/node-key.pem",
+                },
+            },
+            'coordination.backend = "etcd"',
+        ),
     ],
-    ids=["peers", "backends", "join", "instance"],
+    ids=["peers", "backends", "join", "instance", "etcd"],
 )
 def test_pow_where_rustbalance_writes_the_descriptor_is_refused(
     sections: dict[str, dict[str, Any]], reason: str

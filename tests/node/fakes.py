@@ -200,6 +200,7 @@ class FakeCoordination:
         self.published: list[int] = []
         self.eligible: list[bool] = []
         self.left = False
+        self.fence = True  # what may_publish answers
 
     def facts(self) -> CoordinationFacts:
         return self.current
@@ -232,11 +233,17 @@ class FakeCoordination:
     async def wait_changed(self, timeout: float) -> None:  # noqa: ASYNC109
         await asyncio.sleep(0)
 
+    async def may_publish(self) -> bool:
+        return self.fence
+
     async def run(self) -> None:
         await asyncio.Event().wait()
 
     async def leave(self) -> None:
         self.left = True
+
+    def mesh_handle(self) -> None:
+        return None
 
 
 async def until(condition: Callable[[], bool], rounds: int = 2000) -> None:

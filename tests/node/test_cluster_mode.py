@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rustbalance.crypto.keys import IdentityKey
 from rustbalance.node.cluster_link import MergeSignature
 from rustbalance.node.cluster_mode import (
     Action,
@@ -23,6 +24,7 @@ from rustbalance.node.cluster_mode import (
     SetEligible,
     SetNativePublishing,
 )
+from rustbalance.node.identity import NodeIdentity
 
 TIMEOUT = 15.0
 SIG_NONE: MergeSignature = (False, frozenset(), ())
@@ -248,6 +250,71 @@ def test_native_publishing_is_asked_for_until_tor_accepted_it() -> None:
     assert of(mode.step(2.0, seen(is_multi=True)), SetNativePublishing) == []
 
 
+# -- an authoritative lease (the etcd backend) ------------------------------------------------
+
+
+def test_with_a_lease_only_backend_a_node_alone_never_publishes_by_itself() -> None:
+    """etcd: a node that hears no peer may be the one cut off from etcd; publishing alone
+    would give two publishers. Only the lease decides, however long it has been alone."""
+    mode = ClusterMode(policy(lease_only=True))
+    mode.begin(0.0, is_multi=False)
+    assert mode.step(0.0, seen(ready=True)) == [SetNativePublishing(False)]
+    mode.native_applied(False)
+    for now in (TIMEOUT, 10 * TIMEOUT, 1000 * TIMEOUT):
+        actions = mode.step(now, seen(ready=True))
+        assert actions == []
+        assert not mode.should_publish(now, is_multi=False, holds_lease=False)
+        # tor's native publishing of the master stays off too (it would publish alone).
+        assert not mode.native_publishing_wanted(now, is_multi=False)
+
+
+def test_with_a_lease_only_backend_the_lease_holder_publishes_alone_or_not() -> None:
+    """The only node registered in etcd holds the lease: it publishes its own intro points
+    (and tor's native publishing stays off: the node publishes the master itself)."""
+    mode = ClusterMode(policy(lease_only=True))
+    mode.begin(0.0, is_multi=False)
+    actions = mode.step(0.0, seen(holds_lease=True))
+    assert actions == [
+        SetNativePublishing(False),
+        RoleChanged(publisher=True, multi=False),
+        Republish("became publisher"),
+    ]
+    mode.native_applied(False)
+    # A peer registers: still the publisher, now merging.
+    assert mode.step(1.0, seen(is_multi=True, holds_lease=True, signature=SIG_PEER)) == []
+    # The lease is lost (cut off from etcd, the peer's view unknown): a standby at once.
+    lost = mode.step(2.0, seen(is_multi=True, holds_lease=False, signature=SIG_PEER))
+    assert RoleChanged(publisher=False, multi=True) in lost
+    # Its last peer vanished from its view as well (the watch broke): still a standby.
+    assert of(mode.step(50.0, seen(holds_lease=False, ready=True)), RoleChanged) == []
+
+
+def test_with_a_lease_only_backend_instance_mode_keeps_native_publishing() -> None:
+    mode = ClusterMode(policy(lease_only=True, native_publishes_master=False))
+    assert mode.native_publishing_at_start()
+    mode.begin(0.0, is_multi=False)
+    assert mode.native_publishing_wanted(100.0, is_multi=False)
+
+
+def test_the_lease_only_rule_is_set_by_the_etcd_backend_only() -> None:
+    from rustbalance.config import parse_config
+
+    base = (
+        '[node]\nid = "node-a"\n[master]\nidentity_key_path = "m.key"\n'
+        '[target]\naddress = "127.0.0.1:80"\n[tor]\n'
+    )
+    etcd = (
+        '[coordination]\nbackend = "etcd"\n[etcd]\nendpoints = ["127.0.0.1:2379"]\n'
+        'ca_path = "ca.pem"\ncert_path = "c.pem"\nkey_path = "k.pem"\n'
+    )
+    key = IdentityKey.from_seed(bytes(32))
+    identity = NodeIdentity("shared", key.onion_address, key, key)
+    embedded = ModePolicy.for_node(parse_config(base, "/"), identity, clustered=True)
+    assert not embedded.lease_only
+    etcd_policy = ModePolicy.for_node(parse_config(base + etcd, "/"), identity, clustered=True)
+    assert etcd_policy.lease_only
+
+
 # -- properties over random observation sequences ---------------------------------------------
 
 SIGNATURES = (SIG_NONE, SIG_OWN, SIG_PEER, SIG_PEER2)
@@ -270,6 +337,7 @@ policies = st.builds(
     has_backends=st.booleans(),
     publisher_eligible=st.booleans(),
     alone_after=st.sampled_from([5.0, 15.0]),
+    lease_only=st.booleans(),
 )
 steps = st.lists(
     st.tuples(
@@ -315,10 +383,11 @@ def test_properties_of_random_runs(
                 differs_since = now
 
         # Who publishes: never without the key; the lease holder in a cluster; a node alone
-        # only after alone_after without peers.
+        # only after alone_after without peers, and never with a lease-only backend (etcd):
+        # there the lease is the whole answer.
         if not policy_.has_master_key:
             assert not publisher
-        elif observed.is_multi:
+        elif policy_.lease_only or observed.is_multi:
             assert publisher == observed.holds_lease
         elif not observed.holds_lease:
             assert publisher == (
@@ -335,7 +404,7 @@ def test_properties_of_random_runs(
                 mode.native_applied(action.on)
         if not policy_.native_publishes_master:
             assert wanted
-        elif policy_.has_backends or observed.is_multi:
+        elif policy_.has_backends or observed.is_multi or policy_.lease_only:
             assert not wanted
 
         # The role is logged once per change, and a standby has nothing published.
@@ -360,6 +429,8 @@ def test_properties_of_random_runs(
         has_points = observed.own_intro_points > 0 or bool(observed.signature[2])
         for reason in republished(actions):
             assert publisher and has_points
+            if policy_.lease_only:
+                assert observed.holds_lease
             if reason == "cluster intro points changed":
                 assert not observed.publishing
                 assert differs_since is not None

@@ -26,7 +26,7 @@ from rustbalance.node.cluster_link import MergeSignature, merge_signature
 from rustbalance.node.consensus_watch import ConsensusWatch
 from rustbalance.node.coordination import ALONE, CoordinationFacts
 from rustbalance.node.identity import NodeIdentity
-from rustbalance.node.publisher import VERIFY_MAX_REPUBLISHES, Publisher
+from rustbalance.node.publisher import FENCED, VERIFY_MAX_REPUBLISHES, Publisher
 from rustbalance.node.readiness import Readiness
 from rustbalance.node.sdnotify import SystemdNotifier
 from rustbalance.tor.network import HsDirUpload, PlannedDescriptor, decode_for_view
@@ -69,9 +69,16 @@ class Role:
     publisher: bool = True
     current: CoordinationFacts = ALONE
     recorded: list[tuple[MergeSignature, int]] = field(default_factory=list)
+    # What the coordination backend's fencing check answers, one per call (then True).
+    fence: list[bool] = field(default_factory=list)
+    fenced: int = 0
 
     def is_publisher(self) -> bool:
         return self.publisher
+
+    async def may_publish(self) -> bool:
+        self.fenced += 1
+        return self.fence.pop(0) if self.fence else True
 
     def facts(self) -> CoordinationFacts:
         return self.current
@@ -219,6 +226,51 @@ async def test_a_standby_uploads_nothing(tmp_path: Path) -> None:
     outcome = await node.publisher.publish_once()
     assert {r.error for r in outcome.values()} == {"standby: another node publishes"}
     assert node.network.uploads == []
+
+
+# -- fencing (issue 20: the etcd backend confirms the lease before every upload) ---------------
+
+
+async def test_every_upload_is_fenced_immediately_before_it_goes_out(tmp_path: Path) -> None:
+    """The fencing check runs once per planned descriptor, after it was built and signed and
+    right before its upload, so a lease lost while the first period was uploading stops the
+    second upload."""
+    node = make_node(tmp_path, clustered=True)
+    checks: list[int] = []
+    answer = node.network.answer
+
+    def record(planned: PlannedDescriptor) -> list[HsDirUpload]:
+        checks.append(node.role.fenced)
+        return answer(planned)
+
+    node.network.answer = record
+    outcome = await node.publisher.publish_once()
+    assert {p: r.ok for p, r in outcome.items()} == {"current": True, "next": True}
+    assert checks == [1, 2]  # one check before each of the two uploads
+
+
+async def test_a_refused_fence_uploads_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = make_node(tmp_path, clustered=True)
+    node.role.fence = [False, False]
+    caplog.set_level(logging.WARNING)
+    outcome = await node.publisher.publish_once()
+    assert node.network.uploads == []
+    assert {r.ok for r in outcome.values()} == {False}
+    assert {r.error for r in outcome.values()} == {FENCED}
+    assert f"publishing the current descriptor failed: {FENCED}" in caplog.messages
+    assert node.role.recorded == []
+    assert node.publisher.published_auth_keys == ()
+
+
+async def test_a_lease_lost_between_the_two_uploads_stops_the_second(tmp_path: Path) -> None:
+    node = make_node(tmp_path, clustered=True)
+    node.role.fence = [True, False]
+    outcome = await node.publisher.publish_once()
+    assert [u.label for u in node.network.uploads] == ["current"]
+    assert outcome["current"].ok
+    assert not outcome["next"].ok and outcome["next"].error == FENCED
 
 
 async def test_without_intro_points_the_first_round_makes_the_node_ready(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from rustbalance.node.coordination import ClusterStatus
+from rustbalance.node.coordination import ClusterStatus, EtcdLink
 from rustbalance.node.metrics import NodeMetrics
 from rustbalance.node.publish_policy import HsDirResult, PeriodResult, PublishOutcome, PublishState
 from rustbalance.node.snapshot import (
@@ -134,6 +134,7 @@ def test_every_optional_part_renders() -> None:
         {"node_id": "node-d", "alive": False},
     ]
     assert doc["cluster"] == {
+        "backend": "embedded",
         "term": 7,
         "election_role": "standby",
         "publisher": "node-b",
@@ -167,8 +168,82 @@ def test_every_optional_part_renders() -> None:
     json.dumps(doc, allow_nan=False)
 
 
+def etcd() -> NodeSnapshot:
+    """A standby of the etcd backend, cut off from etcd (issue 20)."""
+    base = full()
+    assert base.cluster is not None
+    status = dataclasses.replace(
+        base.cluster.status,
+        term=1042,
+        rejected={"bad_record": 1},
+        counters={
+            "keepalives": 30,
+            "fencing_passed": 5,
+            "fencing_refused": 2,
+            "fencing_failed": 1,
+            "role_changes": 3,
+        },
+        backend="etcd",
+        etcd=EtcdLink(
+            "127.0.0.1:2379",
+            connected=False,
+            registered=False,
+            last_error="keep-alive: unavailable",
+        ),
+    )
+    return dataclasses.replace(base, cluster=ClusterSnapshot(status, native_publishing=False))
+
+
+def test_the_etcd_backend_reports_like_the_embedded_one_plus_its_link() -> None:
+    doc = status_document(etcd())
+    assert doc["cluster"] == {
+        "backend": "etcd",
+        "term": 1042,
+        "election_role": "standby",
+        "publisher": "node-b",
+        "native_publishing": False,
+        "counters": {
+            "keepalives": 30,
+            "fencing_passed": 5,
+            "fencing_refused": 2,
+            "fencing_failed": 1,
+            "role_changes": 3,
+        },
+        "rejected": {"bad_record": 1},
+        "peer_intro_points": {"node-b": 3, "node-c": 2},
+        "etcd": {
+            "endpoint": "127.0.0.1:2379",
+            "connected": False,
+            "registered": False,
+            "last_error": "keep-alive: unavailable",
+        },
+    }
+    assert doc["peers"] == status_document(full())["peers"]
+    values = metrics_values(etcd())
+    assert values["etcd_connected"] is False
+    assert values["etcd_registered"] is False
+    assert values["etcd_fencing"] == {"passed": 5, "refused": 2, "failed": 1}
+    assert values["peers_alive"] == 2
+    assert values["rejected_messages"] == {"bad_record": 1}
+    # The embedded backend exports no etcd metrics.
+    assert "etcd_connected" not in metrics_values(full())
+    metrics = NodeMetrics()
+    metrics.update(values)
+    text = metrics.render().decode()
+    for line in (
+        "rustbalance_etcd_connected 0.0",
+        "rustbalance_etcd_registered 0.0",
+        'rustbalance_etcd_fencing_total{result="passed"} 5.0',
+        'rustbalance_etcd_fencing_total{result="refused"} 2.0',
+        'rustbalance_etcd_fencing_total{result="failed"} 1.0',
+        "rustbalance_peers_alive 2.0",
+        "rustbalance_is_publisher 0.0",
+    ):
+        assert line in text, line
+
+
 def test_status_and_metrics_agree() -> None:
-    for snap in (single(), full()):
+    for snap in (single(), full(), etcd()):
         doc = status_document(snap)
         values = metrics_values(snap)
         assert values["is_publisher"] == (doc["role"] == "publisher")
@@ -182,6 +257,8 @@ def test_status_and_metrics_agree() -> None:
                 doc["cluster"]["peer_intro_points"].values()
             )
             assert values["rejected_messages"] == doc["cluster"]["rejected"]
+        if "etcd" in doc.get("cluster", {}):
+            assert values["etcd_connected"] == doc["cluster"]["etcd"]["connected"]
         if "target" in doc:
             assert values["target_up"] == doc["target"]["healthy"]
         if doc["proxy"]:

@@ -179,3 +179,28 @@ def test_bad_config_exits_2(
     err = capsys.readouterr().err
     assert err.startswith("rustbalance status: ") and message in err
     assert err.count("\n") == 1
+
+
+def test_text_names_the_coordination_backend_and_the_etcd_link() -> None:
+    doc = document()
+    doc["cluster"] = {"backend": "embedded", "term": 7, "publisher": "node-b"}
+    assert "Coordination:  embedded, publisher node-b (term 7)\n" in (
+        status_cmd.format_status_text(doc, now=PUBLISHED_AT)
+    )
+    doc["cluster"] = {
+        "backend": "etcd",
+        "term": 1042,
+        "publisher": None,
+        "etcd": {
+            "endpoint": "10.0.0.11:2379",
+            "connected": True,
+            "registered": False,
+            "last_error": "write: Put on 10.0.0.11:2379: permission_denied",
+        },
+    }
+    text = status_cmd.format_status_text(doc, now=PUBLISHED_AT)
+    assert (
+        "Coordination:  etcd via 10.0.0.11:2379, connected, NOT registered, no publisher\n"
+        "  etcd error:  write: Put on 10.0.0.11:2379: permission_denied\n"
+    ) in text
+    assert text.index("Coordination:") < text.index("Peers:")

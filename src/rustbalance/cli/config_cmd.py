@@ -3,9 +3,10 @@
 Like ``nginx -t``: besides the syntax, types, ranges and unknown keys of the config itself, every
 key and token file the config names is opened with the daemon's own loader and must exist, be
 readable, not be readable by others (0600) and hold a usable key: the master key (and that it
-matches ``master.onion_address``), the cluster token, the join secret, and, when they already
-exist, the instance key and the WireGuard private key (the daemon generates those two when they
-are missing). Nothing is created or changed, and no secret ever reaches the output.
+matches ``master.onion_address``), the cluster token, the join secret, with the etcd backend its CA,
+client certificate and key (PEM, the key 0600 and the certificate's own), and, when they
+already exist, the instance key and the WireGuard private key (the daemon generates those two
+when they are missing). Nothing is created or changed, and no secret ever reaches the output.
 
 Exit 0 when everything is usable, 2 for any problem (cli/main.py: 2 = configuration), so the
 unit's ``ExecStartPre=`` check and ``RestartPreventExitStatus=2`` agree with ``rustbalance run``.
@@ -18,6 +19,7 @@ import sys
 from typing import Any
 
 from rustbalance.cli.logging_setup import error_line
+from rustbalance.cluster.etcd_backend import tls_problems
 from rustbalance.cluster.wireguard import WireGuardError, load_or_create_private_key
 from rustbalance.config import Config, ConfigProblems, load_config
 from rustbalance.errors import ConfigError, InvalidKeyError
@@ -87,6 +89,8 @@ def file_problems(config: Config) -> list[str]:
             load_cluster_key(token)
         except ConfigError as exc:
             problems.append(str(exc))
+    if config.coordination.backend == "etcd":
+        problems.extend(tls_problems(config.etcd))
     secret = config.join.secret_path
     if secret is not None:
         try:

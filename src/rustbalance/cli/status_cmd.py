@@ -88,6 +88,24 @@ def _section(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+def _coordination_lines(cluster: Mapping[str, Any]) -> list[str]:
+    """The coordination backend and who publishes; with etcd, the link and its last error."""
+    if not cluster:
+        return []
+    publisher = cluster.get("publisher")
+    term = cluster.get("term", "?")
+    who = f"publisher {publisher} (term {term})" if publisher else "no publisher"
+    etcd = _section(cluster, "etcd")
+    if cluster.get("backend") != "etcd" or not etcd:
+        return [f"Coordination:  {cluster.get('backend', 'embedded')}, {who}"]
+    link = "connected" if etcd.get("connected") else "NOT connected"
+    registered = "registered" if etcd.get("registered") else "NOT registered"
+    lines = [f"Coordination:  etcd via {etcd.get('endpoint', '?')}, {link}, {registered}, {who}"]
+    if etcd.get("last_error"):
+        lines.append(f"  etcd error:  {etcd['last_error']}")
+    return lines
+
+
 def format_status_text(doc: Mapping[str, Any], now: float | None = None) -> str:
     """Human-readable rendering of a status document."""
     now = time.time() if now is None else now
@@ -121,6 +139,7 @@ def format_status_text(doc: Mapping[str, Any], now: float | None = None) -> str:
     failures = pub.get("consecutive_failures")
     if isinstance(failures, int) and failures:
         lines.append(f"  consecutive failed publishes: {failures}")
+    lines.extend(_coordination_lines(_section(doc, "cluster")))
     peers = doc.get("peers")
     if isinstance(peers, list) and peers:
         lines.append("Peers:")

@@ -234,6 +234,9 @@ def _check_coordination(
         s.problem(
             "cluster_token_path", "is required when coordination.peers is not empty (multi-node)"
         )
+    if values["backend"] == "etcd" and values["peers"] and s.ok("backend"):
+        # Two coordinations at once would elect two publishers.
+        s.problem("peers", "must be empty with backend = 'etcd' (etcd knows the members)")
 
 
 def _check_wireguard(s: _SectionReader, values: dict[str, Any], _built: Mapping[str, Any]) -> None:
@@ -280,6 +283,20 @@ def _check_join(s: _SectionReader, values: dict[str, Any], built: Mapping[str, A
         )
 
 
+def _check_etcd(s: _SectionReader, values: dict[str, Any], built: Mapping[str, Any]) -> None:
+    if built["coordination"].backend != "etcd":
+        return  # an [etcd] section the embedded backend ignores
+    required = "is required when coordination.backend = 'etcd'"
+    if not values["endpoints"] and s.ok("endpoints"):
+        s.problem("endpoints", required)
+    for key in ("ca_path", "cert_path", "key_path"):
+        if values[key] is None and s.ok(key):
+            s.problem(key, required)
+    if built["join"].enabled:
+        # Joins add peers to the embedded coordinator; etcd members are added in etcd (RBAC).
+        s.problems.append("join.enabled: must be false with coordination.backend = 'etcd'")
+
+
 def _check_listeners(built: Mapping[str, Any], problems: list[str]) -> None:
     # Both are TCP listeners; the coordination socket is UDP and may share a port number.
     proxy, metrics = built["proxy"], built["metrics"]
@@ -301,6 +318,7 @@ def _check_pow(built: Mapping[str, Any], problems: list[str]) -> None:
         peers=built["coordination"].peers,
         backends=built["master"].backends,
         join_enabled=built["join"].enabled,
+        etcd=built["coordination"].backend == "etcd",
     )
     if refusal:
         problems.append(refusal)
@@ -312,4 +330,5 @@ _SECTION_CHECKS = {
     "coordination": _check_coordination,
     "wireguard": _check_wireguard,
     "join": _check_join,
+    "etcd": _check_etcd,
 }

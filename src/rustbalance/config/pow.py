@@ -40,6 +40,7 @@ def pow_refusal(
     backends: Sequence[str] = (),
     join_enabled: bool = False,
     learned_peers: bool = False,
+    etcd: bool = False,
 ) -> str | None:
     """The problem with ``tor.pow_enabled = true`` for this node, or None where PoW works.
 
@@ -49,6 +50,9 @@ def pow_refusal(
     merged: list[str] = []
     if peers:
         merged.append("coordination.peers is set")
+    if etcd:
+        # The lease holder merges every member's intro points (docs/etcd.md).
+        merged.append('coordination.backend = "etcd"')
     if learned_peers:
         merged.append("this node saved cluster peers in an earlier run")
     if join_enabled:

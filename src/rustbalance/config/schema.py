@@ -51,8 +51,10 @@ from rustbalance.rules import (
 
 __all__ = [
     "Config",
+    "CoordinationBackend",
     "CoordinationConfig",
     "Endpoint",
+    "EtcdConfig",
     "HealthConfig",
     "IdentityMode",
     "JoinConfig",
@@ -75,6 +77,8 @@ TorMode = Literal["managed", "system"]
 IdentityMode = Literal["shared", "instance"]
 ProxyMode = Literal["http", "tcp"]
 WireGuardMode = Literal["auto", "kernel", "userspace"]
+# [coordination] backend: the embedded sealed-UDP protocol, or an etcd cluster (issue 20).
+CoordinationBackend = Literal["embedded", "etcd"]
 
 _U32_MAX = 2**32 - 1
 # tor's limit for the PoW and intro DoS defence parameters (INT32_MAX).
@@ -563,7 +567,10 @@ class PublishConfig:
 
 @section
 class CoordinationConfig:
-    section_doc: ClassVar[str] = "Nodes exchange signed heartbeats over UDP."
+    section_doc: ClassVar[str] = (
+        "Nodes exchange signed heartbeats over UDP (the embedded backend), or coordinate "
+        'through an\netcd cluster (`backend = "etcd"` and the `[etcd]` section).'
+    )
 
     cluster_token_path: Path | None = key(
         PathValue(),
@@ -628,10 +635,19 @@ class CoordinationConfig:
         doc="The address this node tells its peers to reach it at, when that is not `listen` "
         "(NAT, a relay in front of it).",
     )
+    backend: CoordinationBackend = key(
+        choice("embedded", "etcd"),
+        default="embedded",
+        doc="`embedded`: the sealed UDP heartbeats and election of this section. `etcd`: "
+        "membership, liveness and the publisher lease live in an etcd cluster "
+        "([docs/etcd.md](etcd.md)); the other keys of this section are then unused and "
+        "`peers` must be empty.",
+    )
 
     @property
     def is_multi_node(self) -> bool:
-        return bool(self.peers)
+        """Peers configured, or etcd coordination (etcd knows the members)."""
+        return bool(self.peers) or self.backend == "etcd"
 
 
 @section
@@ -786,6 +802,79 @@ class JoinConfig:
     )
 
 
+def _etcd_prefix(value: str) -> str:
+    # Printable ASCII without spaces, so the RBAC commands of docs/etcd.md can name the
+    # prefix on a command line as it is.
+    if not 2 <= len(value) <= 128 or not value.startswith("/") or not value.endswith("/"):
+        raise Invalid(f"must be 2-128 characters starting and ending with '/', got {value!r}")
+    if any(not 0x21 <= ord(ch) <= 0x7E for ch in value):
+        raise Invalid(f"must be printable ASCII without spaces, got {value!r}")
+    return value
+
+
+_ETCD_REQUIRED = "**Required with the etcd backend.**"
+
+
+@section
+class EtcdConfig:
+    """The etcd coordination backend (issue 20, docs/etcd.md). With ``coordination.backend =
+    "etcd"`` the parser requires the endpoints and the three TLS files; the daemon reads the
+    files (the key 0600, no symlink) when it starts."""
+
+    section_doc: ClassVar[str] = (
+        'The etcd coordination backend, used when `coordination.backend = "etcd"`\n'
+        "([docs/etcd.md](etcd.md): what each node reads and writes, the RBAC commands, failure\n"
+        "behaviour). Each node authenticates with its own client certificate; etcd takes the "
+        "user name\nfrom the certificate's CN."
+    )
+
+    endpoints: tuple[Endpoint, ...] = key(
+        Array(
+            _endpoint(),
+            type_doc="array of endpoints",
+            duplicate=lambda endpoint: f"{endpoint} is listed twice",
+        ),
+        default=(),
+        example=["10.0.0.11:2379", "10.0.0.12:2379", "10.0.0.13:2379"],
+        doc="The etcd members' client `HOST:PORT`s (TLS). " + _ETCD_REQUIRED + " The node "
+        "talks to one at a time and moves to the next when it fails.",
+    )
+    ca_path: Path | None = key(
+        PathValue(),
+        default=None,
+        example="/etc/rustbalance/etcd/ca.pem",
+        doc="PEM file of the CA that signed the members' certificates. " + _ETCD_REQUIRED,
+    )
+    cert_path: Path | None = key(
+        PathValue(),
+        default=None,
+        example="/etc/rustbalance/etcd/node-b.pem",
+        doc="PEM file of this node's client certificate; its CN is the node's etcd user (by "
+        "convention `node.id`). " + _ETCD_REQUIRED,
+    )
+    key_path: Path | None = key(
+        PathValue(),
+        default=None,
+        example="/etc/rustbalance/etcd/node-b-key.pem",
+        doc="PEM file of the client certificate's private key, mode 0600 (refused when others "
+        "can read it). " + _ETCD_REQUIRED,
+    )
+    prefix: str = key(
+        Text(_etcd_prefix),
+        default="/rustbalance/",
+        doc="Every key of this cluster lives under it: `<prefix>nodes/<node id>` and "
+        "`<prefix>election/<node id>`. 2–128 printable ASCII characters without spaces, "
+        "starting and ending with `/`.",
+    )
+    lease_ttl_secs: int = key(
+        Integer(2, 3600),
+        default=10,
+        doc="TTL of this node's etcd lease. A dead node's keys vanish at most this long after "
+        "its last keep-alive; a node cut off from etcd stops publishing `max(1, TTL/4)` "
+        "seconds before that.",
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     node: NodeConfig
@@ -799,6 +888,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     wireguard: WireGuardConfig = field(default_factory=WireGuardConfig)
     join: JoinConfig = field(default_factory=JoinConfig)
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
 
     @property
     def is_multi_node(self) -> bool:
@@ -807,7 +897,10 @@ class Config:
     def summary(self) -> str:
         """One line for logs and ``rustbalance config check``; contains no secrets."""
         mode = "multi-node" if self.is_multi_node else "single-node"
-        peers = f" ({len(self.coordination.peers)} peers)" if self.is_multi_node else ""
+        peers = f" ({len(self.coordination.peers)} peers)" if self.coordination.peers else ""
+        if self.coordination.backend == "etcd":
+            count = len(self.etcd.endpoints)
+            peers = f" (etcd, {count} endpoint{'' if count == 1 else 's'})"
         return (
             f"node {self.node.id}, {mode}{peers}, tor {self.tor.mode}, "
             f"target {self.target.address}{' (tls)' if self.target.use_tls else ''}"

@@ -89,6 +89,10 @@ class ClusterLoop:
         facts = self.facts()
         return self.mode.should_publish(self._clock.monotonic(), facts.is_multi, facts.holds_lease)
 
+    async def may_publish(self) -> bool:
+        """The backend's fencing check before an upload (a single node: nothing to ask)."""
+        return True if self.coordination is None else await self.coordination.may_publish()
+
     def signature(self, facts: CoordinationFacts | None = None) -> MergeSignature:
         """What a merged descriptor built now depends on."""
         facts = self.facts() if facts is None else facts

@@ -9,11 +9,16 @@ actions for the shell (:mod:`rustbalance.node.cluster_loop`) to carry out. Rules
   alone for ``alone_after`` (the heartbeat timeout): at start-up, so it hears an existing
   cluster first; after its last peer died, at once (that peer was already silent for a
   timeout).
+- With a lease-only backend (``[coordination] backend = "etcd"``) the lease is the whole
+  answer: the lease holder publishes, alone or not, and a node never publishes because it
+  hears no peer. A node cut off from etcd hears no peer either, and etcd may already have
+  handed the lease to another node; the only node registered holds the lease anyway.
 - tor's native publishing (``PublishHidServDescriptors``) is on for a single node and a node
-  left alone, off in a cluster (tor's own descriptor would replace the merged one). In
-  ``instance`` mode it is always on: tor publishes the instance's own descriptor, which never
-  competes with the master's and keeps its intro points fresh. In ``shared`` mode with plain
-  backends it is always off: tor's master descriptor would lack the backends' intro points.
+  left alone (never with a lease-only backend, for the same reason), off in a cluster (tor's
+  own descriptor would replace the merged one). In ``instance`` mode it is always on: tor
+  publishes the instance's own descriptor, which never competes with the master's and keeps
+  its intro points fresh. In ``shared`` mode with plain backends it is always off: tor's
+  master descriptor would lack the backends' intro points.
 - Publisher eligibility follows ``node.publisher_eligible`` and tor: a node whose tor is down
   must not hold the lease.
 - A node that becomes the publisher republishes at once (failover time is what the election
@@ -56,7 +61,7 @@ class ModePolicy:
 
     # False for a non-eligible instance node: it has nothing to sign with.
     has_master_key: bool
-    # A coordination backend runs (peers configured, learned, or a mesh).
+    # A coordination backend runs (peers configured, learned, a mesh, or etcd).
     clustered: bool
     # tor's own uploads are master descriptors (shared mode).
     native_publishes_master: bool
@@ -67,6 +72,8 @@ class ModePolicy:
     # How long a cluster node must be alone before it publishes alone (heartbeat timeout).
     alone_after: float
     republish_debounce: float = CLUSTER_REPUBLISH_DEBOUNCE_SECS
+    # The coordination backend's lease is the whole answer (etcd): never publish alone.
+    lease_only: bool = False
 
     @classmethod
     def for_node(cls, config: Config, identity: NodeIdentity, *, clustered: bool) -> ModePolicy:
@@ -77,6 +84,7 @@ class ModePolicy:
             has_backends=bool(config.master.backends),
             publisher_eligible=config.node.publisher_eligible,
             alone_after=config.coordination.heartbeat_timeout_secs,
+            lease_only=clustered and config.coordination.backend == "etcd",
         )
 
 
@@ -155,12 +163,14 @@ class ClusterMode:
         return not self.policy.clustered and not self.policy.has_backends
 
     def _alone_settled(self, now: float, is_multi: bool) -> bool:
-        if not self.policy.clustered or is_multi or self._alone_since is None:
+        policy = self.policy
+        if not policy.clustered or policy.lease_only or is_multi or self._alone_since is None:
             return False
         return now - self._alone_since >= self.policy.alone_after
 
     def should_publish(self, now: float, is_multi: bool, holds_lease: bool) -> bool:
-        """Single node: always. Cluster: the lease holder, or a node left alone."""
+        """Single node: always. Cluster: the lease holder, or a node left alone (never with a
+        lease-only backend: :meth:`_alone_settled`)."""
         if not self.policy.has_master_key:
             return False
         if not self.policy.clustered:

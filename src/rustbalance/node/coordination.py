@@ -2,12 +2,19 @@
 
 The daemon's components never talk to a coordinator directly. They read
 :class:`CoordinationFacts` (who is live, whether we hold the publisher lease, the live peers'
-intro points), report our own state (intro points, last publish, eligibility) and show
+intro points), report our own state (intro points, last publish, eligibility), ask
+:meth:`Coordination.may_publish` immediately before every upload, and show
 :class:`ClusterStatus` in ``status`` and ``/metrics``. :class:`Coordination` is that
-interface; :class:`UdpCoordination` implements it over the embedded sealed-UDP
-:class:`~rustbalance.cluster.coordinator.Coordinator` and is the only place in ``node/`` that
-constructs or reads one. Another backend (an etcd lease, say) implements the same protocol
-and is chosen in :func:`start_coordination`.
+interface, with one adapter per ``[coordination] backend``, chosen in
+:func:`start_coordination`:
+
+- :class:`UdpCoordination` (``embedded``) over the sealed-UDP
+  :class:`~rustbalance.cluster.coordinator.Coordinator`; the only place in ``node/`` that
+  constructs or reads one. Its election already decided who publishes and there is no quorum
+  to ask, so its fencing check is always yes.
+- :class:`EtcdCoordination` (``etcd``) over :class:`~rustbalance.cluster.etcd_backend.EtcdBackend`
+  (docs/etcd.md): its fencing check is a transaction on our candidacy's create revision. Its
+  lease is the whole answer (``ModePolicy.lease_only``: a node never publishes alone).
 """
 
 from __future__ import annotations
@@ -20,11 +27,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rustbalance.cluster.coordinator import Coordinator
+from rustbalance.cluster.etcd_backend import EtcdBackend
 from rustbalance.config import Config
 from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.descriptor.intro_point_codec import decode_intro_point, encode_intro_point
 from rustbalance.errors import ConfigError, RustBalanceError
 from rustbalance.node import DAEMON_LOGGER
+from rustbalance.node.clock import Clock
 from rustbalance.node.cluster_link import load_cluster_key
 from rustbalance.node.startup import EXIT_CONFIG, StartupError
 
@@ -32,6 +41,8 @@ __all__ = [
     "ClusterStatus",
     "Coordination",
     "CoordinationFacts",
+    "EtcdCoordination",
+    "EtcdLink",
     "UdpCoordination",
     "start_coordination",
 ]
@@ -55,9 +66,21 @@ ALONE = CoordinationFacts(is_multi=False, holds_lease=False, peer_intro_points={
 
 
 @dataclass(frozen=True)
+class EtcdLink:
+    """The etcd backend's connection, for ``status`` and ``/metrics``."""
+
+    endpoint: str  # the member the node talks to now
+    connected: bool  # our lease is valid: etcd answered within the TTL
+    registered: bool  # and our member record is written on it (the others see us)
+    last_error: str | None  # the latest error of a kind of call that has not worked since
+
+
+@dataclass(frozen=True)
 class ClusterStatus:
     """The ``cluster`` part of ``status`` and the coordination metrics."""
 
+    # The election's term: the embedded lease term, or etcd's create revision of the
+    # publisher's candidacy (both grow with every new publisher).
     term: int
     election_role: str
     publisher: str | None
@@ -66,6 +89,8 @@ class ClusterStatus:
     peer_intro_points: Mapping[str, int]
     live_peers: tuple[str, ...]
     known_peers: tuple[str, ...]
+    backend: str = "embedded"  # [coordination] backend
+    etcd: EtcdLink | None = None
 
 
 class Coordination(Protocol):
@@ -93,12 +118,20 @@ class Coordination(Protocol):
         """Return when something that affects publishing changed, or after ``timeout``."""
         ...
 
+    async def may_publish(self) -> bool:
+        """Fencing: awaited immediately before every upload; False = do not upload."""
+        ...
+
     async def run(self) -> None:
         """The backend's supervised task."""
         ...
 
     async def leave(self) -> None:
         """Leave the cluster (a lease holder releases the lease)."""
+        ...
+
+    def mesh_handle(self) -> Coordinator[Any] | None:
+        """The embedded coordinator the mesh adds admitted peers to (node/mesh.py), if any."""
         ...
 
 
@@ -148,6 +181,9 @@ class UdpCoordination:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.coordinator.changed.wait(), timeout)
 
+    async def may_publish(self) -> bool:
+        return True
+
     async def run(self) -> None:
         await self.coordinator.run()
 
@@ -159,8 +195,68 @@ class UdpCoordination:
         return self.coordinator
 
 
-def start_coordination(config: Config) -> UdpCoordination:
-    """Multi-node: the cluster key and the coordinator (it runs as a supervised task)."""
+class EtcdCoordination:
+    """:class:`Coordination` over the etcd backend (cluster/etcd_backend.py)."""
+
+    def __init__(self, backend: EtcdBackend[IntroPoint]) -> None:
+        self.backend = backend
+
+    def facts(self) -> CoordinationFacts:
+        facts = self.backend.facts()
+        return CoordinationFacts(
+            is_multi=facts.is_multi,
+            holds_lease=facts.holds_lease,
+            peer_intro_points=facts.peer_intro_points,
+        )
+
+    def status(self) -> ClusterStatus:
+        status = self.backend.status()
+        return ClusterStatus(
+            term=status.term,
+            election_role=status.election_role,
+            publisher=status.publisher,
+            counters=status.counters,
+            rejected=status.rejected,
+            peer_intro_points=status.peer_intro_points,
+            live_peers=status.live_peers,
+            known_peers=status.known_peers,
+            backend="etcd",
+            etcd=EtcdLink(status.endpoint, status.connected, status.registered, status.last_error),
+        )
+
+    def report_intro_points(self, points: Sequence[IntroPoint]) -> None:
+        self.backend.report_intro_points(points)
+
+    def report_publish(self, unix_time: int) -> None:
+        self.backend.report_publish(unix_time)
+
+    def set_eligible(self, eligible: bool) -> None:
+        self.backend.set_eligible(eligible)
+
+    def clear_changed(self) -> None:
+        self.backend.clear_changed()
+
+    async def wait_changed(self, timeout: float) -> None:  # noqa: ASYNC109
+        await self.backend.wait_changed(timeout)
+
+    async def may_publish(self) -> bool:
+        return await self.backend.may_publish()
+
+    async def run(self) -> None:
+        await self.backend.run()
+
+    async def leave(self) -> None:
+        await self.backend.leave()
+
+    def mesh_handle(self) -> Coordinator[Any] | None:
+        return None  # joins are refused with etcd (the parser says so): members are etcd's
+
+
+def start_coordination(config: Config, clock: Clock) -> UdpCoordination | EtcdCoordination:
+    """Multi-node: the backend ``[coordination] backend`` names (it runs as a supervised
+    task). Its key or certificate files are read here: a problem is exit 2."""
+    if config.coordination.backend == "etcd":
+        return _start_etcd(config, clock)
     coordination = config.coordination
     token_path = coordination.cluster_token_path
     if token_path is None:
@@ -186,3 +282,25 @@ def start_coordination(config: Config) -> UdpCoordination:
         f", advertised as {advertise}" if advertise else "",
     )
     return UdpCoordination(coordinator)
+
+
+def _start_etcd(config: Config, clock: Clock) -> EtcdCoordination:
+    try:
+        backend: EtcdBackend[IntroPoint] = EtcdBackend.from_config(
+            config,
+            encode_intro_point=encode_intro_point,
+            decode_intro_point=decode_intro_point,
+            monotonic=clock.monotonic,
+        )
+    except ConfigError as exc:
+        raise StartupError(str(exc), EXIT_CONFIG) from None
+    except RustBalanceError as exc:
+        raise StartupError(f"coordination: {exc}", EXIT_CONFIG) from None
+    settings = config.etcd
+    log.info(
+        "Multi-node mode: etcd coordination, %d endpoints, prefix %s, lease TTL %d s",
+        len(settings.endpoints),
+        settings.prefix,
+        settings.lease_ttl_secs,
+    )
+    return EtcdCoordination(backend)

@@ -120,12 +120,12 @@ class Daemon:
         cfg, runtime = self.config, self.runtime
         log.info("Starting rustbalance: %s, master %s", cfg.summary(), self.identity.master_address)
         self.readiness.status("Starting")
-        coordination = start_coordination(cfg) if self.clustered else None
+        coordination = start_coordination(cfg, self.clock) if self.clustered else None
         self.cluster.coordination = coordination
         # Before the coordinator binds (its task starts after start()): coordination.listen
         # may be the WireGuard tunnel address.
         try:
-            await runtime.mesh.start(coordination.coordinator if coordination else None)
+            await runtime.mesh.start(coordination.mesh_handle() if coordination else None)
         except MeshError as exc:
             raise StartupError(str(exc), EXIT_CONFIG if exc.config_problem else 1) from None
         write_onion_service_dir(cfg, self.identity)

@@ -48,6 +48,12 @@ key                         value                            exported as
                             of the last successful publish   timestamp_seconds{period}``
 ``peers_up``                ``{node_id: bool}`` (<= 256)     ``rustbalance_peer_up{peer}``
 ``backends_up``             ``{"<56>.onion": bool}`` (<= 64) ``rustbalance_backend_up{backend}``
+``etcd_connected``          bool (etcd backend only: the     ``rustbalance_etcd_connected``
+                            lease is valid)
+``etcd_registered``         bool (etcd backend only: our     ``rustbalance_etcd_registered``
+                            member record is on the lease)
+``etcd_fencing``            ``{"passed"|"refused"|"failed":  ``rustbalance_etcd_fencing_total
+                            n}`` (checks before uploads)     {result}``
 =========================== ================================ ===================================
 
 Always exported, snapshot or not: ``rustbalance_build_info{version, python}`` = 1, the
@@ -179,7 +185,7 @@ _COUNTERS = (
     "proxy_connections_total",
 )
 _GAUGES_INT = ("peers_alive", "proxy_connections_active")
-_FLAGS = ("is_publisher", "tor_up", "target_up")
+_FLAGS = ("is_publisher", "tor_up", "target_up", "etcd_connected", "etcd_registered")
 
 
 def _validate(snapshot: Mapping[str, Any]) -> dict[str, Any]:
@@ -221,6 +227,8 @@ def _validate(snapshot: Mapping[str, Any]) -> dict[str, Any]:
             clean[key] = _counts(value, key, ("up", "down"))
         elif key == "proxy_timeouts":
             clean[key] = _counts(value, key, ("connect", "idle", "session"))
+        elif key == "etcd_fencing":
+            clean[key] = _counts(value, key, ("passed", "refused", "failed"))
         elif key == "last_publish_time":
             clean[key] = _times(value, key)
         elif key == "peers_up":
@@ -343,6 +351,18 @@ class _SnapshotCollector(Collector):
             [((k,), n) for k, n in v.get("proxy_timeouts", {}).items()],
         )
         yield from self._gauge("target_up", "1 if the target passes its health checks.")
+        yield from self._gauge(
+            "etcd_connected", "1 if this node's etcd lease is valid (etcd coordination)."
+        )
+        yield from self._gauge(
+            "etcd_registered", "1 if this node's member record is in etcd on a valid lease."
+        )
+        yield from self._counter(
+            "rustbalance_etcd_fencing",
+            "Fencing checks with etcd before an upload, by result (refused/failed: not sent).",
+            ["result"],
+            [((r,), n) for r, n in v.get("etcd_fencing", {}).items()],
+        )
 
     def _up(self, key: str, name: str, label: str, doc: str) -> Iterator[GaugeMetricFamily]:
         if key in self.values:

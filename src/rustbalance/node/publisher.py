@@ -9,8 +9,10 @@ published (intro points, revisions posted, the HSDir ring it was published to).
 One publish round is a pipeline: :func:`~rustbalance.node.publication.choose_publication`
 (merge) -> :func:`~rustbalance.tor.network.plan_master_descriptors` (build, sign, name the
 HSDirs) -> :func:`~rustbalance.tor.network.upload_planned` for each planned descriptor,
-through :meth:`TorNetwork.upload`. Uploads are serialised: tor's per-HSDir events name the
-address, not the upload. Three supervised tasks run here:
+through :meth:`TorNetwork.upload`, each fenced first by the coordination backend's
+``may_publish()`` (etcd: a transaction on our candidacy; docs/etcd.md). Uploads are
+serialised: tor's per-HSDir events name the address, not the upload. Three supervised tasks
+run here:
 
 - ``publish``: the publish loop (only the node that publishes, node/cluster_loop.py, uploads);
 - ``verify``: after each upload, fetch the master descriptor back through tor and log
@@ -23,6 +25,7 @@ address, not the upload. Three supervised tasks run here:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Protocol
@@ -69,6 +72,7 @@ from rustbalance.tor.network import (
 )
 
 __all__ = [
+    "FENCED",
     "VERIFY_DELAY_SECS",
     "VERIFY_FETCH_TIMEOUT_SECS",
     "VERIFY_MAX_REPUBLISHES",
@@ -83,12 +87,19 @@ log = logging.getLogger(DAEMON_LOGGER)
 VERIFY_DELAY_SECS = 2.0
 VERIFY_FETCH_TIMEOUT_SECS = 30.0
 VERIFY_MAX_REPUBLISHES = 3
+# The error of an upload the coordination backend's fencing check stopped.
+FENCED = "the coordination backend did not confirm that we hold the publisher lease"
 
 
 class PublisherRole(Protocol):
     """Who publishes and what the cluster contributes (node/cluster_loop.py)."""
 
     def is_publisher(self) -> bool: ...
+
+    async def may_publish(self) -> bool:
+        """The coordination backend's fencing check, awaited immediately before each upload
+        (etcd: a transaction on our candidacy's revision; embedded and single node: True)."""
+        ...
 
     def facts(self) -> CoordinationFacts: ...
 
@@ -226,12 +237,17 @@ class Publisher:
             )
             # One descriptor per period today; a plan with several per period (one per HSDir)
             # would combine their results per period here.
-            return {
-                p.label: await upload_planned(
+            results: dict[PeriodLabel, PeriodPublish] = {}
+            for p in planned:
+                # Fencing (docs/etcd.md): a publisher that lost its lease since the round
+                # began (cut off, expired, replaced) must not upload; asked per upload, as
+                # late as possible. A refusal fails this period like any upload error.
+                if p.error is None and not await self._role.may_publish():
+                    p = dataclasses.replace(p, error=FENCED)
+                results[p.label] = await upload_planned(
                     self._network.upload, p, timeout=cfg.upload_timeout_secs
                 )
-                for p in planned
-            }
+            return results
 
     def _published(
         self,

@@ -16,6 +16,10 @@ Status document (what ``rustbalance status --format json`` prints)::
      "ready", "uptime_secs",
      optional: "cluster", "target", "instance_onion_address", "backends", "mesh"}
 
+    "cluster": {"backend": "embedded"|"etcd", "term", "election_role", "publisher",
+                "native_publishing", "counters", "rejected", "peer_intro_points",
+                etcd only: "etcd": {"endpoint", "connected", "registered", "last_error"}}
+
 Intro auth keys are public (every client that knows the address sees them).
 """
 
@@ -155,6 +159,7 @@ def status_document(s: NodeSnapshot) -> dict[str, Any]:
     if s.cluster is not None:
         status = s.cluster.status
         doc["cluster"] = {
+            "backend": status.backend,
             "term": status.term,
             "election_role": status.election_role,
             "publisher": status.publisher,
@@ -163,6 +168,13 @@ def status_document(s: NodeSnapshot) -> dict[str, Any]:
             "rejected": dict(status.rejected),
             "peer_intro_points": dict(status.peer_intro_points),
         }
+        if status.etcd is not None:
+            doc["cluster"]["etcd"] = {
+                "endpoint": status.etcd.endpoint,
+                "connected": status.etcd.connected,
+                "registered": status.etcd.registered,
+                "last_error": status.etcd.last_error,
+            }
     if s.target is not None:
         doc["target"] = {
             "healthy": s.target.healthy,
@@ -210,6 +222,13 @@ def metrics_values(s: NodeSnapshot) -> dict[str, Any]:
         values["heartbeats_sent"] = status.counters.get("heartbeats_sent", 0)
         values["heartbeats_received"] = status.counters.get("heartbeats_received", 0)
         values["rejected_messages"] = dict(status.rejected)
+        if status.etcd is not None:
+            values["etcd_connected"] = status.etcd.connected
+            values["etcd_registered"] = status.etcd.registered
+            values["etcd_fencing"] = {
+                result: status.counters.get(f"fencing_{result}", 0)
+                for result in ("passed", "refused", "failed")
+            }
     else:
         values["peers_alive"] = 0
     values["intro_points"] = intro

@@ -8,9 +8,12 @@ production timings): one launcher, so what is measured is what is tested.
 command line), then one config per node: its own managed tor joined to the network, its own
 target (a :class:`~rustbalance.testnet.apps.NamedHTTPServer` answering
 ``hello from <node>-target``), priority 10/20/30 and the coordination section the caller
-builds. All configs are written before the first daemon starts, so "started" means all of them
-at (nearly) once. Every daemon, and its managed tor, is stopped by PID (SIGTERM, then SIGKILL),
-also when the caller fails.
+builds, plus any further sections. All configs are written before the first daemon starts,
+so "started" means all of them at (nearly) once. Every daemon, and its managed tor, is
+stopped by PID (SIGTERM, then SIGKILL), also when the caller fails.
+
+:func:`launch_etcd_cluster` runs the same nodes with ``[coordination] backend = "etcd"``
+against a 3-member etcd cluster it starts first (:mod:`rustbalance.testnet.etcd_cluster`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
 from rustbalance.node.status import read_status
 from rustbalance.testnet.apps import NamedHTTPServer
+from rustbalance.testnet.etcd_cluster import EtcdCluster, TestPki, etcd_sections
 from rustbalance.testnet.network import PrivateTorNetwork
 from rustbalance.testnet.node import NodeProcess, write_node_config
 from rustbalance.tor.process import pid_is_alive
@@ -40,10 +44,12 @@ __all__ = [
     "PRIORITIES",
     "UPLOAD_TIMEOUT_SECS",
     "ClusterNode",
+    "EtcdBackedCluster",
     "LaunchedCluster",
     "free_udp_ports",
     "is_tor",
     "launch_cluster",
+    "launch_etcd_cluster",
     "stop_all",
 ]
 
@@ -156,6 +162,8 @@ class LaunchedCluster:
 
 # (node index, cluster token file) -> the node's [coordination] section.
 CoordinationFor = Callable[[int, Path], Mapping[str, object]]
+# node index -> more config sections (or keys) for that node.
+SectionsFor = Callable[[int], Mapping[str, Mapping[str, object]]]
 
 
 @contextlib.contextmanager
@@ -165,11 +173,13 @@ def launch_cluster(
     *,
     coordination: CoordinationFor,
     listen_ports: list[int],
+    sections: SectionsFor | None = None,
 ) -> Iterator[LaunchedCluster]:
     """Start one daemon per name in :data:`NAMES`; stop every one (and its tor) afterwards.
 
     ``listen_ports[i]`` is node i's UDP coordination port (its ``coordination.listen``, which
-    ``coordination`` must set); ``coordination(i, token_path)`` gives node i's section.
+    ``coordination`` must set); ``coordination(i, token_path)`` gives node i's section, and
+    ``sections(i)`` any other sections (merged key by key over the defaults).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     master = IdentityKey.generate(secrets.token_bytes)
@@ -197,11 +207,14 @@ def launch_cluster(
                     target=f"{LOCALHOST}:{target.port}",
                     work_dir=node_dir,
                     extra_torrc=network.client_torrc_lines(),
-                    overrides={
-                        "node": {"priority": PRIORITIES[index]},
-                        "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
-                        "coordination": coordination(index, token),
-                    },
+                    overrides=_merged(
+                        {
+                            "node": {"priority": PRIORITIES[index]},
+                            "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
+                            "coordination": coordination(index, token),
+                        },
+                        sections(index) if sections is not None else {},
+                    ),
                 )
             )
         started = time.monotonic()
@@ -221,6 +234,71 @@ def launch_cluster(
         yield LaunchedCluster(master, nodes, started)
     finally:
         stop_all(nodes, targets)
+
+
+@dataclass
+class EtcdBackedCluster:
+    """The nodes of :func:`launch_etcd_cluster`, the etcd cluster they use and its PKI."""
+
+    launched: LaunchedCluster
+    etcd: EtcdCluster
+    pki: TestPki
+
+
+# (node index, the etcd cluster) -> the endpoints that node is configured with.
+EndpointsFor = Callable[[int, EtcdCluster], list[str]]
+
+
+@contextlib.contextmanager
+def launch_etcd_cluster(
+    network: PrivateTorNetwork,
+    work_dir: Path,
+    *,
+    lease_ttl_secs: int = 10,
+    endpoints: EndpointsFor | None = None,
+    sections: SectionsFor | None = None,
+) -> Iterator[EtcdBackedCluster]:
+    """The nodes of :func:`launch_cluster` with ``[coordination] backend = "etcd"``: a test
+    PKI (one client certificate per node, CN = node id), a 3-member etcd cluster with TLS,
+    client-certificate auth and the RBAC of docs/etcd.md, started first; every node talks to
+    all members (or to ``endpoints(i, etcd)``, e.g. relays a test can cut). Everything is
+    stopped by PID afterwards, the nodes first."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    pki = TestPki(work_dir / "pki")
+    etcd = EtcdCluster(work_dir / "etcd", pki, node_ids=NAMES)
+    etcd.start()
+    try:
+
+        def node_sections(index: int) -> dict[str, dict[str, object]]:
+            found = endpoints(index, etcd) if endpoints is not None else etcd.endpoints
+            own = etcd_sections(
+                pki,
+                pki.client(NAMES[index]),
+                found,
+                prefix=etcd.prefix,
+                lease_ttl_secs=lease_ttl_secs,
+            )
+            return _merged(own, sections(index) if sections is not None else {})
+
+        with launch_cluster(
+            network,
+            work_dir / "nodes",
+            coordination=lambda _index, _token: {},
+            listen_ports=[0] * len(NAMES),  # no UDP coordination with etcd
+            sections=node_sections,
+        ) as launched:
+            yield EtcdBackedCluster(launched, etcd, pki)
+    finally:
+        etcd.stop()
+
+
+def _merged(
+    base: Mapping[str, Mapping[str, object]], more: Mapping[str, Mapping[str, object]]
+) -> dict[str, dict[str, object]]:
+    merged = {name: dict(values) for name, values in base.items()}
+    for name, values in more.items():
+        merged.setdefault(name, {}).update(values)
+    return merged
 
 
 def stop_all(nodes: list[ClusterNode], targets: list[NamedHTTPServer]) -> None:
