@@ -173,6 +173,15 @@ def test_metrics_endpoint_and_health_probe(tor_network: PrivateTorNetwork, tmp_p
         assert samples["rustbalance_tor_restarts_total"] == 0
         assert samples['rustbalance_hsdir_uploads_total{result="ok"}'] >= 1
         assert 0 <= samples["rustbalance_descriptor_age_seconds"] < 120
+        # What RustBalanceDescriptorStale reads (issue 18): the time of the last accepted
+        # upload of each descriptor, 0 only before the first one.
+        for period in ("current", "next"):
+            published_at = samples[
+                f'rustbalance_last_publish_timestamp_seconds{{period="{period}"}}'
+            ]
+            assert time.time() - 120 < published_at <= time.time(), (period, published_at)
+        # A single node has no peers and no backends: no series at all (nothing to alert on).
+        assert not [name for name in samples if name.startswith("rustbalance_peer_up")]
         assert "rustbalance_proxy_connections_total" in samples
         assert doc["target"]["healthy"] is True
         assert doc["target"]["last_probe"] == "status 200"

@@ -50,6 +50,7 @@ from rustbalance.rules import (
 )
 
 __all__ = [
+    "METRICS_PORT",
     "Config",
     "CoordinationConfig",
     "Endpoint",
@@ -81,6 +82,12 @@ _U32_MAX = 2**32 - 1
 _I32_MAX = 2**31 - 1
 # Linux sun_path is 108 bytes including the terminating NUL.
 MAX_UNIX_SOCKET_PATH = 107
+# /metrics' default port. Prometheus' default port allocations (its wiki) give 9100-9999 to
+# exporters, a range allocated in full since 2023 (9100 is node_exporter's, our old default);
+# Prometheus' "Writing exporters" asks internal applications to stay outside it. 21058 is
+# outside it, below Linux's ephemeral ports (32768-60999: an outgoing connection may hold one
+# at start), in no /etc/services entry, and none of our other defaults.
+METRICS_PORT = 21058
 _SYSTEM_SOCKS = Endpoint(host="127.0.0.1", port=9050)
 _SYSTEM_CONTROL = Endpoint(host="127.0.0.1", port=9051)
 
@@ -581,8 +588,9 @@ class CoordinationConfig:
         ),
         default=(),
         example=["10.0.0.1:51821", "10.0.0.3:51821"],
-        doc="The other nodes' `listen` addresses. Empty = single node. No duplicates, not this "
-        "node's own `listen`.",
+        doc="The cluster's nodes' `listen` (or `advertise`) addresses. This node's own address "
+        "may be listed and is left out, so one member list serves every node. Empty (or only "
+        "this node) = single node. No duplicates.",
     )
     heartbeat_interval_secs: float = key(
         Duration(), default=5.0, doc="How often a heartbeat is sent."
@@ -634,8 +642,10 @@ class MetricsConfig:
     enabled: bool = key(Boolean(), default=True, doc="Serve Prometheus metrics.")
     listen: Endpoint = key(
         _endpoint(),
-        default=Endpoint(host="127.0.0.1", port=9100),
-        doc="Where `/metrics` is served.",
+        default=Endpoint(host="127.0.0.1", port=METRICS_PORT),
+        doc="Where `/metrics` is served. The default port is outside the 9100-9999 range "
+        "Prometheus allocates to exporters (9100 is node_exporter's). A port another program "
+        "holds is a WARNING and the node runs without `/metrics`, not a failed start.",
     )
 
 

@@ -6,7 +6,7 @@ the system tor we attach to) with the watchdog's guard around it, the control se
 status endpoint, and the mesh (join responder, WireGuard). Start-up order (each step needs
 the one before; node/daemon.py runs them):
 
-1. ``/metrics`` (bound before tor, so a taken port fails fast naming ``metrics.listen``);
+1. ``/metrics`` (a taken port is a WARNING naming ``metrics.listen``; the node runs without);
 2. the reverse proxy first, so its port is known for ``HiddenServicePort``; then the probe;
 3. managed mode: start tor with the generated torrc; system mode: write the include file and
    ``SIGNAL RELOAD`` (the include persists the service across tor restarts, system.md W7);
@@ -107,8 +107,9 @@ class NodeRuntime:
         return socks
 
     async def start_metrics(self, metrics: NodeMetrics) -> bool:
-        """Bind ``/metrics`` before tor starts: a taken port is a start-up error naming the key
-        (not a supervised task failing over and over). True if it serves."""
+        """Bind ``/metrics``; True if it serves. A port another program holds is a WARNING and
+        the node runs without metrics: under ``Restart=always`` a failed start would loop, and
+        serving matters more than being watched (issue 17)."""
         listen = self.config.metrics.listen
         try:
             self.metrics_server = await start_metrics_server(
@@ -118,11 +119,13 @@ class NodeRuntime:
                 port=listen.port,
             )
         except OSError as exc:
-            raise StartupError(
-                f"metrics.listen: cannot listen on {listen}: "
-                f"{os.strerror(exc.errno) if exc.errno else exc} "
-                "(choose a free port, or set [metrics] enabled = false)"
-            ) from None
+            log.warning(
+                "metrics.listen: cannot listen on %s: %s; metrics are off until a restart "
+                "(choose a free port, or set [metrics] enabled = false)",
+                listen,
+                os.strerror(exc.errno) if exc.errno else exc,
+            )
+            return False
         return self.metrics_server is not None
 
     async def start_proxy(self, socks: tuple[str, int]) -> ReverseProxy:
