@@ -47,6 +47,7 @@ from rustbalance.rules import (
     parse_endpoint,
     parse_host,
     parse_tunnel_network,
+    torrc_value_problem,
 )
 
 __all__ = [
@@ -116,6 +117,20 @@ def _not_empty(value: str) -> str:
     if message := path_problem(value):
         raise Invalid(message)
     return value
+
+
+@dataclass(frozen=True)
+class TorrcPath(Reader[Path]):
+    """A path the daemon writes into a torrc (or tor's ``%include``): one torrc value, by the
+    rule every torrc value follows (rules.py), checked on the absolute path."""
+
+    type_doc: str = "path"
+
+    def read(self, value: object, base: Path) -> Path:
+        path = PathValue().read(value, base)
+        if problem := torrc_value_problem(str(path)):
+            raise Invalid(problem)
+        return path
 
 
 def _torrc_line(value: str) -> str:
@@ -356,7 +371,7 @@ class TorConfig:
         choice("managed", "system"), default="managed", example="system", doc="See above."
     )
     data_dir: Path = key(
-        PathValue(),
+        TorrcPath(),
         default=Path("/var/lib/rustbalance/tor"),
         doc="Managed tor's DataDirectory.",
     )
@@ -398,7 +413,7 @@ class TorConfig:
         doc="tor's SOCKS port, used to reach an onion target.",
     )
     hidden_service_dir: Path = key(
-        PathValue(),
+        TorrcPath(),
         derive=lambda d: (
             d.own["data_dir"] / "hidden_service"
             if _managed(d)
@@ -411,7 +426,7 @@ class TorConfig:
     )
     # System mode only: the torrc fragment we write and the system tor includes.
     torrc_include: Path | None = key(
-        PathValue(),
+        TorrcPath(),
         default=None,
         only_if=("mode", "system", f"{_SYSTEM_ONLY} (tor.mode = 'system')"),
         derive=lambda _d: Path("/etc/tor/torrc.d/rustbalance.conf"),

@@ -1,6 +1,7 @@
 """Start-up checks and files: everything the daemon does before it starts a process.
 
-1. load and validate the config and the keys (:func:`load_node`): the master key is refused
+1. load and validate the config, check that ``node.state_dir`` is private to this user
+   (:func:`prepare_state_dir`), and load the keys (:func:`load_node`): the master key is refused
    when others can read it, and checked against ``master.onion_address``, which catches
    deploying the wrong key; in ``instance`` mode the node's own key is read or generated;
 2. write the onion service folder (:func:`write_onion_service_dir`): the key tor hosts (0700
@@ -23,7 +24,7 @@ from pathlib import Path
 from rustbalance.atomic_file import write_file_atomic
 from rustbalance.config import Config, ConfigProblems, load_config
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
-from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError
+from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError, UnsafePathError
 from rustbalance.node import DAEMON_LOGGER
 from rustbalance.node.identity import (
     NodeIdentity,
@@ -39,6 +40,7 @@ from rustbalance.node.torrc import (
     PowSettings,
     ob_config_text,
 )
+from rustbalance.secure_dir import opened_dir
 
 __all__ = [
     "EXIT_CONFIG",
@@ -50,6 +52,7 @@ __all__ = [
     "load_node",
     "log_identity_mode",
     "onion_service_settings",
+    "prepare_state_dir",
     "write_file",
     "write_onion_service_dir",
 ]
@@ -130,6 +133,8 @@ def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, NodeIdentity
         raise StartupError(f"invalid config {config_path}: {problems}", EXIT_CONFIG) from None
     except ConfigError as exc:
         raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
+    # Before anything is written under it (instance mode creates its key there).
+    prepare_state_dir(config)
     return config, load_identity(config)
 
 
@@ -138,26 +143,63 @@ def write_file(path: Path, text: str, mode: int) -> None:
     write_file_atomic(path, text, mode)
 
 
-def _adopt_owner(directory: Path) -> None:
-    """System mode as root: tor refuses a HiddenServiceDir it does not own, so give the
-    directory to the owner of its parent (e.g. debian-tor for /var/lib/tor)."""
-    if os.geteuid() != 0:
-        return
-    parent = directory.parent.stat()
-    if parent.st_uid == 0:
-        return
-    for item in (directory, *directory.iterdir()):
-        os.chown(item, parent.st_uid, parent.st_gid)
+def prepare_state_dir(config: Config) -> None:
+    """``node.state_dir`` (created 0700 if missing) must be this user's and writable by
+    nobody else: everything under it (keys, peers, tor's data, the status socket) is written
+    by path, which is safe only where no other user can plant a name (issue 17)."""
+    path = config.node.state_dir
+    try:
+        with opened_dir(path, create_mode=0o700) as fd:
+            info = os.fstat(fd)
+    except UnsafePathError as exc:
+        raise StartupError(f"node.state_dir: {exc}", EXIT_CONFIG) from None
+    except OSError as exc:
+        raise StartupError(
+            f"node.state_dir: cannot open {path}: {exc.strerror or exc}", EXIT_CONFIG
+        ) from None
+    if info.st_uid != os.geteuid():
+        raise StartupError(
+            f"node.state_dir: {path} is owned by uid {info.st_uid}, but the daemon runs as "
+            f"uid {os.geteuid()}; run: chown {os.geteuid()} {path}",
+            EXIT_CONFIG,
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StartupError(
+            f"node.state_dir: {path} is writable by others (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}); run: chmod 700 {path}",
+            EXIT_CONFIG,
+        )
+
+
+def _system_tor_owner(config: Config) -> tuple[int, int] | None:
+    """System mode as root: tor refuses a HiddenServiceDir it does not own (tor's
+    src/lib/fs/dir.c, check_private_dir), so the folder goes to the owner of its parent
+    (debian-tor for /var/lib/tor). None when nothing is handed over."""
+    if config.tor.mode != "system" or os.geteuid() != 0:
+        return None
+    with opened_dir(config.tor.hidden_service_dir.parent) as fd:
+        parent = os.fstat(fd)
+    return None if parent.st_uid == 0 else (parent.st_uid, parent.st_gid)
 
 
 def write_onion_service_dir(config: Config, identity: NodeIdentity) -> None:
-    """The key tor hosts and ``ob_config`` in ``tor.hidden_service_dir`` (see the module doc)."""
+    """The key tor hosts and ``ob_config`` in ``tor.hidden_service_dir`` (see the module doc).
+
+    In system mode the folder is in tor's own folder, where the tor user can plant anything:
+    it is opened without following a symlink planted there, only files this daemon creates
+    are written (``O_EXCL|O_NOFOLLOW``, relative to the folder's descriptor) and handed to the
+    tor user, each on its own descriptor (crypto/keys.py, rustbalance.secure_dir)."""
     hs_dir = config.tor.hidden_service_dir
+    ob_config = ob_config_text(identity.master_address).encode("ascii")
     try:
-        write_hidden_service_dir(identity.service_key, hs_dir)
-        write_file(hs_dir / OB_CONFIG_FILENAME, ob_config_text(identity.master_address), 0o600)
-        if config.tor.mode == "system":
-            _adopt_owner(hs_dir)
+        write_hidden_service_dir(
+            identity.service_key,
+            hs_dir,
+            extra={OB_CONFIG_FILENAME: ob_config},
+            owner=_system_tor_owner(config),
+        )
+    except UnsafePathError as exc:
+        raise StartupError(f"tor.hidden_service_dir: {exc}") from None
     except (InvalidKeyError, OSError) as exc:
         raise StartupError(f"cannot write hidden service directory {hs_dir}: {exc}") from None
     if identity.mode == "instance":

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from rustbalance.atomic_file import write_file_atomic
-from rustbalance.errors import TorProcessError
+from rustbalance.errors import TorProcessError, UnsafePathError
+from rustbalance.rules import torrc_value_problem
+from rustbalance.secure_dir import ensured_dir
 
 __all__ = [
     "CommandResult",
@@ -244,6 +246,13 @@ class ManagedTor(TorDataFiles):
 
     def torrc_text(self) -> str:
         """The torrc ManagedTor writes: generated lines, then the caller's lines."""
+        for option, path in (
+            ("DataDirectory", self.data_dir),
+            ("CookieAuthFile", self.control_cookie_path),
+        ):
+            # A path holding a newline would add options of its own (rules.py).
+            if problem := torrc_value_problem(str(path)):
+                raise TorProcessError(f"{option} {str(path)!r}: {problem}")
         generated = [
             "# Written by rustbalance ManagedTor; edits are overwritten on start.",
             f"DataDirectory {self.data_dir}",
@@ -259,13 +268,20 @@ class ManagedTor(TorDataFiles):
         return "\n".join([*generated, *self.torrc_lines]) + "\n"
 
     def _write_files(self) -> Path:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        # tor refuses a DataDirectory others can read (tor manual: DataDirectoryGroupReadable).
-        os.chmod(self.data_dir, 0o700)
-        write_file_atomic(self.torrc_path, self.torrc_text(), 0o600)
-        # An empty defaults file keeps /etc/tor/torrc-defaults out (tor.md §13.10 pitfall 1).
+        torrc = self.torrc_text()
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        # tor refuses a DataDirectory others can read (tor manual: DataDirectoryGroupReadable);
+        # opened without following a symlink another user could have planted, the files
+        # written relative to it (rustbalance.secure_dir).
         defaults = self.data_dir / "torrc-defaults"
-        write_file_atomic(defaults, "", 0o600)
+        try:
+            with ensured_dir(self.data_dir, mode=0o700) as dir_fd:
+                write_file_atomic(self.torrc_path.name, torrc, 0o600, dir_fd=dir_fd)
+                # An empty defaults file keeps /etc/tor/torrc-defaults out (tor.md §13.10
+                # pitfall 1).
+                write_file_atomic(defaults.name, "", 0o600, dir_fd=dir_fd)
+        except UnsafePathError as exc:
+            raise TorProcessError(f"tor data directory: {exc}") from None
         return defaults
 
     # -- lifecycle
