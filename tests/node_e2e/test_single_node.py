@@ -93,6 +93,14 @@ def test_first_publish_waits_only_for_intro_points(node: RunningNode) -> None:
     assert "Publish loop waiting for intro points (max 120 seconds)" in log
     assert "Intro points available after" in log
     assert "Status endpoint listening on" in log
+    # READY=1 means serving (issue 17): after tor's bootstrap, once tor built its descriptor
+    # with intro points, the proxy listening; not after the first upload.
+    ready = log.index("Node ready: proxy listening on 127.0.0.1:")
+    assert log.index("Proxy listening on") < log.index(" ready after ") < ready  # tor's 100 %
+    assert log.index("Own intro points changed") < ready
+    assert re.search(
+        r"Node ready: proxy listening on 127\.0\.0\.1:\d+, tor bootstrapped, \d+ intro points", log
+    )
     # The status socket is private to the daemon's user.
     sock = node.work_dir / "state" / "status.sock"
     assert sock.stat().st_mode & 0o777 == 0o600

@@ -193,7 +193,8 @@ class ManagedTor(TorDataFiles):
     ``<data_dir>/torrc`` (mode 0600, data dir 0700) holds the generated lines followed by the
     caller's ``torrc_lines``; tor's notices go to ``<data_dir>/tor.log``. :meth:`start` returns
     once tor logged ``Bootstrapped 100%`` and the control port accepts connections (or, with
-    ``wait_for_bootstrap=False``, as soon as the control port is up, e.g. for ``DisableNetwork 1``).
+    ``wait_for_bootstrap=False``, as soon as the control port is up, e.g. for ``DisableNetwork 1``);
+    ``on_progress`` hears each new ``Bootstrapped NN%`` meanwhile.
     """
 
     def __init__(
@@ -208,6 +209,7 @@ class ManagedTor(TorDataFiles):
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         wait_for_bootstrap: bool = True,
         owning_pid: int | None = None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> None:
         for line in torrc_lines:
             _check_torrc_line(line)
@@ -226,6 +228,8 @@ class ManagedTor(TorDataFiles):
         self.owning_pid = owning_pid if owning_pid is not None else os.getpid()
         self._proc: asyncio.subprocess.Process | None = None
         self._log_offset = 0
+        # Told each new bootstrap percentage while start() waits (systemd's start extension).
+        self._on_progress = on_progress
 
     # -- addresses and paths
 
@@ -348,6 +352,7 @@ class ManagedTor(TorDataFiles):
         assert self._proc is not None
         deadline = started + self.bootstrap_timeout
         step = "control port"
+        reported = -1
         while True:
             if self._proc.returncode is not None or not pid_is_alive(self._proc.pid):
                 await self._proc.wait()
@@ -357,6 +362,10 @@ class ManagedTor(TorDataFiles):
                     + read_log_tail(self.log_path, start=self._log_offset)
                 )
             text = self._new_log_text()
+            progress = bootstrap_progress(text)
+            if self._on_progress is not None and progress > reported:
+                reported = progress
+                self._on_progress(progress)
             control_ready = self.control_cookie_path.exists() and await self._control_port_open()
             if control_ready:
                 step = "Bootstrapped 100%"
