@@ -92,6 +92,7 @@ def received(sock: socket.socket) -> list[str]:
 def test_ready_comes_only_once_the_node_serves(receiver: tuple[socket.socket, str]) -> None:
     sock, path = receiver
     readiness = Readiness(SystemdNotifier({"NOTIFY_SOCKET": path}), ManualClock(), BUDGETS)
+    readiness.starting()
     readiness.proxy_listening("127.0.0.1:8080")
     readiness.tor_bootstrap(10)
     readiness.tor_bootstrap(10)  # no progress: nothing new to say
@@ -102,6 +103,7 @@ def test_ready_comes_only_once_the_node_serves(receiver: tuple[socket.socket, st
     assert not readiness.ready
     usec = int((120.0 + EXTEND_MARGIN_SECS) * 1_000_000)
     assert received(sock) == [
+        f"STATUS=Starting\nEXTEND_TIMEOUT_USEC={usec}",
         f"STATUS=Waiting for tor to bootstrap (0%)\nEXTEND_TIMEOUT_USEC={usec}",
         f"STATUS=Waiting for tor to bootstrap (10%)\nEXTEND_TIMEOUT_USEC={usec}",
         f"STATUS=Waiting for tor to bootstrap (50%)\nEXTEND_TIMEOUT_USEC={usec}",

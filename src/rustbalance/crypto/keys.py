@@ -320,8 +320,15 @@ def write_hidden_service_dir(
         ) from exc
 
 
-def write_seed_key_file(key: IdentityKey, path: str | os.PathLike[str]) -> None:
-    """Write the raw 32-byte seed to ``path`` (mode 0600); never overwrite an existing file."""
+def write_seed_key_file(
+    key: IdentityKey,
+    path: str | os.PathLike[str],
+    *,
+    dir_fd: int | None = None,
+    owner: tuple[int, int] | None = None,
+) -> None:
+    """Write the raw 32-byte seed to ``path`` (mode 0600); never overwrite an existing file.
+    ``dir_fd`` and ``owner`` as for :func:`rustbalance.atomic_file.write_file_atomic`."""
     if key.seed is None:
         raise InvalidKeyError(
             "this key has no seed (it was loaded from tor's expanded key); write it with "
@@ -329,7 +336,7 @@ def write_seed_key_file(key: IdentityKey, path: str | os.PathLike[str]) -> None:
         )
     target = Path(path)
     try:
-        write_file_atomic(target, key.seed, 0o600, overwrite=False)
+        write_file_atomic(target, key.seed, 0o600, overwrite=False, dir_fd=dir_fd, owner=owner)
     except FileExistsError as exc:
         raise InvalidKeyError(f"refusing to overwrite existing key file {target}") from exc
     except OSError as exc:

@@ -119,7 +119,7 @@ class Daemon:
         """Everything before the supervised tasks; StartupError names what failed."""
         cfg, runtime = self.config, self.runtime
         log.info("Starting rustbalance: %s, master %s", cfg.summary(), self.identity.master_address)
-        self.readiness.status("Starting")
+        self.readiness.starting()
         coordination = start_coordination(cfg) if self.clustered else None
         self.cluster.coordination = coordination
         # Before the coordinator binds (its task starts after start()): coordination.listen

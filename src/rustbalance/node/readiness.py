@@ -107,6 +107,11 @@ class Readiness:
 
     # -- what start-up reports ----------------------------------------------------------------
 
+    def starting(self) -> None:
+        """The first thing start-up says: what precedes tor's bootstrap (the mesh, the folders,
+        the proxy) is quick, but the bootstrap's budget covers it from the start."""
+        self.notifier.progress("Starting", extend=self._budgets.bootstrap + EXTEND_MARGIN_SECS)
+
     def proxy_listening(self, where: str) -> None:
         self._update(replace(self.serving, proxy=where))
 

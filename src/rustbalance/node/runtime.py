@@ -40,11 +40,17 @@ from rustbalance.node.identity import NodeIdentity
 from rustbalance.node.mesh import Mesh
 from rustbalance.node.metrics import MetricsServer, NodeMetrics, start_metrics_server
 from rustbalance.node.snapshot import TargetSnapshot, TorSnapshot
-from rustbalance.node.startup import EXIT_CONFIG, StartupError, onion_service_settings, write_file
+from rustbalance.node.startup import (
+    EXIT_CONFIG,
+    StartupError,
+    onion_service_settings,
+    system_include,
+    write_system_include,
+)
 from rustbalance.node.status import StatusProvider, StatusServer
 from rustbalance.node.supervisor import TaskSpec
 from rustbalance.node.tor_network import CONTROL_WAIT_SECS
-from rustbalance.node.torrc import onion_service_torrc, system_include_text
+from rustbalance.node.torrc import onion_service_torrc
 from rustbalance.node.watchdog import (
     TOR_HUNG_INTERVALS,
     GuardedTor,
@@ -237,19 +243,10 @@ class NodeRuntime:
                 raise StartupError(f"tor did not start: {exc}") from None
             self._on_bootstrap(100)  # start() returned after "Bootstrapped 100%"
             return managed
-        include = tor_cfg.torrc_include
         socks = tor_cfg.socks
-        if include is None or socks is None or tor_cfg.control is None:
+        if socks is None or tor_cfg.control is None:
             raise StartupError("system mode needs tor.control, tor.socks, tor.torrc_include", 2)
-        text = system_include_text(settings, self.identity.master_address)
-        if tor_cfg.extra_torrc:
-            text += "".join(f"{line}\n" for line in tor_cfg.extra_torrc)
-        try:
-            # The include holds no secret; the system tor (another user) must read it.
-            write_file(include, text, 0o644)
-        except OSError as exc:
-            raise StartupError(f"cannot write tor include {include}: {exc}") from None
-        log.info("Wrote tor include %s", include)
+        write_system_include(self.config, system_include(self.config, self.identity, settings))
         system = SystemTor(str(tor_cfg.control), (socks.host, socks.port))
         self._guard(system)
         return system

@@ -39,6 +39,7 @@ from rustbalance.node.torrc import (
     OnionServiceSettings,
     PowSettings,
     ob_config_text,
+    system_include_text,
 )
 from rustbalance.secure_dir import opened_dir
 
@@ -53,8 +54,10 @@ __all__ = [
     "log_identity_mode",
     "onion_service_settings",
     "prepare_state_dir",
+    "system_include",
     "write_file",
     "write_onion_service_dir",
+    "write_system_include",
 ]
 
 log = logging.getLogger(DAEMON_LOGGER)
@@ -103,9 +106,10 @@ def load_master_key(config: Config) -> IdentityKey:
     return key
 
 
-def load_identity(config: Config) -> NodeIdentity:
+def load_identity(config: Config, *, owner: tuple[int, int] | None = None) -> NodeIdentity:
     """The keys of ``node.identity_mode`` (identity.py): the master key when this node needs
-    it, the node's own instance key (generated if missing) in instance mode."""
+    it, the node's own instance key (generated if missing, given to ``owner`` if set) in
+    instance mode."""
     master = None
     if master_key_needed(config) or config.master.identity_key_path is not None:
         master = load_master_key(config)
@@ -113,7 +117,7 @@ def load_identity(config: Config) -> NodeIdentity:
     if config.node.identity_mode == "instance":
         path = default_instance_key_path(config)
         try:
-            instance, created = load_or_create_instance_key(path)
+            instance, created = load_or_create_instance_key(path, owner=owner)
         except InvalidKeyError as exc:
             raise StartupError(f"node.instance_key_path: {exc}", EXIT_CONFIG) from None
         if created:
@@ -188,8 +192,17 @@ def write_onion_service_dir(config: Config, identity: NodeIdentity) -> None:
     In system mode the folder is in tor's own folder, where the tor user can plant anything:
     it is opened without following a symlink planted there, only files this daemon creates
     are written (``O_EXCL|O_NOFOLLOW``, relative to the folder's descriptor) and handed to the
-    tor user, each on its own descriptor (crypto/keys.py, rustbalance.secure_dir)."""
+    tor user, each on its own descriptor (crypto/keys.py, rustbalance.secure_dir). Only root
+    can hand files to tor's user: an unprivileged daemon in system mode leaves the folder to
+    ``rustbalance prepare``, which the unit runs as root before it (``ExecStartPre=+``)."""
     hs_dir = config.tor.hidden_service_dir
+    if config.tor.mode == "system" and os.geteuid() != 0:
+        log.info(
+            "Onion service directory %s is the system tor's: `rustbalance prepare` (root) "
+            "writes it",
+            hs_dir,
+        )
+        return
     ob_config = ob_config_text(identity.master_address).encode("ascii")
     try:
         write_hidden_service_dir(
@@ -211,6 +224,37 @@ def write_onion_service_dir(config: Config, identity: NodeIdentity) -> None:
         )
     else:
         log.info("Wrote onion service directory %s (master %s)", hs_dir, identity.master_address)
+
+
+def system_include(config: Config, identity: NodeIdentity, settings: OnionServiceSettings) -> str:
+    """The system-mode include (``tor.torrc_include``): the onion service, then
+    ``tor.extra_torrc``."""
+    text = system_include_text(settings, identity.master_address)
+    return text + "".join(f"{line}\n" for line in config.tor.extra_torrc)
+
+
+def write_system_include(config: Config, text: str) -> None:
+    """Write ``tor.torrc_include`` unless it already holds ``text`` (``rustbalance prepare``
+    wrote it as root for an unprivileged daemon, which cannot write tor's folder)."""
+    include = config.tor.torrc_include
+    if include is None:
+        raise StartupError("tor.torrc_include: system mode needs it", EXIT_CONFIG)
+    try:
+        if include.read_text() == text:
+            log.info("Tor include %s is up to date", include)
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    try:
+        # The include holds no secret; the system tor (another user) must read it.
+        write_file(include, text, 0o644)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot write tor include {include}: {exc.strerror or exc} (as an unprivileged "
+            "user, run `rustbalance prepare` as root first; a fixed proxy.listen_port keeps "
+            "the include the same across starts)"
+        ) from None
+    log.info("Wrote tor include %s", include)
 
 
 def onion_service_settings(
