@@ -8,7 +8,8 @@ because nspawn mounts the cgroup v1 controllers read-only; ``LimitNOFILE`` is ca
 host's hard limit).
 
 - :class:`Rootfs`: ``debootstrap --variant=minbase`` with systemd, tor, python3-venv,
-  wireguard-tools and iproute2, built once per machine into a cache folder keyed by the recipe
+  wireguard-tools, iproute2 (and polkitd, with apt), built once per machine into a cache
+  folder keyed by the recipe
   (``RB_NSPAWN_CACHE``, default ``/var/cache/rustbalance-tests``), under a file lock, into a
   temporary folder renamed when complete. A clean CI machine builds it (about a minute).
 - :func:`wheelhouse`: the project's pinned runtime and build dependencies as wheels (host
@@ -51,6 +52,10 @@ PACKAGES = (
     "wireguard-tools",
     "iproute2",
 )
+# Installed with apt inside the new rootfs after debootstrap, whose own dependency order
+# fails to configure them (polkitd: xml-core and sgml-base, found by this build).
+# tor.mode = "system": polkitd's rule lets the daemon restart tor@default.
+APT_PACKAGES = ("polkitd",)
 # Bump when the build steps change: the cache key includes it.
 RECIPE_VERSION = "1"
 # Units of the rootfs that must not run in a test: tor.service would start a tor on the real
@@ -133,7 +138,15 @@ class Rootfs:
         mirror = debian_mirror()
         key = hashlib.sha256(
             "\n".join(
-                [RECIPE_VERSION, SUITE, mirror, *PACKAGES, *DISABLED_UNITS, *MASKED_UNITS]
+                [
+                    RECIPE_VERSION,
+                    SUITE,
+                    mirror,
+                    *PACKAGES,
+                    *APT_PACKAGES,
+                    *DISABLED_UNITS,
+                    *MASKED_UNITS,
+                ]
             ).encode()
         ).hexdigest()[:12]
         home = cache_root() / f"{SUITE}-{key}"
@@ -157,6 +170,26 @@ class Rootfs:
                     ],
                     timeout=DEBOOTSTRAP_TIMEOUT,
                     log=home / "debootstrap.log",
+                )
+                resolv = staging / "etc/resolv.conf"
+                if not resolv.exists():
+                    shutil.copyfile("/etc/resolv.conf", resolv)
+                _run(["chroot", str(staging), "apt-get", "update", "-q"], timeout=600)
+                _run(
+                    [
+                        "chroot",
+                        str(staging),
+                        "/usr/bin/env",
+                        "DEBIAN_FRONTEND=noninteractive",
+                        "apt-get",
+                        "install",
+                        "-y",
+                        "-q",
+                        "--no-install-recommends",
+                        *APT_PACKAGES,
+                    ],
+                    timeout=DEBOOTSTRAP_TIMEOUT,
+                    log=home / "apt.log",
                 )
                 _run(["chroot", str(staging), "apt-get", "clean"], timeout=120)
                 root = f"--root={staging}"
