@@ -237,9 +237,11 @@ def copy_source(dest: Path) -> None:
     """What ``pip install`` and deploy.sh need from the checkout (no .git, no caches)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", ".mypy_cache")
     dest.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
+    # The package build's inputs (setup.py copies deploy/ files in, share/ holds the
+    # completions and the man page, LICENSE and MANIFEST.in the sdist's list).
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "LICENSE", "README.md"):
         shutil.copy2(REPO / name, dest / name)
-    for name in ("src", "deploy"):
+    for name in ("src", "deploy", "share"):
         shutil.copytree(REPO / name, dest / name, ignore=ignore)
 
 

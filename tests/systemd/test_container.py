@@ -291,7 +291,7 @@ def assert_serving(node: Node, *, since_usec: int, notified: bool = False) -> No
         notes = [
             str(e["MESSAGE"])
             for e in entries
-            if re.match(r"Got notification message from PID \d+ \(", str(e["MESSAGE"]))
+            if re.search(r"Got notification message from PID \d+ \(", str(e["MESSAGE"]))
         ]
         extends = [n for n in notes if "EXTEND_TIMEOUT_USEC=" in n]
         assert any("STATUS=Starting" in n for n in extends), notes

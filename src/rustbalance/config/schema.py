@@ -223,7 +223,9 @@ class NodeConfig:
     state_dir: Path = key(
         PathValue(),
         default=Path("/var/lib/rustbalance"),
-        doc="Where the daemon keeps its state.",
+        doc="Where the daemon keeps its state. Created 0700 if missing; must belong to the "
+        "daemon's user and be writable by nobody else (the daemon refuses to start otherwise: "
+        "everything under it is written by path).",
     )
     status_socket: Path = key(
         PathValue(),
@@ -373,7 +375,8 @@ class TorConfig:
     data_dir: Path = key(
         TorrcPath(),
         default=Path("/var/lib/rustbalance/tor"),
-        doc="Managed tor's DataDirectory.",
+        doc="Managed tor's DataDirectory. Written into a torrc: one line, without control "
+        "characters, `#`, `\"` or `\\`.",
     )
     extra_torrc: tuple[str, ...] = key(
         Array(Text(_torrc_line)),
@@ -422,7 +425,10 @@ class TorConfig:
         default_doc="managed: `<data_dir>/hidden_service`; system: "
         "`/var/lib/tor/rustbalance_node_hs`",
         example="/var/lib/tor/rustbalance_node_hs",
-        doc="The node's onion service directory (holds the node's own key, not the master key).",
+        doc="The node's onion service directory (holds the key tor hosts: the master key in "
+        "`shared` mode, the node's own in `instance` mode). A torrc value like `data_dir`. "
+        "System mode: in the system tor's own folder, written by `rustbalance prepare` (root) "
+        "for tor's user.",
     )
     # System mode only: the torrc fragment we write and the system tor includes.
     torrc_include: Path | None = key(
