@@ -376,7 +376,7 @@ class TorConfig:
         TorrcPath(),
         default=Path("/var/lib/rustbalance/tor"),
         doc="Managed tor's DataDirectory. Written into a torrc: one line, without control "
-        "characters, `#`, `\"` or `\\`.",
+        'characters, `#`, `"` or `\\`.',
     )
     extra_torrc: tuple[str, ...] = key(
         Array(Text(_torrc_line)),
