@@ -39,6 +39,7 @@ from rustbalance.node.startup import (
     EXIT_CONFIG,
     StartupError,
     log_identity_mode,
+    prepare_state_dir,
     write_onion_service_dir,
 )
 from rustbalance.node.supervisor import ShutdownHook, TaskSpec, run_daemon
@@ -122,6 +123,7 @@ class Daemon:
         self.readiness.starting()
         coordination = start_coordination(cfg) if self.clustered else None
         self.cluster.coordination = coordination
+        prepare_state_dir(cfg)  # private to us (issue 17); everything below writes in it
         # Before the coordinator binds (its task starts after start()): coordination.listen
         # may be the WireGuard tunnel address.
         try:
@@ -152,9 +154,8 @@ class Daemon:
         await runtime.start_status(lambda: status_document(self.snapshot()))
 
     async def _after_tor_restart(self) -> None:
-        restarted_at = await self.runtime.after_tor_restart()
-        self.views.forget()
-        self.intro.after_tor_restart(restarted_at)
+        self.views.forget()  # the new tor's view is read afresh
+        self.intro.after_tor_restart(await self.runtime.after_tor_restart())
 
     # -- status and metrics ---------------------------------------------------------------
 

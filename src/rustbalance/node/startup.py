@@ -137,8 +137,10 @@ def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, NodeIdentity
         raise StartupError(f"invalid config {config_path}: {problems}", EXIT_CONFIG) from None
     except ConfigError as exc:
         raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
-    # Before anything is written under it (instance mode creates its key there).
-    prepare_state_dir(config)
+    # An existing state folder is checked before anything is written under it (instance mode
+    # creates its key there); a missing one is created by the daemon's start once every key
+    # and token is known to be usable, so a refused start writes nothing.
+    prepare_state_dir(config, create=False)
     return config, load_identity(config)
 
 
@@ -147,14 +149,19 @@ def write_file(path: Path, text: str, mode: int) -> None:
     write_file_atomic(path, text, mode)
 
 
-def prepare_state_dir(config: Config) -> None:
-    """``node.state_dir`` (created 0700 if missing) must be this user's and writable by
-    nobody else: everything under it (keys, peers, tor's data, the status socket) is written
-    by path, which is safe only where no other user can plant a name (issue 17)."""
+def prepare_state_dir(config: Config, *, create: bool = True) -> None:
+    """``node.state_dir`` (created 0700 if missing, with ``create``) must be this user's and
+    writable by nobody else: everything under it (keys, peers, tor's data, the status socket)
+    is written by path, which is safe only where no other user can plant a name (issue 17).
+    Without ``create`` a missing folder is nothing to check."""
     path = config.node.state_dir
     try:
-        with opened_dir(path, create_mode=0o700) as fd:
+        with opened_dir(path, create_mode=0o700 if create else None) as fd:
             info = os.fstat(fd)
+    except FileNotFoundError:
+        if create:
+            raise StartupError(f"node.state_dir: cannot create {path}", EXIT_CONFIG) from None
+        return
     except UnsafePathError as exc:
         raise StartupError(f"node.state_dir: {exc}", EXIT_CONFIG) from None
     except OSError as exc:
