@@ -9,7 +9,8 @@
 # the token reaches `rustbalance join` on stdin, the passphrase as a file name, and everything
 # under /etc/rustbalance is 0600 in a 0700 directory, owned by the service user `rustbalance`.
 # --tor-mode managed (default): the node runs its own tor, unprivileged, inside the unit's
-# sandbox; system: it attaches to tor@default (needs root for now: deploy/system-tor.conf).
+# sandbox; system: it attaches to tor@default, still unprivileged: deploy/system-tor.conf runs
+# `rustbalance prepare` as root before it, and a polkit rule lets it restart tor@default.
 # --no-start installs and configures everything but starts nothing (edit the config first).
 #
 # All paths are relative to $RB_ROOT (default /) so the tests can run the whole script against a
@@ -21,8 +22,11 @@ set -euo pipefail
 readonly WG_IF=wg-rb
 readonly UNIT=rustbalance.service
 readonly SERVICE_USER=rustbalance
-readonly PACKAGES=(tor wireguard-tools python3-venv)
+readonly BASE_PACKAGES=(tor wireguard-tools python3-venv)
+# System mode: polkitd, for the rule that lets the daemon restart tor@default.
+readonly SYSTEM_TOR_PACKAGES=(polkitd)
 readonly SYSTEM_TOR_DROPIN=system-tor.conf
+readonly POLKIT_RULE_NAME=rustbalance-tor.rules
 # What tor sees; the %include line names the directory, so tor loads every file in it.
 readonly INCLUDE_LINE="%include /etc/tor/torrc.d/"
 readonly MARKER="# rustbalance: deploy.sh added the next line; deploy.sh --clean removes it"
@@ -46,6 +50,7 @@ HS_DIR="$R/var/lib/tor/rustbalance_node_hs"
 UNIT_FILE="$R/etc/systemd/system/$UNIT"
 DROPIN_DIR="$R/etc/systemd/system/$UNIT.d"
 WG_CONF="$R/etc/wireguard/$WG_IF.conf"
+POLKIT_RULE="$R/etc/polkit-1/rules.d/50-$POLKIT_RULE_NAME"
 
 MODE=""
 ENDPOINT=""
@@ -145,6 +150,7 @@ write_if_changed() {
     return 0
 }
 
+PACKAGES=()
 packages_installed() {
     local package status
     for package in "${PACKAGES[@]}"; do
@@ -154,6 +160,8 @@ packages_installed() {
 }
 
 install_packages() {
+    PACKAGES=("${BASE_PACKAGES[@]}")
+    [[ "$TOR_MODE" != system ]] || PACKAGES+=("${SYSTEM_TOR_PACKAGES[@]}")
     # A re-run needs no package index (and no network) when everything is there already.
     if packages_installed; then
         log "Debian packages already installed: ${PACKAGES[*]}"
@@ -203,7 +211,8 @@ create_dirs() {
     install -d -m 0755 "$TORRC_D" "$(dirname "$UNIT_FILE")"
     if [[ "$TOR_MODE" == system ]]; then
         make_private_dir "$HS_DIR"
-        # tor refuses a HiddenServiceDir it does not own; the daemon writes the keys as root.
+        # tor refuses a HiddenServiceDir it does not own; `rustbalance prepare` (root, before
+        # the daemon) writes the keys into it and hands them to debian-tor.
         if getent passwd debian-tor >/dev/null && ! chown debian-tor:debian-tor "$HS_DIR"; then
             # Only a scratch RB_ROOT run by a non-root user may get here.
             [[ -n "$R" ]] || die "cannot chown $HS_DIR to debian-tor"
@@ -281,6 +290,14 @@ install_unit() {
         rm -f "$dropin"
         rmdir --ignore-fail-on-non-empty "$DROPIN_DIR"
         UNIT_CHANGED=1
+    fi
+    # The daemon (unprivileged) restarts tor@default through systemctl: polkit allows exactly
+    # that unit to the rustbalance user. polkitd reads rules.d by itself (inotify).
+    if [[ "$TOR_MODE" == system ]]; then
+        install -d -m 0755 "$(dirname "$POLKIT_RULE")"
+        write_if_changed "$POLKIT_RULE" "$(cat "$SCRIPT_DIR/$POLKIT_RULE_NAME")" 0644 || true
+    else
+        rm -f "$POLKIT_RULE"
     fi
 }
 
@@ -397,7 +414,7 @@ clean() {
     else
         log "systemd is not PID 1: not stopping anything (would run: systemctl disable --now $UNIT)"
     fi
-    rm -f "$UNIT_FILE" "$DROPIN_DIR/$SYSTEM_TOR_DROPIN"
+    rm -f "$UNIT_FILE" "$DROPIN_DIR/$SYSTEM_TOR_DROPIN" "$POLKIT_RULE"
     [[ ! -d "$DROPIN_DIR" ]] || rmdir --ignore-fail-on-non-empty "$DROPIN_DIR"
     if systemd_running; then
         systemctl daemon-reload
@@ -418,7 +435,7 @@ clean() {
         log "deleted system user $SERVICE_USER"
     fi
     restart_tor || log "warning: could not restart tor"
-    log "clean: done (the Debian packages tor, wireguard-tools and python3-venv stay installed)"
+    log "clean: done (the Debian packages ${BASE_PACKAGES[*]} and ${SYSTEM_TOR_PACKAGES[*]} stay installed)"
 }
 
 main() {

@@ -4,10 +4,12 @@ The one way this project replaces a file (keys, tor's onion-service files, the t
 fragment, the peers files, WireGuard state, the configs of ``init``/``join``):
 
 1. a temporary file is created next to the target with ``O_CREAT | O_EXCL | O_NOFOLLOW``, under
-   a random name, relative to the target's folder opened once: a symlink (or anything else)
-   planted under that name makes the create fail instead of writing through it;
-2. its mode is set before the first byte is written (a secret is never readable by others,
-   not even for a moment), then the data is written and fsynced;
+   a random name, relative to the target's folder opened once (or to a folder descriptor the
+   caller opened with :mod:`rustbalance.secure_dir`): a symlink (or anything else) planted
+   under that name makes the create fail instead of writing through it;
+2. its owner (if asked) and mode are set on its descriptor before the first byte is written
+   (a secret is never readable by others, not even for a moment), then the data is written
+   and fsynced;
 3. it is renamed onto the target (atomic in POSIX; a symlink at the target's name is
    replaced, never followed) - or, for ``overwrite=False``, hard-linked to it, which fails if
    the target exists - and the folder is fsynced, so the rename survives a power cut;
@@ -97,19 +99,38 @@ class StagedFile:
         self.discard()
 
 
-def stage_file(path: str | os.PathLike[str], data: bytes | str, *, mode: int) -> StagedFile:
+def stage_file(
+    path: str | os.PathLike[str],
+    data: bytes | str,
+    *,
+    mode: int,
+    dir_fd: int | None = None,
+    owner: tuple[int, int] | None = None,
+) -> StagedFile:
     """Write ``data`` (str as UTF-8) to a new temporary file next to ``path`` with ``mode``.
 
-    Raises OSError (the temporary file removed) if the folder is missing or not writable,
-    the disk is full, or no free temporary name was found.
+    With ``dir_fd`` (a folder opened by :mod:`rustbalance.secure_dir`), ``path`` is a name in
+    that folder and the folder is never looked up by path again. With ``owner`` (uid, gid) the
+    file is given to that user on its own descriptor before any data is written (root handing
+    files to tor's user). Raises OSError (the temporary file removed) if the folder is missing
+    or not writable, the disk is full, or no free temporary name was found.
     """
     target = Path(path)
     content = data.encode("utf-8") if isinstance(data, str) else data
-    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if dir_fd is None:
+        dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        if target.name != str(path) or target.name in ("", ".", ".."):
+            raise ValueError(f"{path!r}: with dir_fd, give a name in that folder")
+        # Our own copy: the StagedFile closes it, the caller keeps theirs.
+        dir_fd = os.dup(dir_fd)
     try:
         temp_name, fd = _create_temp(target.name, dir_fd)
         try:
             try:
+                if owner is not None:
+                    # Before fchmod: chown clears set-id bits, and before the data.
+                    os.fchown(fd, *owner)
                 # Exactly ``mode`` (umask may have narrowed the create), before any data.
                 os.fchmod(fd, mode)
                 view = memoryview(content)
@@ -140,11 +161,18 @@ def _create_temp(name: str, dir_fd: int) -> tuple[str, int]:
 
 
 def write_file_atomic(
-    path: str | os.PathLike[str], data: bytes | str, mode: int = 0o600, *, overwrite: bool = True
+    path: str | os.PathLike[str],
+    data: bytes | str,
+    mode: int = 0o600,
+    *,
+    overwrite: bool = True,
+    dir_fd: int | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> None:
     """Replace ``path`` with ``data`` atomically and durably (see the module docstring).
 
     ``overwrite=False`` refuses (FileExistsError) to replace an existing file or symlink.
-    Raises OSError; nothing but ``path`` itself is left changed.
+    ``dir_fd`` and ``owner`` as for :func:`stage_file`. Raises OSError; nothing but ``path``
+    itself is left changed.
     """
-    stage_file(path, data, mode=mode).commit(overwrite=overwrite)
+    stage_file(path, data, mode=mode, dir_fd=dir_fd, owner=owner).commit(overwrite=overwrite)

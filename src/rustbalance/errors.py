@@ -43,3 +43,8 @@ class RuleError(ConfigError):
     """A value breaks one of the shared rules of :mod:`rustbalance.rules` (node id, endpoint,
     interface name, tunnel network). A ConfigError because the config was the rules' first
     user; every other caller turns it into its own layer's error."""
+
+
+class UnsafePathError(RustBalanceError):
+    """A path leads through something another user could have planted or can change: a
+    symlink in a folder others can write, a folder of another user (rustbalance.secure_dir)."""

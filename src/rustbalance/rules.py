@@ -1,4 +1,5 @@
-"""The value rules every layer shares: node ids, endpoints, interface names, tunnel networks.
+"""The value rules every layer shares: node ids, endpoints, interface names, tunnel networks,
+values written into a torrc.
 
 Each rule is written once, here, and used by every place that reads such a value: the config
 parser and the CLI flags, coordination messages and the peers file, join requests, join
@@ -24,6 +25,7 @@ from rustbalance.errors import InvalidKeyError, RuleError
 __all__ = [
     "INTERFACE_NAME_RULE",
     "NODE_ID_RULE",
+    "TORRC_VALUE_RULE",
     "TUNNEL_PREFIXES",
     "Endpoint",
     "is_interface_name",
@@ -33,6 +35,7 @@ __all__ = [
     "parse_host",
     "parse_ip_address",
     "parse_tunnel_network",
+    "torrc_value_problem",
 ]
 
 # --- node ids -------------------------------------------------------------------------------
@@ -204,3 +207,29 @@ def parse_tunnel_network(text: str) -> ipaddress.IPv4Network:
     if not low <= network.prefixlen <= high:
         raise RuleError(f"must be a /{low} to /{high} network, got {text!r}")
     return network
+
+
+# --- values written into a torrc ------------------------------------------------------------
+
+# tor reads a config line up to its newline; an unquoted value ends at '#' (a comment), a value
+# starting with '"' is a quoted string with escapes, and a '\\' before the newline continues the
+# line (tor: src/lib/encoding/confline.c, parse_config_line_from_str_verbose). A value holding
+# any of them could end early or smuggle in a second option (issue 17: a newline in
+# tor.data_dir wrote "ControlPort 0.0.0.0:9051" into the torrc).
+TORRC_VALUE_RULE = "one line without control characters, '#', '\"' or '\\'"
+_TORRC_SPECIAL = ("#", '"', "\\")
+
+
+def torrc_value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be written as a torrc value (:data:`TORRC_VALUE_RULE`), or None.
+    Paths, addresses and numbers the daemon writes into a torrc all pass through here."""
+    if not value:
+        return "must not be empty"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return "must not contain control characters (a torrc value is one line)"
+    for special in _TORRC_SPECIAL:
+        if special in value:
+            return f"must not contain {special!r} (tor would read it as a comment, quote or escape)"
+    if value != value.strip():
+        return "must not start or end with white space"
+    return None

@@ -115,6 +115,13 @@ def test_config_check_problem_is_2(tmp_path: Path) -> None:
     assert main(["config", "check", str(node_config(tmp_path))]) == 0
 
 
+def test_prepare_bad_config_is_2_and_a_missing_tor_folder_is_1(tmp_path: Path) -> None:
+    assert main(["prepare", "--config", str(tmp_path / "missing.toml")]) == EXIT_CONFIG
+    hs_dir = str(tmp_path / "no" / "such" / "hs")
+    config = node_config(tmp_path, mode="system", hidden_service_dir=hs_dir)
+    assert main(["prepare", "--config", str(config)]) == EXIT_RUNTIME
+
+
 def test_keygen_refusing_to_overwrite_is_2(tmp_path: Path) -> None:
     out = tmp_path / "k"
     assert main(["keygen", "--out", str(out)]) == 0

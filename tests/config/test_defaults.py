@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -157,7 +158,28 @@ def test_coordination_defaults_make_a_single_node() -> None:
 def test_metrics_defaults() -> None:
     metrics = minimal().metrics
     assert metrics.enabled is True
-    assert metrics.listen == Endpoint(host="127.0.0.1", port=9100)
+    assert metrics.listen == Endpoint(host="127.0.0.1", port=21058)
+
+
+def test_the_metrics_port_collides_with_no_common_exporter_or_default() -> None:
+    """Issue 17: 9100 was node_exporter's. Prometheus' default port allocations (wiki) give
+    9100-9999 to exporters, a range allocated in full since 2023; its docs ask internal
+    applications to stay outside it. Below Linux's ephemeral range (32768-60999), where an
+    outgoing connection could hold the port at start, and not a service of /etc/services."""
+    config = minimal()
+    port = config.metrics.listen.port
+    assert not 9090 <= port <= 9999  # Prometheus, Pushgateway, Alertmanager, the exporters
+    assert 1024 < port < 32768
+    others = {
+        config.proxy.listen_port,
+        config.coordination.listen.port,
+        config.wireguard.listen_port,
+        9050,  # tor's SocksPort and ControlPort (tor@default)
+        9051,
+    }
+    assert port not in others
+    services = Path("/etc/services").read_text()
+    assert not re.search(rf"\s{port}/(tcp|udp)\b", services)
 
 
 def test_health_defaults() -> None:

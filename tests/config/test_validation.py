@@ -125,8 +125,8 @@ INVALID: list[tuple[str, str, Any, str]] = [
     (
         "proxy",
         "listen_port",
-        9100,
-        "metrics.listen: 127.0.0.1:9100 is also proxy.listen_host:listen_port",
+        21058,
+        "metrics.listen: 127.0.0.1:21058 is also proxy.listen_host:listen_port",
     ),
     ("publish", "refresh_interval_secs", 0, "publish.refresh_interval_secs: must be > 0"),
     ("publish", "max_intro_points", 0, "publish.max_intro_points: must be 1..20, got 0"),
@@ -574,18 +574,43 @@ def test_single_node_may_name_a_token() -> None:
     assert not config.is_multi_node
 
 
-def test_duplicate_peer_and_own_address_are_errors() -> None:
+def test_duplicate_peers_are_errors() -> None:
     found = problems(
         coordination={
             "cluster_token_path": "t",
             "listen": "10.0.0.1:51821",
-            "peers": ["10.0.0.2:51821", "10.0.0.2:51821", "10.0.0.1:51821"],
+            "peers": ["10.0.0.2:51821", "10.0.0.2:51821", "10.0.0.3:51821"],
         }
     )
-    assert found == (
-        "coordination.peers[1]: 10.0.0.2:51821 is listed twice",
-        "coordination.peers[2]: 10.0.0.1:51821 is this node's own listen address",
+    assert found == ("coordination.peers[1]: 10.0.0.2:51821 is listed twice",)
+
+
+def test_one_member_list_serves_every_node() -> None:
+    """Issue 17: ``peers`` may list the node's own address (its ``listen`` or ``advertise``),
+    which is left out, so the same member list goes into every node's config."""
+    members = ["10.0.0.1:51821", "10.0.0.2:51821", "10.0.0.3:51821"]
+    for own in members:
+        config = parse(coordination={"cluster_token_path": "t", "listen": own, "peers": members})
+        assert config.coordination.peers == tuple(
+            Endpoint(host=m.split(":")[0], port=51821) for m in members if m != own
+        )
+        assert config.is_multi_node
+        assert "multi-node (2 peers)" in config.summary()
+    behind_nat = parse(
+        coordination={
+            "cluster_token_path": "t",
+            "listen": "0.0.0.0:51821",
+            "advertise": "10.0.0.2:51821",
+            "peers": members,
+        }
     )
+    assert [str(p) for p in behind_nat.coordination.peers] == [members[0], members[2]]
+
+
+def test_a_member_list_of_only_this_node_is_a_single_node() -> None:
+    config = parse(coordination={"listen": "10.0.0.1:51821", "peers": ["10.0.0.1:51821"]})
+    assert config.coordination.peers == ()
+    assert not config.is_multi_node  # and so no cluster token is needed
 
 
 def test_heartbeat_timeout_must_exceed_twice_interval() -> None:

@@ -190,7 +190,14 @@ def mode(path: Path) -> int:
 @pytest.fixture
 def host(tmp_path: Path) -> Host:
     root = tmp_path / "root"
-    for directory in ("etc/tor", "etc/systemd/system", "etc/wireguard", "opt", "var/lib/tor"):
+    for directory in (
+        "etc/tor",
+        "etc/systemd/system",
+        "etc/wireguard",
+        "etc/polkit-1/rules.d",  # polkitd's (installed with it)
+        "opt",
+        "var/lib/tor",
+    ):
         (root / directory).mkdir(parents=True)
     (root / "etc/tor/torrc").write_text(OPERATOR_TORRC)
     stubs = tmp_path / "stubs"
@@ -264,12 +271,18 @@ def test_system_tor_mode_configures_tor_and_installs_the_drop_in(host: Host) -> 
     dropin = host.path("etc/systemd/system/rustbalance.service.d/system-tor.conf")
     assert dropin.read_bytes() == SYSTEM_TOR_DROPIN.read_bytes()
     assert mode(dropin) == 0o644
+    # The unprivileged daemon restarts tor@default through polkit, not with CAP_KILL.
+    rule = host.path("etc/polkit-1/rules.d/50-rustbalance-tor.rules")
+    assert rule.read_bytes() == (REPO / "deploy" / "rustbalance-tor.rules").read_bytes()
+    assert mode(rule) == 0o644
+    assert "apt-get install -y -q tor wireguard-tools python3-venv polkitd" in calls
     # Not booted with systemd: nothing is started, the script says what it would run.
     assert not any(call.startswith("systemctl") for call in calls)
     assert "systemctl daemon-reload && systemctl enable --now rustbalance.service" in result.stdout
-    # Back to managed: the drop-in goes, the unit is the plain one again.
+    # Back to managed: the drop-in and the rule go, the unit is the plain one again.
     host.init()
     assert not dropin.parent.exists()
+    assert not rule.exists()
 
 
 def test_packages_already_installed_need_no_apt(host: Host) -> None:

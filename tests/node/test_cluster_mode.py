@@ -16,7 +16,6 @@ from rustbalance.node.cluster_link import MergeSignature
 from rustbalance.node.cluster_mode import (
     Action,
     ClusterMode,
-    MarkReady,
     ModePolicy,
     Observed,
     Republish,
@@ -53,7 +52,6 @@ def seen(**kw: object) -> Observed:
         own_intro_points=3,
         signature=SIG_OWN,
         publishing=False,
-        ready=False,
     )
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
@@ -112,12 +110,12 @@ def test_a_cluster_node_starts_with_native_publishing_off() -> None:
 def test_alone_at_start_up_waits_a_heartbeat_timeout_then_publishes_alone() -> None:
     mode = ClusterMode(policy())
     mode.begin(100.0, is_multi=False)
-    first = mode.step(100.0, seen(ready=True))
+    first = mode.step(100.0, seen())
     assert first == [SetNativePublishing(False)]
     mode.native_applied(False)
-    assert mode.step(100.0 + TIMEOUT - 0.1, seen(ready=True)) == []
+    assert mode.step(100.0 + TIMEOUT - 0.1, seen()) == []
     assert not mode.should_publish(100.0 + TIMEOUT - 0.1, is_multi=False, holds_lease=False)
-    settled = mode.step(100.0 + TIMEOUT, seen(ready=True))
+    settled = mode.step(100.0 + TIMEOUT, seen())
     assert settled == [
         SetNativePublishing(True),
         RoleChanged(publisher=True, multi=False),
@@ -147,7 +145,7 @@ def test_in_a_cluster_the_lease_holder_publishes_and_native_publishing_is_off() 
     ]
     mode.native_applied(False)
     lost = mode.step(1.0, seen(is_multi=True, holds_lease=False, signature=SIG_PEER))
-    assert lost == [MarkReady("standby with 3 intro points"), RoleChanged(False, True)]
+    assert lost == [RoleChanged(False, True)]
 
 
 def test_becoming_publisher_without_any_intro_points_does_not_republish() -> None:
@@ -158,16 +156,6 @@ def test_becoming_publisher_without_any_intro_points_does_not_republish() -> Non
     )
     assert RoleChanged(True, True) in actions
     assert republished(actions) == []
-
-
-def test_a_standby_becomes_ready_once_its_own_intro_points_exist() -> None:
-    mode = ClusterMode(policy())
-    mode.begin(0.0, is_multi=True)
-    assert of(mode.step(0.0, seen(is_multi=True, own_intro_points=0)), MarkReady) == []
-    assert of(mode.step(1.0, seen(is_multi=True, own_intro_points=2)), MarkReady) == [
-        MarkReady("standby with 2 intro points")
-    ]
-    assert of(mode.step(2.0, seen(is_multi=True, ready=True)), MarkReady) == []
 
 
 def test_eligibility_follows_the_config_and_tor() -> None:
@@ -258,10 +246,10 @@ def test_with_a_lease_only_backend_a_node_alone_never_publishes_by_itself() -> N
     would give two publishers. Only the lease decides, however long it has been alone."""
     mode = ClusterMode(policy(lease_only=True))
     mode.begin(0.0, is_multi=False)
-    assert mode.step(0.0, seen(ready=True)) == [SetNativePublishing(False)]
+    assert mode.step(0.0, seen()) == [SetNativePublishing(False)]
     mode.native_applied(False)
     for now in (TIMEOUT, 10 * TIMEOUT, 1000 * TIMEOUT):
-        actions = mode.step(now, seen(ready=True))
+        actions = mode.step(now, seen())
         assert actions == []
         assert not mode.should_publish(now, is_multi=False, holds_lease=False)
         # tor's native publishing of the master stays off too (it would publish alone).
@@ -286,7 +274,7 @@ def test_with_a_lease_only_backend_the_lease_holder_publishes_alone_or_not() -> 
     lost = mode.step(2.0, seen(is_multi=True, holds_lease=False, signature=SIG_PEER))
     assert RoleChanged(publisher=False, multi=True) in lost
     # Its last peer vanished from its view as well (the watch broke): still a standby.
-    assert of(mode.step(50.0, seen(holds_lease=False, ready=True)), RoleChanged) == []
+    assert of(mode.step(50.0, seen(holds_lease=False)), RoleChanged) == []
 
 
 def test_with_a_lease_only_backend_instance_mode_keeps_native_publishing() -> None:
@@ -327,7 +315,6 @@ observation = st.builds(
     own_intro_points=st.integers(0, 3),
     signature=st.sampled_from(SIGNATURES),
     publishing=st.booleans(),
-    ready=st.booleans(),
 )
 policies = st.builds(
     ModePolicy,
@@ -436,12 +423,6 @@ def test_properties_of_random_runs(
                 assert differs_since is not None
                 assert now - differs_since >= policy_.republish_debounce
                 differs_since = None
-
-        # A standby with intro points, not yet ready, is made ready; nobody else by this.
-        marks = of(actions, MarkReady)
-        assert bool(marks) == (
-            not publisher and not observed.ready and observed.own_intro_points > 0
-        )
 
         if published and publisher:
             mode.record_published(observed.signature)

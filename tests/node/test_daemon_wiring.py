@@ -86,7 +86,6 @@ def test_a_single_node_before_start_up(tmp_path: Path) -> None:
         "verify",
     ]
     assert [h.name for h in daemon.hooks()] == [
-        "notify systemd",
         "leave cluster",
         "drain proxy",
         "stop tor",
@@ -102,7 +101,7 @@ async def test_a_published_round_shows_in_status_and_metrics(tmp_path: Path) -> 
     assert all(r.ok for r in outcome.values())
     snap = daemon.snapshot()
     doc = status_document(snap)
-    assert doc["ready"] is True
+    assert doc["ready"] is False  # nothing started: no proxy listens, no tor bootstrapped
     assert doc["intro_points"]["own"] == doc["intro_points"]["published"] == 3
     assert metrics_values(snap)["publishes"] == {
         "current": {"ok": 1, "failed": 0},
@@ -124,7 +123,6 @@ async def test_the_cluster_task_wires_coordination_tor_and_the_publisher(tmp_pat
         # Alone at start: native publishing off, standby until a timeout passed.
         await until(lambda: network.native == [False])
         assert not daemon.cluster.is_publisher()
-        assert daemon.readiness.ready  # a standby with intro points is ready
         # A peer appears and the election gives us the lease: a takeover publishes at once.
         coordination.current = CoordinationFacts(True, True, {"node-b": PEER})
         await until(lambda: "became publisher" in daemon.publisher.schedule.pending)
@@ -172,3 +170,18 @@ async def test_a_new_control_session_gets_native_publishing_set_again(tmp_path: 
     assert session.confs == [{"PublishHidServDescriptors": "0"}] * 2  # on this very session
     assert network.native == []
     assert status_document(daemon.snapshot())["cluster"]["native_publishing"] is False
+
+
+async def test_read_intro_points_reach_readiness(tmp_path: Path) -> None:
+    """What start() reports (proxy, bootstrap) plus the intro points IntroWatch reads make the
+    node ready; nothing else does (node/readiness.py)."""
+    daemon, network, _, _ = build(config(tmp_path))
+    daemon.readiness.proxy_listening("127.0.0.1:8080")
+    daemon.readiness.tor_bootstrap(100)
+    network.own = [decoded([])]
+    await daemon.intro.refresh()
+    assert not daemon.readiness.ready
+    network.own = [decoded(OWN)]
+    await daemon.intro.refresh()
+    assert daemon.readiness.ready
+    assert status_document(daemon.snapshot())["ready"] is True

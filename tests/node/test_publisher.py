@@ -115,7 +115,7 @@ def make_node(
     network = FakeNetwork(clock)
     own = Own()
     role = Role(own)
-    readiness = Readiness(SystemdNotifier(env={}), clock)
+    readiness = Readiness.for_config(SystemdNotifier(env={}), clock, config)
     publisher = Publisher(
         config,
         identity or NodeIdentity("shared", ADDRESS, KEY, KEY),
@@ -173,7 +173,8 @@ async def test_both_descriptors_go_to_their_own_responsible_hsdirs(tmp_path: Pat
         assert text.flow_control == "1-2 31"  # a single node carries its own line
     assert node.publisher.published_auth_keys == tuple(p.auth_key for p in OWN)
     assert node.role.recorded == [(node.role.signature(), NOW)]
-    assert node.readiness.ready
+    # Publishing is not what makes a node ready (node/readiness.py: serving is).
+    assert not node.readiness.ready
 
 
 async def test_revision_counters_grow_within_one_second(tmp_path: Path) -> None:
@@ -197,7 +198,7 @@ async def test_a_failed_next_upload_keeps_the_current_one(
     assert outcome["next"].error == "next upload blocked"
     assert "publishing the next descriptor failed: next upload blocked" in caplog.messages
     # A partial publish is a publish: recorded, and verified for the period that went out.
-    assert node.role.recorded and node.readiness.ready
+    assert node.role.recorded
     current = node.network.uploads[0]
     node.network.fetched[ADDRESS] = [
         decoded(OWN, time_period=current.time_period, revision=current.revision_counter)
@@ -216,8 +217,6 @@ async def test_when_no_hsdir_accepts_nothing_counts_as_published(tmp_path: Path)
     assert outcome["current"].hsdirs and not outcome["current"].hsdirs[0].ok
     assert node.role.recorded == []
     assert node.publisher.published_auth_keys == ()
-    # With intro points, only a successful publish makes the node ready.
-    assert not node.readiness.ready
 
 
 async def test_a_standby_uploads_nothing(tmp_path: Path) -> None:
@@ -273,12 +272,11 @@ async def test_a_lease_lost_between_the_two_uploads_stops_the_second(tmp_path: P
     assert not outcome["next"].ok and outcome["next"].error == FENCED
 
 
-async def test_without_intro_points_the_first_round_makes_the_node_ready(tmp_path: Path) -> None:
+async def test_without_intro_points_nothing_is_uploaded(tmp_path: Path) -> None:
     node = make_node(tmp_path)
     node.own.intro_points = ()
     outcome = await node.publisher.publish_once()
     assert {r.error for r in outcome.values()} == {"no intro points yet"}
-    assert node.readiness.ready
     assert node.network.uploads == []
 
 

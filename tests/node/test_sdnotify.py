@@ -46,6 +46,8 @@ def test_ready_status_watchdog_stopping(receiver: tuple[socket.socket, str]) -> 
     assert sock.recv(4096) == b"WATCHDOG=1"
     assert notifier.stopping()
     assert sock.recv(4096) == b"STOPPING=1"
+    assert notifier.progress("Waiting for tor", extend=90.5)
+    assert sock.recv(4096) == b"STATUS=Waiting for tor\nEXTEND_TIMEOUT_USEC=90500000"
 
 
 def test_abstract_namespace_socket() -> None:
@@ -95,7 +97,7 @@ async def test_watchdog_pings_at_half_interval(
     sock, path = receiver
     notifier = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "20000000"})
     sleeps: list[float] = []
-    health = iter([True, False, True, True])
+    problems = iter([None, "tor is gone", None, None])
 
     async def sleep(seconds: float) -> None:
         if len(sleeps) == 3:
@@ -104,14 +106,15 @@ async def test_watchdog_pings_at_half_interval(
 
     caplog.set_level(logging.WARNING, logger="rustbalance.node.sdnotify")
     with pytest.raises(StopLoop):
-        await run_watchdog_pings(notifier, sleep=sleep, healthy=lambda: next(health))
+        await run_watchdog_pings(notifier, sleep=sleep, problem=lambda: next(problems))
     assert sleeps == [10.0, 10.0, 10.0]
     assert [sock.recv(64) for _ in range(3)] == [b"WATCHDOG=1"] * 3
     sock.settimeout(0.01)
     with pytest.raises(TimeoutError):
         sock.recv(64)  # the unhealthy round sent nothing
     assert [r.getMessage() for r in caplog.records] == [
-        "Skipping systemd watchdog ping: daemon is not healthy"
+        "Withholding the systemd watchdog ping (systemd restarts the node if this lasts): "
+        "tor is gone"
     ]
 
 

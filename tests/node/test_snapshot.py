@@ -300,3 +300,58 @@ def test_a_wall_clock_that_stepped_back_never_gives_a_negative_age() -> None:
     snap = single()
     stepped = dataclasses.replace(snap, publish=PublishSnapshot(descriptor_age=-3.0))
     assert metrics_values(stepped)["descriptor_age_seconds"] == 0.0
+
+
+# --- issue 18: the three metrics the alerts read are fed from the snapshot -------------------
+
+
+def test_metrics_carry_last_publish_time_peers_and_backends() -> None:
+    """``RustBalanceDescriptorStale`` reads ``rustbalance_last_publish_timestamp_seconds``:
+    without it fed every real node alerts. The per-peer and per-backend flags come from the
+    same snapshot as ``status``."""
+    values = metrics_values(full())
+    assert values["last_publish_time"] == {"current": 1_700_000_000.0}  # "next" failed
+    assert values["peers_up"] == {"node-b": True, "node-c": True, "node-d": False}
+    assert values["backends_up"] == {f"{'b' * 56}.onion": True, f"{'c' * 56}.onion": False}
+    doc = status_document(full())
+    assert values["last_publish_time"]["current"] == doc["last_publish"]["current"]
+    assert values["peers_up"] == {p["node_id"]: p["alive"] for p in doc["peers"]}
+    assert values["backends_up"] == {a: b["up"] for a, b in doc["backends"].items()}
+    metrics = NodeMetrics()
+    metrics.update(values)
+    text = metrics.render().decode()
+    for line in (
+        'rustbalance_last_publish_timestamp_seconds{period="current"} 1.7e+09',
+        'rustbalance_last_publish_timestamp_seconds{period="next"} 0.0',
+        'rustbalance_peer_up{peer="node-d"} 0.0',
+        'rustbalance_peer_up{peer="node-b"} 1.0',
+        f'rustbalance_backend_up{{backend="{"c" * 56}.onion"}} 0.0',
+        f'rustbalance_backend_up{{backend="{"b" * 56}.onion"}} 1.0',
+    ):
+        assert line in text, line
+
+
+def test_a_single_node_without_a_publish_feeds_empty_maps() -> None:
+    values = metrics_values(single())
+    assert values["last_publish_time"] == {}
+    assert values["peers_up"] == {}
+    assert "backends_up" not in values  # no [master] backends: no rustbalance_backend_up
+
+
+def test_peer_and_backend_flags_stay_within_the_metrics_limits() -> None:
+    snap = full()
+    assert snap.cluster is not None
+    many = tuple(f"node-{i:03d}" for i in range(300))
+    status = dataclasses.replace(snap.cluster.status, known_peers=many, live_peers=many[2:])
+    backends = tuple(BackendSnapshot(f"{i:056d}", None, ()) for i in range(70))
+    backends += (BackendSnapshot("d" * 56, "descriptor expired", ()),)
+    crowded = dataclasses.replace(
+        snap, cluster=dataclasses.replace(snap.cluster, status=status), backends=backends
+    )
+    values = metrics_values(crowded)
+    assert len(values["peers_up"]) == 256
+    assert len(values["backends_up"]) == 64
+    # The silent peers and the dropped backend, which the alerts fire on, are never left out.
+    assert values["peers_up"]["node-000"] is False and values["peers_up"]["node-001"] is False
+    assert values["backends_up"][f"{'d' * 56}.onion"] is False
+    NodeMetrics().update(values)

@@ -110,7 +110,7 @@ def test_system_include_file_text() -> None:
         ({"hidden_service_dir": "/var/lib/tor/x\rA"}, "must not contain"),
         ({"hidden_service_dir": "/var/lib/tor/x # c"}, "must not contain"),
         ({"hidden_service_dir": "relative/dir"}, "absolute"),
-        ({"hidden_service_dir": ""}, "non-empty"),
+        ({"hidden_service_dir": ""}, "must not be empty"),
         ({"proxy_port": 0}, "port must be 1..65535"),
         ({"virtual_port": 65536}, "port must be 1..65535"),
         ({"proxy_host": "127.0.0.1 9"}, "spaces"),

@@ -113,7 +113,7 @@ async def test_the_imported_config_serves_the_master_through_onionbalances_insta
         assert config["master"]["onion_address"] == master
         assert config["master"]["backends"] == addresses
         # What a test host needs on top (not part of the import): the private network's
-        # torrc lines, and free ports instead of 8080 and 9100.
+        # torrc lines, and free ports instead of the defaults.
         config["tor"]["extra_torrc"] = net.client_torrc_lines()
         config["proxy"]["listen_port"] = 0
         config["metrics"] = {"enabled": False}

@@ -93,6 +93,14 @@ def test_first_publish_waits_only_for_intro_points(node: RunningNode) -> None:
     assert "Publish loop waiting for intro points (max 120 seconds)" in log
     assert "Intro points available after" in log
     assert "Status endpoint listening on" in log
+    # READY=1 means serving (issue 17): after tor's bootstrap, once tor built its descriptor
+    # with intro points, the proxy listening; not after the first upload.
+    ready = log.index("Node ready: proxy listening on 127.0.0.1:")
+    assert log.index("Proxy listening on") < log.index(" ready after ") < ready  # tor's 100 %
+    assert log.index("Own intro points changed") < ready
+    assert re.search(
+        r"Node ready: proxy listening on 127\.0\.0\.1:\d+, tor bootstrapped, \d+ intro points", log
+    )
     # The status socket is private to the daemon's user.
     sock = node.work_dir / "state" / "status.sock"
     assert sock.stat().st_mode & 0o777 == 0o600
@@ -173,6 +181,15 @@ def test_metrics_endpoint_and_health_probe(tor_network: PrivateTorNetwork, tmp_p
         assert samples["rustbalance_tor_restarts_total"] == 0
         assert samples['rustbalance_hsdir_uploads_total{result="ok"}'] >= 1
         assert 0 <= samples["rustbalance_descriptor_age_seconds"] < 120
+        # What RustBalanceDescriptorStale reads (issue 18): the time of the last accepted
+        # upload of each descriptor, 0 only before the first one.
+        for period in ("current", "next"):
+            published_at = samples[
+                f'rustbalance_last_publish_timestamp_seconds{{period="{period}"}}'
+            ]
+            assert time.time() - 120 < published_at <= time.time(), (period, published_at)
+        # A single node has no peers and no backends: no series at all (nothing to alert on).
+        assert not [name for name in samples if name.startswith("rustbalance_peer_up")]
         assert "rustbalance_proxy_connections_total" in samples
         assert doc["target"]["healthy"] is True
         assert doc["target"]["last_probe"] == "status 200"

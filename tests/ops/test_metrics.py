@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import secrets
+import socket
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
 
+from rustbalance.config import parse_config
+from rustbalance.crypto.keys import IdentityKey
+from rustbalance.node.clock import SYSTEM_CLOCK
+from rustbalance.node.identity import NodeIdentity
 from rustbalance.node.metrics import (
     MetricsError,
     MetricsServer,
@@ -14,6 +22,7 @@ from rustbalance.node.metrics import (
     proxy_snapshot,
     start_metrics_server,
 )
+from rustbalance.node.runtime import NodeRuntime
 from rustbalance.proxy import ProxyStats
 
 SNAPSHOT = {
@@ -116,7 +125,12 @@ async def test_off_switch_and_default_listen() -> None:
     finally:
         await server.close()
     assert MetricsServer(NodeMetrics()).host == "127.0.0.1"
-    assert MetricsServer(NodeMetrics()).port == 9100
+    # The endpoint's own default is the config's (one place: config/schema.py).
+    default = parse_config(
+        '[node]\nid = "a"\n[master]\nidentity_key_path = "k"\n[target]\naddress = "h:1"\n',
+        "/",
+    ).metrics.listen
+    assert MetricsServer(NodeMetrics()).port == default.port
 
 
 @pytest.mark.parametrize(
@@ -139,3 +153,35 @@ def test_bad_snapshots_are_refused_and_change_nothing(bad: dict[str, object]) ->
         metrics.update({"tor_up": True, **bad})
     text = metrics.render().decode()
     assert "rustbalance_peers_alive 5.0" in text and "rustbalance_tor_up" not in text
+
+
+# --- issue 17: a taken metrics port is not a failed start ------------------------------------
+
+
+async def test_a_taken_metrics_port_is_a_warning_and_metrics_are_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under ``Restart=always`` a start-up failure over a port another program holds (two
+    nodes on one host, an exporter on the same port) loops; the node serves without
+    ``/metrics`` instead and says so at WARNING, naming the key."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = parse_config(
+            '[node]\nid = "node-a"\n[master]\nidentity_key_path = "k"\n'
+            '[target]\naddress = "127.0.0.1:8000"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{port}"\n',
+            tmp_path,
+        )
+        key = IdentityKey.generate(secrets.token_bytes)
+        identity = NodeIdentity("shared", key.onion_address, key, key)
+        runtime = NodeRuntime(config, identity, SYSTEM_CLOCK)
+        with caplog.at_level(logging.WARNING):
+            serving = await runtime.start_metrics(NodeMetrics())
+    assert serving is False
+    assert runtime.metrics_server is None
+    (record,) = [r for r in caplog.records if "metrics.listen" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert f"127.0.0.1:{port}" in record.getMessage()
+    assert "metrics are off" in record.getMessage()

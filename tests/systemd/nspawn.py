@@ -8,7 +8,8 @@ because nspawn mounts the cgroup v1 controllers read-only; ``LimitNOFILE`` is ca
 host's hard limit).
 
 - :class:`Rootfs`: ``debootstrap --variant=minbase`` with systemd, tor, python3-venv,
-  wireguard-tools and iproute2, built once per machine into a cache folder keyed by the recipe
+  wireguard-tools, iproute2 (and polkitd, with apt), built once per machine into a cache
+  folder keyed by the recipe
   (``RB_NSPAWN_CACHE``, default ``/var/cache/rustbalance-tests``), under a file lock, into a
   temporary folder renamed when complete. A clean CI machine builds it (about a minute).
   :meth:`Rootfs.clean` is the other recipe: a clean Debian 12 with systemd and nothing of the
@@ -58,6 +59,10 @@ CLEAN_PACKAGES = ("systemd", "systemd-sysv", "dbus", "procps")
 TOR_UNITS = ("tor.service", "tor@default.service")
 # What Debian 12's linux-image-amd64 provides that a package of ours can pull in.
 KERNEL_PROVIDES = ("wireguard-modules (= 1.0.0)",)
+# Installed with apt inside the new rootfs after debootstrap, whose own dependency order
+# fails to configure them (polkitd: xml-core and sgml-base, found by this build).
+# tor.mode = "system": polkitd's rule lets the daemon restart tor@default.
+APT_PACKAGES = ("polkitd",)
 # Bump when the build steps change: the cache key includes it.
 RECIPE_VERSION = "1"
 # Units of the rootfs that must not run in a test: tor.service would start a tor on the real
@@ -140,6 +145,7 @@ class Rootfs:
         cls,
         packages: Sequence[str] = PACKAGES,
         *,
+        apt_packages: Sequence[str] = APT_PACKAGES,
         disabled: Sequence[str] = DISABLED_UNITS,
         masked: Sequence[str] = MASKED_UNITS,
         kernel_provides: Sequence[str] = (),
@@ -150,7 +156,7 @@ class Rootfs:
         a .deb whose dependencies apt downloads into its cache (not installed): ``apt-get
         install`` of that package then resolves and installs them without the mirror."""
         mirror = debian_mirror()
-        recipe = [RECIPE_VERSION, SUITE, mirror, *packages, *disabled, *masked]
+        recipe = [RECIPE_VERSION, SUITE, mirror, *packages, *apt_packages, *disabled, *masked]
         if kernel_provides:
             recipe += ["kernel-provides", *kernel_provides]
         if download_for is not None:
@@ -178,6 +184,27 @@ class Rootfs:
                     timeout=DEBOOTSTRAP_TIMEOUT,
                     log=home / "debootstrap.log",
                 )
+                if apt_packages:
+                    resolv = staging / "etc/resolv.conf"
+                    if not resolv.exists():
+                        shutil.copyfile("/etc/resolv.conf", resolv)
+                    _run(["chroot", str(staging), "apt-get", "update", "-q"], timeout=600)
+                    _run(
+                        [
+                            "chroot",
+                            str(staging),
+                            "/usr/bin/env",
+                            "DEBIAN_FRONTEND=noninteractive",
+                            "apt-get",
+                            "install",
+                            "-y",
+                            "-q",
+                            "--no-install-recommends",
+                            *apt_packages,
+                        ],
+                        timeout=DEBOOTSTRAP_TIMEOUT,
+                        log=home / "apt.log",
+                    )
                 _run(["chroot", str(staging), "apt-get", "clean"], timeout=120)
                 if kernel_provides:
                     _install_kernel_stub(staging, kernel_provides)
@@ -204,6 +231,7 @@ class Rootfs:
         kernel package every Debian host has (the container runs on the host's kernel)."""
         return cls.ensure(
             CLEAN_PACKAGES,
+            apt_packages=(),
             disabled=(),
             masked=(*MASKED_UNITS, *TOR_UNITS),
             kernel_provides=KERNEL_PROVIDES,
@@ -302,7 +330,9 @@ def copy_source(dest: Path) -> None:
     (share/) that pyproject.toml names are part of the build."""
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", ".mypy_cache")
     dest.mkdir(parents=True)
-    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE"):
+    # The package build's inputs (setup.py copies deploy/ files in, share/ holds the
+    # completions and the man page, LICENSE and MANIFEST.in the sdist's list).
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "LICENSE", "README.md"):
         shutil.copy2(REPO / name, dest / name)
     for name in ("src", "deploy", "share"):
         shutil.copytree(REPO / name, dest / name, ignore=ignore)

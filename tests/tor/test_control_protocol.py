@@ -23,6 +23,7 @@ from rustbalance.tor.control_protocol import (
     encode_data_command,
     format_keyword_arg,
     parse_authchallenge,
+    parse_bootstrap_phase,
     parse_getconf,
     parse_getinfo,
     parse_hsdir,
@@ -374,3 +375,47 @@ def test_structured_garbage_raises_only_control_errors(
                     parse(item)
     except ControlError:
         pass
+
+
+# --- status/bootstrap-phase (system mode's readiness, issue 17) --------------------------------
+
+
+def test_bootstrap_phase_gives_the_percentage() -> None:
+    # As tor 0.4.8 answers GETINFO status/bootstrap-phase (control-spec §4.1.10).
+    assert parse_bootstrap_phase('NOTICE BOOTSTRAP PROGRESS=100 TAG=done SUMMARY="Done"') == 100
+    assert (
+        parse_bootstrap_phase(
+            'NOTICE BOOTSTRAP PROGRESS=14 TAG=handshake SUMMARY="Handshaking with a relay"'
+        )
+        == 14
+    )
+    assert (
+        parse_bootstrap_phase(
+            'WARN BOOTSTRAP PROGRESS=5 TAG=conn SUMMARY="Connecting" WARNING="x" REASON=TIMEOUT'
+        )
+        == 5
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "NOTICE CIRCUIT_ESTABLISHED",
+        "NOTICE BOOTSTRAP TAG=done",
+        "NOTICE BOOTSTRAP PROGRESS=101",
+        "NOTICE BOOTSTRAP PROGRESS=-1",
+        "NOTICE BOOTSTRAP PROGRESS=١٠",  # digits, but not ASCII ones
+        'NOTICE BOOTSTRAP PROGRESS="',
+    ],
+)
+def test_a_bad_bootstrap_phase_is_a_control_error(bad: str) -> None:
+    with pytest.raises(ControlError):
+        parse_bootstrap_phase(bad)
+
+
+@settings(max_examples=budget(300), deadline=None)
+@given(st.text(max_size=120))
+def test_any_bootstrap_phase_text_is_a_percentage_or_a_control_error(text: str) -> None:
+    with contextlib.suppress(ControlError):
+        assert 0 <= parse_bootstrap_phase(text) <= 100

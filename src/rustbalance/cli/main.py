@@ -43,6 +43,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "rustbalance.cli.status_cmd",
     "rustbalance.cli.config_cmd",
     "rustbalance.cli.run_cmd",
+    "rustbalance.cli.prepare_cmd",
     "rustbalance.cli.init_cmd",
     "rustbalance.cli.join_cmd",
     "rustbalance.cli.import_onionbalance",

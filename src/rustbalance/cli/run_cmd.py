@@ -8,14 +8,17 @@ config or the master key is invalid (one clear message on stderr; restarting wil
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from rustbalance.cli.logging_setup import write_error
-from rustbalance.node.daemon import NetworkFactory, run_node
-from rustbalance.node.startup import StartupError
+from rustbalance.node.daemon import Daemon, NetworkFactory
+from rustbalance.node.proctitle import set_process_title
+from rustbalance.node.startup import StartupError, load_node
 from rustbalance.node.tor_network import ControlTorNetwork
+from rustbalance.proxy.eventloop import run as run_event_loop
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "run_node"]
 
 DEFAULT_CONFIG = "/etc/rustbalance/config.toml"
 SubParsers = Any  # argparse's _SubParsersAction is private and generic
@@ -43,3 +46,17 @@ def run(args: argparse.Namespace, *, network: NetworkFactory = ControlTorNetwork
     except StartupError as exc:
         write_error(str(exc))
         return exc.exit_code
+
+
+def run_node(
+    config_path: str | os.PathLike[str],
+    args: list[str] | None = None,
+    *,
+    network: NetworkFactory = ControlTorNetwork,
+) -> int:
+    """The daemon's process: the exit code (0 clean stop, 1 failure, 2 config/key)."""
+    config, identity = load_node(config_path)
+    set_process_title(args if args is not None else ["run", "--config", str(config_path)])
+    daemon = Daemon(config, identity, network=network)
+    # uvloop in http mode (faster proxy), the stock loop in tcp mode (splice): proxy/eventloop.py
+    return run_event_loop(daemon.run(), mode=config.proxy.mode)

@@ -225,9 +225,9 @@ def _check_master(s: _SectionReader, values: dict[str, Any], built: Mapping[str,
 def _check_coordination(
     s: _SectionReader, values: dict[str, Any], _built: Mapping[str, Any]
 ) -> None:
-    for index, endpoint in enumerate(values["peers"]):
-        if endpoint == values["listen"]:
-            s.problem(f"peers[{index}]", f"{endpoint} is this node's own listen address")
+    # One member list for every node: this node's own address in it is left out.
+    own = {values["listen"], values["advertise"]}
+    values["peers"] = tuple(endpoint for endpoint in values["peers"] if endpoint not in own)
     if values["peers"] and values["cluster_token_path"] is None and s.ok("cluster_token_path"):
         # Without a shared secret any host that can reach the port could join the cluster
         # and take over publishing.

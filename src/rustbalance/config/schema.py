@@ -47,9 +47,11 @@ from rustbalance.rules import (
     parse_endpoint,
     parse_host,
     parse_tunnel_network,
+    torrc_value_problem,
 )
 
 __all__ = [
+    "METRICS_PORT",
     "Config",
     "CoordinationBackend",
     "CoordinationConfig",
@@ -85,6 +87,12 @@ _U32_MAX = 2**32 - 1
 _I32_MAX = 2**31 - 1
 # Linux sun_path is 108 bytes including the terminating NUL.
 MAX_UNIX_SOCKET_PATH = 107
+# /metrics' default port. Prometheus' default port allocations (its wiki) give 9100-9999 to
+# exporters, a range allocated in full since 2023 (9100 is node_exporter's, our old default);
+# Prometheus' "Writing exporters" asks internal applications to stay outside it. 21058 is
+# outside it, below Linux's ephemeral ports (32768-60999: an outgoing connection may hold one
+# at start), in no /etc/services entry, and none of our other defaults.
+METRICS_PORT = 21058
 _SYSTEM_SOCKS = Endpoint(host="127.0.0.1", port=9050)
 _SYSTEM_CONTROL = Endpoint(host="127.0.0.1", port=9051)
 
@@ -113,6 +121,20 @@ def _not_empty(value: str) -> str:
     if message := path_problem(value):
         raise Invalid(message)
     return value
+
+
+@dataclass(frozen=True)
+class TorrcPath(Reader[Path]):
+    """A path the daemon writes into a torrc (or tor's ``%include``): one torrc value, by the
+    rule every torrc value follows (rules.py), checked on the absolute path."""
+
+    type_doc: str = "path"
+
+    def read(self, value: object, base: Path) -> Path:
+        path = PathValue().read(value, base)
+        if problem := torrc_value_problem(str(path)):
+            raise Invalid(problem)
+        return path
 
 
 def _torrc_line(value: str) -> str:
@@ -205,7 +227,9 @@ class NodeConfig:
     state_dir: Path = key(
         PathValue(),
         default=Path("/var/lib/rustbalance"),
-        doc="Where the daemon keeps its state.",
+        doc="Where the daemon keeps its state. Created 0700 if missing; must belong to the "
+        "daemon's user and be writable by nobody else (the daemon refuses to start otherwise: "
+        "everything under it is written by path).",
     )
     status_socket: Path = key(
         PathValue(),
@@ -353,9 +377,10 @@ class TorConfig:
         choice("managed", "system"), default="managed", example="system", doc="See above."
     )
     data_dir: Path = key(
-        PathValue(),
+        TorrcPath(),
         default=Path("/var/lib/rustbalance/tor"),
-        doc="Managed tor's DataDirectory.",
+        doc="Managed tor's DataDirectory. Written into a torrc: one line, without control "
+        'characters, `#`, `"` or `\\`.',
     )
     extra_torrc: tuple[str, ...] = key(
         Array(Text(_torrc_line)),
@@ -395,7 +420,7 @@ class TorConfig:
         doc="tor's SOCKS port, used to reach an onion target.",
     )
     hidden_service_dir: Path = key(
-        PathValue(),
+        TorrcPath(),
         derive=lambda d: (
             d.own["data_dir"] / "hidden_service"
             if _managed(d)
@@ -404,11 +429,14 @@ class TorConfig:
         default_doc="managed: `<data_dir>/hidden_service`; system: "
         "`/var/lib/tor/rustbalance_node_hs`",
         example="/var/lib/tor/rustbalance_node_hs",
-        doc="The node's onion service directory (holds the node's own key, not the master key).",
+        doc="The node's onion service directory (holds the key tor hosts: the master key in "
+        "`shared` mode, the node's own in `instance` mode). A torrc value like `data_dir`. "
+        "System mode: in the system tor's own folder, written by `rustbalance prepare` (root) "
+        "for tor's user.",
     )
     # System mode only: the torrc fragment we write and the system tor includes.
     torrc_include: Path | None = key(
-        PathValue(),
+        TorrcPath(),
         default=None,
         only_if=("mode", "system", f"{_SYSTEM_ONLY} (tor.mode = 'system')"),
         derive=lambda _d: Path("/etc/tor/torrc.d/rustbalance.conf"),
@@ -593,8 +621,9 @@ class CoordinationConfig:
         ),
         default=(),
         example=["10.0.0.1:51821", "10.0.0.3:51821"],
-        doc="The other nodes' `listen` addresses. Empty = single node. No duplicates, not this "
-        "node's own `listen`.",
+        doc="The cluster's nodes' `listen` (or `advertise`) addresses. This node's own address "
+        "may be listed and is left out, so one member list serves every node. Empty (or only "
+        "this node) = single node. No duplicates.",
     )
     heartbeat_interval_secs: float = key(
         Duration(), default=5.0, doc="How often a heartbeat is sent."
@@ -655,8 +684,10 @@ class MetricsConfig:
     enabled: bool = key(Boolean(), default=True, doc="Serve Prometheus metrics.")
     listen: Endpoint = key(
         _endpoint(),
-        default=Endpoint(host="127.0.0.1", port=9100),
-        doc="Where `/metrics` is served.",
+        default=Endpoint(host="127.0.0.1", port=METRICS_PORT),
+        doc="Where `/metrics` is served. The default port is outside the 9100-9999 range "
+        "Prometheus allocates to exporters (9100 is node_exporter's). A port another program "
+        "holds is a WARNING and the node runs without `/metrics`, not a failed start.",
     )
 
 

@@ -37,6 +37,7 @@ from nacl.bindings import (
 from rustbalance.atomic_file import write_file_atomic
 from rustbalance.crypto.onion_address import encode_onion_address
 from rustbalance.errors import InvalidKeyError
+from rustbalance.secure_dir import ensured_dir
 
 __all__ = [
     "PUBLIC_KEY_FILE",
@@ -45,6 +46,7 @@ __all__ = [
     "SECRET_KEY_HEADER",
     "IdentityKey",
     "clamp_scalar",
+    "hidden_service_files",
     "load_identity_key",
     "parse_identity_key",
     "public_from_scalar",
@@ -277,30 +279,56 @@ def load_identity_key(path: str | os.PathLike[str]) -> IdentityKey:
         raise InvalidKeyError(f"{key_path}: {exc}") from exc
 
 
-def write_hidden_service_dir(key: IdentityKey, directory: str | os.PathLike[str]) -> None:
-    """Write tor's ``HiddenServiceDir`` key files for ``key``.
+def hidden_service_files(key: IdentityKey) -> dict[str, bytes]:
+    """tor's ``HiddenServiceDir`` key files for ``key``: name -> content (each written 0600)."""
+    return {
+        SECRET_KEY_FILE: SECRET_KEY_HEADER + key.expanded,
+        PUBLIC_KEY_FILE: PUBLIC_KEY_HEADER + key.public_key,
+        HOSTNAME_FILE: (key.onion_address + "\n").encode("ascii"),
+    }
+
+
+def write_hidden_service_dir(
+    key: IdentityKey,
+    directory: str | os.PathLike[str],
+    *,
+    extra: dict[str, bytes] | None = None,
+    owner: tuple[int, int] | None = None,
+) -> None:
+    """Write tor's ``HiddenServiceDir`` key files for ``key`` (and ``extra`` files).
 
     Creates ``directory`` with mode 0700 (tor refuses group/world-accessible service dirs,
     ``src/feature/hs/hs_common.c`` ``hs_check_service_private_dir``) and writes
-    ``hs_ed25519_secret_key``, ``hs_ed25519_public_key`` and ``hostname`` (mode 0600).
+    ``hs_ed25519_secret_key``, ``hs_ed25519_public_key`` and ``hostname`` (mode 0600). The
+    folder is opened without following a symlink another user could have planted, and every
+    file is written relative to it (rustbalance.secure_dir); with ``owner`` (uid, gid) the
+    folder and the files are given to that user on their descriptors (root preparing a folder
+    for the system tor's user). Raises InvalidKeyError, or UnsafePathError for a folder that
+    leads elsewhere or belongs to a third user.
     """
-    target = Path(directory)
+    target = Path(directory).absolute()
+    files = {**hidden_service_files(key), **(extra or {})}
     try:
-        target.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(target, 0o700)
-        # Each file 0600 from its first byte, replaced atomically (a restart mid-write leaves
-        # tor the old key or the new one, never a torn file).
-        write_file_atomic(target / SECRET_KEY_FILE, SECRET_KEY_HEADER + key.expanded)
-        write_file_atomic(target / PUBLIC_KEY_FILE, PUBLIC_KEY_HEADER + key.public_key)
-        write_file_atomic(target / HOSTNAME_FILE, key.onion_address + "\n")
+        with ensured_dir(target, mode=0o700, owner=owner) as dir_fd:
+            # Each file 0600 from its first byte, replaced atomically (a restart mid-write
+            # leaves tor the old key or the new one, never a torn file).
+            for name, data in files.items():
+                write_file_atomic(name, data, 0o600, dir_fd=dir_fd, owner=owner)
     except OSError as exc:
         raise InvalidKeyError(
             f"cannot write hidden service directory {target}: {exc.strerror or exc}"
         ) from exc
 
 
-def write_seed_key_file(key: IdentityKey, path: str | os.PathLike[str]) -> None:
-    """Write the raw 32-byte seed to ``path`` (mode 0600); never overwrite an existing file."""
+def write_seed_key_file(
+    key: IdentityKey,
+    path: str | os.PathLike[str],
+    *,
+    dir_fd: int | None = None,
+    owner: tuple[int, int] | None = None,
+) -> None:
+    """Write the raw 32-byte seed to ``path`` (mode 0600); never overwrite an existing file.
+    ``dir_fd`` and ``owner`` as for :func:`rustbalance.atomic_file.write_file_atomic`."""
     if key.seed is None:
         raise InvalidKeyError(
             "this key has no seed (it was loaded from tor's expanded key); write it with "
@@ -308,7 +336,7 @@ def write_seed_key_file(key: IdentityKey, path: str | os.PathLike[str]) -> None:
         )
     target = Path(path)
     try:
-        write_file_atomic(target, key.seed, 0o600, overwrite=False)
+        write_file_atomic(target, key.seed, 0o600, overwrite=False, dir_fd=dir_fd, owner=owner)
     except FileExistsError as exc:
         raise InvalidKeyError(f"refusing to overwrite existing key file {target}") from exc
     except OSError as exc:

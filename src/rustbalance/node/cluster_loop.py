@@ -23,7 +23,6 @@ from rustbalance.node.cluster_link import MergeSignature, merge_signature
 from rustbalance.node.cluster_mode import (
     Action,
     ClusterMode,
-    MarkReady,
     Observed,
     Republish,
     RoleChanged,
@@ -31,7 +30,6 @@ from rustbalance.node.cluster_mode import (
     SetNativePublishing,
 )
 from rustbalance.node.coordination import ALONE, Coordination, CoordinationFacts
-from rustbalance.node.readiness import Readiness
 from rustbalance.node.snapshot import ClusterSnapshot
 from rustbalance.node.tor_network import TorNetwork, native_publishing_conf
 from rustbalance.tor.control import ControlConnection
@@ -61,7 +59,6 @@ class ClusterLoop:
         clock: Clock,
         *,
         own: OwnIntroPoints,
-        readiness: Readiness,
         tor_running: Callable[[], bool],
         publishing: Callable[[], bool],
         republish: Callable[[str], None],
@@ -70,7 +67,6 @@ class ClusterLoop:
         self._network = network
         self._clock = clock
         self._own = own
-        self._readiness = readiness
         self._tor_running = tor_running
         self._publishing = publishing
         self._republish = republish
@@ -152,7 +148,6 @@ class ClusterLoop:
                 own_intro_points=len(self._own.intro_points),
                 signature=self.signature(facts),
                 publishing=self._publishing(),
-                ready=self._readiness.ready,
             )
             for action in self.mode.step(now, observed):
                 await self._carry_out(action)
@@ -168,8 +163,6 @@ class ClusterLoop:
             case SetEligible(eligible=eligible):
                 assert self.coordination is not None
                 self.coordination.set_eligible(eligible)
-            case MarkReady(why=why):
-                self._readiness.mark_ready(why)
             case RoleChanged(publisher=publisher, multi=multi):
                 log.info(
                     "Cluster role: %s (%s)",
@@ -183,6 +176,9 @@ class ClusterLoop:
         if self.coordination is None:
             return None
         return ClusterSnapshot(self.coordination.status(), self.mode.native_publishing)
+
+    # The shutdown step's bound: the lease release is one datagram to each peer.
+    leave_timeout = 2.0
 
     async def leave(self) -> None:
         """Shutdown: a publisher releases the lease so the next node takes over at once."""

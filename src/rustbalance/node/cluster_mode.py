@@ -27,7 +27,7 @@ actions for the shell (:mod:`rustbalance.node.cluster_loop`) to carry out. Rules
   intro-point set (a peer's intro points changed, a peer died or appeared) that lasts
   ``republish_debounce`` seconds (changes come in bursts) republishes, unless a publish is in
   flight; nothing is republished while there are no intro points at all.
-- A standby never publishes: it is ready once its own intro points exist.
+- A standby never publishes. (Whether the node is ready is node/readiness.py's rule.)
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ __all__ = [
     "CLUSTER_REPUBLISH_DEBOUNCE_SECS",
     "Action",
     "ClusterMode",
-    "MarkReady",
     "ModePolicy",
     "Observed",
     "Republish",
@@ -101,7 +100,6 @@ class Observed:
     signature: MergeSignature
     # An upload is in flight (its result will say what was published).
     publishing: bool
-    ready: bool
 
 
 @dataclass(frozen=True)
@@ -131,12 +129,7 @@ class Republish:
     reason: str
 
 
-@dataclass(frozen=True)
-class MarkReady:
-    why: str
-
-
-Action = SetNativePublishing | SetEligible | RoleChanged | Republish | MarkReady
+Action = SetNativePublishing | SetEligible | RoleChanged | Republish
 
 
 class ClusterMode:
@@ -225,8 +218,6 @@ class ClusterMode:
             actions.append(SetEligible(eligible))
         publishing = self.should_publish(now, observed.is_multi, observed.holds_lease)
         has_points = observed.own_intro_points > 0 or bool(observed.signature[2])
-        if not publishing and not observed.ready and observed.own_intro_points:
-            actions.append(MarkReady(f"standby with {observed.own_intro_points} intro points"))
         if publishing != self._was_publisher:
             self._was_publisher = publishing
             actions.append(RoleChanged(publishing, observed.is_multi))

@@ -2,22 +2,22 @@
 
 :class:`Daemon` builds the node's components (each owns its state; docs/architecture.md,
 "The node layer"), starts the runtime in order, supervises the components' tasks and stops
-them. The components get a :class:`~rustbalance.node.clock.Clock` and the
+them (leave the cluster, drain the proxy, stop tor: within :meth:`Daemon.stop_budget`). The
+components get a :class:`~rustbalance.node.clock.Clock` and the
 :class:`~rustbalance.node.tor_network.TorNetwork` injected; ``status`` and ``/metrics`` are
-rendered from one :class:`~rustbalance.node.snapshot.NodeSnapshot`. On SIGTERM the node leaves
-the cluster first (a publisher releases the lease), then drains the proxy, then stops tor.
+rendered from one :class:`~rustbalance.node.snapshot.NodeSnapshot`; readiness and the systemd
+watchdog's health are fed from here (node/readiness.py, node/health.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
 
 from rustbalance.config import Config
 from rustbalance.crypto.keys import IdentityKey
+from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.node import DAEMON_LOGGER
 from rustbalance.node.backends import backend_poller
 from rustbalance.node.clock import SYSTEM_CLOCK, Clock
@@ -30,7 +30,6 @@ from rustbalance.node.identity import NodeIdentity
 from rustbalance.node.intro_watch import IntroWatch
 from rustbalance.node.mesh import MeshError, mesh_wants_cluster
 from rustbalance.node.metrics import NodeMetrics, feed_metrics
-from rustbalance.node.proctitle import set_process_title
 from rustbalance.node.publisher import Publisher
 from rustbalance.node.readiness import Readiness
 from rustbalance.node.runtime import NodeRuntime
@@ -39,16 +38,15 @@ from rustbalance.node.snapshot import IntroSnapshot, NodeSnapshot, metrics_value
 from rustbalance.node.startup import (
     EXIT_CONFIG,
     StartupError,
-    load_node,
     log_identity_mode,
+    prepare_state_dir,
     write_onion_service_dir,
 )
 from rustbalance.node.supervisor import ShutdownHook, TaskSpec, run_daemon
 from rustbalance.node.tor_network import ControlTorNetwork, TorNetwork
-from rustbalance.proxy.eventloop import run as run_event_loop
 from rustbalance.tor.control import ReconnectingController
 
-__all__ = ["Daemon", "NetworkFactory", "run_node"]
+__all__ = ["Daemon", "NetworkFactory"]
 
 log = logging.getLogger(DAEMON_LOGGER)
 
@@ -75,8 +73,8 @@ class Daemon:
         self.clock = clock
         self.started_at = clock.monotonic()
         self.clustered = multi_node_wanted(config) or mesh_wants_cluster(config)
-        self.readiness = Readiness(notifier or SystemdNotifier(), clock)
-        self.runtime = NodeRuntime(config, identity, clock)
+        self.readiness = Readiness.for_config(notifier or SystemdNotifier(), clock, config)
+        self.runtime = NodeRuntime(config, identity, clock, self.readiness.tor_bootstrap)
         self.metrics = NodeMetrics()
         self.network = network(self.runtime.controller)
         self.views = ConsensusWatch(self.network, clock, lambda v: self.publisher.check_ring(v))
@@ -85,7 +83,7 @@ class Daemon:
             self.network,
             self.views,
             clock,
-            on_read=lambda points: self.cluster.report_intro_points(points),
+            on_read=self._intro_points_read,
             on_changed=self.republish,
         )
         self.cluster = ClusterLoop(
@@ -93,7 +91,6 @@ class Daemon:
             self.network,
             clock,
             own=self.intro,
-            readiness=self.readiness,
             tor_running=self.runtime.tor_running,
             publishing=lambda: self.publisher.publishing,
             republish=self.republish,
@@ -113,15 +110,20 @@ class Daemon:
     def republish(self, reason: str) -> None:
         self.publisher.trigger.fire(reason)
 
+    def _intro_points_read(self, points: Sequence[IntroPoint]) -> None:
+        self.cluster.report_intro_points(points)
+        self.readiness.intro_points(len(points))
+
     # -- start-up -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Everything before the supervised tasks; StartupError names what failed."""
         cfg, runtime = self.config, self.runtime
         log.info("Starting rustbalance: %s, master %s", cfg.summary(), self.identity.master_address)
-        self.readiness.status("Starting")
+        self.readiness.starting()
         coordination = start_coordination(cfg, self.clock) if self.clustered else None
         self.cluster.coordination = coordination
+        prepare_state_dir(cfg)  # private to us (issue 17); everything below writes in it
         # Before the coordinator binds (its task starts after start()): coordination.listen
         # may be the WireGuard tunnel address.
         try:
@@ -131,7 +133,7 @@ class Daemon:
         write_onion_service_dir(cfg, self.identity)
         socks = runtime.choose_socks()
         if await runtime.start_metrics(self.metrics):
-            self.metrics.update(self._metrics_values())
+            self.metrics.update(metrics_values(self.snapshot()))
         log_identity_mode(self.identity, clustered=self.clustered)
         self.publisher.backends = backend_poller(
             cfg,
@@ -144,17 +146,16 @@ class Daemon:
             clock=self.clock,
         )
         proxy = await runtime.start_proxy(socks)
+        self.readiness.proxy_listening("{}:{}".format(*proxy.address))
         runtime.start_prober(proxy)
         native = self.cluster.mode.native_publishing_at_start()
         await runtime.start_tor(proxy.port, publish_descriptors=native)
         await runtime.start_controller(self.cluster.on_control_connected)
         await runtime.start_status(lambda: status_document(self.snapshot()))
-        self.readiness.status("Waiting for intro points")
 
     async def _after_tor_restart(self) -> None:
-        restarted_at = await self.runtime.after_tor_restart()
-        self.views.forget()
-        self.intro.after_tor_restart(restarted_at)
+        self.views.forget()  # the new tor's view is read afresh
+        self.intro.after_tor_restart(await self.runtime.after_tor_restart())
 
     # -- status and metrics ---------------------------------------------------------------
 
@@ -185,9 +186,6 @@ class Daemon:
             mesh=runtime.mesh.status() if runtime.mesh.active else None,
         )
 
-    def _metrics_values(self) -> dict[str, Any]:
-        return metrics_values(self.snapshot())
-
     # -- supervision ----------------------------------------------------------------------
 
     def tasks(self) -> list[TaskSpec]:
@@ -199,13 +197,14 @@ class Daemon:
             TaskSpec(
                 "tor-watchdog", lambda: runtime.watch_tor(self._after_tor_restart), restartable=True
             ),
-            TaskSpec("sd-watchdog", self.readiness.watchdog_pings, restartable=True),
+            TaskSpec("sd-watchdog", partial(self.readiness.watchdog_pings, self._health_problem)),
         ]
         if runtime.status_server is not None:
             tasks.append(TaskSpec("status", runtime.status_server.serve_forever, restartable=True))
         tasks.append(TaskSpec("verify", self.publisher.verify, restartable=True))
         if runtime.metrics_server is not None:
-            feed = partial(feed_metrics, self.metrics, self._metrics_values, sleep=self.clock.sleep)
+            values = lambda: metrics_values(self.snapshot())  # noqa: E731
+            feed = partial(feed_metrics, self.metrics, values, sleep=self.clock.sleep)
             tasks.append(TaskSpec("metrics", feed, restartable=True))
         if runtime.prober is not None:
             tasks.append(TaskSpec("health-probe", runtime.prober.run, restartable=True))
@@ -217,33 +216,35 @@ class Daemon:
             tasks.append(TaskSpec("cluster", self.cluster.run, restartable=True))
         if self.publisher.backends is not None:
             tasks.append(TaskSpec("backends", self.publisher.backends.run, restartable=True))
+        self._task_specs = tasks
         return tasks
+
+    def _health_problem(self) -> str | None:
+        return self.runtime.health_problem(self._task_specs)
 
     def hooks(self) -> list[ShutdownHook]:
         drain = self.config.proxy.drain_timeout_secs
         return [
-            ShutdownHook("notify systemd", self.readiness.stopping, timeout=1.0),
             # A publisher sends lease_release so the next node takes over at once.
-            ShutdownHook("leave cluster", self.cluster.leave, timeout=3.0),
+            ShutdownHook("leave cluster", self.cluster.leave, timeout=self.cluster.leave_timeout),
             # Stop accepting and let open connections finish, bounded (Phase 2.5).
-            ShutdownHook("drain proxy", self.runtime.drain_proxy, timeout=drain + 6.0),
-            ShutdownHook("stop tor", self.runtime.stop_tor, timeout=20.0),
+            ShutdownHook("drain proxy", self.runtime.drain_proxy, timeout=drain + 1.0),
+            # SIGTERM, then SIGKILL (runtime.tor_stop_timeout).
+            ShutdownHook("stop tor", self.runtime.stop_tor, timeout=self.runtime.stop_tor_timeout),
         ]
+
+    def stop_budget(self) -> float:
+        """Every shutdown ends within this: the hooks, then closing what is left."""
+        return sum(hook.timeout for hook in self.hooks()) + self.runtime.close_timeout
 
     async def run(self) -> int:
         """Start, supervise until SIGTERM/SIGINT or a fatal failure; the exit code."""
-        return await run_daemon(self.start, self.runtime.close, self.tasks, self.hooks)
-
-
-def run_node(
-    config_path: str | os.PathLike[str],
-    args: list[str] | None = None,
-    *,
-    network: NetworkFactory = ControlTorNetwork,
-) -> int:
-    """``rustbalance run``: the process exit code (0 clean stop, 1 failure, 2 config/key)."""
-    config, identity = load_node(config_path)
-    set_process_title(args if args is not None else ["run", "--config", str(config_path)])
-    daemon = Daemon(config, identity, network=network)
-    # uvloop in http mode (faster proxy), the stock loop in tcp mode (splice): proxy/eventloop.py
-    return run_event_loop(daemon.run(), mode=config.proxy.mode)
+        return await run_daemon(
+            self.start,
+            self.runtime.close,
+            self.tasks,
+            self.hooks,
+            stop_budget=self.stop_budget(),
+            stopping=self.readiness.stopping,
+            record=self.runtime.task_record,
+        )

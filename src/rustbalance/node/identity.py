@@ -16,7 +16,6 @@ is the small file shell that reads or generates the node's own key (0600 in a 07
 
 from __future__ import annotations
 
-import os
 import secrets
 import stat
 from collections.abc import Callable
@@ -27,7 +26,8 @@ from rustbalance.config import Config
 from rustbalance.config.schema import IdentityMode
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_seed_key_file
 from rustbalance.crypto.onion_address import decode_onion_address
-from rustbalance.errors import ConfigError, InvalidKeyError
+from rustbalance.errors import ConfigError, InvalidKeyError, UnsafePathError
+from rustbalance.secure_dir import ensured_dir
 
 __all__ = [
     "NodeIdentity",
@@ -123,29 +123,30 @@ def resolve_identity(
 
 
 def load_or_create_instance_key(
-    path: Path, randbytes: Callable[[int], bytes] = secrets.token_bytes
+    path: Path,
+    randbytes: Callable[[int], bytes] = secrets.token_bytes,
+    *,
+    owner: tuple[int, int] | None = None,
 ) -> tuple[IdentityKey, bool]:
     """The node's own key from ``path``, generated (seed, 0600, folder 0700) when missing.
 
     Returns (key, created). Refuses a key file others can read (InvalidKeyError); the key
-    itself is never logged, only its address.
+    itself is never logged, only its address. ``owner`` (uid, gid): a key created by root for
+    the daemon's user (``rustbalance prepare``) is that user's, folder and file, given on
+    their descriptors.
     """
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InvalidKeyError(
-                f"instance key folder {path.parent}: {exc.strerror or exc}"
-            ) from None
-        folder = path.parent.stat().st_mode
-        if folder & (stat.S_IRWXG | stat.S_IRWXO):
-            # A folder we just created is 0700 (umask can only remove bits); an existing one
-            # others can enter is tightened, as tor does for its key folders.
-            os.chmod(path.parent, 0o700)
-        key = IdentityKey.generate(randbytes)
-        write_seed_key_file(key, path)
+            # An existing folder others can enter is tightened, as tor does for its key
+            # folders; it is opened without following a symlink (rustbalance.secure_dir).
+            with ensured_dir(path.parent, mode=0o700, owner=owner) as dir_fd:
+                key = IdentityKey.generate(randbytes)
+                write_seed_key_file(key, path.name, dir_fd=dir_fd, owner=owner)
+        except (OSError, UnsafePathError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise InvalidKeyError(f"instance key folder {path.parent}: {detail}") from None
         return key, True
     except OSError as exc:
         raise InvalidKeyError(f"instance key {path}: {exc.strerror or exc}") from None

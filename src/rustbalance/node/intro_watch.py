@@ -129,11 +129,11 @@ class IntroWatch:
             return self.count > 0
         before = self.count
         changed = self.tracker.update(decoded, self._clock.wall())
-        self._on_read(self.intro_points)
         if changed:
             log.info("Own intro points changed: %d now (was %d), publishing", self.count, before)
-            if self.count:
-                self._on_changed("intro points changed")
+        self._on_read(self.intro_points)
+        if changed and self.count:
+            self._on_changed("intro points changed")
         return self.count > 0
 
     async def has_intro_points(self) -> bool:

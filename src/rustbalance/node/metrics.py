@@ -88,11 +88,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from rustbalance import __version__
+from rustbalance.config.schema import METRICS_PORT
 from rustbalance.errors import RustBalanceError
 from rustbalance.proxy.session import ProxyStats
 
 __all__ = [
     "DEFAULT_LISTEN",
+    "MAX_BACKENDS",
+    "MAX_PEERS",
     "METRICS_UPDATE_SECS",
     "MetricsError",
     "MetricsServer",
@@ -104,13 +107,14 @@ __all__ = [
 
 log = logging.getLogger("rustbalance.metrics")
 
-DEFAULT_LISTEN = ("127.0.0.1", 9100)
+# [metrics] listen's default (config/schema.py says why this port).
+DEFAULT_LISTEN = ("127.0.0.1", METRICS_PORT)
 # How often the daemon's snapshot is rendered into the metrics (scrapes read the latest).
 METRICS_UPDATE_SECS = 5.0
 _MAX_HSDIRS = 64
 _MAX_REASONS = 32
-_MAX_PEERS = 256
-_MAX_BACKENDS = 64
+MAX_PEERS = 256
+MAX_BACKENDS = 64
 # The two descriptors tor keeps (tor.md 3.2), as the publish loop names them.
 _PERIODS = ("current", "next")
 # Label values come from the daemon, but keep them printable and short all the same: a label
@@ -232,9 +236,9 @@ def _validate(snapshot: Mapping[str, Any]) -> dict[str, Any]:
         elif key == "last_publish_time":
             clean[key] = _times(value, key)
         elif key == "peers_up":
-            clean[key] = _flags(value, key, _MAX_PEERS)
+            clean[key] = _flags(value, key, MAX_PEERS)
         elif key == "backends_up":
-            clean[key] = _flags(value, key, _MAX_BACKENDS)
+            clean[key] = _flags(value, key, MAX_BACKENDS)
         else:
             raise MetricsError(f"metrics snapshot: unknown key {key!r}")
     return clean

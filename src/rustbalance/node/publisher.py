@@ -161,7 +161,6 @@ class Publisher:
         # An upload is in flight (the cluster loop holds its republish decisions meanwhile).
         self.publishing = False
         self._upload_lock = asyncio.Lock()
-        self._first_wait_over = False
         self._posted: dict[int, int] = {}  # time period -> revision counter last uploaded
         self._generation = 0  # successful publishes so far
         self._verify_wakeup = asyncio.Event()
@@ -174,11 +173,6 @@ class Publisher:
     async def publish_once(self) -> PublishOutcome:
         """One publish round: both descriptors, with our own (and the cluster's) intro points."""
         own = self._own
-        if not self._first_wait_over:
-            self._first_wait_over = True
-            if not own.intro_points:
-                # The first-publish wait is over; systemd may consider us started.
-                self._readiness.mark_ready("no intro points yet, publishing will retry")
         facts = self._role.facts()
         signature = self._role.signature(facts)
         if not self._role.is_publisher():
@@ -209,7 +203,6 @@ class Publisher:
         if any(r.ok for r in outcome.values()):
             self._published(publication, signature, results, now)
             n = len(publication.intro_points)
-            self._readiness.mark_ready(f"published {self.address} with {n} intro points")
             self._readiness.status(
                 f"Publishing {self.address}: {n} intro points, "
                 + ", ".join(f"{p} {'ok' if r.ok else 'failed'}" for p, r in outcome.items())

@@ -6,13 +6,17 @@ the system tor we attach to) with the watchdog's guard around it, the control se
 status endpoint, and the mesh (join responder, WireGuard). Start-up order (each step needs
 the one before; node/daemon.py runs them):
 
-1. ``/metrics`` (bound before tor, so a taken port fails fast naming ``metrics.listen``);
+1. ``/metrics`` (a taken port is a WARNING naming ``metrics.listen``; the node runs without);
 2. the reverse proxy first, so its port is known for ``HiddenServicePort``; then the probe;
-3. managed mode: start tor with the generated torrc; system mode: write the include file and
-   ``SIGNAL RELOAD`` (the include persists the service across tor restarts, system.md W7);
+3. managed mode: start tor with the generated torrc and wait for ``Bootstrapped 100%``;
+   system mode: write the include file and ``SIGNAL RELOAD`` (the include persists the
+   service across tor restarts, system.md W7); tor's bootstrap progress goes to readiness;
 4. one :class:`ReconnectingController` (cookie auth, or the password from
-   ``RUSTBALANCE_TOR_PASSWORD``), kept for the daemon's life (W17);
+   ``RUSTBALANCE_TOR_PASSWORD``), kept for the daemon's life (W17); system mode then waits
+   for the system tor's ``status/bootstrap-phase`` to reach 100;
 5. the status endpoint.
+
+It also judges tor's side of the node's health for the systemd watchdog (node/health.py).
 
 Every failure is a :class:`~rustbalance.node.startup.StartupError`; :meth:`NodeRuntime.close`
 releases whatever was started, also after a failed start.
@@ -20,24 +24,33 @@ releases whatever was started, also after a failed start.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from rustbalance.config import Config
 from rustbalance.errors import ControlError, RustBalanceError, TorProcessError
 from rustbalance.node import DAEMON_LOGGER
 from rustbalance.node.clock import Clock
+from rustbalance.node.health import HealthPolicy, TaskRecord, WatchdogHealth, control_budget
 from rustbalance.node.health_probe import DEFAULT_START_DELAY_SECS, HealthProber
 from rustbalance.node.identity import NodeIdentity
 from rustbalance.node.mesh import Mesh
 from rustbalance.node.metrics import MetricsServer, NodeMetrics, start_metrics_server
 from rustbalance.node.snapshot import TargetSnapshot, TorSnapshot
-from rustbalance.node.startup import EXIT_CONFIG, StartupError, onion_service_settings, write_file
+from rustbalance.node.startup import (
+    EXIT_CONFIG,
+    StartupError,
+    onion_service_settings,
+    system_include,
+    write_system_include,
+)
 from rustbalance.node.status import StatusProvider, StatusServer
+from rustbalance.node.supervisor import TaskSpec
 from rustbalance.node.tor_network import CONTROL_WAIT_SECS
-from rustbalance.node.torrc import onion_service_torrc, system_include_text
+from rustbalance.node.torrc import onion_service_torrc
 from rustbalance.node.watchdog import (
     TOR_HUNG_INTERVALS,
     GuardedTor,
@@ -49,6 +62,7 @@ from rustbalance.proxy import ProxySettings, ReverseProxy, parse_target
 from rustbalance.proxy.fd_limit import raise_nofile_limit
 from rustbalance.proxy.session import ProxyStats
 from rustbalance.tor.control import ControlConnection, ReconnectingController, password_from_env
+from rustbalance.tor.control_protocol import parse_bootstrap_phase
 from rustbalance.tor.process import ManagedTor, SystemTor, TorProcess, pick_free_ports
 
 __all__ = ["NodeRuntime"]
@@ -56,13 +70,29 @@ __all__ = ["NodeRuntime"]
 log = logging.getLogger(DAEMON_LOGGER)
 
 OnConnected = Callable[[ControlConnection], Awaitable[None]]
+OnBootstrap = Callable[[int], None]
+# The managed tor gets SIGTERM, then SIGKILL after this; the "stop tor" shutdown step (and
+# closing what is left after the shutdown hooks) are bounded by these.
+TOR_STOP_TIMEOUT_SECS = 4.0
+STOP_TOR_STEP_SECS = 5.0
+CLOSE_STEP_SECS = 2.0
+# How often the system tor's bootstrap phase is asked while start-up waits for it.
+_BOOTSTRAP_POLL_SECS = 1.0
 
 
 class NodeRuntime:
-    def __init__(self, config: Config, identity: NodeIdentity, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: Config,
+        identity: NodeIdentity,
+        clock: Clock,
+        on_bootstrap: OnBootstrap = lambda _percent: None,
+    ) -> None:
         self.config = config
         self.identity = identity
         self._clock = clock
+        # Told tor's bootstrap progress while start-up waits for it (readiness).
+        self._on_bootstrap = on_bootstrap
         self.watchdog = TorWatchdog(
             # Phase 1.2 numbers, the restart bounded by tor's bootstrap (+30 s).
             WatchdogPolicy(
@@ -70,6 +100,13 @@ class NodeRuntime:
                 restart_timeout=config.tor.bootstrap_timeout_secs + 30.0,
             )
         )
+        # The systemd watchdog's health check (node/health.py): tor's side, and the record of
+        # the supervised tasks' failures the supervisor keeps.
+        self.health = WatchdogHealth(HealthPolicy(control_budget(self.watchdog.policy)))
+        self.task_record = TaskRecord()
+        self.tor_stop_timeout = TOR_STOP_TIMEOUT_SECS
+        self.stop_tor_timeout = STOP_TOR_STEP_SECS
+        self.close_timeout = CLOSE_STEP_SECS
         # [join] / [wireguard] (node/mesh.py): the join responder and the tunnel interface.
         self.mesh = Mesh(config)
         self.socks: tuple[str, int] | None = None
@@ -107,8 +144,9 @@ class NodeRuntime:
         return socks
 
     async def start_metrics(self, metrics: NodeMetrics) -> bool:
-        """Bind ``/metrics`` before tor starts: a taken port is a start-up error naming the key
-        (not a supervised task failing over and over). True if it serves."""
+        """Bind ``/metrics``; True if it serves. A port another program holds is a WARNING and
+        the node runs without metrics: under ``Restart=always`` a failed start would loop, and
+        serving matters more than being watched (issue 17)."""
         listen = self.config.metrics.listen
         try:
             self.metrics_server = await start_metrics_server(
@@ -118,11 +156,13 @@ class NodeRuntime:
                 port=listen.port,
             )
         except OSError as exc:
-            raise StartupError(
-                f"metrics.listen: cannot listen on {listen}: "
-                f"{os.strerror(exc.errno) if exc.errno else exc} "
-                "(choose a free port, or set [metrics] enabled = false)"
-            ) from None
+            log.warning(
+                "metrics.listen: cannot listen on %s: %s; metrics are off until a restart "
+                "(choose a free port, or set [metrics] enabled = false)",
+                listen,
+                os.strerror(exc.errno) if exc.errno else exc,
+            )
+            return False
         return self.metrics_server is not None
 
     async def start_proxy(self, socks: tuple[str, int]) -> ReverseProxy:
@@ -190,6 +230,8 @@ class NodeRuntime:
                     tor_binary=tor_cfg.binary,
                     socks_port=self.socks[1],
                     bootstrap_timeout=tor_cfg.bootstrap_timeout_secs,
+                    stop_timeout=self.tor_stop_timeout,
+                    on_progress=self._on_bootstrap,
                 )
             except TorProcessError as exc:
                 raise StartupError(f"tor.extra_torrc: {exc}", EXIT_CONFIG) from None
@@ -199,20 +241,12 @@ class NodeRuntime:
                 await managed.start()
             except TorProcessError as exc:
                 raise StartupError(f"tor did not start: {exc}") from None
+            self._on_bootstrap(100)  # start() returned after "Bootstrapped 100%"
             return managed
-        include = tor_cfg.torrc_include
         socks = tor_cfg.socks
-        if include is None or socks is None or tor_cfg.control is None:
+        if socks is None or tor_cfg.control is None:
             raise StartupError("system mode needs tor.control, tor.socks, tor.torrc_include", 2)
-        text = system_include_text(settings, self.identity.master_address)
-        if tor_cfg.extra_torrc:
-            text += "".join(f"{line}\n" for line in tor_cfg.extra_torrc)
-        try:
-            # The include holds no secret; the system tor (another user) must read it.
-            write_file(include, text, 0o644)
-        except OSError as exc:
-            raise StartupError(f"cannot write tor include {include}: {exc}") from None
-        log.info("Wrote tor include %s", include)
+        write_system_include(self.config, system_include(self.config, self.identity, settings))
         system = SystemTor(str(tor_cfg.control), (socks.host, socks.port))
         self._guard(system)
         return system
@@ -243,7 +277,33 @@ class NodeRuntime:
             raise StartupError(f"tor control port {self.tor.control_address}: {exc}") from None
         if self.config.tor.mode == "system":
             await self.reload_system_tor()
+            await self._wait_bootstrapped()
         return ctrl
+
+    async def _wait_bootstrapped(self) -> None:
+        """System mode: wait (at most ``tor.bootstrap_timeout_secs``) until the system tor's
+        ``status/bootstrap-phase`` says PROGRESS=100, reporting each step (a managed tor's
+        start() already waited for its own)."""
+        ctrl = self.controller()
+        on_bootstrap = self._on_bootstrap
+        limit = self.config.tor.bootstrap_timeout_secs
+        progress = 0
+        try:
+            async with asyncio.timeout(limit):
+                while True:
+                    info = await ctrl.get_info("status/bootstrap-phase")
+                    progress = parse_bootstrap_phase(info.get("status/bootstrap-phase", ""))
+                    on_bootstrap(progress)
+                    if progress >= 100:
+                        log.info("System tor bootstrapped (100%)")
+                        return
+                    await self._clock.sleep(_BOOTSTRAP_POLL_SECS)
+        except TimeoutError:
+            raise StartupError(
+                f"the system tor did not bootstrap within {limit:.0f} s (at {progress}%)"
+            ) from None
+        except ControlError as exc:
+            raise StartupError(f"tor control port: {exc}") from None
 
     async def reload_system_tor(self) -> None:
         ctrl = self.controller()
@@ -297,6 +357,17 @@ class NodeRuntime:
             return None
         # The watchdog's clock is monotonic; intro points are read on the wall clock.
         return self._clock.wall() - (self._clock.monotonic() - restarted)
+
+    def health_problem(self, tasks: Sequence[TaskSpec]) -> str | None:
+        """The systemd watchdog's check (node/health.py): None while the node is healthy."""
+        ctrl = self.ctrl
+        now = self._clock.monotonic()
+        return self.health.problem(
+            now,
+            tasks=self.task_record.health(tasks, now),
+            control_up=ctrl is not None and ctrl.connection is not None,
+            tor_gave_up=self.watchdog.consecutive_failures >= self.watchdog.policy.give_up_after,
+        )
 
     # -- for status and metrics -------------------------------------------------------------
 

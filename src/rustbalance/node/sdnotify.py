@@ -3,8 +3,9 @@
 When the daemon runs under ``Type=notify`` systemd sets ``NOTIFY_SOCKET`` (a path, or ``@name``
 for the abstract namespace) and, with ``WatchdogSec=``, ``WATCHDOG_USEC``. We send newline-separated
 ``KEY=value`` assignments as one datagram: ``READY=1`` once serving, ``STATUS=...`` for
-``systemctl status``, ``WATCHDOG=1`` keep-alives at half the watchdog interval, ``STOPPING=1`` on
-shutdown. Without ``NOTIFY_SOCKET`` every call is a no-op, so the daemon runs the same anywhere.
+``systemctl status``, ``EXTEND_TIMEOUT_USEC=...`` while a start or stop step takes long,
+``WATCHDOG=1`` keep-alives at half the watchdog interval, ``STOPPING=1`` on shutdown.
+Without ``NOTIFY_SOCKET`` every call is a no-op, so the daemon runs the same anywhere.
 Sending never raises: a lost notification must not take the daemon down.
 """
 
@@ -101,8 +102,19 @@ class SystemdNotifier:
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
 
-    def stopping(self, status: str | None = None) -> bool:
-        return self.notify("STOPPING=1", *((_status(status),) if status else ()))
+    def stopping(self, status: str | None = None, *, extend: float | None = None) -> bool:
+        return self.notify("STOPPING=1", *((_status(status),) if status else ()), *_extend(extend))
+
+    def progress(self, status: str, *, extend: float | None = None) -> bool:
+        """``STATUS=`` and, with ``extend``, ``EXTEND_TIMEOUT_USEC=``: systemd's start (or
+        stop) timeout becomes at least ``extend`` seconds from now (sd_notify(3))."""
+        return self.notify(_status(status), *_extend(extend))
+
+
+def _extend(seconds: float | None) -> tuple[str, ...]:
+    if seconds is None:
+        return ()
+    return (f"EXTEND_TIMEOUT_USEC={max(1, round(seconds * 1_000_000))}",)
 
 
 def _status(text: str) -> str:
@@ -114,20 +126,28 @@ async def run_watchdog_pings(
     notifier: SystemdNotifier,
     *,
     sleep: Callable[[float], Awaitable[None]],
-    healthy: Callable[[], bool] = lambda: True,
+    problem: Callable[[], str | None] = lambda: None,
 ) -> None:
     """Ping systemd's watchdog forever (a supervised task: it never returns).
 
     Without a watchdog it just waits until cancelled, so a supervisor never sees it "exit".
-    A ping is skipped while ``healthy()`` is false, so systemd restarts a wedged daemon.
+    A ping is withheld while ``problem()`` names one (node/health.py), so systemd restarts a
+    node that cannot heal itself; the reason is logged when it appears or changes.
     """
     interval = notifier.watchdog_interval
     if interval is None:
         await asyncio.Event().wait()
         return
+    reported: str | None = None
     while True:
-        if healthy():
+        why = problem()
+        if why is None:
             notifier.watchdog()
-        else:
-            log.warning("Skipping systemd watchdog ping: daemon is not healthy")
+        elif why != reported:
+            log.warning(
+                "Withholding the systemd watchdog ping (systemd restarts the node if this "
+                "lasts): %s",
+                why,
+            )
+        reported = why
         await sleep(interval)

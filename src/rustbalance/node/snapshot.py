@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rustbalance.node.coordination import ClusterStatus
-from rustbalance.node.metrics import proxy_snapshot
+from rustbalance.node.metrics import MAX_BACKENDS, MAX_PEERS, proxy_snapshot
 from rustbalance.node.publish_policy import PublishState
 from rustbalance.proxy.session import ProxyStats
 
@@ -232,8 +232,32 @@ def metrics_values(s: NodeSnapshot) -> dict[str, Any]:
     else:
         values["peers_alive"] = 0
     values["intro_points"] = intro
+    # What the alerts read (deploy/prometheus/): the descriptor's age per period, and which
+    # peers and plain backends are up; the same facts as the status document's.
+    values["last_publish_time"] = {
+        period: when for period, when in s.publish.state.last_success.items()
+    }
+    values["peers_up"] = _peers_up(s.cluster)
+    if s.backends is not None:
+        values["backends_up"] = _backends_up(s.backends)
     if s.proxy is not None:
         values.update(proxy_snapshot(s.proxy))
     if s.target is not None:
         values["target_up"] = s.target.healthy
     return values
+
+
+def _peers_up(cluster: ClusterSnapshot | None) -> dict[str, bool]:
+    """Peer id -> live, at most :data:`~rustbalance.node.metrics.MAX_PEERS`: the silent peers
+    first, because ``RustBalancePeerMissing`` alerts on them (a live peer left out alerts
+    nothing)."""
+    peers = _peers(cluster)
+    peers.sort(key=lambda p: bool(p["alive"]))  # stable: by id among the silent, the live
+    return {p["node_id"]: p["alive"] for p in peers[:MAX_PEERS]}
+
+
+def _backends_up(backends: tuple[BackendSnapshot, ...]) -> dict[str, bool]:
+    """``<56>.onion`` -> merged, at most :data:`~rustbalance.node.metrics.MAX_BACKENDS`, the
+    ones that dropped out first (``RustBalanceBackendDown`` alerts on them)."""
+    ordered = sorted(backends, key=lambda b: b.down_reason is None)
+    return {f"{b.address}.onion": b.down_reason is None for b in ordered[:MAX_BACKENDS]}

@@ -1,6 +1,7 @@
 """Start-up checks and files: everything the daemon does before it starts a process.
 
-1. load and validate the config and the keys (:func:`load_node`): the master key is refused
+1. load and validate the config, check that ``node.state_dir`` is private to this user
+   (:func:`prepare_state_dir`), and load the keys (:func:`load_node`): the master key is refused
    when others can read it, and checked against ``master.onion_address``, which catches
    deploying the wrong key; in ``instance`` mode the node's own key is read or generated;
 2. write the onion service folder (:func:`write_onion_service_dir`): the key tor hosts (0700
@@ -24,7 +25,7 @@ from rustbalance.atomic_file import write_file_atomic
 from rustbalance.config import Config, ConfigProblems, load_config
 from rustbalance.config.pow import pow_refusal
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
-from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError
+from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError, UnsafePathError
 from rustbalance.node import DAEMON_LOGGER
 from rustbalance.node.cluster_link import multi_node_wanted
 from rustbalance.node.identity import (
@@ -41,7 +42,9 @@ from rustbalance.node.torrc import (
     OnionServiceSettings,
     PowSettings,
     ob_config_text,
+    system_include_text,
 )
+from rustbalance.secure_dir import opened_dir
 
 __all__ = [
     "EXIT_CONFIG",
@@ -53,8 +56,11 @@ __all__ = [
     "load_node",
     "log_identity_mode",
     "onion_service_settings",
+    "prepare_state_dir",
+    "system_include",
     "write_file",
     "write_onion_service_dir",
+    "write_system_include",
 ]
 
 log = logging.getLogger(DAEMON_LOGGER)
@@ -103,9 +109,10 @@ def load_master_key(config: Config) -> IdentityKey:
     return key
 
 
-def load_identity(config: Config) -> NodeIdentity:
+def load_identity(config: Config, *, owner: tuple[int, int] | None = None) -> NodeIdentity:
     """The keys of ``node.identity_mode`` (identity.py): the master key when this node needs
-    it, the node's own instance key (generated if missing) in instance mode."""
+    it, the node's own instance key (generated if missing, given to ``owner`` if set) in
+    instance mode."""
     master = None
     if master_key_needed(config) or config.master.identity_key_path is not None:
         master = load_master_key(config)
@@ -113,7 +120,7 @@ def load_identity(config: Config) -> NodeIdentity:
     if config.node.identity_mode == "instance":
         path = default_instance_key_path(config)
         try:
-            instance, created = load_or_create_instance_key(path)
+            instance, created = load_or_create_instance_key(path, owner=owner)
         except InvalidKeyError as exc:
             raise StartupError(f"node.instance_key_path: {exc}", EXIT_CONFIG) from None
         if created:
@@ -137,6 +144,10 @@ def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, NodeIdentity
     if config.tor.pow_enabled and (multi_node_wanted(config) or mesh_wants_cluster(config)):
         refusal = pow_refusal(identity_mode=config.node.identity_mode, learned_peers=True)
         raise StartupError(f"invalid config {config_path}: {refusal}", EXIT_CONFIG)
+    # An existing state folder is checked before anything is written under it (instance mode
+    # creates its key there); a missing one is created by the daemon's start once every key
+    # and token is known to be usable, so a refused start writes nothing.
+    prepare_state_dir(config, create=False)
     return config, load_identity(config)
 
 
@@ -145,26 +156,77 @@ def write_file(path: Path, text: str, mode: int) -> None:
     write_file_atomic(path, text, mode)
 
 
-def _adopt_owner(directory: Path) -> None:
-    """System mode as root: tor refuses a HiddenServiceDir it does not own, so give the
-    directory to the owner of its parent (e.g. debian-tor for /var/lib/tor)."""
-    if os.geteuid() != 0:
+def prepare_state_dir(config: Config, *, create: bool = True) -> None:
+    """``node.state_dir`` (created 0700 if missing, with ``create``) must be this user's and
+    writable by nobody else: everything under it (keys, peers, tor's data, the status socket)
+    is written by path, which is safe only where no other user can plant a name (issue 17).
+    Without ``create`` a missing folder is nothing to check."""
+    path = config.node.state_dir
+    try:
+        with opened_dir(path, create_mode=0o700 if create else None) as fd:
+            info = os.fstat(fd)
+    except FileNotFoundError:
+        if create:
+            raise StartupError(f"node.state_dir: cannot create {path}", EXIT_CONFIG) from None
         return
-    parent = directory.parent.stat()
-    if parent.st_uid == 0:
-        return
-    for item in (directory, *directory.iterdir()):
-        os.chown(item, parent.st_uid, parent.st_gid)
+    except UnsafePathError as exc:
+        raise StartupError(f"node.state_dir: {exc}", EXIT_CONFIG) from None
+    except OSError as exc:
+        raise StartupError(
+            f"node.state_dir: cannot open {path}: {exc.strerror or exc}", EXIT_CONFIG
+        ) from None
+    if info.st_uid != os.geteuid():
+        raise StartupError(
+            f"node.state_dir: {path} is owned by uid {info.st_uid}, but the daemon runs as "
+            f"uid {os.geteuid()}; run: chown {os.geteuid()} {path}",
+            EXIT_CONFIG,
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StartupError(
+            f"node.state_dir: {path} is writable by others (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}); run: chmod 700 {path}",
+            EXIT_CONFIG,
+        )
+
+
+def _system_tor_owner(config: Config) -> tuple[int, int] | None:
+    """System mode as root: tor refuses a HiddenServiceDir it does not own (tor's
+    src/lib/fs/dir.c, check_private_dir), so the folder goes to the owner of its parent
+    (debian-tor for /var/lib/tor). None when nothing is handed over."""
+    if config.tor.mode != "system" or os.geteuid() != 0:
+        return None
+    with opened_dir(config.tor.hidden_service_dir.parent) as fd:
+        parent = os.fstat(fd)
+    return None if parent.st_uid == 0 else (parent.st_uid, parent.st_gid)
 
 
 def write_onion_service_dir(config: Config, identity: NodeIdentity) -> None:
-    """The key tor hosts and ``ob_config`` in ``tor.hidden_service_dir`` (see the module doc)."""
+    """The key tor hosts and ``ob_config`` in ``tor.hidden_service_dir`` (see the module doc).
+
+    In system mode the folder is in tor's own folder, where the tor user can plant anything:
+    it is opened without following a symlink planted there, only files this daemon creates
+    are written (``O_EXCL|O_NOFOLLOW``, relative to the folder's descriptor) and handed to the
+    tor user, each on its own descriptor (crypto/keys.py, rustbalance.secure_dir). Only root
+    can hand files to tor's user: an unprivileged daemon in system mode leaves the folder to
+    ``rustbalance prepare``, which the unit runs as root before it (``ExecStartPre=+``)."""
     hs_dir = config.tor.hidden_service_dir
+    if config.tor.mode == "system" and os.geteuid() != 0:
+        log.info(
+            "Onion service directory %s is the system tor's: `rustbalance prepare` (root) "
+            "writes it",
+            hs_dir,
+        )
+        return
+    ob_config = ob_config_text(identity.master_address).encode("ascii")
     try:
-        write_hidden_service_dir(identity.service_key, hs_dir)
-        write_file(hs_dir / OB_CONFIG_FILENAME, ob_config_text(identity.master_address), 0o600)
-        if config.tor.mode == "system":
-            _adopt_owner(hs_dir)
+        write_hidden_service_dir(
+            identity.service_key,
+            hs_dir,
+            extra={OB_CONFIG_FILENAME: ob_config},
+            owner=_system_tor_owner(config),
+        )
+    except UnsafePathError as exc:
+        raise StartupError(f"tor.hidden_service_dir: {exc}") from None
     except (InvalidKeyError, OSError) as exc:
         raise StartupError(f"cannot write hidden service directory {hs_dir}: {exc}") from None
     if identity.mode == "instance":
@@ -176,6 +238,37 @@ def write_onion_service_dir(config: Config, identity: NodeIdentity) -> None:
         )
     else:
         log.info("Wrote onion service directory %s (master %s)", hs_dir, identity.master_address)
+
+
+def system_include(config: Config, identity: NodeIdentity, settings: OnionServiceSettings) -> str:
+    """The system-mode include (``tor.torrc_include``): the onion service, then
+    ``tor.extra_torrc``."""
+    text = system_include_text(settings, identity.master_address)
+    return text + "".join(f"{line}\n" for line in config.tor.extra_torrc)
+
+
+def write_system_include(config: Config, text: str) -> None:
+    """Write ``tor.torrc_include`` unless it already holds ``text`` (``rustbalance prepare``
+    wrote it as root for an unprivileged daemon, which cannot write tor's folder)."""
+    include = config.tor.torrc_include
+    if include is None:
+        raise StartupError("tor.torrc_include: system mode needs it", EXIT_CONFIG)
+    try:
+        if include.read_text() == text:
+            log.info("Tor include %s is up to date", include)
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    try:
+        # The include holds no secret; the system tor (another user) must read it.
+        write_file(include, text, 0o644)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot write tor include {include}: {exc.strerror or exc} (as an unprivileged "
+            "user, run `rustbalance prepare` as root first; a fixed proxy.listen_port keeps "
+            "the include the same across starts)"
+        ) from None
+    log.info("Wrote tor include %s", include)
 
 
 def onion_service_settings(

@@ -11,9 +11,14 @@ Here every task runs inside one :class:`asyncio.TaskGroup`:
   proxy drain, ...) each within its time bound while the tasks still run, cancel the tasks, log
   "Shutdown complete" and return 0.
 
+The supervisor records each task's failure streak (node/health.py ``TaskRecord``), which the
+systemd watchdog ping reads.
+
 :func:`run_daemon` is a daemon's whole life around it (start-up that a signal can interrupt,
-supervision, clean-up) and the one place that decides the exit code; the bound on the whole
-shutdown is the sum of the hooks' time bounds.
+supervision, clean-up) and the one place that decides the exit code. Every way of stopping (a
+signal after start-up, a signal during start-up, a fatal task failure) ends within one budget
+(``stop_budget``: the hooks' bounds plus the clean-up's), which systemd is told when the
+shutdown begins (``stopping``); a step that overruns is cut off and the process exits anyway.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 
 from rustbalance.errors import RustBalanceError
 from rustbalance.node import DAEMON_LOGGER
+from rustbalance.node.health import DEFAULT_RESTART_BUDGET, TaskRecord
 from rustbalance.node.publish_policy import backoff
 from rustbalance.node.startup import StartupError
 
@@ -37,6 +43,8 @@ daemon_log = logging.getLogger(DAEMON_LOGGER)
 
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1
+# run_daemon's bound on a whole shutdown when the caller gives none.
+DEFAULT_STOP_BUDGET = 30.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,9 @@ class TaskSpec:
     backoff_cap: float = 60.0
     # A run that lasted this long was healthy: the next failure starts the backoff afresh.
     stable_after: float = 60.0
+    # Failing (without a stable run) for longer than this makes the node unhealthy: the
+    # systemd watchdog ping is withheld (node/health.py).
+    restart_budget: float = DEFAULT_RESTART_BUDGET
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,9 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
+        record: TaskRecord | None = None,
+        on_shutdown: Callable[[], None] = lambda: None,
+        deadline: Callable[[], float | None] = lambda: None,
     ) -> None:
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
@@ -90,6 +104,11 @@ class Supervisor:
         self._clock = clock
         self._sleep = sleep
         self._rand = rand
+        self.record = record if record is not None else TaskRecord()
+        # Called once when a shutdown begins (a signal or a fatal failure): tell systemd.
+        self._on_shutdown = on_shutdown
+        # The loop time by which the shutdown must be over (None: only the hooks' bounds).
+        self._deadline = deadline
         self._stop = asyncio.Event()
         self._stopping = False
         self.shutdown_reason: str | None = None
@@ -106,6 +125,7 @@ class Supervisor:
             return
         self._stopping = True
         self.shutdown_reason = reason
+        self._on_shutdown()
         self._stop.set()
 
     def _on_signal(self, sig: signal.Signals) -> None:
@@ -134,6 +154,7 @@ class Supervisor:
         consecutive = 0
         while True:
             started = self._clock()
+            self.record.started(spec.name, started)
             try:
                 await spec.run()
             except asyncio.CancelledError:
@@ -149,6 +170,7 @@ class Supervisor:
                     return
                 reason = "exited unexpectedly"
                 cause = None
+            self.record.failed(spec.name, self._clock())
             if not spec.restartable:
                 log.error("Task '%s' failed: %s", spec.name, reason, exc_info=cause)
                 raise TaskFailed(spec.name, reason) from cause
@@ -170,11 +192,17 @@ class Supervisor:
                 return
 
     async def _run_hooks(self) -> None:
+        loop = asyncio.get_running_loop()
         for hook in self._hooks:
+            limit = hook.timeout
+            deadline = self._deadline()
+            if deadline is not None:
+                # Never past the whole shutdown's budget, whatever the step's own bound.
+                limit = max(0.0, min(limit, deadline - loop.time()))
             try:
-                await asyncio.wait_for(hook.run(), hook.timeout)
+                await asyncio.wait_for(hook.run(), limit)
             except TimeoutError:
-                log.warning("Shutdown step '%s' timed out after %gs", hook.name, hook.timeout)
+                log.warning("Shutdown step '%s' timed out after %gs", hook.name, limit)
             except Exception as exc:
                 log.warning("Shutdown step '%s' failed: %s", hook.name, exc)
 
@@ -199,7 +227,9 @@ class Supervisor:
             assert isinstance(first, TaskFailed)
             failure = first
         if failure is not None:
-            self._stopping = True
+            if not self._stopping:
+                self._stopping = True
+                self._on_shutdown()
             await self._run_hooks()
             log.error("Exiting with status %d: task '%s' failed", EXIT_TASK_FAILED, failure.task)
             return EXIT_TASK_FAILED
@@ -212,21 +242,47 @@ async def run_daemon(
     close: Callable[[], Awaitable[None]],
     tasks: Callable[[], Sequence[TaskSpec]],
     hooks: Callable[[], Sequence[ShutdownHook]],
+    *,
+    stop_budget: float = DEFAULT_STOP_BUDGET,
+    stopping: Callable[[float], None] = lambda _budget: None,
+    record: TaskRecord | None = None,
 ) -> int:
     """A daemon's whole life: ``start()``, then supervise ``tasks()`` until SIGTERM/SIGINT or a
     fatal failure, then ``close()``; the process exit code.
 
     A signal during start-up stops it (exit 0 after ``close``); a :class:`StartupError` is
-    logged as "Start-up failed: ..." and its exit code returned (2 config/key, 1 runtime)."""
+    logged as "Start-up failed: ..." and its exit code returned (2 config/key, 1 runtime).
+    However the shutdown begins, ``stopping(stop_budget)`` is called first and the hooks and
+    ``close()`` together end within ``stop_budget`` seconds (what overruns is cancelled)."""
     loop = asyncio.get_running_loop()
     starting = asyncio.current_task()
     assert starting is not None
     interrupted: list[str] = []
+    deadline: list[float] = []
+
+    def begin_shutdown() -> None:
+        if not deadline:
+            deadline.append(loop.time() + stop_budget)
+            stopping(stop_budget)
 
     def stop_start_up(sig: signal.Signals) -> None:
+        if interrupted:
+            return
         daemon_log.info("Received %s during start-up", sig.name)
         interrupted.append(sig.name)
+        begin_shutdown()
         starting.cancel()
+
+    async def bounded_close() -> None:
+        if not deadline:
+            await close()
+            return
+        try:
+            await asyncio.wait_for(close(), max(0.0, deadline[0] - loop.time()))
+        except TimeoutError:
+            daemon_log.warning(
+                "Shutdown did not finish within its %g s budget; exiting", stop_budget
+            )
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_start_up, sig)
@@ -236,7 +292,7 @@ async def run_daemon(
         if not interrupted:
             raise
         starting.uncancel()
-        await close()
+        await bounded_close()
         daemon_log.info("Shutdown complete")
         return EXIT_OK
     except StartupError as exc:
@@ -246,13 +302,19 @@ async def run_daemon(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-    supervisor = Supervisor(tasks(), hooks())
+    supervisor = Supervisor(
+        tasks(),
+        hooks(),
+        record=record,
+        on_shutdown=begin_shutdown,
+        deadline=lambda: deadline[0] if deadline else None,
+    )
     supervisor.install_signal_handlers()
     try:
         return await supervisor.run()
     finally:
         supervisor.remove_signal_handlers()
-        await close()
+        await bounded_close()
 
 
 async def run_supervised(tasks: Sequence[TaskSpec], hooks: Sequence[ShutdownHook] = ()) -> int:

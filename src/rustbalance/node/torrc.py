@@ -22,14 +22,12 @@ from dataclasses import dataclass
 
 from rustbalance.crypto.onion_address import decode_onion_address
 from rustbalance.errors import ConfigError, InvalidKeyError
+from rustbalance.rules import torrc_value_problem
 
 # tor.md §11: HiddenServiceNumIntroductionPoints is 1..20 (default 3).
 MAX_INTRO_POINTS = 20
 # tor.md §11 / tor's man page: intro DoS defense parameters are 0..INT32_MAX.
 _INT32_MAX = 0x7FFFFFFF
-# Characters that would end, comment out or re-quote a torrc value: a value containing them
-# could smuggle in a second option.
-_FORBIDDEN = ("\n", "\r", "\x00", "#", '"', "\\")
 
 OB_CONFIG_FILENAME = "ob_config"
 
@@ -66,11 +64,9 @@ class OnionServiceSettings:
 
 
 def _check_value(name: str, value: str) -> None:
-    for bad in _FORBIDDEN:
-        if bad in value:
-            raise ConfigError(f"{name}: value must not contain {bad!r}")
-    if value != value.strip() or not value:
-        raise ConfigError(f"{name}: value must be non-empty without surrounding whitespace")
+    # One rule for every value written into a torrc (rules.py).
+    if problem := torrc_value_problem(value):
+        raise ConfigError(f"{name}: value {problem}")
 
 
 def _check_port(name: str, port: int) -> None:

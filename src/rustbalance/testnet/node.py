@@ -65,8 +65,8 @@ def write_node_config(
         "target": {"address": target},
         "tor": {"mode": "managed", "data_dir": work_dir / "tor", "extra_torrc": list(extra_torrc)},
         "proxy": {"listen_port": 0},
-        # Off so two nodes on one machine never fight over port 9100 (tests that want /metrics
-        # set [metrics] listen to a free port).
+        # Off so two nodes on one machine never share the metrics port (tests that want
+        # /metrics set [metrics] listen to a free port).
         "metrics": {"enabled": False},
     }
     for section, values in (overrides or {}).items():

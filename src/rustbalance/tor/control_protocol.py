@@ -48,6 +48,7 @@ __all__ = [
     "encode_data_command",
     "format_keyword_arg",
     "parse_authchallenge",
+    "parse_bootstrap_phase",
     "parse_getconf",
     "parse_getinfo",
     "parse_hsdir",
@@ -539,6 +540,23 @@ def parse_getinfo(reply: Reply) -> dict[str, str]:
             value = line.data
         out[key] = value
     return out
+
+
+def parse_bootstrap_phase(value: str) -> int:
+    """tor's bootstrap percentage from ``GETINFO status/bootstrap-phase``, whose value is a
+    BOOTSTRAP status event without its 650 prefix (control-spec §4.1.10, "Status events"):
+    ``NOTICE BOOTSTRAP PROGRESS=100 TAG=done SUMMARY="Done"``."""
+    positional, keywords = parse_keywords(value)
+    if len(positional) < 2 or positional[1] != "BOOTSTRAP":
+        raise ControlProtocolError(
+            f"status/bootstrap-phase is not a BOOTSTRAP status: {value[:80]!r}"
+        )
+    progress = keywords.get("PROGRESS", "")
+    if not progress.isascii() or not progress.isdigit() or int(progress) > 100:
+        raise ControlProtocolError(
+            f"status/bootstrap-phase: PROGRESS={progress[:10]!r} is not 0..100"
+        )
+    return int(progress)
 
 
 def parse_getconf(reply: Reply) -> dict[str, list[str]]:

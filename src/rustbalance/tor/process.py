@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from rustbalance.atomic_file import write_file_atomic
-from rustbalance.errors import TorProcessError
+from rustbalance.errors import TorProcessError, UnsafePathError
+from rustbalance.rules import torrc_value_problem
+from rustbalance.secure_dir import ensured_dir
 
 __all__ = [
     "CommandResult",
@@ -191,7 +193,8 @@ class ManagedTor(TorDataFiles):
     ``<data_dir>/torrc`` (mode 0600, data dir 0700) holds the generated lines followed by the
     caller's ``torrc_lines``; tor's notices go to ``<data_dir>/tor.log``. :meth:`start` returns
     once tor logged ``Bootstrapped 100%`` and the control port accepts connections (or, with
-    ``wait_for_bootstrap=False``, as soon as the control port is up, e.g. for ``DisableNetwork 1``).
+    ``wait_for_bootstrap=False``, as soon as the control port is up, e.g. for ``DisableNetwork 1``);
+    ``on_progress`` hears each new ``Bootstrapped NN%`` meanwhile.
     """
 
     def __init__(
@@ -206,6 +209,7 @@ class ManagedTor(TorDataFiles):
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         wait_for_bootstrap: bool = True,
         owning_pid: int | None = None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> None:
         for line in torrc_lines:
             _check_torrc_line(line)
@@ -224,6 +228,8 @@ class ManagedTor(TorDataFiles):
         self.owning_pid = owning_pid if owning_pid is not None else os.getpid()
         self._proc: asyncio.subprocess.Process | None = None
         self._log_offset = 0
+        # Told each new bootstrap percentage while start() waits (systemd's start extension).
+        self._on_progress = on_progress
 
     # -- addresses and paths
 
@@ -244,6 +250,13 @@ class ManagedTor(TorDataFiles):
 
     def torrc_text(self) -> str:
         """The torrc ManagedTor writes: generated lines, then the caller's lines."""
+        for option, path in (
+            ("DataDirectory", self.data_dir),
+            ("CookieAuthFile", self.control_cookie_path),
+        ):
+            # A path holding a newline would add options of its own (rules.py).
+            if problem := torrc_value_problem(str(path)):
+                raise TorProcessError(f"{option} {str(path)!r}: {problem}")
         generated = [
             "# Written by rustbalance ManagedTor; edits are overwritten on start.",
             f"DataDirectory {self.data_dir}",
@@ -259,13 +272,20 @@ class ManagedTor(TorDataFiles):
         return "\n".join([*generated, *self.torrc_lines]) + "\n"
 
     def _write_files(self) -> Path:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        # tor refuses a DataDirectory others can read (tor manual: DataDirectoryGroupReadable).
-        os.chmod(self.data_dir, 0o700)
-        write_file_atomic(self.torrc_path, self.torrc_text(), 0o600)
-        # An empty defaults file keeps /etc/tor/torrc-defaults out (tor.md §13.10 pitfall 1).
+        torrc = self.torrc_text()
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        # tor refuses a DataDirectory others can read (tor manual: DataDirectoryGroupReadable);
+        # opened without following a symlink another user could have planted, the files
+        # written relative to it (rustbalance.secure_dir).
         defaults = self.data_dir / "torrc-defaults"
-        write_file_atomic(defaults, "", 0o600)
+        try:
+            with ensured_dir(self.data_dir, mode=0o700) as dir_fd:
+                write_file_atomic(self.torrc_path.name, torrc, 0o600, dir_fd=dir_fd)
+                # An empty defaults file keeps /etc/tor/torrc-defaults out (tor.md §13.10
+                # pitfall 1).
+                write_file_atomic(defaults.name, "", 0o600, dir_fd=dir_fd)
+        except UnsafePathError as exc:
+            raise TorProcessError(f"tor data directory: {exc}") from None
         return defaults
 
     # -- lifecycle
@@ -332,6 +352,7 @@ class ManagedTor(TorDataFiles):
         assert self._proc is not None
         deadline = started + self.bootstrap_timeout
         step = "control port"
+        reported = -1
         while True:
             if self._proc.returncode is not None or not pid_is_alive(self._proc.pid):
                 await self._proc.wait()
@@ -341,6 +362,10 @@ class ManagedTor(TorDataFiles):
                     + read_log_tail(self.log_path, start=self._log_offset)
                 )
             text = self._new_log_text()
+            progress = bootstrap_progress(text)
+            if self._on_progress is not None and progress > reported:
+                reported = progress
+                self._on_progress(progress)
             control_ready = self.control_cookie_path.exists() and await self._control_port_open()
             if control_ready:
                 step = "Bootstrapped 100%"
