@@ -14,6 +14,7 @@ from python_socks.async_.asyncio import Proxy
 
 from rustbalance.errors import TorProcessError
 from rustbalance.testnet import AUTHORITY_COUNT, PrivateTorNetwork, TorInstance
+from rustbalance.testnet.network import Role
 from rustbalance.tor.process import pid_is_alive
 
 _attempts = itertools.count()
@@ -182,3 +183,24 @@ def test_collect_logs_copies_log_and_torrc_but_no_keys(tmp_path: Path) -> None:
     copied = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
     assert "auth0/tor.log" in copied and "auth0/torrc" in copied
     assert not [p for p in copied if "key" in p or "cookie" in p]
+
+
+def test_a_reused_name_starts_from_a_fresh_folder(tmp_path: Path) -> None:
+    """A tor added under a removed tor's name gets a fresh folder; the old one moves aside.
+
+    Without this, a second Onionbalance instance named like an earlier one read the earlier
+    tor's log: its wait for "MasterOnionAddress … registered" matched the old master's line.
+    No tor runs: only the folder bookkeeping of ``add_*``/``remove`` is exercised.
+    """
+    net = PrivateTorNetwork(tmp_path / "net")
+    net.nodes_dir.mkdir(parents=True)
+    first = net._new_instance("obinst1", Role.ONION_SERVICE)
+    first.log_path.write_text("[notice] OnionBalance: MasterOnionAddress old.onion registered\n")
+    net.remove(first)
+    second = net._new_instance("obinst1", Role.ONION_SERVICE)
+    assert second.data_dir == first.data_dir
+    assert not second.log_path.exists()
+    assert "old.onion" in (net.nodes_dir / "obinst1.1" / first.log_path.name).read_text()
+    net.remove(second)
+    net._new_instance("obinst1", Role.ONION_SERVICE)
+    assert (net.nodes_dir / "obinst1.2").is_dir()

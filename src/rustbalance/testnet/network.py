@@ -302,6 +302,7 @@ class PrivateTorNetwork:
         self.started = False
         self._dir_authority_lines: list[str] = []
         self._used_ports: set[int] = set()
+        self._removed_names: set[str] = set()
         self._atexit_registered = False
 
     # -- layout
@@ -349,6 +350,8 @@ class PrivateTorNetwork:
             raise TorProcessError(f"tor node name {name!r} must be 1-19 letters or digits")
         if name in self.instances:
             raise TorProcessError(f"a tor named {name!r} already exists in this network")
+        if name in self._removed_names:
+            self._retire_data_dir(self.nodes_dir / name)
         server = role in (Role.AUTHORITY, Role.RELAY)
         ports = self._ports(4)
         inst = TorInstance(
@@ -364,6 +367,22 @@ class PrivateTorNetwork:
         os.chmod(inst.data_dir, 0o700)  # tor refuses a group-readable DataDirectory
         self.instances[name] = inst
         return inst
+
+    @staticmethod
+    def _retire_data_dir(data_dir: Path) -> None:
+        """Move a removed tor's folder aside (``NAME.1``, ``NAME.2``…) before its name is reused.
+
+        A new tor under an old name must not start from the old one's log (a log wait would match
+        the old tor's lines) or its onion-service keys; the old folder stays for the logs.
+        """
+        if not data_dir.exists():
+            return
+        for n in range(1, 10_000):
+            aside = data_dir.with_name(f"{data_dir.name}.{n}")
+            if not aside.exists():
+                data_dir.rename(aside)
+                return
+        raise TorProcessError(f"{data_dir}: too many earlier tors under this name")
 
     # -- keys (tor.md §13.3)
 
@@ -755,7 +774,8 @@ class PrivateTorNetwork:
     def remove(self, inst: TorInstance) -> None:
         """Stop one tor and forget it (its data directory stays for the logs)."""
         inst.stop()
-        self.instances.pop(inst.name, None)
+        if self.instances.pop(inst.name, None) is not None:
+            self._removed_names.add(inst.name)
 
     def stop(self) -> None:
         """Stop every tor this network started, by PID (SIGTERM, SIGKILL after 10 s)."""
