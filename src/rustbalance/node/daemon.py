@@ -128,6 +128,7 @@ from rustbalance.node.publish_policy import (
     PublishTrigger,
     run_publish_loop,
 )
+from rustbalance.node.rotation import Boundary, boundary_of, network_poll_delay
 from rustbalance.node.sdnotify import SystemdNotifier, run_watchdog_pings
 from rustbalance.node.status import NodeStatus, PeerStatus, StatusServer
 from rustbalance.node.supervisor import ShutdownHook, Supervisor, TaskSpec
@@ -459,6 +460,7 @@ class Daemon:
         self._upload_lock = asyncio.Lock()
         self._intro_wakeup = asyncio.Event()
         self._published_ring: Ring | None = None
+        self._boundary: Boundary | None = None
         self._fired_ring: Ring | None = None
         self._first_wait_over = False
         self._proxy_closed = False
@@ -1165,11 +1167,27 @@ class Daemon:
             log.info("Responsible HSDirs changed: republishing")
             self.trigger.fire("HSDirs changed")
 
+    def _check_boundary(self, view: NetworkView) -> None:
+        """A new time period or shared-random run (node/rotation.py): tor rotated its
+        descriptors, or clients now fetch the next period's. Re-read our own intro points at
+        once (an instance node switches to its ``desc_next``), not at the next poll."""
+        boundary = boundary_of(view.valid_after, view.time_params)
+        if self._boundary is not None and boundary != self._boundary:
+            log.info(
+                "%s: re-reading own intro points",
+                "New time period" if boundary[0] != self._boundary[0] else "New SRV run",
+            )
+            self._own_next.mark_stale()
+            self._intro_wakeup.set()
+        self._boundary = boundary
+
     async def watch_network(self) -> None:
-        """Supervised task: re-read the network view on every new consensus."""
+        """Supervised task: re-read the network view on every new consensus (checked every
+        second once a period start or run start is due: node/rotation.py)."""
         ctrl = self._controller()
         last: str | None = None
         while True:
+            delay = NETWORK_POLL_SECS
             try:
                 try:
                     key = "consensus/valid-after"
@@ -1180,10 +1198,15 @@ class Daemon:
                     view = await read_network_view(ctrl)
                     self.view = view
                     last = valid_after
+                    self._check_boundary(view)
                     self._check_ring(view)
+                if self.view is not None:
+                    delay = network_poll_delay(
+                        self.view.valid_after, self.view.time_params, time.time(), delay
+                    )
             except (ControlError, RustBalanceError) as exc:
                 log.debug("Reading the consensus failed (will retry): %s", exc)
-            await asyncio.sleep(NETWORK_POLL_SECS)
+            await asyncio.sleep(delay)
 
     # -- publishing -----------------------------------------------------------------------
 

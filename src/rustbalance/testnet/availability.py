@@ -224,7 +224,7 @@ class LoadSettings:
     reconnect_pause: float = 1.0  # keep-alive: after a failure, before reconnecting
     path: str = "/"
     port: int = 80
-    expect_prefix: bytes = b"hello from "  # a body that does not start with it is a failure
+    expect_prefix: str = "hello from "  # a body that does not start with it is a failure
 
 
 class _HeadError(Exception):
@@ -277,7 +277,7 @@ class LoadGenerator:
         sink.append(self._now())
 
     def _answer(self, status: int, body: bytes) -> tuple[bool, str | None, str | None]:
-        expect = self.settings.expect_prefix
+        expect = self.settings.expect_prefix.encode()
         if status == 200 and body.startswith(expect):
             name = body[len(expect) :].decode("utf-8", "replace").strip()
             return True, None, name.removesuffix("-target")

@@ -292,7 +292,13 @@ async def _main_async(args: argparse.Namespace, out: Path, base: Path) -> int:
     network = PrivateTorNetwork(base / "net", n_relays=4, voting_interval=args.voting)
     try:
         await asyncio.to_thread(network.start)
-        clients = [await asyncio.to_thread(network.add_client, f"avclient{i}") for i in range(2)]
+        clients = []
+        for i in range(2):
+            # An info log shows what each client did with the descriptor and intro points.
+            lines = [f"Log info file {base / f'avclient{i}-info.log'}"] if args.client_info else []
+            clients.append(
+                await asyncio.to_thread(network.add_client, f"avclient{i}", extra_lines=lines)
+            )
         scenario = Scenario(
             identity_mode=args.identity_mode,
             plain_backends=args.backends,
@@ -306,9 +312,15 @@ async def _main_async(args: argparse.Namespace, out: Path, base: Path) -> int:
         print(json.dumps({k: v for k, v in summary.items() if k != "marks"}, indent=1))
         return 0
     finally:
-        network.stop()
-        with contextlib.suppress(OSError):
-            network.collect_logs(out / "tor-network")
+        await asyncio.to_thread(_stop_and_collect, network, base, out)
+
+
+def _stop_and_collect(network: PrivateTorNetwork, base: Path, out: Path) -> None:
+    network.stop()
+    with contextlib.suppress(OSError):
+        network.collect_logs(out / "tor-network")
+        for info in base.glob("avclient*-info.log"):
+            shutil.copy(info, out / info.name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--voting", type=int, default=10, help="voting interval (s)")
     parser.add_argument("--rate", type=float, default=2.0, help="fresh-circuit requests/s")
     parser.add_argument("--keepalive", type=int, default=2, help="keep-alive clients")
+    parser.add_argument("--client-info", action="store_true", help="info logs of the clients")
     args = parser.parse_args(argv)
     out = Path(args.out).absolute()
     return asyncio.run(_main_async(args, out, Path(tempfile.mkdtemp(prefix="rb-avail-"))))

@@ -685,11 +685,17 @@ class PrivateTorNetwork:
         text = self.consensus_text(client)
         return None if text is None else summarize_consensus(text)
 
-    def add_client(self, name: str, timeout: float = DEFAULT_START_TIMEOUT) -> TorInstance:
-        """Start one more client (SocksPort, ControlPort with cookie auth); wait for 100 %."""
+    def add_client(
+        self,
+        name: str,
+        timeout: float = DEFAULT_START_TIMEOUT,
+        extra_lines: Sequence[str] = (),
+    ) -> TorInstance:
+        """Start one more client (SocksPort, ControlPort with cookie auth); wait for 100 %.
+        ``extra_lines`` are added to its torrc (e.g. an info-level log for a diagnosis)."""
         self._require_started()
         inst = self._new_instance(name, Role.CLIENT)
-        self._write_torrc(inst)
+        self._write_torrc(inst, extra_lines)
         self._start_one(inst, timeout)
         return inst
 
