@@ -71,8 +71,10 @@ class Scenario:
     load_secs: float = 540.0
     kill_node: str | None = "node-a"  # SIGKILLed (daemon and its tor) at kill_at_secs
     kill_at_secs: float = 200.0
-    # Start the load this many seconds before the next descriptor rotation (None: at once).
-    lead_before_rotation_secs: float | None = None
+    # Start the load this many seconds before the next descriptor rotation ("rotation") or
+    # time-period start ("period"), as ``align_to`` says (None: at once).
+    lead_secs: float | None = None
+    align_to: str = "rotation"
     load: LoadSettings = field(default_factory=LoadSettings)
 
     def label(self) -> str:
@@ -218,15 +220,15 @@ async def run_scenario(
                 raise RuntimeError("the client has no consensus")
             consensus = parse_consensus(consensus_text)
             params = time_params(consensus)
-            if scenario.lead_before_rotation_secs is not None:
+            if scenario.lead_secs is not None:
                 run = params.srv_run_seconds
                 now = time.time()
                 ahead = [
                     m.at
                     for m in schedule_marks(consensus.valid_after, params, now, now + 2 * run)
-                    if m.kind == "rotation" and m.at >= scenario.lead_before_rotation_secs
+                    if m.kind == scenario.align_to and m.at >= scenario.lead_secs
                 ]
-                await asyncio.sleep(ahead[0] - scenario.lead_before_rotation_secs)
+                await asyncio.sleep(ahead[0] - scenario.lead_secs)
             load = LoadGenerator(socks, cluster.address, scenario.load)
             faults: list[Mark] = []
             fault_details: list[str] = []
@@ -305,7 +307,8 @@ async def _main_async(args: argparse.Namespace, out: Path, base: Path) -> int:
             load_secs=args.secs,
             kill_node=args.kill or None,
             kill_at_secs=args.kill_at,
-            lead_before_rotation_secs=args.lead,
+            lead_secs=args.lead,
+            align_to=args.align_to,
             load=LoadSettings(fresh_rate=args.rate, keepalive_clients=args.keepalive),
         )
         summary = await run_scenario(network, clients, base / "cluster", out, scenario)
@@ -331,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secs", type=float, default=540.0, help="load duration")
     parser.add_argument("--kill", default="node-a", help="node to SIGKILL ('' = none)")
     parser.add_argument("--kill-at", type=float, default=200.0)
-    parser.add_argument("--lead", type=float, default=None, help="start N s before a rotation")
+    parser.add_argument("--lead", type=float, default=None, help="start N s before --align-to")
+    parser.add_argument("--align-to", default="rotation", choices=["rotation", "period"])
     parser.add_argument("--voting", type=int, default=10, help="voting interval (s)")
     parser.add_argument("--rate", type=float, default=2.0, help="fresh-circuit requests/s")
     parser.add_argument("--keepalive", type=int, default=2, help="keep-alive clients")

@@ -41,6 +41,7 @@ __all__ = [
     "UPLOAD_TIMEOUT_SECS",
     "ClusterNode",
     "LaunchedCluster",
+    "OverridesFor",
     "free_udp_ports",
     "is_tor",
     "launch_cluster",
