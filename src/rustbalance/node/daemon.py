@@ -178,6 +178,7 @@ INTRO_POLL_SECS = 20.0
 INTRO_EVENT_DEBOUNCE_SECS = 1.0
 # Instance mode, segment B: HSFETCH of our own desc_next (own_descriptor.py).
 OWN_FETCH_TIMEOUT_SECS = 20.0
+OWN_FETCH_RETRY_SECS = 2.0
 # How often the consensus valid-after is checked (a new consensus may move the period, the SRV
 # or the HSDir ring; 20 s voting on the test network, 1 h live).
 NETWORK_POLL_SECS = 10.0
@@ -1094,7 +1095,10 @@ class Daemon:
                 current, view.current_time_period(), time.time(), fetch
             )
         except (ControlError, RustBalanceError) as exc:
-            log.debug("Fetching our own next descriptor failed (using the current): %s", exc)
+            # Until it is fetched we publish intro points that die at the next rotation: retry
+            # soon, not at the next poll.
+            log.info("Fetching our own next descriptor failed (retrying shortly): %s", exc)
+            asyncio.get_running_loop().call_later(OWN_FETCH_RETRY_SECS, self._intro_wakeup.set)
             return current
 
     async def _has_intro_points(self) -> bool:
@@ -1179,6 +1183,9 @@ class Daemon:
             )
             self._own_next.mark_stale()
             self._intro_wakeup.set()
+            if self.backends is not None and boundary[0] != self._boundary[0]:
+                # Plain backends: their new period's descriptor (desc_next) now answers HSFETCH.
+                self.backends.book.expedite(time.time())
         self._boundary = boundary
 
     async def watch_network(self) -> None:
