@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rustbalance.crypto.keys import IdentityKey
+from rustbalance.demo import NodeProcess
 from rustbalance.testnet.apps import NamedHTTPServer
 from rustbalance.testnet.availability import (
     FRESH,
@@ -76,6 +77,9 @@ class Scenario:
     lead_secs: float | None = None
     align_to: str = "rotation"
     load: LoadSettings = field(default_factory=LoadSettings)
+    # The rolling shared -> instance migration: at each time one more node (node-c first) is
+    # stopped, switched to identity_mode = "instance" and started again.
+    migrate_at_secs: tuple[float, ...] = ()
 
     def label(self) -> str:
         mode = self.identity_mode or "default"
@@ -190,6 +194,24 @@ def _kill(node: ClusterNode) -> str:
     return f"{node.name}: daemon pid {pid} and tor pid {tor} SIGKILLed"
 
 
+def _restart_as_instance(node: ClusterNode) -> str:
+    """Stop ``node`` (SIGTERM: it leaves the cluster), switch its config to
+    ``identity_mode = "instance"`` and start it again with the same state and tor data."""
+    config = node.work_dir / "config.toml"
+    old_pid = node.process.pid
+    node.stop()
+    text = config.read_text()
+    if 'identity_mode = "shared"' in text:
+        text = text.replace('identity_mode = "shared"', 'identity_mode = "instance"')
+    else:
+        text = text.replace("[node]\n", '[node]\nidentity_mode = "instance"\n', 1)
+    config.write_text(text)
+    fresh = NodeProcess(config, node.work_dir / "node.log")
+    fresh.start()
+    node.process = fresh
+    return f"{node.name}: pid {old_pid} stopped, restarted in instance mode as pid {fresh.pid}"
+
+
 def _save_logs(cluster: LaunchedCluster, out: Path) -> None:
     logs = out / "nodes"
     logs.mkdir(parents=True, exist_ok=True)
@@ -244,9 +266,21 @@ async def run_scenario(
                 faults.append(Mark(at, "fault", f"SIGKILL {scenario.kill_node}"))
                 fault_details.append(detail)
 
+            async def migrate() -> None:
+                # The rolling shared -> instance change, node by node, the best-ranked last.
+                for when, node in zip(
+                    scenario.migrate_at_secs, reversed(cluster.nodes), strict=False
+                ):
+                    await asyncio.sleep(max(0.0, origin + when - time.monotonic()))
+                    at = time.monotonic() - origin
+                    detail = await asyncio.to_thread(_restart_as_instance, node)
+                    faults.append(Mark(at, "fault", f"{node.name} -> instance"))
+                    fault_details.append(detail)
+
             async with asyncio.TaskGroup() as group:
                 group.create_task(load.run(scenario.load_secs, origin))
                 group.create_task(inject())
+                group.create_task(migrate())
             marks = [
                 *schedule_marks(
                     consensus.valid_after, params, wall_start, wall_start + scenario.load_secs
@@ -309,6 +343,7 @@ async def _main_async(args: argparse.Namespace, out: Path, base: Path) -> int:
             kill_at_secs=args.kill_at,
             lead_secs=args.lead,
             align_to=args.align_to,
+            migrate_at_secs=tuple(args.migrate_at),
             load=LoadSettings(fresh_rate=args.rate, keepalive_clients=args.keepalive),
         )
         summary = await run_scenario(network, clients, base / "cluster", out, scenario)
@@ -339,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--voting", type=int, default=10, help="voting interval (s)")
     parser.add_argument("--rate", type=float, default=2.0, help="fresh-circuit requests/s")
     parser.add_argument("--keepalive", type=int, default=2, help="keep-alive clients")
+    parser.add_argument(
+        "--migrate-at", type=float, nargs="*", default=[], help="restart node-c, b, a as instance"
+    )
     parser.add_argument("--client-info", action="store_true", help="info logs of the clients")
     args = parser.parse_args(argv)
     out = Path(args.out).absolute()
