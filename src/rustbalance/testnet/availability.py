@@ -296,7 +296,9 @@ class LoadGenerator:
         sock = await proxy.connect(self.address, self.settings.port, timeout=self.settings.timeout)
         return await asyncio.open_connection(sock=sock)
 
-    async def _fresh_one(self, client: int) -> None:
+    async def fresh_request(self, client: int) -> None:
+        """One request on a new circuit through SOCKS port ``client`` (modulo their number),
+        recorded in :attr:`records`."""
         started = self._now()
         first: list[float] = []
         writer: Any = None
@@ -323,7 +325,7 @@ class LoadGenerator:
                 if at >= stop_at:
                     break
                 await asyncio.sleep(max(0.0, at - self._now()))
-                group.create_task(self._fresh_one(n))
+                group.create_task(self.fresh_request(n))
 
     async def _keepalive_client(self, client: int, stop_at: float) -> None:
         reader: asyncio.StreamReader | None = None

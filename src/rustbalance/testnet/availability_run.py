@@ -179,7 +179,7 @@ async def _wait_ready(cluster: LaunchedCluster, socks: list[tuple[str, int]]) ->
     probe = LoadGenerator(socks, cluster.address, LoadSettings(keepalive_clients=0))
     for client in range(len(socks)):
         while True:
-            await probe._fresh_one(client)
+            await probe.fresh_request(client)
             if probe.records[-1].ok:
                 break
             if time.monotonic() > deadline:
