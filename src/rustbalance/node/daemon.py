@@ -462,6 +462,7 @@ class Daemon:
         self._intro_wakeup = asyncio.Event()
         self._published_ring: Ring | None = None
         self._boundary: Boundary | None = None
+        self._own_fetch_failed = False  # instance mode: retry the desc_next fetch soon
         self._fired_ring: Ring | None = None
         self._first_wait_over = False
         self._proxy_closed = False
@@ -1098,7 +1099,7 @@ class Daemon:
             # Until it is fetched we publish intro points that die at the next rotation: retry
             # soon, not at the next poll.
             log.info("Fetching our own next descriptor failed (retrying shortly): %s", exc)
-            asyncio.get_running_loop().call_later(OWN_FETCH_RETRY_SECS, self._intro_wakeup.set)
+            self._own_fetch_failed = True
             return current
 
     async def _has_intro_points(self) -> bool:
@@ -1119,8 +1120,10 @@ class Daemon:
                     self._intro_wakeup.clear()
                     next_read = min(next_read, loop.time() + INTRO_EVENT_DEBOUNCE_SECS)
                 if loop.time() >= next_read:
+                    self._own_fetch_failed = False
                     await self.refresh_intro_points()
-                    next_read = loop.time() + INTRO_POLL_SECS
+                    poll = OWN_FETCH_RETRY_SECS if self._own_fetch_failed else INTRO_POLL_SECS
+                    next_read = loop.time() + poll
                 try:
                     # At most 1 s at a time, so a wake-up (tor restarted) is seen promptly.
                     raw = await sub.get(min(1.0, max(0.05, next_read - loop.time())))
