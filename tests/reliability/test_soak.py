@@ -27,14 +27,11 @@ The bounds follow from the failover budget, not from a measured run:
 Afterwards the cluster must have re-formed: all three nodes alive, exactly one publisher, each
 node's intro points in the published descriptor.
 
-Known problem, reported and not held to the fault budget: at the start of each shared-random
-run (24 voting intervals: every 8 minutes here, daily on the live network) tor rotates its
-onion-service descriptors and closes the intro points of the old one. Every node publishes the
-intro points of tor's first descriptor, so all intro points of the master descriptor die at the
-same moment; the publisher republishes new ones within about 15 s, yet clients that fetched the
-old descriptor around the rotation could not connect for 64-128 s in our runs. A gap that spans
-a rotation (its start plus ``ROTATION_PROPAGATION``) is listed under ``rotation_gaps_secs`` in
-the report; the bound applies to every other gap (docs/reliability.md, "Known problem").
+The cluster runs in ``instance`` identity mode, the mode that stays reachable across tor's
+descriptor rotation (docs/architecture.md, "Descriptor rotation and time periods"). A gap at a
+rotation (each shared-random run start: every 8 minutes here, daily on the live network) is
+held to ``ROTATION_GAP_BOUND`` unless a fault happened in the ``FAILOVER_BUDGET`` before it;
+until issue 14 such gaps lasted 64-128 s and were only reported.
 """
 
 from __future__ import annotations
@@ -76,6 +73,11 @@ FAILOVER_BUDGET = 45.0
 # A new SR run's consensus reaches every tor within about one voting interval (20 s) after it
 # starts; tor rotates its descriptors when it arrives.
 ROTATION_PROPAGATION = 30.0
+# A gap at a rotation with no fault before it: the harness's 5 s (issue 14), plus this test's
+# coarser sampling (4 workers, a request every ~1.5 s each).
+ROTATION_GAP_BOUND = 10.0
+# Every node in the identity mode that survives tor's descriptor rotation.
+INSTANCE_MODE = {"node": {"identity_mode": "instance"}}
 TOR_KILLS = 2
 PROCESS_KILLS = 1
 
@@ -231,7 +233,9 @@ async def test_soak_with_random_tor_and_node_kills(
     report_path = request.config.rootpath / "test-logs" / "soak.json"
     report_path.parent.mkdir(parents=True, exist_ok=True)
     with (
-        running_cluster(tor_network, tmp_path / "cluster") as cluster,
+        running_cluster(
+            tor_network, tmp_path / "cluster", overrides=lambda _index: INSTANCE_MODE
+        ) as cluster,
         contextlib.ExitStack() as keep,
     ):
         # The nodes' logs go next to the report (pass or fail): the temp folder does not last.
@@ -259,19 +263,22 @@ async def test_soak_with_random_tor_and_node_kills(
                 )
             group.create_task(_inject(cluster, faults, start, print))
         end = time.monotonic()
-        # Gaps that span tor's descriptor rotation are the known rotation problem (module
-        # docstring), reported but not held to the fault budget; every other gap is.
+        # Every gap is held to the fault bound; a gap at a rotation with no fault in the
+        # failover budget before it is held to the rotation bound (module docstring).
         to_wall = wall_start - start
         rotations = _rotation_times(consensus, wall_start, wall_start + (end - start))
-        fault_gaps: list[tuple[float, float]] = []
+        gaps = [(a - start, b - start) for a, b in stats.gaps(start, end)]
         rotation_gaps: list[tuple[float, float]] = []
-        for a, b in stats.gaps(start, end):
+        for a, b in gaps:
             spans = any(
-                a + to_wall <= r + ROTATION_PROPAGATION and b + to_wall >= r for r in rotations
+                a + start + to_wall <= r + ROTATION_PROPAGATION and b + start + to_wall >= r
+                for r in rotations
             )
-            (rotation_gaps if spans else fault_gaps).append((a - start, b - start))
-        gap, gap_at = max((b - a, a) for a, b in [*fault_gaps, *rotation_gaps])
-        fault_gap = max(b - a for a, b in fault_gaps) if fault_gaps else 0.0
+            after_fault = any(0.0 <= a - f.at <= FAILOVER_BUDGET for f in faults)
+            if spans and not after_fault:
+                rotation_gaps.append((a, b))
+        gap, gap_at = max((b - a, a) for a, b in gaps)
+        rotation_gap = max((b - a for a, b in rotation_gaps), default=0.0)
         total = stats.ok + stats.failed
         ratio = stats.ok / total if total else 0.0
         min_ratio = 1.0 - len(faults) * FAILOVER_BUDGET / LOAD_SECS
@@ -303,12 +310,11 @@ async def test_soak_with_random_tor_and_node_kills(
             "success_ratio_bound": round(min_ratio, 4),
             "longest_gap_secs": round(gap, 1),
             "longest_gap_from_secs": round(gap_at, 1),
-            "longest_gap_outside_rotation_secs": round(fault_gap, 1),
             "longest_gap_bound_secs": max_gap,
             "descriptor_rotations_at_secs": [round(r - wall_start, 1) for r in rotations],
-            "rotation_gaps_secs": [
-                [round(a, 1), round(b - a, 1)] for a, b in rotation_gaps if b - a > 10.0
-            ],
+            "longest_rotation_gap_secs": round(rotation_gap, 1),
+            "rotation_gap_bound_secs": ROTATION_GAP_BOUND,
+            "identity_mode": "instance",
             "answered_by": dict(stats.answered_by),
             "errors": dict(stats.errors),
             "failures_at_secs": [[round(t - start, 1), e] for t, e in stats.failures],
@@ -328,7 +334,8 @@ async def test_soak_with_random_tor_and_node_kills(
             if _tor_restart_expected(fault, faults):
                 assert watchdog_restarts.get(fault.node, 0) >= 1, (fault, watchdog_restarts)
         assert total > 0
-        assert fault_gap <= max_gap, report
+        assert gap <= max_gap, report
+        assert rotation_gap <= ROTATION_GAP_BOUND, report
         assert ratio >= min_ratio, report
         # More than one node served: the load was balanced, not pinned to one survivor.
         assert len(stats.answered_by) >= 2, report

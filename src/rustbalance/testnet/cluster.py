@@ -41,6 +41,7 @@ __all__ = [
     "UPLOAD_TIMEOUT_SECS",
     "ClusterNode",
     "LaunchedCluster",
+    "OverridesFor",
     "free_udp_ports",
     "is_tor",
     "launch_cluster",
@@ -156,6 +157,8 @@ class LaunchedCluster:
 
 # (node index, cluster token file) -> the node's [coordination] section.
 CoordinationFor = Callable[[int, Path], Mapping[str, object]]
+# node index -> extra config keys per section (e.g. [node] identity_mode, [master] backends).
+OverridesFor = Callable[[int], Mapping[str, Mapping[str, object]]]
 
 
 @contextlib.contextmanager
@@ -165,14 +168,19 @@ def launch_cluster(
     *,
     coordination: CoordinationFor,
     listen_ports: list[int],
+    overrides: OverridesFor | None = None,
+    master: IdentityKey | None = None,
 ) -> Iterator[LaunchedCluster]:
     """Start one daemon per name in :data:`NAMES`; stop every one (and its tor) afterwards.
 
     ``listen_ports[i]`` is node i's UDP coordination port (its ``coordination.listen``, which
-    ``coordination`` must set); ``coordination(i, token_path)`` gives node i's section.
+    ``coordination`` must set); ``coordination(i, token_path)`` gives node i's section;
+    ``overrides(i)`` adds or replaces keys of node i's other sections; ``master`` is the
+    master key to use (default: a new one).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    master = IdentityKey.generate(secrets.token_bytes)
+    if master is None:
+        master = IdentityKey.generate(secrets.token_bytes)
     key_file = work_dir / "master.key"
     write_seed_key_file(master, key_file)
     token = work_dir / "cluster.token"
@@ -188,6 +196,13 @@ def launch_cluster(
             node_dir.mkdir()
             target = NamedHTTPServer(f"{name}-target")
             targets.append(target)
+            sections: dict[str, dict[str, object]] = {
+                "node": {"priority": PRIORITIES[index]},
+                "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
+                "coordination": dict(coordination(index, token)),
+            }
+            for section, values in (overrides(index) if overrides else {}).items():
+                sections.setdefault(section, {}).update(values)
             configs.append(
                 write_node_config(
                     node_dir / "config.toml",
@@ -197,11 +212,7 @@ def launch_cluster(
                     target=f"{LOCALHOST}:{target.port}",
                     work_dir=node_dir,
                     extra_torrc=network.client_torrc_lines(),
-                    overrides={
-                        "node": {"priority": PRIORITIES[index]},
-                        "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
-                        "coordination": coordination(index, token),
-                    },
+                    overrides=sections,
                 )
             )
         started = time.monotonic()

@@ -1,0 +1,83 @@
+"""Client-visible availability over tor's descriptor rotations (issue 14): the long runs.
+
+The same harness as tests/reliability/test_availability.py (rustbalance.testnet.availability,
+availability_run), for longer: each scenario on its own private network with 10 s voting
+(4-minute periods), three ``rustbalance run`` nodes with product timings, ``LOAD_SECS`` of load
+(at least two descriptor rotations and two period changes), node-a (the first publisher)
+SIGKILLed with its tor at ``KILL_AT_SECS``. Scenarios: ``instance`` mode, ``instance`` mode
+with two plain tor backends merged (``[master] backends``), and ``shared`` mode as the peer
+(the mode that cannot survive a rotation with 2+ nodes, docs/architecture.md).
+
+Written: the figures below into BENCHMARKS.md, and per scenario ``availability.json`` and
+``timeline.png`` under ``test-logs/bench-availability/<scenario>/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rustbalance.testnet import PrivateTorNetwork
+from rustbalance.testnet.availability import FRESH, KEEPALIVE
+from rustbalance.testnet.availability_run import Scenario, run_scenario
+
+LOAD_SECS = 540.0
+KILL_AT_SECS = 200.0
+OUT = Path("test-logs") / "bench-availability"
+
+SCENARIOS: tuple[tuple[str, Scenario], ...] = (
+    ("instance", Scenario("instance", 0, LOAD_SECS, "node-a", KILL_AT_SECS)),
+    ("instance-backends", Scenario("instance", 2, LOAD_SECS, "node-a", KILL_AT_SECS)),
+    ("shared", Scenario("shared", 0, LOAD_SECS, "node-a", KILL_AT_SECS)),
+)
+
+
+async def _one(name: str, scenario: Scenario, base: Path) -> dict[str, Any]:
+    net = PrivateTorNetwork(base / f"net-{name}", n_relays=4, voting_interval=10)
+    try:
+        await asyncio.to_thread(net.start)
+        clients = [await asyncio.to_thread(net.add_client, f"benchav{i}") for i in range(2)]
+        return await run_scenario(net, clients, base / f"cluster-{name}", OUT / name, scenario)
+    finally:
+        await asyncio.to_thread(net.stop)
+
+
+def _row(name: str, summary: dict[str, Any], peer_gap: float | None) -> str:
+    fresh, keep = summary["kinds"][FRESH], summary["kinds"][KEEPALIVE]
+    marks = summary["marks"]
+    rotations = sum(1 for m in marks if m["kind"] == "rotation")
+    periods = sum(1 for m in marks if m["kind"] == "period")
+    ratio = (
+        f"{fresh['longest_gap_secs'] / peer_gap:.2f}x"
+        if peer_gap and name != "shared"
+        else "1.00x (peer)"
+    )
+    return (
+        f"| {summary['scenario']['label']} | {rotations} / {periods} | "
+        f"{summary['success_rate']:.1%} | {fresh['success_rate']:.1%} | "
+        f"{fresh['longest_gap_secs']} s | {ratio} | {keep['longest_gap_secs']} s | "
+        f"{fresh['ttfb_p50_secs']} / {fresh['ttfb_p95_secs']} s |"
+    )
+
+
+def run() -> list[str]:
+    base = Path(tempfile.mkdtemp(prefix="rb-bench-avail-"))
+    summaries = {name: asyncio.run(_one(name, scenario, base)) for name, scenario in SCENARIOS}
+    peer = summaries["shared"]["kinds"][FRESH]["longest_gap_secs"] or None
+    lines = [
+        "## Availability over descriptor rotations (issue 14)",
+        "",
+        f"3 nodes, 10 s voting (4-minute periods), {LOAD_SECS:.0f} s of load: fresh-circuit "
+        "requests (a new circuit each, 2/s) and 2 keep-alive clients on 2 Tor clients; node-a "
+        f"(the first publisher) and its tor SIGKILLed at {KILL_AT_SECS:.0f} s. Longest gap "
+        "ratio against `shared` mode in the same run. Timelines: "
+        f"`{OUT}/<scenario>/timeline.png`.",
+        "",
+        "| scenario | rotations / period changes | success | fresh success | "
+        "fresh longest gap | vs shared | keep-alive longest gap | fresh TTFB p50 / p95 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [_row(name, summary, peer) for name, summary in summaries.items()]
+    return lines
