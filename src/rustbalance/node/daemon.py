@@ -88,6 +88,7 @@ class Daemon:
             on_read=lambda points: self.cluster.report_intro_points(points),
             on_changed=self.republish,
         )
+        self.views.on_boundary = self.intro.at_boundary  # a new period or SRV run: re-read
         self.cluster = ClusterLoop(
             ClusterMode(ModePolicy.for_node(config, identity, clustered=self.clustered)),
             self.network,

@@ -22,6 +22,8 @@ boundary within ``FAST_POLL_SECS`` of the consensus that crosses it.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from rustbalance.crypto.time_period import (
     TimeParams,
     srv_run_start,
@@ -29,13 +31,22 @@ from rustbalance.crypto.time_period import (
     time_period_start,
 )
 
-__all__ = ["FAST_POLL_SECS", "Boundary", "boundary_of", "network_poll_delay", "next_boundary"]
+__all__ = [
+    "FAST_POLL_SECS",
+    "Boundary",
+    "BoundaryKind",
+    "boundary_of",
+    "network_poll_delay",
+    "next_boundary",
+]
 
 # Once a boundary is due, the consensus is checked this often until one past it is seen.
 FAST_POLL_SECS = 1.0
 
 # (time period, start of the shared-random run) a consensus belongs to.
 Boundary = tuple[int, int]
+# Which of the two changed: a new time period, or a new shared-random run (tor rotated).
+BoundaryKind = Literal["period", "run"]
 
 
 def boundary_of(valid_after: int, params: TimeParams) -> Boundary:
