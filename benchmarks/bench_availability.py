@@ -8,8 +8,12 @@ SIGKILLed with its tor at ``KILL_AT_SECS``. Scenarios: ``instance`` mode, ``inst
 with two plain tor backends merged (``[master] backends``), and ``shared`` mode as the peer
 (the mode that cannot survive a rotation with 2+ nodes, docs/architecture.md).
 
-Written: the figures below into BENCHMARKS.md, and per scenario ``availability.json`` and
-``timeline.png`` under ``test-logs/bench-availability/<scenario>/``.
+Written: the figures below into BENCHMARKS.md; the figures and a compact timeline per
+scenario (requests per 2 s by kind and outcome, gaps, rotations, period changes, faults) into
+``benchmarks/results.json`` (section ``availability``), from which ``benchmarks/charts.py``
+draws the availability timeline of BENCHMARKS.md's Charts section; and per scenario the full
+``availability.json`` (every request) and ``timeline.png`` under
+``test-logs/bench-availability/<scenario>/``.
 """
 
 from __future__ import annotations
@@ -19,29 +23,53 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks.results import record
 from rustbalance.testnet import PrivateTorNetwork
-from rustbalance.testnet.availability import FRESH, KEEPALIVE
-from rustbalance.testnet.availability_run import Scenario, run_scenario
+from rustbalance.testnet.availability import FRESH, KEEPALIVE, RequestRecord, bucket_outcomes
+from rustbalance.testnet.availability_run import Fault, Scenario, run_scenario
 
 LOAD_SECS = 540.0
 KILL_AT_SECS = 200.0
 OUT = Path("test-logs") / "bench-availability"
+# Width of the chart's time buckets (results.json holds counts per bucket, not every request).
+BUCKET_SECS = 2.0
 
+_KILL = (Fault("kill", "node-a", KILL_AT_SECS),)
 SCENARIOS: tuple[tuple[str, Scenario], ...] = (
-    ("instance", Scenario("instance", 0, LOAD_SECS, "node-a", KILL_AT_SECS)),
-    ("instance-backends", Scenario("instance", 2, LOAD_SECS, "node-a", KILL_AT_SECS)),
-    ("shared", Scenario("shared", 0, LOAD_SECS, "node-a", KILL_AT_SECS)),
+    ("instance", Scenario("instance", 0, LOAD_SECS, _KILL)),
+    ("instance-backends", Scenario("instance", 2, LOAD_SECS, _KILL)),
+    ("shared", Scenario("shared", 0, LOAD_SECS, _KILL)),
 )
 
 
-async def _one(name: str, scenario: Scenario, base: Path) -> dict[str, Any]:
+async def _one(
+    name: str, scenario: Scenario, base: Path, records: list[RequestRecord]
+) -> dict[str, Any]:
     net = PrivateTorNetwork(base / f"net-{name}", n_relays=4, voting_interval=10)
     try:
         await asyncio.to_thread(net.start)
         clients = [await asyncio.to_thread(net.add_client, f"benchav{i}") for i in range(2)]
-        return await run_scenario(net, clients, base / f"cluster-{name}", OUT / name, scenario)
+        return await run_scenario(
+            net, clients, base / f"cluster-{name}", OUT / name, scenario, records=records
+        )
     finally:
         await asyncio.to_thread(net.stop)
+
+
+def _chart_data(summary: dict[str, Any], records: list[RequestRecord]) -> dict[str, Any]:
+    """What the chart needs of one scenario (benchmarks/charts.py ``_availability``)."""
+    fresh, keep = summary["kinds"][FRESH], summary["kinds"][KEEPALIVE]
+    return {
+        "label": summary["scenario"]["label"],
+        "duration_secs": summary["duration_secs"],
+        "success_rate": summary["success_rate"],
+        "fresh": {k: fresh[k] for k in ("success_rate", "longest_gap_secs", "gaps")},
+        "keepalive": {k: keep[k] for k in ("success_rate", "longest_gap_secs", "gaps")},
+        "ttfb_p50_secs": fresh["ttfb_p50_secs"],
+        "ttfb_p95_secs": fresh["ttfb_p95_secs"],
+        "marks": summary["marks"],
+        "buckets": bucket_outcomes(records, summary["duration_secs"], BUCKET_SECS),
+    }
 
 
 def _row(name: str, summary: dict[str, Any], peer_gap: float | None) -> str:
@@ -64,7 +92,15 @@ def _row(name: str, summary: dict[str, Any], peer_gap: float | None) -> str:
 
 def run() -> list[str]:
     base = Path(tempfile.mkdtemp(prefix="rb-bench-avail-"))
-    summaries = {name: asyncio.run(_one(name, scenario, base)) for name, scenario in SCENARIOS}
+    summaries: dict[str, dict[str, Any]] = {}
+    charted: dict[str, dict[str, Any]] = {}
+    for name, scenario in SCENARIOS:
+        records: list[RequestRecord] = []
+        summaries[name] = asyncio.run(_one(name, scenario, base, records))
+        charted[name] = _chart_data(summaries[name], records)
+    record("availability", "scenarios", charted)
+    record("availability", "bucket_secs", BUCKET_SECS)
+    record("availability", "kill_at_secs", KILL_AT_SECS)
     peer = summaries["shared"]["kinds"][FRESH]["longest_gap_secs"] or None
     lines = [
         "## Availability over descriptor rotations (issue 14)",

@@ -17,6 +17,7 @@ from rustbalance.node.rotation import (
     network_poll_delay,
     next_boundary,
 )
+from tests.budget import budget
 
 TEN_S = TimeParams(period_length_minutes=4, rotation_offset_minutes=2, voting_interval_seconds=10)
 RUN_START = 1_800_000_000 - (1_800_000_000 % 240)  # a shared-random run starts here (10 s voting)
@@ -58,7 +59,7 @@ def test_poll_delay_is_idle_far_from_a_boundary_and_fast_once_due() -> None:
     assert network_poll_delay(RUN_START + 120, TEN_S, RUN_START + 121.0, 10.0) == 10.0
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(st.integers(0, 10_000), st.floats(0, 1_000, allow_nan=False))
 def test_poll_never_sleeps_past_a_due_boundary(step: int, offset: float) -> None:
     """Whatever the consensus and the clock, the node looks again no later than the next

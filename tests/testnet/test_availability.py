@@ -20,12 +20,15 @@ from rustbalance.testnet.availability import (
     Mark,
     RequestRecord,
     _read_response,
+    bucket_outcomes,
     find_gaps,
     percentile,
+    plan_cover,
     schedule_marks,
     summarize,
 )
 from rustbalance.testnet.timeline import bucket_success, write_timeline_png
+from tests.budget import budget
 
 # 10 s voting: 4-minute periods starting 2 minutes into each 4-minute shared-random run.
 TEN_S = TimeParams(period_length_minutes=4, rotation_offset_minutes=2, voting_interval_seconds=10)
@@ -65,7 +68,7 @@ def test_gaps_follow_start_order_not_completion_order() -> None:
     assert find_gaps(records, end=40) == [Gap(1.0, 1.0, 1)]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=budget(150), deadline=None)
 @given(
     st.lists(st.tuples(st.floats(0, 500, allow_nan=False), st.booleans()), min_size=0, max_size=60)
 )
@@ -181,3 +184,51 @@ def test_timeline_png_is_written(tmp_path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 10_000
+
+
+def test_bucket_outcomes_count_each_kind_and_outcome() -> None:
+    records = [
+        rec(0, True),
+        rec(0.5, False),
+        rec(1.9, True, KEEPALIVE),
+        rec(2.0, False, KEEPALIVE),
+        rec(5.5, True),  # past the end: the last bucket
+    ]
+    assert bucket_outcomes(records, 5.0, 2.0) == [
+        [0.0, 1, 1, 1, 0],
+        [2.0, 0, 0, 0, 1],
+        [4.0, 1, 0, 0, 0],
+    ]
+    assert bucket_outcomes([], 0.0, 2.0) == [[0.0, 0, 0, 0, 0]]
+    with pytest.raises(ValueError):
+        bucket_outcomes(records, 5.0, 0.0)
+
+
+def test_plan_cover_waits_for_each_kind_after_the_lead() -> None:
+    marks = [
+        Mark(5, "period", "p0"),
+        Mark(125, "rotation", "r1"),
+        Mark(245, "period", "p1"),
+        Mark(365, "rotation", "r2"),
+    ]
+    # The period change at 5 s comes too early (not before 10 s): the next one counts.
+    assert plan_cover(marks, 10.0, ("period", "rotation"), 20.0) == (125.0, 265.0)
+    assert plan_cover(marks, 0.0, ("period", "rotation"), 20.0) == (5.0, 145.0)
+    assert plan_cover(marks, 130.0, ("rotation",), 10.0) == (365.0, 375.0)
+    assert plan_cover(marks, 370.0, ("rotation",), 10.0) is None  # schedule further ahead
+    assert plan_cover(marks, 42.0, (), 10.0) == (42.0, 52.0)
+
+
+@settings(max_examples=budget(100), deadline=None)
+@given(st.floats(0, 2_000, allow_nan=False), st.floats(0, 200, allow_nan=False))
+def test_plan_cover_on_tors_schedule_sees_both_kinds(start: float, lead: float) -> None:
+    """On the 10 s-voting schedule a load that ends at the planned end has seen a rotation and
+    a period change, each at least ``lead`` after it started, and lasts at most two runs."""
+    since = 1_800_000_000.0 + start
+    marks = schedule_marks(1_800_000_000, TEN_S, since, since + lead + 2 * 240)
+    planned = plan_cover(marks, lead, ("rotation", "period"), 20.0)
+    assert planned is not None
+    first, end = planned
+    inside = [m for m in marks if lead <= m.at <= end]
+    assert {m.kind for m in inside} == {"rotation", "period"}
+    assert first >= lead and end <= lead + 120 + 120 + 20

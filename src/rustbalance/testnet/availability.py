@@ -50,9 +50,12 @@ __all__ = [
     "LoadGenerator",
     "LoadSettings",
     "Mark",
+    "MarkKind",
     "RequestRecord",
+    "bucket_outcomes",
     "find_gaps",
     "percentile",
+    "plan_cover",
     "schedule_marks",
     "summarize",
 ]
@@ -165,6 +168,41 @@ def schedule_marks(valid_after: int, params: TimeParams, since: float, until: fl
     return sorted(marks, key=lambda m: m.at)
 
 
+def bucket_outcomes(
+    records: Iterable[RequestRecord], duration: float, bucket: float
+) -> list[list[float]]:
+    """Requests per time bucket, by start time: ``[start, fresh ok, fresh failed, keep-alive
+    ok, keep-alive failed]`` per bucket (the compact timeline the benchmark chart is drawn
+    from; a request starting at or after ``duration`` counts in the last bucket)."""
+    if bucket <= 0:
+        raise ValueError("bucket must be positive")
+    count = max(1, math.ceil(duration / bucket))
+    rows: list[list[float]] = [[round(i * bucket, 3), 0, 0, 0, 0] for i in range(count)]
+    for record in records:
+        index = min(count - 1, max(0, int(record.started // bucket)))
+        column = (1 if record.kind == FRESH else 3) + (0 if record.ok else 1)
+        rows[index][column] += 1
+    return rows
+
+
+def plan_cover(
+    marks: Sequence[Mark], not_before: float, cover: Iterable[MarkKind], tail: float
+) -> tuple[float, float] | None:
+    """When a load that must see each kind in ``cover`` ("rotation", "period") can end: for
+    each kind its first mark at or after ``not_before``; returns (the first of those, the
+    last of those + ``tail``), or None when ``marks`` lack one (schedule further ahead).
+    An empty ``cover`` gives (not_before, not_before + tail)."""
+    firsts: list[float] = []
+    for kind in set(cover):
+        at = min((m.at for m in marks if m.kind == kind and m.at >= not_before), default=None)
+        if at is None:
+            return None
+        firsts.append(at)
+    if not firsts:
+        return not_before, not_before + tail
+    return min(firsts), max(firsts) + tail
+
+
 def _kind_summary(records: Sequence[RequestRecord], end: float) -> dict[str, Any]:
     ok = [r for r in records if r.ok]
     ttfbs = [r.ttfb for r in ok if r.ttfb is not None]
@@ -268,6 +306,7 @@ class LoadGenerator:
     clock: Callable[[], float] = time.monotonic
     records: list[RequestRecord] = field(default_factory=list)
     _origin: float = 0.0
+    _stop_at: float = 0.0
     _isolation: Iterator[int] = field(default_factory=itertools.count)
 
     def _now(self) -> float:
@@ -317,22 +356,27 @@ class LoadGenerator:
         ttfb = first[0] - started if first and ok else None
         self.records.append(RequestRecord(FRESH, started, self._now(), ok, ttfb, error, by, client))
 
-    async def _fresh_clients(self, stop_at: float) -> None:
+    def end_at(self, seconds: float) -> None:
+        """Stop the load ``seconds`` after its origin instead (earlier or later than the
+        duration :meth:`run` was given); requests under way finish."""
+        self._stop_at = seconds
+
+    async def _fresh_clients(self) -> None:
         interval = 1.0 / self.settings.fresh_rate
         async with asyncio.TaskGroup() as group:
             for n in itertools.count():
                 at = n * interval
-                if at >= stop_at:
+                if at >= self._stop_at:
                     break
                 await asyncio.sleep(max(0.0, at - self._now()))
                 group.create_task(self.fresh_request(n))
 
-    async def _keepalive_client(self, client: int, stop_at: float) -> None:
+    async def _keepalive_client(self, client: int) -> None:
         reader: asyncio.StreamReader | None = None
         writer: Any = None
         generation = 0
         try:
-            while self._now() < stop_at:
+            while self._now() < self._stop_at:
                 started = self._now()
                 first: list[float] = []
                 try:
@@ -361,18 +405,19 @@ class LoadGenerator:
                         writer.close()
                     reader, writer = None, None
                 pause = self.settings.keepalive_interval if ok else self.settings.reconnect_pause
-                await asyncio.sleep(max(0.0, min(pause, stop_at - self._now())))
+                await asyncio.sleep(max(0.0, min(pause, self._stop_at - self._now())))
         finally:
             if writer is not None:
                 writer.close()
 
     async def run(self, duration: float, origin: float | None = None) -> list[RequestRecord]:
         """Run the load for ``duration`` seconds; the records (also in :attr:`records`).
-        ``origin`` (a ``clock()`` value, default now) is time 0 of the records."""
+        ``origin`` (a ``clock()`` value, default now) is time 0 of the records; :meth:`end_at`
+        moves the end while it runs."""
         self._origin = self.clock() if origin is None else origin
-        stop_at = self._now() + duration
+        self._stop_at = self._now() + duration
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._fresh_clients(stop_at))
+            group.create_task(self._fresh_clients())
             for client in range(self.settings.keepalive_clients):
-                group.create_task(self._keepalive_client(client, stop_at))
+                group.create_task(self._keepalive_client(client))
         return self.records

@@ -121,6 +121,10 @@ class ClusterNode:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(tor_pid, signal.SIGKILL)
 
+    def kill_tor(self) -> None:
+        """SIGKILL only the managed tor (by PID): the daemon's watchdog restarts it."""
+        self._kill_tor(self.tor_pid())
+
     def kill(self) -> None:
         """SIGKILL the daemon and its tor by PID: a crashed machine, no lease release."""
         tor_pid = self.tor_pid()
