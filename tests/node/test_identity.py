@@ -14,8 +14,6 @@ from rustbalance.config.schema import Config
 from rustbalance.crypto.keys import IdentityKey, load_identity_key
 from rustbalance.errors import ConfigError, InvalidKeyError
 from rustbalance.node.identity import (
-    cluster_identity_problem,
-    effective_identity_mode,
     load_or_create_instance_key,
     master_key_needed,
     resolve_identity,
@@ -177,25 +175,3 @@ def test_daemon_refuses_a_corrupt_instance_key_with_exit_2(tmp_path: Path) -> No
     with pytest.raises(StartupError, match=r"node\.instance_key_path") as info:
         load_node(path)
     assert info.value.exit_code == 2
-
-
-# ----------------------------------------------------------------------------- issue 14 defaults
-
-
-def test_default_mode_is_instance_in_a_cluster_and_shared_alone() -> None:
-    """What a config without ``identity_mode`` gets (issue 14): the gap-free mode in a cluster,
-    tor's native publishing (and PoW) for a lone node; an explicit choice always wins."""
-    assert effective_identity_mode(None, clustered=True) == "instance"
-    assert effective_identity_mode(None, clustered=False) == "shared"
-    assert effective_identity_mode("shared", clustered=False) == "shared"
-    assert effective_identity_mode("instance", clustered=False) == "instance"
-    assert effective_identity_mode("shared", clustered=True) == "shared"  # then refused:
-
-
-def test_shared_mode_in_a_cluster_is_refused_with_one_line_naming_the_fix() -> None:
-    problem = cluster_identity_problem("shared", clustered=True)
-    assert problem is not None and "\n" not in problem
-    assert 'identity_mode = "instance"' in problem and "rotation" in problem
-    assert cluster_identity_problem("shared", clustered=False) is None
-    assert cluster_identity_problem("instance", clustered=True) is None
-    assert cluster_identity_problem("instance", clustered=False) is None

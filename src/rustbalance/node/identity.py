@@ -24,17 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rustbalance.config import Config
-from rustbalance.config.schema import IdentityMode
+from rustbalance.config.identity_mode import IdentityMode
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_seed_key_file
 from rustbalance.crypto.onion_address import decode_onion_address
 from rustbalance.errors import ConfigError, InvalidKeyError
 
 __all__ = [
-    "SHARED_CLUSTER_PROBLEM",
     "NodeIdentity",
-    "cluster_identity_problem",
     "default_instance_key_path",
-    "effective_identity_mode",
     "load_or_create_instance_key",
     "master_key_needed",
     "resolve_identity",
@@ -70,38 +67,10 @@ class NodeIdentity:
         return self.mode == "shared"
 
 
-# The one-line refusal of a mode that cannot stay reachable across tor's descriptor rotation
-# with 2+ nodes (docs/architecture.md, "Descriptor rotation and time periods"), naming the fix.
-SHARED_CLUSTER_PROBLEM = (
-    'node.identity_mode = "shared" loses every intro point at tor\'s daily descriptor '
-    "rotation when 2+ nodes serve the master (docs/architecture.md): set "
-    'identity_mode = "instance" (node by node; the master address does not change)'
-)
-
-
-def effective_identity_mode(configured: IdentityMode | None, clustered: bool) -> IdentityMode:
-    """The identity mode a node runs in (issue 14): the configured one, else ``instance`` for
-    a node that is part of a cluster (coordination peers, ``[join]``, ``[wireguard]`` or saved
-    peers: the only mode that stays reachable across tor's descriptor rotation with 2+ nodes)
-    and ``shared`` for a lone node (tor publishes the master natively, PoW works)."""
-    if configured is not None:
-        return configured
-    return "instance" if clustered else "shared"
-
-
-def cluster_identity_problem(mode: IdentityMode, clustered: bool) -> str | None:
-    """Why ``mode`` is refused for this node (None when it is fine): ``shared`` in a cluster
-    cannot be made gap-free, since tor exposes and keeps alive only the intro points of the
-    descriptor it drops at the next rotation (hs_service.c ``rotate_service_descriptors``,
-    control_getinfo.c -> ``hs_service_lookup_current_desc``)."""
-    if mode == "shared" and clustered:
-        return SHARED_CLUSTER_PROBLEM
-    return None
-
-
 def master_key_needed(config: Config) -> bool:
-    """Shared mode always; instance mode only on a node that may become the publisher."""
-    return config.node.identity_mode == "shared" or config.node.publisher_eligible
+    """Shared mode always; instance mode only on a node that may become the publisher (the
+    mode the node runs in: ``Config.identity_mode``, the default when left out)."""
+    return config.identity_mode == "shared" or config.node.publisher_eligible
 
 
 def default_instance_key_path(config: Config) -> Path:
@@ -116,7 +85,7 @@ def resolve_identity(
     Raises :class:`ConfigError` naming the problem: a key missing for the mode, a master
     address that does not match the key, a backend or instance key that is the master itself.
     """
-    mode = config.node.identity_mode
+    mode = config.identity_mode
     stated = config.master.onion_address
     if master_key is None and master_key_needed(config):
         raise ConfigError(
