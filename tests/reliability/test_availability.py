@@ -51,6 +51,10 @@ MAX_GAP_SECS = 5.0
 PROOF_LOAD_BOUND_SECS = 330.0
 # The rolling migration starts this long after the load and ends 10 s after the last step.
 MIGRATION_FROM_SECS = 10.0
+# ... on a cluster launched away from a descriptor rotation: until the first node is changed
+# every node is shared, and a rotation then is the gap the migration removes (launch, ready,
+# the first step and its node back: well under a minute).
+CALM_START_SECS = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -141,20 +145,30 @@ async def test_rolling_shared_to_default_migration_keeps_the_address_reachable(
 ) -> None:
     """The documented path from a ``shared`` cluster to the default (``instance``) mode
     (docs/config.md): one node at a time is stopped, its ``identity_mode`` line removed and
-    started again, the best-ranked (the publisher) last, each once the one before is back in
-    the published descriptor. The master address stays the same and keeps answering (no gap
-    over 5 s); every node ends up hosting its own instance key."""
+    started again with today's release, the best-ranked (the publisher) last, each once the
+    one before is back in the published descriptor. The nodes start as the release before
+    issue 14, the only one that ran ``shared`` in a cluster (testnet/previous_release.py: the
+    refusal lifted, nothing else). The master address stays the same and keeps answering (no
+    gap over 5 s); every node ends up hosting its own instance key; a node of today's release
+    refuses the old config."""
     scenario = Scenario(
         identity_mode="shared",
         load_secs=300.0,
         migrate_to="",
         migrate_from_secs=MIGRATION_FROM_SECS,
         tail_secs=10.0,
+        previous_release=True,
+        calm_start_secs=CALM_START_SECS,
     )
     out = request.config.rootpath / "test-logs" / "availability-migration"
     summary = await _run(ten_second_network, scenario, "migration", tmp_path, out)
     steps = summary["migration"]
     assert [s["node"] for s in steps] == ["node-c", "node-b", "node-a"], steps
+    # No rotation while every node was still shared (the known gap the migration removes).
+    early = [
+        m for m in summary["marks"] if m["kind"] == "rotation" and m["at"] < steps[0]["at_secs"]
+    ]
+    assert not early, summary["marks"]
     _no_long_gap(summary)
     for name in ("node-a", "node-b", "node-c"):
         log = (out / "nodes" / f"{name}.log").read_text()

@@ -122,6 +122,12 @@ class Scenario:
     # identity_mode set to this ("": the key removed), from ``migrate_from_secs`` on.
     migrate_to: str | None = None
     migrate_from_secs: float = 10.0
+    # The nodes start as the release before issue 14 (testnet/previous_release.py: shared
+    # allowed in a cluster); a restarted node runs today's.
+    previous_release: bool = False
+    # Launch the nodes only when no descriptor rotation comes within this long (a cluster
+    # of shared nodes loses every intro point at one: the known gap the migration removes).
+    calm_start_secs: float = 0.0
 
     def label(self) -> str:
         mode = self.identity_mode or "default"
@@ -199,6 +205,7 @@ def running_scenario_cluster(
             listen_ports=ports,
             overrides=overrides,
             master=master,
+            previous_release=scenario.previous_release,
         ) as cluster:
             yield cluster, addresses
 
@@ -403,6 +410,8 @@ async def run_scenario(
     socks = [c.socks_address for c in clients if c.socks_address is not None]
     if not socks:
         raise ValueError("no client with a SOCKS port")
+    if scenario.calm_start_secs > 0:
+        await _calm_start(network, clients[0], scenario.calm_start_secs)
     with running_scenario_cluster(network, work_dir, scenario) as (cluster, backends):
         try:
             started = time.monotonic()
@@ -459,6 +468,19 @@ async def run_scenario(
     summary = summarize(load.records, marks, duration, info)
     await asyncio.to_thread(_write_outputs, out, summary, load.records, marks, scenario)
     return summary
+
+
+async def _calm_start(network: PrivateTorNetwork, client: TorInstance, secs: float) -> None:
+    """Return when no descriptor rotation comes within ``secs`` (waiting past one if due)."""
+    text = network.consensus_text(client)
+    if text is None:
+        raise RuntimeError("the client has no consensus")
+    consensus = parse_consensus(text)
+    now = time.time()
+    marks = schedule_marks(consensus.valid_after, time_params(consensus), now, now + secs)
+    rotations = [m.at for m in marks if m.kind == "rotation"]
+    if rotations:
+        await asyncio.sleep(rotations[0] + 5.0)
 
 
 async def _recover(cluster: LaunchedCluster) -> float | None:

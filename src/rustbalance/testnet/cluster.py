@@ -32,6 +32,7 @@ from rustbalance.node.status import read_status
 from rustbalance.testnet.apps import NamedHTTPServer
 from rustbalance.testnet.network import PrivateTorNetwork
 from rustbalance.testnet.node import NodeProcess, write_node_config
+from rustbalance.testnet.previous_release import MODULE as PREVIOUS_RELEASE
 from rustbalance.tor.process import pid_is_alive
 
 __all__ = [
@@ -174,13 +175,15 @@ def launch_cluster(
     listen_ports: list[int],
     overrides: OverridesFor | None = None,
     master: IdentityKey | None = None,
+    previous_release: bool = False,
 ) -> Iterator[LaunchedCluster]:
     """Start one daemon per name in :data:`NAMES`; stop every one (and its tor) afterwards.
 
     ``listen_ports[i]`` is node i's UDP coordination port (its ``coordination.listen``, which
     ``coordination`` must set); ``coordination(i, token_path)`` gives node i's section;
     ``overrides(i)`` adds or replaces keys of node i's other sections; ``master`` is the
-    master key to use (default: a new one).
+    master key to use (default: a new one); ``previous_release`` starts the daemons as the
+    release before issue 14 (testnet/previous_release.py: ``shared`` allowed in a cluster).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     if master is None:
@@ -221,7 +224,8 @@ def launch_cluster(
             )
         started = time.monotonic()
         for index, config in enumerate(configs):
-            process = NodeProcess(config, config.parent / "node.log")
+            module = PREVIOUS_RELEASE if previous_release else "rustbalance.cli.main"
+            process = NodeProcess(config, config.parent / "node.log", module=module)
             process.start()
             nodes.append(
                 ClusterNode(
