@@ -28,7 +28,7 @@ from rustbalance.config.pow import pow_refusal
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
 from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError
 from rustbalance.node import DAEMON_LOGGER
-from rustbalance.node.cluster_link import multi_node_wanted
+from rustbalance.node.cluster_link import load_cluster_key, multi_node_wanted
 from rustbalance.node.identity import (
     NodeIdentity,
     default_instance_key_path,
@@ -140,6 +140,14 @@ def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, NodeIdentity
         config = with_saved_peers(config)
     except ConfigError as exc:
         raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
+    token = config.coordination.cluster_token_path
+    if token is not None and (multi_node_wanted(config) or mesh_wants_cluster(config)):
+        # Before the instance key is generated (a cluster's default mode): a node refused
+        # for its token writes nothing. The coordinator reads it again when it starts.
+        try:
+            load_cluster_key(token)
+        except ConfigError as exc:
+            raise StartupError(str(exc), EXIT_CONFIG) from None
     return config, load_identity(config)
 
 
