@@ -54,7 +54,7 @@ MIGRATION_FROM_SECS = 10.0
 # ... on a cluster launched away from a descriptor rotation: until the first node is changed
 # every node is shared, and a rotation then is the gap the migration removes (launch, ready,
 # the first step and its node back: well under a minute).
-CALM_START_SECS = 60.0
+CALM_START_SECS = 45.0
 
 
 @pytest.fixture(scope="module")
