@@ -204,9 +204,11 @@ def copy_source(dest: Path) -> None:
     """What ``pip install`` and deploy.sh need from the checkout (no .git, no caches)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", ".mypy_cache")
     dest.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
+    # What the wheel build reads besides the sources (MANIFEST.in: the license file, setup.py,
+    # and the completions and man page installed as data files).
+    for name in ("pyproject.toml", "README.md", "LICENSE", "setup.py", "MANIFEST.in"):
         shutil.copy2(REPO / name, dest / name)
-    for name in ("src", "deploy"):
+    for name in ("src", "deploy", "share"):
         shutil.copytree(REPO / name, dest / name, ignore=ignore)
 
 
