@@ -286,6 +286,87 @@ def _failover(data: Mapping[str, Any]) -> Figure | None:
     return fig
 
 
+# Availability timeline: outcome colours (fresh circuit / keep-alive) and boundary marks.
+_OUTCOME_COLOURS = ("#2f855a", "#c53030", "#90cdf4", "#dd6b20")
+_OUTCOME_LABELS = ("fresh circuit ok", "fresh circuit failed", "keep-alive ok", "keep-alive failed")
+_MARK_STYLES = {
+    "rotation": ("#6b46c1", "--"),
+    "period": ("#2b6cb0", ":"),
+    "fault": ("#000000", "-"),
+}
+_MARK_LABELS = {"rotation": "descriptor rotation", "period": "period change", "fault": "fault"}
+
+
+def _availability(data: Mapping[str, Any]) -> Figure | None:
+    section = data.get("availability", {})
+    scenarios: Mapping[str, Mapping[str, Any]] = section.get("scenarios", {})
+    if not scenarios:
+        return None
+    width = float(section.get("bucket_secs", 2.0))
+    fig, axes = plt.subplots(
+        len(scenarios), 1, figsize=(13, 1.0 + 2.3 * len(scenarios)), squeeze=False
+    )
+    for ax, (name, run) in zip(axes[:, 0], scenarios.items(), strict=True):
+        buckets = run.get("buckets", [])
+        starts = [b[0] for b in buckets]
+        bottom = [0.0] * len(buckets)
+        for column, (colour, label) in enumerate(
+            zip(_OUTCOME_COLOURS, _OUTCOME_LABELS, strict=True), start=1
+        ):
+            heights = [b[column] / width for b in buckets]
+            ax.bar(starts, heights, width, bottom=bottom, align="edge", color=colour, label=label)
+            bottom = [a + b for a, b in zip(bottom, heights, strict=True)]
+        for gap in run.get("fresh", {}).get("gaps", []):
+            start, length = gap["start_secs"], gap["length_secs"]
+            ax.axvspan(start, start + max(length, width), color="#c53030", alpha=0.12, lw=0)
+        top = max(bottom, default=1.0) * 1.35 or 1.0
+        seen: set[str] = set()
+        for mark in run.get("marks", []):
+            colour, style = _MARK_STYLES.get(mark["kind"], ("#555555", "-"))
+            label = _MARK_LABELS.get(mark["kind"], mark["kind"])
+            ax.axvline(
+                mark["at"],
+                color=colour,
+                linestyle=style,
+                lw=1.2,
+                label=None if label in seen else label,
+            )
+            seen.add(label)
+            if mark["kind"] == "fault":
+                ax.annotate(
+                    mark["label"],
+                    (mark["at"], top * 0.97),
+                    fontsize=7,
+                    ha="left",
+                    va="top",
+                    xytext=(2, 0),
+                    textcoords="offset points",
+                )
+        fresh = run.get("fresh", {})
+        ax.set_title(
+            f"{run.get('label', name)}: success {run.get('success_rate', 0):.1%}, longest gap "
+            f"{fresh.get('longest_gap_secs')} s (fresh circuits), "
+            f"{run.get('keepalive', {}).get('longest_gap_secs')} s (keep-alive)",
+            fontsize=9,
+        )
+        ax.set_ylim(0, top)
+        ax.set_xlim(0, run.get("duration_secs") or (starts[-1] + width if starts else 1.0))
+        ax.set_ylabel("requests/s")
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    axes[0, 0].legend(
+        fontsize=7, ncol=4, loc="upper left", bbox_to_anchor=(0.0, 1.45), frameon=False
+    )
+    axes[-1, 0].set_xlabel("seconds since the load started")
+    fig.suptitle(
+        "Private Tor network, 10 s voting: the master address under load through descriptor\n"
+        "rotations, period changes and a killed node (red: failed requests; shaded: gaps)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    return fig
+
+
 _CHARTS: tuple[tuple[Chart, Callable[[Mapping[str, Any]], Figure | None]], ...] = (
     (
         Chart(
@@ -312,6 +393,16 @@ _CHARTS: tuple[tuple[Chart, Callable[[Mapping[str, Any]], Figure | None]], ...] 
             "network; an arrow is a bound that was hit.",
         ),
         _failover,
+    ),
+    (
+        Chart(
+            "availability_timeline.png",
+            "Availability timeline",
+            "Requests per second through real Tor clients by outcome, per scenario of "
+            "benchmarks/bench_availability.py; lines mark tor's descriptor rotations, period "
+            "changes and the killed node.",
+        ),
+        _availability,
     ),
 )
 

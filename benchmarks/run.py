@@ -30,6 +30,7 @@ MODULES: tuple[str, ...] = (
     "benchmarks.bench_memory",
     "benchmarks.bench_onion",
     "benchmarks.bench_failover",
+    "benchmarks.bench_availability",
 )
 
 

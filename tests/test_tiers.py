@@ -25,7 +25,7 @@ NEVER_IN_UNIT = (
     "tests/ops/test_mesh_wireguard_netns.py",
     "tests/ops/test_init_run_join_e2e.py",
     "tests/reliability/test_full_disk.py",
-    "tests/reliability/test_soak.py",
+    "tests/reliability/test_availability.py",
     "tests/tor/test_process.py",
     "tests/tor/test_control_real_tor.py",
     "tests/testnet/test_network.py",

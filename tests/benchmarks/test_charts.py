@@ -60,6 +60,32 @@ SAMPLE: dict[str, Any] = {
         "node_memory": {"rss_rest_mb": 43.8, "rss_loaded_mb": 145.2, "connections": 10000,
                         "tor_rss_mb": 13.3},
     },
+    "availability": {
+        "bucket_secs": 2.0, "kill_at_secs": 20.0,
+        "scenarios": {
+            "instance": {
+                "label": "instance", "duration_secs": 40.0, "success_rate": 0.995,
+                "fresh": {"success_rate": 0.99, "longest_gap_secs": 0.5,
+                          "gaps": [{"start_secs": 21.0, "length_secs": 0.5, "failed": 1}]},
+                "keepalive": {"success_rate": 1.0, "longest_gap_secs": 0.0, "gaps": []},
+                "ttfb_p50_secs": 0.4, "ttfb_p95_secs": 1.2,
+                "marks": [{"at": 12.0, "kind": "rotation", "label": "rotation"},
+                          {"at": 20.0, "kind": "fault", "label": "kill node-a"},
+                          {"at": 32.0, "kind": "period", "label": "period 7"}],
+                "buckets": [[2.0 * i, 4, 1 if i == 10 else 0, 4, 0] for i in range(20)],
+            },
+            "shared": {
+                "label": "shared", "duration_secs": 40.0, "success_rate": 0.9,
+                "fresh": {"success_rate": 0.85, "longest_gap_secs": 13.0,
+                          "gaps": [{"start_secs": 12.0, "length_secs": 13.0, "failed": 26}]},
+                "keepalive": {"success_rate": 0.95, "longest_gap_secs": 4.0, "gaps": []},
+                "ttfb_p50_secs": 0.5, "ttfb_p95_secs": 2.0,
+                "marks": [{"at": 12.0, "kind": "rotation", "label": "rotation"}],
+                "buckets": [[2.0 * i, 0 if 6 <= i < 12 else 4, 4 if 6 <= i < 12 else 0, 4, 0]
+                            for i in range(20)],
+            },
+        },
+    },
 }  # fmt: skip
 
 
@@ -75,6 +101,7 @@ def test_every_chart_is_drawn_from_the_sample(tmp_path: Path) -> None:
         "proxy_throughput.png",
         "memory_per_connection.png",
         "failover_timeline.png",
+        "availability_timeline.png",
     ]
     for chart in drawn:
         pixels = _image(tmp_path / chart.file)
@@ -98,6 +125,21 @@ def test_charts_follow_the_data(tmp_path: Path) -> None:
     # The same data draws the same bytes (no timestamp in the PNG).
     charts.render(SAMPLE, tmp_path / "c")
     assert (tmp_path / "c" / "proxy_throughput.png").read_bytes() == a
+
+
+def test_the_availability_timeline_shows_failures_in_red(tmp_path: Path) -> None:
+    """A scenario with a gap draws more red than one without: the picture follows the
+    requests' outcomes (issue 14: where service was lost, at a glance)."""
+
+    def red_share(name: str) -> float:
+        only = {"availability": {**SAMPLE["availability"], "scenarios": {
+            name: SAMPLE["availability"]["scenarios"][name]}}}  # fmt: skip
+        charts.render(only, tmp_path / name)
+        pixels = _image(tmp_path / name / "availability_timeline.png")
+        red = (pixels[..., 0] > 0.7) & (pixels[..., 1] < 0.3) & (pixels[..., 2] < 0.3)
+        return float(red.mean())
+
+    assert red_share("shared") > 4 * red_share("instance") > 0
 
 
 def test_missing_sections_draw_only_what_there_is(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ passes the check gets past the daemon's start-up checks of the same files.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -15,8 +16,12 @@ import pytest
 import tomli_w
 
 from rustbalance.cli.main import main
+from rustbalance.cluster.coordinator import PEERS_FILE_NAME
+from rustbalance.cluster.peers import PEERS_FILE_VERSION
 from rustbalance.cluster.wireguard import generate_private_key
+from rustbalance.config.identity_mode import SHARED_CLUSTER_PROBLEM
 from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
+from rustbalance.node.startup import StartupError, load_node
 from rustbalance.testnet.etcd_cluster import TestPki
 
 EXIT_CONFIG = 2  # cli/main.py: a configuration problem
@@ -254,3 +259,65 @@ def test_an_etcd_key_of_another_certificate_is_refused(
         f"{files['cert_path']} (CN node-a)"
     )
     assert other.key_path.read_text().splitlines()[1] not in problem
+
+
+def test_shared_mode_in_a_cluster_is_refused_in_one_line(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 14: ``shared`` with 2+ nodes loses every intro point at tor's descriptor
+    rotation; `config check` says so in one line that names the fix (exit 2), as `run` does."""
+    node.doc["node"]["identity_mode"] = "shared"
+    assert node.check() == EXIT_CONFIG
+    lines = errors(capsys)
+    config = node.root / "config.toml"
+    assert lines == [f"{config}: {SHARED_CLUSTER_PROBLEM}", f"{config}: 1 problem"]
+    # Left out, the same node runs instance mode (its key is generated at start).
+    del node.doc["node"]["identity_mode"]
+    assert node.check() == 0, errors(capsys)
+
+
+def _saved_peers(node: Node) -> Node:
+    """A config without peers, [join] or [wireguard], whose earlier run saved a peer."""
+    node.doc.pop("join")
+    node.doc.pop("wireguard")
+    node.doc["coordination"] = {"cluster_token_path": str(node.token)}
+    state = node.root / "state"
+    state.mkdir(mode=0o700)
+    saved = {"node_id": "node-b", "address": "127.0.0.1:51899"}
+    (state / PEERS_FILE_NAME).write_text(
+        json.dumps({"version": PEERS_FILE_VERSION, "peers": [saved]})
+    )
+    return node
+
+
+def test_peers_saved_by_an_earlier_run_make_a_cluster(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node = _saved_peers(node)
+    assert node.check() == 0, errors(capsys)  # left out: instance, as in any cluster
+    capsys.readouterr()
+    node.doc["node"]["identity_mode"] = "shared"
+    assert node.check() == EXIT_CONFIG
+    (problem, _summary) = errors(capsys)
+    assert problem.endswith(
+        f"{SHARED_CLUSTER_PROBLEM} (peers saved by an earlier run make it a cluster)"
+    )
+    (node.root / "state" / PEERS_FILE_NAME).unlink()  # alone after all: shared is fine
+    assert node.check() == 0, errors(capsys)
+
+
+def test_the_daemon_takes_instance_mode_from_saved_peers_and_refuses_shared(
+    node: Node,
+) -> None:
+    node = _saved_peers(node)
+    path = node.root / "config.toml"
+    path.write_text(tomli_w.dumps(node.doc))
+    config, identity = load_node(path)
+    assert config.identity_mode == identity.mode == "instance"
+    assert identity.service_key != node.key  # tor hosts the node's own key
+    node.doc["node"]["identity_mode"] = "shared"
+    path.write_text(tomli_w.dumps(node.doc))
+    with pytest.raises(StartupError) as info:
+        load_node(path)
+    assert info.value.exit_code == EXIT_CONFIG
+    assert SHARED_CLUSTER_PROBLEM in str(info.value) and "\n" not in str(info.value)

@@ -11,9 +11,10 @@ from tests.config import BASE, ONION_A, ONION_B, parse, problems
 NO_KEY = {"identity_key_path": None}
 
 
-def test_defaults_are_shared_mode_without_backends() -> None:
+def test_a_lone_node_defaults_to_shared_mode_without_backends() -> None:
     config = parse()
-    assert config.node.identity_mode == "shared"
+    assert config.node.identity_mode is None  # left out: the default for a lone node
+    assert config.identity_mode == "shared"
     assert config.node.instance_key_path == Path("/var/lib/rustbalance/keys/instance.key")
     assert config.master.backends == ()
     assert config.master.backend_poll_secs == 60.0

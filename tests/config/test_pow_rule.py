@@ -27,7 +27,7 @@ JOIN_READY: dict[str, dict[str, Any]] = {
 def test_a_lone_shared_node_keeps_pow() -> None:
     config = parse(tor=POW)
     assert config.tor.pow_enabled
-    assert config.node.identity_mode == "shared"
+    assert config.identity_mode == "shared"
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,13 @@ def with_srv(view: NetworkView, srv: bytes) -> NetworkView:
     return dataclasses.replace(view, consensus=dataclasses.replace(view.consensus, srv_current=srv))
 
 
+def at_valid_after(view: NetworkView, valid_after: int) -> NetworkView:
+    """The view of a consensus valid after ``valid_after`` (unix seconds), else the same."""
+    return dataclasses.replace(
+        view, consensus=dataclasses.replace(view.consensus, valid_after=valid_after)
+    )
+
+
 def without_hsdir(view: NetworkView, index: int = 0) -> NetworkView:
     """The view with one HSDir less (the ring moved)."""
     hsdirs = view.hsdirs[:index] + view.hsdirs[index + 1 :]

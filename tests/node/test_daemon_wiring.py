@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from rustbalance.config import Config, parse_config
 from rustbalance.node.coordination import CoordinationFacts
 from rustbalance.node.daemon import Daemon
@@ -20,9 +22,11 @@ from rustbalance.node.sdnotify import SystemdNotifier
 from rustbalance.node.snapshot import metrics_values, status_document
 from rustbalance.node.tor_network import TorNetwork
 from tests.node.fakes import (
+    VIEW,
     FakeCoordination,
     FakeNetwork,
     ManualClock,
+    at_valid_after,
     decoded,
     intro_points,
     master_key,
@@ -185,3 +189,27 @@ async def test_read_intro_points_reach_readiness(tmp_path: Path) -> None:
     await daemon.intro.refresh()
     assert daemon.readiness.ready
     assert status_document(daemon.snapshot())["ready"] is True
+
+
+async def test_a_new_srv_run_in_the_consensus_makes_the_intro_watch_read_at_once(
+    tmp_path: Path,
+) -> None:
+    """Issue 14: the consensus watch's boundary reaches the intro-point watch, which reads
+    our own descriptor within about a second instead of at its 20 s poll."""
+    daemon, network, clock, _ = build(config(tmp_path))
+    network.own = [decoded(OWN)]
+    await daemon.views.poll()
+    task = asyncio.ensure_future(daemon.intro.run())
+    try:
+        await until(lambda: network.own_reads == 1)
+        clock.advance(5.0)
+        network.view = at_valid_after(VIEW, VIEW.valid_after + 240)  # the next SRV run
+        network.valid_after = "2025-06-01 12:08:00"
+        seen = clock.monotonic()
+        await daemon.views.poll()
+        await until(lambda: network.own_reads == 2)
+        assert clock.monotonic() - seen <= 2.0
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

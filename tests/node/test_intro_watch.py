@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Sequence
+from functools import partial
 
 import pytest
 
@@ -13,13 +15,20 @@ from rustbalance.errors import ControlError, DescriptorError
 from rustbalance.node import DAEMON_LOGGER
 from rustbalance.node.consensus_watch import NETWORK_POLL_SECS, ConsensusWatch
 from rustbalance.node.identity import NodeIdentity
-from rustbalance.node.intro_watch import INTRO_EVENT_DEBOUNCE_SECS, INTRO_POLL_SECS, IntroWatch
+from rustbalance.node.intro_watch import (
+    INTRO_EVENT_DEBOUNCE_SECS,
+    INTRO_POLL_SECS,
+    OWN_FETCH_RETRY_SECS,
+    IntroWatch,
+)
 from rustbalance.node.own_descriptor import OWN_NEXT_MAX_AGE_SECS
+from rustbalance.node.rotation import FAST_POLL_SECS
 from rustbalance.tor.network import NetworkView
 from tests.node.fakes import (
     VIEW,
     FakeNetwork,
     ManualClock,
+    at_valid_after,
     decoded,
     hs_desc,
     intro_points,
@@ -180,6 +189,148 @@ async def test_the_consensus_watch_rereads_the_view_on_a_new_consensus_only() ->
         w.network.valid_after = None
         await until(lambda: len(w.new_views) >= 4)
         assert set(w.clock.slept) == {NETWORK_POLL_SECS}
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+# ------------------------------------------------- issue 14: time-period and SRV-run boundaries
+
+# The test consensus (20 s voting: 8-minute periods, a shared-random run every 480 s) is valid
+# after 12:04:00, the start of a time period; the next run starts, and tor rotates its
+# descriptors, at 12:08:00; the next period at 12:12:00.
+NOW_VA = VIEW.valid_after
+ROTATION = NOW_VA + 240
+NEXT_PERIOD = ROTATION + 240
+
+
+async def test_the_consensus_watch_looks_every_second_once_a_boundary_is_due() -> None:
+    """A node must notice a new SRV run (tor rotated its descriptors) or a new time period
+    (clients fetch the next period's descriptor) within a second of its tor's consensus, not
+    at the next 10 s poll (issue 14: a late switch left clients with intro points that die at
+    the next rotation). Until the boundary the watch sleeps as usual; it never sleeps past it;
+    once due it looks every second until a consensus past it arrives, reports which boundary
+    it was, and goes back to the usual poll."""
+    w = Watched()
+    boundaries: list[str] = []
+    w.views = ConsensusWatch(w.network, w.clock, w.new_views.append, boundaries.append)
+    task = asyncio.ensure_future(w.views.run())
+    try:
+        await until(lambda: w.clock.wall() >= ROTATION + 3)
+        before = list(w.clock.slept)
+        assert set(before[:20]) == {NETWORK_POLL_SECS}
+        assert sum(before[:-3]) == ROTATION - NOW_VA  # woke exactly at the rotation
+        assert before[-3:] == [FAST_POLL_SECS] * 3
+        assert boundaries == []  # the first view is no boundary
+        # tor's consensus of the new run arrives.
+        w.network.view = at_valid_after(VIEW, ROTATION)
+        w.network.valid_after = "2025-06-01 12:08:00"
+        await until(lambda: boundaries == ["run"])
+        await until(lambda: len(w.clock.slept) >= len(before) + 3)
+        assert w.clock.slept[-1] == NETWORK_POLL_SECS
+        # ... and the one of the next time period, 240 s later.
+        await until(lambda: w.clock.wall() >= NEXT_PERIOD + 1)
+        w.network.view = at_valid_after(VIEW, NEXT_PERIOD)
+        w.network.valid_after = "2025-06-01 12:12:00"
+        await until(lambda: boundaries == ["run", "period"])
+        # A new consensus within the period is no boundary.
+        w.network.view = at_valid_after(VIEW, NEXT_PERIOD + 20)
+        w.network.valid_after = "2025-06-01 12:12:20"
+        await until(lambda: len(w.new_views) == 4)
+        assert boundaries == ["run", "period"]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+def _instance_in_segment_b() -> tuple[Watched, str]:
+    own_key = master_key(seed=11)
+    w = Watched(NodeIdentity("instance", KEY.onion_address, KEY, own_key))
+    first = VIEW.descriptor_targets()[0].time_period
+    w.network.own = [decoded(intro_points(2, seed=1), time_period=first)]
+    return w, own_key.onion_address
+
+
+async def test_a_failing_next_descriptor_fetch_backs_off_to_the_usual_poll() -> None:
+    w, own = _instance_in_segment_b()
+    w.network.fetched[own] = [ControlError("no HSDir answered")]
+    task = asyncio.ensure_future(w.watch.run())
+    try:
+        await until(lambda: len(w.network.fetches) == 1)
+        times = [w.clock.monotonic()]
+        for n in range(2, 7):
+            await until(partial(lambda k: len(w.network.fetches) == k, n))
+            times.append(w.clock.monotonic())
+        gaps = [round(b - a) for a, b in itertools.pairwise(times)]
+        assert gaps == [2, 4, 8, 16, 20]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_boundary_makes_an_instance_fetch_its_next_descriptor_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At a new period or run the cached copy of our own next descriptor is stale (tor built
+    a new one, or clients now fetch it): the watch fetches it again within about a second,
+    although the copy is younger than its usual maximum age."""
+    w, own = _instance_in_segment_b()
+    following = intro_points(2, seed=2)
+    w.network.fetched[own] = [decoded(following, time_period=VIEW.current_time_period())]
+    caplog.set_level(logging.INFO, logger=DAEMON_LOGGER)
+    task = asyncio.ensure_future(w.watch.run())
+    try:
+        await until(lambda: w.network.fetches == [own])
+        assert w.watch.intro_points == following
+        w.clock.advance(5.0)
+        at = w.clock.monotonic()
+        w.watch.at_boundary("period")
+        await until(lambda: len(w.network.fetches) == 2)
+        assert w.clock.monotonic() - at <= INTRO_EVENT_DEBOUNCE_SECS + 1.0
+        assert "New time period: re-reading own intro points" in caplog.messages
+        w.watch.at_boundary("run")
+        await until(lambda: len(w.network.fetches) == 3)
+        assert "New SRV run: re-reading own intro points" in caplog.messages
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_failed_next_descriptor_fetch_is_retried_after_two_seconds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Until our own next descriptor is fetched, the node publishes intro points that die at
+    the next rotation: a failed fetch (not uploaded yet, no HSDir answered) is retried after
+    ``OWN_FETCH_RETRY_SECS`` (then twice that while it keeps failing), not at the next 20 s
+    poll, and said once at INFO. The fake network stands in for an HSFETCH failure that real
+    tor gives only by chance."""
+    w, own = _instance_in_segment_b()
+    following = intro_points(2, seed=2)
+    w.network.fetched[own] = [
+        ControlError("no HSDir answered"),
+        ControlError("no HSDir answered"),
+        decoded(following, time_period=VIEW.current_time_period()),
+    ]
+    caplog.set_level(logging.INFO, logger=DAEMON_LOGGER)
+    task = asyncio.ensure_future(w.watch.run())
+    try:
+        await until(lambda: len(w.network.fetches) == 1)
+        start = w.clock.monotonic()
+        await until(lambda: len(w.network.fetches) == 3)
+        assert w.clock.monotonic() - start <= 3 * OWN_FETCH_RETRY_SECS + 0.5
+        assert w.watch.intro_points == following
+        failed = [m for m in caplog.messages if m.startswith("Fetching our own next descriptor")]
+        assert failed == [
+            "Fetching our own next descriptor failed (retrying shortly): no HSDir answered"
+        ]
+        # Fetched: back to the usual poll.
+        fetched_at = w.clock.monotonic()
+        await until(lambda: w.network.own_reads >= 4)
+        assert w.clock.monotonic() - fetched_at >= INTRO_POLL_SECS - 0.01
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -32,6 +32,7 @@ from rustbalance.testnet.cluster import (
     NAMES,
     ClusterNode,
     LaunchedCluster,
+    OverridesFor,
     free_udp_ports,
     launch_cluster,
 )
@@ -215,8 +216,10 @@ def running_cluster(
     *,
     timings: tuple[float, float, float] | None = None,
     relay: bool = False,
+    overrides: OverridesFor | None = None,
 ) -> Iterator[RunningCluster]:
-    """Start the three nodes (see the module docstring); stop everything afterwards."""
+    """Start the three nodes (see the module docstring); stop everything afterwards.
+    ``overrides(i)`` adds config keys of node i (e.g. ``[node] identity_mode``)."""
     ports = free_udp_ports(2 * len(NAMES) if relay else len(NAMES))
     listen_ports = ports[: len(NAMES)]
     # Without the relay, peers talk to each other's listen ports directly.
@@ -235,7 +238,11 @@ def running_cluster(
                 fault_relay.add_front(front, listen, name)
             fault_relay.start()
         with launch_cluster(
-            network, work_dir, coordination=coordination, listen_ports=listen_ports
+            network,
+            work_dir,
+            coordination=coordination,
+            listen_ports=listen_ports,
+            overrides=overrides,
         ) as launched:
             yield RunningCluster(
                 launched.master, launched.nodes, launched.started, fault_relay, timings

@@ -1,7 +1,9 @@
 """The multi-node cluster end to end on the private Tor network (issue "Multi-node cluster").
 
 Two 3-node clusters (priorities 10/20/30, one master key, a shared token, each node its own
-managed tor and target):
+managed tor and target), in the default identity mode of a cluster (``instance``: each node's
+tor hosts its own key and keeps publishing that instance's descriptor natively, so
+``native_publishing`` stays on; only the publisher uploads master descriptors):
 
 - ``default_cluster`` runs the default coordination timings (5/15/15 s), so the failover time
   it measures is the one operators get: the master address is served by several nodes, a
@@ -110,7 +112,8 @@ class TestDefaultTimings:
         for doc in docs.values():
             assert doc is not None
             assert doc["mode"] == "multi"
-            assert doc["cluster"]["native_publishing"] is False
+            assert doc["cluster"]["native_publishing"] is True  # the instance descriptor
+            assert doc["instance_onion_address"] != cluster.address
             assert doc["cluster"]["publisher"] == "node-a"
             others = {p["node_id"]: p["alive"] for p in doc["peers"]}
             assert others == {
@@ -270,11 +273,10 @@ class TestDefaultTimings:
         assert removed_after is not None, f"dead node's intro points still published: {last}"
         print(f"intro point removal: gone from the HSDirs {removed_after:.1f} s after the SIGKILL")
         assert removed_after <= BOUND_SECS
-        # Left alone, node-b publishes as a single node, tor's own publishing back on.
+        # Left alone, node-b publishes the master descriptor as a single node.
         doc = cluster.node("node-b").status()
         assert doc["mode"] == "single"
         assert doc["role"] == "publisher"
-        assert doc["cluster"]["native_publishing"] is True
         assert doc["peers"] == [
             {"node_id": "node-a", "alive": False},
             {"node_id": "node-c", "alive": False},
@@ -314,7 +316,6 @@ class TestRelayedShortTimings:
 
             took = wait_for(split_brain_settled, 60, "both sides of the partition to settle")
             print(f"partition: node-b took over its side {took:.1f} s after the cut")
-            assert cluster.node("node-a").status()["cluster"]["native_publishing"] is True
         finally:
             relay.heal()
 
@@ -323,9 +324,9 @@ class TestRelayedShortTimings:
             if any(d is None for d in docs.values()):
                 return False
             ready = [d for d in docs.values() if d is not None]
-            return all(
-                d["mode"] == "multi" and d["cluster"]["native_publishing"] is False for d in ready
-            ) and [d["node_id"] for d in ready if d["role"] == "publisher"] == ["node-a"]
+            return all(d["mode"] == "multi" for d in ready) and [
+                d["node_id"] for d in ready if d["role"] == "publisher"
+            ] == ["node-a"]
 
         took = wait_for(one_publisher, 60, "one publisher after the link is restored")
         print(f"partition healed: one publisher {took:.1f} s after the restore")

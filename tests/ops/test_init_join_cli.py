@@ -20,6 +20,7 @@ from rustbalance.cli.init_cmd import CliError, Io, run_init, validated_config
 from rustbalance.cli.join_cmd import JoinSettings, joined_config
 from rustbalance.cli.main import build_parser, main
 from rustbalance.config import load_config, parse_config
+from rustbalance.config.identity_mode import SHARED_CLUSTER_PROBLEM
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
 from rustbalance.deploy.join_token import JoinPayload, decode, token_needs_passphrase
 from rustbalance.node.join import JoinAnswer, JoinRequest, parse_join_answer
@@ -398,3 +399,47 @@ def test_join_refuses_the_issuers_node_id(
     assert main(args) == 2
     assert "issuing node" in capsys.readouterr().err
     assert not (tmp_path / "conf2").exists()
+
+
+# ----------------------------------------------------------------- issue 14: the identity mode
+
+
+def test_init_writes_instance_mode_and_refuses_shared(
+    tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first node answers joins, so it is part of a cluster: ``instance`` by default,
+    written explicitly; ``--identity-mode shared`` is refused in one line naming the fix,
+    before anything is written."""
+    assert main(_init(tmp_path, passfile, "--identity-mode", "shared")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"rustbalance: error: --identity-mode shared: {SHARED_CLUSTER_PROBLEM}"]
+    assert not (tmp_path / "conf").exists()
+    assert main(_init(tmp_path, passfile)) == 0
+    text = (tmp_path / "conf" / "config.toml").read_text()
+    assert 'identity_mode = "instance"' in text
+    assert load_config(tmp_path / "conf" / "config.toml").identity_mode == "instance"
+
+
+def test_join_writes_instance_mode_and_refuses_shared_before_joining(
+    tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_init(tmp_path, passfile, "--no-wireguard")) == 0
+    token = _printed_token(capsys.readouterr().out)
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    args = _join_args(tmp_path, "--token-file", str(token_file), "--passphrase-file", str(passfile))
+    socks = ["--tor-socks", f"127.0.0.1:{_closed_port()}", "--join-attempts", "1"]
+    assert main([*args, *socks, "--identity-mode", "shared"]) == 2
+    err = capsys.readouterr().err
+    assert f"--identity-mode shared: {SHARED_CLUSTER_PROBLEM}" in err
+    assert "Joining" not in err  # refused before the join
+    assert not (tmp_path / "conf2").exists() and not (tmp_path / "state2").exists()
+    # What join writes (the default): instance mode, explicitly.
+    payload = decode(token, PASSPHRASE, now=int(time.time()))
+    answer = _answer_from_node_a(
+        tmp_path / "conf", payload, base64.b64encode(b"\x07" * 32).decode()
+    )
+    doc = joined_config(_settings(tmp_path), payload, answer)
+    assert doc["node"]["identity_mode"] == "instance"
+    text = validated_config(doc, tmp_path / "conf2").decode()
+    assert parse_config(text, tmp_path / "conf2").identity_mode == "instance"

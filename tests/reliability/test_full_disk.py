@@ -125,10 +125,11 @@ async def test_full_state_disk_keeps_serving_and_never_corrupts_the_peers_file(
                     "node-b": True,
                     "node-c": True,
                 }
-                # The last complete file, untouched; no temp file left on the full disk.
+                # The last complete file, untouched; no temp file left on the full disk. (keys/:
+                # the instance key, a cluster node's default identity mode.)
                 assert peers_file.read_text() == saved
                 assert sorted(p.name for p in state.iterdir()) == sorted(
-                    [PEERS_FILE, "filler", "status.sock"]
+                    [PEERS_FILE, "filler", "keys", "status.sock"]
                 )
                 body = await get_with_retries(socks, node.address, isolation="disk-full")
                 assert body.strip() == "hello from node-a-target"

@@ -31,7 +31,12 @@ from rustbalance.node.identity import (
 )
 from rustbalance.node.join import JoinError, check_secret_strength
 from rustbalance.node.mesh import MeshError, read_private_secret
-from rustbalance.node.startup import EXIT_CONFIG, StartupError, load_master_key
+from rustbalance.node.startup import (
+    EXIT_CONFIG,
+    StartupError,
+    load_master_key,
+    with_saved_peers,
+)
 
 __all__ = ["check", "file_problems", "register"]
 
@@ -76,7 +81,7 @@ def file_problems(config: Config) -> list[str]:
             load_master_key(config)
         except StartupError as exc:
             problems.append(str(exc))
-    if config.node.identity_mode == "instance":
+    if config.identity_mode == "instance":
         instance = default_instance_key_path(config)
         if instance.exists() or instance.is_symlink():
             try:
@@ -126,6 +131,10 @@ def check(args: argparse.Namespace) -> int:
     except ConfigProblems as exc:
         return _report(file, list(exc.problems))
     except ConfigError as exc:  # not raised by load_config today; keep the contract anyway
+        return _report(file, [str(exc)])
+    try:
+        config = with_saved_peers(config)
+    except ConfigError as exc:
         return _report(file, [str(exc)])
     problems = file_problems(config)
     if problems:

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from rustbalance.atomic_file import StagedFile, stage_file
 from rustbalance.config import parse_config
+from rustbalance.config.identity_mode import IdentityMode, cluster_identity_problem
 from rustbalance.crypto.keys import SECRET_KEY_HEADER, IdentityKey, load_identity_key
 from rustbalance.deploy.join_token import (
     DEFAULT_LIFETIME_SECS,
@@ -315,6 +316,21 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_priority: i
         action="store_true",
         help="never ask; a missing required value is an error",
     )
+    parser.add_argument(
+        "--identity-mode",
+        choices=("instance", "shared"),
+        default="instance",
+        help="instance (default): this node's tor hosts its own key; shared (the master key "
+        "in every node's tor) is refused in a cluster (docs/config.md)",
+    )
+
+
+def check_identity_mode(mode: IdentityMode) -> IdentityMode:
+    """``--identity-mode`` of a node that answers joins, i.e. of a cluster (issue 14)."""
+    problem = cluster_identity_problem(mode, clustered=True)
+    if problem is not None:
+        raise CliError(f"--identity-mode {mode}: {problem}")
+    return mode
 
 
 # --- init -----------------------------------------------------------------------------------
@@ -405,6 +421,7 @@ def _master_key_bytes(key: IdentityKey) -> bytes:
 
 
 def run_init(args: argparse.Namespace, io: Io) -> int:
+    identity_mode = check_identity_mode(args.identity_mode)
     interactive = not args.non_interactive and io.stdin_is_tty()
     config_dir = Path(args.config_dir).absolute()
     node_id = check_node_id(args.node_id or default_node_id())
@@ -468,6 +485,7 @@ def run_init(args: argparse.Namespace, io: Io) -> int:
             "priority": args.priority,
             "publisher_eligible": True,
             "state_dir": str(state_dir),
+            "identity_mode": identity_mode,
         },
         "master": {
             "identity_key_path": str(config_dir / MASTER_KEY_FILE),

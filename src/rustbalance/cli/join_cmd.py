@@ -49,6 +49,7 @@ from rustbalance.cli.init_cmd import (
     StagedFiles,
     add_common_arguments,
     check_endpoint,
+    check_identity_mode,
     check_node_id,
     default_node_id,
     ensure_private_dir,
@@ -58,6 +59,7 @@ from rustbalance.cli.init_cmd import (
     read_secret_file,
     validated_config,
 )
+from rustbalance.config.identity_mode import IdentityMode
 from rustbalance.deploy.join_token import (
     JoinPayload,
     JoinTokenError,
@@ -167,6 +169,7 @@ class JoinSettings:
     proxy_port: int
     coordination_port: int
     wireguard: bool
+    identity_mode: IdentityMode = "instance"
 
 
 def joined_config(
@@ -182,6 +185,7 @@ def joined_config(
             "priority": settings.priority,
             "publisher_eligible": payload.publisher_eligible,
             "state_dir": str(settings.state_dir),
+            "identity_mode": settings.identity_mode,
         },
         "master": {
             # Required by the schema; the file exists only on publisher-eligible nodes.
@@ -213,6 +217,7 @@ def joined_config(
 
 
 def _settings(args: argparse.Namespace, payload: JoinPayload, io: Io) -> JoinSettings:
+    identity_mode = check_identity_mode(args.identity_mode)
     interactive = not args.non_interactive and io.stdin_is_tty()
     node_id = check_node_id(args.node_id or default_node_id())
     if node_id == payload.issuer_node_id:
@@ -243,6 +248,7 @@ def _settings(args: argparse.Namespace, payload: JoinPayload, io: Io) -> JoinSet
         proxy_port=args.proxy_port,
         coordination_port=args.coordination_port,
         wireguard=not args.no_wireguard,
+        identity_mode=identity_mode,
     )
 
 

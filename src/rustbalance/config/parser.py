@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rustbalance.config.identity_mode import cluster_identity_problem
 from rustbalance.config.keys import Derived, Invalid, InvalidItems, describe, key_of
 from rustbalance.config.pow import pow_refusal
 from rustbalance.config.schema import MAX_UNIX_SOCKET_PATH, Config
@@ -93,12 +94,15 @@ def parse_config(text: str, base_dir: str | os.PathLike[str]) -> Config:
     for name, cls in SECTIONS.items():
         reader = _SectionReader(name, document.get(name, {}), problems)
         built[name] = reader.read(cls, base, built)
+    config = Config(**built)
+    _check_master_key(config, problems)
+    _check_identity_mode(config, problems)
     if not problems:
         _check_listeners(built, problems)
-        _check_pow(built, problems)
+        _check_pow(config, problems)
     if problems:
         raise ConfigProblems(problems)
-    return Config(**built)
+    return config
 
 
 def _key_name(key: str) -> str:
@@ -202,20 +206,6 @@ def _check_node(s: _SectionReader, values: dict[str, Any], _built: Mapping[str, 
 
 
 def _check_master(s: _SectionReader, values: dict[str, Any], built: Mapping[str, Any]) -> None:
-    node = built["node"]
-    # Instance mode: only a node that may publish (sign the master descriptor) needs the
-    # master key; the others host their own key and need just the master address.
-    key_needed = node.identity_mode == "shared" or node.publisher_eligible
-    if values["identity_key_path"] is None and s.ok("identity_key_path"):
-        if key_needed:
-            why = "" if node.identity_mode == "shared" else " (this instance is publisher-eligible)"
-            s.problem("identity_key_path", f"is required{why}")
-        elif "onion_address" not in s.table:
-            s.problem(
-                "onion_address",
-                "is required without master.identity_key_path (the node's ob_config names "
-                "the master address)",
-            )
     onion = values["onion_address"]
     for index, backend in enumerate(values["backends"]):
         if backend == onion:
@@ -297,6 +287,37 @@ def _check_etcd(s: _SectionReader, values: dict[str, Any], built: Mapping[str, A
         s.problems.append("join.enabled: must be false with coordination.backend = 'etcd'")
 
 
+def _reported(problems: list[str], key: str) -> bool:
+    return any(p.startswith(f"{key}:") or p.startswith(f"{key}[") for p in problems)
+
+
+def _check_master_key(config: Config, problems: list[str]) -> None:
+    # After every section: which key a node needs follows its identity mode, whose default
+    # depends on whether the node is part of a cluster (config/identity_mode.py). Instance
+    # mode: only a node that may publish (sign the master descriptor) needs the master key;
+    # the others host their own key and need just the master address.
+    master, mode = config.master, config.identity_mode
+    if master.identity_key_path is not None or _reported(problems, "master.identity_key_path"):
+        return
+    if mode == "shared" or config.node.publisher_eligible:
+        why = "" if mode == "shared" else " (this instance is publisher-eligible)"
+        problems.append(f"master.identity_key_path: is required{why}")
+    elif master.onion_address is None and not _reported(problems, "master.onion_address"):
+        problems.append(
+            "master.onion_address: is required without master.identity_key_path (the node's "
+            "ob_config names the master address)"
+        )
+
+
+def _check_identity_mode(config: Config, problems: list[str]) -> None:
+    # shared with 2+ nodes cannot stay reachable across tor's rotation (issue 14).
+    if _reported(problems, "node.identity_mode"):
+        return
+    problem = cluster_identity_problem(config.identity_mode, config.clustered)
+    if problem is not None:
+        problems.append(problem)
+
+
 def _check_listeners(built: Mapping[str, Any], problems: list[str]) -> None:
     # Both are TCP listeners; the coordination socket is UDP and may share a port number.
     proxy, metrics = built["proxy"], built["metrics"]
@@ -309,16 +330,16 @@ def _check_listeners(built: Mapping[str, Any], problems: list[str]) -> None:
         problems.append(f"metrics.listen: {metrics.listen} is also proxy.listen_host:listen_port")
 
 
-def _check_pow(built: Mapping[str, Any], problems: list[str]) -> None:
+def _check_pow(config: Config, problems: list[str]) -> None:
     # Proof-of-work only where tor writes the master descriptor (config/pow.py).
-    if not built["tor"].pow_enabled:
+    if not config.tor.pow_enabled:
         return
     refusal = pow_refusal(
-        identity_mode=built["node"].identity_mode,
-        peers=built["coordination"].peers,
-        backends=built["master"].backends,
-        join_enabled=built["join"].enabled,
-        etcd=built["coordination"].backend == "etcd",
+        identity_mode=config.identity_mode,
+        peers=config.coordination.peers,
+        backends=config.master.backends,
+        join_enabled=config.join.enabled,
+        etcd=config.coordination.backend == "etcd",
     )
     if refusal:
         problems.append(refusal)

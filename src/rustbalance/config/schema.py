@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from rustbalance.config.addresses import parse_client_auth_key
+from rustbalance.config.identity_mode import IdentityMode, effective_identity_mode
 from rustbalance.config.keys import (
     Array,
     Boolean,
@@ -74,9 +75,6 @@ __all__ = [
 ]
 
 TorMode = Literal["managed", "system"]
-# "shared": every node's tor hosts the master key; "instance": a node's tor hosts its own key as
-# an Onionbalance instance of the master (tor.md §11).
-IdentityMode = Literal["shared", "instance"]
 ProxyMode = Literal["http", "tcp"]
 WireGuardMode = Literal["auto", "kernel", "userspace"]
 # [coordination] backend: the embedded sealed-UDP protocol, or an etcd cluster (issue 20).
@@ -239,13 +237,19 @@ class NodeConfig:
         doc=f"Unix socket for `rustbalance status`. At most {MAX_UNIX_SOCKET_PATH} bytes "
         "(a unix socket limit).",
     )
-    identity_mode: IdentityMode = key(
+    # None (left out): the default for this node's setup, Config.identity_mode.
+    identity_mode: IdentityMode | None = key(
         choice("shared", "instance"),
-        default="shared",
-        doc="`shared`: this node's tor hosts the master key. `instance` (Onionbalance-style): "
-        "its tor hosts the node's own key with `HiddenServiceOnionbalanceInstance 1` and an "
-        "`ob_config` naming the master address; only a publisher-eligible instance needs the "
-        "master key.",
+        default=None,
+        default_doc="`instance` in a cluster (coordination peers, `[join]` or `[wireguard]` "
+        "on, or saved peers), `shared` for a lone node",
+        example="instance",
+        doc="`instance` (Onionbalance-style): this node's tor hosts the node's own key with "
+        "`HiddenServiceOnionbalanceInstance 1` and an `ob_config` naming the master address; "
+        "only a publisher-eligible instance needs the master key. `shared`: this node's tor "
+        "hosts the master key (a lone node: tor publishes the master descriptor itself, with "
+        "PoW). `shared` in a cluster is refused: its intro points all die at tor's daily "
+        "descriptor rotation (docs/architecture.md).",
     )
     instance_key_path: Path = key(
         PathValue(),
@@ -924,6 +928,18 @@ class Config:
     @property
     def is_multi_node(self) -> bool:
         return self.coordination.is_multi_node
+
+    @property
+    def clustered(self) -> bool:
+        """Part of a cluster by this config: coordination peers, answering joins or a
+        WireGuard mesh (peers saved by an earlier run count too: node/startup.py)."""
+        return self.is_multi_node or self.join.enabled or self.wireguard.enabled
+
+    @property
+    def identity_mode(self) -> IdentityMode:
+        """The mode this node runs in: ``node.identity_mode``, else the default for its setup
+        (config/identity_mode.py)."""
+        return effective_identity_mode(self.node.identity_mode, self.clustered)
 
     def summary(self) -> str:
         """One line for logs and ``rustbalance config check``; contains no secrets."""

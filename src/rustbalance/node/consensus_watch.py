@@ -6,6 +6,11 @@ the publisher, the intro-point watch, verification and the backends read it thro
 ``NETWORK_POLL_SECS`` and re-reads the view when a new consensus arrived (20 s voting on the
 test network, 1 h live), then hands the new view to ``on_new_view`` (the publisher's ring
 check: a new period, SRV or set of responsible HSDirs means republishing).
+
+Time-period starts and shared-random run starts (node/rotation.py, issue 14) are noticed
+within a second: the task never sleeps past the next one, looks every second once it is due
+until its tor has a consensus past it, and then tells ``on_boundary`` which one it was
+("period" or "run"; the intro-point watch re-reads our own descriptors at once).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Callable
 from rustbalance.errors import ControlError, RustBalanceError
 from rustbalance.node import DAEMON_LOGGER
 from rustbalance.node.clock import Clock
+from rustbalance.node.rotation import Boundary, BoundaryKind, boundary_of, network_poll_delay
 from rustbalance.node.tor_network import TorNetwork
 from rustbalance.tor.network import NetworkView
 
@@ -30,12 +36,20 @@ NETWORK_POLL_SECS = 10.0
 
 class ConsensusWatch:
     def __init__(
-        self, network: TorNetwork, clock: Clock, on_new_view: Callable[[NetworkView], None]
+        self,
+        network: TorNetwork,
+        clock: Clock,
+        on_new_view: Callable[[NetworkView], None],
+        on_boundary: Callable[[BoundaryKind], None] = lambda _kind: None,
     ) -> None:
         self._network = network
         self._clock = clock
         self._on_new_view = on_new_view
+        self.on_boundary = on_boundary  # set by the daemon: the intro-point watch
         self.view: NetworkView | None = None
+        # (time period, SRV run start) of the last consensus the task read.
+        self._boundary: Boundary | None = None
+        self._last: str | None = None  # the consensus valid-after the view was read for
 
     async def current(self) -> NetworkView:
         """The view last read (read now if there is none)."""
@@ -52,18 +66,36 @@ class ConsensusWatch:
         """The view may be stale (tor restarted, a descriptor of a newer period arrived)."""
         self.view = None
 
+    def _check_boundary(self, view: NetworkView) -> None:
+        boundary = boundary_of(view.valid_after, view.time_params)
+        before, self._boundary = self._boundary, boundary
+        if before is not None and boundary != before:
+            self.on_boundary("period" if boundary[0] != before[0] else "run")
+
+    async def poll(self) -> float:
+        """Look at the consensus once (read the view if it is new); the seconds to wait before
+        the next look: ``NETWORK_POLL_SECS``, less when a period or run start comes sooner,
+        ``FAST_POLL_SECS`` once one is due (node/rotation.py)."""
+        delay = NETWORK_POLL_SECS
+        try:
+            valid_after = await self._network.consensus_valid_after()
+            # Without valid-after (an older tor), read the view every time.
+            if valid_after is None or valid_after != self._last or self.view is None:
+                view = await self._network.read_view()
+                self.view = view
+                self._last = valid_after
+                self._check_boundary(view)
+                self._on_new_view(view)
+            if self.view is not None:
+                view = self.view
+                delay = network_poll_delay(
+                    view.valid_after, view.time_params, self._clock.wall(), delay
+                )
+        except (ControlError, RustBalanceError) as exc:
+            log.debug("Reading the consensus failed (will retry): %s", exc)
+        return delay
+
     async def run(self) -> None:
         """Supervised task: re-read the view on every new consensus."""
-        last: str | None = None
         while True:
-            try:
-                valid_after = await self._network.consensus_valid_after()
-                # Without valid-after (an older tor), read the view every time.
-                if valid_after is None or valid_after != last or self.view is None:
-                    view = await self._network.read_view()
-                    self.view = view
-                    last = valid_after
-                    self._on_new_view(view)
-            except (ControlError, RustBalanceError) as exc:
-                log.debug("Reading the consensus failed (will retry): %s", exc)
-            await self._clock.sleep(NETWORK_POLL_SECS)
+            await self._clock.sleep(await self.poll())

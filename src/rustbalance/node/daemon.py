@@ -3,8 +3,7 @@
 :class:`Daemon` builds the node's components (each owns its state; docs/architecture.md,
 "The node layer"), starts the runtime in order, supervises the components' tasks and stops
 them (leave the cluster, drain the proxy, stop tor: within :meth:`Daemon.stop_budget`). The
-components get a :class:`~rustbalance.node.clock.Clock` and the
-:class:`~rustbalance.node.tor_network.TorNetwork` injected; ``status`` and ``/metrics`` are
+components get a :class:`Clock` and the ``TorNetwork`` injected; ``status`` and ``/metrics`` are
 rendered from one :class:`~rustbalance.node.snapshot.NodeSnapshot`; readiness and the systemd
 watchdog's health are fed from here (node/readiness.py, node/health.py).
 """
@@ -86,6 +85,7 @@ class Daemon:
             on_read=self._intro_points_read,
             on_changed=self.republish,
         )
+        self.views.on_boundary = self.intro.at_boundary  # a new period or SRV run: re-read
         self.cluster = ClusterLoop(
             ClusterMode(ModePolicy.for_node(config, identity, clustered=self.clustered)),
             self.network,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rustbalance.config import Config
-from rustbalance.config.schema import IdentityMode
+from rustbalance.config.identity_mode import IdentityMode
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_seed_key_file
 from rustbalance.crypto.onion_address import decode_onion_address
 from rustbalance.errors import ConfigError, InvalidKeyError, UnsafePathError
@@ -68,8 +68,9 @@ class NodeIdentity:
 
 
 def master_key_needed(config: Config) -> bool:
-    """Shared mode always; instance mode only on a node that may become the publisher."""
-    return config.node.identity_mode == "shared" or config.node.publisher_eligible
+    """Shared mode always; instance mode only on a node that may become the publisher (the
+    mode the node runs in: ``Config.identity_mode``, the default when left out)."""
+    return config.identity_mode == "shared" or config.node.publisher_eligible
 
 
 def default_instance_key_path(config: Config) -> Path:
@@ -84,7 +85,7 @@ def resolve_identity(
     Raises :class:`ConfigError` naming the problem: a key missing for the mode, a master
     address that does not match the key, a backend or instance key that is the master itself.
     """
-    mode = config.node.identity_mode
+    mode = config.identity_mode
     stated = config.master.onion_address
     if master_key is None and master_key_needed(config):
         raise ConfigError(

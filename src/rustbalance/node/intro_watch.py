@@ -11,6 +11,13 @@ republished (``on_changed``).
 Which of tor's descriptors the intro points come from is decided in one place,
 :meth:`IntroWatch.own_descriptor`: tor's first descriptor (``hs/service/desc/id``), and in
 ``instance`` mode during segment B the second one as clients fetch it (own_descriptor.py).
+
+At a new time period or shared-random run (the consensus watch calls :meth:`IntroWatch.at_boundary`)
+tor rotated its descriptors or clients moved to the next period's: the watch re-reads at once,
+and an instance fetches its next descriptor again. Until that fetch succeeds the node
+publishes intro points that die at the next rotation, so a failed fetch is retried after
+``OWN_FETCH_RETRY_SECS``, doubling up to the usual poll while it keeps failing
+(docs/architecture.md, "Descriptor rotation and time periods").
 """
 
 from __future__ import annotations
@@ -29,10 +36,11 @@ from rustbalance.node.consensus_watch import ConsensusWatch
 from rustbalance.node.identity import NodeIdentity
 from rustbalance.node.intro_tracker import IntroTracker
 from rustbalance.node.own_descriptor import OwnNextDescriptor
+from rustbalance.node.rotation import BoundaryKind
 from rustbalance.node.tor_network import TorNetwork
 from rustbalance.tor.control_protocol import ControlReplyError
 
-__all__ = ["INTRO_EVENT_DEBOUNCE_SECS", "INTRO_POLL_SECS", "IntroWatch"]
+__all__ = ["INTRO_EVENT_DEBOUNCE_SECS", "INTRO_POLL_SECS", "OWN_FETCH_RETRY_SECS", "IntroWatch"]
 
 log = logging.getLogger(DAEMON_LOGGER)
 
@@ -42,6 +50,9 @@ INTRO_POLL_SECS = 20.0
 INTRO_EVENT_DEBOUNCE_SECS = 1.0
 # Instance mode, segment B: HSFETCH of our own desc_next (own_descriptor.py).
 OWN_FETCH_TIMEOUT_SECS = 20.0
+# ... and after a failed one, the next try (the node's published points die at the next
+# rotation until it succeeds; tor uploads a new desc_next within seconds of building it).
+OWN_FETCH_RETRY_SECS = 2.0
 # tor events that mean tor built or is uploading a new descriptor of its own (tor.md §9.4).
 _OWN_DESCRIPTOR_ACTIONS = frozenset({"CREATED", "UPLOAD", "UPLOADED"})
 
@@ -66,6 +77,7 @@ class IntroWatch:
         self._bare = identity.service_address.removesuffix(".onion")
         self.tracker = IntroTracker()
         self._own_next = OwnNextDescriptor()
+        self._own_fetch_failures = 0  # instance mode: failed desc_next fetches in a row
         self._wakeup = asyncio.Event()
 
     @property
@@ -109,12 +121,27 @@ class IntroWatch:
             )
 
         try:
-            return await self._own_next.client_view(
+            decoded = await self._own_next.client_view(
                 current, view.current_time_period(), self._clock.wall(), fetch
             )
         except (ControlError, RustBalanceError) as exc:
-            log.debug("Fetching our own next descriptor failed (using the current): %s", exc)
+            self._own_fetch_failures += 1
+            log.log(
+                logging.INFO if self._own_fetch_failures == 1 else logging.DEBUG,
+                "Fetching our own next descriptor failed (retrying shortly): %s",
+                exc,
+            )
             return current
+        self._own_fetch_failures = 0
+        return decoded
+
+    def _next_read_in(self) -> float:
+        """Seconds to the next read: soon after a failed desc_next fetch, doubling while it
+        keeps failing; else the usual poll."""
+        failures = self._own_fetch_failures
+        if failures == 0:
+            return INTRO_POLL_SECS
+        return min(INTRO_POLL_SECS, OWN_FETCH_RETRY_SECS * float(2 ** min(failures - 1, 8)))
 
     async def refresh(self) -> bool:
         """Read the own descriptor; True if intro points are known afterwards."""
@@ -153,6 +180,17 @@ class IntroWatch:
             log.info("Tor restarted: waiting for its new intro points to republish")
         self._wakeup.set()
 
+    def at_boundary(self, kind: BoundaryKind) -> None:
+        """A new time period or SRV run reached our tor (node/rotation.py): re-read our own
+        intro points now, not at the next poll; an instance fetches its ``desc_next`` again
+        (at a run start it is a new one, at a period start clients begin to fetch it)."""
+        log.info(
+            "%s: re-reading own intro points",
+            "New time period" if kind == "period" else "New SRV run",
+        )
+        self._own_next.mark_stale()
+        self._wakeup.set()
+
     async def run(self) -> None:
         """Supervised task: HS_DESC events for our address plus a periodic read."""
         clock = self._clock
@@ -165,7 +203,7 @@ class IntroWatch:
                     next_read = min(next_read, clock.monotonic() + INTRO_EVENT_DEBOUNCE_SECS)
                 if clock.monotonic() >= next_read:
                     await self.refresh()
-                    next_read = clock.monotonic() + INTRO_POLL_SECS
+                    next_read = clock.monotonic() + self._next_read_in()
                 # At most 1 s at a time, so a wake-up (tor restarted) is seen promptly.
                 event = await events.next(min(1.0, max(0.05, next_read - clock.monotonic())))
                 if (

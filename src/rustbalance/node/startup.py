@@ -16,6 +16,7 @@ Every failure is a :class:`StartupError` whose ``exit_code`` says whether restar
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import stat
@@ -23,11 +24,12 @@ from pathlib import Path
 
 from rustbalance.atomic_file import write_file_atomic
 from rustbalance.config import Config, ConfigProblems, load_config
+from rustbalance.config.identity_mode import cluster_identity_problem, effective_identity_mode
 from rustbalance.config.pow import pow_refusal
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
 from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError, UnsafePathError
 from rustbalance.node import DAEMON_LOGGER
-from rustbalance.node.cluster_link import multi_node_wanted
+from rustbalance.node.cluster_link import load_cluster_key, multi_node_wanted
 from rustbalance.node.identity import (
     NodeIdentity,
     default_instance_key_path,
@@ -58,6 +60,7 @@ __all__ = [
     "onion_service_settings",
     "prepare_state_dir",
     "system_include",
+    "with_saved_peers",
     "write_file",
     "write_onion_service_dir",
     "write_system_include",
@@ -110,14 +113,14 @@ def load_master_key(config: Config) -> IdentityKey:
 
 
 def load_identity(config: Config, *, owner: tuple[int, int] | None = None) -> NodeIdentity:
-    """The keys of ``node.identity_mode`` (identity.py): the master key when this node needs
+    """The keys of the node's identity mode (identity.py): the master key when this node needs
     it, the node's own instance key (generated if missing, given to ``owner`` if set) in
     instance mode."""
     master = None
     if master_key_needed(config) or config.master.identity_key_path is not None:
         master = load_master_key(config)
     instance = None
-    if config.node.identity_mode == "instance":
+    if config.identity_mode == "instance":
         path = default_instance_key_path(config)
         try:
             instance, created = load_or_create_instance_key(path, owner=owner)
@@ -140,15 +143,45 @@ def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, NodeIdentity
         raise StartupError(f"invalid config {config_path}: {problems}", EXIT_CONFIG) from None
     except ConfigError as exc:
         raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
-    # Peers saved by an earlier run make a cluster the config does not show (config/pow.py).
-    if config.tor.pow_enabled and (multi_node_wanted(config) or mesh_wants_cluster(config)):
-        refusal = pow_refusal(identity_mode=config.node.identity_mode, learned_peers=True)
-        raise StartupError(f"invalid config {config_path}: {refusal}", EXIT_CONFIG)
+    try:
+        config = with_saved_peers(config)
+    except ConfigError as exc:
+        raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
+    token = config.coordination.cluster_token_path
+    if token is not None and (multi_node_wanted(config) or mesh_wants_cluster(config)):
+        # Before the instance key is generated (a cluster's default mode): a node refused
+        # for its token writes nothing. The coordinator reads it again when it starts.
+        try:
+            load_cluster_key(token)
+        except ConfigError as exc:
+            raise StartupError(str(exc), EXIT_CONFIG) from None
     # An existing state folder is checked before anything is written under it (instance mode
     # creates its key there); a missing one is created by the daemon's start once every key
     # and token is known to be usable, so a refused start writes nothing.
     prepare_state_dir(config, create=False)
     return config, load_identity(config)
+
+
+def with_saved_peers(config: Config) -> Config:
+    """``config`` as the node runs it when peers saved by an earlier run (coordination's or
+    the mesh's peers file) make it part of a cluster its config does not show: the default
+    identity mode is then ``instance``; ``shared`` and proof-of-work are refused there as in a
+    configured cluster (config/identity_mode.py, config/pow.py). ConfigError names the key."""
+    if config.clustered or not (multi_node_wanted(config) or mesh_wants_cluster(config)):
+        return config
+    mode = effective_identity_mode(config.node.identity_mode, clustered=True)
+    problem = cluster_identity_problem(mode, clustered=True)
+    if problem is not None:
+        raise ConfigError(f"{problem} (peers saved by an earlier run make it a cluster)")
+    refusal = pow_refusal(identity_mode=mode, learned_peers=True)
+    if config.tor.pow_enabled and refusal is not None:
+        raise ConfigError(refusal)
+    if config.node.identity_mode is None:
+        log.info("Peers saved by an earlier run: this node is part of a cluster (instance mode)")
+        config = dataclasses.replace(
+            config, node=dataclasses.replace(config.node, identity_mode=mode)
+        )
+    return config
 
 
 def write_file(path: Path, text: str, mode: int) -> None:

@@ -14,6 +14,9 @@ __all__ = ["NamedHTTPServer", "http_get_via_tor"]
 
 class _NamedHandler(BaseHTTPRequestHandler):
     server: NamedHTTPServer
+    # Keep-alive (every answer has a Content-Length), so the availability harness's keep-alive
+    # clients can send many requests on one connection; "Connection: close" still closes.
+    protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
         self.server.hits += 1

@@ -36,6 +36,7 @@ from rustbalance.testnet.apps import NamedHTTPServer
 from rustbalance.testnet.etcd_cluster import EtcdCluster, TestPki, etcd_sections
 from rustbalance.testnet.network import PrivateTorNetwork
 from rustbalance.testnet.node import NodeProcess, write_node_config
+from rustbalance.testnet.previous_release import MODULE as PREVIOUS_RELEASE
 from rustbalance.tor.process import pid_is_alive
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "ClusterNode",
     "EtcdBackedCluster",
     "LaunchedCluster",
+    "OverridesFor",
     "free_udp_ports",
     "is_tor",
     "launch_cluster",
@@ -126,6 +128,10 @@ class ClusterNode:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(tor_pid, signal.SIGKILL)
 
+    def kill_tor(self) -> None:
+        """SIGKILL only the managed tor (by PID): the daemon's watchdog restarts it."""
+        self._kill_tor(self.tor_pid())
+
     def kill(self) -> None:
         """SIGKILL the daemon and its tor by PID: a crashed machine, no lease release."""
         tor_pid = self.tor_pid()
@@ -162,8 +168,8 @@ class LaunchedCluster:
 
 # (node index, cluster token file) -> the node's [coordination] section.
 CoordinationFor = Callable[[int, Path], Mapping[str, object]]
-# node index -> more config sections (or keys) for that node.
-SectionsFor = Callable[[int], Mapping[str, Mapping[str, object]]]
+# node index -> extra config keys per section (e.g. [node] identity_mode, [master] backends).
+OverridesFor = Callable[[int], Mapping[str, Mapping[str, object]]]
 
 
 @contextlib.contextmanager
@@ -173,16 +179,21 @@ def launch_cluster(
     *,
     coordination: CoordinationFor,
     listen_ports: list[int],
-    sections: SectionsFor | None = None,
+    overrides: OverridesFor | None = None,
+    master: IdentityKey | None = None,
+    previous_release: bool = False,
 ) -> Iterator[LaunchedCluster]:
     """Start one daemon per name in :data:`NAMES`; stop every one (and its tor) afterwards.
 
     ``listen_ports[i]`` is node i's UDP coordination port (its ``coordination.listen``, which
-    ``coordination`` must set); ``coordination(i, token_path)`` gives node i's section, and
-    ``sections(i)`` any other sections (merged key by key over the defaults).
+    ``coordination`` must set); ``coordination(i, token_path)`` gives node i's section;
+    ``overrides(i)`` adds or replaces keys of node i's other sections; ``master`` is the
+    master key to use (default: a new one); ``previous_release`` starts the daemons as the
+    release before issue 14 (testnet/previous_release.py: ``shared`` allowed in a cluster).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    master = IdentityKey.generate(secrets.token_bytes)
+    if master is None:
+        master = IdentityKey.generate(secrets.token_bytes)
     key_file = work_dir / "master.key"
     write_seed_key_file(master, key_file)
     token = work_dir / "cluster.token"
@@ -198,6 +209,13 @@ def launch_cluster(
             node_dir.mkdir()
             target = NamedHTTPServer(f"{name}-target")
             targets.append(target)
+            sections: dict[str, dict[str, object]] = {
+                "node": {"priority": PRIORITIES[index]},
+                "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
+                "coordination": dict(coordination(index, token)),
+            }
+            for section, values in (overrides(index) if overrides else {}).items():
+                sections.setdefault(section, {}).update(values)
             configs.append(
                 write_node_config(
                     node_dir / "config.toml",
@@ -207,19 +225,13 @@ def launch_cluster(
                     target=f"{LOCALHOST}:{target.port}",
                     work_dir=node_dir,
                     extra_torrc=network.client_torrc_lines(),
-                    overrides=_merged(
-                        {
-                            "node": {"priority": PRIORITIES[index]},
-                            "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
-                            "coordination": coordination(index, token),
-                        },
-                        sections(index) if sections is not None else {},
-                    ),
+                    overrides=sections,
                 )
             )
         started = time.monotonic()
         for index, config in enumerate(configs):
-            process = NodeProcess(config, config.parent / "node.log")
+            module = PREVIOUS_RELEASE if previous_release else "rustbalance.cli.main"
+            process = NodeProcess(config, config.parent / "node.log", module=module)
             process.start()
             nodes.append(
                 ClusterNode(
@@ -256,7 +268,7 @@ def launch_etcd_cluster(
     *,
     lease_ttl_secs: int = 10,
     endpoints: EndpointsFor | None = None,
-    sections: SectionsFor | None = None,
+    sections: OverridesFor | None = None,
 ) -> Iterator[EtcdBackedCluster]:
     """The nodes of :func:`launch_cluster` with ``[coordination] backend = "etcd"``: a test
     PKI (one client certificate per node, CN = node id), a 3-member etcd cluster with TLS,
@@ -285,7 +297,7 @@ def launch_etcd_cluster(
             work_dir / "nodes",
             coordination=lambda _index, _token: {},
             listen_ports=[0] * len(NAMES),  # no UDP coordination with etcd
-            sections=node_sections,
+            overrides=node_sections,
         ) as launched:
             yield EtcdBackedCluster(launched, etcd, pki)
     finally:

@@ -69,6 +69,9 @@ VOTING_INTERVAL = (
 )
 VOTE_DELAY = 4
 DIST_DELAY = 4
+# dirauth_config.c: vote delay + dist delay must stay below half the voting interval, and each
+# at least MIN_VOTE_SECONDS_TESTING / MIN_DIST_SECONDS_TESTING (2 s, dirvote.h).
+MIN_TESTING_DELAY = 2
 STOP_GRACE_SECONDS = 10.0
 DEFAULT_START_TIMEOUT = 120.0
 _POLL = 0.25
@@ -282,6 +285,7 @@ class PrivateTorNetwork:
         tor_binary: str = "tor",
         tor_gencert_binary: str = "tor-gencert",
         owning_pid: int | None = None,
+        voting_interval: int = VOTING_INTERVAL,
     ) -> None:
         # 3 authorities + 1 relay is the observed minimum (tor.md §13.6); ask for 2 so that a
         # service's 4-hop rendezvous path and vanguards-lite always find distinct nodes.
@@ -289,6 +293,14 @@ class PrivateTorNetwork:
             raise TorProcessError(f"n_relays must be >= 2 (got {n_relays}); see tor.md §13.6")
         if n_clients < 1:
             raise TorProcessError("n_clients must be >= 1: a client gates readiness")
+        # 10 s gives 4-minute time periods (tor.md §3.1): rotations and period changes every
+        # few minutes, what the availability harness needs; below that the delays do not fit.
+        if voting_interval < 10:
+            raise TorProcessError(f"voting_interval must be >= 10 s (got {voting_interval})")
+        self.voting_interval = voting_interval
+        delay = max(MIN_TESTING_DELAY, voting_interval // 5)
+        self.vote_delay = min(VOTE_DELAY, delay)
+        self.dist_delay = min(DIST_DELAY, delay)
         self.base_dir = Path(base_dir).absolute()
         self.n_relays = n_relays
         self.n_clients = n_clients
@@ -524,12 +536,12 @@ class PrivateTorNetwork:
                 f"DirPort 127.0.0.1:{inst.dir_port}",
                 "AuthoritativeDirectory 1",
                 "V3AuthoritativeDirectory 1",
-                f"TestingV3AuthInitialVotingInterval {VOTING_INTERVAL}",
-                f"TestingV3AuthInitialVoteDelay {VOTE_DELAY}",
-                f"TestingV3AuthInitialDistDelay {DIST_DELAY}",
-                f"V3AuthVotingInterval {VOTING_INTERVAL}",
-                f"V3AuthVoteDelay {VOTE_DELAY}",
-                f"V3AuthDistDelay {DIST_DELAY}",
+                f"TestingV3AuthInitialVotingInterval {self.voting_interval}",
+                f"TestingV3AuthInitialVoteDelay {self.vote_delay}",
+                f"TestingV3AuthInitialDistDelay {self.dist_delay}",
+                f"V3AuthVotingInterval {self.voting_interval}",
+                f"V3AuthVoteDelay {self.vote_delay}",
+                f"V3AuthDistDelay {self.dist_delay}",
                 "V3AuthNIntervalsValid 2",
                 # Every relay gets Guard, Exit and HSDir from the first consensus (tor.md §13.2).
                 "TestingDirAuthVoteGuard *",
@@ -704,11 +716,17 @@ class PrivateTorNetwork:
         text = self.consensus_text(client)
         return None if text is None else summarize_consensus(text)
 
-    def add_client(self, name: str, timeout: float = DEFAULT_START_TIMEOUT) -> TorInstance:
-        """Start one more client (SocksPort, ControlPort with cookie auth); wait for 100 %."""
+    def add_client(
+        self,
+        name: str,
+        timeout: float = DEFAULT_START_TIMEOUT,
+        extra_lines: Sequence[str] = (),
+    ) -> TorInstance:
+        """Start one more client (SocksPort, ControlPort with cookie auth); wait for 100 %.
+        ``extra_lines`` are added to its torrc (e.g. an info-level log for a diagnosis)."""
         self._require_started()
         inst = self._new_instance(name, Role.CLIENT)
-        self._write_torrc(inst)
+        self._write_torrc(inst, extra_lines)
         self._start_one(inst, timeout)
         return inst
 

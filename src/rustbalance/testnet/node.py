@@ -85,9 +85,13 @@ def write_node_config(
 class NodeProcess:
     """``rustbalance run`` as a subprocess; its stdout and stderr go to ``log_path``."""
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(
+        self, config_path: Path, log_path: Path, *, module: str = "rustbalance.cli.main"
+    ) -> None:
         self.config_path = config_path
         self.log_path = log_path
+        # The entry point run with ``python -m`` (testnet/previous_release.py: an older one).
+        self.module = module
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at: float | None = None
 
@@ -105,7 +109,7 @@ class NodeProcess:
                 [
                     sys.executable,
                     "-m",
-                    "rustbalance.cli.main",
+                    self.module,
                     "run",
                     "--config",
                     str(self.config_path),
