@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from rustbalance.descriptor.intro_point import IntroPoint
-from rustbalance.descriptor.link_specifiers import LinkSpecifier
+from rustbalance.descriptor.link_specifiers import LS_LEGACY_ID, LinkSpecifier
 from rustbalance.descriptor.merge import merge_intro_points
 from rustbalance.errors import DescriptorError
 
@@ -40,7 +40,24 @@ def _on_relay(point: IntroPoint, relay: bytes) -> IntroPoint:
     )
 
 
-def test_duplicate_auth_keys_are_dropped_and_shared_relays_come_last() -> None:
+def _on_legacy_relay(point: IntroPoint, fingerprint: bytes) -> IntroPoint:
+    """The point moved to the relay with RSA identity ``fingerprint`` (other specs kept)."""
+    specs = tuple(s for s in point.link_specifiers if s.type != LS_LEGACY_ID)
+    return IntroPoint(
+        (*specs, LinkSpecifier.legacy_id(fingerprint)),
+        point.onion_key,
+        point.auth_key_cert,
+        point.enc_key,
+        point.enc_key_cert,
+    )
+
+
+def test_duplicate_auth_keys_are_dropped_and_one_point_per_relay() -> None:
+    """A client maps an intro circuit to the *first* intro point of the descriptor on that
+    relay (tor circuituse.c -> hs_client.c hs_client_setup_intro_circ_auth_key ->
+    find_desc_intro_point_by_legacy_id): a second point on the same relay can never be used,
+    and once the first one dies it hides that from the client's failure cache, so the client
+    never refetches (issue 14). So the merge lists at most one point per relay."""
     a = _points(1, 2)
     relay = a[1].relay_ed25519_id
     assert relay is not None
@@ -48,24 +65,31 @@ def test_duplicate_auth_keys_are_dropped_and_shared_relays_come_last() -> None:
     b = [a[0], same_relay, *_points(2, 1)]
     merged = merge_intro_points([a, b], max_points=20, now=NOW, min_remaining_validity=0)
     # a[0] is taken once (same auth key in b). b[1] claims the relay first, so a[1] (same
-    # relay, a distinct intro circuit) waits for the second pass instead of being lost.
-    assert merged == [a[0], same_relay, b[2], a[1]]
-    capped = merge_intro_points([a, b], max_points=3, now=NOW, min_remaining_validity=0)
-    assert capped == [a[0], same_relay, b[2]]
+    # relay) is left out.
+    assert merged == [a[0], same_relay, b[2]]
+    capped = merge_intro_points([a, b], max_points=2, now=NOW, min_remaining_validity=0)
+    assert capped == [a[0], same_relay]
 
 
-def test_an_instance_whose_relays_all_collide_still_gets_its_share() -> None:
+def test_the_relay_is_known_by_its_rsa_identity_as_tor_compares_it() -> None:
+    a, b = _points(1, 2), _points(2, 2)
+    fingerprint = bytes(range(20))
+    a1 = _on_legacy_relay(a[1], fingerprint)
+    b0 = _on_legacy_relay(b[0], fingerprint)  # other ed25519 id, same RSA identity
+    merged = merge_intro_points([[a[0], a1], [b0, b[1]]], 20, NOW, 0)
+    assert merged == [a[0], b0, b[1]]
+
+
+def test_an_instance_whose_relays_all_collide_gets_no_point_on_them() -> None:
     a = _points(1, 3)
     relays = [p.relay_ed25519_id for p in a]
     assert all(r is not None for r in relays)
     b = [_on_relay(p, r) for p, r in zip(_points(2, 3), relays, strict=True) if r is not None]
     merged = merge_intro_points([a, b], max_points=20, now=NOW, min_remaining_validity=0)
-    # Pass 1 keeps relays distinct (a0, b1, a2); pass 2 adds the rest round-robin.
-    assert merged == [a[0], b[1], a[2], a[1], b[0], b[2]]
-    assert merge_intro_points([a, b], max_points=2, now=NOW, min_remaining_validity=0) == [
-        a[0],
-        b[1],
-    ]
+    # Round-robin over distinct relays: a0, b1, a2; every other point shares a relay.
+    assert merged == [a[0], b[1], a[2]]
+    relays_listed = [p.relay_ed25519_id for p in merged]
+    assert len(set(relays_listed)) == len(relays_listed)
 
 
 def test_points_expiring_within_the_margin_are_dropped() -> None:

@@ -55,6 +55,7 @@ from rustbalance.descriptor.document import (
 )
 from rustbalance.descriptor.link_specifiers import (
     LS_ED25519_ID,
+    LS_LEGACY_ID,
     LinkSpecifier,
     decode_link_specifiers,
     encode_link_specifiers,
@@ -108,6 +109,16 @@ class IntroPoint:
             if spec.type == LS_ED25519_ID:
                 return spec.data
         return None
+
+    @property
+    def relay_ids(self) -> frozenset[bytes]:
+        """The intro relay's identities (RSA fingerprint, which tor clients match intro
+        circuits by, and ed25519 id), each tagged with its link specifier type."""
+        return frozenset(
+            bytes([spec.type]) + spec.data
+            for spec in self.link_specifiers
+            if spec.type in (LS_LEGACY_ID, LS_ED25519_ID)
+        )
 
     @property
     def expires_at(self) -> int:

@@ -4,12 +4,17 @@ The original product cut "own points first, then peers" at 20 (system.md W-list,
 every instance gets a fair share: one point from each instance in turn (round-robin, in the
 given order), skipping duplicates and points that expire too soon, until ``max_points``.
 
-Duplicates: the same intro auth key (the same intro circuit) is taken once. Two points on the
-same intro relay (ed25519 identity link specifier) are distinct intro circuits, often of two
-different instances; dropping one could leave an instance with no point at all (on a small
-network that happens), so the merge only *prefers* relay diversity: a first round-robin pass
-takes points on relays not chosen yet, a second pass fills the remaining places with the
-points the first pass skipped, again round-robin.
+Duplicates: the same intro auth key (the same intro circuit) is taken once, and at most one
+point per intro *relay*. A tor client maps an intro circuit to the first intro point of the
+descriptor on the relay it extended to (core/or/circuituse.c ``circuit_get_open_circ_or_launch``
+-> feature/hs/hs_client.c ``hs_client_setup_intro_circ_auth_key`` ->
+``find_desc_intro_point_by_legacy_id``, which compares the relay's RSA identity), and a
+re-extended intro circuit keeps the auth key it had (``hs_client_reextend_intro_circuit``). So
+a second point on the same relay is never used, and once the first one dies the client notes
+every failure against the first one's key: the second looks usable forever, the client never
+concludes that all points failed and never refetches the descriptor (measured, issue 14: a
+client held a dead descriptor until its period ended). An instance whose points all share
+relays already taken gets none in this descriptor (it still serves the clients of older ones).
 """
 
 from __future__ import annotations
@@ -40,13 +45,10 @@ def merge_intro_points(
     seen_auth: set[bytes] = set()
     seen_relay: set[bytes] = set()
     merged: list[IntroPoint] = []
-    skipped: list[list[IntroPoint]] = [[] for _ in queues]
 
     def take(point: IntroPoint) -> None:
         seen_auth.add(point.auth_key)
-        relay = point.relay_ed25519_id
-        if relay is not None:
-            seen_relay.add(relay)
+        seen_relay.update(point.relay_ids)
         merged.append(point)
 
     def round_robin(
@@ -69,14 +71,8 @@ def merge_intro_points(
             if not progressed:
                 return
 
-    def new_relay_only(index: int, point: IntroPoint) -> bool:
-        relay = point.relay_ed25519_id
-        if relay is not None and relay in seen_relay:
-            skipped[index].append(point)
-            return False
-        return True
+    def new_relay_only(_index: int, point: IntroPoint) -> bool:
+        return seen_relay.isdisjoint(point.relay_ids)
 
-    # Pass 1: new relays only; pass 2: fill with the points that shared a relay.
     round_robin(queues, new_relay_only)
-    round_robin(skipped, lambda _index, _point: True)
     return merged
