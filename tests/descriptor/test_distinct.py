@@ -14,6 +14,7 @@ Bounds checked (F fetch HSDirs, ``cap`` = ``max_points``, N live nodes):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from fractions import Fraction
@@ -32,6 +33,7 @@ from rustbalance.descriptor.distinct import (
     reach_probabilities,
 )
 from rustbalance.descriptor.intro_point import IntroPoint
+from rustbalance.descriptor.link_specifiers import LS_ED25519_ID, LS_LEGACY_ID, LinkSpecifier
 from rustbalance.descriptor.merge import merge_intro_points
 from rustbalance.errors import DescriptorError
 
@@ -400,3 +402,75 @@ def test_bad_arguments_are_refused(call: object, message: str) -> None:
     assert callable(call)
     with pytest.raises(DescriptorError, match=message):
         call()
+
+
+# --------------------------------------------------------------------------- one point per relay
+
+
+def _on_relays(points: list[IntroPoint], relays: list[int]) -> list[IntroPoint]:
+    """``points`` moved onto the relays numbered ``relays`` (RSA and ed25519 ids derived from
+    the number), other link specifiers kept."""
+    moved = []
+    for point, relay in zip(points, relays, strict=True):
+        specs = tuple(
+            s for s in point.link_specifiers if s.type not in (LS_LEGACY_ID, LS_ED25519_ID)
+        )
+        ids = (
+            LinkSpecifier.legacy_id(relay.to_bytes(20, "big")),
+            LinkSpecifier.ed25519_id(relay.to_bytes(32, "big")),
+        )
+        moved.append(dataclasses.replace(point, link_specifiers=(*specs, *ids)))
+    return moved
+
+
+def _relay_of(point: IntroPoint) -> int:
+    (legacy,) = (s.data for s in point.link_specifiers if s.type == LS_LEGACY_ID)
+    return int.from_bytes(legacy, "big")
+
+
+def test_ten_nodes_on_a_ten_relay_network_list_one_point_per_relay() -> None:
+    """The session test network: 10 relays, so every one of 10 nodes x 3 points shares its
+    relays with others. A client maps an intro circuit to the first point of the descriptor
+    on that relay (merge.py, issue 14): a descriptor must list at most one point per relay,
+    so at most 10 here. Each descriptor is then as full as the relays allow and every node
+    is reachable."""
+    instances = [
+        _on_relays(list(_pool(n, 3)), [n % 10, (n + 3) % 10, (n + 7) % 10]) for n in range(10)
+    ]
+    assignment = _assign(instances)
+    assert assignment.distinct
+    for hsdir, points in assignment.per_hsdir.items():
+        relays = [_relay_of(p) for p in points]
+        assert len(relays) == len(set(relays)) == 10, hsdir
+    reached = reach_probabilities(assignment)
+    assert set(reached) == set(range(10))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    layout=st.lists(
+        st.lists(st.integers(0, 11), min_size=1, max_size=4, unique=True),
+        min_size=2,
+        max_size=14,
+    ),
+    max_points=st.integers(1, 20),
+    epoch=st.integers(0, 100),
+)
+def test_every_descriptor_holds_one_point_per_relay_and_is_as_full_as_the_relays_allow(
+    layout: list[list[int]], max_points: int, epoch: int
+) -> None:
+    """Nodes on a small network (12 relays): in each descriptor, no two points share a relay,
+    and no listed node's point is left out while its relay is free and there is room."""
+    instances = [_on_relays(list(_pool(n, len(r))), r) for n, r in enumerate(layout)]
+    total = sum(map(len, layout))
+    assignment = _assign(instances, max_points=max_points, epoch=epoch)
+    assert assignment.distinct == (total > max_points)
+    if not assignment.distinct:
+        return
+    for points in assignment.per_hsdir.values():
+        relays = {_relay_of(p) for p in points}
+        assert len(relays) == len(points) <= max_points
+        if len(points) < max_points:
+            listed = {p.auth_key for p in points}
+            left = [p for pts in instances for p in pts if p.auth_key not in listed]
+            assert all(_relay_of(p) in relays for p in left)

@@ -26,6 +26,12 @@ rests on, is in ``docs/distinct-descriptors.md``; in short:
     node ``n`` is reached with probability within ``1 / (F * cap)`` of ``1/N``; with unequal
     counts within ``1 / cap`` of its water-filling share (round-robin with each node capped at
     its own count, the rule of today's merge);
+  - at most one point per intro relay in each descriptor (``descriptor/merge.py``: a tor
+    client maps an intro circuit to the first point of the descriptor on that relay, so a
+    second one is useless and hides the first one's death). A node's turn then takes its
+    next point on a free relay, or is skipped; on a large network collisions are rare and
+    change nothing, on a small one (the 10-relay test network) a descriptor holds at most
+    as many points as there are relays, each as many as the relays allow;
   - beyond ``F * cap`` nodes (120 with 6 fetch HSDirs) some nodes cannot be listed at all; the
     ``epoch`` moves the stream on by ``F * cap`` positions, so over ``K`` consecutive epochs
     every node's slot count is within one of ``K * F * cap / N`` and each node is listed at
@@ -36,7 +42,7 @@ rests on, is in ``docs/distinct-descriptors.md``; in short:
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Generic, TypeVar
@@ -52,6 +58,7 @@ __all__ = [
     "assign_intro_points",
     "deal_slots",
     "effective_epoch",
+    "needs_distinct",
     "reach_probabilities",
 ]
 
@@ -92,14 +99,27 @@ def effective_epoch(point_counts: Sequence[int], n_fetch: int, cap: int, epoch: 
 
 
 def deal_slots(
-    point_counts: Sequence[int], n_chunks: int, n_fetch: int, cap: int, epoch: int = 0
+    point_counts: Sequence[int],
+    n_chunks: int,
+    n_fetch: int,
+    cap: int,
+    epoch: int = 0,
+    relays: Sequence[Sequence[Collection[Hashable]]] | None = None,
 ) -> list[list[Slot]]:
     """The slot-dealing core: ``n_chunks`` lists of at most ``cap`` slots each.
 
     ``point_counts[n]`` is how many distinct intro points live node ``n`` offers (each >= 1).
     Chunks ``0 .. n_fetch - 1`` belong to the fetch HSDirs, the rest to the store-only ones.
-    Within a chunk a node's slots are distinct points. A chunk is full (``cap`` slots) unless
-    all the points together are fewer than ``cap``.
+    Within a chunk a node's slots are distinct points. ``relays[n][k]``, when given, are the
+    identities of the relay that point ``k`` of node ``n`` sits on: a chunk never holds two
+    points whose relays share an identity (one point per intro relay, as in the merge).
+
+    A node's turn takes its point ``turn mod count``; if that point is in the chunk already
+    or its relay is taken, the node's next point that fits, in order; if none fits the turn
+    is skipped. Without shared relays no point is ever passed over, so the deal is the plain
+    stream of the module docstring. A chunk ends when it holds ``cap`` slots, or when every
+    node in a row had to skip its turn: then no further point fits (a chunk only fills up),
+    so every chunk is as full as the points and their relays allow.
     """
     if not 1 <= cap <= MAX_INTRO_POINTS:
         raise DescriptorError(f"cap must be 1-{MAX_INTRO_POINTS}, got {cap}")
@@ -109,6 +129,8 @@ def deal_slots(
         raise DescriptorError("epoch must not be negative")
     if any(count < 1 for count in point_counts):
         raise DescriptorError("every live node needs at least one intro point")
+    if relays is not None and [len(r) for r in relays] != list(point_counts):
+        raise DescriptorError("relays must name one relay per intro point")
     nodes = len(point_counts)
     if nodes == 0:
         return [[] for _ in range(n_chunks)]
@@ -116,24 +138,49 @@ def deal_slots(
     position = effective_epoch(point_counts, n_fetch, cap, epoch) * n_fetch * cap
     chunks: list[list[Slot]] = []
     for _ in range(n_chunks):
-        taken = [0] * nodes
+        taken: list[set[int]] = [set() for _ in range(nodes)]
+        used_relays: set[Hashable] = set()
         chunk: list[Slot] = []
         skipped_in_a_row = 0
-        # Each skip means that node already gave all its points to this chunk; N skips in a
-        # row would mean every node has (impossible while want <= total): a bound, not a rule.
+        # N skips in a row: no node can add a point to this chunk any more (a bound that is
+        # also the rule: the chunk only fills up, so a node that could not add now never can).
         while len(chunk) < want and skipped_in_a_row < nodes:
             node = position % nodes
             turn = position // nodes
             position += 1
             count = point_counts[node]
-            if taken[node] >= count:
+            point = _next_fitting(
+                turn % count, count, taken[node], relays[node] if relays else None, used_relays
+            )
+            if point is None:
                 skipped_in_a_row += 1
                 continue
             skipped_in_a_row = 0
-            taken[node] += 1
-            chunk.append(Slot(node, turn % count))
+            taken[node].add(point)
+            if relays:
+                used_relays.update(relays[node][point])
+            chunk.append(Slot(node, point))
         chunks.append(chunk)
     return chunks
+
+
+def _next_fitting(
+    first: int,
+    count: int,
+    taken: set[int],
+    relays: Sequence[Collection[Hashable]] | None,
+    used_relays: set[Hashable],
+) -> int | None:
+    """The node's first point from ``first`` on (cyclically) that is not in the chunk and
+    whose relay is free; None if there is none."""
+    for step in range(count):
+        point = (first + step) % count
+        if point in taken:
+            continue
+        if relays is not None and not used_relays.isdisjoint(relays[point]):
+            continue
+        return point
+    return None
 
 
 @dataclass(frozen=True)
@@ -144,6 +191,8 @@ class DistinctAssignment(Generic[K]):
     ``distinct`` False every HSDir holds the same list: today's merged descriptor.
     ``owner`` maps each listed intro point's auth key to the index of its node in the
     caller's ``instances``; ``fetch`` keeps the fetch HSDirs for :func:`reach_probabilities`.
+    ``epoch`` is the epoch the deal used (0 when the rotation changes nothing); ``rotates``
+    says whether another epoch would deal differently (so a new epoch needs a new round).
     """
 
     per_hsdir: Mapping[K, tuple[IntroPoint, ...]]
@@ -151,6 +200,7 @@ class DistinctAssignment(Generic[K]):
     fetch: tuple[K, ...]
     owner: Mapping[bytes, int]
     epoch: int
+    rotates: bool = False
 
 
 def _live_points(
@@ -173,6 +223,20 @@ def _live_points(
     return live_index, live
 
 
+def needs_distinct(
+    instances: Sequence[Sequence[IntroPoint]],
+    *,
+    max_points: int,
+    now: int,
+    min_remaining_validity: int,
+) -> bool:
+    """Whether one descriptor cannot list every live node's valid intro points: more than
+    ``max_points`` of them (duplicates counted once). The one rule that switches distinct
+    descriptors on (``[publish] distinct_descriptors = "auto"``)."""
+    _, live = _live_points(instances, now + min_remaining_validity)
+    return sum(len(points) for points in live) > max_points
+
+
 def assign_intro_points(
     instances: Sequence[Sequence[IntroPoint]],
     fetch_hsdirs: Sequence[K],
@@ -192,6 +256,8 @@ def assign_intro_points(
     hashable keys (fingerprints). Points whose certificates expire before ``now +
     min_remaining_validity`` are left out, as in the merge. ``epoch`` is the rotation epoch
     (see the module docstring); it matters only beyond what a fair deal can give everyone.
+    Each descriptor lists at most one point per intro relay (the merge's rule, issue 14: a
+    client uses only the first point of a descriptor on a relay).
     """
     if not 1 <= max_points <= MAX_INTRO_POINTS:
         raise DescriptorError(f"max_points must be 1-{MAX_INTRO_POINTS}, got {max_points}")
@@ -202,18 +268,24 @@ def assign_intro_points(
     order = _chunk_order(fetch_hsdirs, store_hsdirs)
     live_index, live = _live_points(instances, now + min_remaining_validity)
     owner = {p.auth_key: live_index[n] for n, points in enumerate(live) for p in points}
-    total = sum(len(points) for points in live)
-    if total <= max_points:
+    if not needs_distinct(
+        instances, max_points=max_points, now=now, min_remaining_validity=min_remaining_validity
+    ):
         merged = tuple(merge_intro_points(instances, max_points, now, min_remaining_validity))
         return DistinctAssignment({h: merged for h in order}, False, tuple(fetch_hsdirs), owner, 0)
     counts = [len(points) for points in live]
-    used_epoch = effective_epoch(counts, len(fetch_hsdirs), max_points, epoch)
-    chunks = deal_slots(counts, len(order), len(fetch_hsdirs), max_points, used_epoch)
+    n_fetch = len(fetch_hsdirs)
+    used_epoch = effective_epoch(counts, n_fetch, max_points, epoch)
+    relays = [[p.relay_ids for p in points] for points in live]
+    chunks = deal_slots(counts, len(order), n_fetch, max_points, used_epoch, relays)
     per_hsdir = {
         hsdir: tuple(live[slot.node][slot.point] for slot in chunk)
         for hsdir, chunk in zip(order, chunks, strict=True)
     }
-    return DistinctAssignment(per_hsdir, True, tuple(fetch_hsdirs), owner, used_epoch)
+    rotates = effective_epoch(counts, n_fetch, max_points, 1) != 0
+    return DistinctAssignment(
+        per_hsdir, True, tuple(fetch_hsdirs), owner, used_epoch, rotates=rotates
+    )
 
 
 def reach_probabilities(assignment: DistinctAssignment[K]) -> dict[int, Fraction]:
