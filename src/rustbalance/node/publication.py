@@ -15,6 +15,8 @@
   (time period, SRV and responsible HSDirs of both descriptors, rend-spec-v3
   [WHERE-HSDESC]); a new period or SRV, or a new set of HSDirs, means republishing.
 - :func:`period_result`: tor's per-HSDir upload outcome as the publish loop records it.
+- :func:`served_verdict`: what an HSDir serves compared with what we posted there (fetch-back
+  verification, docs/distinct-descriptors.md section 5).
 - :class:`PublishCounters`: monotonic publish totals for ``/metrics``.
 """
 
@@ -29,6 +31,7 @@ from rustbalance.crypto.blinding import blind_public_key
 from rustbalance.descriptor.builder import PowParams
 from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.descriptor.merge import merge_intro_points
+from rustbalance.descriptor.parser import DecodedDescriptor
 from rustbalance.node.cluster_link import merge_inputs
 from rustbalance.node.publish_policy import (
     PERIODS,
@@ -44,11 +47,13 @@ __all__ = [
     "Publication",
     "PublishCounters",
     "Ring",
+    "Verdict",
     "choose_publication",
     "descriptor_ring",
     "failed_outcome",
     "period_result",
     "ring_change",
+    "served_verdict",
 ]
 
 # Drop intro points whose certificates expire within this many seconds.
@@ -143,6 +148,39 @@ def period_result(result: PeriodPublish) -> PeriodResult:
     if error is None and not result.ok:
         error = "no responsible HSDir accepted the descriptor"
     return PeriodResult(ok=result.ok, error=error, hsdirs=hsdirs)
+
+
+# What an HSDir serves, compared with what we posted there:
+#   ok         our round: the counter we posted and the intro points we gave it
+#   older      a lower counter (the HSDir missed our upload): send it the same bytes again
+#   missing    NOT_FOUND: the same
+#   foreign    a greater counter, or ours with other intro points: someone else's descriptor
+#              (another publisher, Onionbalance's after a migration: tor.md section 7)
+#   bad        it does not verify for us
+#   unanswered no answer (TIMEOUT) or another failure: nothing known
+Verdict = Literal["ok", "older", "missing", "foreign", "bad", "unanswered"]
+
+
+def served_verdict(
+    posted_revision: int,
+    posted_auth_keys: frozenset[bytes],
+    served: DecodedDescriptor | None,
+    reason: str | None = None,
+) -> Verdict:
+    """Compare what one HSDir serves with what we posted (docs/distinct-descriptors.md
+    section 5). An HSDir replaces a descriptor only with a strictly greater counter
+    (``hs_cache.c`` ``cache_store_v3_as_dir``), so a greater one is never ours and a
+    republish cannot displace it; it is not a success either."""
+    if served is None:
+        if reason == "BAD_DESCRIPTOR":
+            return "bad"
+        return "missing" if reason == "NOT_FOUND" else "unanswered"
+    if served.revision_counter < posted_revision:
+        return "older"
+    if served.revision_counter > posted_revision:
+        return "foreign"
+    keys = frozenset(p.auth_key for p in served.intro_points)
+    return "ok" if keys == posted_auth_keys else "foreign"
 
 
 def _hsdir_label(hsdir: str) -> str:

@@ -47,6 +47,7 @@ from rustbalance.node.publication import (
     failed_outcome,
     period_result,
     ring_change,
+    served_verdict,
 )
 from rustbalance.node.publish_policy import (
     PublishOutcome,
@@ -297,8 +298,9 @@ class Publisher:
             await self.verify_latest()
 
     async def verify_latest(self) -> None:
-        """Fetch the master descriptor back through tor: the HSDirs must serve a revision at
-        least as new as the one we posted for its period."""
+        """Fetch the master descriptor back through tor: the HSDirs must serve the revision we
+        posted for its period with our intro points. An older one republishes (bounded); a
+        greater one is another publisher's (docs/distinct-descriptors.md section 5)."""
         generation = self._generation
         posted = dict(self._posted)
         try:
@@ -315,9 +317,17 @@ class Publisher:
         if expected is None:
             log.debug("Fetched a descriptor of period %d we did not post", decoded.time_period)
             return
-        if decoded.revision_counter >= expected:
+        verdict = served_verdict(expected, frozenset(self.published_auth_keys), decoded)
+        if verdict == "ok":
             self._verify_republishes = 0
             log.info("Descriptor verified on HSDirs (rev=%d)", decoded.revision_counter)
+            return
+        if verdict == "foreign":
+            log.warning(
+                "HSDirs serve another publisher's descriptor (rev=%d, posted rev=%d)",
+                decoded.revision_counter,
+                expected,
+            )
             return
         log.warning(
             "HSDirs serve an older descriptor (rev=%d, posted rev=%d)",
