@@ -29,7 +29,7 @@ from rustbalance.node.identity import NodeIdentity
 from rustbalance.node.publisher import VERIFY_MAX_REPUBLISHES, Publisher
 from rustbalance.node.readiness import Readiness
 from rustbalance.node.sdnotify import SystemdNotifier
-from rustbalance.tor.network import HsDirUpload, PlannedDescriptor, decode_for_view
+from rustbalance.tor.network import HsDirUpload, NetworkView, PlannedDescriptor, decode_for_view
 from tests.node.fakes import (
     NOW,
     VIEW,
@@ -96,16 +96,23 @@ class Node:
 
 
 def make_node(
-    tmp_path: Path, *, identity: NodeIdentity | None = None, clustered: bool = False
+    tmp_path: Path,
+    *,
+    identity: NodeIdentity | None = None,
+    clustered: bool = False,
+    publish: str = "",
+    view: NetworkView = VIEW,
 ) -> Node:
+    """A publisher on a fake network; ``publish``: extra ``[publish]`` lines."""
     config = parse_config(
         '[node]\nid = "node-a"\nstate_dir = "state"\n'
         '[master]\nidentity_key_path = "master.key"\n'
-        '[target]\naddress = "127.0.0.1:8000"\n',
+        '[target]\naddress = "127.0.0.1:8000"\n'
+        f"[publish]\n{publish}\n",
         tmp_path,
     )
     clock = ManualClock()
-    network = FakeNetwork(clock)
+    network = FakeNetwork(clock, view)
     own = Own()
     role = Role(own)
     readiness = Readiness(SystemdNotifier(env={}), clock)

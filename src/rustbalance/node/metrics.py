@@ -48,6 +48,12 @@ key                         value                            exported as
                             of the last successful publish   timestamp_seconds{period}``
 ``peers_up``                ``{node_id: bool}`` (<= 256)     ``rustbalance_peer_up{peer}``
 ``backends_up``             ``{"<56>.onion": bool}`` (<= 64) ``rustbalance_backend_up{backend}``
+``distinct_descriptors``    ``{period: n}``: different       ``rustbalance_distinct_descriptors
+                            descriptors of the last distinct {period}``
+                            round (empty: one descriptor)
+``expected_node_share``     ``{period: {"min"|"max": 0..1}}`` ``rustbalance_expected_node_share
+                            a node's expected share of fresh {period, bound}``
+                            clients, lowest and highest
 =========================== ================================ ===================================
 
 Always exported, snapshot or not: ``rustbalance_build_info{version, python}`` = 1, the
@@ -172,6 +178,27 @@ def _times(value: object, key: str) -> dict[str, float]:
     return result
 
 
+def _shares(value: object, key: str) -> dict[str, dict[str, float]]:
+    if not isinstance(value, Mapping):
+        raise MetricsError(f"metrics snapshot: {key} must map periods to min/max shares")
+    result: dict[str, dict[str, float]] = {}
+    for period, bounds in value.items():
+        if period not in _PERIODS or not isinstance(bounds, Mapping):
+            raise MetricsError(f"metrics snapshot: {key} has a bad entry {period!r}")
+        clean: dict[str, float] = {}
+        for bound, share in bounds.items():
+            if (
+                bound not in ("min", "max")
+                or isinstance(share, bool)
+                or not isinstance(share, int | float)
+                or not 0.0 <= share <= 1.0
+            ):
+                raise MetricsError(f"metrics snapshot: {key}.{period} must hold min/max in 0..1")
+            clean[bound] = float(share)
+        result[period] = clean
+    return result
+
+
 _COUNTERS = (
     "heartbeats_sent",
     "heartbeats_received",
@@ -227,6 +254,10 @@ def _validate(snapshot: Mapping[str, Any]) -> dict[str, Any]:
             clean[key] = _flags(value, key, _MAX_PEERS)
         elif key == "backends_up":
             clean[key] = _flags(value, key, _MAX_BACKENDS)
+        elif key == "distinct_descriptors":
+            clean[key] = _counts(value, key, _PERIODS)
+        elif key == "expected_node_share":
+            clean[key] = _shares(value, key)
         else:
             raise MetricsError(f"metrics snapshot: unknown key {key!r}")
     return clean
@@ -343,6 +374,25 @@ class _SnapshotCollector(Collector):
             [((k,), n) for k, n in v.get("proxy_timeouts", {}).items()],
         )
         yield from self._gauge("target_up", "1 if the target passes its health checks.")
+        if v.get("distinct_descriptors"):
+            family = GaugeMetricFamily(
+                "rustbalance_distinct_descriptors",
+                "Different descriptors in the last distinct round (one per responsible HSDir).",
+                labels=["period"],
+            )
+            for period, n in v["distinct_descriptors"].items():
+                family.add_metric([period], float(n))
+            yield family
+        if v.get("expected_node_share"):
+            family = GaugeMetricFamily(
+                "rustbalance_expected_node_share",
+                "Lowest and highest expected share of fresh clients a node gets (distinct).",
+                labels=["period", "bound"],
+            )
+            for period, bounds in v["expected_node_share"].items():
+                for bound, share in bounds.items():
+                    family.add_metric([period, bound], share)
+            yield family
 
     def _up(self, key: str, name: str, label: str, doc: str) -> Iterator[GaugeMetricFamily]:
         if key in self.values:

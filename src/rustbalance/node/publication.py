@@ -1,8 +1,11 @@
 """What the publisher publishes, and when the network makes it publish again (pure).
 
 - :func:`choose_publication`: the intro points of the master descriptor and the lines copied
-  from our own descriptor. Own intro points first, then every live peer's (sorted by node id,
-  node/cluster_link.py), then every plain backend's, merged fairly
+  from our own descriptor, and whether it becomes one descriptor per HSDir (distinct
+  descriptors: more valid intro points than one descriptor holds, with
+  ``[publish] distinct_descriptors = "auto"``; node/distinct_round.py plans those). Own
+  intro points first, then every live peer's (sorted by node id, node/cluster_link.py), then
+  every plain backend's, merged fairly
   (:func:`~rustbalance.descriptor.merge.merge_intro_points`: round-robin, de-duplicated,
   certificates that expire within ``INTRO_MIN_VALIDITY_SECS`` dropped, at most
   ``publish.max_intro_points``). ``flow-control`` is carried only when the descriptor holds our
@@ -27,8 +30,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from rustbalance.config.schema import DistinctDescriptors
 from rustbalance.crypto.blinding import blind_public_key
 from rustbalance.descriptor.builder import PowParams
+from rustbalance.descriptor.distinct import needs_distinct
 from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.descriptor.merge import merge_intro_points
 from rustbalance.descriptor.parser import DecodedDescriptor
@@ -67,7 +72,7 @@ Ring = tuple[tuple[int, bytes, tuple[str, ...]], ...]
 
 @dataclass(frozen=True)
 class Publication:
-    """The content of one master descriptor."""
+    """The content of one master descriptor, or of one per HSDir (``distinct``)."""
 
     intro_points: tuple[IntroPoint, ...]
     flow_control: str | None
@@ -75,6 +80,13 @@ class Publication:
     # How many nodes (us, live peers with intro points, backends) contributed.
     nodes: int
     backends: int
+    # Every contributing node's intro points in a stable order, the same on every publisher:
+    # nodes by node id (ours among them), then plain backends by address. What distinct
+    # descriptors deal from (docs/distinct-descriptors.md section 2).
+    by_node: tuple[tuple[str, tuple[IntroPoint, ...]], ...] = ()
+    # One descriptor per HSDir: ``distinct_descriptors = "auto"`` and more valid intro points
+    # than one descriptor holds (descriptor/distinct.py ``needs_distinct``).
+    distinct: bool = False
 
 
 def choose_publication(
@@ -82,11 +94,13 @@ def choose_publication(
     own_flow_control: str | None,
     own_pow_params: PowParams | None,
     *,
+    own_id: str,
     peers: Mapping[str, Sequence[IntroPoint]],
     backends: Mapping[str, Sequence[IntroPoint]],
     clustered: bool,
     shared: bool,
     max_intro_points: int,
+    distinct_mode: DistinctDescriptors,
     now: int,
 ) -> Publication | str:
     """The master descriptor's content, or why there is nothing to publish (see the module
@@ -102,13 +116,24 @@ def choose_publication(
     chosen = merge_intro_points(instances, max_intro_points, now, INTRO_MIN_VALIDITY_SECS)
     if not chosen:
         return "intro points expire soon"
+    nodes = {**{node_id: tuple(points) for node_id, points in peers.items()}, own_id: tuple(own)}
+    by_node = tuple((node_id, nodes[node_id]) for node_id in sorted(nodes) if nodes[node_id])
+    by_node += tuple((address, tuple(backends[address])) for address in sorted(backends))
+    distinct = distinct_mode == "auto" and needs_distinct(
+        [points for _, points in by_node],
+        max_points=max_intro_points,
+        now=now,
+        min_remaining_validity=INTRO_MIN_VALIDITY_SECS,
+    )
     single_master = not clustered and not backends and shared
     return Publication(
         tuple(chosen),
         flow_control,
-        own_pow_params if single_master else None,
+        own_pow_params if single_master and not distinct else None,
         nodes=len(instances),
         backends=len(backends),
+        by_node=by_node,
+        distinct=distinct,
     )
 
 
