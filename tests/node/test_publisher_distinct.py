@@ -109,14 +109,16 @@ async def test_beyond_the_cap_each_hsdir_gets_its_own_descriptor_with_one_counte
         # The fetch descriptors list each of the 30 points 4 times: a tenth per node.
         assert Counter(listed) == dict.fromkeys(owner, 4)
     assert set(node.publisher.published_auth_keys) == set(owner)
-    assert any(m.startswith("Published distinct descriptors: 30 intro points from 10 nodes")
-               for m in caplog.messages)  # fmt: skip
+    assert any(
+        m.startswith("Published distinct descriptors: 30 intro points from 10 nodes")
+        for m in caplog.messages
+    )
     snap = node.publisher.snapshot(NOW)
     assert snap.distinct is not None and snap.distinct.mode == "auto"
     current = snap.distinct.periods["current"]
     assert current.descriptors == 3
     assert current.expected_shares == dict.fromkeys(sorted(set(owner.values())), 0.1)
-    assert [n for _, n, _, _ in current.hsdirs] == [20] * 8
+    assert [len(h.auth_keys) for h in current.hsdirs] == [20] * 8
 
 
 async def test_off_keeps_one_merged_descriptor_for_all_hsdirs(tmp_path: Path) -> None:
@@ -224,7 +226,7 @@ async def test_fetch_back_checks_every_hsdir_of_the_clients_descriptor(
     assert any(m.startswith("Descriptors verified on 8 of 8 HSDirs") for m in caplog.messages)
     snap = node.publisher.snapshot(NOW).distinct
     assert snap is not None
-    verified = [v for p in snap.periods.values() for _, _, _, v in p.hsdirs if v is not None]
+    verified = [h.verified for p in snap.periods.values() for h in p.hsdirs if h.verified]
     assert verified == ["ok"] * 8
 
 
@@ -345,6 +347,7 @@ async def test_status_and_metrics_show_the_distinct_round(tmp_path: Path) -> Non
     for period in distinct["periods"].values():
         assert len(period["hsdirs"]) == 8
         assert all(h["uploaded"] for h in period["hsdirs"])
+        assert all(h["intro_points"] == len(h["auth_keys"]) == 20 for h in period["hsdirs"])
         assert set(period["expected_share"].values()) == {0.1}
     values = metrics_values(snap)
     # 10 nodes x 3 points, 20 per descriptor: each descriptor takes 2 of a node's 3 points,

@@ -29,9 +29,11 @@ rests on, is in ``docs/distinct-descriptors.md``; in short:
   - at most one point per intro relay in each descriptor (``descriptor/merge.py``: a tor
     client maps an intro circuit to the first point of the descriptor on that relay, so a
     second one is useless and hides the first one's death). A node's turn then takes its
-    next point on a free relay, or is skipped; on a large network collisions are rare and
-    change nothing, on a small one (the 10-relay test network) a descriptor holds at most
-    as many points as there are relays, each as many as the relays allow;
+    next point on a free relay; a node none of whose points fits keeps its turn and comes
+    first in the next descriptor (:func:`deal_slots`). On a large network collisions are
+    rare and change nothing; on a small one (the 10-relay test network) a descriptor holds
+    at most as many points as there are relays and the shares depend on the relay layout
+    (no node starved: tested);
   - beyond ``F * cap`` nodes (120 with 6 fetch HSDirs) some nodes cannot be listed at all; the
     ``epoch`` moves the stream on by ``F * cap`` positions, so over ``K`` consecutive epochs
     every node's slot count is within one of ``K * F * cap / N`` and each node is listed at
@@ -114,12 +116,21 @@ def deal_slots(
     identities of the relay that point ``k`` of node ``n`` sits on: a chunk never holds two
     points whose relays share an identity (one point per intro relay, as in the merge).
 
-    A node's turn takes its point ``turn mod count``; if that point is in the chunk already
-    or its relay is taken, the node's next point that fits, in order; if none fits the turn
-    is skipped. Without shared relays no point is ever passed over, so the deal is the plain
-    stream of the module docstring. A chunk ends when it holds ``cap`` slots, or when every
-    node in a row had to skip its turn: then no further point fits (a chunk only fills up),
-    so every chunk is as full as the points and their relays allow.
+    The deal is the round-robin stream of the module docstring, kept as each node's next
+    stream position: node ``n`` after ``t`` turns is next at position ``t * N + n``, and the
+    next slot goes to the node whose next position is lowest. A turn takes the node's point
+    ``t mod count``, or its next point that fits; a node that already gave all its points to
+    this chunk loses the turn (the stream's skip). Without shared relays this *is* the stream.
+
+    With shared relays (a small network): a node none of whose remaining points fits (their
+    relays are taken) is passed over for the rest of the chunk *without* losing its turn, so
+    its position stays the lowest and it comes first in the next chunk: an unlucky relay
+    layout never starves a node. And a node already in the chunk takes another point only
+    while no node passed over in it is a whole lap (N positions) behind: otherwise the nodes
+    whose relays happen to be free would fill every descriptor's leftover room, always the
+    same ones. A chunk ends when it holds ``cap`` slots or no node can add a point (a chunk
+    only fills up, so that is final): a chunk with room left lists every node one of whose
+    points fits.
     """
     if not 1 <= cap <= MAX_INTRO_POINTS:
         raise DescriptorError(f"cap must be 1-{MAX_INTRO_POINTS}, got {cap}")
@@ -135,33 +146,67 @@ def deal_slots(
     if nodes == 0:
         return [[] for _ in range(n_chunks)]
     want = min(cap, sum(point_counts))
-    position = effective_epoch(point_counts, n_fetch, cap, epoch) * n_fetch * cap
+    start = effective_epoch(point_counts, n_fetch, cap, epoch) * n_fetch * cap
+    # Each node's first position at or after ``start``: the nodes before ``start mod N`` come
+    # one turn later.
+    turns = [start // nodes + (1 if node < start % nodes else 0) for node in range(nodes)]
     chunks: list[list[Slot]] = []
     for _ in range(n_chunks):
         taken: list[set[int]] = [set() for _ in range(nodes)]
         used_relays: set[Hashable] = set()
+        passed_over: set[int] = set()  # no remaining point of theirs fits this chunk
+        exhausted: set[int] = set()  # every point of theirs is in this chunk
         chunk: list[Slot] = []
-        skipped_in_a_row = 0
-        # N skips in a row: no node can add a point to this chunk any more (a bound that is
-        # also the rule: the chunk only fills up, so a node that could not add now never can).
-        while len(chunk) < want and skipped_in_a_row < nodes:
-            node = position % nodes
-            turn = position // nodes
-            position += 1
+        while len(chunk) < want:
+            node = _next_in_stream(turns, passed_over)
+            if node is None:
+                break  # no node can add a point to this chunk: it is as full as it gets
             count = point_counts[node]
+            if len(taken[node]) >= count:
+                # All its points are in this chunk: it loses the turn, as in the stream (and
+                # again on every lap); when only such nodes are left, the chunk is done.
+                turns[node] += 1
+                exhausted.add(node)
+                if len(exhausted | passed_over) == nodes:
+                    break
+                continue
+            if taken[node] and _laps_ahead(turns, node, passed_over):
+                # A second point in this chunk only while nobody passed over is a whole lap
+                # behind: a full descriptor is not bought with an unfair one.
+                passed_over.add(node)
+                continue
             point = _next_fitting(
-                turn % count, count, taken[node], relays[node] if relays else None, used_relays
+                turns[node] % count,
+                count,
+                taken[node],
+                relays[node] if relays else None,
+                used_relays,
             )
             if point is None:
-                skipped_in_a_row += 1
+                passed_over.add(node)  # relays taken: it keeps its turn for the next chunk
                 continue
-            skipped_in_a_row = 0
             taken[node].add(point)
             if relays:
                 used_relays.update(relays[node][point])
             chunk.append(Slot(node, point))
+            turns[node] += 1
         chunks.append(chunk)
     return chunks
+
+
+def _laps_ahead(turns: Sequence[int], node: int, passed_over: set[int]) -> bool:
+    """Whether ``node``'s next position is a whole lap (N positions) or more beyond a node
+    passed over in this chunk: it would take a second turn before that one had its first."""
+    nodes = len(turns)
+    position = turns[node] * nodes + node
+    return any(position >= turns[n] * nodes + n + nodes for n in passed_over)
+
+
+def _next_in_stream(turns: Sequence[int], passed_over: set[int]) -> int | None:
+    """The node whose next stream position (``turns[n] * N + n``) is lowest, among those not
+    passed over in this chunk; None when every node is."""
+    candidates = (n for n in range(len(turns)) if n not in passed_over)
+    return min(candidates, key=lambda n: (turns[n], n), default=None)
 
 
 def _next_fitting(

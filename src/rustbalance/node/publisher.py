@@ -77,7 +77,12 @@ from rustbalance.node.publish_policy import (
     run_publish_loop,
 )
 from rustbalance.node.readiness import Readiness
-from rustbalance.node.snapshot import DistinctPeriodSnapshot, DistinctSnapshot, PublishSnapshot
+from rustbalance.node.snapshot import (
+    DistinctHsDir,
+    DistinctPeriodSnapshot,
+    DistinctSnapshot,
+    PublishSnapshot,
+)
 from rustbalance.node.tor_network import TorNetwork
 from rustbalance.tor.network import (
     HsDirUpload,
@@ -644,9 +649,9 @@ class Publisher:
                 descriptors=distinct.different_descriptors,
                 expected_shares={node: float(p) for node, p in distinct.shares.items()},
                 hsdirs=tuple(
-                    (
+                    DistinctHsDir(
                         d.fingerprint,
-                        len(d.auth_keys),
+                        d.auth_keys,
                         _upload_ok(record.uploads.get(d.fingerprint.upper())),
                         record.verdicts.get(d.fingerprint.upper()),
                     )

@@ -18,8 +18,8 @@ Status document (what ``rustbalance status --format json`` prints)::
      "distinct_descriptors": {"mode": "auto"|"off", "active",
                               "periods": {"current": {"revision", "descriptors",
                                           "expected_share": {node_id: share},
-                                          "hsdirs": [{"hsdir", "intro_points", "uploaded",
-                                                      "verified"}]}, ...}}}
+                                          "hsdirs": [{"hsdir", "intro_points", "auth_keys",
+                                                      "uploaded", "verified"}]}, ...}}}
 
 With distinct descriptors, ``intro_points.published`` counts every intro point some HSDir's
 descriptor lists (the union).
@@ -42,6 +42,7 @@ from rustbalance.proxy.session import ProxyStats
 __all__ = [
     "BackendSnapshot",
     "ClusterSnapshot",
+    "DistinctHsDir",
     "DistinctPeriodSnapshot",
     "DistinctSnapshot",
     "IntroSnapshot",
@@ -70,6 +71,16 @@ class IntroSnapshot:
 
 
 @dataclass(frozen=True)
+class DistinctHsDir:
+    """One HSDir's descriptor in a distinct round."""
+
+    fingerprint: str
+    auth_keys: tuple[bytes, ...]  # the intro points dealt to it (public, like every auth key)
+    uploaded: bool | None  # the latest upload's verdict (None: unknown)
+    verified: str | None  # the fetch-back verdict (None: not checked; publication.Verdict)
+
+
+@dataclass(frozen=True)
 class DistinctPeriodSnapshot:
     """One target's last published distinct round (docs/distinct-descriptors.md)."""
 
@@ -78,9 +89,8 @@ class DistinctPeriodSnapshot:
     descriptors: int
     # Each node's exact expected share of fresh clients (node id -> 0..1).
     expected_shares: Mapping[str, float]
-    # Per HSDir in the deal's order: (fingerprint, intro points, upload ok (None: unknown),
-    # fetch-back verdict (None: not checked; node/publication.py Verdict)).
-    hsdirs: tuple[tuple[str, int, bool | None, str | None], ...]
+    # Per HSDir, in the deal's order (fetch HSDirs in tor's order, then the spares).
+    hsdirs: tuple[DistinctHsDir, ...]
 
 
 @dataclass(frozen=True)
@@ -235,8 +245,14 @@ def _distinct_status(d: DistinctSnapshot) -> dict[str, Any]:
                 "descriptors": period.descriptors,
                 "expected_share": dict(period.expected_shares),
                 "hsdirs": [
-                    {"hsdir": fp, "intro_points": n, "uploaded": uploaded, "verified": verdict}
-                    for fp, n, uploaded, verdict in period.hsdirs
+                    {
+                        "hsdir": h.fingerprint,
+                        "intro_points": len(h.auth_keys),
+                        "auth_keys": [key.hex() for key in h.auth_keys],
+                        "uploaded": h.uploaded,
+                        "verified": h.verified,
+                    }
+                    for h in period.hsdirs
                 ],
             }
             for label, period in sorted(d.periods.items())

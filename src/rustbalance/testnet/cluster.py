@@ -22,7 +22,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ __all__ = [
     "UPLOAD_TIMEOUT_SECS",
     "ClusterNode",
     "LaunchedCluster",
+    "OverridesFor",
     "free_udp_ports",
     "is_tor",
     "launch_cluster",
@@ -156,6 +157,8 @@ class LaunchedCluster:
 
 # (node index, cluster token file) -> the node's [coordination] section.
 CoordinationFor = Callable[[int, Path], Mapping[str, object]]
+# node index -> extra config keys per section (e.g. [publish] distinct_descriptors).
+OverridesFor = Callable[[int], Mapping[str, Mapping[str, object]]]
 
 
 @contextlib.contextmanager
@@ -165,11 +168,16 @@ def launch_cluster(
     *,
     coordination: CoordinationFor,
     listen_ports: list[int],
+    overrides: OverridesFor | None = None,
+    names: Sequence[str] = NAMES,
 ) -> Iterator[LaunchedCluster]:
-    """Start one daemon per name in :data:`NAMES`; stop every one (and its tor) afterwards.
+    """Start one daemon per name in ``names`` (:data:`NAMES` by default); stop every one (and
+    its tor) afterwards.
 
     ``listen_ports[i]`` is node i's UDP coordination port (its ``coordination.listen``, which
-    ``coordination`` must set); ``coordination(i, token_path)`` gives node i's section.
+    ``coordination`` must set); ``coordination(i, token_path)`` gives node i's section;
+    ``overrides(i)`` adds or replaces keys of node i's other sections. Node i gets priority
+    ``10 * (i + 1)`` (:data:`PRIORITIES` for the first three).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     master = IdentityKey.generate(secrets.token_bytes)
@@ -183,11 +191,19 @@ def launch_cluster(
     targets: list[NamedHTTPServer] = []
     try:
         configs: list[Path] = []
-        for index, name in enumerate(NAMES):
+        priorities = [10 * (index + 1) for index in range(len(names))]
+        for index, name in enumerate(names):
             node_dir = work_dir / name
             node_dir.mkdir()
             target = NamedHTTPServer(f"{name}-target")
             targets.append(target)
+            sections: dict[str, dict[str, object]] = {
+                "node": {"priority": priorities[index]},
+                "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
+                "coordination": dict(coordination(index, token)),
+            }
+            for section, values in (overrides(index) if overrides else {}).items():
+                sections.setdefault(section, {}).update(values)
             configs.append(
                 write_node_config(
                     node_dir / "config.toml",
@@ -197,11 +213,7 @@ def launch_cluster(
                     target=f"{LOCALHOST}:{target.port}",
                     work_dir=node_dir,
                     extra_torrc=network.client_torrc_lines(),
-                    overrides={
-                        "node": {"priority": PRIORITIES[index]},
-                        "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
-                        "coordination": coordination(index, token),
-                    },
+                    overrides=sections,
                 )
             )
         started = time.monotonic()
@@ -210,8 +222,8 @@ def launch_cluster(
             process.start()
             nodes.append(
                 ClusterNode(
-                    NAMES[index],
-                    PRIORITIES[index],
+                    names[index],
+                    priorities[index],
                     process,
                     config.parent,
                     targets[index],
