@@ -29,6 +29,7 @@ MODULES: tuple[str, ...] = (
     "benchmarks.bench_proxy",
     "benchmarks.bench_memory",
     "benchmarks.bench_onion",
+    "benchmarks.bench_distinct",
 )
 
 
