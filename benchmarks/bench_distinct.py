@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import random
 import statistics
 import tempfile
 import time
@@ -34,6 +35,7 @@ from typing import Any
 from benchmarks.results import record
 from rustbalance.crypto.blinding import blind_public_key
 from rustbalance.crypto.time_period import client_fetch_target
+from rustbalance.descriptor.distinct import deal_slots
 from rustbalance.errors import TorProcessError
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
 from rustbalance.testnet.cluster import LOCALHOST, LaunchedCluster, free_udp_ports, launch_cluster
@@ -144,6 +146,38 @@ async def _expected_shares(
             shares[owner[key]] += Fraction(1, len(keys))
     answered = sum(1 for r in fetched if r.descriptor is not None)
     return {n: float(s / answered) if answered else 0.0 for n, s in shares.items()}, len(sets)
+
+
+# The pure deal on small networks: (nodes, relays) with 3 intro points per node on random
+# relays, LAYOUTS random layouts each (seeded: the same figures every run).
+RELAY_LAYOUTS = ((10, 7), (10, 10), (10, 20), (24, 10), (24, 50))
+LAYOUTS = 300
+
+
+def relay_layout_shares(nodes: int, relays: int, layouts: int, seed: int = 1) -> dict[str, float]:
+    """Each node's exact share (6 fetch descriptors of at most 20 points, one point per relay)
+    over ``layouts`` random layouts of 3 points per node on ``relays`` relays: the lowest
+    share of any node, the mean of each layout's lowest and highest, the highest, and how
+    many nodes no fetch descriptor lists."""
+    rnd = random.Random(seed)
+    lowest, highest, unlisted = [], [], 0
+    for _ in range(layouts):
+        layout = [[{r} for r in rnd.sample(range(relays), 3)] for _ in range(nodes)]
+        chunks = deal_slots([3] * nodes, 8, 6, 20, 0, layout)
+        shares = [Fraction(0)] * nodes
+        for chunk in chunks[:6]:
+            for slot in chunk:
+                shares[slot.node] += Fraction(1, 6 * len(chunk))
+        lowest.append(float(min(shares)))
+        highest.append(float(max(shares)))
+        unlisted += sum(1 for share in shares if share == 0)
+    return {
+        "min": min(lowest),
+        "mean_min": statistics.mean(lowest),
+        "mean_max": statistics.mean(highest),
+        "max": max(highest),
+        "unlisted": unlisted,
+    }
 
 
 def _chi_square_p(observed: Mapping[str, int], expected: Mapping[str, float]) -> float | None:
@@ -270,6 +304,27 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f} %"
 
 
+def _layout_lines(layouts: dict[str, dict[str, float]]) -> list[str]:
+    lines = [
+        "The deal alone (pure, no network) on small networks, where intro points share relays: "
+        f"3 points per node on random relays, {LAYOUTS} random layouts per row, each node's "
+        "exact share of fresh clients (6 fetch descriptors, one point per relay; "
+        "docs/distinct-descriptors.md section 2.1):",
+        "",
+        "| nodes | relays | fair share | lowest share (any layout) | mean lowest / mean highest "
+        "| highest (any layout) | nodes in no fetch descriptor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, figures in layouts.items():
+        nodes, relays = (int(part) for part in key.split("x"))
+        lines.append(
+            f"| {nodes} | {relays} | {_pct(1 / nodes)} | {_pct(figures['min'])} | "
+            f"{_pct(figures['mean_min'])} / {_pct(figures['mean_max'])} | "
+            f"{_pct(figures['max'])} | {figures['unlisted']:.0f} of {nodes * LAYOUTS} |"
+        )
+    return [*lines, ""]
+
+
 def _lines(rows: list[dict[str, Any]], failed: dict[str, str]) -> list[str]:
     lines = [
         "## Distinct descriptors: requests per node over fresh clients",
@@ -313,6 +368,11 @@ def _lines(rows: list[dict[str, Any]], failed: dict[str, str]) -> list[str]:
 
 
 def run() -> list[str]:
+    layouts = {
+        f"{nodes}x{relays}": relay_layout_shares(nodes, relays, LAYOUTS)
+        for nodes, relays in RELAY_LAYOUTS
+    }
+    record("distinct", "relay_layouts", layouts)
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="rb-bench-distinct-") as tmp:
@@ -331,4 +391,4 @@ def run() -> list[str]:
                     rows.append(row)
     record("distinct", "rows", rows)
     record("distinct", "clients", CLIENTS)
-    return _lines(rows, failed)
+    return _lines(rows, failed) + _layout_lines(layouts)

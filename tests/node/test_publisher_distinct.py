@@ -360,3 +360,31 @@ async def test_status_and_metrics_show_the_distinct_round(tmp_path: Path) -> Non
     text = metrics.render().decode()
     assert 'rustbalance_distinct_descriptors{period="current"} 3.0' in text
     assert 'rustbalance_expected_node_share{bound="min",period="current"} 0.1' in text
+
+
+async def test_nodes_beyond_what_the_fetch_hsdirs_list_show_a_zero_share(tmp_path: Path) -> None:
+    """With max_intro_points = 1 the 6 fetch HSDirs list 6 of the 10 nodes: the other 4 show
+    an expected share of 0 (status and the metrics' lowest share), and the deal rotates, so
+    they are listed in a later epoch (docs/distinct-descriptors.md section 4)."""
+    node = cluster_node(tmp_path, publish="max_intro_points = 1")
+    await node.publisher.publish_once()
+    snap = node.publisher.snapshot(NOW)
+    assert snap.distinct is not None
+    shares = snap.distinct.periods["current"].expected_shares
+    assert len(shares) == 10
+    assert sorted(shares.values()) == [0.0] * 4 + [pytest.approx(1 / 6)] * 6
+    assert node.publisher._published_epoch is not None  # it rotates
+    values = metrics_values(
+        NodeSnapshot(
+            node_id="node-a",
+            master_onion_address=ADDRESS,
+            multi=True,
+            publisher=True,
+            ready=True,
+            uptime_secs=1.0,
+            generated_at=float(NOW),
+            tor=TorSnapshot("managed", True),
+            publish=snap,
+        )
+    )
+    assert values["expected_node_share"]["current"]["min"] == 0.0

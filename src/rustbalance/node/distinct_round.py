@@ -80,8 +80,8 @@ class DistinctRound:
 
     ``descriptors`` come in the deal's order: the fetch HSDirs in tor's order, then the
     store-only spares. ``shares`` is each node's exact expected share of fresh clients
-    (:func:`~rustbalance.descriptor.distinct.reach_probabilities`, by node id); a node
-    absent from it is listed in no fetch HSDir's descriptor this epoch. ``error`` says why
+    (:func:`~rustbalance.descriptor.distinct.reach_probabilities`, by node id); 0 for a node
+    no fetch HSDir's descriptor lists this epoch. ``error`` says why
     the round could not be built (then there is nothing to upload)."""
 
     label: PeriodLabel
@@ -191,7 +191,8 @@ def plan_distinct_rounds(
                 DistinctRound(label, target.time_period, target.srv, counter, error=str(exc))
             )
             continue
-        shares = {nodes[index][0]: p for index, p in reach_probabilities(assignment).items()}
+        shares = dict.fromkeys((node for node, points in nodes if points), Fraction(0))
+        shares.update((nodes[index][0], p) for index, p in reach_probabilities(assignment).items())
         rounds.append(
             DistinctRound(
                 label,

@@ -360,7 +360,7 @@ class Publisher:
         self._verify_wakeup.set()
         if self._rounds:
             shares = [s for rec in self._rounds.values() for s in rec.round.shares.values()]
-            listed = {node for rec in self._rounds.values() for node in rec.round.shares}
+            listed = {n for rec in self._rounds.values() for n, p in rec.round.shares.items() if p}
             log.info(
                 "Published distinct descriptors: %d intro points from %d nodes (%d plain "
                 "backends), %d of them reachable, expected share per node %.1f-%.1f %%",
