@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from benchmarks import results as results_file
 
@@ -367,6 +368,41 @@ def _availability(data: Mapping[str, Any]) -> Figure | None:
     return fig
 
 
+_MODE_COLOURS = {"auto": _COLOURS["RustBalance"], "off": "#9e9e9e"}
+
+
+def _distinct(data: Mapping[str, Any]) -> Figure | None:
+    """One panel per cluster size: every node's share of the fresh clients' requests, sorted,
+    with distinct descriptors on ("auto") and off, the expected shares and the fair 1/N."""
+    rows: list[Mapping[str, Any]] = data.get("distinct", {}).get("rows", [])
+    if not rows:
+        return None
+    sizes = sorted({row["nodes"] for row in rows})
+    width = max(11.0, 4.2 * len(sizes) + 1)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(width, 4.2), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        for row in (r for r in rows if r["nodes"] == size):
+            answered = max(row["answered"], 1)
+            observed = sorted((100 * c / answered for c in row["counts"].values()), reverse=True)
+            expected = sorted((100 * p for p in row["expected"].values()), reverse=True)
+            ranks = range(1, len(observed) + 1)
+            colour = _MODE_COLOURS.get(row["mode"], "#555555")
+            label = "distinct on (auto)" if row["mode"] == "auto" else f"distinct {row['mode']}"
+            ax.plot(ranks, observed, marker="o", markersize=4, color=colour, label=label)
+            ax.plot(ranks, expected, linestyle=":", color=colour, label=f"{label}: expected")
+        ax.axhline(100 / size, color="#c53030", linestyle="--", linewidth=1, label="fair 1/N")
+        ax.set_title(f"{size} nodes")
+        ax.set_xlabel("node (by share)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("share of requests %")
+        ax.grid(alpha=0.3)
+        ax.set_axisbelow(True)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Fresh clients per node, distinct descriptors on vs off (flatter is fairer)")
+    fig.tight_layout()
+    return fig
+
+
 _CHARTS: tuple[tuple[Chart, Callable[[Mapping[str, Any]], Figure | None]], ...] = (
     (
         Chart(
@@ -403,6 +439,16 @@ _CHARTS: tuple[tuple[Chart, Callable[[Mapping[str, Any]], Figure | None]], ...] 
             "changes and the killed node.",
         ),
         _availability,
+    ),
+    (
+        Chart(
+            "distinct_shares.png",
+            "Requests per node",
+            "Each node's share of fresh clients' requests on the private Tor network, sorted, "
+            "with distinct descriptors per HSDir on and off; dotted: the shares expected from "
+            "what the HSDirs served.",
+        ),
+        _distinct,
     ),
 )
 

@@ -31,6 +31,7 @@ MODULES: tuple[str, ...] = (
     "benchmarks.bench_onion",
     "benchmarks.bench_failover",
     "benchmarks.bench_availability",
+    "benchmarks.bench_distinct",
 )
 
 

@@ -86,6 +86,17 @@ SAMPLE: dict[str, Any] = {
             },
         },
     },
+    "distinct": {
+        "clients": 8,
+        "rows": [
+            {"nodes": 3, "mode": "auto", "answered": 60,
+             "counts": {"node-00": 21, "node-01": 19, "node-02": 20},
+             "expected": {"node-00": 0.33, "node-01": 0.34, "node-02": 0.33}},
+            {"nodes": 3, "mode": "off", "answered": 60,
+             "counts": {"node-00": 40, "node-01": 20, "node-02": 0},
+             "expected": {"node-00": 0.6, "node-01": 0.4, "node-02": 0.0}},
+        ],
+    },
 }  # fmt: skip
 
 
@@ -102,6 +113,7 @@ def test_every_chart_is_drawn_from_the_sample(tmp_path: Path) -> None:
         "memory_per_connection.png",
         "failover_timeline.png",
         "availability_timeline.png",
+        "distinct_shares.png",
     ]
     for chart in drawn:
         pixels = _image(tmp_path / chart.file)

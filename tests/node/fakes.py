@@ -25,11 +25,14 @@ from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.descriptor.parser import DecodedDescriptor
 from rustbalance.errors import ControlError
 from rustbalance.node.coordination import ClusterStatus, CoordinationFacts
+from rustbalance.tor.consensus import HSDirRelay
 from rustbalance.tor.control_protocol import ControlReplyError, HsDescEvent, Reply, ReplyLine
 from rustbalance.tor.network import (
+    HsDirFetch,
     HsDirUpload,
     NetworkView,
     PlannedDescriptor,
+    decode_for_view,
     network_view_from_documents,
 )
 from tests.descriptor.helpers import make_intro_point
@@ -93,6 +96,17 @@ def at_valid_after(view: NetworkView, valid_after: int) -> NetworkView:
     )
 
 
+def ten_hsdirs(view: NetworkView = VIEW) -> NetworkView:
+    """The view with 10 HSDirs and tor's default ring (2 replicas x 4 to store, x 3 to
+    fetch), as the session test network: 8 store HSDirs, the 6 fetch ones among them."""
+    randbytes = random.Random(10).randbytes
+    hsdirs = tuple(
+        HSDirRelay(randbytes(20).hex().upper(), f"hsdir{i}", randbytes(32)) for i in range(10)
+    )
+    params = dataclasses.replace(view.hsdir_params, n_replicas=2, spread_store=4, spread_fetch=3)
+    return dataclasses.replace(view, hsdirs=hsdirs, hsdir_params=params)
+
+
 def without_hsdir(view: NetworkView, index: int = 0) -> NetworkView:
     """The view with one HSDir less (the ring moved)."""
     hsdirs = view.hsdirs[:index] + view.hsdirs[index + 1 :]
@@ -138,10 +152,16 @@ class _Events:
 
 
 Answer = Callable[[PlannedDescriptor], list[HsDirUpload]]
+# One HSDir's answer to one text of upload_per_hsdir.
+HsDirAnswer = Callable[[HSDirRelay, str], HsDirUpload]
 
 
 def all_accept(planned: PlannedDescriptor) -> list[HsDirUpload]:
     return [HsDirUpload(h.fingerprint, h.nickname, True) for h in planned.hsdirs]
+
+
+def hsdir_accepts(relay: HSDirRelay, text: str) -> HsDirUpload:
+    return HsDirUpload(relay.fingerprint, relay.nickname, True)
 
 
 class FakeNetwork:
@@ -162,6 +182,14 @@ class FakeNetwork:
         self.native: list[bool] = []
         self.fresh_sessions = 0
         self.stream: _Events | None = None
+        # Per-HSDir uploads and fetches (distinct descriptors): each call's (HSDir, text)
+        # pairs, what every HSDir stores (the last text it accepted), and answers that
+        # override what an HSDir serves back: a decoded descriptor or a failure reason.
+        self.hsdir_answer: HsDirAnswer = hsdir_accepts
+        self.per_hsdir_uploads: list[list[tuple[HSDirRelay, str]]] = []
+        self.stored: dict[str, str] = {}
+        self.served: dict[str, DecodedDescriptor | str] = {}
+        self.per_hsdir_fetches: list[list[str]] = []
 
     async def read_view(self) -> NetworkView:
         self.view_reads += 1
@@ -188,6 +216,43 @@ class FakeNetwork:
     async def upload(self, planned: PlannedDescriptor, timeout: float) -> list[HsDirUpload]:  # noqa: ASYNC109
         self.uploads.append(planned)
         return self.answer(planned)
+
+    async def upload_per_hsdir(
+        self,
+        address: str,
+        uploads: Sequence[tuple[HSDirRelay, str]],
+        timeout: float,  # noqa: ASYNC109
+    ) -> list[HsDirUpload]:
+        self.per_hsdir_uploads.append(list(uploads))
+        results = []
+        for relay, text in uploads:
+            result = self.hsdir_answer(relay, text)
+            if result.ok:
+                self.stored[relay.fingerprint] = text
+            results.append(result)
+        return results
+
+    async def fetch_per_hsdir(
+        self,
+        address: str,
+        view: NetworkView,
+        hsdirs: Sequence[HSDirRelay],
+        timeout: float,  # noqa: ASYNC109
+    ) -> list[HsDirFetch]:
+        self.per_hsdir_fetches.append([r.fingerprint for r in hsdirs])
+        results = []
+        for relay in hsdirs:
+            served = self.served.get(relay.fingerprint)
+            if served is None and relay.fingerprint in self.stored:
+                now = int(self.clock.wall())
+                served = decode_for_view(self.stored[relay.fingerprint], address, view, now=now)
+            if served is None:
+                served = "NOT_FOUND"
+            if isinstance(served, str):
+                results.append(HsDirFetch(relay.fingerprint, relay.nickname, None, served))
+            else:
+                results.append(HsDirFetch(relay.fingerprint, relay.nickname, served))
+        return results
 
     async def descriptor_events(self) -> _Events:
         self.stream = _Events(self)

@@ -15,6 +15,7 @@ NOT_COMPONENTS = {"join.py", "mesh.py"}
 PURE = (
     "cluster_mode.py",
     "publication.py",
+    "distinct_round.py",
     "snapshot.py",
     "intro_tracker.py",
     "backend_state.py",

@@ -11,10 +11,19 @@ from rustbalance.node.publication import (
     descriptor_ring,
     period_result,
     ring_change,
+    served_verdict,
 )
 from rustbalance.node.publish_policy import HsDirResult, PeriodResult
 from rustbalance.tor.network import HsDirUpload, PeriodPublish
-from tests.node.fakes import NOW, VIEW, intro_points, master_key, with_srv, without_hsdir
+from tests.node.fakes import (
+    NOW,
+    VIEW,
+    decoded,
+    intro_points,
+    master_key,
+    with_srv,
+    without_hsdir,
+)
 
 OWN = intro_points(3, seed=1)
 PEER = intro_points(2, seed=2)
@@ -25,6 +34,8 @@ FLOW = "1-2 31"
 
 def choose(**kw: object) -> Publication | str:
     args: dict[str, object] = {
+        "own_id": "node-a",
+        "distinct_mode": "auto",
         "peers": {},
         "backends": {},
         "clustered": False,
@@ -93,17 +104,48 @@ def test_nothing_to_publish_is_said() -> None:
             (),
             FLOW,
             None,
+            own_id="node-a",
             peers={},
             backends={},
             clustered=False,
             shared=True,
             max_intro_points=20,
+            distinct_mode="auto",
             now=NOW,
         )
         == "no intro points yet"
     )
     # Certificates that expire within a minute are dropped: nothing is left.
     assert choose(now=NOW + 30 * 24 * 3600) == "intro points expire soon"
+
+
+def test_nodes_are_dealt_in_node_id_order_and_distinct_only_beyond_the_cap() -> None:
+    """Distinct descriptors deal from every node by node id (ours among them), then the
+    backends by address, so every publisher deals the same layout; they are used only when
+    the valid intro points exceed max_intro_points and the mode is "auto"."""
+    peers = {"node-c": PEER, "node-0": intro_points(2, seed=4)}
+    chosen = choose(clustered=True, peers=peers, backends={"zz": BACKEND}, max_intro_points=20)
+    assert isinstance(chosen, Publication)
+    assert [node for node, _ in chosen.by_node] == ["node-0", "node-a", "node-c", "zz"]
+    assert chosen.by_node[1][1] == OWN
+    assert not chosen.distinct  # 9 points fit
+    over = choose(clustered=True, peers=peers, backends={"zz": BACKEND}, max_intro_points=8)
+    assert isinstance(over, Publication) and over.distinct
+    assert over.pow_params is None
+    off = choose(peers=peers, max_intro_points=4, distinct_mode="off")
+    assert isinstance(off, Publication) and not off.distinct
+    assert len(off.intro_points) == 4
+
+
+def test_served_verdicts() -> None:
+    keys = frozenset(p.auth_key for p in OWN)
+    assert served_verdict(10, keys, decoded(OWN, revision=10)) == "ok"
+    assert served_verdict(10, keys, decoded(OWN, revision=9)) == "older"
+    assert served_verdict(10, keys, decoded(OWN, revision=11)) == "foreign"
+    assert served_verdict(10, keys, decoded(PEER, revision=10)) == "foreign"
+    assert served_verdict(10, keys, None, "NOT_FOUND") == "missing"
+    assert served_verdict(10, keys, None, "BAD_DESCRIPTOR") == "bad"
+    assert served_verdict(10, keys, None, "TIMEOUT") == "unanswered"
 
 
 def test_ring_change_tells_a_new_period_or_srv_from_new_hsdirs() -> None:

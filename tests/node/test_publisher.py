@@ -29,7 +29,7 @@ from rustbalance.node.identity import NodeIdentity
 from rustbalance.node.publisher import FENCED, VERIFY_MAX_REPUBLISHES, Publisher
 from rustbalance.node.readiness import Readiness
 from rustbalance.node.sdnotify import SystemdNotifier
-from rustbalance.tor.network import HsDirUpload, PlannedDescriptor, decode_for_view
+from rustbalance.tor.network import HsDirUpload, NetworkView, PlannedDescriptor, decode_for_view
 from tests.node.fakes import (
     NOW,
     VIEW,
@@ -103,16 +103,23 @@ class Node:
 
 
 def make_node(
-    tmp_path: Path, *, identity: NodeIdentity | None = None, clustered: bool = False
+    tmp_path: Path,
+    *,
+    identity: NodeIdentity | None = None,
+    clustered: bool = False,
+    publish: str = "",
+    view: NetworkView = VIEW,
 ) -> Node:
+    """A publisher on a fake network; ``publish``: extra ``[publish]`` lines."""
     config = parse_config(
         '[node]\nid = "node-a"\nstate_dir = "state"\n'
         '[master]\nidentity_key_path = "master.key"\n'
-        '[target]\naddress = "127.0.0.1:8000"\n',
+        '[target]\naddress = "127.0.0.1:8000"\n'
+        f"[publish]\n{publish}\n",
         tmp_path,
     )
     clock = ManualClock()
-    network = FakeNetwork(clock)
+    network = FakeNetwork(clock, view)
     own = Own()
     role = Role(own)
     readiness = Readiness.for_config(SystemdNotifier(env={}), clock, config)
@@ -446,3 +453,51 @@ async def test_the_snapshot_counts_rounds_and_is_a_copy(tmp_path: Path) -> None:
     assert snap.periods["current"] == {"ok": 1, "failed": 0}
     assert snap.state.last_attempt == NOW
     assert publisher.snapshot(NOW + 10).periods["current"] == {"ok": 1, "failed": 1}
+
+
+async def test_a_greater_revision_is_another_publishers_descriptor_not_ours(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An HSDir serving a *greater* revision counter than we posted holds someone else's
+    descriptor (another publisher, or Onionbalance's after a migration, whose counters are
+    keyed differently: tor.md section 7). Seen in test_import_onionbalance.py: it was logged
+    as "Descriptor verified" (docs/distinct-descriptors.md section 5). It is reported as
+    another publisher's, not verified, and does not spend the republish budget (an HSDir
+    only takes a strictly greater counter, so a republish cannot displace it)."""
+    node = make_node(tmp_path)
+    await node.publisher.publish_once()
+    current = node.network.uploads[0]
+    foreign = decoded(
+        intro_points(3, seed=5),
+        time_period=current.time_period,
+        revision=current.revision_counter + 1000,
+    )
+    node.network.fetched[ADDRESS] = [foreign]
+    caplog.set_level(logging.INFO, logger=DAEMON_LOGGER)
+    await node.publisher.verify_latest()
+    assert not [m for m in caplog.messages if m.startswith("Descriptor verified")]
+    assert (
+        f"HSDirs serve another publisher's descriptor (rev={current.revision_counter + 1000}, "
+        f"posted rev={current.revision_counter})" in caplog.messages
+    )
+    assert node.publisher.schedule.pending == []
+
+
+async def test_our_revision_with_other_intro_points_is_not_verified(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Equal counter, other intro points: not what we posted (section 5 compares the set)."""
+    node = make_node(tmp_path)
+    await node.publisher.publish_once()
+    current = node.network.uploads[0]
+    node.network.fetched[ADDRESS] = [
+        decoded(
+            intro_points(3, seed=5),
+            time_period=current.time_period,
+            revision=current.revision_counter,
+        )
+    ]
+    caplog.set_level(logging.INFO, logger=DAEMON_LOGGER)
+    await node.publisher.verify_latest()
+    assert not [m for m in caplog.messages if m.startswith("Descriptor verified")]
+    assert any(m.startswith("HSDirs serve another publisher's descriptor") for m in caplog.messages)

@@ -56,6 +56,7 @@ __all__ = [
     "Config",
     "CoordinationBackend",
     "CoordinationConfig",
+    "DistinctDescriptors",
     "Endpoint",
     "EtcdConfig",
     "HealthConfig",
@@ -79,6 +80,7 @@ ProxyMode = Literal["http", "tcp"]
 WireGuardMode = Literal["auto", "kernel", "userspace"]
 # [coordination] backend: the embedded sealed-UDP protocol, or an etcd cluster (issue 20).
 CoordinationBackend = Literal["embedded", "etcd"]
+DistinctDescriptors = Literal["auto", "off"]
 
 _U32_MAX = 2**32 - 1
 # tor's limit for the PoW and intro DoS defence parameters (INT32_MAX).
@@ -595,6 +597,14 @@ class PublishConfig:
         doc="A published descriptor older than this is republished at once.",
     )
     upload_timeout_secs: float = key(Duration(), default=60.0, doc="Give up on one upload round.")
+    distinct_descriptors: DistinctDescriptors = key(
+        choice("auto", "off"),
+        default="auto",
+        doc="`auto`: when the live nodes' intro points exceed `max_intro_points`, each "
+        "responsible HSDir gets its own descriptor with its own share of them, so clients "
+        "reach every node (up to 120 intro points at a time; docs/distinct-descriptors.md); "
+        "`off`: one merged descriptor for all HSDirs, capped at `max_intro_points`.",
+    )
 
 
 @section

@@ -26,6 +26,14 @@ rests on, is in ``docs/distinct-descriptors.md``; in short:
     node ``n`` is reached with probability within ``1 / (F * cap)`` of ``1/N``; with unequal
     counts within ``1 / cap`` of its water-filling share (round-robin with each node capped at
     its own count, the rule of today's merge);
+  - at most one point per intro relay in each descriptor (``descriptor/merge.py``: a tor
+    client maps an intro circuit to the first point of the descriptor on that relay, so a
+    second one is useless and hides the first one's death). A node's turn then takes its
+    next point on a free relay; a node none of whose points fits keeps its turn and comes
+    first in the next descriptor (:func:`deal_slots`). On a large network collisions are
+    rare and change nothing; on a small one (the 10-relay test network) a descriptor holds
+    at most as many points as there are relays and the shares depend on the relay layout
+    (no node starved: tested);
   - beyond ``F * cap`` nodes (120 with 6 fetch HSDirs) some nodes cannot be listed at all; the
     ``epoch`` moves the stream on by ``F * cap`` positions, so over ``K`` consecutive epochs
     every node's slot count is within one of ``K * F * cap / N`` and each node is listed at
@@ -36,7 +44,7 @@ rests on, is in ``docs/distinct-descriptors.md``; in short:
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Generic, TypeVar
@@ -52,6 +60,7 @@ __all__ = [
     "assign_intro_points",
     "deal_slots",
     "effective_epoch",
+    "needs_distinct",
     "reach_probabilities",
 ]
 
@@ -92,14 +101,36 @@ def effective_epoch(point_counts: Sequence[int], n_fetch: int, cap: int, epoch: 
 
 
 def deal_slots(
-    point_counts: Sequence[int], n_chunks: int, n_fetch: int, cap: int, epoch: int = 0
+    point_counts: Sequence[int],
+    n_chunks: int,
+    n_fetch: int,
+    cap: int,
+    epoch: int = 0,
+    relays: Sequence[Sequence[Collection[Hashable]]] | None = None,
 ) -> list[list[Slot]]:
     """The slot-dealing core: ``n_chunks`` lists of at most ``cap`` slots each.
 
     ``point_counts[n]`` is how many distinct intro points live node ``n`` offers (each >= 1).
     Chunks ``0 .. n_fetch - 1`` belong to the fetch HSDirs, the rest to the store-only ones.
-    Within a chunk a node's slots are distinct points. A chunk is full (``cap`` slots) unless
-    all the points together are fewer than ``cap``.
+    Within a chunk a node's slots are distinct points. ``relays[n][k]``, when given, are the
+    identities of the relay that point ``k`` of node ``n`` sits on: a chunk never holds two
+    points whose relays share an identity (one point per intro relay, as in the merge).
+
+    The deal is the round-robin stream of the module docstring, kept as each node's next
+    stream position: node ``n`` after ``t`` turns is next at position ``t * N + n``, and the
+    next slot goes to the node whose next position is lowest. A turn takes the node's point
+    ``t mod count``, or its next point that fits; a node that already gave all its points to
+    this chunk loses the turn (the stream's skip). Without shared relays this *is* the stream.
+
+    With shared relays (a small network): a node none of whose remaining points fits (their
+    relays are taken) is passed over for the rest of the chunk *without* losing its turn, so
+    its position stays the lowest and it comes first in the next chunk: an unlucky relay
+    layout never starves a node. And a node already in the chunk takes another point only
+    while no node passed over in it is a whole lap (N positions) behind: otherwise the nodes
+    whose relays happen to be free would fill every descriptor's leftover room, always the
+    same ones. A chunk ends when it holds ``cap`` slots or no node can add a point (a chunk
+    only fills up, so that is final): a chunk with room left lists every node one of whose
+    points fits.
     """
     if not 1 <= cap <= MAX_INTRO_POINTS:
         raise DescriptorError(f"cap must be 1-{MAX_INTRO_POINTS}, got {cap}")
@@ -109,31 +140,92 @@ def deal_slots(
         raise DescriptorError("epoch must not be negative")
     if any(count < 1 for count in point_counts):
         raise DescriptorError("every live node needs at least one intro point")
+    if relays is not None and [len(r) for r in relays] != list(point_counts):
+        raise DescriptorError("relays must name one relay per intro point")
     nodes = len(point_counts)
     if nodes == 0:
         return [[] for _ in range(n_chunks)]
     want = min(cap, sum(point_counts))
-    position = effective_epoch(point_counts, n_fetch, cap, epoch) * n_fetch * cap
+    start = effective_epoch(point_counts, n_fetch, cap, epoch) * n_fetch * cap
+    # Each node's first position at or after ``start``: the nodes before ``start mod N`` come
+    # one turn later.
+    turns = [start // nodes + (1 if node < start % nodes else 0) for node in range(nodes)]
     chunks: list[list[Slot]] = []
     for _ in range(n_chunks):
-        taken = [0] * nodes
+        taken: list[set[int]] = [set() for _ in range(nodes)]
+        used_relays: set[Hashable] = set()
+        passed_over: set[int] = set()  # no remaining point of theirs fits this chunk
+        exhausted: set[int] = set()  # every point of theirs is in this chunk
         chunk: list[Slot] = []
-        skipped_in_a_row = 0
-        # Each skip means that node already gave all its points to this chunk; N skips in a
-        # row would mean every node has (impossible while want <= total): a bound, not a rule.
-        while len(chunk) < want and skipped_in_a_row < nodes:
-            node = position % nodes
-            turn = position // nodes
-            position += 1
+        while len(chunk) < want:
+            node = _next_in_stream(turns, passed_over)
+            if node is None:
+                break  # no node can add a point to this chunk: it is as full as it gets
             count = point_counts[node]
-            if taken[node] >= count:
-                skipped_in_a_row += 1
+            if len(taken[node]) >= count:
+                # All its points are in this chunk: it loses the turn, as in the stream (and
+                # again on every lap); when only such nodes are left, the chunk is done.
+                turns[node] += 1
+                exhausted.add(node)
+                if len(exhausted | passed_over) == nodes:
+                    break
                 continue
-            skipped_in_a_row = 0
-            taken[node] += 1
-            chunk.append(Slot(node, turn % count))
+            if taken[node] and _laps_ahead(turns, node, passed_over):
+                # A second point in this chunk only while nobody passed over is a whole lap
+                # behind: a full descriptor is not bought with an unfair one.
+                passed_over.add(node)
+                continue
+            point = _next_fitting(
+                turns[node] % count,
+                count,
+                taken[node],
+                relays[node] if relays else None,
+                used_relays,
+            )
+            if point is None:
+                passed_over.add(node)  # relays taken: it keeps its turn for the next chunk
+                continue
+            taken[node].add(point)
+            if relays:
+                used_relays.update(relays[node][point])
+            chunk.append(Slot(node, point))
+            turns[node] += 1
         chunks.append(chunk)
     return chunks
+
+
+def _laps_ahead(turns: Sequence[int], node: int, passed_over: set[int]) -> bool:
+    """Whether ``node``'s next position is a whole lap (N positions) or more beyond a node
+    passed over in this chunk: it would take a second turn before that one had its first."""
+    nodes = len(turns)
+    position = turns[node] * nodes + node
+    return any(position >= turns[n] * nodes + n + nodes for n in passed_over)
+
+
+def _next_in_stream(turns: Sequence[int], passed_over: set[int]) -> int | None:
+    """The node whose next stream position (``turns[n] * N + n``) is lowest, among those not
+    passed over in this chunk; None when every node is."""
+    candidates = (n for n in range(len(turns)) if n not in passed_over)
+    return min(candidates, key=lambda n: (turns[n], n), default=None)
+
+
+def _next_fitting(
+    first: int,
+    count: int,
+    taken: set[int],
+    relays: Sequence[Collection[Hashable]] | None,
+    used_relays: set[Hashable],
+) -> int | None:
+    """The node's first point from ``first`` on (cyclically) that is not in the chunk and
+    whose relay is free; None if there is none."""
+    for step in range(count):
+        point = (first + step) % count
+        if point in taken:
+            continue
+        if relays is not None and not used_relays.isdisjoint(relays[point]):
+            continue
+        return point
+    return None
 
 
 @dataclass(frozen=True)
@@ -144,6 +236,8 @@ class DistinctAssignment(Generic[K]):
     ``distinct`` False every HSDir holds the same list: today's merged descriptor.
     ``owner`` maps each listed intro point's auth key to the index of its node in the
     caller's ``instances``; ``fetch`` keeps the fetch HSDirs for :func:`reach_probabilities`.
+    ``epoch`` is the epoch the deal used (0 when the rotation changes nothing); ``rotates``
+    says whether another epoch would deal differently (so a new epoch needs a new round).
     """
 
     per_hsdir: Mapping[K, tuple[IntroPoint, ...]]
@@ -151,6 +245,7 @@ class DistinctAssignment(Generic[K]):
     fetch: tuple[K, ...]
     owner: Mapping[bytes, int]
     epoch: int
+    rotates: bool = False
 
 
 def _live_points(
@@ -173,6 +268,20 @@ def _live_points(
     return live_index, live
 
 
+def needs_distinct(
+    instances: Sequence[Sequence[IntroPoint]],
+    *,
+    max_points: int,
+    now: int,
+    min_remaining_validity: int,
+) -> bool:
+    """Whether one descriptor cannot list every live node's valid intro points: more than
+    ``max_points`` of them (duplicates counted once). The one rule that switches distinct
+    descriptors on (``[publish] distinct_descriptors = "auto"``)."""
+    _, live = _live_points(instances, now + min_remaining_validity)
+    return sum(len(points) for points in live) > max_points
+
+
 def assign_intro_points(
     instances: Sequence[Sequence[IntroPoint]],
     fetch_hsdirs: Sequence[K],
@@ -192,6 +301,8 @@ def assign_intro_points(
     hashable keys (fingerprints). Points whose certificates expire before ``now +
     min_remaining_validity`` are left out, as in the merge. ``epoch`` is the rotation epoch
     (see the module docstring); it matters only beyond what a fair deal can give everyone.
+    Each descriptor lists at most one point per intro relay (the merge's rule, issue 14: a
+    client uses only the first point of a descriptor on a relay).
     """
     if not 1 <= max_points <= MAX_INTRO_POINTS:
         raise DescriptorError(f"max_points must be 1-{MAX_INTRO_POINTS}, got {max_points}")
@@ -202,18 +313,24 @@ def assign_intro_points(
     order = _chunk_order(fetch_hsdirs, store_hsdirs)
     live_index, live = _live_points(instances, now + min_remaining_validity)
     owner = {p.auth_key: live_index[n] for n, points in enumerate(live) for p in points}
-    total = sum(len(points) for points in live)
-    if total <= max_points:
+    if not needs_distinct(
+        instances, max_points=max_points, now=now, min_remaining_validity=min_remaining_validity
+    ):
         merged = tuple(merge_intro_points(instances, max_points, now, min_remaining_validity))
         return DistinctAssignment({h: merged for h in order}, False, tuple(fetch_hsdirs), owner, 0)
     counts = [len(points) for points in live]
-    used_epoch = effective_epoch(counts, len(fetch_hsdirs), max_points, epoch)
-    chunks = deal_slots(counts, len(order), len(fetch_hsdirs), max_points, used_epoch)
+    n_fetch = len(fetch_hsdirs)
+    used_epoch = effective_epoch(counts, n_fetch, max_points, epoch)
+    relays = [[p.relay_ids for p in points] for points in live]
+    chunks = deal_slots(counts, len(order), n_fetch, max_points, used_epoch, relays)
     per_hsdir = {
         hsdir: tuple(live[slot.node][slot.point] for slot in chunk)
         for hsdir, chunk in zip(order, chunks, strict=True)
     }
-    return DistinctAssignment(per_hsdir, True, tuple(fetch_hsdirs), owner, used_epoch)
+    rotates = effective_epoch(counts, n_fetch, max_points, 1) != 0
+    return DistinctAssignment(
+        per_hsdir, True, tuple(fetch_hsdirs), owner, used_epoch, rotates=rotates
+    )
 
 
 def reach_probabilities(assignment: DistinctAssignment[K]) -> dict[int, Fraction]:

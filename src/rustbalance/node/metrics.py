@@ -54,6 +54,12 @@ key                         value                            exported as
                             member record is on the lease)
 ``etcd_fencing``            ``{"passed"|"refused"|"failed":  ``rustbalance_etcd_fencing_total
                             n}`` (checks before uploads)     {result}``
+``distinct_descriptors``    ``{period: n}``: different       ``rustbalance_distinct_descriptors
+                            descriptors of the last distinct {period}``
+                            round (empty: one descriptor)
+``expected_node_share``     ``{period: {"min"|"max": 0..1}}`` ``rustbalance_expected_node_share
+                            a node's expected share of fresh {period, bound}``
+                            clients, lowest and highest
 =========================== ================================ ===================================
 
 Always exported, snapshot or not: ``rustbalance_build_info{version, python}`` = 1, the
@@ -182,6 +188,27 @@ def _times(value: object, key: str) -> dict[str, float]:
     return result
 
 
+def _shares(value: object, key: str) -> dict[str, dict[str, float]]:
+    if not isinstance(value, Mapping):
+        raise MetricsError(f"metrics snapshot: {key} must map periods to min/max shares")
+    result: dict[str, dict[str, float]] = {}
+    for period, bounds in value.items():
+        if period not in _PERIODS or not isinstance(bounds, Mapping):
+            raise MetricsError(f"metrics snapshot: {key} has a bad entry {period!r}")
+        clean: dict[str, float] = {}
+        for bound, share in bounds.items():
+            if (
+                bound not in ("min", "max")
+                or isinstance(share, bool)
+                or not isinstance(share, int | float)
+                or not 0.0 <= share <= 1.0
+            ):
+                raise MetricsError(f"metrics snapshot: {key}.{period} must hold min/max in 0..1")
+            clean[bound] = float(share)
+        result[period] = clean
+    return result
+
+
 _COUNTERS = (
     "heartbeats_sent",
     "heartbeats_received",
@@ -239,6 +266,10 @@ def _validate(snapshot: Mapping[str, Any]) -> dict[str, Any]:
             clean[key] = _flags(value, key, MAX_PEERS)
         elif key == "backends_up":
             clean[key] = _flags(value, key, MAX_BACKENDS)
+        elif key == "distinct_descriptors":
+            clean[key] = _counts(value, key, _PERIODS)
+        elif key == "expected_node_share":
+            clean[key] = _shares(value, key)
         else:
             raise MetricsError(f"metrics snapshot: unknown key {key!r}")
     return clean
@@ -367,6 +398,25 @@ class _SnapshotCollector(Collector):
             ["result"],
             [((r,), n) for r, n in v.get("etcd_fencing", {}).items()],
         )
+        if v.get("distinct_descriptors"):
+            family = GaugeMetricFamily(
+                "rustbalance_distinct_descriptors",
+                "Different descriptors in the last distinct round (one per responsible HSDir).",
+                labels=["period"],
+            )
+            for period, n in v["distinct_descriptors"].items():
+                family.add_metric([period], float(n))
+            yield family
+        if v.get("expected_node_share"):
+            family = GaugeMetricFamily(
+                "rustbalance_expected_node_share",
+                "Lowest and highest expected share of fresh clients a node gets (distinct).",
+                labels=["period", "bound"],
+            )
+            for period, bounds in v["expected_node_share"].items():
+                for bound, share in bounds.items():
+                    family.add_metric([period, bound], share)
+            yield family
 
     def _up(self, key: str, name: str, label: str, doc: str) -> Iterator[GaugeMetricFamily]:
         if key in self.values:

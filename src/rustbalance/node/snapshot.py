@@ -14,7 +14,15 @@ Status document (what ``rustbalance status --format json`` prints)::
                       "results": {"current": {"ok", "error", "hsdirs": [...]}, ...}},
      "peers": [{"node_id", "alive"}], "proxy": {counter: int}, "generated_at": unix,
      "ready", "uptime_secs",
-     optional: "cluster", "target", "instance_onion_address", "backends", "mesh"}
+     optional: "cluster", "target", "instance_onion_address", "backends", "mesh",
+     "distinct_descriptors": {"mode": "auto"|"off", "active",
+                              "periods": {"current": {"revision", "descriptors",
+                                          "expected_share": {node_id: share},
+                                          "hsdirs": [{"hsdir", "intro_points", "auth_keys",
+                                                      "uploaded", "verified"}]}, ...}}}
+
+With distinct descriptors, ``intro_points.published`` counts every intro point some HSDir's
+descriptor lists (the union).
 
     "cluster": {"backend": "embedded"|"etcd", "term", "election_role", "publisher",
                 "native_publishing", "counters", "rejected", "peer_intro_points",
@@ -38,6 +46,9 @@ from rustbalance.proxy.session import ProxyStats
 __all__ = [
     "BackendSnapshot",
     "ClusterSnapshot",
+    "DistinctHsDir",
+    "DistinctPeriodSnapshot",
+    "DistinctSnapshot",
     "IntroSnapshot",
     "NodeSnapshot",
     "PublishSnapshot",
@@ -64,6 +75,38 @@ class IntroSnapshot:
 
 
 @dataclass(frozen=True)
+class DistinctHsDir:
+    """One HSDir's descriptor in a distinct round."""
+
+    fingerprint: str
+    auth_keys: tuple[bytes, ...]  # the intro points dealt to it (public, like every auth key)
+    uploaded: bool | None  # the latest upload's verdict (None: unknown)
+    verified: str | None  # the fetch-back verdict (None: not checked; publication.Verdict)
+
+
+@dataclass(frozen=True)
+class DistinctPeriodSnapshot:
+    """One target's last published distinct round (docs/distinct-descriptors.md)."""
+
+    revision: int
+    # How many different intro-point sets went out.
+    descriptors: int
+    # Each node's exact expected share of fresh clients (node id -> 0..1).
+    expected_shares: Mapping[str, float]
+    # Per HSDir, in the deal's order (fetch HSDirs in tor's order, then the spares).
+    hsdirs: tuple[DistinctHsDir, ...]
+
+
+@dataclass(frozen=True)
+class DistinctSnapshot:
+    """``[publish] distinct_descriptors`` and, when the last publish was distinct, its rounds
+    by period ("current"/"next"); no periods: one descriptor for all HSDirs."""
+
+    mode: str
+    periods: Mapping[str, DistinctPeriodSnapshot] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class PublishSnapshot:
     """The publish state (a copy) and the monotonic publish totals for metrics."""
 
@@ -75,6 +118,7 @@ class PublishSnapshot:
         default_factory=lambda: {"ok": 0, "failed": 0}
     )
     hsdir_last_upload: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+    distinct: DistinctSnapshot | None = None
 
 
 @dataclass(frozen=True)
@@ -196,9 +240,36 @@ def status_document(s: NodeSnapshot) -> dict[str, Any]:
         }
     if s.mesh is not None:
         doc["mesh"] = dict(s.mesh)
+    if s.publish.distinct is not None:
+        doc["distinct_descriptors"] = _distinct_status(s.publish.distinct)
     doc["ready"] = s.ready
     doc["uptime_secs"] = s.uptime_secs
     return doc
+
+
+def _distinct_status(d: DistinctSnapshot) -> dict[str, Any]:
+    return {
+        "mode": d.mode,
+        "active": bool(d.periods),
+        "periods": {
+            label: {
+                "revision": period.revision,
+                "descriptors": period.descriptors,
+                "expected_share": dict(period.expected_shares),
+                "hsdirs": [
+                    {
+                        "hsdir": h.fingerprint,
+                        "intro_points": len(h.auth_keys),
+                        "auth_keys": [key.hex() for key in h.auth_keys],
+                        "uploaded": h.uploaded,
+                        "verified": h.verified,
+                    }
+                    for h in period.hsdirs
+                ],
+            }
+            for label, period in sorted(d.periods.items())
+        },
+    }
 
 
 def metrics_values(s: NodeSnapshot) -> dict[str, Any]:
@@ -244,6 +315,18 @@ def metrics_values(s: NodeSnapshot) -> dict[str, Any]:
         values.update(proxy_snapshot(s.proxy))
     if s.target is not None:
         values["target_up"] = s.target.healthy
+    distinct = s.publish.distinct
+    if distinct is not None:
+        values["distinct_descriptors"] = {
+            label: period.descriptors for label, period in distinct.periods.items()
+        }
+        values["expected_node_share"] = {
+            label: {
+                "min": min(period.expected_shares.values(), default=0.0),
+                "max": max(period.expected_shares.values(), default=0.0),
+            }
+            for label, period in distinct.periods.items()
+        }
     return values
 
 

@@ -2,29 +2,35 @@
 
 :class:`TorNetwork` is everything the publisher, the intro-point watch and the consensus watch
 ask of tor: read the network view, read our own descriptor, fetch a descriptor, upload a
-planned one, follow our own descriptor's ``HS_DESC`` events, switch tor's native publishing
-and start a fresh control session. :class:`ControlTorNetwork` does it over the daemon's
-control connection with the primitives of :mod:`rustbalance.tor.network`; unit tests give
-the components a fake, and end-to-end tests that need a fault real tor cannot produce wrap
-this class (``tests/node_e2e``), instead of patching module globals.
+planned one, upload one descriptor per HSDir and fetch back what each HSDir serves (distinct
+descriptors, docs/distinct-descriptors.md), follow our own descriptor's ``HS_DESC`` events,
+switch tor's native publishing and start a fresh control session. :class:`ControlTorNetwork`
+does it over the daemon's control connection with the primitives of
+:mod:`rustbalance.tor.network`; unit tests give the components a fake, and end-to-end tests
+that need a fault real tor cannot produce wrap this class (``tests/node_e2e``), instead of
+patching module globals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from rustbalance.descriptor.parser import DecodedDescriptor
+from rustbalance.tor.consensus import HSDirRelay
 from rustbalance.tor.control import ControlTimeoutError, ReconnectingController, Subscription
 from rustbalance.tor.control_protocol import ControlProtocolError, ControlReplyError, HsDescEvent
 from rustbalance.tor.network import (
+    HsDirFetch,
     HsDirUpload,
     NetworkView,
     PlannedDescriptor,
     fetch_descriptor,
+    fetch_per_hsdir,
     read_network_view,
     read_own_descriptor,
     upload_descriptor,
+    upload_per_hsdir,
 )
 
 __all__ = [
@@ -77,6 +83,25 @@ class TorNetwork(Protocol):
 
     async def upload(self, planned: PlannedDescriptor, timeout: float) -> list[HsDirUpload]:  # noqa: ASYNC109
         """HSPOST one planned descriptor to its HSDirs; each HSDir's verdict."""
+        ...
+
+    async def upload_per_hsdir(
+        self,
+        address: str,
+        uploads: Sequence[tuple[HSDirRelay, str]],
+        timeout: float,  # noqa: ASYNC109
+    ) -> list[HsDirUpload]:
+        """HSPOST each text to its own HSDir only; each HSDir's verdict, in order."""
+        ...
+
+    async def fetch_per_hsdir(
+        self,
+        address: str,
+        view: NetworkView,
+        hsdirs: Sequence[HSDirRelay],
+        timeout: float,  # noqa: ASYNC109
+    ) -> list[HsDirFetch]:
+        """HSFETCH ``SERVER=`` each HSDir: what each one serves now (current period)."""
         ...
 
     async def descriptor_events(self) -> DescriptorEvents:
@@ -138,6 +163,23 @@ class ControlTorNetwork:
         return await upload_descriptor(
             self._controller(), planned.text, planned.address, planned.hsdirs, timeout=timeout
         )
+
+    async def upload_per_hsdir(
+        self,
+        address: str,
+        uploads: Sequence[tuple[HSDirRelay, str]],
+        timeout: float,  # noqa: ASYNC109
+    ) -> list[HsDirUpload]:
+        return await upload_per_hsdir(self._controller(), address, uploads, timeout=timeout)
+
+    async def fetch_per_hsdir(
+        self,
+        address: str,
+        view: NetworkView,
+        hsdirs: Sequence[HSDirRelay],
+        timeout: float,  # noqa: ASYNC109
+    ) -> list[HsDirFetch]:
+        return await fetch_per_hsdir(self._controller(), address, view, hsdirs, timeout=timeout)
 
     async def descriptor_events(self) -> DescriptorEvents:
         return _SubscriptionEvents(await self._controller().subscribe("HS_DESC"))

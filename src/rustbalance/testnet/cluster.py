@@ -25,7 +25,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,7 +168,8 @@ class LaunchedCluster:
 
 # (node index, cluster token file) -> the node's [coordination] section.
 CoordinationFor = Callable[[int, Path], Mapping[str, object]]
-# node index -> extra config keys per section (e.g. [node] identity_mode, [master] backends).
+# node index -> extra config keys per section (e.g. [node] identity_mode, [master] backends,
+# [publish] distinct_descriptors).
 OverridesFor = Callable[[int], Mapping[str, Mapping[str, object]]]
 
 
@@ -182,14 +183,17 @@ def launch_cluster(
     overrides: OverridesFor | None = None,
     master: IdentityKey | None = None,
     previous_release: bool = False,
+    names: Sequence[str] = NAMES,
 ) -> Iterator[LaunchedCluster]:
-    """Start one daemon per name in :data:`NAMES`; stop every one (and its tor) afterwards.
+    """Start one daemon per name in ``names`` (:data:`NAMES` by default); stop every one (and
+    its tor) afterwards.
 
     ``listen_ports[i]`` is node i's UDP coordination port (its ``coordination.listen``, which
     ``coordination`` must set); ``coordination(i, token_path)`` gives node i's section;
     ``overrides(i)`` adds or replaces keys of node i's other sections; ``master`` is the
     master key to use (default: a new one); ``previous_release`` starts the daemons as the
     release before issue 14 (testnet/previous_release.py: ``shared`` allowed in a cluster).
+    Node i gets priority ``10 * (i + 1)`` (:data:`PRIORITIES` for the first three).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     if master is None:
@@ -204,13 +208,14 @@ def launch_cluster(
     targets: list[NamedHTTPServer] = []
     try:
         configs: list[Path] = []
-        for index, name in enumerate(NAMES):
+        priorities = [10 * (index + 1) for index in range(len(names))]
+        for index, name in enumerate(names):
             node_dir = work_dir / name
             node_dir.mkdir()
             target = NamedHTTPServer(f"{name}-target")
             targets.append(target)
             sections: dict[str, dict[str, object]] = {
-                "node": {"priority": PRIORITIES[index]},
+                "node": {"priority": priorities[index]},
                 "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
                 "coordination": dict(coordination(index, token)),
             }
@@ -235,8 +240,8 @@ def launch_cluster(
             process.start()
             nodes.append(
                 ClusterNode(
-                    NAMES[index],
-                    PRIORITIES[index],
+                    names[index],
+                    priorities[index],
                     process,
                     config.parent,
                     targets[index],
