@@ -206,7 +206,10 @@ async def test_the_master_answers_and_status_and_metrics_report_etcd(
         cluster = doc["cluster"]
         assert cluster["backend"] == "etcd"
         assert cluster["publisher"] == publisher.name
-        assert cluster["native_publishing"] is False  # shared mode: the publisher publishes
+        # instance mode (a cluster's default): each tor publishes its own instance descriptor;
+        # the master descriptor comes only from the lease holder.
+        assert cluster["native_publishing"] is True
+        assert doc["instance_onion_address"] != stack.cluster.launched.address
         assert cluster["etcd"]["connected"] is True
         assert cluster["etcd"]["registered"] is True
         assert cluster["etcd"]["last_error"] is None
@@ -458,7 +461,9 @@ async def test_sigterm_of_the_publisher_revokes_its_lease_and_the_last_node_publ
     )
     doc = last.status()
     assert (doc["mode"], doc["role"]) == ("single", "publisher")
-    assert doc["cluster"]["native_publishing"] is False  # it publishes the master itself
+    # Alone on etcd it still publishes the master itself (never tor: lease_only), and its tor
+    # its own instance descriptor.
+    assert doc["cluster"]["native_publishing"] is True
     assert set(doc["intro_points"]["published_auth_keys"]) == set(
         doc["intro_points"]["own_auth_keys"]
     )
