@@ -1,8 +1,8 @@
 """A 3-node cluster launcher for the multi-node end-to-end tests (issue "Multi-node cluster").
 
 :func:`running_cluster` starts three ``rustbalance run`` daemons on the session's private Tor
-network: one master key, a shared cluster token file (0600), distinct UDP coordination ports on
-127.0.0.1, priorities 10/20/30, each node its own managed tor and its own
+network: one master key (each node makes its own node key and admits itself), distinct UDP
+coordination ports on 127.0.0.1, priorities 10/20/30, each node its own managed tor and its own
 :class:`~tests.torhelpers.NamedHTTPServer` target answering ``hello from <node>-target``.
 
 With ``relay=True`` all coordination traffic passes through a :class:`UdpFaultRelay` the test
@@ -189,12 +189,10 @@ class RunningCluster(LaunchedCluster):
 def _coordination(
     listen: int,
     seeds: list[int],
-    token: Path,
     timings: tuple[float, float, float] | None,
     advertise: int | None,
 ) -> dict[str, object]:
     section: dict[str, object] = {
-        "cluster_token_path": token,
         "listen": f"{LOCALHOST}:{listen}",
         "peers": [f"{LOCALHOST}:{p}" for p in seeds],
     }
@@ -223,10 +221,10 @@ def running_cluster(
     front_ports = ports[len(NAMES) :] if relay else listen_ports
     fault_relay: UdpFaultRelay | None = None
 
-    def coordination(index: int, token: Path) -> dict[str, object]:
+    def coordination(index: int) -> dict[str, object]:
         seeds = [p for i, p in enumerate(front_ports) if i != index]
         advertise = front_ports[index] if relay else None
-        return _coordination(listen_ports[index], seeds, token, timings, advertise)
+        return _coordination(listen_ports[index], seeds, timings, advertise)
 
     try:
         if relay:

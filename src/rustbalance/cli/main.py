@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "rustbalance.cli.run_cmd",
     "rustbalance.cli.init_cmd",
     "rustbalance.cli.join_cmd",
+    "rustbalance.cli.cluster_cmd",
 )
 
 Handler = Callable[[argparse.Namespace], int]

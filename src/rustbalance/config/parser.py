@@ -86,7 +86,10 @@ _IFNAME = re.compile(r"[A-Za-z0-9_=+.-]{1,15}")
 # node/join.py's limits on the tunnel network: a /20 holds 4094 nodes (far more than a
 # cluster), a /30 the smallest network with two hosts.
 _MIN_TUNNEL_PREFIX, _MAX_TUNNEL_PREFIX = 20, 30
-_WIREGUARD_PEERS_FILE = "wireguard_peers.json"
+# Keys of protocol v2 (one shared cluster token) that per-node identities replaced (issue 16);
+# a v2 config names them, so say what to do instead of "unknown key".
+_REMOVED_IN_V3 = "removed with protocol v3 (per-node identities, docs/security.md)"
+_UPGRADE_HINT = "run 'rustbalance cluster upgrade --config FILE' on this node"
 
 
 class ConfigProblems(ConfigError):
@@ -409,8 +412,8 @@ class _Builder:
         coordination = self.coordination()
         metrics = self.metrics()
         health = self.health()
-        wireguard = self.wireguard(node)
-        join = self.join(wireguard, coordination, proxy)
+        wireguard = self.wireguard()
+        join = self.join(master, wireguard, coordination, proxy)
         if not self.problems:
             self.check_listeners(proxy, metrics)
         if self.problems:
@@ -451,10 +454,24 @@ class _Builder:
             ),
         )
         instance_key = s.path("instance_key_path", state_dir / "keys" / "instance.key", self.base)
+        node_key = s.path("node_key_path", state_dir / "keys" / "node.key", self.base)
         s.finish()
         return NodeConfig(
-            node_id, state_dir, status_socket, priority, eligible, identity_mode, instance_key
+            node_id,
+            state_dir,
+            status_socket,
+            priority,
+            eligible,
+            identity_mode,
+            instance_key,
+            node_key,
         )
+
+    def removed(self, s: _Section, key: str) -> None:
+        """A protocol v2 key: a problem naming the upgrade (never silently ignored)."""
+        if s.has(key):
+            s.problem(key, f"{_REMOVED_IN_V3}; {_UPGRADE_HINT}")
+        s.mark(key)
 
     def master(self, node: NodeConfig) -> MasterConfig:
         s = self.section("master")
@@ -710,7 +727,7 @@ class _Builder:
     def coordination(self) -> CoordinationConfig:
         s = self.section("coordination")
         c = CoordinationConfig
-        token = s.optional_path("cluster_token_path", self.base)
+        self.removed(s, "cluster_token_path")
         listen = s.endpoint("listen", str(_default(c, "listen")))
 
         def peer(index: int, value: object) -> Endpoint | None:
@@ -750,17 +767,10 @@ class _Builder:
                 "takeover_grace_secs",
                 f"must be >= coordination.heartbeat_interval_secs ({interval:g}), got {grace:g}",
             )
-        if peers and token is None and s.ok("cluster_token_path"):
-            # Without a shared secret any host that can reach the port could join the cluster
-            # and take over publishing.
-            s.problem(
-                "cluster_token_path",
-                "is required when coordination.peers is not empty (multi-node)",
-            )
         advertise = s.endpoint("advertise", "") if s.has("advertise") else None
         s.finish()
         return CoordinationConfig(
-            token, listen, peers, interval, timeout, grace, skew, datagram, advertise
+            listen, peers, interval, timeout, grace, skew, datagram, advertise
         )
 
     def metrics(self) -> MetricsConfig:
@@ -789,7 +799,7 @@ class _Builder:
         s.finish()
         return HealthConfig(enabled, path, interval, timeout, status, threshold)
 
-    def wireguard(self, node: NodeConfig) -> WireGuardConfig:
+    def wireguard(self) -> WireGuardConfig:
         s = self.section("wireguard")
         c = WireGuardConfig
         enabled = s.boolean("enabled", _default(c, "enabled"))
@@ -807,7 +817,7 @@ class _Builder:
             WireGuardMode,
             s.choice("mode", _default(c, "mode"), ("auto", "kernel", "userspace")),
         )
-        peers_path = s.path("peers_path", node.state_dir / _WIREGUARD_PEERS_FILE, self.base)
+        self.removed(s, "peers_path")
         endpoint = s.endpoint("endpoint", "") if s.has("endpoint") else None
         if enabled:
             for key, value in (("private_key_path", key_path), ("address", address)):
@@ -821,19 +831,19 @@ class _Builder:
             address=address,
             listen_port=port,
             mode=mode,
-            peers_path=peers_path,
             endpoint=endpoint,
         )
 
     def join(
         self,
+        master: MasterConfig,
         wireguard: WireGuardConfig,
         coordination: CoordinationConfig,
         proxy: ProxyConfig,
     ) -> JoinConfig:
         s = self.section("join")
         enabled = s.boolean("enabled", _default(JoinConfig, "enabled"))
-        secret_path = s.optional_path("secret_path", self.base)
+        self.removed(s, "secret_path")
         network: ipaddress.IPv4Network | None = None
         if s.has("tunnel_network"):
             text = s.text("tunnel_network", "", check=_check_tunnel_network)
@@ -850,8 +860,13 @@ class _Builder:
                 f"{network} does not contain this node's wireguard.address {address.ip}",
             )
         if enabled:
-            if secret_path is None and s.ok("secret_path"):
-                s.problem("secret_path", "is required when join.enabled = true")
+            if master.identity_key_path is None:
+                # Admitting a node is signing its admission record with the master key.
+                s.problem(
+                    "enabled",
+                    "only a node holding the master key (master.identity_key_path) admits "
+                    "joiners; set join.enabled = false on this node",
+                )
             # The join answer describes this node to the joiner: its WireGuard identity and
             # tunnel address (node/join.py PeerInfo), so these must be known even when the
             # tunnel itself is managed outside rustbalance.
@@ -864,11 +879,6 @@ class _Builder:
                     p.startswith(f"wireguard.{key}:") for p in self.problems
                 ):
                     self.problems.append(f"wireguard.{key}: is required when join.enabled = true")
-            if coordination.cluster_token_path is None:
-                # Joiners prove they hold the cluster token; without one nothing can be checked.
-                self.problems.append(
-                    "coordination.cluster_token_path: is required when join.enabled = true"
-                )
             reach = coordination.advertise or coordination.listen
             if reach.host in ("0.0.0.0", "::"):
                 # Joiners are told where to send heartbeats; a wildcard is nowhere.
@@ -883,7 +893,7 @@ class _Builder:
                     f"proxy.mode: must be 'http' when join.enabled = true, got '{proxy.mode}'"
                 )
         s.finish()
-        return JoinConfig(enabled, secret_path, network)
+        return JoinConfig(enabled, network)
 
     def check_listeners(self, proxy: ProxyConfig, metrics: MetricsConfig) -> None:
         # Both are TCP listeners; the coordination socket is UDP and may share a port number.

@@ -74,6 +74,10 @@ class NodeConfig:
     # Instance mode: the node's own onion service key (a 32-byte seed, generated 0600 in a
     # 0700 folder if missing). The parser fills ``<state_dir>/keys/instance.key``.
     instance_key_path: Path | None = None
+    # The node's own cluster key (Ed25519 seed, 0600 in a 0700 folder; made by init/join, or
+    # at the first start): what its admission record binds its id to (cluster/identity.py).
+    # The parser fills ``<state_dir>/keys/node.key``.
+    node_key_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,6 @@ class PublishConfig:
 
 @dataclass(frozen=True)
 class CoordinationConfig:
-    cluster_token_path: Path | None = None
     listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 51821))
     peers: tuple[Endpoint, ...] = ()
     heartbeat_interval_secs: float = 5.0
@@ -210,19 +213,15 @@ class WireGuardConfig:
     address: ipaddress.IPv4Interface | None = None
     listen_port: int = 51820
     mode: WireGuardMode = "auto"
-    # Persisted mesh peers (JSON, 0600); the parser fills <state_dir>/wireguard_peers.json.
-    peers_path: Path | None = None
     # The public HOST:PORT other nodes reach this node's WireGuard at (told to joiners).
     endpoint: Endpoint | None = None
 
 
 @dataclass(frozen=True)
 class JoinConfig:
-    """Joins over the master onion (``POST /.rb/<join secret>``, node/join.py)."""
+    """Joins over the master onion (``POST /.rb/join``, node/join.py)."""
 
     enabled: bool = False
-    # File holding the join secret (0600); never inline.
-    secret_path: Path | None = None
     # Where joiners' tunnel addresses come from; the parser fills wireguard.address's network.
     tunnel_network: ipaddress.IPv4Network | None = None
 

@@ -73,7 +73,6 @@ from pathlib import Path
 from typing import Any
 
 from rustbalance.cluster.coordinator import Coordinator
-from rustbalance.cluster.messages import ClusterKey
 from rustbalance.config import Config, ConfigProblems, load_config
 from rustbalance.crypto.blinding import blind_public_key
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
@@ -95,10 +94,10 @@ from rustbalance.node.backends import FETCH_TIMEOUT_SECS as BACKEND_FETCH_TIMEOU
 from rustbalance.node.backends import BackendPoller, probe_onion
 from rustbalance.node.cluster_link import (
     MergeSignature,
-    load_cluster_key,
     merge_inputs,
     merge_signature,
     multi_node_wanted,
+    prepare_membership,
 )
 from rustbalance.node.health_probe import DEFAULT_START_DELAY_SECS, HealthProber
 from rustbalance.node.identity import (
@@ -464,9 +463,11 @@ class Daemon:
         self._proxy_closed = False
         self._tor_stopped = False
         # Multi-node mode (None: a single node for good).
-        self.multi_node = multi_node_wanted(config) or mesh_wants_cluster(config)
+        self.multi_node = multi_node_wanted(
+            config, identity.master_public_key
+        ) or mesh_wants_cluster(config)
         # [join] / [wireguard] (node/mesh.py): the join responder and the tunnel interface.
-        self.mesh = Mesh(config)
+        self.mesh = Mesh(config, master_key=self.key)
         self.coordinator: Coordinator[IntroPoint] | None = None
         self.published_auth_keys: tuple[bytes, ...] = ()
         self._alone_since: float | None = None  # monotonic; None while peers are live
@@ -523,6 +524,8 @@ class Daemon:
                     node_id: len(points)
                     for node_id, points in coordinator.peer_intro_points().items()
                 },
+                "revoked": coordinator.revoked,
+                "members": coordinator.members_status(),
             }
         prober = self.prober
         if prober is not None:
@@ -600,7 +603,7 @@ class Daemon:
         if coordinator is None:
             return ()
         live = {p.node_id for p in coordinator.live_peers()}
-        known = {p.node_id for p in coordinator.peers.known_peers()}
+        known = {r.node_id for r in coordinator.membership.members()} - {self.config.node.id}
         return tuple(PeerStatus(node_id, node_id in live) for node_id in sorted(live | known))
 
     # -- cluster mode ---------------------------------------------------------------------
@@ -623,6 +626,8 @@ class Daemon:
         coordinator = self.coordinator
         if coordinator is None:
             return True
+        if coordinator.revoked:
+            return False  # revoked (issue 16): it must never publish again with this identity
         if coordinator.is_multi:
             return coordinator.is_publisher
         return coordinator.is_publisher or self._alone_settled()
@@ -886,28 +891,33 @@ class Daemon:
             )
 
     def _start_coordinator(self) -> None:
-        """Multi-node: the cluster key and the coordinator (it runs as a supervised task)."""
+        """Multi-node: the node key, the membership and the coordinator (a supervised task)."""
         coordination = self.config.coordination
-        token_path = coordination.cluster_token_path
-        if token_path is None:
-            raise StartupError("multi-node mode needs coordination.cluster_token_path", EXIT_CONFIG)
         try:
-            key: ClusterKey = load_cluster_key(token_path)
-        except ConfigError as exc:
-            raise StartupError(str(exc), EXIT_CONFIG) from None
-        advertise = coordination.advertise
-        try:
-            self.coordinator = Coordinator.from_config(
+            prepared = prepare_membership(
                 self.config,
-                key,
+                self.identity.master_public_key,
+                self.key,
+                int(time.time() * 1000),
+            )
+            self.coordinator = Coordinator(
+                node_id=self.config.node.id,
+                node_key=prepared.node_key,
+                membership=prepared.membership,
+                config=coordination,
+                state_dir=self.config.node.state_dir,
                 encode_intro_point=encode_intro_point,
                 decode_intro_point=decode_intro_point,
+                on_members=self.mesh.members_changed,
             )
         except RustBalanceError as exc:
             raise StartupError(f"coordination: {exc}", EXIT_CONFIG) from None
+        advertise = coordination.advertise
         log.info(
-            "Multi-node mode: coordination on %s, %d seed peers%s",
+            "Multi-node mode: coordination on %s, node key %s, %d members, %d seed peers%s",
             coordination.listen,
+            prepared.node_key.fingerprint,
+            len(prepared.membership.members()),
             len(coordination.peers),
             f", advertised as {advertise}" if advertise else "",
         )
