@@ -60,6 +60,9 @@ DEFAULT_MAX_GRANTS = 1024
 # Each grant may be used at most authority.MAX_GRANT_USES times; one more name per grant is
 # enough to see that it is used up, so the per-grant set never needs to grow beyond that.
 _MAX_NAMES_PER_GRANT = 1001
+# Records kept per node id, one per node key (a node id gets a new key only when it is
+# re-admitted after a revocation, so a handful is plenty).
+_MAX_KEYS_PER_NODE = 8
 # Statements dated further ahead than this (signer's clock ahead of ours) are refused.
 MAX_FUTURE_MS = 5 * 60 * 1000
 MEMBERS_FILE_VERSION = 1
@@ -73,6 +76,7 @@ class Outcome(StrEnum):
     UPDATED = "updated"
     REVOKED = "revoked"  # a revocation that removed a member
     RECORDED = "recorded"  # a revocation or policy stored, no member removed
+    HELD = "held"  # a record stored, but another of the node id's records is newer
     KNOWN = "known"  # nothing new
     OLDER = "older"  # superseded by what we hold
     VOID = "void"  # the record's key or time is revoked
@@ -88,7 +92,13 @@ class Applied:
 
     @property
     def changed(self) -> bool:
-        return self.outcome in (Outcome.ADDED, Outcome.UPDATED, Outcome.REVOKED, Outcome.RECORDED)
+        return self.outcome in (
+            Outcome.ADDED,
+            Outcome.UPDATED,
+            Outcome.REVOKED,
+            Outcome.RECORDED,
+            Outcome.HELD,
+        )
 
 
 @dataclass
@@ -112,7 +122,10 @@ class Membership:
         self.max_members = max_members
         self.max_revocations = max_revocations
         self.max_grants = max_grants
-        self._records: dict[str, Statement] = {}  # node id -> its newest non-void record
+        # node id -> node key -> the newest non-void record of that id with that key. Keeping
+        # one per key (not only the newest) is what keeps the result independent of the order
+        # when a newer record's key is revoked later (the older key's record then counts).
+        self._records: dict[str, dict[bytes, Statement]] = {}
         self._revocations: dict[bytes, Statement] = {}  # revoked node key -> revocation
         self._void_before: dict[str, int] = {}  # node id -> newest revocation time
         self._policy: Statement | None = None
@@ -121,7 +134,7 @@ class Membership:
 
     def __repr__(self) -> str:
         return (
-            f"Membership(members={len(self.members())}, records={len(self._records)}, "
+            f"Membership(members={len(self.members())}, node_ids={len(self._records)}, "
             f"revocations={len(self._revocations)})"
         )
 
@@ -135,7 +148,8 @@ class Membership:
 
     def _held(self, data: bytes) -> list[Statement]:
         """Statements held that ``data`` could be a copy of (cheap: no signature check)."""
-        return [s for s in (*self._records.values(), *self._revocations.values()) if s.data == data]
+        held = [s for keys in self._records.values() for s in keys.values()]
+        return [s for s in (*held, *self._revocations.values()) if s.data == data]
 
     def apply(self, statement: Statement, now_ms: int) -> Applied:
         """Apply a verified statement; never raises."""
@@ -152,25 +166,38 @@ class Membership:
         node_id = record.node_id
         if record.issued_at_ms > now + MAX_FUTURE_MS:
             return Applied(Outcome.FUTURE, node_id)
+        if record.grant_id != NO_GRANT:
+            # Every admission signed with a grant used it, whether or not the record is (still)
+            # a member here: counting it first keeps the counts independent of the order.
+            self._count_grant_use(record.grant_id, record.grant_expires_at, node_id)
         if record.node_key in self._revocations or record.issued_at_ms <= self._void_before.get(
             node_id, -1
         ):
             return Applied(Outcome.VOID, node_id)
-        old = self._records.get(node_id)
+        keys = self._records.get(node_id)
+        if keys is None and len(self._records) >= self.max_members:
+            return Applied(Outcome.FULL, node_id)
+        keys = keys if keys is not None else {}
+        newest = _newest(keys)
+        old = keys.get(record.node_key)
         if old is not None:
             if old.data == statement.data:
                 return Applied(Outcome.KNOWN, node_id)
-            old_record = old.content
-            assert isinstance(old_record, AdmissionRecord)
-            if (old_record.issued_at_ms, old.data) >= (record.issued_at_ms, statement.data):
+            if _order(old) >= _order(statement):
                 return Applied(Outcome.OLDER, node_id)
-        elif len(self._records) >= self.max_members:
-            return Applied(Outcome.FULL, node_id)
-        self._records[node_id] = statement
-        if record.grant_id != NO_GRANT:
-            self._count_grant_use(record.grant_id, record.grant_expires_at, node_id)
+        if old is None and len(keys) >= _MAX_KEYS_PER_NODE:
+            oldest = min(keys.values(), key=_order)
+            if _order(oldest) >= _order(statement):
+                return Applied(Outcome.OLDER, node_id)
+            del keys[_record(oldest).node_key]
+        keys[record.node_key] = statement
+        self._records[node_id] = keys
         self._members = None
-        return Applied(Outcome.ADDED if old is None else Outcome.UPDATED, node_id)
+        if newest is None:
+            return Applied(Outcome.ADDED, node_id)
+        if _newest(keys) is newest:
+            return Applied(Outcome.HELD, node_id)
+        return Applied(Outcome.UPDATED, node_id)
 
     def _count_grant_use(self, grant_id: bytes, expires_at: int, node_id: str) -> None:
         use = self._grants.get(grant_id)
@@ -211,15 +238,18 @@ class Membership:
         self._void_before[node_id] = max(
             self._void_before.get(node_id, -1), revocation.revoked_at_ms
         )
-        current = self._records.get(node_id)
-        if current is not None:
-            record = current.content
-            assert isinstance(record, AdmissionRecord)
-            if (
-                record.node_key == revocation.node_key
-                or record.issued_at_ms <= revocation.revoked_at_ms
-            ):
+        keys = self._records.get(node_id)
+        if keys:
+            before = _newest(keys)
+            for key, held in list(keys.items()):
+                if (
+                    key == revocation.node_key
+                    or _record(held).issued_at_ms <= revocation.revoked_at_ms
+                ):
+                    del keys[key]
+            if not keys:
                 del self._records[node_id]
+            if _newest(keys) is not before:
                 self._members = None
                 return Applied(Outcome.REVOKED, node_id)
         return Applied(Outcome.RECORDED, node_id)
@@ -236,6 +266,15 @@ class Membership:
         self._policy = statement
         return Applied(Outcome.RECORDED)
 
+    def _newest_records(self) -> list[Statement]:
+        """Each node id's effective candidate: its newest held record, sorted by node id."""
+        out = []
+        for node_id in sorted(self._records):
+            newest = _newest(self._records[node_id])
+            if newest is not None:
+                out.append(newest)
+        return out
+
     def _policy_data(self) -> bytes:
         return self._policy.data if self._policy is not None else b""
 
@@ -249,8 +288,8 @@ class Membership:
     def _effective(self) -> dict[str, AdmissionRecord]:
         if self._members is None:
             records = sorted(
-                (s.content for s in self._records.values()),
-                key=lambda r: (r.issued_at_ms, r.node_id) if isinstance(r, AdmissionRecord) else 0,
+                (_record(s) for s in self._newest_records()),
+                key=lambda r: (r.issued_at_ms, r.node_id),
             )
             taken: set[object] = set()
             members: dict[str, AdmissionRecord] = {}
@@ -276,21 +315,23 @@ class Membership:
 
     def statement_of(self, node_id: str) -> Statement | None:
         """The signed record of a member (what a hello carries)."""
-        return self._records.get(node_id) if node_id in self._effective() else None
+        if node_id not in self._effective():
+            return None
+        return _newest(self._records.get(node_id, {}))
 
     def shadowed(self) -> list[AdmissionRecord]:
         """Records held but not effective (a key or address conflict with an older record)."""
         effective = self._effective()
         return [
             s.content
-            for node_id, s in sorted(self._records.items())
-            if node_id not in effective and isinstance(s.content, AdmissionRecord)
+            for s in self._newest_records()
+            if _record(s).node_id not in effective and isinstance(s.content, AdmissionRecord)
         ]
 
     def revocations(self) -> list[Revocation]:
         return sorted(
             (s.content for s in self._revocations.values() if isinstance(s.content, Revocation)),
-            key=lambda r: (r.revoked_at_ms, r.node_id),
+            key=lambda r: (r.revoked_at_ms, r.node_id, r.node_key),
         )
 
     def is_revoked(self, node_key: bytes) -> bool:
@@ -319,7 +360,11 @@ class Membership:
 
     def statements(self) -> list[Statement]:
         """Every statement held, in a stable order (records, revocations, policy)."""
-        out = [self._records[k] for k in sorted(self._records)]
+        out = [
+            s
+            for node_id in sorted(self._records)
+            for s in sorted(self._records[node_id].values(), key=_order)
+        ]
         out += sorted(self._revocations.values(), key=lambda s: s.data)
         if self._policy is not None:
             out.append(self._policy)
@@ -397,6 +442,21 @@ class Membership:
             if not isinstance(node_id, str):
                 raise CoordinationError("node ids must be strings")
             self._count_grant_use(grant_id, expires_at, check_node_id(node_id))
+
+
+def _record(statement: Statement) -> AdmissionRecord:
+    content = statement.content
+    assert isinstance(content, AdmissionRecord)  # only records are kept in _records
+    return content
+
+
+def _order(statement: Statement) -> tuple[int, bytes]:
+    """Which of two records of one node id is newer (the bytes break a tie: no order left)."""
+    return (_record(statement).issued_at_ms, statement.data)
+
+
+def _newest(keys: dict[bytes, Statement]) -> Statement | None:
+    return max(keys.values(), key=_order) if keys else None
 
 
 def _revoked_at(statement: Statement) -> int:
