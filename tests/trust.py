@@ -69,9 +69,7 @@ def record(
     grant_expires_at: int = 0,
     issuer: str = "issuer",
 ) -> AdmissionRecord:
-    wireguard = (
-        WireGuardIdentity(wg_key(name), endpoint, tunnel) if tunnel is not None else None
-    )
+    wireguard = WireGuardIdentity(wg_key(name), endpoint, tunnel) if tunnel is not None else None
     return AdmissionRecord(
         node_id=name,
         node_key=(key or node_key(name)).public,
