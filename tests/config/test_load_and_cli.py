@@ -89,7 +89,7 @@ def test_cli_check_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 def test_cli_check_multi_node_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     doc = document(
         tor={"mode": "system"},
-        coordination={"peers": ["10.0.0.2:51821"], "cluster_token_path": "t"},
+        coordination={"peers": ["10.0.0.2:51821"]},
         target={"use_tls": True},
     )
     assert run_cli("config", "check", str(write(tmp_path, tomli_w.dumps(doc)))) == 0
