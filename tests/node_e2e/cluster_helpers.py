@@ -21,7 +21,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +213,7 @@ def running_cluster(
     *,
     timings: tuple[float, float, float] | None = None,
     relay: bool = False,
+    sections: Callable[[int, int], Mapping[str, Mapping[str, object]]] | None = None,
 ) -> Iterator[RunningCluster]:
     """Start the three nodes (see the module docstring); stop everything afterwards."""
     ports = free_udp_ports(2 * len(NAMES) if relay else len(NAMES))
@@ -233,7 +234,11 @@ def running_cluster(
                 fault_relay.add_front(front, listen, name)
             fault_relay.start()
         with launch_cluster(
-            network, work_dir, coordination=coordination, listen_ports=listen_ports
+            network,
+            work_dir,
+            coordination=coordination,
+            listen_ports=listen_ports,
+            sections=sections,
         ) as launched:
             yield RunningCluster(
                 launched.master, launched.nodes, launched.started, fault_relay, timings

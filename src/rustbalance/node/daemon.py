@@ -644,6 +644,8 @@ class Daemon:
             return False
         if self.coordinator is None:
             return True
+        if self.coordinator.revoked:
+            return False  # revoked (issue 16): tor must not publish the master descriptor either
         return self._alone_settled()
 
     async def _apply_native_publishing(self, conn: ControlConnection | None = None) -> None:

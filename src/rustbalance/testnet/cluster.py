@@ -166,11 +166,14 @@ def launch_cluster(
     *,
     coordination: CoordinationFor,
     listen_ports: list[int],
+    sections: Callable[[int, int], Mapping[str, Mapping[str, object]]] | None = None,
 ) -> Iterator[LaunchedCluster]:
     """Start one daemon per name in :data:`NAMES`; stop every one (and its tor) afterwards.
 
     ``listen_ports[i]`` is node i's UDP coordination port (its ``coordination.listen``, which
-    ``coordination`` must set); ``coordination(i)`` gives node i's section.
+    ``coordination`` must set); ``coordination(i)`` gives node i's section,
+    ``sections(i, listen_ports[i])`` (optional) more keys for node i's config (a value of None
+    removes a key); it runs after the master key file and node i's folder exist.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     master = IdentityKey.generate(secrets.token_bytes)
@@ -194,11 +197,14 @@ def launch_cluster(
                     target=f"{LOCALHOST}:{target.port}",
                     work_dir=node_dir,
                     extra_torrc=network.client_torrc_lines(),
-                    overrides={
-                        "node": {"priority": PRIORITIES[index]},
-                        "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
-                        "coordination": coordination(index),
-                    },
+                    overrides=_merged(
+                        {
+                            "node": {"priority": PRIORITIES[index]},
+                            "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
+                            "coordination": coordination(index),
+                        },
+                        sections(index, listen_ports[index]) if sections is not None else {},
+                    ),
                 )
             )
         started = time.monotonic()
@@ -218,6 +224,15 @@ def launch_cluster(
         yield LaunchedCluster(master, nodes, started)
     finally:
         stop_all(nodes, targets)
+
+
+def _merged(
+    base: Mapping[str, Mapping[str, object]], extra: Mapping[str, Mapping[str, object]]
+) -> dict[str, dict[str, object]]:
+    merged = {name: dict(values) for name, values in base.items()}
+    for name, values in extra.items():
+        merged.setdefault(name, {}).update(values)
+    return merged
 
 
 def stop_all(nodes: list[ClusterNode], targets: list[NamedHTTPServer]) -> None:
