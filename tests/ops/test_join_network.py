@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
-import struct
 import time
 from collections.abc import AsyncIterator
 
@@ -27,6 +26,7 @@ from rustbalance.node.join import (
     parse_join_answer,
 )
 from rustbalance.proxy import ProxySettings, ReverseProxy, Target
+from tests.ops.fake_socks import FakeSocks
 from tests.trust import MASTER, grant, node_key, now_ms, record, signed, wg_key
 
 ONION = MASTER.onion_address
@@ -143,58 +143,6 @@ async def test_interceptor_answers_inside_a_real_proxy() -> None:
         get = f"GET / HTTP/1.1\r\nHost: {ONION}\r\nConnection: close\r\n\r\n".encode()
         assert (await _http(proxy.port, get))[0] == 502
         assert proxy.stats.upstream_errors == 1
-
-
-class FakeSocks:
-    """A SOCKS5 server (RFC 1928 + RFC 1929 user/password) that relays to one local port."""
-
-    def __init__(self, forward_port: int) -> None:
-        self.forward_port = forward_port
-        self.requests: list[tuple[str, int, bytes, bytes]] = []
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            ver, n = await reader.readexactly(2)
-            methods = await reader.readexactly(n)
-            assert ver == 5 and 2 in methods
-            writer.write(b"\x05\x02")
-            _, ulen = await reader.readexactly(2)
-            user = await reader.readexactly(ulen)
-            (plen,) = await reader.readexactly(1)
-            password = await reader.readexactly(plen)
-            writer.write(b"\x01\x00")
-            ver, cmd, _, atyp = await reader.readexactly(4)
-            assert (ver, cmd, atyp) == (5, 1, 3)  # CONNECT by name: tor resolves the onion
-            (hlen,) = await reader.readexactly(1)
-            host = (await reader.readexactly(hlen)).decode()
-            (port,) = struct.unpack(">H", await reader.readexactly(2))
-            self.requests.append((host, port, user, password))
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.forward_port)
-            writer.write(b"\x05\x00\x00\x01" + bytes(4) + b"\x00\x00")
-            await writer.drain()
-
-            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-                with contextlib.suppress(OSError):
-                    while data := await src.read(65536):
-                        dst.write(data)
-                        await dst.drain()
-                with contextlib.suppress(OSError):
-                    dst.write_eof()
-
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-            up_writer.close()
-        finally:
-            writer.close()
 
 
 async def test_join_via_onion_through_fake_socks_and_real_proxy() -> None:

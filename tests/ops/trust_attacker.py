@@ -16,8 +16,10 @@ of the cluster or the master key. With those it tries everything the review of i
 Usage: ``python -m tests.ops.trust_attacker <settings.json> <result.json>``; the settings name
 ``ports`` (the nodes' coordination ports on 127.0.0.1), ``node_ids``, ``socks`` ([host, port]),
 ``master_onion``, ``old_token``, ``old_join_secret``, ``expired_token``, ``passphrase``,
-``real_record`` (base64) and ``rounds``. The result lists every HTTP status and body it got and
-how many datagrams it sent. Bounded: every network wait has a timeout.
+``real_record`` (base64), ``rounds`` and ``join_rounds`` (tries with the expired grant: each
+reaches a random node, and only the ones holding the master key admit). The result lists
+every HTTP status and body it got and how many datagrams it sent. Bounded: every network wait
+has a timeout.
 """
 
 from __future__ import annotations
@@ -154,9 +156,11 @@ async def _joins(settings: dict[str, Any]) -> list[dict[str, Any]]:
     key = NodeKey.generate()
     request = JoinRequest("mallory", key.public, os.urandom(32), "198.51.100.66:51820", 51821, 20,
                           int(time.time()), payload.grant, payload.grant_secret)  # fmt: skip
-    for _ in range(settings["rounds"]):
-        status, body = await _http_post(socks, host, "/.rb/" + settings["old_join_secret"], old)
-        results.append({"what": "v2 join with the old token", "status": status, "body": body})
+    for attempt in range(settings["join_rounds"]):
+        if attempt < settings["rounds"]:
+            path = "/.rb/" + settings["old_join_secret"]
+            status, body = await _http_post(socks, host, path, old)
+            results.append({"what": "v2 join with the old token", "status": status, "body": body})
         try:
             answer = await join_via_onion(socks, host, request, key, attempts=1,
                                           attempt_timeout=60)  # fmt: skip

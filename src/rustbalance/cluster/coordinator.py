@@ -1145,6 +1145,10 @@ class Coordinator(Generic[PointT]):
             if changed and self._running and not self._stopped:
                 self._send_members(self._member_ids(), changed)
 
+    async def save_members(self) -> None:
+        """Save the membership now (an admission is on disk before the joiner is answered)."""
+        await self._save_members_file()
+
     async def _save_members_file(self) -> None:
         path = self.members_file
         if path is None:

@@ -12,9 +12,9 @@
    every node, joins on or off: a request for any spelling of ``/.rb/...`` that reaches this
    node through the master onion is answered by the proxy itself, never by the target;
 3. :meth:`Mesh.admit` (the interceptor's callback for an admitted joiner): its signed record
-   goes into the coordinator's membership (saved, and sent to every member at once) and its
-   WireGuard peer into the interface; when that fails the join answer is a 500 and nothing
-   was admitted, so the joiner's retry is a fresh join;
+   goes into the coordinator's membership (saved before the joiner gets its answer, and sent
+   to every member at once) and its WireGuard peer into the interface; when that fails the
+   join answer is a 500 and nothing was admitted, so the joiner's retry is a fresh join;
 4. :meth:`Mesh.close` at exit: the interface goes down (kernel link deleted, or
    ``wireguard-go`` stopped by PID).
 
@@ -262,6 +262,7 @@ class Mesh:
             raise MeshError("no coordinator to admit into")
         async with self._lock:
             coordinator.admit(statement)  # CoordinationError if the membership refuses it
+            await coordinator.save_members()
             await self._sync_peers()
         content = statement.content
         if isinstance(content, AdmissionRecord):
