@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -182,7 +183,7 @@ def _request(
     key: NodeKey | None = None,
     wg_key: bytes | None = None,
     secret: bytes | None = None,
-    port: int = 51821,
+    endpoint: str = "127.0.0.1:51820",
 ) -> tuple[JoinRequest, bytes]:
     """A join request with the token's grant, signed with ``key`` (a new one by default)."""
     key = key or NodeKey.generate()
@@ -190,8 +191,8 @@ def _request(
         node_id=node_id,
         node_key=key.public,
         wg_public_key=wg_key or secrets.token_bytes(32),
-        wg_endpoint="127.0.0.1:51820",
-        coordination_port=port,
+        wg_endpoint=endpoint,
+        coordination_port=51821,
         priority=20,
         request_time=int(time.time()),
         grant=payload.grant,
@@ -286,8 +287,10 @@ def test_init_run_join_forms_a_two_node_cluster(
                 _post(socks, address, JOIN_PATH, b'{"v": 2, "node_id":', isolation="b")
             )
             assert bad_body == (404, b'{"error":"not found"}')  # no valid grant: no details
+            malformed = json.loads(_request("p", payload)[1])
+            malformed["coordination_port"] = 0
             bad_port = asyncio.run(
-                _post(socks, address, JOIN_PATH, _request("p", payload, port=0)[1], isolation="p")
+                _post(socks, address, JOIN_PATH, json.dumps(malformed).encode(), isolation="p")
             )
             assert bad_port[0] == 400 and b"coordination_port" in bad_port[1]
             # The target never saw any of them.
@@ -335,8 +338,9 @@ def test_init_run_join_forms_a_two_node_cluster(
             b_key = load_node_key(b_dir / "conf" / "node.key")
             b_wg = public_key_of((b_dir / "conf" / "wireguard.key").read_text().strip())
             repeat_request, repeat_body = _request(
-                "node-b", payload, key=b_key, wg_key=base64.b64decode(b_wg)
-            )
+                "node-b", payload, key=b_key, wg_key=base64.b64decode(b_wg),
+                endpoint="127.0.0.1:51830",
+            )  # fmt: skip
             repeat = asyncio.run(_post(socks, address, JOIN_PATH, repeat_body, isolation="repeat"))
             assert repeat[0] == 200
             answer = parse_join_answer(repeat[1], master_public, repeat_request,
