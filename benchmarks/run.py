@@ -19,6 +19,7 @@ from pathlib import Path
 
 MODULES: tuple[str, ...] = (
     "benchmarks.bench_descriptor",
+    "benchmarks.bench_coordination",
     "benchmarks.bench_proxy",
     "benchmarks.bench_memory",
     "benchmarks.bench_onion",

@@ -30,7 +30,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +194,7 @@ def _deliver(config: Config, statement: Statement, what: str) -> Path:
     return target
 
 
-def _wait(config: Config, done: Any, what: str) -> bool:
+def _wait(config: Config, done: Callable[[Mapping[str, Any]], bool], what: str) -> bool:
     """Poll the daemon's status until ``done(doc)`` (bounded by WAIT_SECS)."""
     deadline = time.monotonic() + WAIT_SECS
     while time.monotonic() < deadline:

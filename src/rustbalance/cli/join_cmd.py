@@ -174,8 +174,9 @@ class JoinSettings:
 def joined_config(
     settings: JoinSettings, payload: JoinPayload, answer: JoinAnswer
 ) -> dict[str, Any]:
-    """The new node's config (pure): the token's cluster plus the join answer's tunnel address
-    and peers. It answers joins itself (same join secret), so any node can admit the next."""
+    """The new node's config (pure): the token's master address, the answer's tunnel address
+    and members (as coordination seeds). A node that got the master key is publisher-eligible
+    and answers joins itself; one without it is an instance that admits nobody."""
     network = ipaddress.IPv4Network(answer.tunnel_network)
     config_dir = settings.config_dir
     eligible = payload.publisher_eligible

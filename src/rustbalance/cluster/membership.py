@@ -7,7 +7,9 @@ with the master key, it does not matter who relays it; what matters is that the 
 ends up with depends only on the *set* of statements it has seen, not on their order, so every
 node that has seen the same statements agrees (the property test checks this):
 
-- a node id's record is the newest one (``issued_at_ms``) that is not void;
+- a node id's record is the newest one (``issued_at_ms``) that is not void (one record is kept
+  per node id *and node key*, so when a newer record's key is revoked later, the older key's
+  record still counts, whatever the order the two arrived in);
 - a revocation voids its node key for good and every record of that node id issued at or
   before it (so an old record relayed by a stale node cannot bring a revoked node back; a
   re-admission needs a new node key and a newer record);
