@@ -535,7 +535,7 @@ def test_a_claim_takes_the_wall_clock_as_its_term() -> None:
 def test_a_claim_at_the_64_bit_limit_never_raises() -> None:
     """Finding 3 of issue 16: a term of 2**64 - 2 once made the next claim overflow the wire
     and a re-claim raise out of the apply step. The coordinator refuses such terms before they
-    get here (test_coordinator_trust.py); the election itself saturates instead of raising."""
+    get here (tests/reliability/test_handler_fuzz.py); the election saturates instead of raising."""
     e = node("a", 10)
     hb(e, "b", S, 20, MAX_U64 - 1, True, 1.0)
     actions = e.tick(10.0)

@@ -853,8 +853,8 @@ class Coordinator(Generic[PointT]):
         self.receiver.forget(node_id)
         if self.peers.remove(node_id):
             self._peer_gone(node_id)
-            self._apply(self.election.on_peer_expired(node_id, self._monotonic()))
             log.info("peer %s was revoked: its intro points are dropped", node_id)
+        self._apply(self.election.forget(node_id, self._monotonic()))
 
     def _tell_revoked(self, record: AdmissionRecord, revocation: bytes) -> None:
         """Send a revoked node its revocation (sealed to its old key), so that it stops
@@ -887,6 +887,13 @@ class Coordinator(Generic[PointT]):
         elif own is not None and own.priority != self.election.priority:
             self.election.priority = own.priority
         self._apply(self.election.set_eligible(self._eligible(), self._monotonic()))
+        # A node revoked, superseded or made ineligible stops counting at once (no grace);
+        # one still admitted comes back with its next heartbeat.
+        members = {r.node_id: r for r in self.membership.members()}
+        for node_id in sorted(self.election.known()):
+            record = members.get(node_id)
+            if record is None or not record.publisher_eligible:
+                self._apply(self.election.forget(node_id, self._monotonic()))
         if self._on_members is not None:
             try:
                 self._on_members()
@@ -1049,12 +1056,26 @@ class Coordinator(Generic[PointT]):
         self._send_members([node_id], [s.data for s in self.membership.statements()])
 
     def _send_members(self, node_ids: list[str], statements: list[bytes]) -> None:
-        if self.revoked:
+        """Send ``statements`` in as few datagrams as fit (at most 64 statements each)."""
+        if self.revoked or not node_ids:
             return
-        for start in range(0, len(statements), MAX_STATEMENTS_PER_MESSAGE):
-            chunk = Members(tuple(statements[start : start + MAX_STATEMENTS_PER_MESSAGE]))
-            stamp = self.sender.reserve(self._clock())
-            self.counters.members_sent += self._send_to(chunk, node_ids, stamp)
+        longest = max(node_ids, key=len)
+        chunk: list[bytes] = []
+        for data in statements:
+            candidate = [*chunk, data]
+            if chunk and (
+                len(candidate) > MAX_STATEMENTS_PER_MESSAGE
+                or not self.sender.fits(Members(tuple(candidate)), longest)
+            ):
+                self._send_chunk(node_ids, chunk)
+                candidate = [data]
+            chunk = candidate
+        if chunk:
+            self._send_chunk(node_ids, chunk)
+
+    def _send_chunk(self, node_ids: list[str], chunk: list[bytes]) -> None:
+        stamp = self.sender.reserve(self._clock())
+        self.counters.members_sent += self._send_to(Members(tuple(chunk)), node_ids, stamp)
 
     def _apply(self, actions: list[Action]) -> None:
         broadcast = False  # a heartbeat to everyone went out for these actions

@@ -427,6 +427,22 @@ class Election:
         peer.expired = True
         return self._evaluate(now)
 
+    def known(self) -> set[str]:
+        """Every node this election holds state about (as a peer or a publisher sighting)."""
+        return (set(self._peers) | set(self._sightings)) - {self.node_id}
+
+    def forget(self, node_id: str, now: float) -> list[Action]:
+        """``node_id`` left the cluster for good (revoked): drop it as a peer and as a publisher
+        at once, without the grace a silent publisher gets, and stop trusting what it relayed."""
+        self._peers.pop(node_id, None)
+        self._sightings.pop(node_id, None)
+        for sighting in self._sightings.values():
+            if sighting.via == node_id:
+                sighting.withdrawn = True
+        if self._relayed is not None and self._relayed[0] == node_id:
+            self._relayed = None
+        return self._evaluate(now)
+
     def set_eligible(self, eligible: bool, now: float) -> list[Action]:
         """Health changed (e.g. tor down): an ineligible publisher steps down and releases."""
         self.eligible = eligible
