@@ -8,7 +8,9 @@ does (``IdentityKey.sign``).
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+from pathlib import Path
 
 from rustbalance.cluster.authority import (
     NO_GRANT,
@@ -20,13 +22,15 @@ from rustbalance.cluster.authority import (
     WireGuardIdentity,
     grant_secret_hash,
 )
-from rustbalance.cluster.identity import NodeKey
+from rustbalance.cluster.coordinator import MEMBERS_FILE_NAME
+from rustbalance.cluster.identity import NodeKey, write_node_key
 from rustbalance.cluster.membership import Membership
 from rustbalance.crypto.keys import IdentityKey
 
 __all__ = [
     "MASTER",
     "OTHER_MASTER",
+    "admit_keyless_node",
     "grant",
     "membership",
     "node_key",
@@ -128,3 +132,39 @@ def membership(*records: AdmissionRecord, at_ms: int | None = None) -> Membershi
     for content in records:
         result.apply(signed(content), now_ms() if at_ms is None else at_ms)
     return result
+
+
+def admit_keyless_node(
+    master: IdentityKey,
+    node_id: str,
+    *,
+    key_path: Path,
+    state_dir: Path,
+    coordination: str,
+    priority: int,
+    publisher_eligible: bool = False,
+    issuer: str = "node-a",
+) -> None:
+    """A node without the master key as ``rustbalance join`` leaves it: a new node key at
+    ``key_path`` and its master-signed record in ``<state_dir>/cluster_members.json``."""
+    key = NodeKey.generate()
+    write_node_key(key_path, key)
+    admitted = AdmissionRecord(
+        node_id=node_id,
+        node_key=key.public,
+        issued_at_ms=now_ms(),
+        priority=priority,
+        publisher_eligible=publisher_eligible,
+        holds_master_key=False,
+        coordination=coordination,
+        wireguard=None,
+        grant_id=NO_GRANT,
+        grant_expires_at=0,
+        issuer=issuer,
+    )
+    members = Membership(master.public_key)
+    members.apply(Statement.sign(admitted, master.sign), admitted.issued_at_ms)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state_dir / MEMBERS_FILE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(members.to_json())

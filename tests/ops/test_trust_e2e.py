@@ -36,9 +36,7 @@ from typing import Any
 
 import pytest
 
-from rustbalance.cluster.authority import NO_GRANT, AdmissionRecord, Statement
 from rustbalance.cluster.coordinator import MEMBERS_FILE_NAME
-from rustbalance.cluster.identity import NodeKey, write_node_key
 from rustbalance.cluster.membership import Membership
 from rustbalance.cluster.wireguard import generate_private_key
 from rustbalance.crypto.keys import load_identity_key
@@ -48,6 +46,7 @@ from rustbalance.tor.control import ControlConnection
 from rustbalance.tor.network import FetchError, fetch_descriptor, read_network_view
 from tests.node_e2e.cluster_helpers import RunningCluster, running_cluster, wait_for
 from tests.torhelpers import get_with_retries
+from tests.trust import admit_keyless_node
 
 pytestmark = pytest.mark.tor
 
@@ -59,30 +58,15 @@ PASSPHRASE = "an expired token's passphrase"
 def _admit_node_c(work: Path, listen_port: int) -> dict[str, dict[str, object]]:
     """node-c as `rustbalance join` leaves a node without the master key: an instance with its
     node key and its master-signed record in its members file."""
-    master = load_identity_key(work / "master.key")
-    key = NodeKey.generate()
     key_path = work / "node-c" / "node.key"
-    write_node_key(key_path, key)
-    record = AdmissionRecord(
-        node_id="node-c",
-        node_key=key.public,
-        issued_at_ms=int(time.time() * 1000),
-        priority=30,
-        publisher_eligible=False,
-        holds_master_key=False,
+    admit_keyless_node(
+        load_identity_key(work / "master.key"),
+        "node-c",
+        key_path=key_path,
+        state_dir=work / "node-c" / "state",
         coordination=f"127.0.0.1:{listen_port}",
-        wireguard=None,
-        grant_id=NO_GRANT,
-        grant_expires_at=0,
-        issuer="node-a",
+        priority=30,
     )
-    membership = Membership(master.public_key)
-    membership.apply(Statement.sign(record, master.sign), record.issued_at_ms)
-    state = work / "node-c" / "state"
-    state.mkdir(mode=0o700)
-    fd = os.open(state / MEMBERS_FILE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(membership.to_json())
     return {
         "node": {
             "identity_mode": "instance",
