@@ -116,17 +116,26 @@ def test_a_revocation_drops_the_peer_and_its_intro_points_at_once_and_tells_it()
 
 def test_a_revoked_publisher_is_no_longer_believed() -> None:
     """Found by the handler fuzz: a publisher known only from its lease claim (no heartbeat yet)
-    stayed the believed publisher after its revocation, through the grace a silent one gets."""
-    a = Node("node-a", _records())
+    stayed the believed publisher after its revocation, through the grace a silent one gets.
+    node-b outranks node-a here: node-a takes over at once, not after the grace."""
+    records = [
+        signed(record(n, priority=5 if n == "node-b" else 10, coordination=f"{h}:{p}",
+                      issued_at_ms=START_MS - 1000))
+        for n, (h, p) in ADDRESS.items()
+    ]  # fmt: skip
+    a = Node("node-a", records)
+    for _ in range(5):  # past the start-up wait
+        a.now += 1
+        asyncio.run(a.c._tick())
     b = Sender("node-b", node_key("node-b"), boot_time=a.now, randbytes=os.urandom)
     a.senders["node-b"] = b
     stamp = b.reserve(a.now)
-    claim = LeaseClaim(PublisherStatement.sign(b.key, "node-b", START_MS, *stamp))
+    claim = LeaseClaim(PublisherStatement.sign(b.key, "node-b", int(a.now * 1000), *stamp))
     own = node_key("node-a").public
     a.c.transport._datagram_received(b.seal(claim, stamp, "node-a", own), ADDRESS["node-b"])
-    assert a.c.publisher() == "node-b"
+    assert a.c.publisher() == "node-b" and not a.c.is_publisher
     a.deliver("node-c", Members((revocation("node-b", at_ms=START_MS).data,)))
-    assert a.c.publisher() != "node-b"
+    assert a.c.publisher() == "node-a" and a.c.is_publisher
 
 
 def test_a_node_told_of_its_own_revocation_stops() -> None:
