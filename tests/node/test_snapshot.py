@@ -86,6 +86,7 @@ def full() -> NodeSnapshot:
                 peer_intro_points={"node-b": 3, "node-c": 2},
                 live_peers=("node-c", "node-b"),
                 known_peers=("node-b", "node-c", "node-d"),
+                members=({"node_id": "node-b", "fingerprint": "SHA256:x", "live": True},),
             ),
             native_publishing=False,
         ),
@@ -141,6 +142,8 @@ def test_every_optional_part_renders() -> None:
         "counters": {"heartbeats_sent": 11, "heartbeats_received": 9, "role_changes": 1},
         "rejected": {"future": 2},
         "peer_intro_points": {"node-b": 3, "node-c": 2},
+        "revoked": False,
+        "members": [{"node_id": "node-b", "fingerprint": "SHA256:x", "live": True}],
     }
     assert doc["target"] == {
         "healthy": True,

@@ -87,7 +87,9 @@ class ClusterLoop:
 
     def is_publisher(self) -> bool:
         facts = self.facts()
-        return self.mode.should_publish(self._clock.monotonic(), facts.is_multi, facts.holds_lease)
+        return self.mode.should_publish(
+            self._clock.monotonic(), facts.is_multi, facts.holds_lease, facts.revoked
+        )
 
     def signature(self, facts: CoordinationFacts | None = None) -> MergeSignature:
         """What a merged descriptor built now depends on."""
@@ -125,7 +127,9 @@ class ClusterLoop:
             await conn.set_conf(native_publishing_conf(on))
 
         facts = self.facts()
-        wanted = self.mode.native_publishing_wanted(self._clock.monotonic(), facts.is_multi)
+        wanted = self.mode.native_publishing_wanted(
+            self._clock.monotonic(), facts.is_multi, facts.revoked
+        )
         await self.apply_native_publishing(wanted, set_native)
 
     # -- the cluster task -------------------------------------------------------------------
@@ -149,6 +153,7 @@ class ClusterLoop:
                 signature=self.signature(facts),
                 publishing=self._publishing(),
                 ready=self._readiness.ready,
+                revoked=facts.revoked,
             )
             for action in self.mode.step(now, observed):
                 await self._carry_out(action)

@@ -71,7 +71,7 @@ class NodeRuntime:
             )
         )
         # [join] / [wireguard] (node/mesh.py): the join responder and the tunnel interface.
-        self.mesh = Mesh(config)
+        self.mesh = Mesh(config, master_key=identity.master_key)
         self.socks: tuple[str, int] | None = None
         self.metrics_server: MetricsServer | None = None
         self.proxy: ReverseProxy | None = None

@@ -16,6 +16,11 @@ Status document (what ``rustbalance status --format json`` prints)::
      "ready", "uptime_secs",
      optional: "cluster", "target", "instance_onion_address", "backends", "mesh"}
 
+``cluster`` (multi-node): "term", "election_role", "publisher", "native_publishing",
+"counters", "rejected", "peer_intro_points", "revoked" (this node was revoked) and "members"
+(every admitted node: id, key fingerprint, priority, eligibility, whether it holds the master
+key, addresses, live, last seen, role; what ``rustbalance cluster members`` shows).
+
 Intro auth keys are public (every client that knows the address sees them).
 """
 
@@ -162,6 +167,8 @@ def status_document(s: NodeSnapshot) -> dict[str, Any]:
             "counters": dict(status.counters),
             "rejected": dict(status.rejected),
             "peer_intro_points": dict(status.peer_intro_points),
+            "revoked": status.revoked,
+            "members": [dict(member) for member in status.members],
         }
     if s.target is not None:
         doc["target"] = {

@@ -4,13 +4,14 @@ Used by the multi-node end-to-end tests (``tests/node_e2e/cluster_helpers.py``, 
 UDP fault relay and short timings) and by the onion benchmark (``benchmarks/onion_cluster.py``,
 production timings): one launcher, so what is measured is what is tested.
 
-:func:`launch_cluster` writes one master key and one cluster token file (0600, never on a
-command line), then one config per node: its own managed tor joined to the network, its own
-target (a :class:`~rustbalance.testnet.apps.NamedHTTPServer` answering
-``hello from <node>-target``), priority 10/20/30 and the coordination section the caller
-builds. All configs are written before the first daemon starts, so "started" means all of them
-at (nearly) once. Every daemon, and its managed tor, is stopped by PID (SIGTERM, then SIGKILL),
-also when the caller fails.
+:func:`launch_cluster` writes one master key (0600, never on a command line), then one config
+per node (each node makes its own node key at its first start and, holding the master key,
+admits itself; the nodes learn each other through their seed addresses): its own managed tor
+joined to the network, its own target (a :class:`~rustbalance.testnet.apps.NamedHTTPServer`
+answering ``hello from <node>-target``), priority 10/20/30 and the coordination section the
+caller builds. All configs are written before the first daemon starts, so "started" means all
+of them at (nearly) once. Every daemon, and its managed tor, is stopped by PID (SIGTERM, then
+SIGKILL), also when the caller fails.
 """
 
 from __future__ import annotations
@@ -154,8 +155,8 @@ class LaunchedCluster:
         return {n.name: n.try_status() for n in self.alive()}
 
 
-# (node index, cluster token file) -> the node's [coordination] section.
-CoordinationFor = Callable[[int, Path], Mapping[str, object]]
+# node index -> the node's [coordination] section.
+CoordinationFor = Callable[[int], Mapping[str, object]]
 
 
 @contextlib.contextmanager
@@ -165,20 +166,19 @@ def launch_cluster(
     *,
     coordination: CoordinationFor,
     listen_ports: list[int],
+    sections: Callable[[int, int], Mapping[str, Mapping[str, object]]] | None = None,
 ) -> Iterator[LaunchedCluster]:
     """Start one daemon per name in :data:`NAMES`; stop every one (and its tor) afterwards.
 
     ``listen_ports[i]`` is node i's UDP coordination port (its ``coordination.listen``, which
-    ``coordination`` must set); ``coordination(i, token_path)`` gives node i's section.
+    ``coordination`` must set); ``coordination(i)`` gives node i's section,
+    ``sections(i, listen_ports[i])`` (optional) more keys for node i's config (a value of None
+    removes a key); it runs after the master key file and node i's folder exist.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     master = IdentityKey.generate(secrets.token_bytes)
     key_file = work_dir / "master.key"
     write_seed_key_file(master, key_file)
-    token = work_dir / "cluster.token"
-    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32) + "\n")
     nodes: list[ClusterNode] = []
     targets: list[NamedHTTPServer] = []
     try:
@@ -197,11 +197,14 @@ def launch_cluster(
                     target=f"{LOCALHOST}:{target.port}",
                     work_dir=node_dir,
                     extra_torrc=network.client_torrc_lines(),
-                    overrides={
-                        "node": {"priority": PRIORITIES[index]},
-                        "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
-                        "coordination": coordination(index, token),
-                    },
+                    overrides=_merged(
+                        {
+                            "node": {"priority": PRIORITIES[index]},
+                            "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
+                            "coordination": coordination(index),
+                        },
+                        sections(index, listen_ports[index]) if sections is not None else {},
+                    ),
                 )
             )
         started = time.monotonic()
@@ -221,6 +224,15 @@ def launch_cluster(
         yield LaunchedCluster(master, nodes, started)
     finally:
         stop_all(nodes, targets)
+
+
+def _merged(
+    base: Mapping[str, Mapping[str, object]], extra: Mapping[str, Mapping[str, object]]
+) -> dict[str, dict[str, object]]:
+    merged = {name: dict(values) for name, values in base.items()}
+    for name, values in extra.items():
+        merged.setdefault(name, {}).update(values)
+    return merged
 
 
 def stop_all(nodes: list[ClusterNode], targets: list[NamedHTTPServer]) -> None:
