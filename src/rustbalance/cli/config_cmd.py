@@ -77,11 +77,13 @@ def file_problems(config: Config) -> list[str]:
     """
     problems: list[str] = []
     master: IdentityKey | None = None
+    master_usable = True
     if config.master.identity_key_path is not None or master_key_needed(config):
         try:
             master = load_master_key(config)
         except StartupError as exc:
             problems.append(str(exc))
+            master_usable = False
     if config.node.identity_mode == "instance":
         instance = default_instance_key_path(config)
         if instance.exists() or instance.is_symlink():
@@ -89,7 +91,7 @@ def file_problems(config: Config) -> list[str]:
                 load_or_create_instance_key(instance)
             except InvalidKeyError as exc:
                 problems.append(f"node.instance_key_path: {exc}")
-    if not problems:
+    if master_usable:  # (without it, whether the node may take part is unknown)
         problem = _cluster_problem(config, master)
         if problem is not None:
             problems.append(problem)

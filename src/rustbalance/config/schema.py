@@ -89,7 +89,7 @@ _SYSTEM_SOCKS = Endpoint(host="127.0.0.1", port=9050)
 _SYSTEM_CONTROL = Endpoint(host="127.0.0.1", port=9051)
 # Keys of protocol v2 (one shared cluster token) that per-node identities replaced (issue 16).
 _REMOVED_IN_V3 = (
-    "was removed with protocol v3 (per-node identities, docs/security.md); "
+    "removed with protocol v3 (per-node identities, docs/security.md); "
     "run 'rustbalance cluster upgrade --config FILE' on this node"
 )
 
