@@ -93,10 +93,18 @@ def test_revoke_signs_a_revocation_for_the_daemon_and_refuses_nonsense(
     inbox = tmp_path / "state" / INBOX_DIR_NAME
     assert stat.S_IMODE(inbox.stat().st_mode) == 0o700
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in inbox.iterdir())
-    assert main([*args, "node-z"]) == 1
+    # Input mistakes are exit 2, a state folder that cannot take the statement exit 1
+    # (cli/main.py's rule).
+    assert main([*args, "node-z"]) == 2
     assert "node-z is not an admitted member" in capsys.readouterr().err
-    assert main([*args, "node-a"]) == 1
+    assert main([*args, "node-a"]) == 2
     assert "does not revoke itself" in capsys.readouterr().err
+    for entry in inbox.iterdir():
+        entry.unlink()
+    inbox.rmdir()
+    inbox.write_text("")  # in the way of the inbox folder
+    assert main([*args, "node-b"]) == 1
+    assert f"cannot write to {inbox}" in capsys.readouterr().err
 
 
 def test_a_node_without_the_master_key_cannot_sign(
@@ -104,7 +112,7 @@ def test_a_node_without_the_master_key_cannot_sign(
 ) -> None:
     config = _node(tmp_path, key=False)
     for command in (["revoke", "node-b"], ["token", "--raw-token"], ["rotate-join-secret"]):
-        assert main(["cluster", command[0], "--config", str(config), *command[1:]]) == 1
+        assert main(["cluster", command[0], "--config", str(config), *command[1:]]) == 2
         assert "holds no master key" in capsys.readouterr().err
 
 
@@ -126,7 +134,7 @@ def test_token_issues_a_limited_grant(tmp_path: Path, capsys: pytest.CaptureFixt
     token = next(line for line in out.splitlines() if line.startswith("rbj2-"))
     assert decode(token, PASSPHRASE, now=int(time.time())).master_key_seed == MASTER.seed
     assert "it carries the master key" in out
-    assert main([*args, "--token-uses", "0"]) == 1
+    assert main([*args, "--token-uses", "0"]) == 2
     assert "--token-uses must be 1-1000" in capsys.readouterr().err
 
 
@@ -229,7 +237,7 @@ def test_upgrade_of_a_node_without_the_master_key_needs_a_token(
     v2 = {**V2_CONFIG, "master": {"identity_key_path": "master.key",
                                   "onion_address": MASTER.onion_address}}  # fmt: skip
     (conf / "config.toml").write_text(tomli_w.dumps(v2))  # no master.key file: a standby
-    assert main(["cluster", "upgrade", "--config", str(conf / "config.toml")]) == 1
+    assert main(["cluster", "upgrade", "--config", str(conf / "config.toml")]) == 2
     assert "must admit it" in capsys.readouterr().err
     assert tomllib.loads((conf / "config.toml").read_text()) == v2  # nothing written
     assert not (conf / "config.toml.v2").exists()

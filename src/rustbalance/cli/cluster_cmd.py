@@ -36,6 +36,7 @@ from typing import Any
 
 from rustbalance.atomic_file import write_file_atomic
 from rustbalance.cli.init_cmd import (
+    EXIT_RUNTIME,
     CliError,
     Io,
     add_token_arguments,
@@ -181,7 +182,7 @@ def _deliver(config: Config, statement: Statement, what: str) -> Path:
     try:
         inbox.mkdir(mode=0o700, parents=True, exist_ok=True)
         if inbox.is_symlink() or not inbox.is_dir():
-            raise CliError(f"{inbox} is not a folder")
+            raise CliError(f"{inbox} is not a folder", exit_code=EXIT_RUNTIME)
         os.chmod(inbox, 0o700)
         name = f"{int(time.time() * 1000)}-{what}-{secrets.token_hex(4)}{INBOX_SUFFIX}"
         target = inbox / name
@@ -190,7 +191,9 @@ def _deliver(config: Config, statement: Statement, what: str) -> Path:
         text = base64.b64encode(statement.data).decode("ascii") + "\n"
         write_file_atomic(target, text, 0o600)
     except OSError as exc:
-        raise CliError(f"cannot write to {inbox}: {exc.strerror or exc}") from None
+        raise CliError(
+            f"cannot write to {inbox}: {exc.strerror or exc}", exit_code=EXIT_RUNTIME
+        ) from None
     return target
 
 
