@@ -1,7 +1,7 @@
 """Writing a file so that readers see the old content or the new, never a mix or nothing.
 
 The one way this project replaces a file (keys, tor's onion-service files, the torrc and its
-fragment, the peers files, WireGuard state, the configs of ``init``/``join``):
+fragment, the members file, node keys, WireGuard state, the configs of ``init``/``join``):
 
 1. a temporary file is created next to the target with ``O_CREAT | O_EXCL | O_NOFOLLOW``, under
    a random name, relative to the target's folder opened once: a symlink (or anything else)
@@ -97,8 +97,15 @@ class StagedFile:
         self.discard()
 
 
-def stage_file(path: str | os.PathLike[str], data: bytes | str, *, mode: int) -> StagedFile:
-    """Write ``data`` (str as UTF-8) to a new temporary file next to ``path`` with ``mode``.
+def stage_file(
+    path: str | os.PathLike[str],
+    data: bytes | str,
+    *,
+    mode: int,
+    owner: tuple[int, int] | None = None,
+) -> StagedFile:
+    """Write ``data`` (str as UTF-8) to a new temporary file next to ``path`` with ``mode``
+    (and ``owner``, uid and gid, when given: root writing for a service user).
 
     Raises OSError (the temporary file removed) if the folder is missing or not writable,
     the disk is full, or no free temporary name was found.
@@ -110,7 +117,10 @@ def stage_file(path: str | os.PathLike[str], data: bytes | str, *, mode: int) ->
         temp_name, fd = _create_temp(target.name, dir_fd)
         try:
             try:
-                # Exactly ``mode`` (umask may have narrowed the create), before any data.
+                # Exactly ``mode`` (umask may have narrowed the create), and the owner, before
+                # any data: the file is never the writer's while it holds some.
+                if owner is not None:
+                    os.fchown(fd, *owner)
                 os.fchmod(fd, mode)
                 view = memoryview(content)
                 while view:
@@ -140,11 +150,17 @@ def _create_temp(name: str, dir_fd: int) -> tuple[str, int]:
 
 
 def write_file_atomic(
-    path: str | os.PathLike[str], data: bytes | str, mode: int = 0o600, *, overwrite: bool = True
+    path: str | os.PathLike[str],
+    data: bytes | str,
+    mode: int = 0o600,
+    *,
+    overwrite: bool = True,
+    owner: tuple[int, int] | None = None,
 ) -> None:
     """Replace ``path`` with ``data`` atomically and durably (see the module docstring).
 
-    ``overwrite=False`` refuses (FileExistsError) to replace an existing file or symlink.
-    Raises OSError; nothing but ``path`` itself is left changed.
+    ``overwrite=False`` refuses (FileExistsError) to replace an existing file or symlink;
+    ``owner`` (uid, gid) is set before the data is written. Raises OSError; nothing but
+    ``path`` itself is left changed.
     """
-    stage_file(path, data, mode=mode).commit(overwrite=overwrite)
+    stage_file(path, data, mode=mode, owner=owner).commit(overwrite=overwrite)

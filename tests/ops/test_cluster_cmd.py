@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import stat
 import time
 import tomllib
@@ -105,6 +106,28 @@ def test_revoke_signs_a_revocation_for_the_daemon_and_refuses_nonsense(
     inbox.write_text("")  # in the way of the inbox folder
     assert main([*args, "node-b"]) == 1
     assert f"cannot write to {inbox}" in capsys.readouterr().err
+
+
+@pytest.mark.root
+def test_root_leaves_statements_that_the_daemons_own_user_can_take(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """deploy.sh runs the daemon as its own user; an operator runs ``cluster revoke`` as root.
+    The inbox and the statement must belong to the daemon's user from their first byte: a
+    root-owned file would be deleted unread (the daemon takes every file it finds)."""
+    config = _node(tmp_path)
+    state = tmp_path / "state"
+    daemon_user = (65534, 65534)  # nobody: the owner of the daemon's state folder
+    os.chown(state, *daemon_user)
+    assert main(["cluster", "revoke", "--config", str(config), "--no-wait", "node-b"]) == 0
+    capsys.readouterr()
+    inbox = state / INBOX_DIR_NAME
+    files = list(inbox.iterdir())
+    assert len(files) == 1
+    for path in (inbox, *files):
+        info = path.lstat()
+        assert (info.st_uid, info.st_gid) == daemon_user, path
+    assert stat.S_IMODE(files[0].lstat().st_mode) == 0o600
 
 
 def test_a_node_without_the_master_key_cannot_sign(

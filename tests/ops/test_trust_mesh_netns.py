@@ -36,8 +36,6 @@ import tomli_w
 from rustbalance.cluster.wireguard import public_key_of
 from tests.cluster_net.support import wait_until
 
-pytestmark = pytest.mark.tor  # not the Tor network: root, namespaces and wireguard-go
-
 REPO = Path(__file__).resolve().parents[2]
 TAG = f"{os.getpid() % 100000}"
 NAMES = ("a", "b", "c")

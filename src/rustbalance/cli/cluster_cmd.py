@@ -176,20 +176,36 @@ def _membership(config: Config) -> Membership:
     return membership
 
 
+def _daemon_owner(state_dir: Path) -> tuple[int, int] | None:
+    """Run as root for a daemon that runs as its own user (deploy.sh's ``rustbalance``): the
+    owner of the state folder, so that the daemon can read and delete what we leave there."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        info = state_dir.lstat()
+    except OSError:
+        return None
+    return None if info.st_uid == 0 else (info.st_uid, info.st_gid)
+
+
 def _deliver(config: Config, statement: Statement, what: str) -> Path:
-    """Leave ``statement`` in the daemon's inbox (0600 in a 0700 folder, atomic)."""
+    """Leave ``statement`` in the daemon's inbox (0600 in a 0700 folder, atomic, owned by the
+    daemon's user)."""
     inbox = config.node.state_dir / INBOX_DIR_NAME
     try:
         inbox.mkdir(mode=0o700, parents=True, exist_ok=True)
         if inbox.is_symlink() or not inbox.is_dir():
             raise CliError(f"{inbox} is not a folder", exit_code=EXIT_RUNTIME)
+        owner = _daemon_owner(config.node.state_dir)
+        if owner is not None:
+            os.chown(inbox, *owner, follow_symlinks=False)
         os.chmod(inbox, 0o700)
         name = f"{int(time.time() * 1000)}-{what}-{secrets.token_hex(4)}{INBOX_SUFFIX}"
         target = inbox / name
-        # Temp file + rename: the daemon never sees half a statement, and no symlink at the
-        # name is followed.
+        # Temp file + rename: the daemon never sees half a statement (nor one it cannot read),
+        # and no symlink at the name is followed.
         text = base64.b64encode(statement.data).decode("ascii") + "\n"
-        write_file_atomic(target, text, 0o600)
+        write_file_atomic(target, text, 0o600, owner=owner)
     except OSError as exc:
         raise CliError(
             f"cannot write to {inbox}: {exc.strerror or exc}", exit_code=EXIT_RUNTIME
