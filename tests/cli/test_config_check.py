@@ -15,12 +15,13 @@ import pytest
 import tomli_w
 
 from rustbalance.cli.main import main
+from rustbalance.cluster.authority import Revocation
 from rustbalance.cluster.coordinator import MEMBERS_FILE_NAME
 from rustbalance.cluster.identity import NodeKey, write_node_key
 from rustbalance.cluster.membership import Membership
 from rustbalance.cluster.wireguard import generate_private_key
 from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
-from tests.trust import admit_keyless_node, revocation, signed
+from tests.trust import admit_keyless_node, now_ms, signed
 
 EXIT_CONFIG = 2  # cli/main.py: a configuration problem
 
@@ -163,8 +164,9 @@ def test_a_node_without_the_master_key_must_be_admitted(
 
 def test_a_revoked_node_key_is_named(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
     membership = Membership(node.key.public_key)
-    gone = revocation("node-a", node.node_key)
-    membership.apply(signed(gone.content, node.key), int(gone.content.revoked_at_ms))
+    at = now_ms()
+    gone = Revocation("node-a", node.node_key.public, at, "node-b")
+    membership.apply(signed(gone, node.key), at)
     node.state.mkdir(mode=0o700)
     (node.state / MEMBERS_FILE_NAME).write_text(membership.to_json())
     assert node.check() == EXIT_CONFIG
