@@ -138,7 +138,7 @@ def test_init_imports_a_tor_secret_key(
     payload = decode(_printed_token(captured.out), PASSPHRASE, now=int(time.time()))
     assert not payload.publisher_eligible
     assert main(_init(tmp_path / "again", passfile, "--import-key", str(tor_key),
-                      "--with-master-key")) == 1  # fmt: skip
+                      "--with-master-key")) == 2  # fmt: skip
     assert "no seed" in capsys.readouterr().err
 
 
