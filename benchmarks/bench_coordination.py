@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from benchmarks.results import record
 from rustbalance.cluster.authority import NO_GRANT, AdmissionRecord, Statement
 from rustbalance.cluster.identity import NodeKey
 from rustbalance.cluster.membership import Membership
@@ -162,6 +163,7 @@ def run() -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     per_interval = 0.0
+    rows = []
     for n in PEERS:
         send2, receive2 = _v2(n)
         send3, receive3 = _v3(n)
@@ -170,8 +172,13 @@ def run() -> list[str]:
         lines.append(
             f"| {n} | {s2:.3f} | {s3:.3f} | {s3 / s2:.0f} | {r2:.3f} | {r3:.3f} | {r3 / r2:.0f} |"
         )
+        rows.append({"peers": n, "send_v2_ms": s2, "send_v3_ms": s3, "receive_v2_ms": r2,
+                     "receive_v3_ms": r3})  # fmt: skip
         per_interval = s3 + n * r3  # one heartbeat sent, one received from every peer
     fresh, again = _membership_apply()
+    record("coordination", "per_heartbeat", rows)
+    record("coordination", "membership_64_records_ms", {"first": fresh, "held": again})
+    record("coordination", "cpu_share_49_peers_percent", per_interval / 50)
     lines += [
         "",
         f"Applying a full membership message (64 master-signed records): {fresh:.1f} ms the",
