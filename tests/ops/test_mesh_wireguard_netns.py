@@ -311,11 +311,17 @@ async def test_a_crashed_wireguard_go_is_brought_back_with_its_peers(
                 pid = mesh.interface.userspace_pid
                 if pid not in (None, first_pid):
                     dump = _ns("wg", "show", WATCH_IF, "dump", check=False).stdout.splitlines()
-                    if len(dump) == 2 and dump[1].split("\t")[3] == "10.77.0.2/32":
+                    # up() applies the peers, then the address: wait for both (seen under
+                    # load: the peer was there, the address not yet).
+                    address = _ns("ip", "-4", "address", "show", WATCH_IF, check=False).stdout
+                    if (
+                        len(dump) == 2
+                        and dump[1].split("\t")[3] == "10.77.0.2/32"
+                        and "inet 10.77.0.1/24" in address
+                    ):
                         break
                 assert time.monotonic() < deadline, "the interface did not come back"
                 await asyncio.sleep(0.2)
-            assert "inet 10.77.0.1/24" in _ns("ip", "-4", "address", "show", WATCH_IF).stdout
             for _ in range(50):  # the log line follows the rebuild in the same task
                 if f"WireGuard {WATCH_IF} recovered with 1 peer(s)" in caplog.text:
                     break
