@@ -179,3 +179,12 @@ def test_bad_config_exits_2(
     err = capsys.readouterr().err
     assert err.startswith("rustbalance status: ") and message in err
     assert err.count("\n") == 1
+
+
+def test_a_revoked_node_says_so() -> None:
+    doc = document()
+    doc["cluster"] = {"revoked": False, "members": []}
+    assert "REVOKED" not in status_cmd.format_status_text(doc, now=PUBLISHED_AT)
+    doc["cluster"]["revoked"] = True
+    text = status_cmd.format_status_text(doc, now=PUBLISHED_AT)
+    assert "Cluster:       REVOKED: this node's key was revoked" in text
