@@ -201,12 +201,14 @@ def wheelhouse() -> Path:
 
 
 def copy_source(dest: Path) -> None:
-    """What ``pip install`` and deploy.sh need from the checkout (no .git, no caches)."""
+    """What ``pip install`` and deploy.sh need from the checkout (no .git, no caches): the
+    build hook (setup.py), the license file and the generated completions and man page
+    (share/) that pyproject.toml names are part of the build."""
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", ".mypy_cache")
     dest.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE"):
         shutil.copy2(REPO / name, dest / name)
-    for name in ("src", "deploy"):
+    for name in ("src", "deploy", "share"):
         shutil.copytree(REPO / name, dest / name, ignore=ignore)
 
 

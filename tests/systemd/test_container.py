@@ -366,6 +366,30 @@ def test_status_socket_and_metrics_answer(node: Node) -> None:
     assert re.search(r"^rustbalance_\w+", text, re.MULTILINE)
 
 
+def test_cluster_operations_as_root_reach_the_sandboxed_daemon(node: Node) -> None:
+    """Issue 16 under the issue 17 unit: an operator runs ``rustbalance cluster`` as root while
+    the daemon runs as ``rustbalance`` behind ReadOnlyPaths. ``members`` reads the running
+    daemon; ``rotate-join-secret`` leaves a master-signed statement in the daemon's inbox,
+    which the daemon (not root) must read, apply and delete."""
+    node.ensure_active()
+    members = json.loads(
+        node.container.ok([CLI, "cluster", "members", "--config", CONFIG, "--format", "json"])
+    )
+    rows = {row["node_id"]: row for row in members["members"]}
+    own = rows[node.config()["node"]["id"]]
+    assert own["self"] and own["holds_master_key"] and own["fingerprint"].startswith("SHA256:")
+    since = node.now_usec()
+    node.container.ok([CLI, "cluster", "rotate-join-secret", "--config", CONFIG])
+    deadline = time.monotonic() + 30
+    inbox = node.container.path("/var/lib/rustbalance/cluster-inbox")
+    while any(inbox.iterdir()):
+        assert time.monotonic() < deadline, "the daemon did not take the statement"
+        time.sleep(0.5)
+    node.first(
+        node.journal(since), r"membership: recorded join policy \(from rustbalance cluster\)"
+    )
+
+
 # -- restarts -------------------------------------------------------------------------------
 
 
