@@ -27,7 +27,8 @@ from rustbalance.config.pow import pow_refusal
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
 from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError, UnsafePathError
 from rustbalance.node import DAEMON_LOGGER
-from rustbalance.node.cluster_link import multi_node_wanted
+from rustbalance.node.clock import SYSTEM_CLOCK, Clock
+from rustbalance.node.cluster_link import coordination_wanted
 from rustbalance.node.identity import (
     NodeIdentity,
     default_instance_key_path,
@@ -35,7 +36,6 @@ from rustbalance.node.identity import (
     master_key_needed,
     resolve_identity,
 )
-from rustbalance.node.mesh import mesh_wants_cluster
 from rustbalance.node.torrc import (
     OB_CONFIG_FILENAME,
     IntroDosSettings,
@@ -131,7 +131,9 @@ def load_identity(config: Config, *, owner: tuple[int, int] | None = None) -> No
         raise StartupError(str(exc), EXIT_CONFIG) from None
 
 
-def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, NodeIdentity]:
+def load_node(
+    config_path: str | os.PathLike[str], clock: Clock = SYSTEM_CLOCK
+) -> tuple[Config, NodeIdentity]:
     """Load and validate the config and the keys; StartupError(exit 2) on any problem."""
     try:
         config = load_config(config_path)
@@ -140,15 +142,16 @@ def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, NodeIdentity
         raise StartupError(f"invalid config {config_path}: {problems}", EXIT_CONFIG) from None
     except ConfigError as exc:
         raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
-    # Peers saved by an earlier run make a cluster the config does not show (config/pow.py).
-    if config.tor.pow_enabled and (multi_node_wanted(config) or mesh_wants_cluster(config)):
-        refusal = pow_refusal(identity_mode=config.node.identity_mode, learned_peers=True)
-        raise StartupError(f"invalid config {config_path}: {refusal}", EXIT_CONFIG)
     # An existing state folder is checked before anything is written under it (instance mode
     # creates its key there); a missing one is created by the daemon's start once every key
     # and token is known to be usable, so a refused start writes nothing.
     prepare_state_dir(config, create=False)
-    return config, load_identity(config)
+    identity = load_identity(config)
+    # Members saved by an earlier run make a cluster the config does not show (config/pow.py).
+    if config.tor.pow_enabled and coordination_wanted(config, identity, clock):
+        refusal = pow_refusal(identity_mode=config.node.identity_mode, learned_peers=True)
+        raise StartupError(f"invalid config {config_path}: {refusal}", EXIT_CONFIG)
+    return config, identity
 
 
 def write_file(path: Path, text: str, mode: int) -> None:

@@ -4,12 +4,13 @@ Used by the multi-node end-to-end tests (``tests/node_e2e/cluster_helpers.py``, 
 UDP fault relay and short timings) and by the onion benchmark (``benchmarks/onion_cluster.py``,
 production timings): one launcher, so what is measured is what is tested.
 
-:func:`launch_cluster` writes one master key and one cluster token file (0600, never on a
-command line), then one config per node: its own managed tor joined to the network, its own
-target (a :class:`~rustbalance.testnet.apps.NamedHTTPServer` answering
-``hello from <node>-target``), priority 10/20/30 and the coordination section the caller
-builds, plus any further sections. All configs are written before the first daemon starts,
-so "started" means all of them at (nearly) once. Every daemon, and its managed tor, is
+:func:`launch_cluster` writes one master key (0600, never on a command line), then one config
+per node (each node makes its own node key at its first start and, holding the master key,
+admits itself; the nodes learn each other through their seed addresses): its own managed tor
+joined to the network, its own target (a :class:`~rustbalance.testnet.apps.NamedHTTPServer`
+answering ``hello from <node>-target``), priority 10/20/30 and the coordination section the
+caller builds, plus any further sections. All configs are written before the first daemon
+starts, so "started" means all of them at (nearly) once. Every daemon, and its managed tor, is
 stopped by PID (SIGTERM, then SIGKILL), also when the caller fails.
 
 :func:`launch_etcd_cluster` runs the same nodes with ``[coordination] backend = "etcd"``
@@ -160,10 +161,10 @@ class LaunchedCluster:
         return {n.name: n.try_status() for n in self.alive()}
 
 
-# (node index, cluster token file) -> the node's [coordination] section.
-CoordinationFor = Callable[[int, Path], Mapping[str, object]]
-# node index -> more config sections (or keys) for that node.
-SectionsFor = Callable[[int], Mapping[str, Mapping[str, object]]]
+# node index -> the node's [coordination] section.
+CoordinationFor = Callable[[int], Mapping[str, object]]
+# (node index, its coordination listen port) -> more config sections (or keys) for that node.
+SectionsFor = Callable[[int, int], Mapping[str, Mapping[str, object]]]
 
 
 @contextlib.contextmanager
@@ -178,17 +179,15 @@ def launch_cluster(
     """Start one daemon per name in :data:`NAMES`; stop every one (and its tor) afterwards.
 
     ``listen_ports[i]`` is node i's UDP coordination port (its ``coordination.listen``, which
-    ``coordination`` must set); ``coordination(i, token_path)`` gives node i's section, and
-    ``sections(i)`` any other sections (merged key by key over the defaults).
+    ``coordination`` must set); ``coordination(i)`` gives node i's section,
+    ``sections(i, listen_ports[i])`` (optional) more keys for node i's config, merged key by
+    key over the defaults (a value of None removes a key); it runs after the master key file
+    and node i's folder exist.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     master = IdentityKey.generate(secrets.token_bytes)
     key_file = work_dir / "master.key"
     write_seed_key_file(master, key_file)
-    token = work_dir / "cluster.token"
-    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32) + "\n")
     nodes: list[ClusterNode] = []
     targets: list[NamedHTTPServer] = []
     try:
@@ -211,9 +210,9 @@ def launch_cluster(
                         {
                             "node": {"priority": PRIORITIES[index]},
                             "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
-                            "coordination": coordination(index, token),
+                            "coordination": coordination(index),
                         },
-                        sections(index) if sections is not None else {},
+                        sections(index, listen_ports[index]) if sections is not None else {},
                     ),
                 )
             )
@@ -269,7 +268,7 @@ def launch_etcd_cluster(
     etcd.start()
     try:
 
-        def node_sections(index: int) -> dict[str, dict[str, object]]:
+        def node_sections(index: int, listen_port: int) -> dict[str, dict[str, object]]:
             found = endpoints(index, etcd) if endpoints is not None else etcd.endpoints
             own = etcd_sections(
                 pki,
@@ -278,12 +277,13 @@ def launch_etcd_cluster(
                 prefix=etcd.prefix,
                 lease_ttl_secs=lease_ttl_secs,
             )
-            return _merged(own, sections(index) if sections is not None else {})
+            more = sections(index, listen_port) if sections is not None else {}
+            return _merged(own, more)
 
         with launch_cluster(
             network,
             work_dir / "nodes",
-            coordination=lambda _index, _token: {},
+            coordination=lambda _index: {},
             listen_ports=[0] * len(NAMES),  # no UDP coordination with etcd
             sections=node_sections,
         ) as launched:
