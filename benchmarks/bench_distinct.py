@@ -64,9 +64,8 @@ def _names(n: int) -> list[str]:
 def _cluster(net: PrivateTorNetwork, work: Path, size: int, mode: str) -> Iterator[LaunchedCluster]:
     ports = free_udp_ports(size)
 
-    def coordination(index: int, token: Path) -> dict[str, object]:
+    def coordination(index: int) -> dict[str, object]:
         return {
-            "cluster_token_path": token,
             "listen": f"{LOCALHOST}:{ports[index]}",
             "peers": [f"{LOCALHOST}:{p}" for i, p in enumerate(ports) if i != index],
             "heartbeat_interval_secs": HEARTBEAT,

@@ -1,11 +1,12 @@
 """A 3-node RustBalance cluster on the private Tor network, for bench_onion's multi-node run.
 
 The launcher is the one the multi-node tests use (:mod:`rustbalance.testnet.cluster`): three
-``rustbalance run`` daemons sharing one master key and a cluster token file (0600, never on a
-command line), each with its own managed tor, its own target, a UDP coordination port on
-127.0.0.1 and priority 10/20/30, all launched at (nearly) once. Here the coordination timings
-are the product defaults (heartbeat 5 s, timeout 15 s, takeover grace 15 s), seeds point
-straight at each other's ports (no fault relay): the figures are the ones an operator gets.
+``rustbalance run`` daemons sharing one master key (0600, never on a command line; each node
+makes its own node key and admits itself), each with its own managed tor, its own target, a UDP
+coordination port on 127.0.0.1 and priority 10/20/30, all launched at (nearly) once. Here the
+coordination timings are the product defaults (heartbeat 5 s, timeout 15 s, takeover grace 15
+s), seeds point straight at each other's ports (no fault relay): the figures are the ones an
+operator gets.
 
 :func:`bench_etcd_cluster` runs the same three daemons with ``[coordination] backend =
 "etcd"`` (lease TTL 10 s, the default) against a 3-member etcd cluster on loopback with TLS,
@@ -52,10 +53,9 @@ def bench_cluster(network: PrivateTorNetwork, work_dir: Path) -> Iterator[BenchC
     """Start the three daemons at once; stop every one of them (and its tor) afterwards."""
     ports = free_udp_ports(len(NAMES))
 
-    def coordination(index: int, token: Path) -> dict[str, object]:
+    def coordination(index: int) -> dict[str, object]:
         # No timing keys: the defaults 5/15/15 s are what is measured.
         return {
-            "cluster_token_path": token,
             "listen": f"{LOCALHOST}:{ports[index]}",
             "peers": [f"{LOCALHOST}:{p}" for i, p in enumerate(ports) if i != index],
         }

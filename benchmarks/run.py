@@ -26,6 +26,7 @@ from benchmarks import charts, results
 
 MODULES: tuple[str, ...] = (
     "benchmarks.bench_descriptor",
+    "benchmarks.bench_coordination",
     "benchmarks.bench_proxy",
     "benchmarks.bench_memory",
     "benchmarks.bench_onion",

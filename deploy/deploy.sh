@@ -100,6 +100,8 @@ parse_args() {
         --token | --token=* | --passphrase | --passphrase=* | --master-key | --master-key=* | \
             --cluster-token | --cluster-token=* | --join-secret | --join-secret=*)
             # The original script took these in argv, where ps, shell history and logs see them.
+            # (--cluster-token and --join-secret name protocol v2 secrets: refused here rather
+            # than as an unknown argument, whose message would echo a --flag=SECRET.)
             usage_error "${1%%=*}: secrets are never taken on the command line; use --token-file FILE (or - for stdin) and --passphrase-file FILE"
             ;;
         -h | --help)

@@ -11,9 +11,10 @@ the kind of secret, never the secret itself.
 
 Which files hold secrets:
 
-- by name (:data:`SECRET_NAME_PATTERNS`): master and instance keys (``*.key``, tor's
-  ``hs_ed25519_secret_key``), tor control cookies, cluster tokens, join secrets and tokens,
-  passphrases and passwords, WireGuard private keys, a relay's or authority's secret keys;
+- by name (:data:`SECRET_NAME_PATTERNS`): master, instance and node keys (``*.key``, tor's
+  ``hs_ed25519_secret_key``), tor control cookies, join tokens (and protocol v2 cluster tokens
+  and join secrets), passphrases and passwords, WireGuard private keys, a relay's or
+  authority's secret keys;
 - any other file of mode 0600/0400 (the product writes its secrets that way, docs/config.md)
   up to 4 KiB, except the public or non-secret files tor and rustbalance also write 0600
   (:data:`PUBLIC_NAME_PATTERNS`: the onion ``hostname``, public keys, tor's caches and state,

@@ -2,7 +2,7 @@
 values written into a torrc.
 
 Each rule is written once, here, and used by every place that reads such a value: the config
-parser and the CLI flags, coordination messages and the peers file, join requests, join
+parser and the CLI flags, coordination messages and admission records, join requests, join
 answers and join tokens, the WireGuard peers, tor's control address and the proxy's target.
 A rule written twice drifts (the node id was checked in five places, the tunnel network in
 three), and an attacker picks the weaker copy.

@@ -194,3 +194,20 @@ def test_join_damaged_token_is_2_unreachable_tor_is_1(
     good = tmp_path / "token"
     good.write_text(token)
     assert main([*join, "--token-file", str(good)]) == EXIT_RUNTIME
+
+
+def test_cluster_commands_input_is_2_unwritable_state_is_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["cluster"]) == EXIT_CONFIG
+    assert main(["cluster", "members", "--config", str(tmp_path / "none.toml")]) == EXIT_CONFIG
+    init = ["init", "--config-dir", str(tmp_path / "a"), "--state-dir", str(tmp_path / "sa")]
+    init += ["--endpoint", "203.0.113.5:51820", "--target", "127.0.0.1:80"]
+    assert main([*init, "--non-interactive", "--raw-token"]) == 0
+    capsys.readouterr()  # the raw token it printed is a secret
+    config = str(tmp_path / "a" / "config.toml")
+    assert main(["cluster", "revoke", "--config", config, "--no-wait", "nobody"]) == EXIT_CONFIG
+    assert main(["cluster", "token", "--config", config, "--token-uses", "0"]) == EXIT_CONFIG
+    (tmp_path / "sa").mkdir(exist_ok=True)
+    (tmp_path / "sa" / "cluster-inbox").write_text("")  # in the way of the daemon's inbox
+    assert main(["cluster", "rotate-join-secret", "--config", config]) == EXIT_RUNTIME

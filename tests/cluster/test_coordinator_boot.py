@@ -7,21 +7,21 @@ import dataclasses
 from pathlib import Path
 
 from rustbalance.cluster.coordinator import Coordinator
-from rustbalance.cluster.messages import ClusterKey
 from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.descriptor.intro_point_codec import decode_intro_point, encode_intro_point
 from tests.cluster_net.support import (
     GRACE,
     INTERVAL,
     TIMEOUT,
-    TOKEN,
     cluster,
     coordination_config,
     free_udp_ports,
     make_node,
     publishers,
+    self_admitted,
     wait_until,
 )
+from tests.trust import node_key
 
 
 def slow_node(
@@ -34,12 +34,14 @@ def slow_node(
         heartbeat_timeout_secs=5.0,
         takeover_grace_secs=5.0,
     )
+    key = node_key(node_id)
     return Coordinator(
         node_id=node_id,
-        priority=priority,
-        publisher_eligible=True,
+        node_key=key,
+        membership=self_admitted(
+            node_id, key, f"127.0.0.1:{port}", priority=priority, state_dir=state_dir
+        ),
         config=config,
-        key=ClusterKey(TOKEN),
         state_dir=state_dir,
         encode_intro_point=encode_intro_point,
         decode_intro_point=decode_intro_point,

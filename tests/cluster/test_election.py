@@ -13,13 +13,14 @@ from rustbalance.cluster.election import (
     Election,
     ElectionTimings,
     InformPeer,
+    PublisherReport,
     RelayBelief,
     SendLeaseClaim,
     SendLeaseRelease,
     StepDown,
     validate_timings,
 )
-from rustbalance.cluster.messages import MAX_REPORT_HOPS, CoordinationError, PublisherReport, Role
+from rustbalance.cluster.messages import MAX_REPORT_HOPS, MAX_U64, CoordinationError, Role
 
 P, S = Role.PUBLISHER, Role.STANDBY
 T = ElectionTimings()  # 5 / 15 / 15
@@ -512,3 +513,32 @@ def test_inform_only_peers_that_do_not_know_our_publisher() -> None:
     fresh = node("f", 50)
     assert hb(fresh, "c", S, 30, 0, True, 1.0) == []
     assert claim(fresh, "c", 1, 30, 2.0) == [RelayBelief()]
+
+
+# -- terms follow the wall clock (issue 16) -----------------------------------------------------
+
+
+def test_a_claim_takes_the_wall_clock_as_its_term() -> None:
+    """Terms are bounded by time: a claim takes max(highest seen + 1, now in ms), so every
+    honest term sits at the clock and receivers can refuse anything far ahead of theirs."""
+    clock = {"ms": 1_700_000_000_000}
+    e = node("a", 10, wall_ms=lambda: clock["ms"])
+    assert e.tick(10.0) == [
+        BecomePublisher(1_700_000_000_000),
+        SendLeaseClaim(1_700_000_000_000, 10),
+    ]
+    e = node("a", 10, wall_ms=lambda: clock["ms"])
+    hb(e, "b", S, 20, 1_700_000_000_500, True, 1.0)  # a higher term was seen: + 1
+    assert e.tick(10.0)[0] == BecomePublisher(1_700_000_000_501)
+
+
+def test_a_claim_at_the_64_bit_limit_never_raises() -> None:
+    """Finding 3 of issue 16: a term of 2**64 - 2 once made the next claim overflow the wire
+    and a re-claim raise out of the apply step. The coordinator refuses such terms before they
+    get here (tests/reliability/test_handler_fuzz.py); the election saturates instead of raising."""
+    e = node("a", 10)
+    hb(e, "b", S, 20, MAX_U64 - 1, True, 1.0)
+    actions = e.tick(10.0)
+    assert actions == [BecomePublisher(MAX_U64), SendLeaseClaim(MAX_U64, 10)]
+    assert e.set_eligible(False, 11.0)[0] == StepDown("no longer publisher-eligible")
+    assert e.set_eligible(True, 11.0)[0] == BecomePublisher(MAX_U64)  # re-claims, no raise

@@ -1,10 +1,15 @@
 """Whole-cluster simulation: sealed datagrams, peer tables and elections of 2-5 nodes.
 
-Hypothesis drives message loss, delay, partitions and heals, crashes, restarts (with the peers
+Hypothesis drives message loss, delay, partitions and heals, crashes, restarts (with the members
 file), graceful shutdowns and clock skew within tolerance. Links are per pair of nodes, so
 besides group partitions it cuts single pairs: non-transitive partitions, where A hears B and B
 hears C but A and C do not hear each other (then A and C each see no better node and would both
 publish, were it not for the believed publisher each heartbeat carries).
+
+Each node is the daemon's own :class:`~rustbalance.cluster.coordinator.Coordinator` (protocol
+v3: every datagram sealed between two members' keys, publisher statements signed, priorities
+from the admission records), with its socket replaced by the simulated network and its tick
+driven by the simulation clock.
 
 The invariant for such graphs is about *connected components of the link graph*: two nodes are
 in one component when a path of working links joins them, even if they cannot talk directly.
@@ -30,6 +35,7 @@ Invariants:
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pytest
@@ -37,31 +43,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from rustbalance.cluster.election import (
-    Action,
-    BecomePublisher,
-    Election,
-    ElectionTimings,
-    InformPeer,
-    RelayBelief,
-    SendLeaseClaim,
-    SendLeaseRelease,
-)
-from rustbalance.cluster.messages import (
-    ClusterKey,
-    Envelope,
-    Heartbeat,
-    IntroPoints,
-    LeaseClaim,
-    LeaseRelease,
-    Payload,
-    Receiver,
-    RejectReason,
-    Sender,
-    intro_points_digest,
-)
-from rustbalance.cluster.peers import PeerTable, load_known_peers
+from rustbalance.cluster.authority import Statement
+from rustbalance.cluster.coordinator import Coordinator
+from rustbalance.cluster.election import Action, BecomePublisher, ElectionTimings, StepDown
+from rustbalance.cluster.membership import Membership
+from rustbalance.cluster.transport import Address
+from rustbalance.config.schema import CoordinationConfig, Endpoint
 from tests.budget import budget
+from tests.trust import MASTER, node_key, record, signed
 
 INTERVAL, TIMEOUT, GRACE = 5.0, 15.0, 15.0
 TIMINGS = ElectionTimings(INTERVAL, TIMEOUT, GRACE)
@@ -69,52 +58,114 @@ STEP = 1.0
 MAX_DELAY = 1.0
 MAX_SKEW = 1.5  # 2 × skew + delay = 4 s < the 5 s tolerance
 START = 1_700_000_000.0
-KEY = ClusterKey(b"simulation-cluster-token-0123456789")
+
+
+def address_of(node_id: str) -> Address:
+    return (f"10.0.0.{1 + int(node_id[1:])}", 51821)
+
+
+def run_sync(coroutine: object) -> None:
+    """Run a coroutine that never suspends (the coordinator's tick without sockets or files)."""
+    try:
+        coroutine.send(None)  # type: ignore[attr-defined]
+    except StopIteration:
+        return
+    raise AssertionError("the tick suspended")
 
 
 @dataclass
 class Node:
+    """One node: the daemon's own Coordinator, its sockets replaced by the simulated network."""
+
     node_id: str
     priority: int
     eligible: bool
     skew: float
     boot: float  # global time
     rng: random.Random
-    peers_file: str | None = None
-    sender: Sender = field(init=False)
-    receiver: Receiver = field(init=False)
-    table: PeerTable = field(init=False)
-    election: Election = field(init=False)
-    next_heartbeat: float = field(init=False)
-    last_heartbeat: float | None = field(init=False, default=None)
-    # When each peer last got a heartbeat of its own from us (InformPeer, as the coordinator).
-    answered: dict[str, float] = field(init=False, default_factory=dict)
+    machine: ClusterMachine
+    members_json: str | None = None  # the saved members file of an earlier run
+    coordinator: Coordinator[bytes] = field(init=False)
     intro_points: tuple[bytes, ...] = field(init=False)
+    last_heartbeat: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        local_boot = self.boot + self.skew
-        self.sender = Sender(self.node_id, KEY, boot_time=local_boot, randbytes=self.rng.randbytes)
-        self.receiver = Receiver(self.node_id, KEY)
-        self.table = PeerTable(self.node_id, self.address, heartbeat_timeout=TIMEOUT)
-        if self.peers_file is not None:
-            self.table.restore(load_known_peers(self.peers_file), local_boot)
-        self.election = Election(
-            self.node_id,
-            self.priority,
-            boot_time=local_boot,
-            eligible=self.eligible,
-            timings=TIMINGS,
+        machine = self.machine
+        membership = Membership(MASTER.public_key)
+        if self.members_json is not None:
+            membership.load_json(self.members_json, int(self.local(self.boot) * 1000))
+        for statement in machine.records:
+            membership.apply(statement, int(self.local(self.boot) * 1000))
+        host, port = address_of(self.node_id)
+        config = CoordinationConfig(
+            listen=Endpoint(host=host, port=port),
+            peers=tuple(
+                Endpoint(host=address_of(k)[0], port=address_of(k)[1])
+                for k in machine.nodes_all
+                if k != self.node_id
+            ),
+            heartbeat_interval_secs=INTERVAL,
+            heartbeat_timeout_secs=TIMEOUT,
+            takeover_grace_secs=GRACE,
         )
-        self.next_heartbeat = self.boot + self.rng.uniform(0, INTERVAL)
+        c: Coordinator[bytes] = Coordinator(
+            node_id=self.node_id,
+            node_key=node_key(self.node_id),
+            membership=membership,
+            config=config,
+            state_dir=None,
+            encode_intro_point=bytes,
+            decode_intro_point=bytes,
+            clock=lambda: machine.t + self.skew,
+            monotonic=lambda: machine.t + self.skew,
+            randbytes=self.rng.randbytes,
+        )
+        node_id = self.node_id
+
+        def send(datagram: bytes, targets: Iterable[Address]) -> int:
+            return machine.enqueue(node_id, datagram, list(targets))
+
+        apply = c._apply
+
+        def observed(actions: list[Action]) -> None:
+            machine.observe(node_id, actions)
+            apply(actions)
+
+        send_heartbeat = c._send_heartbeat
+
+        def heartbeat(node_ids: Iterable[str]) -> None:
+            machine.sending_heartbeat = node_id
+            try:
+                send_heartbeat(node_ids)
+            finally:
+                machine.sending_heartbeat = None
+
+        broadcast = c._broadcast_heartbeat
+
+        def periodic(now: float) -> None:
+            self.last_heartbeat = machine.t
+            broadcast(now)
+
+        c.transport.send_datagram = send  # type: ignore[method-assign]
+        c._apply = observed  # type: ignore[method-assign]
+        c._send_heartbeat = heartbeat  # type: ignore[method-assign]
+        c._broadcast_heartbeat = periodic  # type: ignore[method-assign]
+        # What run() does, without a socket: running, a fresh election, the first heartbeat
+        # at a random phase within an interval.
+        c._running = True
+        c.election = c._new_election()
+        c._next_heartbeat = self.local(self.boot) + self.rng.uniform(0, INTERVAL)
         generation = self.rng.randrange(1 << 30)
         self.intro_points = tuple(f"{self.node_id}-{generation}-{k}".encode() for k in range(3))
-
-    @property
-    def address(self) -> str:
-        return f"10.0.0.{1 + int(self.node_id[1:])}:51821"
+        c.set_intro_points(self.intro_points)
+        self.coordinator = c
 
     def local(self, t: float) -> float:
         return t + self.skew
+
+    @property
+    def now(self) -> float:
+        return self.local(self.machine.t)
 
 
 class ClusterMachine(RuleBasedStateMachine):
@@ -122,17 +173,43 @@ class ClusterMachine(RuleBasedStateMachine):
         super().__init__()
         self.t = START
         self.nodes: dict[str, Node] = {}
+        self.nodes_all: list[str] = []
+        self.records: list[Statement] = []
         self.down: set[str] = set()
         self.group: dict[str, int] = {}
         self.cut: set[frozenset[str]] = set()  # pairs whose link is down (both directions)
         self.loss = 0.0
         self.rng = random.Random(0)
-        self.queue: list[tuple[float, int, str, bytes]] = []
+        self.queue: list[tuple[float, int, str, str, bytes]] = []
         self.counter = 0
         self.role_changes = 0
         self.claims: list[tuple[float, str]] = []  # (global time, node) of every BecomePublisher
         # (src, dst) pairs whose next heartbeat is lost (a targeted single loss).
         self.lose_next_heartbeat: set[tuple[str, str]] = set()
+        self.sending_heartbeat: str | None = None
+
+    def add_nodes(self, priorities: list[int], eligible: list[bool], skews: list[float]) -> None:
+        names = [f"n{i}" for i in range(len(priorities))]
+        self.nodes_all = names
+        host = {k: address_of(k) for k in names}
+        self.records = [
+            signed(
+                record(
+                    k,
+                    key=node_key(k),
+                    priority=priorities[i],
+                    eligible=eligible[i],
+                    coordination=f"{host[k][0]}:{host[k][1]}",
+                    issued_at_ms=int(START * 1000) - 60_000,
+                )
+            )
+            for i, k in enumerate(names)
+        ]
+        for i, k in enumerate(names):
+            self.nodes[k] = Node(
+                k, priorities[i], eligible[i], skews[i], self.t, random.Random(i * 7919), self
+            )
+            self.group[k] = 0
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -148,17 +225,9 @@ class ClusterMachine(RuleBasedStateMachine):
     ) -> None:
         self.rng = random.Random(seed)
         eligible[self.rng.randrange(n)] = True  # at least one node may publish
-        for i in range(n):
-            node_id = f"n{i}"
-            self.nodes[node_id] = Node(
-                node_id,
-                priorities[i],
-                eligible[i],
-                skews[i] * MAX_SKEW / 15,
-                self.t,
-                random.Random(seed + i),
-            )
-            self.group[node_id] = 0
+        self.add_nodes(priorities[:n], eligible[:n], [s * MAX_SKEW / 15 for s in skews[:n]])
+        for i, k in enumerate(self.nodes_all):
+            self.nodes[k].rng.seed(seed + i)
 
     # -- the network --------------------------------------------------------------------------
 
@@ -169,122 +238,55 @@ class ClusterMachine(RuleBasedStateMachine):
         """Whether the direct link a <-> b works."""
         return self.group[a] == self.group[b] and frozenset((a, b)) not in self.cut
 
-    def broadcast(self, src: str, payload: Payload, only: str | None = None) -> None:
-        node = self.nodes[src]
-        datagram = node.sender.seal(payload, node.local(self.t))
-        for dst in self.nodes if only is None else [only]:
-            if dst == src or not self.connected(src, dst) or self.rng.random() < self.loss:
+    def enqueue(self, src: str, datagram: bytes, targets: list[Address]) -> int:
+        """A node's socket: each datagram to the node at its target address, through the links."""
+        by_address = {address_of(k): k for k in self.nodes}
+        sent = 0
+        for target in targets:
+            dst = by_address.get(target)
+            sent += 1
+            if dst is None or dst == src or not self.connected(src, dst):
                 continue
-            if isinstance(payload, Heartbeat) and (src, dst) in self.lose_next_heartbeat:
+            if self.rng.random() < self.loss:
+                continue
+            if self.sending_heartbeat == src and (src, dst) in self.lose_next_heartbeat:
                 self.lose_next_heartbeat.discard((src, dst))
                 continue
             self.counter += 1
-            self.queue.append(
-                (self.t + self.rng.uniform(0, MAX_DELAY), self.counter, dst, datagram)
-            )
+            when = self.t + self.rng.uniform(0, MAX_DELAY)
+            self.queue.append((when, self.counter, src, dst, datagram))
+        return sent
 
-    def apply(self, src: str, actions: list[Action]) -> None:
-        node = self.nodes[src]
-        broadcast = False
+    def observe(self, src: str, actions: list[Action]) -> None:
         for action in actions:
-            if isinstance(action, SendLeaseClaim):
-                self.broadcast(src, LeaseClaim(action.term, action.priority))
-            elif isinstance(action, SendLeaseRelease):
-                self.broadcast(src, LeaseRelease(action.term))
-            elif isinstance(action, RelayBelief):
-                # As the coordinator does: heartbeat early, at most once per half interval.
-                last = node.last_heartbeat
-                if src not in self.down and (last is None or self.t - last >= INTERVAL / 2):
-                    self.send_heartbeat(src)
-                    broadcast = True
-            elif isinstance(action, InformPeer):
-                # As the coordinator does: that peer alone, at most once per half interval.
-                last = node.answered.get(action.node_id)
-                due = last is None or self.t - last >= INTERVAL / 2
-                if src not in self.down and not broadcast and due:
-                    node.answered[action.node_id] = self.t
-                    self.send_heartbeat(src, only=action.node_id)
-            else:
+            if isinstance(action, BecomePublisher | StepDown):
                 self.role_changes += 1
-                if isinstance(action, BecomePublisher):
-                    assert node.election.is_publisher
-                    self.claims.append((self.t, src))
+            if isinstance(action, BecomePublisher):
+                self.claims.append((self.t, src))
 
-    def deliver(self, dst: str, datagram: bytes) -> None:
-        node = self.nodes[dst]
-        now = node.local(self.t)
-        result = node.receiver.receive(datagram, now)
-        if isinstance(result, RejectReason):
-            raise AssertionError(f"honest datagram rejected: {result}")
-        assert isinstance(result, Envelope)
-        p, sender, e = result.payload, result.sender, node.election
-        seq = result.seq
-        if isinstance(p, Heartbeat):
-            node.table.on_heartbeat(sender, p, now)
-            actions = e.on_heartbeat(
-                sender,
-                p.role,
-                p.priority,
-                p.term,
-                p.publisher_eligible,
-                now,
-                seq=seq,
-                report=p.believed_publisher,
-            )
-            self.apply(dst, actions)
-        elif isinstance(p, IntroPoints):
-            node.table.on_intro_points(sender, p, now)
-        elif isinstance(p, LeaseClaim):
-            self.apply(dst, e.on_lease_claim(sender, p.term, p.priority, now, seq=seq))
-        elif isinstance(p, LeaseRelease):
-            self.apply(dst, e.on_lease_release(sender, p.term, now, seq=seq))
-
-    def send_heartbeat(self, node_id: str, only: str | None = None) -> None:
-        node = self.nodes[node_id]
-        if only is None:  # an answer to one peer does not move the periodic timer
-            node.next_heartbeat = self.t + INTERVAL
-            node.last_heartbeat = self.t
-        e = node.election
-        now = node.local(self.t)
-        self.broadcast(
-            node_id,
-            Heartbeat(
-                e.role,
-                e.priority,
-                e.term,
-                intro_points_digest(node.intro_points),
-                None,
-                e.eligible,
-                node.table.gossip(),
-                e.report(now),
-            ),
-            only,
-        )
-        self.broadcast(node_id, IntroPoints(node.intro_points), only)
-        node.peers_file = node.table.to_json()  # the daemon persists learned peers
+    def deliver(self, src: str, dst: str, datagram: bytes) -> None:
+        transport = self.nodes[dst].coordinator.transport
+        before = sum(transport.rejected.values())
+        transport._datagram_received(datagram, address_of(src))
+        rejected = {k: v for k, v in transport.rejected.items() if v}
+        assert sum(transport.rejected.values()) == before, f"honest datagram rejected: {rejected}"
 
     def step(self) -> None:
         self.t += STEP
         due = sorted(m for m in self.queue if m[0] <= self.t)
         self.queue = [m for m in self.queue if m[0] > self.t]
-        for _, _, dst, datagram in due:
+        for _, _, src, dst, datagram in due:
             if dst not in self.down:
-                self.deliver(dst, datagram)
+                self.deliver(src, dst, datagram)
         for node_id in self.up():
-            node = self.nodes[node_id]
-            now = node.local(self.t)
-            for dead in node.table.expire(now):
-                self.apply(node_id, node.election.on_peer_expired(dead, now))
-            self.apply(node_id, node.election.tick(now))
-            if self.t >= node.next_heartbeat:
-                self.send_heartbeat(node_id)
+            run_sync(self.nodes[node_id].coordinator._tick())
 
     def run(self, seconds: float) -> None:
         for _ in range(int(seconds / STEP)):
             self.step()
 
     def publishers(self) -> list[str]:
-        return [k for k in self.up() if self.nodes[k].election.is_publisher]
+        return [k for k in self.up() if self.nodes[k].coordinator.is_publisher]
 
     def components(self) -> list[list[str]]:
         """Connected components of the working links among running nodes (paths count)."""
@@ -312,18 +314,15 @@ class ClusterMachine(RuleBasedStateMachine):
         self.run(2 * INTERVAL)
         assert self.role_changes == before, "roles still changing after the stable window"
         for component in self.components():
-            pubs = [k for k in component if self.nodes[k].election.is_publisher]
+            pubs = [k for k in component if self.nodes[k].coordinator.is_publisher]
             eligible = [k for k in component if self.nodes[k].eligible]
             assert len(pubs) == (1 if eligible else 0), (component, pubs, sorted(self.cut))
             if pubs:
                 best = min(eligible, key=lambda k: (self.nodes[k].priority, k))
                 assert pubs == [best]
                 for k in component:  # everyone, also beyond direct reach, names it
-                    node = self.nodes[k]
-                    assert node.election.publisher(node.local(self.t)) == best, (k, best)
-                table = self.nodes[best].table
-                now = self.nodes[best].local(self.t)
-                held = table.intro_points(now)
+                    assert self.nodes[k].coordinator.publisher() == best, (k, best)
+                held = self.nodes[best].coordinator.peer_intro_points()
                 assert set(held) == {k for k in component if k != best and self.connected(best, k)}
                 for peer_id, points in held.items():
                     assert points == self.nodes[peer_id].intro_points
@@ -391,19 +390,22 @@ class ClusterMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def graceful_shutdown(self, data: st.DataObject) -> None:
         node_id = data.draw(st.sampled_from(self.up()))
-        node = self.nodes[node_id]
-        self.apply(node_id, node.election.shutdown(node.local(self.t)))
+        c = self.nodes[node_id].coordinator
+        # What shutdown() does, with the simulated socket still open.
+        c._stopped = True
+        c._apply(c.election.shutdown(self.nodes[node_id].now))
         self.down.add(node_id)
 
     def reboot(self, node_id: str) -> None:
-        """Start a down node again, with its peers file, as a new process."""
+        """Start a down node again, with its members file, as a new process."""
         old = self.nodes[node_id]
+        members = old.coordinator.membership.to_json()
         self.nodes[node_id] = Node(
-            node_id, old.priority, old.eligible, old.skew, self.t, old.rng, old.peers_file
+            node_id, old.priority, old.eligible, old.skew, self.t, old.rng, self, members
         )
         self.down.discard(node_id)
         # Datagrams still in flight were sent to the old process: its socket is gone.
-        self.queue = [m for m in self.queue if m[2] != node_id]
+        self.queue = [m for m in self.queue if m[3] != node_id]
 
     @precondition(lambda self: bool(self.down))
     @rule(data=st.data())
@@ -457,8 +459,7 @@ class ClusterMachine(RuleBasedStateMachine):
             self.step()
             assert self.publishers() == [publisher], ("a restarted node stole", victim)
         assert (len(self.claims), self.role_changes) == (claims, changes)
-        node = self.nodes[victim]
-        assert node.election.publisher(node.local(self.t)) == publisher
+        assert self.nodes[victim].coordinator.publisher() == publisher
         self.lose_next_heartbeat.clear()
 
     @rule(keep_cuts=st.booleans())
@@ -484,7 +485,7 @@ class ClusterMachine(RuleBasedStateMachine):
                 c
                 for c in self.components()
                 if any(self.nodes[k].eligible for k in c)
-                and not any(self.nodes[k].election.is_publisher for k in c)
+                and not any(self.nodes[k].coordinator.is_publisher for k in c)
             ]
             if not waiting:
                 break
@@ -494,9 +495,9 @@ class ClusterMachine(RuleBasedStateMachine):
     @invariant()
     def bounded_state(self) -> None:
         for k in self.up():
-            assert len(self.nodes[k].table.live_peers(self.nodes[k].local(self.t))) < len(
-                self.nodes
-            )
+            c = self.nodes[k].coordinator
+            assert len(c.live_peers()) < len(self.nodes)
+            assert len(c.membership.members()) == len(self.nodes)
 
 
 ClusterMachine.TestCase.settings = settings(
@@ -513,17 +514,14 @@ def test_non_transitive_triangle_with_the_worst_hub() -> None:
     publishes, and nothing changes.
     """
     m = ClusterMachine()
-    for i, priority in enumerate([0, 2, 1]):
-        m.nodes[f"n{i}"] = Node(f"n{i}", priority, True, 0.0, m.t, random.Random(i))
-        m.group[f"n{i}"] = 0
+    m.add_nodes([0, 2, 1], [True] * 3, [0.0] * 3)
     m.stabilize_and_check()
     assert m.publishers() == ["n0"]
     m.cut = {frozenset(("n0", "n2"))}
     m.stabilize_and_check()  # one component: n0 publishes, n1 and n2 both name it
     assert m.publishers() == ["n0"]
-    n2 = m.nodes["n2"]
     # n2 hears n1 only
-    assert {p.node_id for p in n2.table.live_peers(n2.local(m.t))} == {"n1"}
+    assert {p.node_id for p in m.nodes["n2"].coordinator.live_peers()} == {"n1"}
     m.cut.clear()
     m.stabilize_and_check()
     assert m.publishers() == ["n0"]

@@ -1,4 +1,5 @@
-"""rustbalance.deploy.join_token: round trips, every damage class, fuzzing, secrecy."""
+"""rustbalance.deploy.join_token (format 2: a master-signed join grant): round trips, every
+damage class, fuzzing, secrecy."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rustbalance.cluster.authority import decode_statement, grant_secret_hash
 from rustbalance.crypto.keys import IdentityKey
 from rustbalance.deploy.join_token import (
     DEFAULT_ARGON2,
@@ -33,10 +35,8 @@ FAST = Argon2Params(memory_kib=8, time_cost=1, parallelism=1)
 PASSPHRASE = "correct horse battery staple"
 SEED = bytes(range(32))
 MASTER = IdentityKey.from_seed(SEED)
-CLUSTER_TOKEN = "c" * 20 + "0123456789abcdef0123456789abcdef"
-JOIN_SECRET = "J0in-Secret_" + "x" * 31
+OTHER = IdentityKey.from_seed(bytes(range(1, 33)))
 NOW = 1_700_000_000
-PEERS = ("10.200.200.1:51821", "[2001:db8::1]:51820", "node1.example.org:443", MASTER.onion_address)
 
 
 def rng(seed: int = 7) -> Callable[[int], bytes]:
@@ -44,16 +44,15 @@ def rng(seed: int = 7) -> Callable[[int], bytes]:
     return generator.randbytes
 
 
-def payload(*, eligible: bool = True, lifetime: int = 3600) -> JoinPayload:
+def payload(*, eligible: bool = True, lifetime: int = 3600, uses: int = 1) -> JoinPayload:
     return JoinPayload.issue(
-        master_onion=MASTER.onion_address,
-        cluster_token=CLUSTER_TOKEN,
-        join_secret=JOIN_SECRET,
-        seed_peers=PEERS,
+        master_key=MASTER,
         issuer_node_id="node-1",
         now=NOW,
+        randbytes=rng(99),
         lifetime_secs=lifetime,
-        master_key_seed=SEED if eligible else None,
+        max_uses=uses,
+        with_master_key=eligible,
     )
 
 
@@ -89,13 +88,15 @@ def raw_token() -> str:
 
 
 def test_passphrase_round_trip(pass_token: str) -> None:
-    assert pass_token.startswith("rbj1-")
+    assert pass_token.startswith("rbj2-")
     decoded = decode(pass_token, PASSPHRASE, now=NOW + 10)
     assert decoded == payload()
     assert decoded.master_onion == MASTER.onion_address
-    assert decoded.cluster_token == CLUSTER_TOKEN
-    assert decoded.join_secret == JOIN_SECRET
-    assert decoded.seed_peers == ("10.200.200.1:51821", *PEERS[1:])
+    grant = decoded.join_grant
+    assert (grant.max_uses, grant.with_master_key, grant.issuer) == (1, True, "node-1")
+    assert grant.secret_hash == grant_secret_hash(decoded.grant_secret)
+    # The grant is signed with the master key: the responder checks that, not the token.
+    assert decode_statement(decoded.grant, MASTER.public_key).content == grant
     assert decoded.issuer_node_id == "node-1"
     assert (decoded.created_at, decoded.expires_at) == (NOW, NOW + 3600)
     assert decoded.publisher_eligible
@@ -130,7 +131,7 @@ def test_default_argon2_parameters_round_trip_and_are_in_the_header() -> None:
     )
     token = encode_with_passphrase(payload(), PASSPHRASE, rng())
     data = raw_bytes(token)
-    assert data[:2] == b"\x01\x01"
+    assert data[:2] == b"\x02\x01"
     assert struct.unpack(">III", data[18:30]) == (65536, 3, 1)
     assert decode(token, PASSPHRASE, now=NOW) == payload()
 
@@ -156,6 +157,13 @@ def test_whitespace_inside_a_wrapped_token_is_ignored(pass_token: str) -> None:
 # --- publisher eligibility ----------------------------------------------------------------------
 
 
+def test_by_default_a_token_carries_no_master_key() -> None:
+    """Issue 16: the master key travels only when the operator asks for it."""
+    issued = JoinPayload.issue(master_key=MASTER, issuer_node_id="n", now=NOW, randbytes=rng())
+    assert issued.master_key_seed is None and not issued.join_grant.with_master_key
+    assert issued.join_grant.max_uses == 1  # single-use by default
+
+
 def test_master_key_absent_for_a_non_eligible_joiner() -> None:
     standby = payload(eligible=False)
     token = encode_raw(standby, rng())
@@ -168,7 +176,6 @@ def test_master_key_absent_for_a_non_eligible_joiner() -> None:
     header_len = 2 + 32 + 12 + 4
     plaintext = AESGCM(key).decrypt(nonce, data[header_len:-4], data[:header_len])
     obj = json.loads(plaintext)
-    assert obj["publisher_eligible"] is False
     assert "master_key_seed" not in obj
     assert base64.urlsafe_b64encode(SEED).rstrip(b"=") not in plaintext
     assert SEED.hex().encode() not in plaintext
@@ -179,16 +186,20 @@ def test_master_key_present_for_an_eligible_joiner(raw_token: str) -> None:
 
 
 def test_seed_must_match_the_master_onion() -> None:
+    good = payload()
     with pytest.raises(JoinTokenError, match="does not belong to master_onion"):
-        JoinPayload.issue(
-            master_onion=MASTER.onion_address,
-            cluster_token=CLUSTER_TOKEN,
-            join_secret=JOIN_SECRET,
-            seed_peers=PEERS,
-            issuer_node_id="node-1",
-            now=NOW,
-            master_key_seed=bytes(32),
-        )
+        JoinPayload(good.master_onion, good.grant, good.grant_secret, "node-1", bytes(32))
+
+
+def test_grant_must_be_signed_by_the_master_key_and_match_its_secret() -> None:
+    good = payload(eligible=False)
+    foreign = JoinPayload.issue(master_key=OTHER, issuer_node_id="n", now=NOW, randbytes=rng())
+    with pytest.raises(JoinTokenError, match="not signed by the master key"):
+        JoinPayload(good.master_onion, foreign.grant, foreign.grant_secret, "node-1")
+    with pytest.raises(JoinTokenError, match="does not belong to the grant"):
+        JoinPayload(good.master_onion, good.grant, bytes(32), "node-1")
+    with pytest.raises(JoinTokenError, match="exactly when the grant carries"):
+        JoinPayload(good.master_onion, good.grant, good.grant_secret, "node-1", SEED)
 
 
 # --- wrong passphrase and damage ----------------------------------------------------------------
@@ -249,7 +260,7 @@ def test_trailing_data(pass_token: str) -> None:
     assert "extra data" in error_of(reseal(data[:-4] + b"\x00\x00" + data[-4:]))
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, 1, 255])
 def test_unsupported_header_version(pass_token: str, version: int) -> None:
     data = bytearray(raw_bytes(pass_token))
     data[0] = version
@@ -257,7 +268,12 @@ def test_unsupported_header_version(pass_token: str, version: int) -> None:
 
 
 def test_unsupported_prefix_version(pass_token: str) -> None:
-    assert error_of("rbj2-" + pass_token[len(TOKEN_PREFIX) :]) == "unsupported token version 2"
+    assert error_of("rbj3-" + pass_token[len(TOKEN_PREFIX) :]) == "unsupported token version 3"
+
+
+def test_a_protocol_v2_token_gets_a_clear_message(pass_token: str) -> None:
+    message = error_of("rbj1-" + pass_token[len(TOKEN_PREFIX) :])
+    assert "protocol v2 cluster" in message and "rustbalance cluster token" in message
 
 
 def test_unknown_kind(pass_token: str) -> None:
@@ -284,7 +300,7 @@ def test_declared_length_shorter_than_tag(raw_token: str) -> None:
     assert "shorter than its tag" in error_of(reseal(forged), None)
 
 
-@pytest.mark.parametrize("text", ["", "rbj1", "hello", "rbj1-!!!!", "rbj1-AAAA=", "RBJ1-AAAA"])
+@pytest.mark.parametrize("text", ["", "rbj2", "hello", "rbj2-!!!!", "rbj2-AAAA=", "RBJ2-AAAA"])
 def test_malformed_text(text: str) -> None:
     with pytest.raises(JoinTokenError):
         decode(text, PASSPHRASE, now=NOW)
@@ -306,7 +322,7 @@ def test_non_canonical_base64() -> None:
 
 
 def test_far_too_long() -> None:
-    assert "too long" in error_of("rbj1-" + "A" * 20000)
+    assert "too long" in error_of("rbj2-" + "A" * 20000)
 
 
 # --- expiry --------------------------------------------------------------------------------------
@@ -328,8 +344,9 @@ def test_created_in_the_future(raw_token: str) -> None:
 def test_repr_shows_no_secret() -> None:
     text = repr(payload()) + str(payload())
     assert MASTER.onion_address in text
-    for secret in (CLUSTER_TOKEN, JOIN_SECRET, SEED.hex(), repr(SEED)):
-        assert secret not in text
+    secret = payload().grant_secret
+    for shown in (secret.hex(), repr(secret), SEED.hex(), repr(SEED)):
+        assert shown not in text
     assert "publisher_eligible=True" in text
     assert "master_key_seed=None" in repr(payload(eligible=False))
 
@@ -338,20 +355,6 @@ def test_errors_do_not_echo_token_or_passphrase(pass_token: str) -> None:
     message = error_of(pass_token, "wrong-passphrase-1234")
     assert "wrong-passphrase-1234" not in message
     assert pass_token[10:30] not in message
-
-
-def test_payload_validation_keeps_secrets_out_of_messages() -> None:
-    with pytest.raises(JoinTokenError) as info:
-        JoinPayload.issue(
-            master_onion=MASTER.onion_address,
-            cluster_token="short-secret!",
-            join_secret=JOIN_SECRET,
-            seed_peers=PEERS,
-            issuer_node_id="n",
-            now=NOW,
-        )
-    assert "short-secret" not in str(info.value)
-    assert "cluster_token" in str(info.value)
 
 
 def test_error_type_is_a_rustbalance_error() -> None:
@@ -363,12 +366,10 @@ def test_error_type_is_a_rustbalance_error() -> None:
 
 def _issue(**overrides: object) -> JoinPayload:
     fields: dict[str, object] = {
-        "master_onion": MASTER.onion_address,
-        "cluster_token": CLUSTER_TOKEN,
-        "join_secret": JOIN_SECRET,
-        "seed_peers": PEERS,
+        "master_key": MASTER,
         "issuer_node_id": "node-1",
         "now": NOW,
+        "randbytes": rng(),
     }
     fields.update(overrides)
     return JoinPayload.issue(**fields)  # type: ignore[arg-type]
@@ -377,32 +378,20 @@ def _issue(**overrides: object) -> JoinPayload:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"cluster_token": ""}, "cluster_token"),  # W3: empty secrets are rejected
-        ({"join_secret": ""}, "join_secret"),
-        ({"join_secret": "a" * 31}, "join_secret"),
-        ({"join_secret": "a" * 40 + "/"}, "join_secret"),
-        ({"join_secret": CLUSTER_TOKEN}, "must differ"),
-        ({"master_onion": "example.onion"}, "master_onion"),
-        ({"seed_peers": ()}, "seed_peers"),
-        ({"seed_peers": ("10.0.0.1",)}, "seed peer"),
-        ({"seed_peers": ("10.0.0.1:0",)}, "seed peer"),
-        ({"seed_peers": ("10.0.0.1:80", "10.0.0.1:80")}, "twice"),
-        ({"seed_peers": ["10.0.0.1:80"]}, "tuple"),
-        ({"issuer_node_id": "node 1"}, "issuer_node_id"),
-        ({"issuer_node_id": ""}, "issuer_node_id"),
-        ({"lifetime_secs": 0}, "expires_at"),
-        ({"lifetime_secs": 31 * 86400}, "expires_at"),
-        ({"now": -5}, "created_at"),
-        ({"master_key_seed": b"short"}, "32 bytes"),
+        ({"issuer_node_id": "node 1"}, "issuer"),
+        ({"issuer_node_id": ""}, "issuer"),
+        ({"lifetime_secs": 0}, "token lives"),
+        ({"lifetime_secs": 31 * 86400}, "token lives"),
+        ({"max_uses": 0}, "max_uses"),
+        ({"max_uses": 1001}, "max_uses"),
+        ({"randbytes": lambda n: b"\x00" * (n - 1)}, "randbytes"),
+        ({"master_key": IdentityKey.from_expanded(MASTER.expanded), "with_master_key": True},
+         "no seed"),
     ],
-)
+)  # fmt: skip
 def test_payload_validation(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(JoinTokenError, match=message):
         _issue(**overrides)
-
-
-def test_onion_address_is_normalised() -> None:
-    assert _issue(master_onion=MASTER.onion_address.upper()).master_onion == MASTER.onion_address
 
 
 def test_short_passphrase_refused() -> None:
@@ -448,15 +437,13 @@ def test_json_round_trip_is_canonical() -> None:
         (b'{"v":NaN}', "not valid JSON"),
         (_json(extra="x"), "unknown payload field 'extra'"),
         (_json(issuer=None), "lacks issuer"),
-        (_json(v=2), "unsupported token version 2"),
+        (_json(v=1), "unsupported token version 1"),
         (_json(v=True), "unsupported token version True"),
-        (_json(publisher_eligible="yes"), "not a boolean"),
-        (_json(publisher_eligible=False), "exactly when publisher_eligible"),
-        (_json(master_key_seed=None), "exactly when publisher_eligible"),
+        (_json(master_key_seed=None), "exactly when the grant carries"),
         (_json(master_key_seed="!!"), "not base64url"),
-        (_json(seed_peers="10.0.0.1:80"), "list of strings"),
-        (_json(created_at=1.5), "created_at"),
-        (_json(expires_at=True), "expires_at"),
+        (_json(grant="AAAA"), "grant"),
+        (_json(grant_secret="AAAA"), "grant_secret"),
+        (_json(issuer=7), "issuer_node_id"),
     ],
 )
 def test_from_json_rejects(data: bytes, message: str) -> None:
@@ -487,7 +474,7 @@ def test_fuzz_random_binary_after_prefix(data: bytes) -> None:
 def test_fuzz_structured_garbage_with_valid_checksum(data: bytes, kind: int) -> None:
     # Gets past the checksum, so the deeper parsing and the AEAD are exercised too.
     with pytest.raises(JoinTokenError):
-        decode(reseal(bytes([1, kind]) + data + b"\x00" * 4), PASSPHRASE, now=NOW)
+        decode(reseal(bytes([2, kind]) + data + b"\x00" * 4), PASSPHRASE, now=NOW)
 
 
 @given(st.data())

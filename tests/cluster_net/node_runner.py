@@ -1,16 +1,19 @@
-"""A cluster coordinator as a process: the network-namespace test runs it inside ``ip netns``,
-the clock-skew and full-disk tests under libfaketime or on a tiny filesystem.
+"""A cluster coordinator as a process: the network-namespace test runs it inside ``ip netns``, the
+clock-skew and full-disk tests under libfaketime or on a tiny filesystem.
 
 Usage: ``python -m tests.cluster_net.node_runner <settings.json>``; the settings name
-``node_id``, ``priority``, ``listen``, ``peers``, ``token_path``, ``interval``, ``timeout``,
-``grace`` and ``max_lifetime``, and optionally ``state_dir`` (default: none, nothing saved),
+``node_id``, ``priority``, ``listen``, ``peers``, ``master_key_path`` (the master key's seed
+file, 0600: the node admits itself with it, as a daemon that holds the key does),
+``node_key_path`` (made when missing), ``interval``, ``timeout``, ``grace`` and
+``max_lifetime``, and optionally ``state_dir`` (default: none, nothing saved),
 ``skew_tolerance`` (default: the config's) and ``status_every`` (default 0.1 s). It runs the
 :class:`~rustbalance.cluster.coordinator.Coordinator` the daemon runs (same sealing, clock
-checks, election), without tor, and prints one JSON status line every ``status_every`` seconds
-with what ``rustbalance status`` shows under ``cluster``: role, term, believed publisher, live
-peers, counters and rejected datagrams per reason, plus its wall clock. It exits 0 on SIGTERM
-(a publisher sends lease_release first) or by itself after ``max_lifetime`` seconds, so a
-crashed test cannot leave it behind. Log lines (INFO and up) go to stderr.
+checks, election, membership), without tor, and prints one JSON status line every
+``status_every`` seconds with what ``rustbalance status`` shows under ``cluster``: role, term,
+believed publisher, live peers, counters and rejected datagrams per reason, plus its wall clock.
+It exits 0 on SIGTERM (a publisher sends lease_release first) or by itself after
+``max_lifetime`` seconds, so a crashed test cannot leave it behind. Log lines (INFO and up) go
+to stderr.
 """
 
 from __future__ import annotations
@@ -26,21 +29,22 @@ from pathlib import Path
 from typing import Any
 
 from rustbalance.cluster.coordinator import Coordinator
-from rustbalance.cluster.messages import ClusterKey
+from rustbalance.cluster.identity import load_or_create_node_key
 from rustbalance.config.schema import CoordinationConfig
+from rustbalance.crypto.keys import load_identity_key
 from rustbalance.rules import parse_endpoint
+from tests.cluster_net.support import self_admitted
 
 
 def _identity(data: bytes) -> bytes:
     return data
 
 
-async def main(settings: dict[str, Any], token: bytes) -> int:
+async def main(settings: dict[str, Any]) -> int:
     optional: dict[str, Any] = {}
     if "skew_tolerance" in settings:
         optional["clock_skew_tolerance_secs"] = settings["skew_tolerance"]
     config = CoordinationConfig(
-        cluster_token_path=Path(settings["token_path"]),
         listen=parse_endpoint(settings["listen"]),
         peers=tuple(parse_endpoint(p) for p in settings["peers"]),
         heartbeat_interval_secs=settings["interval"],
@@ -48,14 +52,23 @@ async def main(settings: dict[str, Any], token: bytes) -> int:
         takeover_grace_secs=settings["grace"],
         **optional,
     )
-    state_dir = settings.get("state_dir")
+    state_dir = Path(settings["state_dir"]) if settings.get("state_dir") else None
+    master = load_identity_key(settings["master_key_path"])
+    key, _ = load_or_create_node_key(Path(settings["node_key_path"]))
+    membership = self_admitted(
+        settings["node_id"],
+        key,
+        str(config.listen),
+        priority=settings["priority"],
+        state_dir=state_dir,
+        master=master,
+    )
     node: Coordinator[bytes] = Coordinator(
         node_id=settings["node_id"],
-        priority=settings["priority"],
-        publisher_eligible=True,
+        node_key=key,
+        membership=membership,
         config=config,
-        key=ClusterKey(token),
-        state_dir=Path(state_dir) if state_dir is not None else None,
+        state_dir=state_dir,
         encode_intro_point=_identity,
         decode_intro_point=_identity,
     )
@@ -93,4 +106,4 @@ async def main(settings: dict[str, Any], token: bytes) -> int:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     doc = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
-    sys.exit(asyncio.run(main(doc, Path(doc["token_path"]).read_bytes())))
+    sys.exit(asyncio.run(main(doc)))

@@ -10,21 +10,53 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from rustbalance.cluster.coordinator import Coordinator
-from rustbalance.cluster.messages import ClusterKey, Role
+from rustbalance.cluster.coordinator import MEMBERS_FILE_NAME, Coordinator, load_membership_file
+from rustbalance.cluster.identity import NodeKey
+from rustbalance.cluster.membership import Membership
+from rustbalance.cluster.messages import Role
 from rustbalance.config.schema import CoordinationConfig, Endpoint
+from rustbalance.crypto.keys import IdentityKey
 from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.descriptor.intro_point_codec import decode_intro_point, encode_intro_point
 from rustbalance.testnet.cluster import free_udp_ports as free_udp_ports  # re-exported
+from tests.trust import MASTER, node_key, now_ms, record, signed
 
-TOKEN = b"cluster-net-test-token-0123456789abcdef"
 INTERVAL, TIMEOUT, GRACE = 0.5, 1.5, 1.5
 LOCALHOST = "127.0.0.1"
 
 
+def self_admitted(
+    node_id: str,
+    key: NodeKey,
+    coordination: str,
+    *,
+    priority: int,
+    eligible: bool = True,
+    state_dir: Path | None = None,
+    master: IdentityKey = MASTER,
+) -> Membership:
+    """What the daemon of a master-key holder starts with: its saved membership (if any) and
+    its own admission record, signed with the master key (node/cluster_link.py)."""
+    at = now_ms()
+    if state_dir is not None:
+        membership, _ = load_membership_file(state_dir / MEMBERS_FILE_NAME, master.public_key, at)
+    else:
+        membership = Membership(master.public_key)
+    own = record(
+        node_id,
+        key=key,
+        priority=priority,
+        eligible=eligible,
+        holds_master_key=True,
+        coordination=coordination,
+        issued_at_ms=at,
+    )
+    membership.apply(signed(own, master), at)
+    return membership
+
+
 def coordination_config(port: int, seeds: list[int]) -> CoordinationConfig:
     return CoordinationConfig(
-        cluster_token_path=None,
         listen=Endpoint(host=LOCALHOST, port=port),
         peers=tuple(Endpoint(host=LOCALHOST, port=p) for p in seeds),
         heartbeat_interval_secs=INTERVAL,
@@ -42,19 +74,31 @@ def make_node(
     *,
     advertise: str | None = None,
     eligible: bool = True,
-    token: bytes = TOKEN,
     warn_interval: float = 60.0,
+    key: NodeKey | None = None,
+    master: IdentityKey = MASTER,
 ) -> Coordinator[IntroPoint]:
+    """A master-key holder's coordinator (it admits itself), as the daemon builds it."""
+    key = key or node_key(node_id)
+    config = coordination_config(port, seeds)
+    # Where the others reach it is its record's business (its advertised address).
+    reach = advertise or f"{LOCALHOST}:{port}"
     return Coordinator(
         node_id=node_id,
-        priority=priority,
-        publisher_eligible=eligible,
-        config=coordination_config(port, seeds),
-        key=ClusterKey(token),
+        node_key=key,
+        membership=self_admitted(
+            node_id,
+            key,
+            reach,
+            priority=priority,
+            eligible=eligible,
+            state_dir=state_dir,
+            master=master,
+        ),
+        config=config,
         state_dir=state_dir,
         encode_intro_point=encode_intro_point,
         decode_intro_point=decode_intro_point,
-        advertise=advertise,
         warn_interval=warn_interval,
     )
 

@@ -9,14 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rustbalance.cluster.coordinator import Coordinator
-from rustbalance.cluster.messages import ClusterKey, CoordinationError
+from rustbalance.cluster.messages import CoordinationError
 from rustbalance.cluster.transport import RateLimitedLog
 from rustbalance.config.schema import CoordinationConfig
 from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.descriptor.intro_point_codec import decode_intro_point, encode_intro_point
 from rustbalance.errors import DescriptorError
-from tests.cluster_net.support import TOKEN
+from tests.cluster_net.support import self_admitted
 from tests.descriptor.helpers import make_intro_point, rng
+from tests.trust import node_key
 
 
 def test_intro_point_round_trip_and_strictness() -> None:
@@ -58,14 +59,30 @@ def test_bad_timings_are_refused_at_construction() -> None:
         with pytest.raises(CoordinationError):
             Coordinator(
                 node_id="a",
-                priority=1,
-                publisher_eligible=True,
+                node_key=node_key("a"),
+                membership=self_admitted("a", node_key("a"), "127.0.0.1:1", priority=1),
                 config=config,
-                key=ClusterKey(TOKEN),
                 state_dir=None,
                 encode_intro_point=bytes,
                 decode_intro_point=bytes,
             )
+
+
+def test_a_node_that_is_not_admitted_cannot_coordinate() -> None:
+    """No admission record for this node key (never admitted, or admitted with another key):
+    the coordinator refuses to start, with a message naming the key's fingerprint."""
+    key = node_key("a")
+    other = self_admitted("a", node_key("a", generation=1), "127.0.0.1:1", priority=1)
+    with pytest.raises(CoordinationError, match=r"not admitted with its node key SHA256:"):
+        Coordinator(
+            node_id="a",
+            node_key=key,
+            membership=other,
+            config=CoordinationConfig(),
+            state_dir=None,
+            encode_intro_point=bytes,
+            decode_intro_point=bytes,
+        )
 
 
 def test_rate_limited_log_one_line_per_key_per_interval(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,5 +1,5 @@
 """Coordinators on real UDP sockets on 127.0.0.1: gossip, election, failover, intro points,
-restart from the peers file, partition and heal through a fault-injecting relay.
+restart from the members file, partition and heal through a fault-injecting relay.
 
 Timings are short (interval 0.5 s, timeout 1.5 s, grace 1.5 s); every wait is bounded.
 """
@@ -7,11 +7,11 @@ Timings are short (interval 0.5 s, timeout 1.5 s, grace 1.5 s); every wait is bo
 from __future__ import annotations
 
 import asyncio
-import json
 import stat
 from pathlib import Path
 
-from rustbalance.cluster.coordinator import PEERS_FILE_NAME, ChangeKind
+from rustbalance.cluster.coordinator import MEMBERS_FILE_NAME, ChangeKind
+from rustbalance.cluster.membership import Membership
 from rustbalance.cluster.messages import Role
 from rustbalance.descriptor.intro_point import IntroPoint
 from tests.cluster_net.support import (
@@ -26,6 +26,7 @@ from tests.cluster_net.support import (
     wait_until,
 )
 from tests.descriptor.helpers import make_intro_point, rng
+from tests.trust import MASTER, now_ms
 
 # A crashed publisher is replaced timeout + grace after its last heartbeat reached the best
 # standby: at most one interval after the crash, plus one coordinator tick (interval / 2).
@@ -38,7 +39,8 @@ SLACK = 0.5  # scheduling noise on a loaded test machine
 async def test_gossip_one_publisher_and_crash_failover(tmp_path: Path) -> None:
     pa, pb, pc = free_udp_ports(3)
     async with cluster() as c:
-        # A chain: a knows b, b knows c, c knows b. a and c only meet through b's gossip.
+        # A chain: a knows b, b knows c, c knows b. a and c only meet through b: b relays the
+        # master-signed records it holds (a's and c's), which say where each one is.
         a = make_node("a", 1, pa, [pb], tmp_path / "a")
         b = make_node("b", 2, pb, [pc], tmp_path / "b")
         cc = make_node("c", 3, pc, [pb], tmp_path / "c")
@@ -49,9 +51,9 @@ async def test_gossip_one_publisher_and_crash_failover(tmp_path: Path) -> None:
         def full_mesh() -> bool:
             return all(len(n.live_peers()) == 2 for n in nodes)
 
-        await wait_until(full_mesh, 3.0, "a full mesh through gossip")
-        assert a.peers.address_of("c") == f"127.0.0.1:{pc}"
-        assert cc.peers.address_of("a") == f"127.0.0.1:{pa}"
+        await wait_until(full_mesh, 3.0, "a full mesh through the membership")
+        assert a.membership.member("c").coordination == f"127.0.0.1:{pc}"  # type: ignore[union-attr]
+        assert cc.membership.member("a").coordination == f"127.0.0.1:{pa}"  # type: ignore[union-attr]
         assert all(n.is_multi for n in nodes)
 
         await wait_until(lambda: publishers(nodes) == ["a"], STARTUP_BOUND, "a to publish")
@@ -150,7 +152,7 @@ async def test_intro_points_propagate_by_content(tmp_path: Path) -> None:
         assert b.is_multi  # c is still there
 
 
-async def test_restart_rejoins_from_the_peers_file_without_seeds(tmp_path: Path) -> None:
+async def test_restart_rejoins_from_the_members_file_without_seeds(tmp_path: Path) -> None:
     pa, pb, pc = free_udp_ports(3)
     async with cluster() as c:
         a = make_node("a", 1, pa, [pb], tmp_path / "a")
@@ -161,15 +163,18 @@ async def test_restart_rejoins_from_the_peers_file_without_seeds(tmp_path: Path)
         await wait_until(
             lambda: all(len(n.live_peers()) == 2 for n in (a, b, cc)), 3.0, "a full mesh"
         )
-        peers_file = tmp_path / "c" / PEERS_FILE_NAME
-        await wait_until(
-            lambda: peers_file.exists() and f"127.0.0.1:{pb}" in peers_file.read_text(),
-            2.0,
-            "c's peers file",
-        )
-        assert stat.S_IMODE(peers_file.stat().st_mode) == 0o600
-        doc = json.loads(peers_file.read_text())
-        assert {p["node_id"] for p in doc["peers"]} == {"a", "b"}
+        members_file = tmp_path / "c" / MEMBERS_FILE_NAME
+
+        def saved() -> set[str]:
+            if not members_file.exists():
+                return set()
+            membership = Membership(MASTER.public_key)
+            membership.load_json(members_file.read_text(), now_ms())
+            return {r.node_id for r in membership.members()}
+
+        await wait_until(lambda: saved() == {"a", "b", "c"}, 2.0, "c's members file")
+        assert stat.S_IMODE(members_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(members_file.parent.stat().st_mode) == 0o700
         await wait_until(lambda: publishers([a, b, cc]) == ["a"], STARTUP_BOUND, "a to publish")
 
         await c.kill("c")
@@ -181,7 +186,7 @@ async def test_restart_rejoins_from_the_peers_file_without_seeds(tmp_path: Path)
             3.0,
             "the restarted node to rejoin",
         )
-        print(f"\nrejoin from the peers file: {took:.2f} s")
+        print(f"\nrejoin from the members file: {took:.2f} s")
         await wait_until(lambda: restarted.publisher() == "a", 2.0, "c to see a publishing")
         # It never claims while a better publisher is live, even after timeout + grace.
         await asyncio.sleep(TIMEOUT + GRACE + INTERVAL)

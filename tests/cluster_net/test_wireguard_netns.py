@@ -31,7 +31,8 @@ from rustbalance.cluster.wireguard import (
     load_or_create_private_key,
     public_key_of,
 )
-from tests.cluster_net.support import GRACE, INTERVAL, TIMEOUT, TOKEN, wait_until
+from tests.cluster_net.support import GRACE, INTERVAL, TIMEOUT, wait_until
+from tests.reliability.helpers import write_master_key
 
 REPO = Path(__file__).resolve().parents[2]
 TAG = f"{os.getpid() % 100000}"
@@ -104,9 +105,7 @@ class Runner:
 
 @contextlib.asynccontextmanager
 async def runners(tmp_path: Path) -> AsyncIterator[dict[str, Runner]]:
-    token_path = tmp_path / "cluster.token"
-    token_path.write_bytes(TOKEN + b"\n")
-    token_path.chmod(0o600)
+    master_path = write_master_key(tmp_path / "master.key")
     started: dict[str, Runner] = {}
     followers: list[asyncio.Task[None]] = []
     try:
@@ -116,7 +115,8 @@ async def runners(tmp_path: Path) -> AsyncIterator[dict[str, Runner]]:
                 "priority": priority,
                 "listen": f"{TUNNEL[name]}:{COORD_PORT}",
                 "peers": [f"{TUNNEL[other]}:{COORD_PORT}"],
-                "token_path": str(token_path),
+                "master_key_path": str(master_path),
+                "node_key_path": str(tmp_path / f"node-{name}.key"),
                 "state_dir": str(tmp_path / f"state-{name}"),
                 "interval": INTERVAL,
                 "timeout": TIMEOUT,

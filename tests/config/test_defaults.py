@@ -143,7 +143,6 @@ def test_publish_defaults() -> None:
 def test_coordination_defaults_make_a_single_node() -> None:
     config = minimal()
     coordination = config.coordination
-    assert coordination.cluster_token_path is None
     assert coordination.listen == Endpoint(host="127.0.0.1", port=51821)
     assert coordination.peers == ()
     assert coordination.heartbeat_interval_secs == 5

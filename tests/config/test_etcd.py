@@ -79,11 +79,7 @@ def test_an_etcd_section_without_the_etcd_backend_is_accepted_unused() -> None:
         (
             {
                 **etcd_mode(),
-                "coordination": {
-                    "backend": "etcd",
-                    "peers": ["10.0.0.2:51821"],
-                    "cluster_token_path": "t",
-                },
+                "coordination": {"backend": "etcd", "peers": ["10.0.0.2:51821"]},
             },
             "coordination.peers: must be empty with backend = 'etcd'",
         ),
@@ -98,11 +94,10 @@ def test_mistakes_are_named_with_their_key(
 
 def test_joins_are_refused_with_the_etcd_backend() -> None:
     sections = etcd_mode()
-    sections["join"] = {"enabled": True, "secret_path": "join.secret"}
+    sections["join"] = {"enabled": True}
     sections["wireguard"] = {
         "private_key_path": "wg.key",
         "address": "10.99.0.1/24",
         "endpoint": "203.0.113.5:51820",
     }
-    sections["coordination"]["cluster_token_path"] = "cluster.token"
     assert "join.enabled: must be false with coordination.backend = 'etcd'" in problems(**sections)

@@ -13,11 +13,10 @@ from rustbalance.config.identity_mode import (
 from tests.config import ONION_A, parse, problems
 
 PEERS = {
-    "cluster_token_path": "cluster.token",
     "listen": "127.0.0.1:9000",
     "peers": ["127.0.0.1:9001"],
 }
-JOIN = {"enabled": True, "secret_path": "join.secret", "tunnel_network": "10.99.0.0/24"}
+JOIN = {"enabled": True, "tunnel_network": "10.99.0.0/24"}
 WIREGUARD = {
     "enabled": True,
     "private_key_path": "wg.key",
@@ -28,7 +27,7 @@ WIREGUARD = {
 JOINING = {
     "join": JOIN,
     "wireguard": {**WIREGUARD, "enabled": False},
-    "coordination": {"cluster_token_path": "cluster.token", "listen": "10.99.0.1:51821"},
+    "coordination": {"listen": "10.99.0.1:51821"},
     "proxy": {"mode": "http"},
 }
 

@@ -99,11 +99,8 @@ def test_cli_check_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 def test_cli_check_multi_node_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     doc = with_master_key(tmp_path)
     doc["tor"] = {"mode": "system"}
-    doc["coordination"] = {"peers": ["10.0.0.2:51821"], "cluster_token_path": "t"}
+    doc["coordination"] = {"peers": ["10.0.0.2:51821"]}
     doc["target"]["use_tls"] = True
-    fd = os.open(tmp_path / "t", os.O_WRONLY | os.O_CREAT, 0o600)
-    os.write(fd, b"a-cluster-token-of-at-least-32-characters\n")
-    os.close(fd)
     assert run_cli("config", "check", str(write(tmp_path, tomli_w.dumps(doc)))) == 0
     summary = capsys.readouterr().out.splitlines()[1]
     assert summary == ("node node-a, multi-node (1 peers), tor system, target 127.0.0.1:8000 (tls)")

@@ -12,15 +12,13 @@ from rustbalance.config import parse_config
 from tests.config import BASE, ONION_B, parse, problems
 
 POW = {"pow_enabled": True}
-TOKEN = {"cluster_token_path": "cluster.token"}
 JOIN_READY: dict[str, dict[str, Any]] = {
     "wireguard": {
         "private_key_path": "/etc/rustbalance/wireguard.key",
         "address": "10.99.0.1/24",
         "endpoint": "203.0.113.5:51820",
     },
-    "join": {"enabled": True, "secret_path": "join.secret"},
-    "coordination": dict(TOKEN),
+    "join": {"enabled": True},
 }
 
 
@@ -34,7 +32,7 @@ def test_a_lone_shared_node_keeps_pow() -> None:
     ("sections", "reason"),
     [
         (
-            {"coordination": {**TOKEN, "peers": ["127.0.0.1:51822"]}},
+            {"coordination": {"peers": ["127.0.0.1:51822"]}},
             "coordination.peers is set",
         ),
         ({"master": {"backends": [ONION_B]}}, "master.backends is set"),
@@ -79,7 +77,7 @@ def test_every_reason_is_named_once() -> None:
     found = problems(
         node={"identity_mode": "instance"},
         master={"backends": [ONION_B]},
-        coordination={**TOKEN, "peers": ["127.0.0.1:51822"]},
+        coordination={"peers": ["127.0.0.1:51822"]},
         tor=POW,
     )
     assert len(found) == 1
@@ -92,7 +90,7 @@ def test_pow_off_in_a_cluster_stays_valid() -> None:
         '[node]\nid = "n"\nidentity_mode = "instance"\n'
         '[master]\nidentity_key_path = "m.key"\n'
         '[target]\naddress = "127.0.0.1:80"\n'
-        '[coordination]\ncluster_token_path = "t"\npeers = ["127.0.0.1:51822"]\n'
+        '[coordination]\npeers = ["127.0.0.1:51822"]\n'
         "[tor]\npow_enabled = false\n",
         BASE,
     )

@@ -166,12 +166,6 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ),
     ("publish", "descriptor_max_age_secs", 0, "publish.descriptor_max_age_secs: must be > 0"),
     ("publish", "upload_timeout_secs", 0, "publish.upload_timeout_secs: must be > 0"),
-    (
-        "coordination",
-        "cluster_token_path",
-        "",
-        "coordination.cluster_token_path: must not be empty",
-    ),
     ("coordination", "listen", "0.0.0.0", "coordination.listen: '0.0.0.0' must be 'HOST:PORT'"),
     (
         "coordination",
@@ -470,7 +464,7 @@ def test_relative_paths_are_resolved_against_the_config_folder() -> None:
                 "torrc_include": "torrc.d/rb.conf",
                 "hidden_service_dir": "hs",
             },
-            coordination={"cluster_token_path": "token", "peers": ["10.0.0.2:1"]},
+            coordination={"peers": ["10.0.0.2:1"]},
         ),
         "/srv/rb",
     )
@@ -481,7 +475,7 @@ def test_relative_paths_are_resolved_against_the_config_folder() -> None:
     assert config.tor.control == Path("/srv/rb/ctl/sock")
     assert config.tor.torrc_include == Path("/srv/rb/torrc.d/rb.conf")
     assert config.tor.hidden_service_dir == Path("/srv/rb/hs")
-    assert config.coordination.cluster_token_path == Path("/srv/rb/token")
+    assert config.node.node_key_path == Path("/srv/rb/state/keys/node.key")
 
 
 def test_absolute_paths_are_kept() -> None:
@@ -550,10 +544,8 @@ def test_onion_target_is_marked_as_onion() -> None:
 # --- coordination ---------------------------------------------------------------------------
 
 
-def test_multi_node_with_token() -> None:
-    config = parse(
-        coordination={"peers": ["10.0.0.2:51821", "[fd00::3]:51821"], "cluster_token_path": "t"}
-    )
+def test_multi_node_with_seed_peers() -> None:
+    config = parse(coordination={"peers": ["10.0.0.2:51821", "[fd00::3]:51821"]})
     assert config.is_multi_node
     assert config.coordination.is_multi_node
     assert config.coordination.peers == (
@@ -563,22 +555,9 @@ def test_multi_node_with_token() -> None:
     assert "multi-node (2 peers)" in config.summary()
 
 
-def test_multi_node_requires_cluster_token_path() -> None:
-    assert problems(coordination={"peers": ["10.0.0.2:51821"]}) == (
-        "coordination.cluster_token_path: is required when coordination.peers is not empty "
-        "(multi-node)",
-    )
-
-
-def test_single_node_may_name_a_token() -> None:
-    config = parse(coordination={"cluster_token_path": "/etc/rustbalance/token"})
-    assert not config.is_multi_node
-
-
 def test_duplicate_peers_are_errors() -> None:
     found = problems(
         coordination={
-            "cluster_token_path": "t",
             "listen": "10.0.0.1:51821",
             "peers": ["10.0.0.2:51821", "10.0.0.2:51821", "10.0.0.3:51821"],
         }
@@ -591,7 +570,7 @@ def test_one_member_list_serves_every_node() -> None:
     which is left out, so the same member list goes into every node's config."""
     members = ["10.0.0.1:51821", "10.0.0.2:51821", "10.0.0.3:51821"]
     for own in members:
-        config = parse(coordination={"cluster_token_path": "t", "listen": own, "peers": members})
+        config = parse(coordination={"listen": own, "peers": members})
         assert config.coordination.peers == tuple(
             Endpoint(host=m.split(":")[0], port=51821) for m in members if m != own
         )
@@ -599,7 +578,6 @@ def test_one_member_list_serves_every_node() -> None:
         assert "multi-node (2 peers)" in config.summary()
     behind_nat = parse(
         coordination={
-            "cluster_token_path": "t",
             "listen": "0.0.0.0:51821",
             "advertise": "10.0.0.2:51821",
             "peers": members,
@@ -611,7 +589,7 @@ def test_one_member_list_serves_every_node() -> None:
 def test_a_member_list_of_only_this_node_is_a_single_node() -> None:
     config = parse(coordination={"listen": "10.0.0.1:51821", "peers": ["10.0.0.1:51821"]})
     assert config.coordination.peers == ()
-    assert not config.is_multi_node  # and so no cluster token is needed
+    assert not config.is_multi_node
 
 
 def test_heartbeat_timeout_must_exceed_twice_interval() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-from pathlib import Path
 from typing import Any
 
 from tests.config import parse, problems
@@ -13,13 +12,11 @@ WG = {
     "address": "10.99.0.1/24",
     "endpoint": "203.0.113.5:51820",
 }
-JOIN = {"enabled": True, "secret_path": "join.secret"}
-TOKEN = {"cluster_token_path": "cluster.token"}
+JOIN = {"enabled": True}
 
 
 def _join(**overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     sections: dict[str, dict[str, Any]] = {"wireguard": dict(WG), "join": dict(JOIN)}
-    sections["coordination"] = dict(TOKEN)
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)
     return sections
@@ -35,20 +32,35 @@ def test_defaults_are_off_and_documented_values() -> None:
         "auto",
     )
     assert wg.private_key_path is None and wg.address is None and wg.endpoint is None
-    assert wg.peers_path == Path("/var/lib/rustbalance/wireguard_peers.json")
-    assert (join.enabled, join.secret_path, join.tunnel_network) == (False, None, None)
+    assert (join.enabled, join.tunnel_network) == (False, None)
 
 
-def test_peers_path_follows_state_dir_and_network_follows_address() -> None:
+def test_network_follows_address() -> None:
     config = parse(node={"state_dir": "/srv/rb"}, wireguard={"address": "10.5.0.9/22"})
-    assert config.wireguard.peers_path == Path("/srv/rb/wireguard_peers.json")
     assert config.join.tunnel_network == ipaddress.IPv4Network("10.5.0.0/22")
+
+
+def test_protocol_v2_keys_name_the_upgrade() -> None:
+    """Issue 16: the cluster token, the join secret and the mesh peers file are gone; a v2
+    config gets one clear problem per key, naming the command that upgrades it."""
+    hint = (
+        "removed with protocol v3 (per-node identities, docs/security.md); run "
+        "'rustbalance cluster upgrade --config FILE' on this node"
+    )
+    assert problems(
+        coordination={"cluster_token_path": "cluster.token"},
+        wireguard={"peers_path": "p.json"},
+        join={"secret_path": "join.secret"},
+    ) == (
+        f"coordination.cluster_token_path: {hint}",
+        f"wireguard.peers_path: {hint}",
+        f"join.secret_path: {hint}",
+    )
 
 
 def test_a_complete_join_config_parses_with_relative_paths_resolved() -> None:
     config = parse(**_join(wireguard={"mode": "userspace", "enabled": True}))
     assert config.join.enabled and config.wireguard.enabled
-    assert config.join.secret_path == Path("/etc/rustbalance/join.secret")
     assert str(config.wireguard.address) == "10.99.0.1/24"
     assert str(config.wireguard.endpoint) == "203.0.113.5:51820"
     assert config.wireguard.mode == "userspace"
@@ -62,16 +74,22 @@ def test_enabled_wireguard_needs_key_and_address() -> None:
     )
 
 
-def test_join_needs_its_secret_identity_token_http_and_a_reachable_listen() -> None:
+def test_join_needs_the_master_key_its_identity_http_and_a_reachable_listen() -> None:
     found = problems(join={"enabled": True}, proxy={"mode": "tcp"})
     assert found == (
-        "join.secret_path: is required when join.enabled = true",
         "wireguard.private_key_path: is required when join.enabled = true",
         "wireguard.address: is required when join.enabled = true",
         "wireguard.endpoint: is required when join.enabled = true",
-        "coordination.cluster_token_path: is required when join.enabled = true",
         "proxy.mode: must be 'http' when join.enabled = true, got 'tcp'",
     )
+    # Admitting a node is signing its record with the master key (issue 16).
+    keyless = problems(
+        **_join(
+            node={"identity_mode": "instance", "publisher_eligible": False},
+            master={"identity_key_path": None, "onion_address": None},
+        )
+    )
+    assert any(p.startswith("join.enabled: only a node holding the master key") for p in keyless)
     wildcard = problems(**_join(coordination={"listen": "0.0.0.0:51821"}))
     assert len(wildcard) == 1 and wildcard[0].startswith(
         "coordination.listen: 0.0.0.0:51821 is a wildcard address"
@@ -123,8 +141,8 @@ def test_tunnel_network_rules() -> None:
 
 
 def test_unknown_keys_stay_errors() -> None:
-    assert problems(join={"secret": "inline-secret-value"}) == (
-        "join.secret: unknown key (did you mean 'secret_path'?)",
+    assert problems(join={"secret": "inline-secret-value"})[0].startswith(
+        "join.secret: unknown key"
     )
     assert problems(wireguard={"private_key": "abc"}) == (
         "wireguard.private_key: unknown key (did you mean 'private_key_path'?)",

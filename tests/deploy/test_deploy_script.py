@@ -32,9 +32,9 @@ OPERATOR_TORRC = (
 )
 INCLUDE_LINE = "%include /etc/tor/torrc.d/"
 PASSPHRASE = "pass-Phrase-that-must-stay-secret-71"
-JOIN_TOKEN = "rbj1-SECRETjoinTOKENthatMustNeverAppearInArgv0123456789"
+JOIN_TOKEN = "rbj2-SECRETjoinTOKENthatMustNeverAppearInArgv0123456789"
 STUB_MASTER_KEY = "stub-master-key-SECRET-5f1e"
-STUB_ISSUED_TOKEN = "rbj1-ISSUEDtokenSECRET-9a8b"
+STUB_ISSUED_TOKEN = "rbj2-ISSUEDtokenSECRET-9a8b"
 
 # One stub for every command: it records "name arg..." and then acts by name.
 STUB = r"""#!/usr/bin/env bash

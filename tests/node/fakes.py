@@ -288,6 +288,7 @@ class FakeCoordination:
             peer_intro_points={k: len(v) for k, v in peers.items()},
             live_peers=tuple(sorted(peers)),
             known_peers=tuple(sorted(peers)),
+            revoked=self.current.revoked,
         )
 
     def report_intro_points(self, points: Sequence[IntroPoint]) -> None:

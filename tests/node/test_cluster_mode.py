@@ -24,6 +24,7 @@ from rustbalance.node.cluster_mode import (
     SetNativePublishing,
 )
 from rustbalance.node.identity import NodeIdentity
+from tests.budget import budget
 
 TIMEOUT = 15.0
 SIG_NONE: MergeSignature = (False, frozenset(), ())
@@ -121,6 +122,24 @@ def test_alone_at_start_up_waits_a_heartbeat_timeout_then_publishes_alone() -> N
         RoleChanged(publisher=True, multi=False),
         Republish("became publisher"),
     ]
+
+
+def test_a_revoked_node_never_publishes_and_tor_stops_publishing_the_master() -> None:
+    """Issue 16: coordination says this node was revoked. Alone and settled (where it would
+    publish, and tor too), it steps down and switches tor's native publishing off."""
+    mode = ClusterMode(policy())
+    mode.begin(0.0, is_multi=False)
+    assert mode.step(0.0, seen()) == [SetNativePublishing(False)]
+    mode.native_applied(False)
+    assert RoleChanged(publisher=True, multi=False) in mode.step(TIMEOUT, seen())
+    mode.native_applied(True)
+    actions = mode.step(TIMEOUT + 1, seen(holds_lease=True, revoked=True))
+    assert actions == [SetNativePublishing(False), RoleChanged(publisher=False, multi=False)]
+    mode.native_applied(False)
+    for is_multi in (False, True):
+        assert not mode.should_publish(1000.0, is_multi, holds_lease=True, revoked=True)
+        assert not mode.native_publishing_wanted(1000.0, is_multi, revoked=True)
+    assert of(mode.step(1000.0, seen(holds_lease=True, revoked=True)), RoleChanged) == []
 
 
 def test_a_node_whose_last_peer_expired_publishes_at_once() -> None:
@@ -315,6 +334,8 @@ observation = st.builds(
     own_intro_points=st.integers(0, 3),
     signature=st.sampled_from(SIGNATURES),
     publishing=st.booleans(),
+    # Rarely: a revocation is for good in a real run; here it may come and go.
+    revoked=st.sampled_from([False, False, False, True]),
 )
 policies = st.builds(
     ModePolicy,
@@ -338,7 +359,7 @@ steps = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=budget(150), deadline=None)
 @given(policy_=policies, sequence=steps, start_multi=st.booleans())
 def test_properties_of_random_runs(
     policy_: ModePolicy,
@@ -360,7 +381,9 @@ def test_properties_of_random_runs(
             alone_since = now - policy_.alone_after
         was_published = mode.published_signature
         actions = mode.step(now, observed)
-        publisher = mode.should_publish(now, observed.is_multi, observed.holds_lease)
+        publisher = mode.should_publish(
+            now, observed.is_multi, observed.holds_lease, observed.revoked
+        )
         if not publisher:
             differs_since = None
         elif not observed.publishing:
@@ -369,10 +392,10 @@ def test_properties_of_random_runs(
             elif differs_since is None:
                 differs_since = now
 
-        # Who publishes: never without the key; the lease holder in a cluster; a node alone
-        # only after alone_after without peers, and never with a lease-only backend (etcd):
-        # there the lease is the whole answer.
-        if not policy_.has_master_key:
+        # Who publishes: never without the key, never a revoked node (issue 16); the lease
+        # holder in a cluster; a node alone only after alone_after without peers, and never
+        # with a lease-only backend (etcd): there the lease is the whole answer.
+        if not policy_.has_master_key or observed.revoked:
             assert not publisher
         elif policy_.lease_only or observed.is_multi:
             assert publisher == observed.holds_lease
@@ -383,7 +406,7 @@ def test_properties_of_random_runs(
 
         # Native publishing: asked for only when it differs from what tor has; off in a
         # cluster and with backends in shared mode, always on in instance mode.
-        wanted = mode.native_publishing_wanted(now, observed.is_multi)
+        wanted = mode.native_publishing_wanted(now, observed.is_multi, observed.revoked)
         for action in of(actions, SetNativePublishing):
             assert isinstance(action, SetNativePublishing)
             assert action.on == wanted != mode.native_publishing
@@ -391,7 +414,7 @@ def test_properties_of_random_runs(
                 mode.native_applied(action.on)
         if not policy_.native_publishes_master:
             assert wanted
-        elif policy_.has_backends or observed.is_multi or policy_.lease_only:
+        elif policy_.has_backends or observed.is_multi or policy_.lease_only or observed.revoked:
             assert not wanted
 
         # The role is logged once per change, and a standby has nothing published.

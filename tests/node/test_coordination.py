@@ -14,12 +14,14 @@ import pytest
 
 from rustbalance.config import parse_config
 from rustbalance.config.schema import Config
+from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
 from rustbalance.node.coordination import (
     EtcdCoordination,
     EtcdLink,
     UdpCoordination,
     start_coordination,
 )
+from rustbalance.node.identity import NodeIdentity
 from rustbalance.node.startup import EXIT_CONFIG, StartupError
 from rustbalance.testnet.etcd_cluster import TestPki
 from tests.node.fakes import ManualClock, intro_points
@@ -43,6 +45,13 @@ def etcd_config(tmp_path: Path, pki: TestPki, **paths: Path) -> Config:
     return parse_config(text, tmp_path)
 
 
+def master_identity(tmp_path: Path) -> NodeIdentity:
+    """The master key in the config's ``master.key`` (a holder admits itself: embedded)."""
+    key = IdentityKey.generate(os.urandom)
+    write_seed_key_file(key, tmp_path / "master.key")
+    return NodeIdentity("shared", key.onion_address, key, key)
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
     return TestPki(tmp_path_factory.mktemp("pki"))
@@ -51,14 +60,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
 async def test_the_etcd_backend_is_chosen_and_starts_as_a_standby(
     tmp_path: Path, pki: TestPki
 ) -> None:
-    coordination = start_coordination(etcd_config(tmp_path, pki), ManualClock())
+    config = etcd_config(tmp_path, pki)
+    coordination = start_coordination(config, master_identity(tmp_path), ManualClock())
     assert isinstance(coordination, EtcdCoordination)
     assert coordination.mesh_handle() is None  # joins and the mesh are the embedded's
     facts = coordination.facts()
-    assert (facts.is_multi, facts.holds_lease, dict(facts.peer_intro_points)) == (
+    # Never revoked: etcd knows a node by its TLS certificate, not by an admission record.
+    assert (facts.is_multi, facts.holds_lease, dict(facts.peer_intro_points), facts.revoked) == (
         False,
         False,
         {},
+        False,
     )
     status = coordination.status()
     assert status.backend == "etcd"
@@ -78,15 +90,9 @@ async def test_the_etcd_backend_is_chosen_and_starts_as_a_standby(
 
 
 def test_the_embedded_backend_is_the_default(tmp_path: Path) -> None:
-    token = tmp_path / "cluster.token"
-    fd = os.open(token, os.O_WRONLY | os.O_CREAT, 0o600)
-    os.write(fd, os.urandom(32).hex().encode())
-    os.close(fd)
-    config = parse_config(
-        BASE + f'[coordination]\ncluster_token_path = "{token}"\npeers = ["127.0.0.1:9"]\n',
-        tmp_path,
-    )
-    coordination = start_coordination(config, ManualClock())
+    identity = master_identity(tmp_path)
+    config = parse_config(BASE + '[coordination]\npeers = ["127.0.0.1:9"]\n', tmp_path)
+    coordination = start_coordination(config, identity, ManualClock())
     assert isinstance(coordination, UdpCoordination)
     assert coordination.mesh_handle() is coordination.coordinator
     status = coordination.status()
@@ -95,16 +101,10 @@ def test_the_embedded_backend_is_the_default(tmp_path: Path) -> None:
 
 
 async def test_the_embedded_backend_never_fences(tmp_path: Path) -> None:
-    token = tmp_path / "cluster.token"
-    fd = os.open(token, os.O_WRONLY | os.O_CREAT, 0o600)
-    os.write(fd, os.urandom(32).hex().encode())
-    os.close(fd)
-    config = parse_config(
-        BASE + f'[coordination]\ncluster_token_path = "{token}"\npeers = ["127.0.0.1:9"]\n',
-        tmp_path,
-    )
+    identity = master_identity(tmp_path)
+    config = parse_config(BASE + '[coordination]\npeers = ["127.0.0.1:9"]\n', tmp_path)
     # Its election already decided who publishes; there is no quorum to ask.
-    assert await start_coordination(config, ManualClock()).may_publish() is True
+    assert await start_coordination(config, identity, ManualClock()).may_publish() is True
 
 
 @pytest.mark.parametrize("problem", ["missing", "exposed", "symlink", "not pem"])
@@ -123,7 +123,7 @@ def test_an_unusable_etcd_file_is_a_config_error_naming_it(
         key.chmod(0o600)
     config = etcd_config(tmp_path, pki, key_path=key)
     with pytest.raises(StartupError) as raised:
-        start_coordination(config, ManualClock())
+        start_coordination(config, master_identity(tmp_path), ManualClock())
     assert raised.value.exit_code == EXIT_CONFIG
     message = str(raised.value)
     assert message.startswith(f"etcd client key {key}: ")

@@ -47,10 +47,7 @@ def config(tmp_path: Path, extra: str = "") -> Config:
     )
 
 
-CLUSTER = (
-    '[coordination]\ncluster_token_path = "token"\nlisten = "127.0.0.1:40001"\n'
-    'peers = ["127.0.0.1:40002"]\n'
-)
+CLUSTER = '[coordination]\nlisten = "127.0.0.1:40001"\npeers = ["127.0.0.1:40002"]\n'
 
 
 def build(cfg: Config) -> tuple[Daemon, FakeNetwork, ManualClock, list[object]]:
@@ -114,7 +111,6 @@ async def test_a_published_round_shows_in_status_and_metrics(tmp_path: Path) -> 
 
 
 async def test_the_cluster_task_wires_coordination_tor_and_the_publisher(tmp_path: Path) -> None:
-    (tmp_path / "token").write_text("x" * 64)
     daemon, network, clock, _ = build(config(tmp_path, CLUSTER))
     coordination = FakeCoordination()
     daemon.cluster.coordination = coordination
@@ -142,6 +138,15 @@ async def test_the_cluster_task_wires_coordination_tor_and_the_publisher(tmp_pat
         # tor goes down: not eligible for the lease any more.
         daemon.runtime.guarded_tor = _Down()  # type: ignore[assignment]
         await until(lambda: coordination.eligible == [False])
+        # Revoked (issue 16), even holding the lease alone: never publishes again,
+        # and tor's own publishing of the master descriptor goes off too.
+        coordination.current = CoordinationFacts(False, True, {})
+        assert daemon.cluster.is_publisher() and network.native[-1] is True
+        coordination.current = CoordinationFacts(False, True, {}, revoked=True)
+        await until(lambda: network.native[-1] is False)
+        assert not daemon.cluster.is_publisher()
+        doc = status_document(daemon.snapshot())
+        assert doc["role"] == "standby" and doc["cluster"]["revoked"] is True
     finally:
         task.cancel()
     await daemon.cluster.leave()
@@ -163,7 +168,6 @@ class _Session:
 
 
 async def test_a_new_control_session_gets_native_publishing_set_again(tmp_path: Path) -> None:
-    (tmp_path / "token").write_text("x" * 64)
     daemon, network, _, _ = build(config(tmp_path, CLUSTER))
     session = _Session()
     await daemon.cluster.on_control_connected(session)  # type: ignore[arg-type]

@@ -86,6 +86,7 @@ def full() -> NodeSnapshot:
                 peer_intro_points={"node-b": 3, "node-c": 2},
                 live_peers=("node-c", "node-b"),
                 known_peers=("node-b", "node-c", "node-d"),
+                members=({"node_id": "node-b", "fingerprint": "SHA256:x", "live": True},),
             ),
             native_publishing=False,
         ),
@@ -142,6 +143,8 @@ def test_every_optional_part_renders() -> None:
         "counters": {"heartbeats_sent": 11, "heartbeats_received": 9, "role_changes": 1},
         "rejected": {"future": 2},
         "peer_intro_points": {"node-b": 3, "node-c": 2},
+        "revoked": False,
+        "members": [{"node_id": "node-b", "fingerprint": "SHA256:x", "live": True}],
     }
     assert doc["target"] == {
         "healthy": True,
@@ -190,6 +193,9 @@ def etcd() -> NodeSnapshot:
             registered=False,
             last_error="keep-alive: unavailable",
         ),
+        # As EtcdCoordination reports them: etcd knows nodes by their TLS certificates.
+        revoked=False,
+        members=(),
     )
     return dataclasses.replace(base, cluster=ClusterSnapshot(status, native_publishing=False))
 
@@ -211,6 +217,8 @@ def test_the_etcd_backend_reports_like_the_embedded_one_plus_its_link() -> None:
         },
         "rejected": {"bad_record": 1},
         "peer_intro_points": {"node-b": 3, "node-c": 2},
+        "revoked": False,
+        "members": [],
         "etcd": {
             "endpoint": "127.0.0.1:2379",
             "connected": False,

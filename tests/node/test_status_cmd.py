@@ -204,3 +204,12 @@ def test_text_names_the_coordination_backend_and_the_etcd_link() -> None:
         "  etcd error:  write: Put on 10.0.0.11:2379: permission_denied\n"
     ) in text
     assert text.index("Coordination:") < text.index("Peers:")
+
+
+def test_a_revoked_node_says_so() -> None:
+    doc = document()
+    doc["cluster"] = {"revoked": False, "members": []}
+    assert "REVOKED" not in status_cmd.format_status_text(doc, now=PUBLISHED_AT)
+    doc["cluster"]["revoked"] = True
+    text = status_cmd.format_status_text(doc, now=PUBLISHED_AT)
+    assert "Cluster:       REVOKED: this node's key was revoked" in text

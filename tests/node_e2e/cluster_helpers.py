@@ -1,8 +1,8 @@
 """A 3-node cluster launcher for the multi-node end-to-end tests (issue "Multi-node cluster").
 
 :func:`running_cluster` starts three ``rustbalance run`` daemons on the session's private Tor
-network: one master key, a shared cluster token file (0600), distinct UDP coordination ports on
-127.0.0.1, priorities 10/20/30, each node its own managed tor and its own
+network: one master key (each node makes its own node key and admits itself), distinct UDP
+coordination ports on 127.0.0.1, priorities 10/20/30, each node its own managed tor and its own
 :class:`~tests.torhelpers.NamedHTTPServer` target answering ``hello from <node>-target``.
 
 With ``relay=True`` all coordination traffic passes through a :class:`UdpFaultRelay` the test
@@ -21,7 +21,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,12 +190,10 @@ class RunningCluster(LaunchedCluster):
 def _coordination(
     listen: int,
     seeds: list[int],
-    token: Path,
     timings: tuple[float, float, float] | None,
     advertise: int | None,
 ) -> dict[str, object]:
     section: dict[str, object] = {
-        "cluster_token_path": token,
         "listen": f"{LOCALHOST}:{listen}",
         "peers": [f"{LOCALHOST}:{p}" for p in seeds],
     }
@@ -217,6 +215,7 @@ def running_cluster(
     timings: tuple[float, float, float] | None = None,
     relay: bool = False,
     overrides: OverridesFor | None = None,
+    sections: Callable[[int, int], Mapping[str, Mapping[str, object]]] | None = None,
 ) -> Iterator[RunningCluster]:
     """Start the three nodes (see the module docstring); stop everything afterwards.
     ``overrides(i)`` adds config keys of node i (e.g. ``[node] identity_mode``)."""
@@ -226,10 +225,10 @@ def running_cluster(
     front_ports = ports[len(NAMES) :] if relay else listen_ports
     fault_relay: UdpFaultRelay | None = None
 
-    def coordination(index: int, token: Path) -> dict[str, object]:
+    def coordination(index: int) -> dict[str, object]:
         seeds = [p for i, p in enumerate(front_ports) if i != index]
         advertise = front_ports[index] if relay else None
-        return _coordination(listen_ports[index], seeds, token, timings, advertise)
+        return _coordination(listen_ports[index], seeds, timings, advertise)
 
     try:
         if relay:
@@ -243,6 +242,7 @@ def running_cluster(
             coordination=coordination,
             listen_ports=listen_ports,
             overrides=overrides,
+            sections=sections,
         ) as launched:
             yield RunningCluster(
                 launched.master, launched.nodes, launched.started, fault_relay, timings

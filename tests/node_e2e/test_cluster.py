@@ -348,11 +348,12 @@ class TestRelayedShortTimings:
         rejected_before = before["cluster"]["rejected"]
         sender = b"node-a"
         forged = [
-            # A well-formed header claiming to be node-a, with garbage for the sealed body.
-            bytes([PROTOCOL_VERSION, len(sender)]) + sender + os.urandom(12) + os.urandom(64)
+            # A well-formed header claiming to be node-a (a member), with garbage for the body
+            # sealed between node-a's key and node-b's.
+            bytes([PROTOCOL_VERSION, 1, len(sender)]) + sender + os.urandom(24) + os.urandom(64)
             for _ in range(5)
         ]
-        oversized = bytes([PROTOCOL_VERSION, len(sender)]) + sender + os.urandom(65_100)
+        oversized = bytes([PROTOCOL_VERSION, 1, len(sender)]) + sender + os.urandom(65_100)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             for datagram in forged:
                 sock.sendto(datagram, ("127.0.0.1", node.listen_port))

@@ -28,7 +28,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,9 +66,8 @@ def cluster(
 ) -> Iterator[LaunchedCluster]:
     ports = free_udp_ports(len(NAMES))
 
-    def coordination(index: int, token: Path) -> dict[str, object]:
+    def coordination(index: int) -> dict[str, object]:
         return {
-            "cluster_token_path": token,
             "listen": f"{LOCALHOST}:{ports[index]}",
             "peers": [f"{LOCALHOST}:{p}" for i, p in enumerate(ports) if i != index],
             "heartbeat_interval_secs": HEARTBEAT,

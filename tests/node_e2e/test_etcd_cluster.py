@@ -116,7 +116,7 @@ def stack(
             work,
             lease_ttl_secs=TTL,
             endpoints=lambda index, etcd: relays.add(NAMES[index], etcd.endpoints),
-            sections=lambda index: {
+            sections=lambda index, _port: {
                 "metrics": {"enabled": True, "listen": f"127.0.0.1:{metrics_ports[index]}"}
             },
         ) as cluster:

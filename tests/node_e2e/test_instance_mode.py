@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +49,7 @@ from tests.node_e2e.test_periods import (
     _wait_for_segment_change,
 )
 from tests.torhelpers import NamedHTTPServer
+from tests.trust import admit_keyless_node
 
 LOCALHOST = "127.0.0.1"
 
@@ -64,7 +64,6 @@ def _write_config(
     target_port: int,
     listen: int,
     peer: int,
-    token: Path,
     extra_torrc: list[str],
 ) -> Path:
     interval, timeout, grace = SHORT_TIMINGS
@@ -78,6 +77,7 @@ def _write_config(
             "status_socket": str(node_dir / "state" / "status.sock"),
             "publisher_eligible": eligible,
             "identity_mode": "instance",
+            "node_key_path": str(node_dir / "node.key"),
         },
         "master": master_section,
         "target": {"address": f"{LOCALHOST}:{target_port}"},
@@ -85,7 +85,6 @@ def _write_config(
         "proxy": {"listen_port": 0},
         "publish": {"upload_timeout_secs": 15},
         "coordination": {
-            "cluster_token_path": str(token),
             "listen": f"{LOCALHOST}:{listen}",
             "peers": [f"{LOCALHOST}:{peer}"],
             "heartbeat_interval_secs": interval,
@@ -106,10 +105,6 @@ def instance_cluster(net: PrivateTorNetwork, work_dir: Path) -> Iterator[Running
     (work_dir / "secrets").mkdir(parents=True, mode=0o700)
     key_file = work_dir / "secrets" / "master.key"  # node-a's only: outside node-b's folders
     write_seed_key_file(master, key_file)
-    token = work_dir / "secrets" / "cluster.token"
-    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32) + "\n")
     ports = free_udp_ports(2)
     nodes: list[ClusterNode] = []
     targets: list[NamedHTTPServer] = []
@@ -118,6 +113,15 @@ def instance_cluster(net: PrivateTorNetwork, work_dir: Path) -> Iterator[Running
         for index, (name, eligible) in enumerate((("node-a", True), ("node-b", False))):
             node_dir = work_dir / name
             node_dir.mkdir()
+            if not eligible:  # admitted by a master-key holder, as `rustbalance join` does
+                admit_keyless_node(
+                    master,
+                    name,
+                    key_path=node_dir / "node.key",
+                    state_dir=node_dir / "state",
+                    coordination=f"{LOCALHOST}:{ports[index]}",
+                    priority=10 * (index + 1),
+                )
             target = NamedHTTPServer(f"{name}-target")
             targets.append(target)
             config = _write_config(
@@ -129,7 +133,6 @@ def instance_cluster(net: PrivateTorNetwork, work_dir: Path) -> Iterator[Running
                 target_port=target.port,
                 listen=ports[index],
                 peer=ports[1 - index],
-                token=token,
                 extra_torrc=net.client_torrc_lines(),
             )
             process = NodeProcess(config, node_dir / "node.log")

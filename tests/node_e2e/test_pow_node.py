@@ -11,14 +11,13 @@ descriptor it fetched is verified (``HS_POW=v1,<effort>`` on the node's rendezvo
 served.
 
 A node that claims PoW in a cluster is refused at start (exit 2, one line saying why), also
-when the cluster comes from peers saved by an earlier run rather than from the config.
+when the cluster comes from members saved by an earlier run rather than from the config.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import secrets
 import subprocess
 import sys
@@ -28,9 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from rustbalance.cluster.coordinator import PEERS_FILE_NAME
-from rustbalance.cluster.peers import PEERS_FILE_VERSION
-from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
+from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_seed_key_file
 from rustbalance.crypto.time_period import (
     in_period_between_tp_and_srv,
     srv_run_start,
@@ -50,6 +47,7 @@ from rustbalance.tor.network import (
 )
 from tests.node_e2e import RunningNode, running_node
 from tests.powhelpers import EFFORT, drain, publish_for_client, rend_efforts, watch_circuits
+from tests.trust import admit_keyless_node
 
 # A segment boundary closer than this is waited out, so one check stays in one segment.
 BOUNDARY_MARGIN_SECS = 60
@@ -188,9 +186,6 @@ def _config(tmp_path: Path, **overrides: dict[str, object]) -> Path:
     master = IdentityKey.generate(secrets.token_bytes)
     key = tmp_path / "master.key"
     write_seed_key_file(master, key)
-    token = tmp_path / "cluster.token"
-    token.write_bytes(secrets.token_bytes(32))
-    token.chmod(0o600)
     return write_node_config(
         tmp_path / "config.toml",
         node_id="node-a",
@@ -205,7 +200,7 @@ def _config(tmp_path: Path, **overrides: dict[str, object]) -> Path:
 def test_pow_in_a_configured_cluster_exits_2_saying_why(tmp_path: Path) -> None:
     config = _config(
         tmp_path,
-        coordination={"cluster_token_path": tmp_path / "cluster.token", "peers": ["127.0.0.1:9"]},
+        coordination={"peers": ["127.0.0.1:9"]},
     )
     result = _run(config)
     assert result.returncode == 2, result.stderr
@@ -217,9 +212,9 @@ def test_pow_in_a_configured_cluster_exits_2_saying_why(tmp_path: Path) -> None:
     assert not (tmp_path / "tor").exists(), "tor must not be started"
 
 
-def test_pow_with_peers_saved_by_an_earlier_run_exits_2(tmp_path: Path) -> None:
-    config = _config(tmp_path, coordination={"cluster_token_path": tmp_path / "cluster.token"})
-    # Without saved peers the same config is a lone shared node: accepted.
+def test_pow_with_members_saved_by_an_earlier_run_exits_2(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    # Without saved members the same config is a lone shared node: accepted.
     check = subprocess.run(
         [sys.executable, "-m", "rustbalance.cli.main", "config", "check", str(config)],
         capture_output=True,
@@ -230,12 +225,17 @@ def test_pow_with_peers_saved_by_an_earlier_run_exits_2(tmp_path: Path) -> None:
     assert check.returncode == 0, check.stderr
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    saved = {"node_id": "node-b", "address": "127.0.0.1:51899"}
-    (state / PEERS_FILE_NAME).write_text(
-        json.dumps({"version": PEERS_FILE_VERSION, "peers": [saved]})
+    # Another node admitted (master-signed) in the members file of an earlier run.
+    admit_keyless_node(
+        load_identity_key(tmp_path / "master.key"),
+        "node-b",
+        key_path=tmp_path / "node-b.key",
+        state_dir=state,
+        coordination="127.0.0.1:51899",
+        priority=20,
     )
     result = _run(config)
     assert result.returncode == 2, result.stderr
-    assert "this node saved cluster peers in an earlier run" in result.stderr
+    assert "this node's saved membership lists other members" in result.stderr
     assert "docs/pow.md" in result.stderr
     assert not (tmp_path / "tor").exists(), "tor must not be started"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import dataclasses
 import os
@@ -19,15 +18,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rustbalance.cli.init_cmd import CliError, Io, run_init, validated_config
 from rustbalance.cli.join_cmd import JoinSettings, joined_config
 from rustbalance.cli.main import build_parser, main
+from rustbalance.cluster.identity import load_node_key
 from rustbalance.config import load_config, parse_config
 from rustbalance.config.identity_mode import SHARED_CLUSTER_PROBLEM
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
 from rustbalance.deploy.join_token import JoinPayload, decode, token_needs_passphrase
-from rustbalance.node.join import JoinAnswer, JoinRequest, parse_join_answer
+from rustbalance.node.cluster_link import prepare_membership
+from rustbalance.node.join import JOIN_PATH, JoinAnswer, JoinRequest, parse_join_answer
 from rustbalance.node.mesh import Mesh
+from tests.trust import node_key
 
 PASSPHRASE = "correct horse battery staple"
-SECRET_FILES = ("master.key", "cluster.token", "join.secret", "wireguard.key")
+SECRET_FILES = ("master.key", "node.key", "wireguard.key")
 
 
 def _mode(path: Path) -> int:
@@ -63,7 +65,7 @@ def _init(tmp_path: Path, passfile: Path | None, *extra: str) -> list[str]:
 
 
 def _printed_token(out: str) -> str:
-    tokens = [line for line in out.splitlines() if line.startswith("rbj1-")]
+    tokens = [line for line in out.splitlines() if line.startswith("rbj2-")]
     assert len(tokens) == 1
     return tokens[0]
 
@@ -91,26 +93,24 @@ def test_init_writes_private_files_a_valid_config_and_a_decodable_token(
     assert address == key.onion_address == config.master.onion_address
     assert config.node.id == "node-a" and config.node.priority == 10
     assert config.tor.mode == "system"
-    assert config.coordination.cluster_token_path == conf / "cluster.token"
+    assert config.node.node_key_path == conf / "node.key"
+    assert "node key " + load_node_key(conf / "node.key").fingerprint in out
     assert str(config.coordination.listen) == "10.99.0.1:51821"
     # No sidecar: WireGuard and joins are keys of the one config file.
     assert config.wireguard.enabled and config.join.enabled
     assert str(config.wireguard.address) == "10.99.0.1/24"
     assert str(config.wireguard.endpoint) == "203.0.113.5:51820"
     assert config.wireguard.private_key_path == conf / "wireguard.key"
-    assert config.join.secret_path == conf / "join.secret"
     assert str(config.join.tunnel_network) == "10.99.0.0/24"
     token = _printed_token(out)
     assert (conf / "join-token.txt").read_text().strip() == token
     payload = decode(token, PASSPHRASE, now=int(time.time()))
     assert payload.master_onion == address
-    assert payload.cluster_token == (conf / "cluster.token").read_text().strip()
-    assert payload.join_secret == (conf / "join.secret").read_text().strip()
-    assert payload.master_key_seed == key.seed
-    # >= 128 bits each, and the secrets never reach stdout.
-    assert len(payload.cluster_token) >= 43 and len(payload.join_secret) >= 43
-    assert payload.cluster_token not in out and payload.join_secret not in out
-    assert PASSPHRASE not in out
+    # By default the token carries no master key and admits one node (issue 16).
+    assert payload.master_key_seed is None and not payload.publisher_eligible
+    assert payload.join_grant.max_uses == 1
+    assert "1 join, valid 24 h" in out
+    assert payload.grant_secret.hex() not in out and PASSPHRASE not in out
 
 
 def test_init_refuses_to_overwrite_an_existing_node(
@@ -135,10 +135,12 @@ def test_init_imports_a_tor_secret_key(
     assert _printed_address(captured.out) == key.onion_address
     loaded = load_identity_key(tmp_path / "conf" / "master.key")
     assert loaded.public_key == key.public_key and loaded.expanded == key.expanded
-    # tor keeps no seed, so the token cannot carry the key: joiners are standby nodes.
+    # By default the token carries no key anyway; asked to, it cannot: tor keeps no seed.
     payload = decode(_printed_token(captured.out), PASSPHRASE, now=int(time.time()))
     assert not payload.publisher_eligible
-    assert "standby" in captured.err
+    assert main(_init(tmp_path / "again", passfile, "--import-key", str(tor_key),
+                      "--with-master-key")) == 2  # fmt: skip
+    assert "no seed" in capsys.readouterr().err
 
 
 def test_init_imports_a_pem_key_and_keeps_its_seed(
@@ -243,25 +245,38 @@ def _closed_port() -> int:
 
 
 def _answer_from_node_a(conf: Path, payload: JoinPayload, wg_public: str) -> JoinAnswer:
-    """node-a's own responder (built from its init config by the daemon's Mesh) answering
-    node-b's request: the bytes the daemon's proxy would send back through the onion."""
-    mesh = Mesh(load_config(conf / "config.toml"))
-    asyncio.run(mesh.start(None))
-    assert mesh.responder is not None
+    """node-a's own responder (built from its init config as the daemon does: its node key,
+    its own record signed with the master key, the Mesh) answering node-b's request: the
+    bytes the daemon's proxy would send back through the onion."""
+    config = load_config(conf / "config.toml")
+    master = load_identity_key(conf / "master.key")
+    prepared = prepare_membership(config, master.public_key, master, int(time.time() * 1000))
+
+    class _Coordinator:
+        membership = prepared.membership
+
+    mesh = Mesh(config, master_key=master)
+    mesh.coordinator = _Coordinator()  # type: ignore[assignment]
+    mesh.responder = mesh._responder()
     request = JoinRequest(
-        "node-b", payload.cluster_token, wg_public, "198.51.100.7:51820", 51821, 0
+        node_id="node-b",
+        node_key=node_key("node-b").public,
+        wg_public_key=base64.b64decode(wg_public),
+        wg_endpoint="198.51.100.7:51820",
+        coordination_port=51821,
+        priority=20,
+        request_time=0,
+        grant=payload.grant,
+        grant_secret=payload.grant_secret,
     )
     now = time.time()
-    body = dataclasses.replace(request, request_time=int(now)).to_json()
+    fresh = dataclasses.replace(request, request_time=int(now))
+    body = fresh.to_json(node_key("node-b"))
     decision = mesh.responder.handle(
-        "POST",
-        "/.rb/" + payload.join_secret,
-        [("Content-Length", str(len(body)))],
-        body,
-        now,
+        "POST", JOIN_PATH, [("Content-Length", str(len(body)))], body, now
     )
-    assert decision.status == 200
-    return parse_join_answer(decision.body)
+    assert decision.status == 200, decision.body
+    return parse_join_answer(decision.body, master.public_key, fresh, int(now * 1000))
 
 
 def _settings(tmp_path: Path) -> JoinSettings:
@@ -283,7 +298,7 @@ def _settings(tmp_path: Path) -> JoinSettings:
 def test_joined_config_from_node_a_answer_is_valid(
     tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str], standby: bool
 ) -> None:
-    extra = ("--no-wireguard", "--standby-token") if standby else ("--no-wireguard",)
+    extra = ("--no-wireguard",) if standby else ("--no-wireguard", "--with-master-key")
     assert main(_init(tmp_path, passfile, *extra)) == 0
     payload = decode(_printed_token(capsys.readouterr().out), PASSPHRASE, now=int(time.time()))
     assert (payload.master_key_seed is None) is standby
@@ -295,13 +310,16 @@ def test_joined_config_from_node_a_answer_is_valid(
     config = parse_config(text, tmp_path / "conf2")
     assert config.node.id == "node-b" and config.node.priority == 20
     assert config.node.publisher_eligible is not standby
+    # Without the master key the joiner serves as an instance and admits nobody.
+    assert config.node.identity_mode == ("instance" if standby else "shared")
+    assert (config.master.identity_key_path is None) is standby
+    assert config.join.enabled is not standby
     # The assigned tunnel address is where coordination listens; node-a is the one peer.
     assert str(config.wireguard.address) == f"{answer.tunnel_address}/24"
     assert str(config.coordination.listen) == f"{answer.tunnel_address}:51821"
     assert [str(p) for p in config.coordination.peers] == ["10.99.0.1:51821"]
-    assert config.join.enabled and config.join.secret_path == tmp_path / "conf2" / "join.secret"
-    assert config.wireguard.peers_path == tmp_path / "state2" / "wireguard_peers.json"
-    assert payload.cluster_token not in text and payload.join_secret not in text
+    assert config.node.node_key_path == tmp_path / "conf2" / "node.key"
+    assert payload.grant_secret.hex() not in text
 
 
 def test_join_without_a_reachable_tor_fails_and_writes_nothing(
@@ -319,19 +337,19 @@ def test_join_without_a_reachable_tor_fails_and_writes_nothing(
     assert token not in err and PASSPHRASE not in err
     assert not (tmp_path / "conf2").exists() and not (tmp_path / "state2").exists()
     assert main([*args, "--join-attempts", "0"]) == 2
-    assert "--join-attempts must be 1-20" in capsys.readouterr().err
+    assert "--join-attempts must be 1-60" in capsys.readouterr().err
     # An existing node is refused before it could join a second time with a new key.
     (tmp_path / "state2").mkdir()
-    (tmp_path / "state2" / "wireguard_peers.json").write_text("{}")
+    (tmp_path / "state2" / "cluster_members.json").write_text("{}")
     assert main([*args, *socks]) == 2
-    assert "wireguard_peers.json already exists" in capsys.readouterr().err
+    assert "cluster_members.json already exists" in capsys.readouterr().err
     assert not (tmp_path / "conf2").exists()
 
 
 def test_join_positional_passphrase_token_reaches_the_join(
     tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(_init(tmp_path, passfile, "--standby-token")) == 0
+    assert main(_init(tmp_path, passfile)) == 0
     token = _printed_token(capsys.readouterr().out)
     socks = ["--tor-socks", f"127.0.0.1:{_closed_port()}", "--join-attempts", "1"]
     assert main(_join_args(tmp_path, token, "--passphrase-file", str(passfile), *socks)) == 1

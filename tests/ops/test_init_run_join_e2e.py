@@ -10,8 +10,8 @@ Coordination runs over loopback: the tunnel network is a /24 inside 127.0.0.0/8 
 of it is local on Linux), so the tunnel addresses the responder assigns are reachable without
 WireGuard (``--no-wireguard``; tests/ops/test_mesh_wireguard_netns.py brings the interface up
 from the config in a network namespace). Through the master onion the test also checks the
-refusals (wrong secret, wrong cluster token -> 404; malformed body -> 400; the 6th admission in
-5 minutes -> 404) and that a repeated join is answered as before.
+refusals (wrong path, wrong grant secret, no grant -> 404; a malformed field with a valid grant
+-> 400; the 6th admission in 5 minutes -> 404) and that a repeated join is answered as before.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -35,11 +36,14 @@ import pytest
 import tomli_w
 from python_socks.async_.asyncio import Proxy
 
+from rustbalance.cluster.coordinator import MEMBERS_FILE_NAME
+from rustbalance.cluster.identity import NodeKey, load_node_key
+from rustbalance.cluster.membership import Membership
 from rustbalance.cluster.wireguard import public_key_of
 from rustbalance.config import load_config
-from rustbalance.deploy.join_token import decode
-from rustbalance.node.join import JoinRequest, parse_join_answer
-from rustbalance.node.mesh import read_mesh_peers
+from rustbalance.crypto.onion_address import decode_onion_address
+from rustbalance.deploy.join_token import JoinPayload, decode
+from rustbalance.node.join import JOIN_PATH, JoinRequest, parse_join_answer
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
 from rustbalance.testnet.apps import NamedHTTPServer, http_get_via_tor
 from rustbalance.testnet.node import NodeProcess
@@ -172,10 +176,35 @@ def _post_retrying(socks: tuple[str, int], host: str, path: str, body: bytes) ->
     raise AssertionError(f"the master onion never answered: {last!r}")
 
 
-def _request(node_id: str, token: str, *, key: str | None = None) -> bytes:
-    wg_key = key or base64.b64encode(secrets.token_bytes(32)).decode()
-    request = JoinRequest(node_id, token, wg_key, "127.0.0.1:51820", 51821, int(time.time()))
-    return request.to_json()
+def _request(
+    node_id: str,
+    payload: JoinPayload,
+    *,
+    key: NodeKey | None = None,
+    wg_key: bytes | None = None,
+    secret: bytes | None = None,
+    endpoint: str = "127.0.0.1:51820",
+) -> tuple[JoinRequest, bytes]:
+    """A join request with the token's grant, signed with ``key`` (a new one by default)."""
+    key = key or NodeKey.generate()
+    request = JoinRequest(
+        node_id=node_id,
+        node_key=key.public,
+        wg_public_key=wg_key or secrets.token_bytes(32),
+        wg_endpoint=endpoint,
+        coordination_port=51821,
+        priority=20,
+        request_time=int(time.time()),
+        grant=payload.grant,
+        grant_secret=secret or payload.grant_secret,
+    )
+    return request, request.to_json(key)
+
+
+def _members(path: Path, master_public: bytes) -> list[str]:
+    membership = Membership(master_public)
+    membership.load_json(path.read_text(), int(time.time() * 1000))
+    return [r.node_id for r in membership.members()]
 
 
 def _metric(text: str, name: str) -> float:
@@ -215,15 +244,17 @@ def test_init_run_join_forms_a_two_node_cluster(
             "--node-id", "node-a", "--endpoint", "127.0.0.1:51820",
             "--target", f"127.0.0.1:{target_a.port}", "--tor-mode", "managed",
             "--proxy-port", str(proxy_a), "--tunnel-network", network, "--no-wireguard",
-            "--passphrase-file", str(passfile), "--non-interactive",
+            "--token-uses", "6", "--passphrase-file", str(passfile), "--non-interactive",
         )  # fmt: skip
         assert init.returncode == 0, init.stderr
         master = re.search(r"Master onion address: (\S+)", init.stdout)
         assert master is not None
         address = master.group(1)
+        master_public = decode_onion_address(address)
         token_file = a_dir / "conf" / "join-token.txt"
         payload = decode(token_file.read_text().strip(), PASSPHRASE, now=int(time.time()))
-        secret, cluster_token = payload.join_secret, payload.cluster_token
+        secret = payload.grant_secret.hex()
+        assert payload.master_key_seed is None  # by default a joiner gets no master key
         assert secret not in init.stdout + init.stderr
         config_a = a_dir / "conf" / "config.toml"
         _adjust(config_a, tor_network, metrics_a)
@@ -244,17 +275,24 @@ def test_init_run_join_forms_a_two_node_cluster(
 
             # --- refusals through the master onion ---------------------------------------
             status, body = _post_retrying(
-                socks, address, "/.rb/" + "w" * 43, _request("prober", cluster_token)
+                socks, address, "/.rb/wrong", _request("prober", payload)[1]
             )
             assert (status, body) == (404, b'{"error":"not found"}')
-            wrong_token = asyncio.run(
-                _post(socks, address, "/.rb/" + secret, _request("prober", "x" * 43), isolation="t")
-            )
-            assert wrong_token == (404, b'{"error":"not found"}')
+            wrong_secret = asyncio.run(
+                _post(socks, address, JOIN_PATH,
+                      _request("prober", payload, secret=b"\x01" * 32)[1], isolation="t")
+            )  # fmt: skip
+            assert wrong_secret == (404, b'{"error":"not found"}')
             bad_body = asyncio.run(
-                _post(socks, address, "/.rb/" + secret, b'{"v": 1, "node_id":', isolation="b")
+                _post(socks, address, JOIN_PATH, b'{"v": 2, "node_id":', isolation="b")
             )
-            assert bad_body[0] == 400 and b"not valid JSON" in bad_body[1]
+            assert bad_body == (404, b'{"error":"not found"}')  # no valid grant: no details
+            malformed = json.loads(_request("p", payload)[1])
+            malformed["coordination_port"] = 0
+            bad_port = asyncio.run(
+                _post(socks, address, JOIN_PATH, json.dumps(malformed).encode(), isolation="p")
+            )
+            assert bad_port[0] == 400 and b"coordination_port" in bad_port[1]
             # The target never saw any of them.
             assert target_a.hits == 0
 
@@ -273,45 +311,52 @@ def test_init_run_join_forms_a_two_node_cluster(
             assert join.returncode == 0, join.stderr
             print(f"rustbalance join took {join_secs:.1f} s")
             assert secret not in join.stdout + join.stderr
-            assert cluster_token not in join.stdout + join.stderr
-            tunnel = re.search(r"tunnel address (\S+), 1 peers", join.stdout)
+            tunnel = re.search(r"tunnel address (\S+), 1 other members", join.stdout)
             assert tunnel is not None, join.stdout
+            assert "instance (no master key, never publishes)" in join.stdout
             config_b = b_dir / "conf" / "config.toml"
             text_b = config_b.read_text()
-            assert secret not in text_b and cluster_token not in text_b
+            assert secret not in text_b
             loaded_b = load_config(config_b)
             assert str(loaded_b.coordination.listen) == f"{tunnel.group(1)}:51821"
             a_listen = f"{network.rsplit('.', 1)[0]}.1:51821"
             assert [str(p) for p in loaded_b.coordination.peers] == [a_listen]
-            assert loaded_b.join.enabled and not loaded_b.wireguard.enabled
-            saved_b = read_mesh_peers(b_dir / "state" / "wireguard_peers.json")
-            assert [p.node_id for p in saved_b] == ["node-a"]
-            saved_a = read_mesh_peers(a_dir / "state" / "wireguard_peers.json")
-            assert [(p.node_id, p.tunnel_address) for p in saved_a] == [("node-b", tunnel.group(1))]
+            assert not loaded_b.join.enabled and not loaded_b.wireguard.enabled
+            assert loaded_b.node.identity_mode == "instance"
+            assert loaded_b.master.identity_key_path is None
+            assert not (b_dir / "conf" / "master.key").exists()
+            assert _members(b_dir / "state" / MEMBERS_FILE_NAME, master_public) == [
+                "node-a",
+                "node-b",
+            ]
+            assert _members(a_dir / "state" / MEMBERS_FILE_NAME, master_public) == [
+                "node-a",
+                "node-b",
+            ]
 
-            # A repeat by B (same key) is answered as before, and does not count.
-            b_key = public_key_of((b_dir / "conf" / "wireguard.key").read_text().strip())
-            repeat = asyncio.run(
-                _post(
-                    socks, address, "/.rb/" + secret,
-                    _request("node-b", cluster_token, key=b_key), isolation="repeat",
-                )
+            # A repeat by B (same keys) is answered as before, and does not count.
+            b_key = load_node_key(b_dir / "conf" / "node.key")
+            b_wg = public_key_of((b_dir / "conf" / "wireguard.key").read_text().strip())
+            repeat_request, repeat_body = _request(
+                "node-b", payload, key=b_key, wg_key=base64.b64decode(b_wg),
+                endpoint="127.0.0.1:51830",
             )  # fmt: skip
+            repeat = asyncio.run(_post(socks, address, JOIN_PATH, repeat_body, isolation="repeat"))
             assert repeat[0] == 200
-            assert parse_join_answer(repeat[1]).tunnel_address == tunnel.group(1)
+            answer = parse_join_answer(repeat[1], master_public, repeat_request,
+                                       int(time.time() * 1000))  # fmt: skip
+            assert answer.tunnel_address == tunnel.group(1)
 
             # --- a flood: 4 more admissions, then the rate limit's silent 404 -----------
             statuses = [
                 asyncio.run(
-                    _post(
-                        socks, address, "/.rb/" + secret,
-                        _request(f"flood-{i}", cluster_token), isolation=f"flood{i}",
-                    )
+                    _post(socks, address, JOIN_PATH, _request(f"flood-{i}", payload)[1],
+                          isolation=f"flood{i}")
                 )[0]
                 for i in range(6)
             ]  # fmt: skip
             assert statuses == [200, 200, 200, 200, 404, 404], statuses
-            assert len(read_mesh_peers(a_dir / "state" / "wireguard_peers.json")) == 5
+            assert len(_members(a_dir / "state" / MEMBERS_FILE_NAME, master_public)) == 6
 
             # --- run node B: the two form a cluster ---------------------------------------
             _adjust(config_b, tor_network, metrics_b)
@@ -342,8 +387,11 @@ def test_init_run_join_forms_a_two_node_cluster(
                 assert not any(p["alive"] for p in a_doc["peers"] if p["node_id"] != "node-b")
                 assert a_doc["mesh"]["joins_admitted"] == 5  # node-b and the 4 admitted floods
                 assert a_doc["mesh"]["tunnel_address"] == f"{network.rsplit('.', 1)[0]}.1"
-                assert b_doc["mesh"]["peers"] == ["node-a"]
-                assert b_doc["mesh"]["tunnel_address"] == tunnel.group(1)
+                # node-b learnt the floods' admissions from node-a (the membership spreads).
+                b_members = {m["node_id"] for m in b_doc["cluster"]["members"]}
+                assert b_members == {"node-a", "node-b", *(f"flood-{i}" for i in range(4))}
+                keys = {m["node_id"]: m["holds_master_key"] for m in b_doc["cluster"]["members"]}
+                assert keys["node-a"] is True and keys["node-b"] is False
                 text = _cli("status", "--config", str(config_b)).stdout
                 assert "node-a" in text
 
@@ -381,7 +429,7 @@ def test_init_run_join_forms_a_two_node_cluster(
 
             _wait(knows_b, READY_TIMEOUT, "the restarted node A to list node-b", [again])
             assert re.search(
-                r"Answering joins .*\(tunnel network \S+, 5 known peers\)", again.log_text()
+                r"Answering joins .*\(tunnel network \S+, 6 members\)", again.log_text()
             )
     finally:
         target_a.close()

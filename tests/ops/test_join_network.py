@@ -6,36 +6,50 @@ interceptor answers before the proxy ever connects to one."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
+import dataclasses
 import socket
-import struct
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
-from rustbalance.crypto.keys import IdentityKey
+from rustbalance.cluster.authority import Statement
+from rustbalance.cluster.membership import Membership
 from rustbalance.node.join import (
+    JOIN_PATH,
     JoinError,
+    JoinInterceptor,
     JoinRequest,
     JoinResponder,
-    PeerInfo,
     join_via_onion,
-    make_join_interceptor,
     parse_join_answer,
 )
 from rustbalance.proxy import ProxySettings, ReverseProxy, Target
+from tests.ops.fake_socks import FakeSocks
+from tests.trust import MASTER, grant, node_key, now_ms, record, signed, wg_key
 
-SECRET = "j" * 43
-TOKEN = "c" * 43
-MASTER = IdentityKey.from_seed(bytes(range(32))).onion_address
-SELF = PeerInfo(
-    "node-a",
-    "10.99.0.1:51821",
-    base64.b64encode(b"\x01" * 32).decode(),
-    "203.0.113.5:51820",
-    "10.99.0.1",
-)
+ONION = MASTER.onion_address
+SECRET = b"\x05" * 32
+
+
+def _membership() -> Membership:
+    m = Membership(MASTER.public_key)
+    m.apply(signed(record("node-a", tunnel="10.99.0.1", coordination="10.99.0.1:51821")), now_ms())
+    return m
+
+
+def _responder(membership: Membership) -> JoinResponder:
+    return JoinResponder(
+        node_id="node-a",
+        master_public=MASTER.public_key,
+        sign=MASTER.sign,
+        membership=lambda: membership,
+        tunnel_network="10.99.0.0/24",
+    )
+
+
+GRANT = grant(SECRET, max_uses=5)
 
 
 def _closed_port() -> int:
@@ -44,18 +58,29 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _request(node: str = "node-b", key: int = 2) -> JoinRequest:
+def _request(node: str = "node-b", secret: bytes = SECRET) -> JoinRequest:
     return JoinRequest(
-        node, TOKEN, base64.b64encode(bytes([key]) * 32).decode(), "198.51.100.7:51820", 51821, 0
+        node_id=node,
+        node_key=node_key(node).public,
+        wg_public_key=wg_key(node),
+        wg_endpoint="198.51.100.7:51820",
+        coordination_port=51821,
+        priority=20,
+        request_time=0,
+        grant=GRANT.data,
+        grant_secret=secret,
     )
 
 
 @contextlib.asynccontextmanager
-async def _proxy(responder: JoinResponder, added: list[PeerInfo]) -> AsyncIterator[ReverseProxy]:
-    async def add_peer(peer: PeerInfo) -> None:
-        if peer.node_id == "explodes":
+async def _proxy(
+    membership: Membership, added: list[Statement], *, joins: bool = True
+) -> AsyncIterator[ReverseProxy]:
+    async def admit(statement: Statement) -> None:
+        if statement.content.node_id == "explodes":  # type: ignore[union-attr]
             raise RuntimeError("wg set failed")
-        added.append(peer)
+        membership.apply(statement, now_ms())
+        added.append(statement)
 
     settings = ProxySettings(
         target=Target("127.0.0.1", _closed_port(), is_onion=False),
@@ -64,7 +89,8 @@ async def _proxy(responder: JoinResponder, added: list[PeerInfo]) -> AsyncIterat
         idle_timeout=5,
         drain_timeout=1,
     )
-    proxy = ReverseProxy(settings, interceptor=make_join_interceptor(responder, add_peer=add_peer))
+    interceptor = JoinInterceptor(_responder(membership) if joins else None, admit=admit)
+    proxy = ReverseProxy(settings, interceptor=interceptor)
     await proxy.start()
     try:
         yield proxy
@@ -85,111 +111,61 @@ async def _http(port: int, raw: bytes) -> tuple[int, bytes]:
 def _post(path: str, body: bytes, length: int | None = None) -> bytes:
     n = len(body) if length is None else length
     return (
-        f"POST {path} HTTP/1.1\r\nHost: {MASTER}\r\nContent-Length: {n}\r\n"
-        "Connection: close\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {ONION}\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
     ).encode() + body
 
 
 def _fresh(request: JoinRequest) -> bytes:
-    import dataclasses
-    import time
-
-    return dataclasses.replace(request, request_time=int(time.time())).to_json()
+    fresh = dataclasses.replace(request, request_time=int(time.time()))
+    return fresh.to_json(node_key(request.node_id))
 
 
 async def test_interceptor_answers_inside_a_real_proxy() -> None:
-    added: list[PeerInfo] = []
-    responder = JoinResponder(join_secret=SECRET, cluster_token=TOKEN, self_info=SELF)
-    async with _proxy(responder, added) as proxy:
-        status, body = await _http(proxy.port, _post("/.rb/" + SECRET, _fresh(_request())))
+    added: list[Statement] = []
+    membership = _membership()
+    async with _proxy(membership, added) as proxy:
+        status, body = await _http(proxy.port, _post(JOIN_PATH, _fresh(_request())))
         assert status == 200
-        answer = parse_join_answer(body)
-        assert [p.node_id for p in added] == ["node-b"]
-        assert added[0].tunnel_address == answer.tunnel_address
+        answer = parse_join_answer(body, MASTER.public_key, _request(), now_ms())
+        assert [s.content.node_id for s in added] == ["node-b"]  # type: ignore[union-attr]
+        assert added[0].content == answer.admission
+        # The absolute form of the same path is answered by the node too (a repeat here).
+        absolute = _post(f"http://{ONION}{JOIN_PATH}", _fresh(_request()))
+        assert (await _http(proxy.port, absolute))[0] == 200
         assert (await _http(proxy.port, _post("/.rb/wrong", _fresh(_request()))))[0] == 404
-        assert (await _http(proxy.port, _post("/.rb/" + SECRET, b"{bad json")))[0] == 400
-        assert (await _http(proxy.port, _post("/.rb/" + SECRET, b"x" * 9000)))[0] == 400
-        # The daemon's callback failing: 500, and the admission is undone.
-        status, _ = await _http(
-            proxy.port, _post("/.rb/" + SECRET, _fresh(_request("explodes", 7)))
-        )
+        assert (await _http(proxy.port, _post(JOIN_PATH, b"{bad json")))[0] == 404
+        assert (await _http(proxy.port, _post(JOIN_PATH, b"x" * 9000)))[0] == 404
+        # The daemon's callback failing: 500, and nothing was admitted.
+        status, _ = await _http(proxy.port, _post(JOIN_PATH, _fresh(_request("explodes"))))
         assert status == 500
-        assert [p.node_id for p in responder.admitted] == ["node-b"]
+        assert [r.node_id for r in membership.members()] == ["node-a", "node-b"]
         # Any other path goes to the target (closed here: the proxy's own 502).
-        get = f"GET / HTTP/1.1\r\nHost: {MASTER}\r\nConnection: close\r\n\r\n".encode()
+        get = f"GET / HTTP/1.1\r\nHost: {ONION}\r\nConnection: close\r\n\r\n".encode()
         assert (await _http(proxy.port, get))[0] == 502
         assert proxy.stats.upstream_errors == 1
 
 
-class FakeSocks:
-    """A SOCKS5 server (RFC 1928 + RFC 1929 user/password) that relays to one local port."""
-
-    def __init__(self, forward_port: int) -> None:
-        self.forward_port = forward_port
-        self.requests: list[tuple[str, int, bytes, bytes]] = []
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            ver, n = await reader.readexactly(2)
-            methods = await reader.readexactly(n)
-            assert ver == 5 and 2 in methods
-            writer.write(b"\x05\x02")
-            _, ulen = await reader.readexactly(2)
-            user = await reader.readexactly(ulen)
-            (plen,) = await reader.readexactly(1)
-            password = await reader.readexactly(plen)
-            writer.write(b"\x01\x00")
-            ver, cmd, _, atyp = await reader.readexactly(4)
-            assert (ver, cmd, atyp) == (5, 1, 3)  # CONNECT by name: tor resolves the onion
-            (hlen,) = await reader.readexactly(1)
-            host = (await reader.readexactly(hlen)).decode()
-            (port,) = struct.unpack(">H", await reader.readexactly(2))
-            self.requests.append((host, port, user, password))
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.forward_port)
-            writer.write(b"\x05\x00\x00\x01" + bytes(4) + b"\x00\x00")
-            await writer.drain()
-
-            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-                with contextlib.suppress(OSError):
-                    while data := await src.read(65536):
-                        dst.write(data)
-                        await dst.drain()
-                with contextlib.suppress(OSError):
-                    dst.write_eof()
-
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-            up_writer.close()
-        finally:
-            writer.close()
-
-
 async def test_join_via_onion_through_fake_socks_and_real_proxy() -> None:
-    added: list[PeerInfo] = []
-    responder = JoinResponder(join_secret=SECRET, cluster_token=TOKEN, self_info=SELF)
-    async with _proxy(responder, added) as proxy:
+    added: list[Statement] = []
+    async with _proxy(_membership(), added) as proxy:
         socks = FakeSocks(proxy.port)
         socks_port = await socks.start()
         try:
             answer = await join_via_onion(
-                ("127.0.0.1", socks_port), MASTER, SECRET, _request(), attempt_timeout=10
+                ("127.0.0.1", socks_port),
+                ONION,
+                _request(),
+                node_key("node-b"),
+                attempt_timeout=10,
             )
             assert answer.responder_node_id == "node-a"
-            assert answer.tunnel_address == added[0].tunnel_address
-            assert [p.node_id for p in answer.peers] == ["node-a"]
-            assert socks.requests[0][:2] == (MASTER, 80)
+            assert answer.admission == added[0].content
+            assert [p.node_id for p in answer.peers()] == ["node-a"]
+            assert socks.requests[0][:2] == (ONION, 80)
 
             # Wrong secret: every attempt is a 404, retried `interval` apart on fresh
-            # credentials (a new tor circuit each), then a clear error without the secret.
+            # credentials (a new tor circuit each: another intro point, so maybe another
+            # node), then a clear error without the secret.
             slept: list[float] = []
 
             async def fake_sleep(seconds: float) -> None:
@@ -198,16 +174,16 @@ async def test_join_via_onion_through_fake_socks_and_real_proxy() -> None:
             with pytest.raises(JoinError, match="404") as info:
                 await join_via_onion(
                     ("127.0.0.1", socks_port),
-                    MASTER,
-                    "w" * 43,
-                    _request("node-c", 3),
+                    ONION,
+                    _request("node-c", secret=b"\x06" * 32),
+                    node_key("node-c"),
                     attempts=3,
                     interval=15,
                     sleep=fake_sleep,
                     attempt_timeout=10,
                 )
             assert slept == [15, 15]
-            assert "w" * 43 not in str(info.value) and TOKEN not in str(info.value)
+            assert SECRET.hex() not in str(info.value)
             creds = {(u, p) for _, _, u, p in socks.requests}
             assert len(creds) == len(socks.requests) == 4
         finally:
@@ -220,24 +196,58 @@ async def test_join_via_onion_gives_up_on_a_dead_socks_port() -> None:
     async def fake_sleep(seconds: float) -> None:
         slept.append(seconds)
 
+    key = node_key("node-b")
     with pytest.raises(JoinError, match="after 2 attempts"):
         await join_via_onion(
-            ("127.0.0.1", _closed_port()), MASTER, SECRET, _request(), attempts=2, sleep=fake_sleep
+            ("127.0.0.1", _closed_port()), ONION, _request(), key, attempts=2, sleep=fake_sleep
         )
-    assert slept == [15.0]
+    assert slept == [5.0]
     with pytest.raises(JoinError, match="master address"):
-        await join_via_onion(("127.0.0.1", 1), "not-an-onion", SECRET, _request())
+        await join_via_onion(("127.0.0.1", 1), "not-an-onion", _request(), key)
 
 
 def test_wants_lets_only_join_paths_leave_the_fast_path() -> None:
-    wants = make_join_interceptor(
-        JoinResponder(join_secret=SECRET, cluster_token=TOKEN, self_info=SELF)
-    ).wants
-    assert wants(b"/.rb/" + SECRET.encode())
+    wants = JoinInterceptor.wants
+    assert wants(JOIN_PATH.encode())
     assert wants(b"/.rb")
-    assert wants(b"http://" + MASTER.encode() + b"/.rb/x")  # absolute form
+    assert wants(b"http://" + ONION.encode() + b"/.rb/x")  # absolute form
+    assert wants(b"/%2erb/x")
     assert not wants(b"/")
     assert not wants(b"/static/app.js?x=.r")
+
+
+async def test_with_joins_off_no_spelling_of_rb_reaches_the_target() -> None:
+    """Finding 6 of issue 16: with [join] disabled, the secret path and the token body went to
+    the target. Every node answers /.rb itself (404), joins on or off."""
+    seen: list[bytes] = []
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                seen.append(head.split(b" ")[1])
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+
+    server = await asyncio.start_server(target, "127.0.0.1", 0)
+    settings = ProxySettings(
+        target=Target("127.0.0.1", int(server.sockets[0].getsockname()[1]), is_onion=False),
+        listen_port=0,
+        connect_timeout=2,
+        idle_timeout=5,
+        drain_timeout=1,
+    )
+    proxy = ReverseProxy(settings, interceptor=JoinInterceptor(None))
+    await proxy.start()
+    try:
+        body = _fresh(_request())
+        for path in ("/.rb/join", f"http://{ONION}/.rb/join", "//.rb/join", "/./.rb/join",
+                     "/%2erb/join", "/.RB/join"):  # fmt: skip
+            assert (await _http(proxy.port, _post(path, body)))[0] == 404, path
+        assert (await _http(proxy.port, _post("/page", b"{}")))[0] == 200
+        assert seen == [b"/page"]
+    finally:
+        await proxy.close(1)
+        server.close()
 
 
 async def test_join_path_after_a_fast_path_request_on_one_connection() -> None:
@@ -253,7 +263,7 @@ async def test_join_path_after_a_fast_path_request_on_one_connection() -> None:
 
     server = await asyncio.start_server(target, "127.0.0.1", 0)
     port = int(server.sockets[0].getsockname()[1])
-    responder = JoinResponder(join_secret=SECRET, cluster_token=TOKEN, self_info=SELF)
+    responder = _responder(_membership())
     settings = ProxySettings(
         target=Target("127.0.0.1", port, is_onion=False),
         listen_port=0,
@@ -261,11 +271,11 @@ async def test_join_path_after_a_fast_path_request_on_one_connection() -> None:
         idle_timeout=5,
         drain_timeout=1,
     )
-    proxy = ReverseProxy(settings, interceptor=make_join_interceptor(responder))
+    proxy = ReverseProxy(settings, interceptor=JoinInterceptor(responder))
     await proxy.start()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(f"GET /page HTTP/1.1\r\nHost: {MASTER}\r\n\r\n".encode())
+        writer.write(f"GET /page HTTP/1.1\r\nHost: {ONION}\r\n\r\n".encode())
         first = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
         assert first.startswith(b"HTTP/1.1 200")
         writer.write(_post("/.rb/wrong-secret", b"{}"))

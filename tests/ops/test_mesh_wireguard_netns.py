@@ -34,14 +34,18 @@ from typing import Any
 import pytest
 import tomli_w
 
+from rustbalance.cluster.coordinator import MEMBERS_FILE_NAME
+from rustbalance.cluster.membership import Membership
 from rustbalance.cluster.wireguard import generate_private_key
 from rustbalance.config import Config, parse_config
+from rustbalance.crypto.keys import load_identity_key
 from rustbalance.deploy.join_token import decode
 from rustbalance.node import mesh as mesh_module
-from rustbalance.node.join import JoinRequest, PeerInfo, parse_join_answer
-from rustbalance.node.mesh import Mesh, mesh_peers_json, read_mesh_peers
+from rustbalance.node.join import JOIN_PATH, JoinRequest, parse_join_answer
+from rustbalance.node.mesh import Mesh
 from rustbalance.testnet import PrivateTorNetwork
 from rustbalance.tor.process import pid_is_alive
+from tests.trust import MASTER, node_key, now_ms, record, signed
 
 pytestmark = pytest.mark.tor
 
@@ -53,7 +57,6 @@ NETWORK = f"10.{200 + os.getpid() % 50}.{os.getpid() // 50 % 250}.0/24"
 PASSPHRASE = "another long join token passphrase"
 PROXY_PORT = 18080  # inside the namespace: nothing else listens there
 STEP_TIMEOUT = 60.0
-PEER_KEY = base64.b64encode(b"\x09" * 32).decode()
 
 
 def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -174,18 +177,28 @@ def test_daemon_brings_up_wireguard_admits_a_join_and_restores_it(
     config.write_text(tomli_w.dumps(doc))
     own_ip = NETWORK.rsplit(".", 1)[0] + ".1"
 
-    joiner_key = base64.b64encode(secrets.token_bytes(32)).decode()
-    body = JoinRequest(
-        "node-b", payload.cluster_token, joiner_key, "192.0.2.2:51820", 51821, int(time.time())
-    ).to_json()
-    (tmp_path / "join.json").write_bytes(body)
+    joiner_raw = secrets.token_bytes(32)
+    joiner_key = base64.b64encode(joiner_raw).decode()
+    request = JoinRequest(
+        node_id="node-b",
+        node_key=node_key("node-b").public,
+        wg_public_key=joiner_raw,
+        wg_endpoint="192.0.2.2:51820",
+        coordination_port=51821,
+        priority=20,
+        request_time=int(time.time()),
+        grant=payload.grant,
+        grant_secret=payload.grant_secret,
+    )
+    _private(tmp_path / "join.json", request.to_json(node_key("node-b")).decode())
     curl_config = _private(
         tmp_path / "curl.conf",
-        f'url = "http://127.0.0.1:{PROXY_PORT}/.rb/{payload.join_secret}"\n'
+        f'url = "http://127.0.0.1:{PROXY_PORT}{JOIN_PATH}"\n'
         'request = "POST"\nheader = "Content-Type: application/json"\n'
         f'data-binary = "@{tmp_path / "join.json"}"\nsilent\nmax-time = 20\n'
         f'write-out = "\\n%{{http_code}}"\n',
     )
+    master = load_identity_key(tmp_path / "conf" / "master.key")
 
     with _namespace():
         # --- first run: the interface comes up from the config; a join lands in it -----------
@@ -200,16 +213,20 @@ def test_daemon_brings_up_wireguard_admits_a_join_and_restores_it(
             answer = _ns("curl", "-K", str(curl_config))
             body_text, _, http_code = answer.stdout.rpartition("\n")
             assert http_code == "200", answer.stdout
-            joined = parse_join_answer(body_text.encode())
-            assert [p.node_id for p in joined.peers] == ["node-a"]
+            joined = parse_join_answer(body_text.encode(), master.public_key, request, now_ms())
+            assert [p.node_id for p in joined.peers()] == ["node-a"]
             peers = {row[0]: row for row in _wg_dump()[1:]}
             assert peers[joiner_key][3] == f"{joined.tunnel_address}/32"  # allowed-ips
             assert peers[joiner_key][2] == "192.0.2.2:51820"  # endpoint
-            saved = read_mesh_peers(tmp_path / "state" / "wireguard_peers.json")
-            assert [(p.node_id, p.wg_public_key) for p in saved] == [("node-b", joiner_key)]
-            assert (tmp_path / "state" / "wireguard_peers.json").stat().st_mode & 0o777 == 0o600
-            # The join secret stays out of the log.
-            assert payload.join_secret not in daemon.text()
+            members_file = tmp_path / "state" / MEMBERS_FILE_NAME
+            for _ in range(50):  # saved at the coordinator's next tick
+                if members_file.exists() and "node-b" in _saved(members_file, master.public_key):
+                    break
+                time.sleep(0.1)
+            assert _saved(members_file, master.public_key) == {"node-a", "node-b"}
+            assert members_file.stat().st_mode & 0o777 == 0o600
+            # The grant's secret stays out of the log.
+            assert payload.grant_secret.hex() not in daemon.text()
         finally:
             code = daemon.stop()
         assert code == 0, daemon.text()
@@ -231,18 +248,33 @@ def test_daemon_brings_up_wireguard_admits_a_join_and_restores_it(
         assert code == 0
         assert _ns("ip", "link", "show", IFNAME, check=False).returncode != 0
     log = (tmp_path / "node.log").read_text()
-    assert payload.join_secret not in log and payload.cluster_token not in log
-    assert json.loads((tmp_path / "state" / "wireguard_peers.json").read_text())["version"] == 1
+    assert payload.grant_secret.hex() not in log
+    assert json.loads((tmp_path / "state" / MEMBERS_FILE_NAME).read_text())["version"] == 1
+
+
+def _saved(path: Path, master_public: bytes) -> set[str]:
+    membership = Membership(master_public)
+    membership.load_json(path.read_text(), now_ms())
+    return {r.node_id for r in membership.members()}
 
 
 WATCH_IF = f"rbw{TAG}"
 
 
+class _Members:
+    """What the Mesh reads of the coordinator: its membership (here node-a and node-b)."""
+
+    def __init__(self) -> None:
+        self.membership = Membership(MASTER.public_key)
+        for content in (
+            record("node-a", tunnel="10.77.0.1"),
+            record("node-b", tunnel="10.77.0.2", endpoint="192.0.2.2:51820"),
+        ):
+            self.membership.apply(signed(content), now_ms())
+
+
 def _watch_config(tmp_path: Path) -> Config:
     _private(tmp_path / "wg.key", generate_private_key() + "\n")
-    peers = [PeerInfo("node-b", "10.77.0.2:51821", PEER_KEY, "192.0.2.2:51820", "10.77.0.2")]
-    (tmp_path / "state").mkdir(mode=0o700)
-    _private(tmp_path / "state" / "wireguard_peers.json", mesh_peers_json(peers))
     doc = {
         "node": {"id": "node-a", "state_dir": "state"},
         "master": {"identity_key_path": "master.key"},
@@ -268,7 +300,7 @@ async def test_a_crashed_wireguard_go_is_brought_back_with_its_peers(
     caplog.set_level(logging.INFO, logger="rustbalance")
     with _namespace():
         mesh = Mesh(_watch_config(tmp_path), netns=NS)
-        await mesh.start(None)
+        await mesh.start(_Members())  # type: ignore[arg-type]
         watcher = asyncio.create_task(mesh.watch_wireguard())
         try:
             assert mesh.interface is not None and mesh.interface.userspace_pid is not None
@@ -279,11 +311,17 @@ async def test_a_crashed_wireguard_go_is_brought_back_with_its_peers(
                 pid = mesh.interface.userspace_pid
                 if pid not in (None, first_pid):
                     dump = _ns("wg", "show", WATCH_IF, "dump", check=False).stdout.splitlines()
-                    if len(dump) == 2 and dump[1].split("\t")[3] == "10.77.0.2/32":
+                    # up() applies the peers, then the address: wait for both (seen under
+                    # load: the peer was there, the address not yet).
+                    address = _ns("ip", "-4", "address", "show", WATCH_IF, check=False).stdout
+                    if (
+                        len(dump) == 2
+                        and dump[1].split("\t")[3] == "10.77.0.2/32"
+                        and "inet 10.77.0.1/24" in address
+                    ):
                         break
                 assert time.monotonic() < deadline, "the interface did not come back"
                 await asyncio.sleep(0.2)
-            assert "inet 10.77.0.1/24" in _ns("ip", "-4", "address", "show", WATCH_IF).stdout
             for _ in range(50):  # the log line follows the rebuild in the same task
                 if f"WireGuard {WATCH_IF} recovered with 1 peer(s)" in caplog.text:
                     break

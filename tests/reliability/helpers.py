@@ -1,4 +1,4 @@
-"""Helpers of the reliability suite: coordinator processes, token files, a tiny tmpfs."""
+"""Helpers of the reliability suite: coordinator processes, master key files, a tiny tmpfs."""
 
 from __future__ import annotations
 
@@ -13,16 +13,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LIBFAKETIME", "Runner", "mounted_tmpfs", "write_token"]
+from rustbalance.crypto.keys import IdentityKey, write_seed_key_file
+
+__all__ = ["LIBFAKETIME", "Runner", "mounted_tmpfs", "write_master_key"]
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 
-def write_token(path: Path) -> Path:
-    """A cluster token file, 0600 from the first byte."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32) + "\n")
+def write_master_key(path: Path, key: IdentityKey | None = None) -> Path:
+    """A master key seed file (0600 from the first byte): the coordinator processes admit
+    themselves with it, as daemons that hold the master key do."""
+    write_seed_key_file(key or IdentityKey.generate(secrets.token_bytes), path)
     return path
 
 

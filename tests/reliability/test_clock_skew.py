@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from tests.node_e2e.cluster_helpers import free_udp_ports, wait_for
-from tests.reliability.helpers import LIBFAKETIME, Runner, write_token
+from tests.reliability.helpers import LIBFAKETIME, Runner, write_master_key
 
 INTERVAL, TIMEOUT, GRACE = 0.5, 1.5, 1.5
 TOLERANCE = 5.0
@@ -46,7 +46,7 @@ MAX_LIFETIME = 120.0
 
 @contextlib.contextmanager
 def _cluster(work: Path) -> Iterator[dict[str, Runner]]:
-    token = write_token(work / "cluster.token")
+    master = write_master_key(work / "master.key")
     names = ("node-a", "node-b", "node-s")  # node-s: the skewed one, best priority
     priorities = {"node-a": 20, "node-b": 30, "node-s": 10}
     ports = dict(zip(names, free_udp_ports(len(names)), strict=True))
@@ -60,7 +60,8 @@ def _cluster(work: Path) -> Iterator[dict[str, Runner]]:
                 "priority": priorities[name],
                 "listen": f"127.0.0.1:{ports[name]}",
                 "peers": [f"127.0.0.1:{ports[n]}" for n in names if n != name],
-                "token_path": str(token),
+                "master_key_path": str(master),
+                "node_key_path": str(work / f"{name}.node.key"),
                 "interval": INTERVAL,
                 "timeout": TIMEOUT,
                 "grace": GRACE,

@@ -3,15 +3,15 @@
 A real full disk, not a mock: the node's state directory is a 256 KiB tmpfs (mounted for the
 test, we run as root; always unmounted) filled to the last byte. The node is a real
 ``rustbalance run`` in cluster mode on the private Tor network; its peers are coordinator
-processes (tests/cluster_net/node_runner.py) so that it learns a new peer while the disk
-is full and must save ``cluster_peers.json``.
+processes (tests/cluster_net/node_runner.py, holding the same master key) so that it learns a
+new member while the disk is full and must save ``cluster_members.json``.
 
 Expected: the daemon keeps running and serving the master address; it logs a clear, rate-limited
-WARNING naming the file and "No space left on device"; the peers file on disk is still the last
+WARNING naming the file and "No space left on device"; the members file on disk is still the last
 complete version (written atomically: temp file, fsync, rename; the temp file is removed when
 the write fails), with no temp files left behind; ``rustbalance status`` still answers (its
 socket lives on the full disk too). Once space is free again the file is saved at the next
-coordinator tick with the new peer.
+coordinator tick with the new member.
 """
 
 from __future__ import annotations
@@ -19,21 +19,23 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from rustbalance.cluster.peers import load_known_peers
+from rustbalance.cluster.membership import Membership
+from rustbalance.crypto.keys import IdentityKey
 from rustbalance.testnet import PrivateTorNetwork, TorInstance
 from tests.node_e2e import running_node
 from tests.node_e2e.cluster_helpers import free_udp_ports, wait_for
-from tests.reliability.helpers import Runner, mounted_tmpfs, write_token
+from tests.reliability.helpers import Runner, mounted_tmpfs, write_master_key
 from tests.torhelpers import get_with_retries
 
 INTERVAL, TIMEOUT, GRACE = 1.0, 3.0, 3.0
-PEERS_FILE = "cluster_peers.json"
+PEERS_FILE = "cluster_members.json"
 
 
 def _fill(directory: Path) -> Path:
@@ -51,7 +53,16 @@ def _fill(directory: Path) -> Path:
     return filler
 
 
-def _runner(work: Path, name: str, listen: int, peers: list[int], token: Path) -> Runner:
+def _saved_members(path: Path, master: IdentityKey) -> set[str]:
+    """The node ids of the members file as written (empty while it does not exist)."""
+    if not path.exists():
+        return set()
+    membership = Membership(master.public_key)
+    membership.load_json(path.read_text(), int(time.time() * 1000))
+    return {r.node_id for r in membership.members()}
+
+
+def _runner(work: Path, name: str, listen: int, peers: list[int], master: Path) -> Runner:
     return Runner(
         work,
         name,
@@ -60,7 +71,8 @@ def _runner(work: Path, name: str, listen: int, peers: list[int], token: Path) -
             "priority": 50,
             "listen": f"127.0.0.1:{listen}",
             "peers": [f"127.0.0.1:{p}" for p in peers],
-            "token_path": str(token),
+            "master_key_path": str(master),
+            "node_key_path": str(work / f"{name}.node.key"),
             "interval": INTERVAL,
             "timeout": TIMEOUT,
             "grace": GRACE,
@@ -71,20 +83,21 @@ def _runner(work: Path, name: str, listen: int, peers: list[int], token: Path) -
 
 
 @pytest.mark.tor
-async def test_full_state_disk_keeps_serving_and_never_corrupts_the_peers_file(
+async def test_full_state_disk_keeps_serving_and_never_corrupts_the_members_file(
     tor_network: PrivateTorNetwork,
     tor_client_factory: Callable[[], TorInstance],
     tmp_path: Path,
 ) -> None:
     work = tmp_path / "node"
     work.mkdir()
-    token = write_token(tmp_path / "cluster.token")
+    master = IdentityKey.generate(secrets.token_bytes)
+    master_file = write_master_key(tmp_path / "master.key", master)
     port_a, port_b, port_c = free_udp_ports(3)
-    peer_b = _runner(tmp_path, "node-b", port_b, [port_a], token)
-    peer_c = _runner(tmp_path, "node-c", port_c, [port_a], token)
+    peer_b = _runner(tmp_path, "node-b", port_b, [port_a], master_file)
+    peer_c = _runner(tmp_path, "node-c", port_c, [port_a], master_file)
     overrides: dict[str, dict[str, object]] = {
+        "node": {"node_key_path": str(tmp_path / "node-a.node.key")},
         "coordination": {
-            "cluster_token_path": token,
             "listen": f"127.0.0.1:{port_a}",
             "peers": [f"127.0.0.1:{port_b}"],
             "heartbeat_interval_secs": INTERVAL,
@@ -97,22 +110,26 @@ async def test_full_state_disk_keeps_serving_and_never_corrupts_the_peers_file(
         peers_file = state / PEERS_FILE
         try:
             peer_b.start()
-            with running_node(tor_network, work, "node-a", overrides=overrides) as node:
+            with running_node(
+                tor_network, work, "node-a", overrides=overrides, master=master
+            ) as node:
                 client = await asyncio.to_thread(tor_client_factory)
                 socks = client.socks_address
                 assert socks is not None
                 await asyncio.to_thread(node.wait_line, r"^Published", 180)
                 await asyncio.to_thread(
-                    wait_for, peers_file.exists, 30, "the peers file to be written"
+                    wait_for,
+                    lambda: _saved_members(peers_file, master) == {"node-a", "node-b"},
+                    30,
+                    "the members file to be written",
                 )
                 saved = peers_file.read_text()
-                assert [p.node_id for p in load_known_peers(saved)] == ["node-b"]
                 body = await get_with_retries(socks, node.address, isolation="disk-before")
                 assert body.strip() == "hello from node-a-target"
 
                 filler = _fill(state)
                 full_at = time.time()
-                peer_c.start()  # a new peer: the node must save the peers file again
+                peer_c.start()  # a new member: the node must save the members file again
                 warning = await asyncio.to_thread(
                     node.wait_line,
                     rf"cannot save {peers_file}: .*No space left on device",
@@ -142,17 +159,16 @@ async def test_full_state_disk_keeps_serving_and_never_corrupts_the_peers_file(
                 freed_at = time.monotonic()
                 await asyncio.to_thread(
                     wait_for,
-                    lambda: "node-c" in peers_file.read_text(),
+                    lambda: "node-c" in _saved_members(peers_file, master),
                     30,
-                    "the peers file to be saved once space is free",
+                    "the members file to be saved once space is free",
                 )
                 resumed = time.monotonic() - freed_at
-                restored = load_known_peers(peers_file.read_text())
-                assert [p.node_id for p in restored] == ["node-b", "node-c"]
+                assert _saved_members(peers_file, master) == {"node-a", "node-b", "node-c"}
                 assert node.process.poll() is None
                 print(
                     f"\nfull disk: warning {warning.at - full_at:.1f} s after the new peer, "
-                    f"peers file saved {resumed:.1f} s after space was freed"
+                    f"members file saved {resumed:.1f} s after space was freed"
                 )
         finally:
             peer_b.stop()

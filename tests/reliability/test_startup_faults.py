@@ -147,22 +147,62 @@ def test_key_for_another_address(tmp_path: Path) -> None:
     _assert_refused(tmp_path, config, str(key_file), key.onion_address, "wrong key file")
 
 
-@pytest.mark.parametrize("problem", ["empty", "exposed", "missing"])
-def test_bad_cluster_token(tmp_path: Path, problem: str) -> None:
-    token = tmp_path / "cluster.token"
-    if problem != "missing":
-        token.write_text("" if problem == "empty" else secrets.token_hex(32) + "\n")
-        os.chmod(token, 0o644 if problem == "exposed" else 0o600)
-    config, _, _ = _node(
-        tmp_path,
-        coordination={
-            "cluster_token_path": token,
-            "listen": "127.0.0.1:1",
-            "peers": ["127.0.0.1:2"],
+CLUSTER: dict[str, object] = {"listen": "127.0.0.1:1", "peers": ["127.0.0.1:2"]}
+
+
+@pytest.mark.parametrize("problem", ["empty", "exposed", "symlink"])
+def test_bad_node_key(tmp_path: Path, problem: str) -> None:
+    """The node's own cluster key (issue 16): a damaged, exposed or symlinked file is refused
+    with one line naming it, before anything is written; its content never echoed."""
+    node_key = tmp_path / "node.key"
+    seed = secrets.token_bytes(32)
+    if problem == "symlink":
+        real = tmp_path / "elsewhere.key"
+        real.write_bytes(seed)
+        os.chmod(real, 0o600)
+        node_key.symlink_to(real)
+    else:
+        node_key.write_bytes(b"" if problem == "empty" else seed)
+        os.chmod(node_key, 0o644 if problem == "exposed" else 0o600)
+    config, _, _ = _node(tmp_path, node={"node_key_path": node_key}, coordination=CLUSTER)
+    expected = {"empty": "exactly 32 bytes", "exposed": "chmod 600", "symlink": "cannot read"}
+    _assert_refused(tmp_path, config, str(node_key), expected[problem], secret=seed)
+
+
+def test_a_node_that_is_not_admitted_exits_2(tmp_path: Path) -> None:
+    """A node without the master key and without an admission record (it never joined):
+    exit 2, one line naming the node and its key's fingerprint, nothing written."""
+    key = IdentityKey.generate(secrets.token_bytes)
+    instance_key = tmp_path / "instance.key"
+    write_seed_key_file(IdentityKey.generate(secrets.token_bytes), instance_key)
+    node_key = tmp_path / "node.key"
+    node_key.write_bytes(secrets.token_bytes(32))
+    os.chmod(node_key, 0o600)
+    config = write_node_config(
+        tmp_path / "config.toml",
+        node_id="node-b",
+        key_file=tmp_path / "none",
+        master_address=key.onion_address,
+        target="127.0.0.1:9",
+        work_dir=tmp_path,
+        overrides={
+            "node": {"identity_mode": "instance", "publisher_eligible": False,
+                     "instance_key_path": instance_key, "node_key_path": node_key},
+            "master": {"identity_key_path": None},
+            "coordination": CLUSTER,
         },
+    )  # fmt: skip
+    _assert_refused(tmp_path, config, "node node-b is not admitted", "SHA256:", "rustbalance join")
+
+
+def test_a_v2_config_names_the_upgrade(tmp_path: Path) -> None:
+    token = tmp_path / "cluster.token"
+    token.write_text(secrets.token_hex(32) + "\n")
+    os.chmod(token, 0o600)
+    config, _, _ = _node(tmp_path, coordination={"cluster_token_path": token, **CLUSTER})
+    _assert_refused(
+        tmp_path, config, "coordination.cluster_token_path", "rustbalance cluster upgrade"
     )
-    expected = {"empty": "cluster token", "exposed": "chmod 600", "missing": "cannot read"}
-    _assert_refused(tmp_path, config, str(token), expected[problem])
 
 
 def test_unusable_hidden_service_dir(tmp_path: Path) -> None:

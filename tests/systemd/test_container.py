@@ -209,7 +209,7 @@ def configure_for_the_test_network(node: Node) -> None:
 
 def redacted(text: str) -> str:
     """deploy.sh output without the join token it prints (a secret: never in a test log)."""
-    return "\n".join(line for line in text.splitlines() if "rbj1-" not in line)
+    return "\n".join(line for line in text.splitlines() if not re.search(r"rbj[0-9]+-", line))
 
 
 @pytest.fixture(scope="module")
@@ -403,6 +403,30 @@ def test_status_socket_and_metrics_answer(node: Node) -> None:
         text = reply.read().decode()
     assert reply.status == 200
     assert re.search(r"^rustbalance_\w+", text, re.MULTILINE)
+
+
+def test_cluster_operations_as_root_reach_the_sandboxed_daemon(node: Node) -> None:
+    """Issue 16 under the issue 17 unit: an operator runs ``rustbalance cluster`` as root while
+    the daemon runs as ``rustbalance`` behind ReadOnlyPaths. ``members`` reads the running
+    daemon; ``rotate-join-secret`` leaves a master-signed statement in the daemon's inbox,
+    which the daemon (not root) must read, apply and delete."""
+    node.ensure_active()
+    members = json.loads(
+        node.container.ok([CLI, "cluster", "members", "--config", CONFIG, "--format", "json"])
+    )
+    rows = {row["node_id"]: row for row in members["members"]}
+    own = rows[node.config()["node"]["id"]]
+    assert own["self"] and own["holds_master_key"] and own["fingerprint"].startswith("SHA256:")
+    since = node.now_usec()
+    node.container.ok([CLI, "cluster", "rotate-join-secret", "--config", CONFIG])
+    deadline = time.monotonic() + 30
+    inbox = node.container.path("/var/lib/rustbalance/cluster-inbox")
+    while any(inbox.iterdir()):
+        assert time.monotonic() < deadline, "the daemon did not take the statement"
+        time.sleep(0.5)
+    node.first(
+        node.journal(since), r"membership: recorded join policy \(from rustbalance cluster\)"
+    )
 
 
 # -- restarts -------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """``rustbalance config check FILE``: validate a config and the files it names, start nothing.
 
 Like ``nginx -t``: besides the syntax, types, ranges and unknown keys of the config itself, every
-key and token file the config names is opened with the daemon's own loader and must exist, be
-readable, not be readable by others (0600) and hold a usable key: the master key (and that it
-matches ``master.onion_address``), the cluster token, the join secret, with the etcd backend its CA,
-client certificate and key (PEM, the key 0600 and the certificate's own), and, when they
-already exist, the instance key and the WireGuard private key (the daemon generates those two
-when they are missing). Nothing is created or changed, and no secret ever reaches the output.
+key file the config names is opened with the daemon's own loader and must exist, be readable,
+not be readable by others (0600) and hold a usable key: the master key (and that it matches
+``master.onion_address``), with the etcd backend its CA, client certificate and key (PEM, the
+key 0600 and the certificate's own), and, when they already exist, the instance key and the
+WireGuard private key (the daemon generates those when they are missing). A node that will run
+in an embedded-backend cluster must have a usable node key and be admitted with it (its members
+file holds a master-signed record for it; a node holding the master key admits itself, and makes
+its node key when missing), as the daemon checks at start.
+Nothing is created or changed, and no secret ever reaches the output.
 
 Exit 0 when everything is usable, 2 for any problem (cli/main.py: 2 = configuration), so the
 unit's ``ExecStartPre=`` check and ``RestartPreventExitStatus=2`` agree with ``rustbalance run``.
@@ -16,26 +19,28 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any
 
 from rustbalance.cli.logging_setup import error_line
 from rustbalance.cluster.etcd_backend import tls_problems
 from rustbalance.cluster.wireguard import WireGuardError, load_or_create_private_key
 from rustbalance.config import Config, ConfigProblems, load_config
+from rustbalance.crypto.keys import IdentityKey
+from rustbalance.crypto.onion_address import decode_onion_address
 from rustbalance.errors import ConfigError, InvalidKeyError
-from rustbalance.node.cluster_link import load_cluster_key
+from rustbalance.node.cluster_link import admission_problem, multi_node_wanted
 from rustbalance.node.identity import (
     default_instance_key_path,
     load_or_create_instance_key,
     master_key_needed,
 )
-from rustbalance.node.join import JoinError, check_secret_strength
-from rustbalance.node.mesh import MeshError, read_private_secret
+from rustbalance.node.mesh import mesh_wants_cluster
 from rustbalance.node.startup import (
     EXIT_CONFIG,
     StartupError,
     load_master_key,
-    with_saved_peers,
+    with_saved_members,
 )
 
 __all__ = ["check", "file_problems", "register"]
@@ -51,11 +56,12 @@ def register(commands: SubParsers, debug_commands: SubParsers) -> None:
     actions = group.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND")
     check_parser = actions.add_parser(
         "check",
-        help="validate a config file and the key and token files it names",
+        help="validate a config file and the key files it names",
         description=(
-            "Validate FILE (syntax, types, ranges, unknown keys) and every key and token file "
-            "it names: each must exist, be readable only by its owner (0600) and hold a "
-            "usable key. Exit 0 if all is well, 2 otherwise."
+            "Validate FILE (syntax, types, ranges, unknown keys) and every key file it names: "
+            "each must exist, be readable only by its owner (0600) and hold a usable key; in a "
+            "cluster, the node must be admitted with its node key. Exit 0 if all is well, 2 "
+            "otherwise."
         ),
     )
     check_parser.add_argument("file", metavar="FILE", help="path of the TOML config file")
@@ -70,17 +76,21 @@ def register(commands: SubParsers, debug_commands: SubParsers) -> None:
 
 
 def file_problems(config: Config) -> list[str]:
-    """One message per unusable key or token file the config names (the module docstring).
+    """One message per unusable key file the config names, or a cluster that would not admit
+    this node (the module docstring).
 
     Each file is read with the loader the daemon uses at start, so the check and the start
     cannot disagree; a missing instance or WireGuard key is fine (the daemon creates it).
     """
     problems: list[str] = []
+    master: IdentityKey | None = None
+    master_usable = True
     if config.master.identity_key_path is not None or master_key_needed(config):
         try:
-            load_master_key(config)
+            master = load_master_key(config)
         except StartupError as exc:
             problems.append(str(exc))
+            master_usable = False
     if config.identity_mode == "instance":
         instance = default_instance_key_path(config)
         if instance.exists() or instance.is_symlink():
@@ -88,22 +98,13 @@ def file_problems(config: Config) -> list[str]:
                 load_or_create_instance_key(instance)
             except InvalidKeyError as exc:
                 problems.append(f"node.instance_key_path: {exc}")
-    token = config.coordination.cluster_token_path
-    if token is not None:
-        try:
-            load_cluster_key(token)
-        except ConfigError as exc:
-            problems.append(str(exc))
     if config.coordination.backend == "etcd":
+        # etcd knows a node by its TLS client certificate: no node key, no admission record.
         problems.extend(tls_problems(config.etcd))
-    secret = config.join.secret_path
-    if secret is not None:
-        try:
-            check_secret_strength("join secret", read_private_secret(secret, "join secret"))
-        except MeshError as exc:
-            problems.append(str(exc))
-        except JoinError as exc:
-            problems.append(f"{secret}: {exc}")
+    elif master_usable:  # (without it, whether the node may take part is unknown)
+        problem = _cluster_problem(config, master)
+        if problem is not None:
+            problems.append(problem)
     wg_key = config.wireguard.private_key_path
     if wg_key is not None and (wg_key.exists() or wg_key.is_symlink()):
         try:
@@ -112,6 +113,20 @@ def file_problems(config: Config) -> list[str]:
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             problems.append(f"wireguard.private_key_path: {detail}")
     return problems
+
+
+def _cluster_problem(config: Config, master: IdentityKey | None) -> str | None:
+    """In a cluster: the node key, and that the node is admitted (node/cluster_link.py)."""
+    if master is not None:
+        master_public = master.public_key
+    elif config.master.onion_address is not None:
+        master_public = decode_onion_address(config.master.onion_address)
+    else:  # the parser requires one of the two
+        return None
+    now_ms = int(time.time() * 1000)
+    if not (multi_node_wanted(config, master_public, now_ms) or mesh_wants_cluster(config)):
+        return None
+    return admission_problem(config, master_public, master, now_ms)
 
 
 def _report(file: str, problems: list[str]) -> int:
@@ -133,8 +148,8 @@ def check(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # not raised by load_config today; keep the contract anyway
         return _report(file, [str(exc)])
     try:
-        config = with_saved_peers(config)
-    except ConfigError as exc:
+        config = with_saved_members(config)
+    except (ConfigError, StartupError) as exc:  # StartupError: the master key file itself
         return _report(file, [str(exc)])
     problems = file_problems(config)
     if problems:

@@ -1,9 +1,12 @@
 """``rustbalance init``: set up the first node of a cluster.
 
-Creates (or imports) the master key, generates the cluster token, the join secret and this
-node's WireGuard key, writes them and a config that passes validation into the config folder,
-and prints the master address and a join token for further nodes (deploy/README.md; system.md
-§5, W1, W3, W9, W13, W16).
+Creates (or imports) the master key, generates this node's own cluster key (issue 16: per-node
+identities; the daemon admits itself with the master key at its first start) and its WireGuard
+key, writes them and a config that passes validation into the config folder, and prints the
+master address and a join token for further nodes (deploy/README.md; system.md §5, W1, W3, W9,
+W13, W16). The join token carries a join grant signed with the master key: single-use by
+default (``--token-uses``), valid ``--token-lifetime-hours``, and without the master key unless
+``--with-master-key`` is given (the joiner then serves as an instance and never publishes).
 
 Secrets never come from or go to argv: the passphrase is read from ``--passphrase-file`` or a
 terminal prompt; generated secrets only go to files. Every file is 0600 in a 0700 folder and is
@@ -36,6 +39,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from rustbalance.atomic_file import StagedFile, stage_file
+from rustbalance.cluster.authority import MAX_GRANT_USES
+from rustbalance.cluster.identity import NodeKey
 from rustbalance.config import parse_config
 from rustbalance.config.identity_mode import IdentityMode, cluster_identity_problem
 from rustbalance.crypto.keys import SECRET_KEY_HEADER, IdentityKey, load_identity_key
@@ -43,6 +48,7 @@ from rustbalance.deploy.join_token import (
     DEFAULT_LIFETIME_SECS,
     MIN_PASSPHRASE_CHARS,
     JoinPayload,
+    JoinTokenError,
     encode_raw,
     encode_with_passphrase,
 )
@@ -56,14 +62,13 @@ from rustbalance.rules import (
 )
 
 __all__ = [
-    "CLUSTER_TOKEN_FILE",
     "CONFIG_FILE",
     "DEFAULT_CONFIG_DIR",
     "DEFAULT_COORDINATION_PORT",
     "DEFAULT_TUNNEL_NETWORK",
-    "JOIN_SECRET_FILE",
     "JOIN_TOKEN_FILE",
     "MASTER_KEY_FILE",
+    "NODE_KEY_FILE",
     "WIREGUARD_KEY_FILE",
     "CliError",
     "register",
@@ -79,8 +84,7 @@ DEFAULT_TUNNEL_NETWORK = "10.99.0.0/24"
 DEFAULT_COORDINATION_PORT = 51821
 CONFIG_FILE = "config.toml"
 MASTER_KEY_FILE = "master.key"
-CLUSTER_TOKEN_FILE = "cluster.token"  # noqa: S105 (a file name)
-JOIN_SECRET_FILE = "join.secret"  # noqa: S105 (a file name)
+NODE_KEY_FILE = "node.key"
 WIREGUARD_KEY_FILE = "wireguard.key"
 JOIN_TOKEN_FILE = "join-token.txt"  # noqa: S105 (a file name)
 _MAX_SECRET_FILE = 64 * 1024
@@ -101,11 +105,6 @@ class CliError(RustBalanceError):
 
 
 # --- shared helpers (also used by join_cmd) -------------------------------------------------
-
-
-def generate_secret() -> str:
-    """A cluster token or join secret: 256 random bits, base64url (43 characters, W3)."""
-    return secrets.token_urlsafe(32)
 
 
 def generate_wireguard_key() -> tuple[bytes, str]:
@@ -253,6 +252,7 @@ def mesh_sections(
     tunnel_network: ipaddress.IPv4Network,
     tunnel_address: str,
     wireguard: bool,
+    admits: bool,
 ) -> dict[str, dict[str, Any]]:
     """The ``[wireguard]`` and ``[join]`` tables of a node's config (docs/config.md)."""
     return {
@@ -264,8 +264,8 @@ def mesh_sections(
             "endpoint": endpoint,
         },
         "join": {
-            "enabled": True,
-            "secret_path": str(config_dir / JOIN_SECRET_FILE),
+            # Admitting a node means signing its record with the master key.
+            "enabled": admits,
             "tunnel_network": str(tunnel_network),
         },
     }
@@ -369,18 +369,32 @@ def register(commands: SubParsers, debug_commands: SubParsers) -> None:
         action="store_true",
         help="issue a token without passphrase; it is printed once and not stored",
     )
+    add_token_arguments(parser)
+    parser.set_defaults(func=lambda args: run_init(args, Io()))
+
+
+def add_token_arguments(parser: argparse.ArgumentParser) -> None:
+    """The join token's options (``init`` and ``cluster token``)."""
     parser.add_argument(
-        "--standby-token",
+        "--with-master-key",
         action="store_true",
-        help="the token does not carry the master key (joiners never publish)",
+        help=(
+            "the token carries the master key: the joiner may publish (default: it does not, "
+            "and serves as an instance)"
+        ),
+    )
+    parser.add_argument(
+        "--token-uses",
+        type=int,
+        default=1,
+        help=f"how many nodes may join with the token (1-{MAX_GRANT_USES}, default 1)",
     )
     parser.add_argument(
         "--token-lifetime-hours",
         type=int,
         default=DEFAULT_LIFETIME_SECS // 3600,
-        help="hours the join token stays valid (default 24)",
+        help="hours the join token stays valid (1-720, default 24)",
     )
-    parser.set_defaults(func=lambda args: run_init(args, Io()))
 
 
 def _value(args: argparse.Namespace, name: str, question: str, io: Io, interactive: bool) -> str:
@@ -441,42 +455,17 @@ def run_init(args: argparse.Namespace, io: Io) -> int:
     tunnel_address = str(next(network.hosts()))
     listen = args.coordination_listen or f"{tunnel_address}:{DEFAULT_COORDINATION_PORT}"
     listen = check_endpoint(listen, "--coordination-listen")
-    if args.token_lifetime_hours < 1 or args.token_lifetime_hours > 720:
-        raise CliError("--token-lifetime-hours must be 1-720")
+    check_token_arguments(args)
 
     if args.import_key:
         key = load_identity_key(args.import_key)
     else:
         key = IdentityKey.generate(os.urandom)
-    cluster_token = generate_secret()
-    join_secret = generate_secret()
+    node_key = NodeKey.generate()
     wg_private, wg_public = generate_wireguard_key()
     master_onion = key.onion_address
-
-    with_key = not args.standby_token
-    if with_key and key.seed is None:
-        print(
-            "note: the imported key has no seed (tor's expanded format), so the join token "
-            "cannot carry it: joiners become standby nodes",
-            file=sys.stderr,
-        )
-        with_key = False
-    payload = JoinPayload.issue(
-        master_onion=master_onion,
-        cluster_token=cluster_token,
-        join_secret=join_secret,
-        seed_peers=(listen,),
-        issuer_node_id=node_id,
-        now=int(time.time()),
-        lifetime_secs=args.token_lifetime_hours * 3600,
-        master_key_seed=key.seed if with_key else None,
-    )
-    if args.raw_token:
-        token = encode_raw(payload, os.urandom)
-    else:
-        token = encode_with_passphrase(
-            payload, obtain_passphrase(args, io, confirm=True), os.urandom
-        )
+    payload = issue_payload(args, key, node_id)
+    token = encode_token(args, payload, io)
 
     state_dir = Path(args.state_dir).absolute()
     config: dict[str, Any] = {
@@ -486,6 +475,7 @@ def run_init(args: argparse.Namespace, io: Io) -> int:
             "publisher_eligible": True,
             "state_dir": str(state_dir),
             "identity_mode": identity_mode,
+            "node_key_path": str(config_dir / NODE_KEY_FILE),
         },
         "master": {
             "identity_key_path": str(config_dir / MASTER_KEY_FILE),
@@ -494,10 +484,7 @@ def run_init(args: argparse.Namespace, io: Io) -> int:
         "target": {"address": target},
         "tor": {"mode": args.tor_mode},
         "proxy": {"listen_port": args.proxy_port},
-        "coordination": {
-            "cluster_token_path": str(config_dir / CLUSTER_TOKEN_FILE),
-            "listen": listen,
-        },
+        "coordination": {"listen": listen},
     }
     if args.tor_mode == "managed":
         config["tor"]["data_dir"] = str(state_dir / "tor")
@@ -508,6 +495,7 @@ def run_init(args: argparse.Namespace, io: Io) -> int:
             tunnel_network=network,
             tunnel_address=tunnel_address,
             wireguard=not args.no_wireguard,
+            admits=True,
         )
     )
     config_text = validated_config(config, config_dir)
@@ -516,8 +504,7 @@ def run_init(args: argparse.Namespace, io: Io) -> int:
     staged = StagedFiles(config_dir)
     try:
         staged.add(MASTER_KEY_FILE, _master_key_bytes(key))
-        staged.add(CLUSTER_TOKEN_FILE, cluster_token.encode("ascii") + b"\n")
-        staged.add(JOIN_SECRET_FILE, join_secret.encode("ascii") + b"\n")
+        staged.add(NODE_KEY_FILE, node_key.seed_bytes())
         staged.add(WIREGUARD_KEY_FILE, wg_private)
         if not args.raw_token:
             # Useless without the passphrase, so it may sit on disk (deploy.sh prints its path).
@@ -529,10 +516,54 @@ def run_init(args: argparse.Namespace, io: Io) -> int:
         raise
 
     print(f"Master onion address: {master_onion}")
-    print(f"Node: {node_id}, priority {args.priority}, WireGuard public key {wg_public}")
+    print(
+        f"Node: {node_id}, priority {args.priority}, node key {node_key.fingerprint}, "
+        f"WireGuard public key {wg_public}"
+    )
     print(f"Config written to {config_dir / CONFIG_FILE}")
-    role = "publisher-eligible" if with_key else "standby (no master key)"
-    print(f"Join token ({role} joiners, valid {args.token_lifetime_hours} h):")
+    print_token(args, payload, token, config_dir / JOIN_TOKEN_FILE)
+    return 0
+
+
+def check_token_arguments(args: argparse.Namespace) -> None:
+    if not 1 <= args.token_lifetime_hours <= 720:
+        raise CliError("--token-lifetime-hours must be 1-720")
+    if not 1 <= args.token_uses <= MAX_GRANT_USES:
+        raise CliError(f"--token-uses must be 1-{MAX_GRANT_USES}")
+
+
+def issue_payload(args: argparse.Namespace, key: IdentityKey, node_id: str) -> JoinPayload:
+    """A new join grant, signed with the master key, in a token payload."""
+    try:
+        return JoinPayload.issue(
+            master_key=key,
+            issuer_node_id=node_id,
+            now=int(time.time()),
+            randbytes=os.urandom,
+            lifetime_secs=args.token_lifetime_hours * 3600,
+            max_uses=args.token_uses,
+            with_master_key=args.with_master_key,
+        )
+    except JoinTokenError as exc:
+        raise CliError(str(exc)) from None
+
+
+def encode_token(args: argparse.Namespace, payload: JoinPayload, io: Io) -> str:
+    if args.raw_token:
+        return encode_raw(payload, os.urandom)
+    return encode_with_passphrase(payload, obtain_passphrase(args, io, confirm=True), os.urandom)
+
+
+def print_token(
+    args: argparse.Namespace, payload: JoinPayload, token: str, saved: Path | None
+) -> None:
+    role = (
+        "publisher-eligible joiners: it carries the master key"
+        if payload.publisher_eligible
+        else "joiners without the master key"
+    )
+    uses = "1 join" if args.token_uses == 1 else f"{args.token_uses} joins"
+    print(f"Join token ({role}; {uses}, valid {args.token_lifetime_hours} h):")
     print(token)
     if args.raw_token:
         print(
@@ -540,6 +571,5 @@ def run_init(args: argparse.Namespace, io: Io) -> int:
             "'rustbalance join --token-file -' on stdin, never on a command line.",
             file=sys.stderr,
         )
-    else:
-        print(f"(also in {config_dir / JOIN_TOKEN_FILE}; joiners need the passphrase)")
-    return 0
+    elif saved is not None:
+        print(f"(also in {saved}; joiners need the passphrase)")

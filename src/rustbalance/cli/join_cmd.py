@@ -1,13 +1,17 @@
 """``rustbalance join``: set up a further node from a join token.
 
-Decrypts the token (system.md §5, W1, W3, W13) and writes this node's config, the cluster
-token, the join secret, a fresh WireGuard key and, only when the token carries it (a
-publisher-eligible joiner), the master key; then it joins: it POSTs the join request to the
-master onion through a running tor's SOCKS port (``--tor-socks``, default the system tor's
-127.0.0.1:9050) with :func:`rustbalance.node.join.join_via_onion` (5 tries, 15 s apart), and
-writes the answer into the config (``wireguard.address`` = the assigned tunnel address,
-``coordination.listen`` on it, ``coordination.peers`` = the cluster's nodes) and the mesh peers
-file (``wireguard.peers_path``). ``rustbalance run`` then forms the cluster at once. The join
+Decrypts the token (system.md §5, W1, W3, W13), makes this node's own cluster key and WireGuard
+key, and joins: it POSTs the join request (signed with the new node key, carrying the token's
+master-signed join grant and its secret) to the master onion through a running tor's SOCKS port
+(``--tor-socks``, default the system tor's 127.0.0.1:9050) with
+:func:`rustbalance.node.join.join_via_onion` (12 tries, 5 s apart: only nodes that hold the
+master key admit, and each try reaches a random node). It checks the answer (every statement
+against the master key, every tunnel address in the tunnel network) and writes the node key,
+the WireGuard key, the master key only when the token carries it, the config
+(``wireguard.address`` = the assigned tunnel address, ``coordination.listen`` on it,
+``coordination.peers`` = the members' addresses; ``identity_mode = "instance"`` and no
+``[join]`` on a node without the master key) and the membership file
+(``<state_dir>/cluster_members.json``). ``rustbalance run`` then forms the cluster at once. The join
 happens here and not at the daemon's first start because its answer *is* the configuration
 (the tunnel address the interface and the coordination socket bind to): an operator sees a
 failed join as this command's error, with nothing half-configured on disk.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import ipaddress
 import sys
 import time
@@ -37,12 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from rustbalance.cli.init_cmd import (
-    CLUSTER_TOKEN_FILE,
     CONFIG_FILE,
     DEFAULT_COORDINATION_PORT,
     EXIT_RUNTIME,
-    JOIN_SECRET_FILE,
     MASTER_KEY_FILE,
+    NODE_KEY_FILE,
     WIREGUARD_KEY_FILE,
     CliError,
     Io,
@@ -59,6 +63,8 @@ from rustbalance.cli.init_cmd import (
     read_secret_file,
     validated_config,
 )
+from rustbalance.cluster.coordinator import MEMBERS_FILE_NAME
+from rustbalance.cluster.identity import NodeKey
 from rustbalance.config.identity_mode import IdentityMode
 from rustbalance.deploy.join_token import (
     JoinPayload,
@@ -66,11 +72,16 @@ from rustbalance.deploy.join_token import (
     decode,
     token_needs_passphrase,
 )
-from rustbalance.node.join import JoinAnswer, JoinError, JoinRequest, join_via_onion
-from rustbalance.node.mesh import mesh_peers_json
+from rustbalance.node.join import (
+    DEFAULT_JOIN_ATTEMPTS,
+    JoinAnswer,
+    JoinError,
+    JoinRequest,
+    join_via_onion,
+)
 from rustbalance.rules import parse_endpoint
 
-__all__ = ["JoinSettings", "joined_config", "register", "run_join"]
+__all__ = ["JoinSettings", "join_cluster", "joined_config", "read_token", "register", "run_join"]
 
 SubParsers = Any
 
@@ -79,7 +90,6 @@ SubParsers = Any
 DEFAULT_JOIN_TARGET = "127.0.0.1:80"
 # The system tor deploy.sh sets up (SocksPort 9050).
 DEFAULT_TOR_SOCKS = "127.0.0.1:9050"
-MESH_PEERS_FILE = "wireguard_peers.json"
 
 
 def register(commands: SubParsers, debug_commands: SubParsers) -> None:
@@ -122,13 +132,16 @@ def register(commands: SubParsers, debug_commands: SubParsers) -> None:
     parser.add_argument(
         "--join-attempts",
         type=int,
-        default=5,
-        help="tries to reach the cluster through tor, 15 s apart (1-20, default 5)",
+        default=DEFAULT_JOIN_ATTEMPTS,
+        help=(
+            "tries to reach a node that admits joins through tor, 5 s apart "
+            f"(1-60, default {DEFAULT_JOIN_ATTEMPTS})"
+        ),
     )
     parser.set_defaults(func=lambda args: run_join(args, Io()))
 
 
-def _read_token(args: argparse.Namespace) -> str:
+def read_token(args: argparse.Namespace) -> str:
     if args.token is not None and args.token_file is not None:
         raise CliError("give the token either as TOKEN or with --token-file, not both")
     if args.token_file is not None:
@@ -144,7 +157,7 @@ def _read_token(args: argparse.Namespace) -> str:
     return str(args.token)
 
 
-def _decode(args: argparse.Namespace, token: str, io: Io) -> JoinPayload:
+def decode_token(args: argparse.Namespace, token: str, io: Io) -> JoinPayload:
     try:
         passphrase = (
             obtain_passphrase(args, io, confirm=False) if token_needs_passphrase(token) else None
@@ -175,30 +188,35 @@ class JoinSettings:
 def joined_config(
     settings: JoinSettings, payload: JoinPayload, answer: JoinAnswer
 ) -> dict[str, Any]:
-    """The new node's config (pure): the token's cluster plus the join answer's tunnel address
-    and peers. It answers joins itself (same join secret), so any node can admit the next."""
+    """The new node's config (pure): the token's master address, the answer's tunnel address
+    and members (as coordination seeds). A node that got the master key is publisher-eligible
+    and answers joins itself; one without it is an instance that admits nobody."""
     network = ipaddress.IPv4Network(answer.tunnel_network)
     config_dir = settings.config_dir
+    eligible = payload.publisher_eligible
+    node: dict[str, Any] = {
+        "id": settings.node_id,
+        "priority": settings.priority,
+        "publisher_eligible": eligible,
+        "state_dir": str(settings.state_dir),
+        "node_key_path": str(config_dir / NODE_KEY_FILE),
+        # A cluster's mode (issue 14), written out; without the master key it is the only
+        # one possible: the node's tor hosts its own key as an Onionbalance instance of the
+        # master (issue 16: the master key travels only when asked).
+        "identity_mode": settings.identity_mode,
+    }
+    master: dict[str, Any] = {"onion_address": payload.master_onion}
+    if eligible:
+        master["identity_key_path"] = str(config_dir / MASTER_KEY_FILE)
     config: dict[str, Any] = {
-        "node": {
-            "id": settings.node_id,
-            "priority": settings.priority,
-            "publisher_eligible": payload.publisher_eligible,
-            "state_dir": str(settings.state_dir),
-            "identity_mode": settings.identity_mode,
-        },
-        "master": {
-            # Required by the schema; the file exists only on publisher-eligible nodes.
-            "identity_key_path": str(config_dir / MASTER_KEY_FILE),
-            "onion_address": payload.master_onion,
-        },
+        "node": node,
+        "master": master,
         "target": {"address": settings.target},
         "tor": {"mode": settings.tor_mode},
         "proxy": {"listen_port": settings.proxy_port},
         "coordination": {
-            "cluster_token_path": str(config_dir / CLUSTER_TOKEN_FILE),
             "listen": f"{answer.tunnel_address}:{settings.coordination_port}",
-            "peers": sorted({peer.coordination for peer in answer.peers}),
+            "peers": sorted({peer.coordination for peer in answer.peers()}),
         },
     }
     if settings.tor_mode == "managed":
@@ -210,9 +228,9 @@ def joined_config(
             tunnel_network=network,
             tunnel_address=answer.tunnel_address,
             wireguard=settings.wireguard,
+            admits=eligible,
         )
     )
-    config["wireguard"]["peers_path"] = str(settings.state_dir / MESH_PEERS_FILE)
     return config
 
 
@@ -252,45 +270,76 @@ def _settings(args: argparse.Namespace, payload: JoinPayload, io: Io) -> JoinSet
     )
 
 
+def join_cluster(
+    payload: JoinPayload,
+    node_key: NodeKey,
+    *,
+    node_id: str,
+    priority: int,
+    wg_public: str,
+    wg_endpoint: str,
+    coordination_port: int,
+    socks: tuple[str, int],
+    attempts: int,
+) -> JoinAnswer:
+    """The join itself (also ``cluster upgrade``'s, for a node without the master key)."""
+    try:
+        request = JoinRequest(
+            node_id=node_id,
+            node_key=node_key.public,
+            wg_public_key=base64.b64decode(wg_public),
+            wg_endpoint=wg_endpoint,
+            coordination_port=coordination_port,
+            priority=priority,
+            request_time=int(time.time()),
+            grant=payload.grant,
+            grant_secret=payload.grant_secret,
+        )
+    except JoinError as exc:
+        raise CliError(str(exc)) from None
+    print(
+        f"Joining {payload.master_onion} through tor at {socks[0]}:{socks[1]} ...", file=sys.stderr
+    )
+    try:
+        return asyncio.run(
+            join_via_onion(socks, payload.master_onion, request, node_key, attempts=attempts)
+        )
+    except JoinError as exc:
+        # A failed join is a run-time problem (tor, the network, the cluster): exit 1. JoinError
+        # never carries the grant secret.
+        raise CliError(str(exc), exit_code=EXIT_RUNTIME) from None
+
+
 def run_join(args: argparse.Namespace, io: Io) -> int:
     # Decode first: a wrong passphrase or a damaged token must leave no trace on disk.
-    payload = _decode(args, _read_token(args), io)
+    payload = decode_token(args, read_token(args), io)
     settings = _settings(args, payload, io)
     socks = parse_endpoint(check_endpoint(args.tor_socks, "--tor-socks"))
-    if not 1 <= args.join_attempts <= 20:
-        raise CliError("--join-attempts must be 1-20")
+    if not 1 <= args.join_attempts <= 60:
+        raise CliError("--join-attempts must be 1-60")
     # Refuse before joining, not after: a join admits this node's new WireGuard key, and a
     # second join with another key would be a conflict (409) for the cluster.
     for existing in (
         settings.config_dir / CONFIG_FILE,
         settings.config_dir / WIREGUARD_KEY_FILE,
-        settings.state_dir / MESH_PEERS_FILE,
+        settings.config_dir / NODE_KEY_FILE,
+        settings.state_dir / MEMBERS_FILE_NAME,
     ):
         if existing.exists() or existing.is_symlink():
             raise CliError(f"{existing} already exists; refusing to overwrite it")
     wg_private, wg_public = generate_wireguard_key()
-    request = JoinRequest(
+    node_key = NodeKey.generate()
+    answer = join_cluster(
+        payload,
+        node_key,
         node_id=settings.node_id,
-        cluster_token=payload.cluster_token,
-        wg_public_key=wg_public,
+        priority=settings.priority,
+        wg_public=wg_public,
         wg_endpoint=settings.endpoint,
         coordination_port=settings.coordination_port,
-        request_time=int(time.time()),
+        socks=(socks.host, socks.port),
+        attempts=args.join_attempts,
     )
-    print(f"Joining {payload.master_onion} through tor at {socks} ...", file=sys.stderr)
-    try:
-        answer = asyncio.run(
-            join_via_onion(
-                (socks.host, socks.port),
-                payload.master_onion,
-                payload.join_secret,
-                request,
-                attempts=args.join_attempts,
-            )
-        )
-    except JoinError as exc:
-        # JoinError never carries the join secret or the cluster token.
-        raise CliError(str(exc), exit_code=EXIT_RUNTIME) from None
     config_text = validated_config(joined_config(settings, payload, answer), settings.config_dir)
 
     ensure_private_dir(settings.config_dir)
@@ -300,11 +349,10 @@ def run_join(args: argparse.Namespace, io: Io) -> int:
     try:
         if payload.master_key_seed is not None:
             staged.add(MASTER_KEY_FILE, payload.master_key_seed)
-        staged.add(CLUSTER_TOKEN_FILE, payload.cluster_token.encode("ascii") + b"\n")
-        staged.add(JOIN_SECRET_FILE, payload.join_secret.encode("ascii") + b"\n")
+        staged.add(NODE_KEY_FILE, node_key.seed_bytes())
         staged.add(WIREGUARD_KEY_FILE, wg_private)
         staged.add(CONFIG_FILE, config_text)
-        state.add(MESH_PEERS_FILE, mesh_peers_json(answer.peers).encode("utf-8"))
+        state.add(MEMBERS_FILE_NAME, answer.membership.to_json().encode("utf-8"))
         state.commit()
         staged.commit()
     except BaseException:
@@ -312,15 +360,19 @@ def run_join(args: argparse.Namespace, io: Io) -> int:
         state.abort()
         raise
 
-    role = "publisher-eligible" if payload.publisher_eligible else "standby (no master key)"
+    role = (
+        "publisher-eligible (holds the master key)"
+        if payload.publisher_eligible
+        else "instance (no master key, never publishes)"
+    )
     print(f"Master onion address: {payload.master_onion}")
     print(
         f"Node: {settings.node_id}, priority {settings.priority}, {role}, "
-        f"WireGuard public key {wg_public}"
+        f"node key {node_key.fingerprint}, WireGuard public key {wg_public}"
     )
     print(
-        f"Joined through {answer.responder_node_id}: tunnel address {answer.tunnel_address}, "
-        f"{len(answer.peers)} peers"
+        f"Admitted by {answer.responder_node_id}: tunnel address {answer.tunnel_address}, "
+        f"{len(answer.peers())} other members"
     )
     print(f"Config written to {settings.config_dir / CONFIG_FILE}")
     print("Start the daemon (rustbalance run): it forms the cluster with these peers.")

@@ -47,6 +47,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "rustbalance.cli.init_cmd",
     "rustbalance.cli.join_cmd",
     "rustbalance.cli.import_onionbalance",
+    "rustbalance.cli.cluster_cmd",
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -30,9 +30,9 @@ from rustbalance.cli.logging_setup import write_error
 from rustbalance.cli.run_cmd import DEFAULT_CONFIG
 from rustbalance.config import Config, ConfigProblems, load_config
 from rustbalance.errors import ConfigError, RustBalanceError
-from rustbalance.node.cluster_link import multi_node_wanted
+from rustbalance.node.clock import SYSTEM_CLOCK
+from rustbalance.node.cluster_link import coordination_wanted
 from rustbalance.node.cluster_mode import ClusterMode, ModePolicy
-from rustbalance.node.mesh import mesh_wants_cluster
 from rustbalance.node.startup import (
     EXIT_CONFIG,
     EXIT_OK,
@@ -97,7 +97,7 @@ def _prepare(config: Config) -> None:
     # A missing instance key is created for the daemon's user, who owns the state folder.
     identity = load_identity(config, owner=_owner(config.node.state_dir))
     write_onion_service_dir(config, identity)
-    clustered = multi_node_wanted(config) or mesh_wants_cluster(config)
+    clustered = coordination_wanted(config, identity, SYSTEM_CLOCK)
     policy = ModePolicy.for_node(config, identity, clustered=clustered)
     native = ClusterMode(policy).native_publishing_at_start()
     settings = onion_service_settings(config, port, publish_descriptors=native)

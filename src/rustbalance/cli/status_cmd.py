@@ -149,6 +149,11 @@ def format_status_text(doc: Mapping[str, Any], now: float | None = None) -> str:
                 lines.append(f"  {peer.get('node_id', '?')}: {alive}")
     else:
         lines.append("Peers:         none")
+    if _section(doc, "cluster").get("revoked") is True:
+        lines.append(
+            "Cluster:       REVOKED: this node's key was revoked; it never publishes again "
+            "(rustbalance cluster members, docs/security.md)"
+        )
     proxy = _section(doc, "proxy")
     if proxy:
         lines.append("Proxy:")

@@ -22,14 +22,22 @@ step-down, no lease release) and the failover time of 10-20 minutes. Rules:
   partition converges to one publisher within a heartbeat interval.
 - ``shutdown`` sends ``lease_release``; receivers treat the releasing publisher as gone at once,
   so the next best node takes over without waiting for the timeout.
-- Terms only grow: a claim takes ``max seen + 1``; a claim with a lower term than seen is
-  ignored (a delayed or stale claim). Heartbeats are always trusted for liveness and role,
-  whatever their term, because ranking - not terms - decides between two publishers.
+- Terms only grow: a claim takes ``max(max seen + 1, now in unix ms)``; a claim with a lower
+  term than seen is ignored (a delayed or stale claim). Heartbeats are always trusted for
+  liveness and role, whatever their term, because ranking - not terms - decides between two
+  publishers. *Terms* follow the wall clock so that they are bounded: the coordinator refuses
+  any message whose term is more than the clock-skew tolerance ahead of its own clock, so a
+  term can never be pushed towards the 64-bit limit (issue 16: a term of 2^64 - 2 once left
+  no room for the next claim), and an honest claim is always below every receiver's bound.
+- Who may take part is not the election's business: the coordinator passes only messages of
+  admitted nodes, with priority and eligibility from their admission records
+  (:mod:`rustbalance.cluster.authority`), and reports only after checking the publisher's
+  signed statement.
 - ``single_node`` (no peers configured): the node is publisher from its first tick.
 
 Non-transitive partitions (A hears C, C hears B, A and B do not hear each other). Without more,
 A and B would both claim when C ranks worse than both. So every heartbeat carries the sender's
-*believed publisher* (:class:`~rustbalance.cluster.messages.PublisherReport`: the best-ranked
+*believed publisher* (:class:`PublisherReport`: the best-ranked
 publisher it sights live, or itself), and a receiver counts that report as a sighting of that
 publisher, exactly like a direct one: so B does not claim, or steps down, while a neighbour
 reports a live, better-ranked A. Reports are relayed hop by hop (C's own report names A, and so
@@ -93,15 +101,19 @@ theft: rule (b) makes the best-ranked eligible node publish anyway.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from rustbalance.cluster.messages import (
     MAX_REPORT_HOPS,
+    MAX_U8,
+    MAX_U32,
+    MAX_U64,
     CoordinationError,
-    PublisherReport,
     Role,
     check_node_id,
 )
+from rustbalance.cluster.wire import check_uint
 
 __all__ = [
     "Action",
@@ -109,6 +121,7 @@ __all__ = [
     "Election",
     "ElectionTimings",
     "InformPeer",
+    "PublisherReport",
     "RelayBelief",
     "SendLeaseClaim",
     "SendLeaseRelease",
@@ -158,6 +171,40 @@ class ElectionTimings:
     def failover_bound(self) -> float:
         """Longest time from a publisher crash until a standby claims (one interval of slack)."""
         return self.heartbeat_interval + self.heartbeat_timeout + self.takeover_grace
+
+
+@dataclass(frozen=True)
+class PublisherReport:
+    """A believed publisher as the election sees it (the coordinator has checked the
+    publisher's signed statement and taken ``priority`` from its admission record).
+
+    ``seq`` is the publisher's own sequence number (of the message that was its latest sign of
+    life): it orders reports of one publisher, so an old report echoed back through a cycle never
+    counts as news. ``age_ms`` is how long before this heartbeat that sign of life reached the
+    sender (measured on the sender's own clock and summed over the relays, so it never restarts
+    at a hop). ``hops`` counts the nodes that relayed it before the sender (0: the sender heard
+    the publisher itself, or is the publisher: receivers then ignore the report, the heartbeat's
+    role already says it).
+    """
+
+    node_id: str
+    priority: int
+    term: int
+    seq: int
+    age_ms: int
+    hops: int
+
+    def __post_init__(self) -> None:
+        check_node_id(self.node_id)
+        check_uint(self.priority, MAX_U32, "publisher priority")
+        check_uint(self.term, MAX_U64, "publisher term")
+        check_uint(self.seq, MAX_U64, "publisher sequence number")
+        check_uint(self.age_ms, MAX_U32, "publisher report age")
+        check_uint(self.hops, MAX_U8, "publisher report hops")
+        if self.hops > MAX_REPORT_HOPS:
+            raise CoordinationError(
+                f"publisher report relayed through {self.hops} nodes (at most {MAX_REPORT_HOPS})"
+            )
 
 
 @dataclass(frozen=True)
@@ -238,8 +285,10 @@ class Election:
         eligible: bool = True,
         timings: ElectionTimings | None = None,
         single_node: bool = False,
+        wall_ms: Callable[[], int] = lambda: 0,
     ) -> None:
         self.node_id = check_node_id(node_id)
+        self._wall_ms = wall_ms
         self.priority = priority
         self.eligible = eligible
         self.timings = timings if timings is not None else ElectionTimings()
@@ -376,6 +425,22 @@ class Election:
             return []
         # Not live any more, but its publisher timer keeps running: the grace still applies.
         peer.expired = True
+        return self._evaluate(now)
+
+    def known(self) -> set[str]:
+        """Every node this election holds state about (as a peer or a publisher sighting)."""
+        return (set(self._peers) | set(self._sightings)) - {self.node_id}
+
+    def forget(self, node_id: str, now: float) -> list[Action]:
+        """``node_id`` left the cluster for good (revoked): drop it as a peer and as a publisher
+        at once, without the grace a silent publisher gets, and stop trusting what it relayed."""
+        self._peers.pop(node_id, None)
+        self._sightings.pop(node_id, None)
+        for sighting in self._sightings.values():
+            if sighting.via == node_id:
+                sighting.withdrawn = True
+        if self._relayed is not None and self._relayed[0] == node_id:
+            self._relayed = None
         return self._evaluate(now)
 
     def set_eligible(self, eligible: bool, now: float) -> list[Action]:
@@ -538,6 +603,9 @@ class Election:
         return self._claim()
 
     def _claim(self) -> list[Action]:
-        self.term += 1
+        # Terms follow the wall clock (see "Terms" at the top): receivers refuse a term more
+        # than the skew tolerance ahead of their clock, so none can approach the 64-bit limit.
+        # The min() only keeps the arithmetic in range for a caller that skips that check.
+        self.term = min(MAX_U64, max(self.term + 1, self._wall_ms()))
         self.role = Role.PUBLISHER
         return [BecomePublisher(self.term), SendLeaseClaim(self.term, self.priority)]

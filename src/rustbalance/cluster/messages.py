@@ -1,32 +1,46 @@
 """The versioned, authenticated coordination message codec (pure: no sockets, no clock reads).
 
-Fixes W4 and W17 of the original: every datagram is sealed with an AEAD keyed from the cluster
-token, carries a per-sender sequence number (replays are rejected, also within the clock-skew
-window), and is bounded by a configurable datagram size (64 KB by default instead of a 4 KB
-receive buffer that silently truncated heartbeats with many peers).
+Protocol v3 (issue 16): every node speaks with its own key, never with a shared one.
 
-Wire format (all integers big-endian)::
+- A **sealed** datagram goes from one member to one member: its body is sealed with libsodium's
+  ``crypto_box`` (X25519 + XSalsa20-Poly1305) between the sender's and the recipient's static
+  keys (the X25519 forms of their Ed25519 node keys, :mod:`identity`). Only the two can compute
+  that key, so the datagram is authenticated as the sender's and readable only by the
+  recipient. The body names the recipient: a datagram reflected back to its sender, or
+  re-addressed to a third node, is refused (``misdirected`` / ``forged``).
+- A **hello** datagram carries the sender's admission record (signed with the master key,
+  :mod:`authority`) and is signed with the sender's node key: it introduces a node to a member
+  that does not know its key yet (a seed address, a restarted peer). It is not encrypted; it
+  changes nothing but the membership (the record is master-signed anyway).
+- A message can only speak for its sender. The one relayed fact, the believed publisher, is the
+  publisher's own signed :class:`PublisherStatement`, relayed unchanged.
 
-    datagram  = version(1) ‖ id_len(1) ‖ sender_id ‖ nonce(12) ‖ AEAD(body) ‖ tag(16)
-    AAD       = version(1) ‖ id_len(1) ‖ sender_id        (sender and version are authenticated)
-    body      = seq(u64) ‖ timestamp_ms(u64) ‖ type(u8) ‖ payload
+Wire format (all integers big-endian, strings ``len(u8) ‖ UTF-8``)::
 
-Payloads are a compact binary encoding; every count and length is bounded, trailing bytes are
-an error. The heartbeat (strings are len(u8) ‖ UTF-8, flags are 0 or 1)::
+    datagram  = version(1) ‖ kind(1) ‖ id_len(1) ‖ sender_id ‖ rest
+    kind 1    = sealed: rest = nonce(24) ‖ crypto_box(body)          (16-byte MAC inside)
+    kind 2    = hello:  rest = body ‖ Ed25519(node key, HELLO_DOMAIN ‖ header ‖ body)
+    body      = seq(u64) ‖ timestamp_ms(u64) ‖ recipient_id (empty in a hello) ‖ type(u8)
+                ‖ payload
+    heartbeat = role(u8) ‖ term(u64) ‖ intro_digest(32) ‖ flag ‖ [last_publish(u64)]
+                ‖ eligible(flag) ‖ members_digest(32) ‖ flag ‖ [report]
+    report    = statement ‖ age_ms(u32) ‖ hops(u8 ≤ 16)
+    statement = node_id ‖ term(u64) ‖ seq(u64) ‖ timestamp_ms(u64) ‖ signature(64)
+                signed by the publisher: STATEMENT_DOMAIN ‖ node_id ‖ term ‖ seq ‖ timestamp_ms
+    intro_points = count(u16) ‖ count × (len(u16) ‖ bytes)
+    lease_claim  = statement (the claimer's, with the claim's term and the datagram's seq)
+    lease_release = term(u64)
+    members   = count(u16 ≤ 64) ‖ count × (len(u16) ‖ master-signed statement)
+    hello     = len(u16) ‖ the sender's admission record
 
-    heartbeat = role(u8) ‖ priority(u32) ‖ term(u64) ‖ intro_digest(32)
-                ‖ flag ‖ [last_publish(u64)] ‖ eligible(flag) ‖ count(u16) ‖ count × (id ‖ address)
-                ‖ flag ‖ [believed publisher]                                   (version 2)
-    believed publisher = id ‖ priority(u32) ‖ term(u64) ‖ seq(u64) ‖ age_ms(u32) ‖ hops(u8 ≤ 16)
+Version 3 shares nothing with version 2 (a token-sealed datagram): each rejects the other's
+datagrams as ``unknown_version``, counted and never acted on, so mixed versions do not
+interoperate (docs/security.md, "Upgrading from protocol v2").
 
-Version 2 (this one) added the heartbeat's *believed publisher* (:class:`PublisherReport`, see
-:mod:`rustbalance.cluster.election`), which ends the heartbeat payload. Version 1 decoders reject
-any trailing bytes, so the field could not be added compatibly: the version byte went to 2, and
-with it the HKDF info, so the two versions never share a key. A version 1 datagram is rejected as
-``unknown_version`` (counted, never acted on); every node of a cluster must run the same version.
-
-The AEAD is ChaCha20-Poly1305 with a key derived by HKDF-SHA256 from the token; the
-HKDF info names the protocol and its version, so a future version never shares a key.
+Bounds: term and sequence numbers come from wall-clock milliseconds (a claim takes
+``max(term + 1, now_ms)``, :mod:`election`), so a receiver refuses any term or sequence number
+more than the clock-skew tolerance (plus :data:`MAX_SEQ_AHEAD_MS` for sequence numbers) ahead
+of its own clock: no message can push a node's term towards the 64-bit limit.
 
 Everything that parses untrusted bytes raises only :class:`CoordinationError` (with a typed
 :class:`RejectReason`); the :class:`Receiver` turns that into a returned reason and never raises.
@@ -42,33 +56,60 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from nacl.bindings import crypto_box_BOXZEROBYTES, crypto_box_ZEROBYTES
+from nacl.exceptions import CryptoError
+from nacl.public import Box
 
-from rustbalance.errors import ConfigError, RustBalanceError
-from rustbalance.rules import is_node_id, parse_endpoint
+from rustbalance.cluster.authority import (
+    MAX_STATEMENT_BYTES,
+    AdmissionRecord,
+    Statement,
+    decode_statement,
+)
+from rustbalance.cluster.identity import (
+    SIGNATURE_BYTES,
+    NodeKey,
+    box_public_key,
+    verify_signature,
+)
+from rustbalance.cluster.wire import (
+    MAX_U8,
+    MAX_U32,
+    MAX_U64,
+    CoordinationError,
+    Reader,
+    RejectReason,
+    Writer,
+    check_node_id,
+    check_peer_address,
+    check_uint,
+)
+from rustbalance.errors import InvalidKeyError
 
 __all__ = [
     "DEFAULT_CLOCK_SKEW_SECS",
     "DEFAULT_MAX_DATAGRAM_BYTES",
     "MAX_INTRO_POINTS",
     "MAX_INTRO_POINT_BYTES",
-    "MAX_KNOWN_PEERS",
     "MAX_REPORT_HOPS",
+    "MAX_SEQ_AHEAD_MS",
+    "MAX_STATEMENTS_PER_MESSAGE",
+    "MAX_U8",
+    "MAX_U32",
+    "MAX_U64",
     "PROTOCOL_VERSION",
-    "ClusterKey",
     "CoordinationError",
     "Envelope",
     "Heartbeat",
+    "Hello",
     "IntroPoints",
     "LeaseClaim",
     "LeaseRelease",
+    "Members",
     "MessageType",
     "Payload",
-    "PeerAnnounce",
     "PublisherReport",
+    "PublisherStatement",
     "Receiver",
     "RejectReason",
     "Role",
@@ -81,55 +122,32 @@ __all__ = [
     "open_datagram",
 ]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 DEFAULT_CLOCK_SKEW_SECS = 5.0
 DEFAULT_MAX_DATAGRAM_BYTES = 65000
 # Tor puts at most 20 intro points in a descriptor; a node offers at most that many. The bound
 # is generous so a future tor limit does not need a protocol change, yet keeps parsing bounded.
 MAX_INTRO_POINTS = 64
 MAX_INTRO_POINT_BYTES = 8192
-# Bounds the gossip list (W17: unbounded lists overflowed the datagram).
-MAX_KNOWN_PEERS = 256
 # A believed-publisher report is relayed through at most this many nodes: every relay may make the
 # report look fresher by one datagram's transit time (transit is not measured), so the hop limit
 # bounds that error even around cycles. 16 is far beyond any real cluster's diameter.
 MAX_REPORT_HOPS = 16
-MAX_ADDRESS_CHARS = 255
-MAX_U8 = 0xFF
-MAX_U32 = 0xFFFFFFFF
-MAX_U64 = 0xFFFFFFFFFFFFFFFF
+# A sender's sequence number is max(last + 1, now_ms): it runs ahead of its clock only when it
+# sends more than 1000 messages a second. Ten minutes ahead is far beyond that, and bounded.
+MAX_SEQ_AHEAD_MS = 600_000
+MAX_STATEMENTS_PER_MESSAGE = 64
 
-_NONCE_LEN = 12
-_TAG_LEN = 16
-_KEY_LEN = 32
+_KIND_SEALED = 1
+_KIND_HELLO = 2
+_NONCE_LEN = Box.NONCE_SIZE  # 24
+# The Poly1305 tag crypto_box adds (libsodium crypto_box_MACBYTES = ZEROBYTES - BOXZEROBYTES).
+_MAC_LEN = crypto_box_ZEROBYTES - crypto_box_BOXZEROBYTES  # 16
 _DIGEST_LEN = 32
-_MIN_TOKEN_BYTES = 16
-_HKDF_INFO = b"rustbalance cluster coordination v%d" % PROTOCOL_VERSION
-_BODY_HEADER = struct.Struct(">QQB")
-# PublisherReport after its node id: priority u32, term u64, seq u64, age_ms u32 (then hops u8).
-_REPORT = struct.Struct(">IQQI")
-
-
-class CoordinationError(RustBalanceError):
-    """A coordination message is malformed, forged, replayed or cannot be built within limits."""
-
-    def __init__(self, message: str, reason: RejectReason | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason if reason is not None else RejectReason.MALFORMED
-
-
-class RejectReason(StrEnum):
-    """Why a datagram was dropped; the values are metric label values."""
-
-    FORGED = "forged"
-    REPLAYED = "replayed"
-    STALE = "stale"
-    FUTURE = "future"
-    OVERSIZED = "oversized"
-    MALFORMED = "malformed"
-    UNKNOWN_VERSION = "unknown_version"
-    UNKNOWN_TYPE = "unknown_type"
-    LOOPBACK = "loopback"
+HELLO_DOMAIN = b"rustbalance hello v3\x00"
+STATEMENT_DOMAIN = b"rustbalance publisher statement v3\x00"
+_BODY_HEADER = struct.Struct(">QQ")
+_STATEMENT_NUMBERS = struct.Struct(">QQQ")
 
 
 class MessageType(IntEnum):
@@ -137,7 +155,8 @@ class MessageType(IntEnum):
     INTRO_POINTS = 2
     LEASE_CLAIM = 3
     LEASE_RELEASE = 4
-    PEER_ANNOUNCE = 5
+    MEMBERS = 5
+    HELLO = 6
 
 
 class Role(StrEnum):
@@ -149,95 +168,112 @@ _ROLE_CODES: dict[Role, int] = {Role.STANDBY: 0, Role.PUBLISHER: 1}
 _ROLES_BY_CODE = {code: role for role, code in _ROLE_CODES.items()}
 
 
-def check_node_id(node_id: str) -> str:
-    """Return ``node_id`` if it follows the node-id rule of :mod:`rustbalance.rules`."""
-    if not is_node_id(node_id):
-        raise CoordinationError(f"invalid node id {node_id!r}")
-    return node_id
-
-
-def check_peer_address(address: str) -> str:
-    """Validate ``host:port`` / ``[v6]:port`` and return its canonical form."""
-    if not isinstance(address, str) or not 0 < len(address) <= MAX_ADDRESS_CHARS:
-        raise CoordinationError("invalid peer address")
-    try:
-        return str(parse_endpoint(address))
-    except ConfigError as exc:
-        raise CoordinationError(f"invalid peer address: {exc}") from None
-
-
-def _check_uint(value: int, limit: int, name: str) -> None:
-    # bool is an int subclass; a True priority is a programming error, not a value.
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-        raise CoordinationError(f"{name} out of range")
-
-
 # ---------------------------------------------------------------------------------------------
 # Payloads
 
 
 @dataclass(frozen=True)
-class PublisherReport:
-    """The publisher a heartbeat's sender believes in, and how fresh that belief is.
+class PublisherStatement:
+    """A publisher's signed sign of life: "I, ``node_id``, publish in ``term``", sent in its
+    heartbeats and claims and relayed unchanged by others (the relays cannot forge it).
 
-    ``seq`` is the publisher's own sequence number (of the message that was its latest sign of
-    life): it orders reports of one publisher, so an old report echoed back through a cycle never
-    counts as news. ``age_ms`` is how long before this heartbeat that sign of life reached the
-    sender (measured on the sender's own clock and summed over the relays, so it never restarts
-    at a hop). ``hops`` counts the nodes that relayed it before the sender (0: the sender heard
-    the publisher itself, or is the publisher: then ``seq`` is 0 and receivers ignore the report,
-    the heartbeat's role already says it).
+    ``seq`` is the sequence number of the datagram that first carried it, ``timestamp_ms`` its
+    wall-clock time: receivers order statements by ``seq`` and bound their age by the
+    timestamp, so a relay can never make a dead publisher look more than the clock-skew
+    tolerance fresher than it is.
     """
 
     node_id: str
-    priority: int
     term: int
     seq: int
+    timestamp_ms: int
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        check_node_id(self.node_id)
+        check_uint(self.term, MAX_U64, "publisher term")
+        check_uint(self.seq, MAX_U64, "publisher sequence number")
+        check_uint(self.timestamp_ms, MAX_U64, "publisher timestamp")
+        if not isinstance(self.signature, bytes) or len(self.signature) != SIGNATURE_BYTES:
+            raise CoordinationError("publisher statement signature must be 64 bytes")
+
+    @staticmethod
+    def signed_message(node_id: str, term: int, seq: int, timestamp_ms: int) -> bytes:
+        w = Writer().raw(STATEMENT_DOMAIN).text(node_id)
+        return w.raw(_STATEMENT_NUMBERS.pack(term, seq, timestamp_ms)).bytes()
+
+    @classmethod
+    def sign(
+        cls, key: NodeKey, node_id: str, term: int, seq: int, timestamp_ms: int
+    ) -> PublisherStatement:
+        message = cls.signed_message(node_id, term, seq, timestamp_ms)
+        return cls(node_id, term, seq, timestamp_ms, key.sign(message))
+
+    def verify(self, public: bytes) -> bool:
+        message = self.signed_message(self.node_id, self.term, self.seq, self.timestamp_ms)
+        return verify_signature(public, message, self.signature)
+
+    def _encode(self, w: Writer) -> None:
+        w.text(self.node_id).raw(_STATEMENT_NUMBERS.pack(self.term, self.seq, self.timestamp_ms))
+        w.raw(self.signature)
+
+    @classmethod
+    def _decode(cls, r: Reader) -> PublisherStatement:
+        node_id = r.text()
+        term, seq, timestamp = r.unpack(_STATEMENT_NUMBERS.format)
+        return cls(node_id, term, seq, timestamp, r.take(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True)
+class PublisherReport:
+    """The publisher a heartbeat's sender believes in: the publisher's own statement, how long
+    before this heartbeat the sender got it (``age_ms``, summed over the relays) and how many
+    nodes relayed it before the sender (``hops``; 0 = heard directly, or the sender itself)."""
+
+    statement: PublisherStatement
     age_ms: int
     hops: int
 
     def __post_init__(self) -> None:
-        check_node_id(self.node_id)
-        _check_uint(self.priority, MAX_U32, "publisher priority")
-        _check_uint(self.term, MAX_U64, "publisher term")
-        _check_uint(self.seq, MAX_U64, "publisher sequence number")
-        _check_uint(self.age_ms, MAX_U32, "publisher report age")
-        _check_uint(self.hops, MAX_U8, "publisher report hops")
+        if not isinstance(self.statement, PublisherStatement):
+            raise CoordinationError("a report carries a PublisherStatement")
+        check_uint(self.age_ms, MAX_U32, "publisher report age")
+        check_uint(self.hops, MAX_U8, "publisher report hops")
         if self.hops > MAX_REPORT_HOPS:
             raise CoordinationError(
                 f"publisher report relayed through {self.hops} nodes (at most {MAX_REPORT_HOPS})"
             )
 
+    @property
+    def node_id(self) -> str:
+        return self.statement.node_id
+
 
 @dataclass(frozen=True)
 class Heartbeat:
+    """What a node says about itself. Priority and eligibility to publish come from its
+    admission record; ``publisher_eligible`` here can only *lower* it (tor down, say)."""
+
     role: Role
-    priority: int
     term: int
     intro_digest: bytes
     last_publish: int | None  # unix seconds of the last successful publish, None if never
     publisher_eligible: bool
-    known_peers: tuple[tuple[str, str], ...] = ()  # (node_id, "host:port")
-    # Who the sender believes publishes (None: it knows of no live publisher). Protocol v2.
+    members_digest: bytes  # Membership.digest(): a peer holding another one gets ours
     believed_publisher: PublisherReport | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.role, Role):
             raise CoordinationError("invalid role")
-        _check_uint(self.priority, MAX_U32, "priority")
-        _check_uint(self.term, MAX_U64, "term")
-        if not isinstance(self.intro_digest, bytes) or len(self.intro_digest) != _DIGEST_LEN:
-            raise CoordinationError("intro point digest must be 32 bytes")
+        check_uint(self.term, MAX_U64, "term")
+        for name in ("intro_digest", "members_digest"):
+            value = getattr(self, name)
+            if not isinstance(value, bytes) or len(value) != _DIGEST_LEN:
+                raise CoordinationError(f"{name} must be 32 bytes")
         if self.last_publish is not None:
-            _check_uint(self.last_publish, MAX_U64, "last publish time")
+            check_uint(self.last_publish, MAX_U64, "last publish time")
         if not isinstance(self.publisher_eligible, bool):
             raise CoordinationError("publisher_eligible must be a bool")
-        if len(self.known_peers) > MAX_KNOWN_PEERS:
-            raise CoordinationError(f"more than {MAX_KNOWN_PEERS} known peers")
-        for node_id, address in self.known_peers:
-            check_node_id(node_id)
-            if check_peer_address(address) != address:
-                raise CoordinationError("peer address is not in canonical form")
         if self.believed_publisher is not None and not isinstance(
             self.believed_publisher, PublisherReport
         ):
@@ -260,12 +296,17 @@ class IntroPoints:
 
 @dataclass(frozen=True)
 class LeaseClaim:
-    term: int
-    priority: int
+    """ "I publish from now on": the claimer's statement (its term, this datagram's seq)."""
+
+    statement: PublisherStatement
 
     def __post_init__(self) -> None:
-        _check_uint(self.term, MAX_U64, "term")
-        _check_uint(self.priority, MAX_U32, "priority")
+        if not isinstance(self.statement, PublisherStatement):
+            raise CoordinationError("a lease claim carries a PublisherStatement")
+
+    @property
+    def term(self) -> int:
+        return self.statement.term
 
 
 @dataclass(frozen=True)
@@ -273,40 +314,60 @@ class LeaseRelease:
     term: int
 
     def __post_init__(self) -> None:
-        _check_uint(self.term, MAX_U64, "term")
+        check_uint(self.term, MAX_U64, "term")
 
 
 @dataclass(frozen=True)
-class PeerAnnounce:
-    node_id: str
-    address: str
+class Members:
+    """Master-signed statements (records, revocations, the join policy), verified on receipt."""
+
+    statements: tuple[bytes, ...]
 
     def __post_init__(self) -> None:
-        check_node_id(self.node_id)
-        if check_peer_address(self.address) != self.address:
-            raise CoordinationError("peer address is not in canonical form")
+        if len(self.statements) > MAX_STATEMENTS_PER_MESSAGE:
+            raise CoordinationError(f"more than {MAX_STATEMENTS_PER_MESSAGE} statements")
+        for data in self.statements:
+            if not isinstance(data, bytes) or not 0 < len(data) <= MAX_STATEMENT_BYTES:
+                raise CoordinationError(f"a statement must be 1-{MAX_STATEMENT_BYTES} bytes")
 
 
-Payload = Heartbeat | IntroPoints | LeaseClaim | LeaseRelease | PeerAnnounce
+@dataclass(frozen=True)
+class Hello:
+    """The sender's admission record (checked against the master key by the receiver)."""
+
+    record: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.record, bytes) or not 0 < len(self.record) <= MAX_STATEMENT_BYTES:
+            raise CoordinationError(f"a record must be 1-{MAX_STATEMENT_BYTES} bytes")
+
+
+Payload = Heartbeat | IntroPoints | LeaseClaim | LeaseRelease | Members | Hello
 
 _TYPE_OF: dict[type[Payload], MessageType] = {
     Heartbeat: MessageType.HEARTBEAT,
     IntroPoints: MessageType.INTRO_POINTS,
     LeaseClaim: MessageType.LEASE_CLAIM,
     LeaseRelease: MessageType.LEASE_RELEASE,
-    PeerAnnounce: MessageType.PEER_ANNOUNCE,
+    Members: MessageType.MEMBERS,
+    Hello: MessageType.HELLO,
 }
 
 
 @dataclass(frozen=True)
 class Envelope:
-    """An authenticated, fresh, non-replayed message as returned by :class:`Receiver`."""
+    """An authenticated, fresh, non-replayed message as returned by :class:`Receiver`.
+
+    ``record`` is set for a hello: the sender's admission record, verified against the master
+    key, whose node key signed the hello (the membership decides whether it is still valid).
+    """
 
     sender: str
     seq: int
     timestamp_ms: int
     payload: Payload
     version: int = PROTOCOL_VERSION
+    record: Statement | None = None
 
     @property
     def type(self) -> MessageType:
@@ -326,211 +387,237 @@ def intro_points_digest(intro_points: Sequence[bytes]) -> bytes:
 # Body encoding
 
 
-def _put_str(out: bytearray, text: str) -> None:
-    raw = text.encode("utf-8")
-    if len(raw) > 255:
-        raise CoordinationError("string longer than 255 bytes")
-    out.append(len(raw))
-    out += raw
-
-
 def _encode_payload(payload: Payload) -> bytes:
-    out = bytearray()
+    w = Writer()
     if isinstance(payload, Heartbeat):
-        out.append(_ROLE_CODES[payload.role])
-        out += struct.pack(">IQ", payload.priority, payload.term)
-        out += payload.intro_digest
-        if payload.last_publish is None:
-            out.append(0)
-        else:
-            out.append(1)
-            out += struct.pack(">Q", payload.last_publish)
-        out.append(1 if payload.publisher_eligible else 0)
-        out += struct.pack(">H", len(payload.known_peers))
-        for node_id, address in payload.known_peers:
-            _put_str(out, node_id)
-            _put_str(out, address)
+        w.u8(_ROLE_CODES[payload.role]).pack(">Q", payload.term).raw(payload.intro_digest)
+        w.flag(payload.last_publish is not None)
+        if payload.last_publish is not None:
+            w.pack(">Q", payload.last_publish)
+        w.flag(payload.publisher_eligible).raw(payload.members_digest)
         report = payload.believed_publisher
-        if report is None:
-            out.append(0)
-        else:
-            out.append(1)
-            _put_str(out, report.node_id)
-            out += _REPORT.pack(report.priority, report.term, report.seq, report.age_ms)
-            out.append(report.hops)
+        w.flag(report is not None)
+        if report is not None:
+            report.statement._encode(w)
+            w.pack(">I", report.age_ms).u8(report.hops)
     elif isinstance(payload, IntroPoints):
-        out += struct.pack(">H", len(payload.intro_points))
+        w.pack(">H", len(payload.intro_points))
         for point in payload.intro_points:
-            out += struct.pack(">H", len(point))
-            out += point
+            w.pack(">H", len(point)).raw(point)
     elif isinstance(payload, LeaseClaim):
-        out += struct.pack(">QI", payload.term, payload.priority)
+        payload.statement._encode(w)
     elif isinstance(payload, LeaseRelease):
-        out += struct.pack(">Q", payload.term)
+        w.pack(">Q", payload.term)
+    elif isinstance(payload, Members):
+        w.pack(">H", len(payload.statements))
+        for data in payload.statements:
+            w.pack(">H", len(data)).raw(data)
     else:
-        _put_str(out, payload.node_id)
-        _put_str(out, payload.address)
-    return bytes(out)
+        w.pack(">H", len(payload.record)).raw(payload.record)
+    return w.bytes()
 
 
-class _Reader:
-    """Bounds-checked cursor: every short read is a MALFORMED CoordinationError."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._pos = 0
-
-    def take(self, n: int) -> bytes:
-        if self._pos + n > len(self._data):
-            raise CoordinationError("truncated message")
-        chunk = self._data[self._pos : self._pos + n]
-        self._pos += n
-        return chunk
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def unpack(self, fmt: str) -> tuple[int, ...]:
-        s = struct.Struct(fmt)
-        return s.unpack(self.take(s.size))
-
-    def text(self) -> str:
-        raw = self.take(self.u8())
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise CoordinationError("string is not UTF-8") from None
-
-    def flag(self) -> bool:
-        value = self.u8()
-        if value > 1:
-            raise CoordinationError("boolean flag must be 0 or 1")
-        return value == 1
-
-    def end(self) -> None:
-        if self._pos != len(self._data):
-            raise CoordinationError("trailing bytes after message")
-
-
-def _decode_payload(kind: MessageType, r: _Reader) -> Payload:
+def _decode_payload(kind: MessageType, r: Reader) -> Payload:
     payload: Payload
     if kind is MessageType.HEARTBEAT:
         role = _ROLES_BY_CODE.get(r.u8())
         if role is None:
             raise CoordinationError("unknown role")
-        priority, term = r.unpack(">IQ")
+        (term,) = r.unpack(">Q")
         digest = r.take(_DIGEST_LEN)
         last_publish = r.unpack(">Q")[0] if r.flag() else None
         eligible = r.flag()
-        (count,) = r.unpack(">H")
-        if count > MAX_KNOWN_PEERS:
-            raise CoordinationError("too many known peers")
-        peers = tuple((r.text(), r.text()) for _ in range(count))
+        members_digest = r.take(_DIGEST_LEN)
         report = None
         if r.flag():
-            report_id = r.text()
-            report_priority, report_term, report_seq, age_ms = r.unpack(_REPORT.format)
-            report = PublisherReport(
-                report_id, report_priority, report_term, report_seq, age_ms, r.u8()
-            )
-        payload = Heartbeat(role, priority, term, digest, last_publish, eligible, peers, report)
+            statement = PublisherStatement._decode(r)
+            (age_ms,) = r.unpack(">I")
+            report = PublisherReport(statement, age_ms, r.u8())
+        payload = Heartbeat(role, term, digest, last_publish, eligible, members_digest, report)
     elif kind is MessageType.INTRO_POINTS:
         (count,) = r.unpack(">H")
         if count > MAX_INTRO_POINTS:
             raise CoordinationError("too many intro points")
         payload = IntroPoints(tuple(r.take(r.unpack(">H")[0]) for _ in range(count)))
     elif kind is MessageType.LEASE_CLAIM:
-        term, priority = r.unpack(">QI")
-        payload = LeaseClaim(term, priority)
+        payload = LeaseClaim(PublisherStatement._decode(r))
     elif kind is MessageType.LEASE_RELEASE:
         payload = LeaseRelease(r.unpack(">Q")[0])
+    elif kind is MessageType.MEMBERS:
+        (count,) = r.unpack(">H")
+        if count > MAX_STATEMENTS_PER_MESSAGE:
+            raise CoordinationError("too many statements")
+        payload = Members(tuple(r.take(r.unpack(">H")[0]) for _ in range(count)))
     else:
-        payload = PeerAnnounce(r.text(), r.text())
+        payload = Hello(r.take(r.unpack(">H")[0]))
     r.end()
     return payload
 
 
-def encode_body(seq: int, timestamp_ms: int, payload: Payload) -> bytes:
-    """The plaintext body: seq, timestamp, type, payload."""
-    _check_uint(seq, MAX_U64, "sequence number")
-    _check_uint(timestamp_ms, MAX_U64, "timestamp")
-    return _BODY_HEADER.pack(seq, timestamp_ms, _TYPE_OF[type(payload)]) + _encode_payload(payload)
+def encode_body(seq: int, timestamp_ms: int, recipient: str, payload: Payload) -> bytes:
+    """The plaintext body: seq, timestamp, recipient ('' in a hello), type, payload."""
+    check_uint(seq, MAX_U64, "sequence number")
+    check_uint(timestamp_ms, MAX_U64, "timestamp")
+    if recipient:
+        check_node_id(recipient)
+    w = Writer().raw(_BODY_HEADER.pack(seq, timestamp_ms)).text(recipient)
+    return w.u8(_TYPE_OF[type(payload)]).raw(_encode_payload(payload)).bytes()
 
 
-def decode_body(body: bytes) -> tuple[int, int, Payload]:
-    """Parse a plaintext body into ``(seq, timestamp_ms, payload)``; raises CoordinationError."""
-    r = _Reader(body)
-    seq, timestamp_ms, type_code = r.unpack(_BODY_HEADER.format)
+def decode_body(body: bytes) -> tuple[int, int, str, Payload]:
+    """Parse a plaintext body into ``(seq, timestamp_ms, recipient, payload)``."""
+    r = Reader(body)
+    seq, timestamp_ms = r.unpack(_BODY_HEADER.format)
+    recipient = r.text()
+    if recipient:
+        check_node_id(recipient)
+    type_code = r.u8()
     try:
         kind = MessageType(type_code)
     except ValueError:
         raise CoordinationError(
             f"unknown message type {type_code}", RejectReason.UNKNOWN_TYPE
         ) from None
-    return seq, timestamp_ms, _decode_payload(kind, r)
+    return seq, timestamp_ms, recipient, _decode_payload(kind, r)
 
 
 # ---------------------------------------------------------------------------------------------
-# Keys and sealing
+# Sealing
 
 
-class ClusterKey:
-    """The AEAD key derived from the cluster token; never shown in reprs or logs."""
-
-    __slots__ = ("_aead",)
-
-    def __init__(self, token: bytes) -> None:
-        # Token files usually end in a newline; the key must not depend on how it was saved.
-        secret = token.strip()
-        if len(secret) < _MIN_TOKEN_BYTES:
-            raise CoordinationError(f"cluster token must be at least {_MIN_TOKEN_BYTES} bytes")
-        hkdf = HKDF(algorithm=hashes.SHA256(), length=_KEY_LEN, salt=None, info=_HKDF_INFO)
-        self._aead = ChaCha20Poly1305(hkdf.derive(secret))
-
-    def __repr__(self) -> str:
-        return "ClusterKey(<redacted>)"
-
-    def seal(self, sender: str, body: bytes, nonce: bytes) -> bytes:
-        """Build a datagram from a plaintext body (version and sender go into the AAD)."""
-        if len(nonce) != _NONCE_LEN:
-            raise CoordinationError("nonce must be 12 bytes")
-        header = _header(PROTOCOL_VERSION, check_node_id(sender))
-        return header + nonce + self._aead.encrypt(nonce, body, header)
-
-    def open(self, header: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
-        try:
-            return self._aead.decrypt(nonce, ciphertext, header)
-        except InvalidTag:
-            raise CoordinationError("authentication failed", RejectReason.FORGED) from None
-
-
-def _header(version: int, sender: str) -> bytes:
+def _header(kind: int, sender: str) -> bytes:
     raw = sender.encode("ascii")
-    return bytes([version, len(raw)]) + raw
+    return bytes([PROTOCOL_VERSION, kind, len(raw)]) + raw
+
+
+class _Boxes:
+    """``crypto_box`` objects per (peer, peer key) and verified hello records, both bounded."""
+
+    def __init__(self, own: NodeKey, limit: int = 1024) -> None:
+        self._own = own
+        self._limit = limit
+        self._boxes: OrderedDict[tuple[str, bytes], Box] = OrderedDict()
+        # Records hellos carried, already checked against the master key (same bound).
+        self._records: OrderedDict[bytes, Statement] = OrderedDict()
+
+    def verified_record(self, data: bytes, master_public: bytes) -> Statement:
+        """``data`` decoded and verified (once: hellos repeat the same record)."""
+        statement = self._records.get(data)
+        if statement is None:
+            statement = decode_statement(data, master_public)
+            self._records[data] = statement
+            while len(self._records) > self._limit:
+                self._records.popitem(last=False)
+        else:
+            self._records.move_to_end(data)
+        return statement
+
+    def get(self, node_id: str, public: bytes) -> Box:
+        """Raises CoordinationError for an unusable key (it is master-signed, so a bug)."""
+        cache_key = (node_id, public)
+        box = self._boxes.get(cache_key)
+        if box is None:
+            try:
+                box = Box(self._own.box_private, box_public_key(public))
+            except InvalidKeyError as exc:
+                raise CoordinationError(str(exc), RejectReason.FORGED) from None
+            self._boxes[cache_key] = box
+            while len(self._boxes) > self._limit:
+                self._boxes.popitem(last=False)
+        else:
+            self._boxes.move_to_end(cache_key)
+        return box
+
+
+# Who a node is, as far as a receiver can tell: its node key (from its effective admission
+# record), None when it is not a member.
+KeyLookup = Callable[[str], bytes | None]
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """A datagram parsed far enough for the cheap checks (freshness, replay).
+
+    ``key`` is the node key the datagram is (to be) authenticated with; ``verify`` finishes the
+    authentication of a hello (signatures cost far more than the checks before them)."""
+
+    envelope: Envelope
+    key: bytes
+    verify: Callable[[], None] | None = None
+
+
+def _open(
+    datagram: bytes,
+    own_id: str,
+    boxes: _Boxes,
+    key_of: KeyLookup,
+    master_public: bytes,
+    max_datagram_bytes: int,
+) -> _Opened:
+    if len(datagram) > max_datagram_bytes:
+        raise CoordinationError("datagram too large", RejectReason.OVERSIZED)
+    if len(datagram) < 3:
+        raise CoordinationError("datagram too short")
+    version, kind, id_len = datagram[0], datagram[1], datagram[2]
+    if version != PROTOCOL_VERSION:
+        raise CoordinationError(f"unknown version {version}", RejectReason.UNKNOWN_VERSION)
+    id_end = 3 + id_len
+    if len(datagram) < id_end:
+        raise CoordinationError("datagram too short")
+    try:
+        sender = check_node_id(datagram[3:id_end].decode("ascii"))
+    except UnicodeDecodeError:
+        raise CoordinationError("sender id is not ASCII") from None
+    if sender == own_id:
+        raise CoordinationError("our own datagram", RejectReason.LOOPBACK)
+    if kind == _KIND_SEALED:
+        public = key_of(sender)
+        if public is None:
+            raise CoordinationError("sender is not a member", RejectReason.UNKNOWN_SENDER)
+        if len(datagram) < id_end + _NONCE_LEN + _MAC_LEN:
+            raise CoordinationError("datagram too short")
+        try:
+            body = boxes.get(sender, public).decrypt(datagram[id_end:])
+        except CryptoError:
+            raise CoordinationError("authentication failed", RejectReason.FORGED) from None
+        seq, timestamp_ms, recipient, payload = decode_body(body)
+        if recipient != own_id or isinstance(payload, Hello):
+            raise CoordinationError("sealed for another node", RejectReason.MISDIRECTED)
+        return _Opened(Envelope(sender, seq, timestamp_ms, payload, version), public)
+    if kind == _KIND_HELLO:
+        if len(datagram) < id_end + SIGNATURE_BYTES:
+            raise CoordinationError("datagram too short")
+        seq, timestamp_ms, recipient, payload = decode_body(datagram[id_end:-SIGNATURE_BYTES])
+        if recipient or not isinstance(payload, Hello):
+            raise CoordinationError("a hello carries only the sender's record")
+        record = boxes.verified_record(payload.record, master_public)
+        content = record.content
+        if not isinstance(content, AdmissionRecord) or content.node_id != sender:
+            raise CoordinationError("a hello must carry the sender's own record")
+
+        def verify() -> None:
+            signed = HELLO_DOMAIN + datagram[:-SIGNATURE_BYTES]
+            if not verify_signature(content.node_key, signed, datagram[-SIGNATURE_BYTES:]):
+                raise CoordinationError("hello not signed by its record's key", RejectReason.FORGED)
+
+        envelope = Envelope(sender, seq, timestamp_ms, payload, version, record)
+        return _Opened(envelope, content.node_key, verify)
+    raise CoordinationError(f"unknown datagram kind {kind}")
 
 
 def open_datagram(
-    datagram: bytes, key: ClusterKey, max_datagram_bytes: int = DEFAULT_MAX_DATAGRAM_BYTES
+    datagram: bytes,
+    own_id: str,
+    own_key: NodeKey,
+    key_of: KeyLookup,
+    master_public: bytes,
+    max_datagram_bytes: int = DEFAULT_MAX_DATAGRAM_BYTES,
 ) -> Envelope:
     """Authenticate and decode one datagram (no freshness or replay checks: see Receiver)."""
-    if len(datagram) > max_datagram_bytes:
-        raise CoordinationError("datagram too large", RejectReason.OVERSIZED)
-    if len(datagram) < 2:
-        raise CoordinationError("datagram too short")
-    version, id_len = datagram[0], datagram[1]
-    if version != PROTOCOL_VERSION:
-        raise CoordinationError(f"unknown version {version}", RejectReason.UNKNOWN_VERSION)
-    id_end = 2 + id_len
-    if len(datagram) < id_end + _NONCE_LEN + _TAG_LEN:
-        raise CoordinationError("datagram too short")
-    try:
-        sender = check_node_id(datagram[2:id_end].decode("ascii"))
-    except UnicodeDecodeError:
-        raise CoordinationError("sender id is not ASCII") from None
-    nonce = datagram[id_end : id_end + _NONCE_LEN]
-    body = key.open(datagram[:id_end], nonce, datagram[id_end + _NONCE_LEN :])
-    seq, timestamp_ms, payload = decode_body(body)
-    return Envelope(sender, seq, timestamp_ms, payload, version)
+    opened = _open(datagram, own_id, _Boxes(own_key), key_of, master_public, max_datagram_bytes)
+    if opened.verify is not None:
+        opened.verify()
+    return opened.envelope
 
 
 class Sender:
@@ -539,20 +626,22 @@ class Sender:
     The sequence number starts at the boot time in unix ms and is ``max(last + 1, now_ms)``
     afterwards, so it keeps increasing across restarts (receivers remember the last value per
     sender) as long as the clock does not jump back; it cannot run ahead of the clock unless a
-    node sends more than 1000 messages a second.
+    node sends more than 1000 messages a second. One message to several recipients keeps one
+    sequence number (:meth:`reserve`, then :meth:`seal` per recipient).
     """
 
     def __init__(
         self,
         node_id: str,
-        key: ClusterKey,
+        key: NodeKey,
         *,
         boot_time: float,
         randbytes: Callable[[int], bytes],
         max_datagram_bytes: int = DEFAULT_MAX_DATAGRAM_BYTES,
     ) -> None:
         self.node_id = check_node_id(node_id)
-        self._key = key
+        self.key = key
+        self._boxes = _Boxes(key)
         self._randbytes = randbytes
         self._max = max_datagram_bytes
         self._seq = int(boot_time * 1000) - 1
@@ -560,19 +649,50 @@ class Sender:
     def __repr__(self) -> str:
         return f"Sender(node_id={self.node_id!r}, seq={self._seq})"
 
-    def seal(self, payload: Payload, now: float) -> bytes:
-        """Return the datagram for ``payload``; raises CoordinationError if it exceeds the limit."""
+    def reserve(self, now: float) -> tuple[int, int]:
+        """The next ``(seq, timestamp_ms)``; every datagram of one message shares them."""
         now_ms = int(now * 1000)
-        seq = max(self._seq + 1, now_ms)
-        datagram = self._key.seal(
-            self.node_id, encode_body(seq, now_ms, payload), self._randbytes(_NONCE_LEN)
-        )
-        if len(datagram) > self._max:
+        self._seq = max(self._seq + 1, now_ms)
+        return self._seq, now_ms
+
+    def seal(
+        self,
+        payload: Payload,
+        stamp: tuple[int, int],
+        recipient: str,
+        recipient_key: bytes,
+    ) -> bytes:
+        """The datagram of ``payload`` for one member; CoordinationError if it exceeds the limit
+        (or the recipient's key is unusable)."""
+        seq, timestamp_ms = stamp
+        body = encode_body(seq, timestamp_ms, recipient, payload)
+        # Size first: a datagram that cannot be sent needs no nonce.
+        size = 3 + len(self.node_id) + _NONCE_LEN + _MAC_LEN + len(body)
+        self._check_size(size)
+        nonce = self._randbytes(_NONCE_LEN)
+        if len(nonce) != _NONCE_LEN:
+            raise CoordinationError("randbytes returned a short nonce")
+        sealed = self._boxes.get(recipient, recipient_key).encrypt(body, nonce)
+        return _header(_KIND_SEALED, self.node_id) + bytes(sealed)
+
+    def fits(self, payload: Payload, recipient: str) -> bool:
+        """Whether ``payload`` sealed for ``recipient`` stays within the datagram limit."""
+        body = encode_body(0, 0, recipient, payload)
+        return 3 + len(self.node_id) + _NONCE_LEN + _MAC_LEN + len(body) <= self._max
+
+    def hello(self, record: Statement, now: float) -> bytes:
+        """A hello carrying our admission record, signed with our node key."""
+        seq, timestamp_ms = self.reserve(now)
+        body = encode_body(seq, timestamp_ms, "", Hello(record.data))
+        unsigned = _header(_KIND_HELLO, self.node_id) + body
+        self._check_size(len(unsigned) + SIGNATURE_BYTES)
+        return unsigned + self.key.sign(HELLO_DOMAIN + unsigned)
+
+    def _check_size(self, size: int) -> None:
+        if size > self._max:
             raise CoordinationError(
-                f"message of {len(datagram)} bytes exceeds {self._max}", RejectReason.OVERSIZED
+                f"message of {size} bytes exceeds {self._max}", RejectReason.OVERSIZED
             )
-        self._seq = seq
-        return datagram
 
 
 @dataclass
@@ -586,12 +706,15 @@ class Receiver:
     """Validates incoming datagrams; pure (the caller passes ``now``), never raises on input.
 
     ``receive`` returns the :class:`Envelope` or the :class:`RejectReason`; only an accepted
-    message changes state (the sender's replay window).
+    message changes state (the sender's replay window). ``key_of(node_id)`` is the member's
+    node key (None: not a member); ``master_public`` checks the records hellos carry.
 
     Replays: each sender's last ``replay_window`` accepted sequence numbers are remembered; a
     number already seen, or older than the whole (full) window, is REPLAYED. A strict
     "greater than the last one" rule would also drop datagrams that UDP merely reordered (a
     heartbeat and the intro points sent right after it); the window accepts those exactly once.
+    A sequence number more than :data:`MAX_SEQ_AHEAD_MS` ahead of its timestamp is refused, so
+    no authenticated message can push a sender's window beyond what its later messages reach.
 
     Replay state is bounded: a sender's record is forgotten once it has been silent for twice
     the skew tolerance, because any replay of its messages is then rejected as stale anyway
@@ -602,7 +725,9 @@ class Receiver:
     def __init__(
         self,
         own_id: str,
-        key: ClusterKey,
+        key: NodeKey,
+        key_of: KeyLookup,
+        master_public: bytes,
         *,
         clock_skew_tolerance: float = DEFAULT_CLOCK_SKEW_SECS,
         max_datagram_bytes: int = DEFAULT_MAX_DATAGRAM_BYTES,
@@ -610,35 +735,49 @@ class Receiver:
         replay_window: int = 64,
     ) -> None:
         self.own_id = check_node_id(own_id)
-        self._key = key
-        self._skew_ms = int(clock_skew_tolerance * 1000)
+        self._boxes = _Boxes(key)
+        self._key_of = key_of
+        self._master_public = master_public
+        self.skew_ms = int(clock_skew_tolerance * 1000)
         self._forget_after = 2 * clock_skew_tolerance + 1.0
         self._max_bytes = max_datagram_bytes
         self._max_senders = max_senders
         self._window = replay_window
-        self._senders: OrderedDict[str, _SenderRecord] = OrderedDict()
+        self._senders: OrderedDict[tuple[str, bytes], _SenderRecord] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"Receiver(own_id={self.own_id!r}, senders={len(self._senders)})"
 
     def last_seq(self, sender: str) -> int | None:
-        """The highest sequence number accepted from ``sender`` that is still remembered."""
-        record = self._senders.get(sender)
+        """The highest sequence number accepted from ``sender``'s current key, if remembered."""
+        key = self._key_of(sender)
+        record = self._senders.get((sender, key)) if key is not None else None
         return record.seqs[-1] if record is not None else None
 
     def receive(self, datagram: bytes, now: float) -> Envelope | RejectReason:
         try:
-            envelope = open_datagram(datagram, self._key, self._max_bytes)
+            opened = _open(
+                datagram,
+                self.own_id,
+                self._boxes,
+                self._key_of,
+                self._master_public,
+                self._max_bytes,
+            )
         except CoordinationError as exc:
             return exc.reason
-        if envelope.sender == self.own_id:
-            return RejectReason.LOOPBACK
+        envelope = opened.envelope
         now_ms = int(now * 1000)
-        if envelope.timestamp_ms < now_ms - self._skew_ms:
+        if envelope.timestamp_ms < now_ms - self.skew_ms:
             return RejectReason.STALE
-        if envelope.timestamp_ms > now_ms + self._skew_ms:
+        if envelope.timestamp_ms > now_ms + self.skew_ms:
             return RejectReason.FUTURE
-        record = self._senders.get(envelope.sender)
+        if envelope.seq > envelope.timestamp_ms + MAX_SEQ_AHEAD_MS:
+            return RejectReason.MALFORMED
+        # Replay state per (sender, key): a hello signed with an old or revoked key of a node
+        # can never use up the window of the node's current key.
+        window_key = (envelope.sender, opened.key)
+        record = self._senders.get(window_key)
         if record is not None and now - record.accepted_at > self._forget_after:
             record = None  # forgotten: anything it could replay is stale by now
         if record is not None and (
@@ -646,10 +785,22 @@ class Receiver:
             or (len(record.seqs) >= self._window and envelope.seq < record.seqs[0])
         ):
             return RejectReason.REPLAYED
-        self._accept(envelope.sender, record, envelope.seq, now)
+        if opened.verify is not None:
+            try:
+                opened.verify()
+            except CoordinationError as exc:
+                return exc.reason
+        self._accept(window_key, record, envelope.seq, now)
         return envelope
 
-    def _accept(self, sender: str, record: _SenderRecord | None, seq: int, now: float) -> None:
+    def forget(self, sender: str) -> None:
+        """Drop a sender's replay state (it was revoked: nothing of it is accepted any more)."""
+        for window_key in [k for k in self._senders if k[0] == sender]:
+            del self._senders[window_key]
+
+    def _accept(
+        self, sender: tuple[str, bytes], record: _SenderRecord | None, seq: int, now: float
+    ) -> None:
         seqs = record.seqs if record is not None else []
         bisect.insort(seqs, seq)
         del seqs[: max(0, len(seqs) - self._window)]

@@ -1,12 +1,11 @@
 """The asyncio UDP endpoint of the coordination channel (thin shell over messages.py).
 
-:class:`ClusterTransport` binds one UDP socket to ``coordination.listen``, seals outgoing payloads
-with a :class:`~rustbalance.cluster.messages.Sender` (one datagram, sent unchanged to every
-target) and passes every received datagram through a
-:class:`~rustbalance.cluster.messages.Receiver`. Accepted envelopes go to the ``on_message``
-callback; rejected datagrams are counted per :class:`RejectReason` and logged as a rate-limited
-WARNING naming the reason and the source address, never the content (which may be an attacker's
-text, or in a misconfiguration a valid message under another key).
+:class:`ClusterTransport` binds one UDP socket to ``coordination.listen``, sends the datagrams
+the coordinator sealed (per recipient, :class:`~rustbalance.cluster.messages.Sender`) and
+passes every received datagram through a :class:`~rustbalance.cluster.messages.Receiver`.
+Accepted envelopes go to the ``on_message`` callback; rejected datagrams are counted per
+:class:`RejectReason` and logged as a rate-limited WARNING naming the reason and the source
+address, never the content (which may be an attacker's text).
 
 Oversize datagrams cannot crash anything: asyncio reads up to 256 KiB per datagram, which is more
 than UDP carries, and the Receiver rejects anything larger than ``max_datagram_bytes`` before
@@ -27,10 +26,8 @@ from rustbalance.cluster.messages import (
     DEFAULT_MAX_DATAGRAM_BYTES,
     CoordinationError,
     Envelope,
-    Payload,
     Receiver,
     RejectReason,
-    Sender,
 )
 from rustbalance.errors import ConfigError
 from rustbalance.rules import parse_endpoint
@@ -115,7 +112,6 @@ class ClusterTransport:
     def __init__(
         self,
         listen: str,
-        sender: Sender,
         receiver: Receiver,
         on_message: MessageHandler,
         *,
@@ -129,8 +125,7 @@ class ClusterTransport:
         except ConfigError as exc:
             raise CoordinationError(f"invalid listen address: {exc}") from None
         self.listen: Address = (endpoint.host, endpoint.port)
-        self._sender = sender
-        self._receiver = receiver
+        self.receiver = receiver
         self._on_message = on_message
         self._clock = clock
         self._monotonic = monotonic
@@ -186,18 +181,6 @@ class ClusterTransport:
         self._warn.warning(key, message, *args)
 
     # -- sending ------------------------------------------------------------------------------
-
-    def seal(self, payload: Payload) -> bytes:
-        """Seal ``payload`` once (raises CoordinationError if it exceeds the datagram limit)."""
-        return self._sender.seal(payload, self._clock())
-
-    def send(self, payload: Payload, targets: Iterable[Address]) -> int:
-        """Seal once and send to every target; returns how many sends were handed to the OS.
-
-        Raises CoordinationError only when the payload does not fit in a datagram.
-        """
-        datagram = self.seal(payload)
-        return self.send_datagram(datagram, targets)
 
     def send_datagram(self, datagram: bytes, targets: Iterable[Address]) -> int:
         if self._transport is None:
@@ -257,7 +240,7 @@ class ClusterTransport:
     def _datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
         self.datagrams_received += 1
         source: Address = (str(addr[0]), int(addr[1]))
-        result = self._receiver.receive(data, self._clock())
+        result = self.receiver.receive(data, self._clock())
         if isinstance(result, RejectReason):
             self.rejected[result] += 1
             self._warn.warning(

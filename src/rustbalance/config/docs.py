@@ -2,8 +2,9 @@
 
 ``python -m rustbalance.config.docs [FILE]`` (``make config-docs``) rewrites the part of
 docs/config.md between the BEGIN and END markers: every section's table (key, type, default,
-meaning) and a full example that sets every key. The prose around the markers is written by
-hand. tests/config/test_docs.py fails when the committed file is not what this writes.
+meaning), the keys it no longer has, and a full example that sets every key. The prose around
+the markers is written by hand. tests/config/test_docs.py fails when the committed file is not
+what this writes.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def reference() -> str:
             declared = key_of(field)
             row = (field.name, _type_doc(declared), _default_doc(field, declared), declared.doc)
             parts.append("| `{}` | {} | {} | {} |".format(*row))
+        removed = getattr(cls, "removed_keys", {})
+        if removed:
+            parts.append("")
+            parts.append("Removed keys (a config that still sets one is refused with this reason):")
+            parts.append("")
+            parts.extend(f"- `{name}`: {why}." for name, why in removed.items())
         parts.append("")
     parts.append(f"## A full example\n\n{_EXAMPLE_INTRO}\n\n```toml\n{example_toml()}```")
     return "\n".join(parts)

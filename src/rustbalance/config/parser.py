@@ -9,7 +9,7 @@ did-you-mean hint: a misspelt key silently falling back to its default is how th
 shipped configs that did not do what their authors thought. The rules that relate keys of
 different sections follow the sections, below.
 
-No I/O besides reading the config file in :func:`load_config`: key and token files are only
+No I/O besides reading the config file in :func:`load_config`: key files are only
 named here; the daemon opens (and checks the permissions of) them when it starts.
 """
 
@@ -138,8 +138,12 @@ class _SectionReader:
             values[f.name] = self._read_key(f, base, Derived(values, built))
         _SECTION_CHECKS.get(self.name, _no_check)(self, values, built)
         known = [f.name for f in fields]
+        removed: Mapping[str, str] = getattr(cls, "removed_keys", {})
         for key in self.table:
-            if key not in known:
+            if key in removed:
+                # A key a former protocol had: say what to do, not "unknown key".
+                self.problem(key, removed[key])
+            elif key not in known:
                 hint = difflib.get_close_matches(key, sorted(known), n=1)
                 suffix = f" (did you mean '{hint[0]}'?)" if hint else ""
                 self.problems.append(f"{self.name}.{_key_name(key)}: unknown key{suffix}")
@@ -218,12 +222,6 @@ def _check_coordination(
     # One member list for every node: this node's own address in it is left out.
     own = {values["listen"], values["advertise"]}
     values["peers"] = tuple(endpoint for endpoint in values["peers"] if endpoint not in own)
-    if values["peers"] and values["cluster_token_path"] is None and s.ok("cluster_token_path"):
-        # Without a shared secret any host that can reach the port could join the cluster
-        # and take over publishing.
-        s.problem(
-            "cluster_token_path", "is required when coordination.peers is not empty (multi-node)"
-        )
     if values["backend"] == "etcd" and values["peers"] and s.ok("backend"):
         # Two coordinations at once would elect two publishers.
         s.problem("peers", "must be empty with backend = 'etcd' (etcd knows the members)")
@@ -237,7 +235,8 @@ def _check_wireguard(s: _SectionReader, values: dict[str, Any], _built: Mapping[
 
 
 def _check_join(s: _SectionReader, values: dict[str, Any], built: Mapping[str, Any]) -> None:
-    wireguard, coordination, proxy = built["wireguard"], built["coordination"], built["proxy"]
+    master, wireguard = built["master"], built["wireguard"]
+    coordination, proxy = built["coordination"], built["proxy"]
     network, address = values["tunnel_network"], wireguard.address
     if network is not None and address is not None and address.ip not in network:
         s.problem(
@@ -246,8 +245,13 @@ def _check_join(s: _SectionReader, values: dict[str, Any], built: Mapping[str, A
         )
     if not values["enabled"]:
         return
-    if values["secret_path"] is None and s.ok("secret_path"):
-        s.problem("secret_path", "is required when join.enabled = true")
+    if master.identity_key_path is None:
+        # Admitting a node is signing its admission record with the master key.
+        s.problem(
+            "enabled",
+            "only a node holding the master key (master.identity_key_path) admits joiners; "
+            "set join.enabled = false on this node",
+        )
     # The join answer describes this node to the joiner: its WireGuard identity and tunnel
     # address (node/join.py PeerInfo), so these must be known even when the tunnel itself is
     # managed outside rustbalance.
@@ -255,9 +259,6 @@ def _check_join(s: _SectionReader, values: dict[str, Any], built: Mapping[str, A
         reported = any(p.startswith(f"wireguard.{key}:") for p in s.problems)
         if getattr(wireguard, key) is None and not reported:
             s.problems.append(f"wireguard.{key}: is required when join.enabled = true")
-    if coordination.cluster_token_path is None:
-        # Joiners prove they hold the cluster token; without one nothing can be checked.
-        s.problems.append("coordination.cluster_token_path: is required when join.enabled = true")
     reach = coordination.advertise or coordination.listen
     if reach.host in ("0.0.0.0", "::"):
         # Joiners are told where to send heartbeats; a wildcard is nowhere.

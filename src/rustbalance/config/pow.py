@@ -44,7 +44,7 @@ def pow_refusal(
 ) -> str | None:
     """The problem with ``tor.pow_enabled = true`` for this node, or None where PoW works.
 
-    ``learned_peers``: the daemon found peers saved by an earlier run (a peers file), which the
+    ``learned_peers``: the membership saved by an earlier run lists other members, which the
     config alone cannot show.
     """
     merged: list[str] = []
@@ -54,7 +54,7 @@ def pow_refusal(
         # The lease holder merges every member's intro points (docs/etcd.md).
         merged.append('coordination.backend = "etcd"')
     if learned_peers:
-        merged.append("this node saved cluster peers in an earlier run")
+        merged.append("this node's saved membership lists other members")
     if join_enabled:
         merged.append("join.enabled = true")
     if backends:

@@ -7,13 +7,17 @@ example. The parser (``parser.py``) reads and checks a file from these declarati
 live in the parser.
 
 Instances come from :func:`rustbalance.config.parse_config`, which has checked every value,
-so code that receives a :class:`Config` never re-validates. Durations are ``float`` seconds;
-paths are absolute (relative ones are resolved against the config file's folder).
+so code that receives a :class:`Config` never re-validates. A section's ``removed_keys`` names
+keys that a former protocol had and what replaced them: a config that still sets one gets that
+problem (naming the upgrade command), never "unknown key" or a silent default. Durations are
+``float`` seconds; paths are absolute (relative ones are resolved against the config file's
+folder).
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -95,6 +99,11 @@ MAX_UNIX_SOCKET_PATH = 107
 METRICS_PORT = 21058
 _SYSTEM_SOCKS = Endpoint(host="127.0.0.1", port=9050)
 _SYSTEM_CONTROL = Endpoint(host="127.0.0.1", port=9051)
+# Keys of protocol v2 (one shared cluster token) that per-node identities replaced (issue 16).
+_REMOVED_IN_V3 = (
+    "removed with protocol v3 (per-node identities, docs/security.md); "
+    "run 'rustbalance cluster upgrade --config FILE' on this node"
+)
 
 
 # --- value rules used by one key each --------------------------------------------------------
@@ -217,7 +226,10 @@ class NodeConfig:
         Integer(0, _U32_MAX),
         default=10,
         example=20,
-        doc="Publisher election preference: the lowest number wins.",
+        doc="Publisher election preference: the lowest number wins. In a cluster the priority "
+        "that counts is the one in the node's admission record: a node that holds the master key "
+        "signs its own record from this value at start; others get it from the node that "
+        "admitted them.",
     )
     publisher_eligible: bool = key(
         Boolean(),
@@ -260,6 +272,17 @@ class NodeConfig:
         example="/var/lib/rustbalance/keys/instance.key",
         doc="`instance` mode: the node's own onion service key (32-byte seed); generated "
         "(0600, folder 0700) when missing, refused when others can read it.",
+    )
+    node_key_path: Path = key(
+        PathValue(),
+        derive=lambda d: d.own["state_dir"] / "keys" / "node.key",
+        default_doc="`<state_dir>/keys/node.key`",
+        example="/etc/rustbalance/node.key",
+        doc="The node's own cluster key (Ed25519 seed, 32 bytes): its admission record binds "
+        "`id` to it, and every coordination message it sends is sealed with it. Made by "
+        "`init` / `join` (or at the first start), 0600 in a 0700 folder, opened without "
+        "following symlinks, refused when others can read it; never logged (only its "
+        "`SHA256:` fingerprint). Multi-node only.",
     )
 
 
@@ -610,17 +633,14 @@ class PublishConfig:
 @section
 class CoordinationConfig:
     section_doc: ClassVar[str] = (
-        "Nodes exchange signed heartbeats over UDP (the embedded backend), or coordinate "
-        'through an\netcd cluster (`backend = "etcd"` and the `[etcd]` section).'
+        "Nodes exchange heartbeats over UDP, each datagram sealed between the sender's and "
+        "the\nrecipient's own node keys (protocol v3, [security.md](security.md); the embedded "
+        'backend),\nor coordinate through an etcd cluster (`backend = "etcd"` and the `[etcd]` '
+        "section). Who is\na member of an embedded cluster, and where it is reached, comes from "
+        "the master-signed\nadmission records, not from this section."
     )
+    removed_keys: ClassVar[Mapping[str, str]] = {"cluster_token_path": _REMOVED_IN_V3}
 
-    cluster_token_path: Path | None = key(
-        PathValue(),
-        default=None,
-        example="/etc/rustbalance/cluster.token",
-        doc="File with the cluster's shared secret (0600). **Required when `peers` is not "
-        "empty.** Never put the token itself in the config.",
-    )
     listen: Endpoint = key(
         _endpoint(),
         default=Endpoint(host="127.0.0.1", port=51821),
@@ -635,9 +655,10 @@ class CoordinationConfig:
         ),
         default=(),
         example=["10.0.0.1:51821", "10.0.0.3:51821"],
-        doc="The cluster's nodes' `listen` (or `advertise`) addresses. This node's own address "
-        "may be listed and is left out, so one member list serves every node. Empty (or only "
-        "this node) = single node. No duplicates.",
+        doc="Seed addresses: where to introduce this node (a signed *hello*) before it knows "
+        "who is there. This node's own address may be listed and is left out, so one list "
+        "serves every node. Empty (or only this node) = single node, unless the saved "
+        "membership lists other members. No duplicates.",
     )
     heartbeat_interval_secs: float = key(
         Duration(), default=5.0, doc="How often a heartbeat is sent."
@@ -675,8 +696,8 @@ class CoordinationConfig:
         default=None,
         default_doc="unset (= `listen`)",
         example="203.0.113.7:51821",
-        doc="The address this node tells its peers to reach it at, when that is not `listen` "
-        "(NAT, a relay in front of it).",
+        doc="The address peers reach this node at, when that is not `listen` (NAT, a relay in "
+        "front of it): a node that holds the master key puts it in its own admission record.",
     )
     backend: CoordinationBackend = key(
         choice("embedded", "etcd"),
@@ -746,11 +767,15 @@ class WireGuardConfig:
     section_doc: ClassVar[str] = (
         "The coordination mesh's WireGuard interface. With `enabled = true` the daemon brings "
         "it up at\nstart (kernel module, or `wireguard-go` as its child process), before "
-        "coordination binds (so\n`coordination.listen` may be the tunnel address), re-applies "
-        "the saved peers and takes it down\non exit; it needs `CAP_NET_ADMIN`. The private key "
-        "goes to `wg` on stdin, never on a command\nline. `rustbalance init` / `join` write "
-        "this section."
+        "coordination binds (so\n`coordination.listen` may be the tunnel address), with one "
+        "peer per admitted member (their\nWireGuard keys, endpoints and tunnel addresses are in "
+        "the master-signed admission records of\nthe membership); the peers follow the "
+        "membership as it changes (a node admitted anywhere is\nadded on every node, a revoked "
+        "one removed), and the interface goes down on exit. It needs\n`CAP_NET_ADMIN`. The "
+        "private key goes to `wg` on stdin, never on a command line. `rustbalance\ninit` / "
+        "`join` write this section."
     )
+    removed_keys: ClassVar[Mapping[str, str]] = {"peers_path": _REMOVED_IN_V3}
 
     enabled: bool = key(
         Boolean(),
@@ -786,17 +811,6 @@ class WireGuardConfig:
         doc="`auto`: the kernel module if it works, else `wireguard-go`; `kernel`: fail if the "
         "module is missing; `userspace`: always `wireguard-go`.",
     )
-    # The parser fills <state_dir>/wireguard_peers.json.
-    peers_path: Path | None = key(
-        PathValue(),
-        default=None,
-        derive=lambda d: d.built["node"].state_dir / "wireguard_peers.json",
-        default_doc="`<state_dir>/wireguard_peers.json`",
-        example="/var/lib/rustbalance/wireguard_peers.json",
-        doc="The mesh peers (node id, tunnel address, public key, endpoint, coordination "
-        "address), JSON, 0600. Written by `rustbalance join` and on every admitted join; read "
-        "at start, so a restart keeps the mesh.",
-    )
     endpoint: Endpoint | None = key(
         _endpoint(),
         default=None,
@@ -808,31 +822,31 @@ class WireGuardConfig:
 
 @section
 class JoinConfig:
-    """Joins over the master onion (``POST /.rb/<join secret>``, node/join.py)."""
+    """Joins over the master onion (``POST /.rb/join``, node/join.py)."""
 
     section_doc: ClassVar[str] = (
-        "New nodes join over the master onion: `rustbalance join` POSTs `/.rb/<join secret>` "
-        "through\ntor, and whichever node's proxy receives it answers it itself (the target "
-        "never sees the\nrequest). Every refusal for a wrong secret, a wrong cluster token, a "
-        "stale request or the rate\nlimit (5 admissions per 5 minutes per node) is the same "
-        "`404`; a malformed body is `400`. An\nadmitted node is added to the WireGuard "
-        "interface (when managed), to the coordination peers and\nto `wireguard.peers_path`."
+        "New nodes join over the master onion: `rustbalance join` POSTs `/.rb/join` through "
+        "tor with\nthe join grant of its token (signed with the master key) and the grant's "
+        "secret; a node that\nholds the master key and has `enabled = true` checks the grant "
+        "(expiry, uses, the join policy)\nand admits the joiner by signing its admission "
+        "record. Every refusal before the grant checks\nout (no grant, wrong secret, expired, "
+        "used up, voided by `rustbalance cluster\nrotate-join-secret`, a stale request, the "
+        "rate limit of 5 admissions per 5 minutes per node, a\nnode that does not admit) is the "
+        "same `404`; only a holder of a valid grant sees `400`/`409`.\nThe admitted node goes "
+        "into the membership, which every member gets within a heartbeat or two,\nand into "
+        "every node's WireGuard interface. Every node answers any spelling of `/.rb/...` "
+        "itself\n(`404` when it does not admit), joins on or off: such a path never reaches "
+        "the target."
     )
+    removed_keys: ClassVar[Mapping[str, str]] = {"secret_path": _REMOVED_IN_V3}
 
     enabled: bool = key(
         Boolean(),
         default=False,
         example=True,
-        doc="Answer joins. Needs `secret_path`, `coordination.cluster_token_path`, "
+        doc="Admit joiners. Needs the master key (`master.identity_key_path`), "
         "`wireguard.private_key_path`, `wireguard.address`, `wireguard.endpoint` and "
         '`proxy.mode = "http"`.',
-    )
-    secret_path: Path | None = key(
-        PathValue(),
-        default=None,
-        example="/etc/rustbalance/join.secret",
-        doc="File with the join secret (mode 0600, at least 32 characters); never put the "
-        "secret itself in the config. **Required when `enabled`.**",
     )
     tunnel_network: ipaddress.IPv4Network | None = key(
         Text(parse_tunnel_network, type_doc="IPv4 network"),

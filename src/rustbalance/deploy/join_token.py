@@ -9,16 +9,21 @@ brute-forced offline and made every node a key holder. Here:
   a format change; the header is authenticated as AES-256-GCM associated data.
 - A *raw* token embeds a random 256-bit key instead: no passphrase, the token itself is the secret
   and is shown exactly once.
-- The master key seed is present only when the joiner is publisher-eligible; a standby node never
-  receives it.
-- Cluster token and join secret are required and must carry at least 128 bits (W3).
+- Protocol v3 (issue 16): the token carries a *join grant* signed with the master key
+  (:class:`~rustbalance.cluster.authority.JoinGrant`: expiry, number of uses, whether the
+  token carries the master key) and the grant's 256-bit secret. The node that answers the join
+  enforces the grant; there is no cluster token and no cluster-wide join secret any more.
+- The master key seed is present only when the operator asked for it explicitly (``rustbalance
+  cluster token --with-master-key``); by default a joiner gets no master key and serves as an
+  instance (``identity_mode = "instance"``).
 - Every damage class has its own message, and a 4-byte checksum catches copy-and-paste damage
   before the (deliberately slow) key derivation runs.
 
-Text form: ``rbj1-`` + base64url (no padding) of the binary token. Whitespace is ignored, so a
-token wrapped by a terminal or mail client still decodes. Binary form, version 1::
+Text form: ``rbj2-`` + base64url (no padding) of the binary token. Whitespace is ignored, so a
+token wrapped by a terminal or mail client still decodes. A version 1 token (``rbj1-``, protocol
+v2 clusters) is refused with a message saying to ask for a new one. Binary form, version 2::
 
-    u8  version (1)
+    u8  version (2)
     u8  kind: 1 = passphrase (Argon2id), 2 = raw key
     kind 1: salt[16] | u32 memory_kib | u32 time_cost | u32 parallelism
     kind 2: key[32]
@@ -48,10 +53,18 @@ from argon2.low_level import Type, hash_secret_raw
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from rustbalance.cluster.authority import (
+    GRANT_ID_BYTES,
+    JoinGrant,
+    Statement,
+    decode_statement,
+    grant_secret_hash,
+)
+from rustbalance.cluster.wire import CoordinationError
 from rustbalance.crypto.keys import IdentityKey
 from rustbalance.crypto.onion_address import ONION_SUFFIX, decode_onion_address
-from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError
-from rustbalance.rules import NODE_ID_RULE, is_node_id, parse_endpoint, parse_host
+from rustbalance.errors import InvalidKeyError, RustBalanceError
+from rustbalance.rules import NODE_ID_RULE, is_node_id
 
 __all__ = [
     "DEFAULT_ARGON2",
@@ -73,7 +86,7 @@ class JoinTokenError(RustBalanceError):
     """A join token is malformed, damaged, expired, or the passphrase is wrong."""
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TOKEN_PREFIX = f"rbj{FORMAT_VERSION}-"
 _PREFIX_RE = re.compile(r"rbj([0-9]{1,9})-")
 
@@ -103,11 +116,8 @@ _MAX_LIFETIME_SECS = 30 * 24 * 3600
 # Joiner and issuer clocks may disagree a little (the cluster needs NTP anyway).
 _CLOCK_SKEW_SECS = 300
 
-_MAX_SEED_PEERS = 64
-# Cluster token and join secret (W3): at least 32 URL-safe characters, which is >= 128 bits
-# whether the generator wrote hex (64 chars for 32 bytes) or base64url (43 chars). We cannot tell
-# the alphabets apart, so the floor is the one that holds for hex.
-_SECRET_RE = re.compile(r"[A-Za-z0-9_-]{32,256}")
+# The grant secret: 256 random bits.
+_SECRET_LEN = 32
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 _WHITESPACE_RE = re.compile(r"\s+")
 
@@ -140,50 +150,38 @@ DEFAULT_ARGON2 = Argon2Params()
 class JoinPayload:
     """What a joiner learns from the token. Secret fields never appear in ``repr``.
 
-    ``master_key_seed`` (32 bytes) is set only for a publisher-eligible joiner; the onion address
-    it derives must be ``master_onion``. Construction validates every field and raises
-    :class:`JoinTokenError`.
+    ``grant`` is the master-signed :class:`JoinGrant` statement (checked against
+    ``master_onion``'s key here, and again by the node that answers the join); ``grant_secret``
+    the 32 bytes whose hash the grant holds. ``master_key_seed`` (32 bytes) is set exactly when
+    the grant says the token carries the master key; the onion address it derives must be
+    ``master_onion``. Construction validates every field and raises :class:`JoinTokenError`.
     """
 
     master_onion: str
-    cluster_token: str
-    join_secret: str
-    seed_peers: tuple[str, ...]
+    grant: bytes
+    grant_secret: bytes
     issuer_node_id: str
-    created_at: int
-    expires_at: int
     master_key_seed: bytes | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "master_onion", _check_onion(self.master_onion))
-        for name in ("cluster_token", "join_secret"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not _SECRET_RE.fullmatch(value):
-                # The value itself stays out of the message.
-                raise JoinTokenError(
-                    f"{name} must be 32-256 URL-safe characters (A-Z a-z 0-9 _ -), "
-                    "i.e. at least 128 random bits"
-                )
-        if self.cluster_token == self.join_secret:
-            raise JoinTokenError("cluster_token and join_secret must differ")
-        if not isinstance(self.seed_peers, tuple):
-            raise JoinTokenError("seed_peers must be a tuple")
-        if not 1 <= len(self.seed_peers) <= _MAX_SEED_PEERS:
-            raise JoinTokenError(f"seed_peers must list 1-{_MAX_SEED_PEERS} peers")
-        peers = tuple(_check_peer(peer) for peer in self.seed_peers)
-        if len(set(peers)) != len(peers):
-            raise JoinTokenError("seed_peers lists a peer twice")
-        object.__setattr__(self, "seed_peers", peers)
+        if not isinstance(self.grant, bytes):
+            raise JoinTokenError("grant must be bytes")
+        try:
+            statement = decode_statement(self.grant, decode_onion_address(self.master_onion))
+        except CoordinationError as exc:
+            raise JoinTokenError(f"grant: {exc}") from None
+        if not isinstance(statement.content, JoinGrant):
+            raise JoinTokenError("grant: not a join grant")
+        if not isinstance(self.grant_secret, bytes) or len(self.grant_secret) != _SECRET_LEN:
+            raise JoinTokenError("grant_secret must be 32 bytes")
+        if grant_secret_hash(self.grant_secret) != statement.content.secret_hash:
+            raise JoinTokenError("grant_secret does not belong to the grant")
         if not is_node_id(self.issuer_node_id):
             raise JoinTokenError(f"issuer_node_id must be {NODE_ID_RULE}")
-        for name in ("created_at", "expires_at"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 0:
-                raise JoinTokenError(f"{name} must be a non-negative integer (unix time)")
-        lifetime = self.expires_at - self.created_at
-        if not 0 < lifetime <= _MAX_LIFETIME_SECS:
+        if (self.master_key_seed is not None) != statement.content.with_master_key:
             raise JoinTokenError(
-                f"expires_at must be 1 s to {_MAX_LIFETIME_SECS // 86400} days after created_at"
+                "master_key_seed must be present exactly when the grant carries the master key"
             )
         if self.master_key_seed is not None:
             if not isinstance(self.master_key_seed, bytes) or len(self.master_key_seed) != 32:
@@ -191,6 +189,20 @@ class JoinPayload:
             derived = IdentityKey.from_seed(self.master_key_seed).onion_address
             if derived != self.master_onion:
                 raise JoinTokenError("master_key_seed does not belong to master_onion")
+
+    @property
+    def join_grant(self) -> JoinGrant:
+        statement = decode_statement(self.grant, decode_onion_address(self.master_onion))
+        assert isinstance(statement.content, JoinGrant)  # checked at construction
+        return statement.content
+
+    @property
+    def created_at(self) -> int:
+        return self.join_grant.issued_at_ms // 1000
+
+    @property
+    def expires_at(self) -> int:
+        return self.join_grant.expires_at
 
     @property
     def publisher_eligible(self) -> bool:
@@ -201,35 +213,48 @@ class JoinPayload:
     def issue(
         cls,
         *,
-        master_onion: str,
-        cluster_token: str,
-        join_secret: str,
-        seed_peers: tuple[str, ...],
+        master_key: IdentityKey,
         issuer_node_id: str,
         now: int,
+        randbytes: Callable[[int], bytes],
         lifetime_secs: int = DEFAULT_LIFETIME_SECS,
-        master_key_seed: bytes | None = None,
+        max_uses: int = 1,
+        with_master_key: bool = False,
     ) -> JoinPayload:
-        """A payload created at ``now`` and valid for ``lifetime_secs``."""
-        return cls(
-            master_onion,
-            cluster_token,
-            join_secret,
-            seed_peers,
-            issuer_node_id,
-            now,
-            now + lifetime_secs,
-            master_key_seed,
-        )
+        """A new grant signed with ``master_key`` at unix time ``now``, valid for
+        ``lifetime_secs`` and ``max_uses`` joins, and the payload that carries it."""
+        if not 0 < lifetime_secs <= _MAX_LIFETIME_SECS:
+            raise JoinTokenError(
+                f"a token lives 1 s to {_MAX_LIFETIME_SECS // 86400} days, not {lifetime_secs} s"
+            )
+        if with_master_key and master_key.seed is None:
+            raise JoinTokenError(
+                "this master key has no seed (tor's expanded format): a token cannot carry it"
+            )
+        secret = _random(randbytes, _SECRET_LEN)
+        try:
+            grant = JoinGrant(
+                grant_id=_random(randbytes, GRANT_ID_BYTES),
+                secret_hash=grant_secret_hash(secret),
+                issued_at_ms=now * 1000,
+                expires_at=now + lifetime_secs,
+                max_uses=max_uses,
+                with_master_key=with_master_key,
+                issuer=issuer_node_id,
+            )
+            statement = Statement.sign(grant, master_key.sign)
+        except CoordinationError as exc:
+            raise JoinTokenError(str(exc)) from None
+        seed = master_key.seed if with_master_key else None
+        return cls(master_key.onion_address, statement.data, secret, issuer_node_id, seed)
 
     def __repr__(self) -> str:
         seed = "<redacted>" if self.master_key_seed is not None else "None"
         return (
             f"JoinPayload(master_onion={self.master_onion!r}, "
-            f"issuer_node_id={self.issuer_node_id!r}, seed_peers={self.seed_peers!r}, "
-            f"created_at={self.created_at}, expires_at={self.expires_at}, "
-            f"publisher_eligible={self.publisher_eligible}, cluster_token=<redacted>, "
-            f"join_secret=<redacted>, master_key_seed={seed})"
+            f"issuer_node_id={self.issuer_node_id!r}, expires_at={self.expires_at}, "
+            f"publisher_eligible={self.publisher_eligible}, grant_secret=<redacted>, "
+            f"master_key_seed={seed})"
         )
 
     def to_json(self) -> bytes:
@@ -237,13 +262,9 @@ class JoinPayload:
         obj: dict[str, Any] = {
             "v": FORMAT_VERSION,
             "master_onion": self.master_onion,
-            "cluster_token": self.cluster_token,
-            "join_secret": self.join_secret,
-            "seed_peers": list(self.seed_peers),
+            "grant": _b64encode(self.grant),
+            "grant_secret": _b64encode(self.grant_secret),
             "issuer": self.issuer_node_id,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "publisher_eligible": self.publisher_eligible,
         }
         if self.master_key_seed is not None:
             obj["master_key_seed"] = _b64encode(self.master_key_seed)
@@ -262,17 +283,7 @@ class JoinPayload:
             raise JoinTokenError(f"damaged token: payload is not valid JSON ({exc})") from None
         if not isinstance(obj, dict):
             raise JoinTokenError("damaged token: payload is not a JSON object")
-        required = {
-            "v",
-            "master_onion",
-            "cluster_token",
-            "join_secret",
-            "seed_peers",
-            "issuer",
-            "created_at",
-            "expires_at",
-            "publisher_eligible",
-        }
+        required = {"v", "master_onion", "grant", "grant_secret", "issuer"}
         missing = required - obj.keys()
         if missing:
             raise JoinTokenError(f"damaged token: payload lacks {', '.join(sorted(missing))}")
@@ -281,27 +292,14 @@ class JoinPayload:
             raise JoinTokenError(f"damaged token: unknown payload field {sorted(unknown)[0]!r}")
         if obj["v"] != FORMAT_VERSION or type(obj["v"]) is not int:
             raise JoinTokenError(f"unsupported token version {obj['v']!r}")
-        eligible = obj["publisher_eligible"]
-        if not isinstance(eligible, bool):
-            raise JoinTokenError("damaged token: publisher_eligible is not a boolean")
-        if eligible != ("master_key_seed" in obj):
-            raise JoinTokenError(
-                "damaged token: master_key_seed must be present exactly when publisher_eligible"
-            )
         seed: bytes | None = None
-        if eligible:
+        if "master_key_seed" in obj:
             seed = _b64decode_field(obj["master_key_seed"], "master_key_seed")
-        peers = obj["seed_peers"]
-        if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
-            raise JoinTokenError("damaged token: seed_peers is not a list of strings")
         return cls(
             obj["master_onion"],
-            obj["cluster_token"],
-            obj["join_secret"],
-            tuple(peers),
+            _b64decode_field(obj["grant"], "grant"),
+            _b64decode_field(obj["grant_secret"], "grant_secret"),
             obj["issuer"],
-            obj["created_at"],
-            obj["expires_at"],
             seed,
         )
 
@@ -358,7 +356,8 @@ def decode(token: str, passphrase: str | None, *, now: int) -> JoinPayload:
     payload = JoinPayload.from_json(plaintext)
     if now >= payload.expires_at:
         raise JoinTokenError(
-            f"token expired (valid until unix time {payload.expires_at}); ask for a new one"
+            f"token expired (valid until unix time {payload.expires_at}); ask for a new one "
+            "(rustbalance cluster token, on a node that holds the master key)"
         )
     if payload.created_at > now + _CLOCK_SKEW_SECS:
         raise JoinTokenError(
@@ -391,6 +390,11 @@ def _parse(token: str) -> _Parsed:
             f"not a RustBalance join token (expected it to start with {TOKEN_PREFIX!r})"
         )
     prefix_version = int(match.group(1))
+    if prefix_version == 1:
+        raise JoinTokenError(
+            "this token is for a protocol v2 cluster (cluster token); this version needs a new "
+            "one: run 'rustbalance cluster token' on a node that holds the master key"
+        )
     if prefix_version != FORMAT_VERSION:
         raise JoinTokenError(f"unsupported token version {prefix_version}")
     body = text[match.end() :]
@@ -526,15 +530,3 @@ def _check_onion(address: object) -> str:
     except InvalidKeyError as exc:
         raise JoinTokenError(f"master_onion: {exc}") from None
     return lowered
-
-
-def _check_peer(peer: object) -> str:
-    """A seed peer: ``host:port``, ``[v6]:port``, ``<onion>:port`` or a bare onion address."""
-    if not isinstance(peer, str) or not peer or len(peer) > 300:
-        raise JoinTokenError("seed peer must be a non-empty 'HOST:PORT' or onion address")
-    try:
-        if peer.lower().endswith(ONION_SUFFIX):
-            return parse_host(peer, allow_onion=True)
-        return str(parse_endpoint(peer, allow_onion=True))
-    except ConfigError as exc:
-        raise JoinTokenError(f"seed peer: {exc}") from None

@@ -83,7 +83,9 @@ class ClusterLoop:
 
     def is_publisher(self) -> bool:
         facts = self.facts()
-        return self.mode.should_publish(self._clock.monotonic(), facts.is_multi, facts.holds_lease)
+        return self.mode.should_publish(
+            self._clock.monotonic(), facts.is_multi, facts.holds_lease, facts.revoked
+        )
 
     async def may_publish(self) -> bool:
         """The backend's fencing check before an upload (a single node: nothing to ask)."""
@@ -125,7 +127,9 @@ class ClusterLoop:
             await conn.set_conf(native_publishing_conf(on))
 
         facts = self.facts()
-        wanted = self.mode.native_publishing_wanted(self._clock.monotonic(), facts.is_multi)
+        wanted = self.mode.native_publishing_wanted(
+            self._clock.monotonic(), facts.is_multi, facts.revoked
+        )
         await self.apply_native_publishing(wanted, set_native)
 
     # -- the cluster task -------------------------------------------------------------------
@@ -148,6 +152,7 @@ class ClusterLoop:
                 own_intro_points=len(self._own.intro_points),
                 signature=self.signature(facts),
                 publishing=self._publishing(),
+                revoked=facts.revoked,
             )
             for action in self.mode.step(now, observed):
                 await self._carry_out(action)

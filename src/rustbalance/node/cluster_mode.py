@@ -3,7 +3,9 @@
 The caller passes the time (monotonic seconds) and what it observed; the machine returns
 actions for the shell (:mod:`rustbalance.node.cluster_loop`) to carry out. Rules:
 
-- A node without the master key never publishes (a non-eligible instance node). A single node
+- A node without the master key never publishes (a non-eligible instance node), and neither
+  does a revoked node (issue 16: its identity is out of the cluster for good; its tor's native
+  publishing of the master descriptor goes off too). A single node
   (no coordination) always does. In a cluster of 2+ live nodes ("multi") the node holding the
   publisher lease publishes. A cluster node left alone ("single") publishes once it has been
   alone for ``alone_after`` (the heartbeat timeout): at start-up, so it hears an existing
@@ -100,6 +102,8 @@ class Observed:
     signature: MergeSignature
     # An upload is in flight (its result will say what was published).
     publishing: bool
+    # Coordination says this node was revoked (cluster trust, docs/security.md).
+    revoked: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,18 +165,22 @@ class ClusterMode:
             return False
         return now - self._alone_since >= self.policy.alone_after
 
-    def should_publish(self, now: float, is_multi: bool, holds_lease: bool) -> bool:
+    def should_publish(
+        self, now: float, is_multi: bool, holds_lease: bool, revoked: bool = False
+    ) -> bool:
         """Single node: always. Cluster: the lease holder, or a node left alone (never with a
-        lease-only backend: :meth:`_alone_settled`)."""
+        lease-only backend: :meth:`_alone_settled`); never a revoked node."""
         if not self.policy.has_master_key:
             return False
         if not self.policy.clustered:
             return True
+        if revoked:
+            return False
         if is_multi:
             return holds_lease
         return holds_lease or self._alone_settled(now, is_multi)
 
-    def native_publishing_wanted(self, now: float, is_multi: bool) -> bool:
+    def native_publishing_wanted(self, now: float, is_multi: bool, revoked: bool = False) -> bool:
         policy = self.policy
         if not policy.native_publishes_master:
             return True
@@ -180,6 +188,8 @@ class ClusterMode:
             return False
         if not policy.clustered:
             return True
+        if revoked:
+            return False
         return self._alone_settled(now, is_multi)
 
     # -- inputs -----------------------------------------------------------------------------
@@ -209,14 +219,16 @@ class ClusterMode:
             # The last peer just expired (silent for a heartbeat timeout already).
             self._alone_since = now - policy.alone_after
         if policy.clustered:
-            wanted = self.native_publishing_wanted(now, observed.is_multi)
+            wanted = self.native_publishing_wanted(now, observed.is_multi, observed.revoked)
             if wanted != self.native_publishing:
                 actions.append(SetNativePublishing(wanted))
         eligible = policy.publisher_eligible and observed.tor_running
         if eligible != self._eligible:
             self._eligible = eligible
             actions.append(SetEligible(eligible))
-        publishing = self.should_publish(now, observed.is_multi, observed.holds_lease)
+        publishing = self.should_publish(
+            now, observed.is_multi, observed.holds_lease, observed.revoked
+        )
         has_points = observed.own_intro_points > 0 or bool(observed.signature[2])
         if publishing != self._was_publisher:
             self._was_publisher = publishing

@@ -34,7 +34,8 @@ from rustbalance.descriptor.intro_point_codec import decode_intro_point, encode_
 from rustbalance.errors import ConfigError, RustBalanceError
 from rustbalance.node import DAEMON_LOGGER
 from rustbalance.node.clock import Clock
-from rustbalance.node.cluster_link import load_cluster_key
+from rustbalance.node.cluster_link import prepare_membership
+from rustbalance.node.identity import NodeIdentity
 from rustbalance.node.startup import EXIT_CONFIG, StartupError
 
 __all__ = [
@@ -60,6 +61,8 @@ class CoordinationFacts:
     holds_lease: bool
     # Every live peer's intro points that it sent, by node id.
     peer_intro_points: Mapping[str, tuple[IntroPoint, ...]]
+    # This node was revoked (issue 16): it must never publish again with its identity.
+    revoked: bool = False
 
 
 ALONE = CoordinationFacts(is_multi=False, holds_lease=False, peer_intro_points={})
@@ -88,9 +91,14 @@ class ClusterStatus:
     rejected: Mapping[str, int]
     peer_intro_points: Mapping[str, int]
     live_peers: tuple[str, ...]
+    # The other admitted members (live or not).
     known_peers: tuple[str, ...]
     backend: str = "embedded"  # [coordination] backend
     etcd: EtcdLink | None = None
+    # This node was revoked; every admitted node as ``rustbalance cluster members`` shows it
+    # (ids, fingerprints, addresses, roles: no secrets).
+    revoked: bool = False
+    members: tuple[Mapping[str, Any], ...] = ()
 
 
 class Coordination(Protocol):
@@ -147,10 +155,12 @@ class UdpCoordination:
             is_multi=coordinator.is_multi,
             holds_lease=coordinator.is_publisher,
             peer_intro_points=coordinator.peer_intro_points(),
+            revoked=coordinator.revoked,
         )
 
     def status(self) -> ClusterStatus:
         coordinator = self.coordinator
+        own = coordinator.node_id
         live = tuple(p.node_id for p in coordinator.live_peers())
         return ClusterStatus(
             term=coordinator.term,
@@ -162,7 +172,11 @@ class UdpCoordination:
                 node_id: len(points) for node_id, points in coordinator.peer_intro_points().items()
             },
             live_peers=live,
-            known_peers=tuple(p.node_id for p in coordinator.peers.known_peers()),
+            known_peers=tuple(
+                r.node_id for r in coordinator.membership.members() if r.node_id != own
+            ),
+            revoked=coordinator.revoked,
+            members=tuple(coordinator.members_status()),
         )
 
     def report_intro_points(self, points: Sequence[IntroPoint]) -> None:
@@ -207,6 +221,10 @@ class EtcdCoordination:
             is_multi=facts.is_multi,
             holds_lease=facts.holds_lease,
             peer_intro_points=facts.peer_intro_points,
+            # Never: with etcd a node's identity is its TLS client certificate, and taking a
+            # node out is revoking that certificate (or its etcd user) at the CA and in etcd,
+            # outside rustbalance (docs/etcd.md). No admission records, so nothing to revoke.
+            revoked=False,
         )
 
     def status(self) -> ClusterStatus:
@@ -252,23 +270,29 @@ class EtcdCoordination:
         return None  # joins are refused with etcd (the parser says so): members are etcd's
 
 
-def start_coordination(config: Config, clock: Clock) -> UdpCoordination | EtcdCoordination:
+def start_coordination(
+    config: Config, identity: NodeIdentity, clock: Clock
+) -> UdpCoordination | EtcdCoordination:
     """Multi-node: the backend ``[coordination] backend`` names (it runs as a supervised
-    task). Its key or certificate files are read here: a problem is exit 2."""
+    task). Its key or certificate files are read here: a problem is exit 2.
+
+    Embedded: the node key, the membership (a master-key holder admits itself) and the
+    coordinator (the mesh follows its membership). etcd: ``identity`` is not used, a node is
+    known to etcd by its TLS client certificate (docs/etcd.md)."""
     if config.coordination.backend == "etcd":
         return _start_etcd(config, clock)
     coordination = config.coordination
-    token_path = coordination.cluster_token_path
-    if token_path is None:
-        raise StartupError("multi-node mode needs coordination.cluster_token_path", EXIT_CONFIG)
     try:
-        key = load_cluster_key(token_path)
-    except ConfigError as exc:
-        raise StartupError(str(exc), EXIT_CONFIG) from None
-    try:
-        coordinator = Coordinator.from_config(
-            config,
-            key,
+        now_ms = int(clock.wall() * 1000)
+        prepared = prepare_membership(
+            config, identity.master_public_key, identity.master_key, now_ms
+        )
+        coordinator: Coordinator[IntroPoint] = Coordinator(
+            node_id=config.node.id,
+            node_key=prepared.node_key,
+            membership=prepared.membership,
+            config=coordination,
+            state_dir=config.node.state_dir,
             encode_intro_point=encode_intro_point,
             decode_intro_point=decode_intro_point,
         )
@@ -276,8 +300,10 @@ def start_coordination(config: Config, clock: Clock) -> UdpCoordination | EtcdCo
         raise StartupError(f"coordination: {exc}", EXIT_CONFIG) from None
     advertise = coordination.advertise
     log.info(
-        "Multi-node mode: coordination on %s, %d seed peers%s",
+        "Multi-node mode: coordination on %s, node key %s, %d members, %d seed peers%s",
         coordination.listen,
+        prepared.node_key.fingerprint,
+        len(prepared.membership.members()),
         len(coordination.peers),
         f", advertised as {advertise}" if advertise else "",
     )

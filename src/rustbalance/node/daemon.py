@@ -20,14 +20,14 @@ from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.node import DAEMON_LOGGER
 from rustbalance.node.backends import backend_poller
 from rustbalance.node.clock import SYSTEM_CLOCK, Clock
-from rustbalance.node.cluster_link import multi_node_wanted
+from rustbalance.node.cluster_link import coordination_wanted
 from rustbalance.node.cluster_loop import ClusterLoop
 from rustbalance.node.cluster_mode import ClusterMode, ModePolicy
 from rustbalance.node.consensus_watch import ConsensusWatch
 from rustbalance.node.coordination import start_coordination
 from rustbalance.node.identity import NodeIdentity
 from rustbalance.node.intro_watch import IntroWatch
-from rustbalance.node.mesh import MeshError, mesh_wants_cluster
+from rustbalance.node.mesh import MeshError
 from rustbalance.node.metrics import NodeMetrics, feed_metrics
 from rustbalance.node.publisher import Publisher
 from rustbalance.node.readiness import Readiness
@@ -71,7 +71,7 @@ class Daemon:
         self.identity = identity
         self.clock = clock
         self.started_at = clock.monotonic()
-        self.clustered = multi_node_wanted(config) or mesh_wants_cluster(config)
+        self.clustered = coordination_wanted(config, identity, clock)
         self.readiness = Readiness.for_config(notifier or SystemdNotifier(), clock, config)
         self.runtime = NodeRuntime(config, identity, clock, self.readiness.tor_bootstrap)
         self.metrics = NodeMetrics()
@@ -118,10 +118,10 @@ class Daemon:
 
     async def start(self) -> None:
         """Everything before the supervised tasks; StartupError names what failed."""
-        cfg, runtime = self.config, self.runtime
-        log.info("Starting rustbalance: %s, master %s", cfg.summary(), self.identity.master_address)
+        cfg, runtime, identity = self.config, self.runtime, self.identity
+        log.info("Starting rustbalance: %s, master %s", cfg.summary(), identity.master_address)
         self.readiness.starting()
-        coordination = start_coordination(cfg, self.clock) if self.clustered else None
+        coordination = start_coordination(cfg, identity, self.clock) if self.clustered else None
         self.cluster.coordination = coordination
         prepare_state_dir(cfg)  # private to us (issue 17); everything below writes in it
         # Before the coordinator binds (its task starts after start()): coordination.listen

@@ -1,28 +1,40 @@
-"""Joining a cluster over the master onion (system.md §11.1, §13.2 item 2.4, W3, W4, W9).
+"""Joining a cluster over the master onion (system.md §11.1, W3, W4, W9; issue 16).
 
-A new node knows the master ``.onion``, the join secret and the cluster token (from its join
-token). It POSTs ``/.rb/<join_secret>`` through Tor to the master address; whichever node's
-proxy receives the request answers it itself (the proxy's interceptor hook), the target never
-sees it. The answer gives the joiner a tunnel address and the cluster's peers.
+A new node holds a join token (:mod:`rustbalance.deploy.join_token`): the master address, a
+*join grant* signed with the master key (:class:`~rustbalance.cluster.authority.JoinGrant`:
+expiry, number of uses, whether the token carries the master key) and the grant's secret. It
+POSTs ``/.rb/join`` through Tor to the master address; whichever node's proxy receives the
+request answers it itself (the proxy's interceptor hook), the target never sees it. A node that
+holds the master key (``[join] enabled``) checks the grant and admits the joiner by signing its
+admission record; every other node answers 404, and the joiner simply tries again on a fresh
+circuit (tor picks another intro point, so another node).
 
 Why it looks like this:
 
-- **No oracle.** Every authentication failure (wrong secret, wrong cluster token, stale or
-  future ``request_time``, rate limit) is the same 404 with the same body: a prober learns
-  nothing, not even whether the path exists. Only a caller who already has the join secret can
-  see a 400 (malformed body) or a 409 (node id / WireGuard key conflict).
-- **Constant-time comparisons** of the secret and the token (``hmac.compare_digest``).
-- **Rate limit** (item 2.4): at most ``max_joins`` admissions per ``window_secs`` per responding
-  node; a repeat from the same node (same node id and WireGuard key) gets the same answer and
-  does not count, so a joiner retrying after a lost reply is not punished.
-- **Tunnel addresses** (W9) are assigned by the responder from a configurable network
-  (``10.99.0.0/24`` by default), never one in use by itself, a known peer or an earlier join.
-  The choice is random among the free ones (injected ``randbelow``): two responders answering
-  joins in the same instant are then unlikely to pick the same address.
+- **The responder enforces the grant.** Expiry (its own clock), the join policy ("rotate the
+  join secret" voids older grants) and the use count (counted over the whole membership:
+  every admission record names its grant, and counts are kept until the grant expires) are all
+  checked before anything is answered; a repeat from a node already admitted with the grant is
+  answered again and uses nothing.
+- **No oracle.** Every refusal before the grant and its secret check out (no grant, forged,
+  wrong secret, expired, used up, voided, stale ``request_time``, rate limit, a node that
+  does not admit) is the same 404 with the same body. Only a holder of a valid grant can see a
+  400 (malformed request) or a 409 (node id / key conflict).
+- **Nothing before admission.** The answer - the joiner's signed record and every statement of
+  the membership, with the members' WireGuard endpoints - exists only for an admitted joiner.
+- **Bounded.** Admissions are bounded by the grants (each one at most its use count), by
+  ``max_joins`` per ``window_secs`` on each responder, by the membership's size and by the
+  tunnel network; none of these can be used up by anyone without a valid grant. A revoked
+  node's tunnel address is free again.
+- **The joiner checks the answer**: every statement against the master key, its own record
+  against its request, every tunnel address inside the tunnel network (once each).
+- **Every node answers ``/.rb``**, joins on or off: the request target is normalised first
+  (absolute form, percent-encoding, backslashes, repeated slashes, dot segments, ``;params``,
+  case), so no spelling of the path reaches the target with a grant secret in it.
 
-Pure core: :class:`JoinResponder` (``now`` passed in, randomness injected). Asyncio shells:
-:func:`make_join_interceptor` (responder side) and :func:`join_via_onion` (joiner side).
-Nothing here logs a secret; error messages never contain the request path (it holds the secret).
+Pure core: :func:`join_route`, :class:`JoinResponder` (``now`` passed in, randomness
+injected). Asyncio shells: :class:`JoinInterceptor` (responder side) and :func:`join_via_onion`
+(joiner side). Nothing here logs a secret.
 """
 
 from __future__ import annotations
@@ -31,7 +43,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import dataclasses
 import hmac
 import ipaddress
 import json
@@ -39,6 +50,7 @@ import logging
 import os
 import secrets
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -49,255 +61,265 @@ from python_socks import ProxyError as SocksProxyError
 from python_socks import ProxyType
 from python_socks.async_.asyncio import Proxy as SocksProxy
 
+from rustbalance.cluster.authority import (
+    AdmissionRecord,
+    JoinGrant,
+    Signer,
+    Statement,
+    WireGuardIdentity,
+    decode_statement,
+    grant_secret_hash,
+)
+from rustbalance.cluster.identity import NodeKey, check_node_public_key, verify_signature
+from rustbalance.cluster.membership import Membership
+from rustbalance.cluster.wire import CoordinationError, check_node_id, check_peer_address
 from rustbalance.crypto.onion_address import ONION_SUFFIX, decode_onion_address
 from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError
 from rustbalance.proxy.http import InterceptedRequest, InterceptedResponse
-from rustbalance.rules import NODE_ID_RULE, is_node_id, parse_endpoint, parse_tunnel_network
+from rustbalance.rules import parse_tunnel_network
 
 __all__ = [
+    "DEFAULT_JOIN_ATTEMPTS",
     "DEFAULT_TUNNEL_NETWORK",
-    "JOIN_PATH_PREFIX",
+    "JOIN_PATH",
     "MAX_BODY_BYTES",
-    "MIN_SECRET_CHARS",
     "JoinAnswer",
     "JoinDecision",
     "JoinError",
     "JoinInterceptor",
     "JoinRequest",
     "JoinResponder",
-    "PeerInfo",
-    "check_secret_strength",
+    "join_route",
     "join_via_onion",
-    "make_join_interceptor",
     "parse_join_answer",
     "parse_join_request",
 ]
 
 log = logging.getLogger("rustbalance.join")
 
-JOIN_PATH_PREFIX = "/.rb/"
-PROTOCOL_VERSION = 1
+JOIN_PATH = "/.rb/join"
+_RB_SEGMENT = ".rb"
+PROTOCOL_VERSION = 2
 MAX_BODY_BYTES = 8192
-# An answer lists every peer (at most the tunnel network's size); 256 KiB is ample.
-MAX_ANSWER_BYTES = 256 * 1024
+# An answer holds every statement of the membership (at most ~1 KiB each); 1 MiB is ample.
+MAX_ANSWER_BYTES = 1024 * 1024
 DEFAULT_TUNNEL_NETWORK = "10.99.0.0/24"
 DEFAULT_MAX_JOINS = 5
 DEFAULT_WINDOW_SECS = 300.0
 MAX_REQUEST_AGE_SECS = 300
 MAX_REQUEST_AHEAD_SECS = 60
+# With n nodes of which k admit, each attempt reaches an admitting node with probability of
+# about k/n (tor picks a random intro point of the merged descriptor): 12 attempts miss one
+# key holder among three nodes with probability (2/3)^12 < 1 %.
+DEFAULT_JOIN_ATTEMPTS = 12
+DEFAULT_JOIN_INTERVAL_SECS = 5.0
+_REQUEST_DOMAIN = b"rustbalance join request v2\x00"
+_SECRET_BYTES = 32
+# Decoding %25 (an encoded "%") again is what double-decoding servers do; three rounds undo
+# any encoding a path could survive, and bound the work.
+_DECODE_ROUNDS = 3
 
 _JSON_HEADERS = (("Content-Type", "application/json"), ("Cache-Control", "no-store"))
-# One body for every authentication failure: identical bytes, so nothing distinguishes them.
+# One body for every refusal before the grant checks out: identical bytes, nothing to tell apart.
 _NOT_FOUND = b'{"error":"not found"}'
 
 
 class JoinError(RustBalanceError):
-    """A join failed; the message never contains the join secret or the cluster token."""
-
-
-MIN_SECRET_CHARS = 32
-
-
-def check_secret_strength(name: str, value: object) -> None:
-    """W3: an empty or short join secret or cluster token would let anyone join."""
-    if not isinstance(value, str) or len(value) < MIN_SECRET_CHARS:
-        raise JoinError(f"{name} must be at least {MIN_SECRET_CHARS} characters (128 random bits)")
+    """A join failed; the message never contains a secret."""
 
 
 class _BadRequest(JoinError):
     """A malformed value (the responder answers 400); the message is safe to send back."""
 
 
-@dataclass(frozen=True)
-class PeerInfo:
-    """What a node needs to reach a peer: coordination address, WireGuard key and endpoint."""
+# --- the request target ---------------------------------------------------------------------
 
-    node_id: str
-    coordination: str  # host:port of the peer's coordination listener (its tunnel address)
-    wg_public_key: str  # standard base64 of the 32-byte key, as `wg` prints it
-    wg_endpoint: str  # public host:port of the peer's WireGuard
-    tunnel_address: str  # the peer's address inside the tunnel network
 
-    def __post_init__(self) -> None:
-        _check_node_id(self.node_id)
-        object.__setattr__(self, "coordination", _check_endpoint(self.coordination, "coordination"))
-        object.__setattr__(self, "wg_public_key", _check_wg_key(self.wg_public_key))
-        object.__setattr__(self, "wg_endpoint", _check_endpoint(self.wg_endpoint, "wg_endpoint"))
-        try:
-            address = ipaddress.IPv4Address(self.tunnel_address)
-        except (ValueError, TypeError):
-            raise _BadRequest("tunnel_address must be an IPv4 address") from None
-        object.__setattr__(self, "tunnel_address", str(address))
+def join_route(target: str) -> str | None:
+    """The normalised path of a request target whose first segment is ``.rb``, else None.
 
-    def to_dict(self) -> dict[str, str]:
-        return {
-            "node_id": self.node_id,
-            "coordination": self.coordination,
-            "wg_public_key": self.wg_public_key,
-            "wg_endpoint": self.wg_endpoint,
-            "tunnel_address": self.tunnel_address,
-        }
+    What any target server might make of the target is undone first: the scheme and authority
+    of the absolute form, query and fragment, percent-encoding (repeatedly: ``%252e`` is a dot
+    to a double-decoding server), backslashes (a slash to some servers), empty and ``.``
+    segments, ``..`` (removes the segment before it), ``;params`` on a segment, letter case,
+    and trailing dots and spaces of a segment (Windows ignores them).
+    """
+    text = target
+    lowered = text.lower()
+    scheme_end = lowered.find("://")
+    if scheme_end > 0 and lowered[:scheme_end].isalpha():
+        rest = text[scheme_end + 3 :]
+        slash = rest.find("/")
+        text = rest[slash:] if slash >= 0 else "/"
+    for mark in ("?", "#"):
+        text = text.split(mark, 1)[0]
+    for _ in range(_DECODE_ROUNDS):
+        decoded = urllib.parse.unquote(text, errors="replace")
+        if decoded == text:
+            break
+        text = decoded
+    segments: list[str] = []
+    for raw in text.replace("\\", "/").split("/"):
+        segment = raw.split(";", 1)[0].rstrip(". ") if raw not in (".", "..") else raw
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment.lower())
+    if not segments or segments[0] != _RB_SEGMENT:
+        return None
+    return "/" + "/".join(segments)
 
-    @classmethod
-    def from_dict(cls, obj: object) -> PeerInfo:
-        fields = ("node_id", "coordination", "wg_public_key", "wg_endpoint", "tunnel_address")
-        if not isinstance(obj, dict) or set(obj) != set(fields):
-            raise _BadRequest(f"a peer is an object with exactly the keys {', '.join(fields)}")
-        if not all(isinstance(obj[name], str) for name in fields):
-            raise _BadRequest("peer fields must be strings")
-        return cls(*(obj[name] for name in fields))
+
+def _may_be_ours(target: bytes) -> bool:
+    """The proxy's cheap pre-filter: no false negatives (:func:`join_route` decides). Without a
+    '%' or a backslash, a target can only normalise to ``.rb`` if it spells ``.rb`` itself."""
+    return b"%" in target or b"\\" in target or b".rb" in target.lower()
+
+
+# --- the request and the answer (pure) ------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(value: object, name: str, size: int | None = None) -> bytes:
+    if not isinstance(value, str) or len(value) > 4 * MAX_BODY_BYTES:
+        raise _BadRequest(f"{name} must be base64")
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise _BadRequest(f"{name} is not base64") from None
+    if _b64(raw) != value or (size is not None and len(raw) != size):
+        raise _BadRequest(f"{name} is not canonical base64" + (f" of {size} bytes" if size else ""))
+    return raw
 
 
 @dataclass(frozen=True, repr=False)
 class JoinRequest:
-    """The body a joiner POSTs. ``cluster_token`` stays out of ``repr``."""
+    """What a joiner POSTs (signed with its new node key). The grant secret stays out of
+    ``repr``."""
 
     node_id: str
-    cluster_token: str
-    wg_public_key: str
+    node_key: bytes
+    wg_public_key: bytes
     wg_endpoint: str
     coordination_port: int
+    priority: int
     request_time: int
+    grant: bytes  # the master-signed JoinGrant statement, as in the token
+    grant_secret: bytes
 
     def __post_init__(self) -> None:
-        _check_node_id(self.node_id)
-        if not isinstance(self.cluster_token, str) or not 1 <= len(self.cluster_token) <= 256:
-            raise _BadRequest("cluster_token must be a string of 1-256 characters")
-        object.__setattr__(self, "wg_public_key", _check_wg_key(self.wg_public_key))
-        object.__setattr__(self, "wg_endpoint", _check_endpoint(self.wg_endpoint, "wg_endpoint"))
-        if type(self.coordination_port) is not int or not 1 <= self.coordination_port <= 65535:
-            raise _BadRequest("coordination_port must be an integer 1-65535")
-        if type(self.request_time) is not int or not 0 <= self.request_time < 2**63:
-            raise _BadRequest("request_time must be a non-negative integer (unix time)")
+        try:
+            check_node_id(self.node_id)
+            check_node_public_key(self.node_key)
+            if check_peer_address(self.wg_endpoint) != self.wg_endpoint:
+                raise _BadRequest("wg_endpoint is not in canonical form")
+        except (CoordinationError, InvalidKeyError) as exc:
+            raise _BadRequest(str(exc)) from None
+        if not isinstance(self.wg_public_key, bytes) or len(self.wg_public_key) != 32:
+            raise _BadRequest("wg_public_key must be 32 bytes")
+        if self.wg_public_key == bytes(32):
+            raise _BadRequest("the all-zero WireGuard key is not a key")
+        for name, value, limit in (
+            ("coordination_port", self.coordination_port, 65535),
+            ("priority", self.priority, 2**32 - 1),
+            ("request_time", self.request_time, 2**53),
+        ):
+            if type(value) is not int or not (1 if name == "coordination_port" else 0) <= value:
+                raise _BadRequest(f"{name} out of range")
+            if value > limit:
+                raise _BadRequest(f"{name} out of range")
+        if not isinstance(self.grant, bytes) or not 0 < len(self.grant) <= 1024:
+            raise _BadRequest("grant must be 1-1024 bytes")
+        if not isinstance(self.grant_secret, bytes) or len(self.grant_secret) != _SECRET_BYTES:
+            raise _BadRequest("grant_secret must be 32 bytes")
 
     def __repr__(self) -> str:
         return (
             f"JoinRequest(node_id={self.node_id!r}, wg_endpoint={self.wg_endpoint!r}, "
             f"coordination_port={self.coordination_port}, request_time={self.request_time}, "
-            "cluster_token=<redacted>)"
+            "grant_secret=<redacted>)"
         )
 
-    def to_json(self) -> bytes:
-        obj = {
+    def _fields(self) -> dict[str, object]:
+        return {
             "v": PROTOCOL_VERSION,
             "node_id": self.node_id,
-            "cluster_token": self.cluster_token,
-            "wg_public_key": self.wg_public_key,
+            "node_key": _b64(self.node_key),
+            "wg_public_key": _b64(self.wg_public_key),
             "wg_endpoint": self.wg_endpoint,
             "coordination_port": self.coordination_port,
+            "priority": self.priority,
             "request_time": self.request_time,
+            "grant": _b64(self.grant),
+            "grant_secret": _b64(self.grant_secret),
         }
+
+    def signed_message(self) -> bytes:
+        canonical = json.dumps(self._fields(), sort_keys=True, separators=(",", ":"))
+        return _REQUEST_DOMAIN + canonical.encode("ascii")
+
+    def to_json(self, node_key: NodeKey) -> bytes:
+        """The body: the fields and the node key's signature over them (proof of possession)."""
+        if node_key.public != self.node_key:
+            raise JoinError("the request must be signed with its own node key")
+        obj = {**self._fields(), "signature": _b64(node_key.sign(self.signed_message()))}
         return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("ascii")
 
 
-@dataclass(frozen=True)
-class JoinAnswer:
-    """The 200 answer: the joiner's tunnel address and the peers it should add."""
-
-    responder_node_id: str
-    tunnel_address: str
-    tunnel_network: str
-    peers: tuple[PeerInfo, ...]
-
-    def to_json(self) -> bytes:
-        obj = {
-            "v": PROTOCOL_VERSION,
-            "responder_node_id": self.responder_node_id,
-            "tunnel_address": self.tunnel_address,
-            "tunnel_network": self.tunnel_network,
-            "peers": [peer.to_dict() for peer in self.peers],
-        }
-        return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("ascii")
+_REQUEST_KEYS = {
+    "v",
+    "node_id",
+    "node_key",
+    "wg_public_key",
+    "wg_endpoint",
+    "coordination_port",
+    "priority",
+    "request_time",
+    "grant",
+    "grant_secret",
+    "signature",
+}
 
 
-@dataclass(frozen=True)
-class JoinDecision:
-    """What the responder answers. ``admitted`` is the new peer to add (None on a repeat or
-    any failure): the shell hands it to the daemon's callback."""
-
-    status: int
-    body: bytes
-    admitted: PeerInfo | None = None
-
-    def to_response(self) -> InterceptedResponse:
-        return InterceptedResponse(self.status, _JSON_HEADERS, self.body)
-
-
-# --- parsing (pure) -------------------------------------------------------------------------
-
-
-def parse_join_request(body: bytes) -> JoinRequest:
-    """Strictly parse a request body; raises JoinError for anything but a valid request."""
+def parse_join_request(body: bytes) -> tuple[JoinRequest, bytes]:
+    """Strictly parse a request body into (request, signature); JoinError for anything else.
+    The signature is *not* checked here (:meth:`JoinResponder.handle` does)."""
     try:
-        return _parse_request(body)
+        return _parse_request(_load_object(body))
     except _BadRequest as exc:
         raise JoinError(f"bad join request: {exc}") from None
 
 
-def parse_join_answer(body: bytes) -> JoinAnswer:
-    """Strictly parse a 200 answer; raises JoinError (the answer came from the network)."""
-    try:
-        obj = _load_object(body)
-        keys = {"v", "responder_node_id", "tunnel_address", "tunnel_network", "peers"}
-        if set(obj) != keys:
-            raise _BadRequest("answer must have exactly the keys " + ", ".join(sorted(keys)))
-        if obj["v"] != PROTOCOL_VERSION or type(obj["v"]) is not int:
-            raise _BadRequest("unsupported answer version")
-        responder = obj["responder_node_id"]
-        if not isinstance(responder, str):
-            raise _BadRequest("responder_node_id must be a string")
-        _check_node_id(responder)
-        network = _check_network(obj["tunnel_network"])
-        address = obj["tunnel_address"]
-        if not isinstance(address, str):
-            raise _BadRequest("tunnel_address must be a string")
-        try:
-            ip = ipaddress.IPv4Address(address)
-        except ValueError:
-            raise _BadRequest("tunnel_address is not an IPv4 address") from None
-        if ip not in network or ip in (network.network_address, network.broadcast_address):
-            raise _BadRequest("tunnel_address is not a host of tunnel_network")
-        raw_peers = obj["peers"]
-        if not isinstance(raw_peers, list) or len(raw_peers) > network.num_addresses:
-            raise _BadRequest("peers must be a list no longer than the tunnel network")
-        peers = tuple(PeerInfo.from_dict(peer) for peer in raw_peers)
-        if len({p.node_id for p in peers}) != len(peers):
-            raise _BadRequest("peers lists a node twice")
-        return JoinAnswer(responder, str(ip), str(network), peers)
-    except _BadRequest as exc:
-        raise JoinError(f"bad join answer: {exc}") from None
-
-
-def _parse_request(body: bytes) -> JoinRequest:
-    obj = _load_object(body)
-    keys = {
-        "v",
-        "node_id",
-        "cluster_token",
-        "wg_public_key",
-        "wg_endpoint",
-        "coordination_port",
-        "request_time",
-    }
-    missing = keys - obj.keys()
+def _parse_request(obj: dict[str, Any]) -> tuple[JoinRequest, bytes]:
+    missing = _REQUEST_KEYS - obj.keys()
     if missing:
         raise _BadRequest(f"missing field {sorted(missing)[0]}")
-    unknown = obj.keys() - keys
+    unknown = obj.keys() - _REQUEST_KEYS
     if unknown:
         raise _BadRequest(f"unknown field {sorted(unknown)[0]!r}")
     if obj["v"] != PROTOCOL_VERSION or type(obj["v"]) is not int:
         raise _BadRequest("unsupported request version")
-    for name in ("node_id", "cluster_token", "wg_public_key", "wg_endpoint"):
+    for name in ("node_id", "wg_endpoint"):
         if not isinstance(obj[name], str):
             raise _BadRequest(f"{name} must be a string")
-    return JoinRequest(
+    request = JoinRequest(
         obj["node_id"],
-        obj["cluster_token"],
-        obj["wg_public_key"],
+        _unb64(obj["node_key"], "node_key", 32),
+        _unb64(obj["wg_public_key"], "wg_public_key", 32),
         obj["wg_endpoint"],
         obj["coordination_port"],
+        obj["priority"],
         obj["request_time"],
+        _unb64(obj["grant"], "grant"),
+        _unb64(obj["grant_secret"], "grant_secret", _SECRET_BYTES),
     )
+    return request, _unb64(obj["signature"], "signature", 64)
 
 
 def _load_object(body: bytes) -> dict[str, Any]:
@@ -327,33 +349,6 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _check_node_id(node_id: object) -> None:
-    if not is_node_id(node_id):
-        raise _BadRequest(f"node_id must be {NODE_ID_RULE}")
-
-
-def _check_wg_key(key: object) -> str:
-    # WireGuard keys are standard base64 of 32 bytes (44 characters with one '=').
-    if not isinstance(key, str) or len(key) != 44:
-        raise _BadRequest("WireGuard public key must be 44 characters of base64")
-    try:
-        raw = base64.b64decode(key, validate=True)
-    except (binascii.Error, ValueError):
-        raise _BadRequest("WireGuard public key is not base64") from None
-    if len(raw) != 32 or base64.b64encode(raw).decode("ascii") != key:
-        raise _BadRequest("WireGuard public key is not canonical base64 of 32 bytes")
-    return key
-
-
-def _check_endpoint(text: object, name: str) -> str:
-    if not isinstance(text, str) or not 0 < len(text) <= 300:
-        raise _BadRequest(f"{name} must be HOST:PORT")
-    try:
-        return str(parse_endpoint(text))
-    except ConfigError as exc:
-        raise _BadRequest(f"{name}: {exc}") from None
-
-
 def _check_network(text: object) -> ipaddress.IPv4Network:
     if not isinstance(text, str):
         raise _BadRequest("tunnel network must be a string")
@@ -363,6 +358,110 @@ def _check_network(text: object) -> ipaddress.IPv4Network:
         raise _BadRequest(f"tunnel network {exc}") from None
 
 
+def _in_network(address: str, network: ipaddress.IPv4Network) -> bool:
+    ip = ipaddress.IPv4Address(address)
+    return ip in network and ip not in (network.network_address, network.broadcast_address)
+
+
+@dataclass(frozen=True)
+class JoinAnswer:
+    """A verified 200 answer: the joiner's record and the membership it joined."""
+
+    responder_node_id: str
+    tunnel_network: str
+    record: Statement
+    membership: Membership
+
+    @property
+    def admission(self) -> AdmissionRecord:
+        content = self.record.content
+        assert isinstance(content, AdmissionRecord)
+        return content
+
+    @property
+    def tunnel_address(self) -> str:
+        wg = self.admission.wireguard
+        assert wg is not None  # parse_join_answer requires it
+        return wg.tunnel_address
+
+    def peers(self) -> list[AdmissionRecord]:
+        """The other members (what the joiner's config seeds coordination with)."""
+        return [r for r in self.membership.members() if r.node_id != self.admission.node_id]
+
+
+def _answer_json(responder: str, network: str, record: Statement, membership: Membership) -> bytes:
+    obj = {
+        "v": PROTOCOL_VERSION,
+        "responder_node_id": responder,
+        "tunnel_network": network,
+        "record": _b64(record.data),
+        "statements": [_b64(s.data) for s in membership.statements()],
+    }
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def parse_join_answer(
+    body: bytes, master_public: bytes, request: JoinRequest, now_ms: int
+) -> JoinAnswer:
+    """Strictly parse and check a 200 answer; raises JoinError (it came from the network).
+
+    Every statement must verify against the master key; the joiner's record must be the one
+    it asked for (node id, node key, WireGuard key and endpoint); every member's tunnel address
+    must be a host of the tunnel network, each used once.
+    """
+    try:
+        obj = _load_object(body)
+        keys = {"v", "responder_node_id", "tunnel_network", "record", "statements"}
+        if set(obj) != keys:
+            raise _BadRequest("answer must have exactly the keys " + ", ".join(sorted(keys)))
+        if obj["v"] != PROTOCOL_VERSION or type(obj["v"]) is not int:
+            raise _BadRequest("unsupported answer version")
+        responder = obj["responder_node_id"]
+        if not isinstance(responder, str):
+            raise _BadRequest("responder_node_id must be a string")
+        check_node_id(responder)
+        network = _check_network(obj["tunnel_network"])
+        statements = obj["statements"]
+        if not isinstance(statements, list) or len(statements) > network.num_addresses * 4:
+            raise _BadRequest("statements must be a list (bounded by the tunnel network)")
+        record = decode_statement(_unb64(obj["record"], "record"), master_public)
+        own = record.content
+        if not isinstance(own, AdmissionRecord):
+            raise _BadRequest("record is not an admission record")
+        if (own.node_id, own.node_key) != (request.node_id, request.node_key):
+            raise _BadRequest("record is not this node's")
+        wg = own.wireguard
+        if wg is None or (wg.public_key, wg.endpoint) != (
+            request.wg_public_key,
+            request.wg_endpoint,
+        ):
+            raise _BadRequest("record does not hold this node's WireGuard key and endpoint")
+        membership = Membership(master_public)
+        for index, entry in enumerate(statements):
+            try:
+                membership.apply_bytes(_unb64(entry, f"statements[{index}]"), now_ms)
+            except CoordinationError as exc:
+                raise _BadRequest(f"statements[{index}]: {exc}") from None
+        membership.apply(record, now_ms)
+        if membership.member(own.node_id) != own:
+            raise _BadRequest("the membership does not hold this node's record")
+        seen: set[str] = set()
+        for member in membership.members():
+            if member.wireguard is None:
+                continue
+            tunnel = member.wireguard.tunnel_address
+            if not _in_network(tunnel, network):
+                raise _BadRequest(
+                    f"{member.node_id}: tunnel address {tunnel} is not a host of {network}"
+                )
+            if tunnel in seen:
+                raise _BadRequest(f"tunnel address {tunnel} is used twice")
+            seen.add(tunnel)
+        return JoinAnswer(responder, str(network), record, membership)
+    except (_BadRequest, CoordinationError) as exc:
+        raise JoinError(f"bad join answer: {exc}") from None
+
+
 def _header(headers: Iterable[tuple[str, str]], name: str) -> list[str]:
     return [value for key, value in headers if key.lower() == name]
 
@@ -370,64 +469,64 @@ def _header(headers: Iterable[tuple[str, str]], name: str) -> list[str]:
 # --- the responder (pure) -------------------------------------------------------------------
 
 
-@dataclass
-class _Admission:
-    peer: PeerInfo
+@dataclass(frozen=True)
+class JoinDecision:
+    """What the responder answers. ``admitted`` is the joiner's signed record when this answer
+    admits it (None on a repeat or any failure): the shell hands it to the daemon."""
+
+    status: int
     body: bytes
+    admitted: Statement | None = None
+
+    def to_response(self) -> InterceptedResponse:
+        return InterceptedResponse(self.status, _JSON_HEADERS, self.body)
 
 
 class JoinResponder:
     """Answers join requests (pure: ``now`` is passed in, randomness injected).
 
-    ``self_info`` describes this node as peers should see it. ``known_peers`` returns the
-    cluster's other peers as the daemon knows them (their tunnel addresses are never handed
-    out). Call :meth:`handle` with the whole request; :meth:`body_length` tells a shell how
-    many body bytes to read first (None: do not read, the answer does not depend on it).
+    ``membership()`` is the node's current membership (read, never changed here: the shell
+    applies an admission through the daemon); ``sign`` signs with the master key; ``node_id``
+    and ``tunnel_address`` describe this node. Call :meth:`handle` with the whole request;
+    :meth:`body_length` tells a shell how many body bytes to read first (None: do not read,
+    the answer does not depend on it).
     """
 
     def __init__(
         self,
         *,
-        join_secret: str,
-        cluster_token: str,
-        self_info: PeerInfo,
+        node_id: str,
+        master_public: bytes,
+        sign: Signer,
+        membership: Callable[[], Membership],
         tunnel_network: str = DEFAULT_TUNNEL_NETWORK,
-        known_peers: Callable[[], Sequence[PeerInfo]] = lambda: (),
         randbelow: Callable[[int], int] = secrets.randbelow,
         max_joins: int = DEFAULT_MAX_JOINS,
         window_secs: float = DEFAULT_WINDOW_SECS,
     ) -> None:
-        for name, value in (("join_secret", join_secret), ("cluster_token", cluster_token)):
-            check_secret_strength(name, value)
         if max_joins < 1 or not window_secs > 0:
             raise JoinError("max_joins must be >= 1 and window_secs > 0")
         try:
             self.network = _check_network(tunnel_network)
         except _BadRequest as exc:
             raise JoinError(str(exc)) from None
-        if ipaddress.IPv4Address(self_info.tunnel_address) not in self.network:
-            raise JoinError("this node's tunnel address is outside the tunnel network")
-        self._secret = join_secret.encode("utf-8")
-        self._token = cluster_token.encode("utf-8")
-        self.self_info = self_info
-        self._known_peers = known_peers
+        self.node_id = check_node_id(node_id)
+        self.master_public = master_public
+        self._sign = sign
+        self._membership = membership
         self._randbelow = randbelow
         self.max_joins = max_joins
         self.window_secs = window_secs
-        self._admitted: dict[str, _Admission] = {}
+        self.admitted = 0
         # Admission times inside the window; bounded by max_joins (older ones are pruned).
         self._recent: deque[float] = deque()
 
     def __repr__(self) -> str:
-        return f"JoinResponder(node={self.self_info.node_id!r}, joins={len(self._admitted)})"
-
-    @property
-    def admitted(self) -> tuple[PeerInfo, ...]:
-        return tuple(a.peer for a in self._admitted.values())
+        return f"JoinResponder(node={self.node_id!r}, admitted={self.admitted})"
 
     def body_length(self, method: str, path: str, headers: Sequence[tuple[str, str]]) -> int | None:
         """The Content-Length to read, or None when :meth:`handle` rejects without the body."""
-        if method != "POST" or not self._secret_ok(path):
+        if method != "POST" or path != JOIN_PATH:
             return None
         return _content_length(headers)
 
@@ -439,38 +538,50 @@ class JoinResponder:
         body: bytes,
         now: float,
     ) -> JoinDecision:
-        """Answer one request for a path under ``/.rb/``; never raises for any input."""
-        # 1. The secret (in the path) before anything else: without it, only ever 404.
-        if method != "POST" or not self._secret_ok(path):
+        """Answer one request for a normalised ``/.rb`` path; never raises for any input."""
+        if method != "POST" or path != JOIN_PATH:
             return _not_found()
-        # 2. Framing: the proxy has already enforced Content-Length framing, so the length
-        # header alone decides; chunked bodies (no Content-Length) are refused.
         length = _content_length(headers)
         if length is None or len(body) != length:
-            return _bad_request("Invalid content length")
-        # 3. Body.
+            return _not_found()
+        # 1. The grant and its secret, before anything else: without them, only ever 404.
+        grant = self._grant(body, now)
+        if grant is None:
+            return _not_found()
+        # 2. The request itself (its sender holds a valid grant: details are fine now).
         try:
-            request = _parse_request(body)
+            request, signature = _parse_request(_load_object(body))
         except _BadRequest as exc:
             return _bad_request(str(exc))
-        # 4. Cluster token, constant time; a wrong one looks exactly like a wrong path.
-        token = request.cluster_token.encode("utf-8", "surrogatepass")
-        if not hmac.compare_digest(token, self._token):
-            return _not_found()
-        # 5. Freshness: a captured request cannot be replayed later (and the 404 is silent).
+        if not verify_signature(request.node_key, request.signed_message(), signature):
+            return _bad_request("the request is not signed with its node key")
+        # 3. Freshness: a captured request cannot be replayed later.
         age = now - request.request_time
         if age > MAX_REQUEST_AGE_SECS or -age > MAX_REQUEST_AHEAD_SECS:
             return _not_found()
-        # 6. A repeat from the same node is answered as before and is not counted.
-        previous = self._admitted.get(request.node_id)
-        if previous is not None:
-            if hmac.compare_digest(previous.peer.wg_public_key, request.wg_public_key):
-                return JoinDecision(200, previous.body)
-            return _conflict("node id already joined with a different WireGuard key")
-        conflict = self._conflict_with_others(request)
+        membership = self._membership()
+        if not membership.grant_usable(grant, request.node_id, int(now)):
+            log.info("Refused a join with a grant that is used up or voided")
+            return _not_found()
+        # 4. A repeat from a node admitted with the same keys gets the same kind of answer.
+        existing = membership.member(request.node_id)
+        if existing is not None:
+            wg = existing.wireguard
+            if (
+                existing.node_key == request.node_key
+                and wg is not None
+                and wg.public_key == request.wg_public_key
+            ):
+                statement = membership.statement_of(request.node_id)
+                assert statement is not None
+                return JoinDecision(
+                    200, _answer_json(self.node_id, str(self.network), statement, membership)
+                )
+            return _conflict("node id already admitted with other keys")
+        conflict = self._conflict(request, membership)
         if conflict is not None:
             return _conflict(conflict)
-        # 7. Rate limit (item 2.4): silent, like every other refusal.
+        # 5. Rate limit (item 2.4): silent, like every other refusal.
         while self._recent and now - self._recent[0] >= self.window_secs:
             self._recent.popleft()
         if len(self._recent) >= self.max_joins:
@@ -478,70 +589,78 @@ class JoinResponder:
                 "Join rate limit reached (%d in %gs): refusing", self.max_joins, self.window_secs
             )
             return _not_found()
-        # 8. A tunnel address nobody uses.
-        address = self._free_address(request.node_id)
+        # 6. Room in the membership and a free tunnel address.
+        if len(membership.members()) >= membership.max_members:
+            return JoinDecision(503, b'{"error":"the cluster is full"}')
+        address = self._free_address(membership)
         if address is None:
             return JoinDecision(503, b'{"error":"no free tunnel address"}')
-        peer = PeerInfo(
+        record = AdmissionRecord(
             node_id=request.node_id,
+            node_key=request.node_key,
+            issued_at_ms=int(now * 1000),
+            priority=request.priority,
+            publisher_eligible=grant.with_master_key,
+            holds_master_key=grant.with_master_key,
             coordination=f"{address}:{request.coordination_port}",
-            wg_public_key=request.wg_public_key,
-            wg_endpoint=request.wg_endpoint,
-            tunnel_address=address,
+            wireguard=WireGuardIdentity(request.wg_public_key, request.wg_endpoint, address),
+            grant_id=grant.grant_id,
+            grant_expires_at=grant.expires_at,
+            issuer=self.node_id,
         )
-        answer = JoinAnswer(
-            self.self_info.node_id, address, str(self.network), self._peer_list(peer.node_id)
-        )
-        body_out = answer.to_json()
-        self._admitted[peer.node_id] = _Admission(peer, body_out)
+        statement = Statement.sign(record, self._sign)
+        projected = _with(membership, statement, int(now * 1000))
         self._recent.append(now)
-        log.info("Node %s joined with tunnel address %s", peer.node_id, address)
-        return JoinDecision(200, body_out, admitted=peer)
+        self.admitted += 1
+        log.info("Node %s admitted with tunnel address %s", request.node_id, address)
+        return JoinDecision(
+            200,
+            _answer_json(self.node_id, str(self.network), statement, projected),
+            admitted=statement,
+        )
 
-    def release(self, node_id: str) -> None:
-        """Forget an admission (the daemon could not add the peer): its address is free again
-        and a retry is a fresh join. The rate-limit slot stays used, on purpose."""
-        self._admitted.pop(node_id, None)
+    def _grant(self, body: bytes, now: float) -> JoinGrant | None:
+        """The request's grant if it verifies, its secret matches and it has not expired."""
+        try:
+            obj = _load_object(body)
+            grant_statement = decode_statement(
+                _unb64(obj.get("grant"), "grant"), self.master_public
+            )
+            secret = _unb64(obj.get("grant_secret"), "grant_secret", _SECRET_BYTES)
+        except (_BadRequest, CoordinationError):
+            return None
+        grant = grant_statement.content
+        if not isinstance(grant, JoinGrant):
+            return None
+        if not hmac.compare_digest(grant_secret_hash(secret), grant.secret_hash):
+            return None
+        if now >= grant.expires_at:
+            log.info("Refused a join with an expired grant")
+            return None
+        return grant
 
-    # -- internals ---------------------------------------------------------------------------
-
-    def _secret_ok(self, path: str) -> bool:
-        if not path.startswith(JOIN_PATH_PREFIX):
-            return False
-        candidate = path[len(JOIN_PATH_PREFIX) :].encode("utf-8", "surrogatepass")
-        return hmac.compare_digest(candidate, self._secret)
-
-    def _others(self, exclude: str) -> list[PeerInfo]:
-        peers: dict[str, PeerInfo] = {}
-        for peer in self._known_peers():
-            peers.setdefault(peer.node_id, peer)
-        for admission in self._admitted.values():
-            peers.setdefault(admission.peer.node_id, admission.peer)
-        peers.pop(self.self_info.node_id, None)
-        peers.pop(exclude, None)
-        return list(peers.values())
-
-    def _conflict_with_others(self, request: JoinRequest) -> str | None:
-        if request.node_id == self.self_info.node_id:
-            return "node id is the responder's own"
-        if request.wg_public_key == self.self_info.wg_public_key:
-            return "WireGuard key is the responder's own"
-        for peer in [*self._known_peers(), *(a.peer for a in self._admitted.values())]:
-            if peer.node_id == request.node_id and peer.wg_public_key != request.wg_public_key:
-                return "node id already in the cluster with a different WireGuard key"
-            if peer.node_id != request.node_id and peer.wg_public_key == request.wg_public_key:
+    def _conflict(self, request: JoinRequest, membership: Membership) -> str | None:
+        if membership.is_revoked(request.node_key):
+            return "this node key was revoked; make a new one"
+        for member in membership.members():
+            if member.node_key == request.node_key:
+                return "node key already used by another node"
+            wg = member.wireguard
+            if wg is not None and wg.public_key == request.wg_public_key:
                 return "WireGuard key already used by another node"
         return None
 
-    def _free_address(self, node_id: str) -> str | None:
-        # A node the cluster already knows under the same key keeps its address (W4: never
-        # reassign; here the address simply stays with its owner).
-        used: set[ipaddress.IPv4Address] = {ipaddress.IPv4Address(self.self_info.tunnel_address)}
-        for peer in self._known_peers():
-            if peer.node_id == node_id:
-                return peer.tunnel_address
-            used.add(ipaddress.IPv4Address(peer.tunnel_address))
-        used.update(ipaddress.IPv4Address(a.peer.tunnel_address) for a in self._admitted.values())
+    def _free_address(self, membership: Membership) -> str | None:
+        used = {
+            ipaddress.IPv4Address(r.wireguard.tunnel_address)
+            for r in membership.members()
+            if r.wireguard is not None
+        }
+        used.update(
+            ipaddress.IPv4Address(r.wireguard.tunnel_address)
+            for r in membership.shadowed()
+            if r.wireguard is not None
+        )
         free = [host for host in self.network.hosts() if host not in used]
         if not free:
             return None
@@ -550,8 +669,17 @@ class JoinResponder:
             raise JoinError("randbelow returned an index out of range")
         return str(free[index])
 
-    def _peer_list(self, joiner: str) -> tuple[PeerInfo, ...]:
-        return (self.self_info, *self._others(joiner))
+
+def _with(membership: Membership, statement: Statement, now_ms: int) -> Membership:
+    """A copy of ``membership`` with ``statement`` applied (the answer shows the joiner in it)."""
+    copy = Membership(
+        membership.master_public,
+        max_members=membership.max_members,
+    )
+    for held in membership.statements():
+        copy.apply(held, now_ms)
+    copy.apply(statement, now_ms)
+    return copy
 
 
 def _content_length(headers: Sequence[tuple[str, str]]) -> int | None:
@@ -579,72 +707,62 @@ def _conflict(message: str) -> JoinDecision:
 
 # --- responder shell ------------------------------------------------------------------------
 
-AddPeer = Callable[[PeerInfo], Awaitable[None]]
+Admit = Callable[[Statement], Awaitable[None]]
 
 
 class JoinInterceptor:
-    """The proxy interceptor: answers ``/.rb/...`` itself, passes every other path on.
+    """The proxy interceptor: answers every ``/.rb`` path itself, passes every other one on.
 
-    ``add_peer`` is the daemon's callback for a newly admitted peer (add it to WireGuard and
-    the coordination peer table). When it fails the admission is released and the joiner
-    gets a 500, so it can retry.
+    ``responder`` is None on a node that does not admit (joins off, or no master key): every
+    ``/.rb`` request then gets the 404 an unauthenticated request gets anywhere. ``admit`` is
+    the daemon's callback for a newly admitted node (membership, coordination, WireGuard);
+    when it fails the joiner gets a 500 and nothing was admitted, so it can retry. Requests are
+    answered one at a time, so two joiners never get the same tunnel address.
     """
 
     def __init__(
         self,
-        responder: JoinResponder,
+        responder: JoinResponder | None,
         *,
-        add_peer: AddPeer | None = None,
+        admit: Admit | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._responder = responder
-        self._add_peer = add_peer
+        self._admit = admit
         self._clock = clock
+        self._lock = asyncio.Lock()
 
     @staticmethod
     def wants(target: bytes) -> bool:
-        """The proxy's cheap pre-filter on the raw request target (origin or absolute form):
-        only a target that may name ``/.rb`` leaves the proxy's callback fast path. A false
-        positive costs one coroutine switch; a false negative is impossible, since every
-        path :meth:`__call__` answers contains ``/.rb``."""
-        return b"/.rb" in target
+        """The proxy's cheap pre-filter on the raw request target (see :func:`_may_be_ours`);
+        a false positive costs one coroutine switch, a false negative is impossible."""
+        return _may_be_ours(target)
 
     async def __call__(self, request: InterceptedRequest) -> InterceptedResponse | None:
-        # Everything under /.rb is ours: the target must never see a join secret in a path.
-        if request.path != "/.rb" and not request.path.startswith(JOIN_PATH_PREFIX):
+        path = join_route(request.path)
+        if path is None:
             return None
         responder = self._responder
-        length = responder.body_length(request.method, request.path, request.headers)
+        if responder is None:
+            return _not_found().to_response()
+        length = responder.body_length(request.method, path, request.headers)
         body = b"" if length is None else await request.read_body(length)
-        decision = responder.handle(
-            request.method, request.path, request.headers, body, self._clock()
-        )
-        if decision.admitted is not None and self._add_peer is not None:
-            try:
-                await self._add_peer(decision.admitted)
-            except Exception as exc:  # the daemon's failure must not leave a half-added peer
-                name = decision.admitted.node_id
-                log.error("Could not add joined node %s: %s", name, type(exc).__name__)
-                responder.release(decision.admitted.node_id)
-                return InterceptedResponse(500, _JSON_HEADERS, b'{"error":"internal error"}')
+        async with self._lock:
+            decision = responder.handle(request.method, path, request.headers, body, self._clock())
+            if decision.admitted is not None and self._admit is not None:
+                try:
+                    await self._admit(decision.admitted)
+                except Exception as exc:  # the daemon's failure must not leave a half-admission
+                    log.error("Could not admit the joined node: %s", type(exc).__name__)
+                    return InterceptedResponse(500, _JSON_HEADERS, b'{"error":"internal error"}')
         return decision.to_response()
-
-
-def make_join_interceptor(
-    responder: JoinResponder,
-    *,
-    add_peer: AddPeer | None = None,
-    clock: Callable[[], float] = time.time,
-) -> JoinInterceptor:
-    """The proxy interceptor for ``responder`` (see :class:`JoinInterceptor`)."""
-    return JoinInterceptor(responder, add_peer=add_peer, clock=clock)
 
 
 # --- joiner side ----------------------------------------------------------------------------
 
 
 class _Retryable(JoinError):
-    """A failure that another attempt may not repeat (network, 404 = maybe rate limited, 5xx)."""
+    """A failure that another attempt may not repeat (network, 404 = maybe another node, 5xx)."""
 
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -653,10 +771,10 @@ Sleep = Callable[[float], Awaitable[None]]
 async def join_via_onion(
     socks: tuple[str, int],
     master_address: str,
-    join_secret: str,
     request: JoinRequest,
-    attempts: int = 5,
-    interval: float = 15.0,
+    node_key: NodeKey,
+    attempts: int = DEFAULT_JOIN_ATTEMPTS,
+    interval: float = DEFAULT_JOIN_INTERVAL_SECS,
     sleep: Sleep = asyncio.sleep,
     *,
     clock: Callable[[], float] = time.time,
@@ -667,20 +785,23 @@ async def join_via_onion(
     """POST the join request to ``master_address`` through Tor's SOCKS port; return the answer.
 
     Each attempt uses fresh random SOCKS credentials, so with tor's default
-    ``IsolateSOCKSAuth`` it gets its own circuit (a retry does not reuse a broken path); the
-    onion name is resolved by tor (remote DNS). ``request_time`` is refreshed per attempt.
-    404 (wrong secret/token, clock, or the responder's rate limit), 5xx and network errors
-    are retried ``attempts`` times, ``interval`` seconds apart; 400 and 409 are final.
+    ``IsolateSOCKSAuth`` it gets its own circuit and intro point (a retry reaches another node
+    and does not reuse a broken path); the onion name is resolved by tor (remote DNS).
+    ``request_time`` is refreshed (and the request signed again) per attempt. 404 (a node that
+    does not admit, an expired or used-up grant, clock, rate limit), 5xx and network errors are
+    retried ``attempts`` times, ``interval`` seconds apart; 400 and 409 are final.
     """
     if attempts < 1:
         raise JoinError("attempts must be at least 1")
     host = _onion_host(master_address)
+    master_public = decode_onion_address(host)
     last = "no attempt made"
     for attempt in range(1, attempts + 1):
-        fresh = dataclasses.replace(request, request_time=int(clock()))
+        fresh = _refreshed(request, int(clock()))
         try:
             async with asyncio.timeout(attempt_timeout):
-                return await _attempt(socks, host, port, join_secret, fresh, randbytes)
+                body = await _attempt(socks, host, port, fresh.to_json(node_key), randbytes)
+            return parse_join_answer(body, master_public, fresh, int(clock() * 1000))
         except _Retryable as exc:
             last = str(exc)
         except TimeoutError:
@@ -691,6 +812,20 @@ async def join_via_onion(
         if attempt < attempts:
             await sleep(interval)
     raise JoinError(f"join failed after {attempts} attempts: {last}")
+
+
+def _refreshed(request: JoinRequest, now: int) -> JoinRequest:
+    return JoinRequest(
+        request.node_id,
+        request.node_key,
+        request.wg_public_key,
+        request.wg_endpoint,
+        request.coordination_port,
+        request.priority,
+        now,
+        request.grant,
+        request.grant_secret,
+    )
 
 
 def _onion_host(address: str) -> str:
@@ -708,10 +843,9 @@ async def _attempt(
     socks: tuple[str, int],
     host: str,
     port: int,
-    join_secret: str,
-    request: JoinRequest,
+    body: bytes,
     randbytes: Callable[[int], bytes],
-) -> JoinAnswer:
+) -> bytes:
     proxy = SocksProxy(
         ProxyType.SOCKS5,
         socks[0],
@@ -727,7 +861,7 @@ async def _attempt(
         sock.close()
         raise
     try:
-        return await _exchange(reader, writer, host, join_secret, request)
+        return await _exchange(reader, writer, host, body)
     finally:
         writer.close()
         # The peer may already have dropped the connection; nothing is left to clean up then.
@@ -736,17 +870,12 @@ async def _attempt(
 
 
 async def _exchange(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    host: str,
-    join_secret: str,
-    request: JoinRequest,
-) -> JoinAnswer:
-    body = request.to_json()
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, body: bytes
+) -> bytes:
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=16 * 1024)
     head = h11.Request(
         method="POST",
-        target=JOIN_PATH_PREFIX + join_secret,
+        target=JOIN_PATH,
         headers=[
             ("Host", host),
             ("Content-Type", "application/json"),
@@ -784,11 +913,12 @@ async def _exchange(
         elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
             break
     if status == 200:
-        return parse_join_answer(b"".join(chunks))
+        return b"".join(chunks)
     if status == 404:
         raise _Retryable(
-            "refused (404): wrong join secret or cluster token, clocks too far apart, "
-            "or the responder's join rate limit"
+            "refused (404): this node does not admit joins (another attempt reaches another "
+            "node), or the join token expired, was used up or revoked, or the clocks are too "
+            "far apart, or the responder's join rate limit"
         )
     if status in (400, 409):
         detail = _error_detail(b"".join(chunks))

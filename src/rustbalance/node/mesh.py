@@ -1,76 +1,58 @@
-"""Joins and WireGuard in the running daemon (issue 6 "Operations"; system.md §11.1, W3, W4, W9).
+"""Joins and WireGuard in the running daemon (issue 6 "Operations", issue 16; system.md §11.1).
 
 :class:`Mesh` is what the daemon hooks in (``node/daemon.py`` calls it at four points):
 
 1. :meth:`Mesh.start`, early in start-up (before the coordinator binds, since
-   ``coordination.listen`` may be the tunnel address): reads the saved mesh peers
-   (``wireguard.peers_path``), brings the WireGuard interface up with them when
-   ``[wireguard] enabled``, hands their coordination addresses to the coordinator, and, when
-   ``[join] enabled``, builds the :class:`~rustbalance.node.join.JoinResponder` from the config
-   (join secret and cluster token read from their 0600 files, never logged);
-2. :meth:`Mesh.interceptor` goes into the :class:`~rustbalance.proxy.server.ReverseProxy`, so a
-   ``POST /.rb/<join secret>`` that reaches this node through the master onion is answered by
-   the proxy itself;
-3. :meth:`Mesh.add_peer` (the interceptor's callback for an admitted joiner): the joiner goes
-   into WireGuard, the saved mesh peers and the coordinator's peer table (saved with the learned
-   peers), so a restart keeps the mesh; when any step fails the join answer is a 500 and the
-   responder forgets the admission, so the joiner's retry is a fresh join;
-4. :meth:`Mesh.close` at exit: the interface goes down (kernel link deleted, or ``wireguard-go``
-   stopped by PID). :meth:`Mesh.watch_wireguard` is a supervised task that brings the interface
-   back if it disappears (``wireguard-go`` died, an operator deleted the link).
+   ``coordination.listen`` may be the tunnel address): brings the WireGuard interface up, when
+   ``[wireguard] enabled``, with one peer per admitted member of the cluster (the coordinator's
+   membership: master-signed records carry each node's WireGuard key, endpoint and tunnel
+   address), and, when ``[join] enabled`` (a node that holds the master key), builds the
+   :class:`~rustbalance.node.join.JoinResponder`;
+2. :meth:`Mesh.interceptor` goes into the :class:`~rustbalance.proxy.server.ReverseProxy` on
+   every node, joins on or off: a request for any spelling of ``/.rb/...`` that reaches this
+   node through the master onion is answered by the proxy itself, never by the target;
+3. :meth:`Mesh.admit` (the interceptor's callback for an admitted joiner): its signed record
+   goes into the coordinator's membership (saved before the joiner gets its answer, and sent
+   to every member at once) and its WireGuard peer into the interface; when that fails the
+   join answer is a 500 and nothing was admitted, so the joiner's retry is a fresh join;
+4. :meth:`Mesh.close` at exit: the interface goes down (kernel link deleted, or
+   ``wireguard-go`` stopped by PID).
 
-The mesh peers file is the pure part: :func:`load_mesh_peers` / :func:`mesh_peers_json`
-(strict JSON, one :class:`~rustbalance.node.join.PeerInfo` per node). ``rustbalance join`` writes
-the same file from the join answer, so the joiner's first ``run`` already knows the cluster.
+:meth:`Mesh.watch_wireguard` is a supervised task: it makes the interface's peers follow the
+membership whenever it changes (:meth:`members_changed`, the coordinator's callback: a node
+admitted anywhere in the cluster is added on every node, a revoked one removed), and brings
+the interface back if it disappears (``wireguard-go`` died, an operator deleted the link).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import ipaddress
 import logging
-import os
-import stat
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from rustbalance.atomic_file import write_file_atomic
+from rustbalance.cluster.authority import AdmissionRecord, Statement
 from rustbalance.cluster.coordinator import Coordinator
-from rustbalance.cluster.messages import CoordinationError
 from rustbalance.cluster.wireguard import (
     WireGuardError,
     WireGuardInterface,
     WireGuardMode,
     WireGuardPeer,
     load_or_create_private_key,
-    public_key_of,
 )
 from rustbalance.config import Config
+from rustbalance.crypto.keys import IdentityKey
 from rustbalance.errors import RustBalanceError
-from rustbalance.node.join import JoinError, JoinResponder, PeerInfo, make_join_interceptor
+from rustbalance.node.join import JoinError, JoinInterceptor, JoinResponder
 from rustbalance.proxy.http import Interceptor
 
-__all__ = [
-    "MESH_PEERS_VERSION",
-    "Mesh",
-    "MeshError",
-    "load_mesh_peers",
-    "mesh_peers_json",
-    "mesh_wants_cluster",
-    "read_mesh_peers",
-    "read_private_secret",
-    "save_mesh_peers",
-]
+__all__ = ["WIREGUARD_WATCH_SECS", "Mesh", "MeshError", "mesh_wants_cluster", "wireguard_peers"]
 
 log = logging.getLogger(__name__)
 
-MESH_PEERS_VERSION = 1
-# The tunnel network is at most a /20 (4094 hosts): a larger file is not ours.
-_MAX_PEERS_FILE_BYTES = 4 * 1024 * 1024
-_MAX_SECRET_BYTES = 4096
-# How often the supervised watcher checks that the WireGuard interface still exists.
+# How often the supervised watcher checks that the WireGuard interface still exists (it also
+# wakes up at once when the membership changes).
 WIREGUARD_WATCH_SECS = 15.0
 
 
@@ -82,140 +64,67 @@ class MeshError(RustBalanceError):
         self.config_problem = config_problem
 
 
-# --- the mesh peers file (pure) -------------------------------------------------------------
-
-
-def load_mesh_peers(text: str) -> tuple[PeerInfo, ...]:
-    """Strictly parse a mesh peers file; MeshError names the first problem."""
-    try:
-        doc: Any = json.loads(text)
-    except (ValueError, RecursionError):
-        raise MeshError("mesh peers file is not valid JSON", config_problem=True) from None
-    if not isinstance(doc, dict) or set(doc) != {"version", "peers"}:
-        raise MeshError(
-            "mesh peers file must be an object with exactly 'version' and 'peers'",
-            config_problem=True,
-        )
-    version = doc["version"]
-    if isinstance(version, bool) or version != MESH_PEERS_VERSION:
-        raise MeshError(f"mesh peers file: unsupported version {version!r}", config_problem=True)
-    entries = doc["peers"]
-    if not isinstance(entries, list):
-        raise MeshError("mesh peers file: 'peers' must be a list", config_problem=True)
-    peers: list[PeerInfo] = []
-    for index, entry in enumerate(entries):
-        try:
-            peer = PeerInfo.from_dict(entry)
-        except JoinError as exc:
-            raise MeshError(
-                f"mesh peers file: peers[{index}]: {exc}", config_problem=True
-            ) from None
-        if any(p.node_id == peer.node_id for p in peers):
-            raise MeshError(
-                f"mesh peers file: node {peer.node_id!r} is listed twice", config_problem=True
-            )
-        peers.append(peer)
-    return tuple(peers)
-
-
-def mesh_peers_json(peers: Sequence[PeerInfo]) -> str:
-    """The file text for ``peers`` (sorted by node id, so rewrites are stable)."""
-    doc = {
-        "version": MESH_PEERS_VERSION,
-        "peers": [p.to_dict() for p in sorted(peers, key=lambda p: p.node_id)],
-    }
-    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
-
-
-def read_mesh_peers(path: Path) -> tuple[PeerInfo, ...]:
-    """The saved mesh peers; none when the file does not exist yet."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(_MAX_PEERS_FILE_BYTES + 1)
-    except FileNotFoundError:
-        return ()
-    except OSError as exc:
-        raise MeshError(
-            f"{path}: cannot read: {exc.strerror or exc}", config_problem=True
-        ) from None
-    if len(data) > _MAX_PEERS_FILE_BYTES:
-        raise MeshError(f"{path}: too large for a mesh peers file", config_problem=True)
-    try:
-        return load_mesh_peers(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise MeshError(f"{path}: not UTF-8", config_problem=True) from None
-    except MeshError as exc:
-        raise MeshError(f"{path}: {exc}", config_problem=True) from None
-
-
-def save_mesh_peers(path: Path, peers: Sequence[PeerInfo]) -> None:
-    """Write the mesh peers atomically, 0600 in a 0700 folder (it names the cluster's nodes)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_file_atomic(path, mesh_peers_json(peers), 0o600)
-
-
-def read_private_secret(path: Path, what: str) -> str:
-    """A secret file (join secret, cluster token): refuses files others can read or symlinks;
-    strips surrounding whitespace (files end in a newline). The secret is never in a message."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise MeshError(
-            f"{what} {path}: cannot read: {exc.strerror or exc}", config_problem=True
-        ) from None
-    try:
-        info = os.fstat(fd)
-        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise MeshError(
-                f"{what} {path}: mode {stat.S_IMODE(info.st_mode):04o} lets others read it; "
-                f"run: chmod 600 {path}",
-                config_problem=True,
-            )
-        data = os.read(fd, _MAX_SECRET_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > _MAX_SECRET_BYTES:
-        raise MeshError(
-            f"{what} {path}: longer than {_MAX_SECRET_BYTES} bytes", config_problem=True
-        )
-    try:
-        return data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise MeshError(f"{what} {path}: not UTF-8 text", config_problem=True) from None
-
-
 def mesh_wants_cluster(config: Config) -> bool:
     """Run the coordinator: a node that answers joins is a cluster member from the start (a
-    joiner may appear any time), and so is a node whose mesh peers file lists peers."""
-    if config.join.enabled:
-        return True
-    path = config.wireguard.peers_path
-    if config.coordination.cluster_token_path is None or path is None:
-        return False
-    try:
-        return bool(read_mesh_peers(path))
-    except MeshError:
-        return False  # reported (exit 2) when the daemon starts the mesh
+    joiner may appear any time)."""
+    return config.join.enabled
 
 
-# --- the daemon's shell ---------------------------------------------------------------------
+def wireguard_peers(
+    members: list[AdmissionRecord],
+    own_id: str,
+    network: ipaddress.IPv4Network | None,
+) -> dict[str, WireGuardPeer]:
+    """The interface's peers for ``members`` (pure), by public key: every other member with a
+    WireGuard identity whose tunnel address is a host of ``network`` (when known)."""
+    peers: dict[str, WireGuardPeer] = {}
+    for record in members:
+        wg = record.wireguard
+        if record.node_id == own_id or wg is None:
+            continue
+        address = ipaddress.IPv4Address(wg.tunnel_address)
+        if network is not None and (
+            address not in network
+            or address in (network.network_address, network.broadcast_address)
+        ):
+            log.warning(
+                "Not adding %s to WireGuard: tunnel address %s is outside %s",
+                record.node_id,
+                address,
+                network,
+            )
+            continue
+        try:
+            peer = WireGuardPeer(wg.public_key_b64, wg.tunnel_address, wg.endpoint)
+        except WireGuardError as exc:
+            log.warning("Not adding %s to WireGuard: %s", record.node_id, exc)
+            continue
+        peers[peer.public_key] = peer
+    return peers
 
 
 class Mesh:
     """The ``[join]`` and ``[wireguard]`` parts of one running daemon (see the module doc)."""
 
-    def __init__(self, config: Config, *, netns: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        master_key: IdentityKey | None = None,
+        netns: str | None = None,
+    ) -> None:
         self.config = config
+        self.master_key = master_key
         self.netns = netns
-        self.peers: tuple[PeerInfo, ...] = ()
         self.interface: WireGuardInterface | None = None
         self.responder: JoinResponder | None = None
         self.coordinator: Coordinator[Any] | None = None
         self._lock = asyncio.Lock()
+        self._members_changed = asyncio.Event()
 
     def __repr__(self) -> str:
         return (
-            f"Mesh(peers={len(self.peers)}, wireguard={self.interface!r}, "
+            f"Mesh(wireguard={self.interface!r}, "
             f"joins={'on' if self.responder is not None else 'off'})"
         )
 
@@ -223,31 +132,34 @@ class Mesh:
     def active(self) -> bool:
         return self.config.wireguard.enabled or self.config.join.enabled
 
+    @property
+    def network(self) -> ipaddress.IPv4Network | None:
+        if self.config.join.tunnel_network is not None:
+            return self.config.join.tunnel_network
+        address = self.config.wireguard.address
+        return address.network if address is not None else None
+
     async def start(self, coordinator: Coordinator[Any] | None) -> None:
-        """Saved peers, WireGuard up, coordinator seeded, responder built."""
-        wg = self.config.wireguard
+        """WireGuard up with the members, responder built; the peers follow the coordinator's
+        membership from now on (:meth:`members_changed`)."""
         self.coordinator = coordinator
-        if wg.peers_path is not None:
-            self.peers = await asyncio.to_thread(read_mesh_peers, wg.peers_path)
+        if coordinator is not None:
+            coordinator.on_members = self.members_changed
         if not self.active:
             return
-        private_key = self._private_key()
-        if wg.enabled:
-            await self._interface_up(private_key)
-        if coordinator is not None:
-            for peer in self.peers:
-                self._add_coordination_peer(peer)
+        if self.config.wireguard.enabled:
+            await self._interface_up(self._private_key())
         if self.config.join.enabled:
-            self.responder = self._responder(private_key)
+            self.responder = self._responder()
             log.info(
-                "Answering joins over the master onion (tunnel network %s, %d known peers)",
-                self.config.join.tunnel_network,
-                len(self.peers),
+                "Answering joins over the master onion (tunnel network %s, %d members)",
+                self.network,
+                len(coordinator.membership.members()) if coordinator is not None else 0,
             )
 
     def _private_key(self) -> str:
         path = self.config.wireguard.private_key_path
-        if path is None:  # the parser requires it whenever the mesh is active
+        if path is None:  # the parser requires it whenever the interface is managed
             raise MeshError("wireguard.private_key_path is not set", config_problem=True)
         try:
             return load_or_create_private_key(path)
@@ -255,24 +167,23 @@ class Mesh:
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise MeshError(f"wireguard.private_key_path: {message}", config_problem=True) from None
 
+    def _wanted_peers(self) -> dict[str, WireGuardPeer]:
+        coordinator = self.coordinator
+        if coordinator is None:
+            return {}
+        members = coordinator.membership.members()
+        return wireguard_peers(members, self.config.node.id, self.network)
+
     async def _interface_up(self, private_key: str) -> None:
         wg = self.config.wireguard
         assert wg.address is not None  # the parser requires it when enabled
-        peers: list[WireGuardPeer] = []
-        for peer in self.peers:
-            try:
-                peers.append(
-                    WireGuardPeer(peer.wg_public_key, peer.tunnel_address, peer.wg_endpoint)
-                )
-            except WireGuardError as exc:
-                log.warning("Skipping saved mesh peer %s: %s", peer.node_id, exc)
         try:
             interface = WireGuardInterface(
                 wg.interface,
                 private_key=private_key,
                 listen_port=wg.listen_port,
                 address=str(wg.address),
-                peers=peers,
+                peers=list(self._wanted_peers().values()),
                 netns=self.netns,
                 prefer_kernel=wg.mode != "userspace",
             )
@@ -300,94 +211,108 @@ class Mesh:
             len(interface.peers),
         )
 
-    def _responder(self, private_key: str) -> JoinResponder:
-        cfg = self.config
-        join, wg = cfg.join, cfg.wireguard
-        if join.secret_path is None or cfg.coordination.cluster_token_path is None:
-            raise MeshError("join needs join.secret_path and a cluster token", config_problem=True)
-        assert wg.address is not None and wg.endpoint is not None  # parser: join needs them
-        secret = read_private_secret(join.secret_path, "join secret")
-        token = read_private_secret(cfg.coordination.cluster_token_path, "cluster token")
-        coordination = cfg.coordination.advertise or cfg.coordination.listen
+    def _responder(self) -> JoinResponder:
+        coordinator = self.coordinator
+        key = self.master_key
+        if key is None or coordinator is None:  # the parser and the daemon guarantee both
+            raise MeshError("join needs the master key and the coordinator", config_problem=True)
         try:
-            self_info = PeerInfo(
-                node_id=cfg.node.id,
-                coordination=str(coordination),
-                wg_public_key=public_key_of(private_key),
-                wg_endpoint=str(wg.endpoint),
-                tunnel_address=str(wg.address.ip),
-            )
             return JoinResponder(
-                join_secret=secret,
-                cluster_token=token,
-                self_info=self_info,
-                tunnel_network=str(join.tunnel_network or wg.address.network),
-                known_peers=lambda: self.peers,
+                node_id=self.config.node.id,
+                master_public=key.public_key,
+                sign=key.sign,
+                membership=lambda: coordinator.membership,
+                tunnel_network=str(self.network),
             )
         except JoinError as exc:
-            # JoinError messages never contain the secret or the token.
             raise MeshError(f"join: {exc}", config_problem=True) from None
 
     def status(self) -> dict[str, Any]:
         """The ``mesh`` part of the status document (no secrets: ids, addresses, counts)."""
         wg = self.config.wireguard
         interface = self.interface
+        coordinator = self.coordinator
+        members = coordinator.membership.members() if coordinator is not None else []
         return {
             "joins_enabled": self.responder is not None,
-            "joins_admitted": len(self.responder.admitted) if self.responder is not None else 0,
+            "joins_admitted": self.responder.admitted if self.responder is not None else 0,
             "tunnel_address": str(wg.address.ip) if wg.address is not None else None,
             "wireguard": (
-                {"interface": interface.ifname, "mode": str(interface.mode)}
+                {
+                    "interface": interface.ifname,
+                    "mode": str(interface.mode),
+                    "peers": len(interface.peers),
+                }
                 if interface is not None
                 else None
             ),
-            "peers": sorted(peer.node_id for peer in self.peers),
+            "peers": sorted(
+                r.node_id
+                for r in members
+                if r.node_id != self.config.node.id and r.wireguard is not None
+            ),
         }
 
-    def interceptor(self) -> Interceptor | None:
-        """The proxy hook answering ``/.rb/...``; None when joins are off."""
-        if self.responder is None:
-            return None
-        return make_join_interceptor(self.responder, add_peer=self.add_peer)
+    def interceptor(self) -> Interceptor:
+        """The proxy hook answering every ``/.rb`` path (404 on a node that does not admit)."""
+        return JoinInterceptor(self.responder, admit=self.admit)
 
-    def _add_coordination_peer(self, peer: PeerInfo) -> None:
-        if self.coordinator is None:
-            return
-        try:
-            self.coordinator.add_peer(peer.node_id, peer.coordination)
-        except CoordinationError as exc:
-            log.warning("Cannot add %s to the coordination peers: %s", peer.node_id, exc)
-
-    async def add_peer(self, peer: PeerInfo) -> None:
-        """An admitted joiner: WireGuard, the saved mesh peers, the coordinator. Raises on
-        failure (the interceptor then answers 500 and releases the admission)."""
+    async def admit(self, statement: Statement) -> None:
+        """An admitted joiner: the membership (saved, sent to every member), then WireGuard.
+        Raises on failure (the interceptor then answers 500 and nothing was admitted)."""
+        coordinator = self.coordinator
+        if coordinator is None:
+            raise MeshError("no coordinator to admit into")
         async with self._lock:
-            if self.interface is not None:
-                await self.interface.add_peer(
-                    WireGuardPeer(peer.wg_public_key, peer.tunnel_address, peer.wg_endpoint)
-                )
-            peers = (*(p for p in self.peers if p.node_id != peer.node_id), peer)
-            path = self.config.wireguard.peers_path
-            if path is not None:
-                await asyncio.to_thread(save_mesh_peers, path, peers)
-            self.peers = peers
-            if self.coordinator is not None:
-                # Raises CoordinationError for an unusable address: the join is undone.
-                self.coordinator.add_peer(peer.node_id, peer.coordination)
-        log.info(
-            "Joined node %s added to the mesh (tunnel %s, coordination %s)",
-            peer.node_id,
-            peer.tunnel_address,
-            peer.coordination,
-        )
+            coordinator.admit(statement)  # CoordinationError if the membership refuses it
+            await coordinator.save_members()
+            await self._sync_peers()
+        content = statement.content
+        if isinstance(content, AdmissionRecord):
+            log.info(
+                "Admitted node %s (key %s, coordination %s)",
+                content.node_id,
+                content.fingerprint,
+                content.coordination,
+            )
+
+    def members_changed(self) -> None:
+        """The coordinator's callback: the WireGuard peers follow at the watcher's next wake."""
+        self._members_changed.set()
+
+    async def _sync_peers(self) -> None:
+        """Make the interface's peers the members' (add, update, remove)."""
+        interface = self.interface
+        if interface is None:
+            return
+        wanted = self._wanted_peers()
+        current = {peer.public_key: peer for peer in interface.peers}
+        for key in current.keys() - wanted.keys():
+            await interface.remove_peer(key)
+            log.info("WireGuard peer %s removed (no longer a member)", key)
+        for key, peer in wanted.items():
+            if current.get(key) != peer:
+                if key in current:
+                    await interface.remove_peer(key)
+                try:
+                    await interface.add_peer(peer)
+                except WireGuardError as exc:
+                    log.warning("Cannot add WireGuard peer for %s: %s", peer.tunnel_ip, exc)
+                    continue
+                log.info("WireGuard peer %s added (tunnel %s)", key, peer.tunnel_ip)
 
     async def watch_wireguard(self) -> None:
-        """Supervised task: bring the interface back when it disappeared."""
+        """Supervised task: follow the membership, bring the interface back when it is gone."""
         interface = self.interface
         if interface is None:
             return
         while True:
-            await asyncio.sleep(WIREGUARD_WATCH_SECS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._members_changed.wait(), WIREGUARD_WATCH_SECS)
+            if self._members_changed.is_set():
+                self._members_changed.clear()
+                async with self._lock:
+                    await self._sync_peers()
             if await self._link_present(interface):
                 continue
             log.warning("WireGuard %s disappeared: bringing it up again", interface.ifname)

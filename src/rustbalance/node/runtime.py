@@ -108,7 +108,7 @@ class NodeRuntime:
         self.stop_tor_timeout = STOP_TOR_STEP_SECS
         self.close_timeout = CLOSE_STEP_SECS
         # [join] / [wireguard] (node/mesh.py): the join responder and the tunnel interface.
-        self.mesh = Mesh(config)
+        self.mesh = Mesh(config, master_key=identity.master_key)
         self.socks: tuple[str, int] | None = None
         self.metrics_server: MetricsServer | None = None
         self.proxy: ReverseProxy | None = None

@@ -26,7 +26,13 @@ descriptor lists (the union).
 
     "cluster": {"backend": "embedded"|"etcd", "term", "election_role", "publisher",
                 "native_publishing", "counters", "rejected", "peer_intro_points",
+                "revoked", "members",
                 etcd only: "etcd": {"endpoint", "connected", "registered", "last_error"}}
+
+``revoked``: this node was revoked (always false with etcd: a node's identity there is its TLS
+certificate). ``members``: every admitted node (id, key fingerprint, priority, eligibility,
+whether it holds the master key, addresses, live, last seen, role; what ``rustbalance cluster
+members`` shows; empty with etcd).
 
 Intro auth keys are public (every client that knows the address sees them).
 """
@@ -211,6 +217,8 @@ def status_document(s: NodeSnapshot) -> dict[str, Any]:
             "counters": dict(status.counters),
             "rejected": dict(status.rejected),
             "peer_intro_points": dict(status.peer_intro_points),
+            "revoked": status.revoked,
+            "members": [dict(member) for member in status.members],
         }
         if status.etcd is not None:
             doc["cluster"]["etcd"] = {

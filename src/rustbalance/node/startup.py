@@ -27,9 +27,11 @@ from rustbalance.config import Config, ConfigProblems, load_config
 from rustbalance.config.identity_mode import cluster_identity_problem, effective_identity_mode
 from rustbalance.config.pow import pow_refusal
 from rustbalance.crypto.keys import IdentityKey, load_identity_key, write_hidden_service_dir
+from rustbalance.crypto.onion_address import decode_onion_address
 from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError, UnsafePathError
 from rustbalance.node import DAEMON_LOGGER
-from rustbalance.node.cluster_link import load_cluster_key, multi_node_wanted
+from rustbalance.node.clock import SYSTEM_CLOCK, Clock
+from rustbalance.node.cluster_link import learned_members
 from rustbalance.node.identity import (
     NodeIdentity,
     default_instance_key_path,
@@ -37,7 +39,6 @@ from rustbalance.node.identity import (
     master_key_needed,
     resolve_identity,
 )
-from rustbalance.node.mesh import mesh_wants_cluster
 from rustbalance.node.torrc import (
     OB_CONFIG_FILENAME,
     IntroDosSettings,
@@ -60,7 +61,7 @@ __all__ = [
     "onion_service_settings",
     "prepare_state_dir",
     "system_include",
-    "with_saved_peers",
+    "with_saved_members",
     "write_file",
     "write_onion_service_dir",
     "write_system_include",
@@ -134,7 +135,9 @@ def load_identity(config: Config, *, owner: tuple[int, int] | None = None) -> No
         raise StartupError(str(exc), EXIT_CONFIG) from None
 
 
-def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, NodeIdentity]:
+def load_node(
+    config_path: str | os.PathLike[str], clock: Clock = SYSTEM_CLOCK
+) -> tuple[Config, NodeIdentity]:
     """Load and validate the config and the keys; StartupError(exit 2) on any problem."""
     try:
         config = load_config(config_path)
@@ -143,41 +146,46 @@ def load_node(config_path: str | os.PathLike[str]) -> tuple[Config, NodeIdentity
         raise StartupError(f"invalid config {config_path}: {problems}", EXIT_CONFIG) from None
     except ConfigError as exc:
         raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
-    try:
-        config = with_saved_peers(config)
-    except ConfigError as exc:
-        raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
-    token = config.coordination.cluster_token_path
-    if token is not None and (multi_node_wanted(config) or mesh_wants_cluster(config)):
-        # Before the instance key is generated (a cluster's default mode): a node refused
-        # for its token writes nothing. The coordinator reads it again when it starts.
-        try:
-            load_cluster_key(token)
-        except ConfigError as exc:
-            raise StartupError(str(exc), EXIT_CONFIG) from None
     # An existing state folder is checked before anything is written under it (instance mode
     # creates its key there); a missing one is created by the daemon's start once every key
     # and token is known to be usable, so a refused start writes nothing.
     prepare_state_dir(config, create=False)
+    try:
+        config = with_saved_members(config, clock)
+    except ConfigError as exc:
+        raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
     return config, load_identity(config)
 
 
-def with_saved_peers(config: Config) -> Config:
-    """``config`` as the node runs it when peers saved by an earlier run (coordination's or
-    the mesh's peers file) make it part of a cluster its config does not show: the default
-    identity mode is then ``instance``; ``shared`` and proof-of-work are refused there as in a
-    configured cluster (config/identity_mode.py, config/pow.py). ConfigError names the key."""
-    if config.clustered or not (multi_node_wanted(config) or mesh_wants_cluster(config)):
+def _master_public(config: Config) -> bytes:
+    """The master's public key, which signs the admission records: from ``master.onion_address``
+    when set (a node without the key), else from the key file."""
+    if config.master.onion_address is not None:
+        return decode_onion_address(config.master.onion_address)
+    return load_master_key(config).public_key
+
+
+def with_saved_members(config: Config, clock: Clock = SYSTEM_CLOCK) -> Config:
+    """``config`` as the node runs it when other members admitted in an earlier run (the
+    members file, master-signed records only) make it part of a cluster its config does not
+    show: the default identity mode is then ``instance``; ``shared`` and proof-of-work are
+    refused there as in a configured cluster (config/identity_mode.py, config/pow.py).
+    ConfigError names the key."""
+    if config.clustered:
+        return config
+    if learned_members(config, _master_public(config), int(clock.wall() * 1000)) == 0:
         return config
     mode = effective_identity_mode(config.node.identity_mode, clustered=True)
     problem = cluster_identity_problem(mode, clustered=True)
     if problem is not None:
-        raise ConfigError(f"{problem} (peers saved by an earlier run make it a cluster)")
+        raise ConfigError(f"{problem} (members admitted in an earlier run make it a cluster)")
     refusal = pow_refusal(identity_mode=mode, learned_peers=True)
     if config.tor.pow_enabled and refusal is not None:
         raise ConfigError(refusal)
     if config.node.identity_mode is None:
-        log.info("Peers saved by an earlier run: this node is part of a cluster (instance mode)")
+        log.info(
+            "Members admitted in an earlier run: this node is part of a cluster (instance mode)"
+        )
         config = dataclasses.replace(
             config, node=dataclasses.replace(config.node, identity_mode=mode)
         )

@@ -180,9 +180,8 @@ def running_scenario_cluster(
     master = IdentityKey.generate(secrets.token_bytes)
     ports = free_udp_ports(len(NAMES))
 
-    def coordination(index: int, token: Path) -> dict[str, object]:
+    def coordination(index: int) -> dict[str, object]:
         return {
-            "cluster_token_path": token,
             "listen": f"{LOCALHOST}:{ports[index]}",
             "peers": [f"{LOCALHOST}:{p}" for i, p in enumerate(ports) if i != index],
         }

@@ -4,12 +4,13 @@ Used by the multi-node end-to-end tests (``tests/node_e2e/cluster_helpers.py``, 
 UDP fault relay and short timings) and by the onion benchmark (``benchmarks/onion_cluster.py``,
 production timings): one launcher, so what is measured is what is tested.
 
-:func:`launch_cluster` writes one master key and one cluster token file (0600, never on a
-command line), then one config per node: its own managed tor joined to the network, its own
-target (a :class:`~rustbalance.testnet.apps.NamedHTTPServer` answering
-``hello from <node>-target``), priority 10/20/30 and the coordination section the caller
-builds, plus any further sections. All configs are written before the first daemon starts,
-so "started" means all of them at (nearly) once. Every daemon, and its managed tor, is
+:func:`launch_cluster` writes one master key (0600, never on a command line), then one config
+per node (each node makes its own node key at its first start and, holding the master key,
+admits itself; the nodes learn each other through their seed addresses): its own managed tor
+joined to the network, its own target (a :class:`~rustbalance.testnet.apps.NamedHTTPServer`
+answering ``hello from <node>-target``), priority 10/20/30 and the coordination section the
+caller builds, plus any further sections. All configs are written before the first daemon
+starts, so "started" means all of them at (nearly) once. Every daemon, and its managed tor, is
 stopped by PID (SIGTERM, then SIGKILL), also when the caller fails.
 
 :func:`launch_etcd_cluster` runs the same nodes with ``[coordination] backend = "etcd"``
@@ -48,6 +49,7 @@ __all__ = [
     "EtcdBackedCluster",
     "LaunchedCluster",
     "OverridesFor",
+    "SectionsFor",
     "free_udp_ports",
     "is_tor",
     "launch_cluster",
@@ -166,11 +168,13 @@ class LaunchedCluster:
         return {n.name: n.try_status() for n in self.alive()}
 
 
-# (node index, cluster token file) -> the node's [coordination] section.
-CoordinationFor = Callable[[int, Path], Mapping[str, object]]
+# node index -> the node's [coordination] section.
+CoordinationFor = Callable[[int], Mapping[str, object]]
 # node index -> extra config keys per section (e.g. [node] identity_mode, [master] backends,
 # [publish] distinct_descriptors).
 OverridesFor = Callable[[int], Mapping[str, Mapping[str, object]]]
+# (node index, its coordination listen port) -> more config sections (or keys) for that node.
+SectionsFor = Callable[[int, int], Mapping[str, Mapping[str, object]]]
 
 
 @contextlib.contextmanager
@@ -184,26 +188,26 @@ def launch_cluster(
     master: IdentityKey | None = None,
     previous_release: bool = False,
     names: Sequence[str] = NAMES,
+    sections: SectionsFor | None = None,
 ) -> Iterator[LaunchedCluster]:
     """Start one daemon per name in ``names`` (:data:`NAMES` by default); stop every one (and
     its tor) afterwards.
 
     ``listen_ports[i]`` is node i's UDP coordination port (its ``coordination.listen``, which
-    ``coordination`` must set); ``coordination(i, token_path)`` gives node i's section;
-    ``overrides(i)`` adds or replaces keys of node i's other sections; ``master`` is the
-    master key to use (default: a new one); ``previous_release`` starts the daemons as the
-    release before issue 14 (testnet/previous_release.py: ``shared`` allowed in a cluster).
-    Node i gets priority ``10 * (i + 1)`` (:data:`PRIORITIES` for the first three).
+    ``coordination`` must set); ``coordination(i)`` gives node i's section;
+    ``overrides(i)`` adds or replaces keys of node i's other sections, and
+    ``sections(i, listen_ports[i])`` (optional) more keys, merged key by key after them (a
+    value of None removes a key; it runs after the master key file and node i's folder
+    exist); ``master`` is the master key to use (default: a new one); ``previous_release``
+    starts the daemons as the release before issue 14 (testnet/previous_release.py:
+    ``shared`` allowed in a cluster). Node i gets priority ``10 * (i + 1)`` (:data:`PRIORITIES`
+    for the first three).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     if master is None:
         master = IdentityKey.generate(secrets.token_bytes)
     key_file = work_dir / "master.key"
     write_seed_key_file(master, key_file)
-    token = work_dir / "cluster.token"
-    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32) + "\n")
     nodes: list[ClusterNode] = []
     targets: list[NamedHTTPServer] = []
     try:
@@ -214,13 +218,14 @@ def launch_cluster(
             node_dir.mkdir()
             target = NamedHTTPServer(f"{name}-target")
             targets.append(target)
-            sections: dict[str, dict[str, object]] = {
-                "node": {"priority": priorities[index]},
-                "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
-                "coordination": dict(coordination(index, token)),
-            }
-            for section, values in (overrides(index) if overrides else {}).items():
-                sections.setdefault(section, {}).update(values)
+            config_sections = _merged(
+                {
+                    "node": {"priority": priorities[index]},
+                    "publish": {"upload_timeout_secs": UPLOAD_TIMEOUT_SECS},
+                    "coordination": coordination(index),
+                },
+                overrides(index) if overrides is not None else {},
+            )
             configs.append(
                 write_node_config(
                     node_dir / "config.toml",
@@ -230,7 +235,10 @@ def launch_cluster(
                     target=f"{LOCALHOST}:{target.port}",
                     work_dir=node_dir,
                     extra_torrc=network.client_torrc_lines(),
-                    overrides=sections,
+                    overrides=_merged(
+                        config_sections,
+                        sections(index, listen_ports[index]) if sections is not None else {},
+                    ),
                 )
             )
         started = time.monotonic()
@@ -273,7 +281,7 @@ def launch_etcd_cluster(
     *,
     lease_ttl_secs: int = 10,
     endpoints: EndpointsFor | None = None,
-    sections: OverridesFor | None = None,
+    sections: SectionsFor | None = None,
 ) -> Iterator[EtcdBackedCluster]:
     """The nodes of :func:`launch_cluster` with ``[coordination] backend = "etcd"``: a test
     PKI (one client certificate per node, CN = node id), a 3-member etcd cluster with TLS,
@@ -286,7 +294,7 @@ def launch_etcd_cluster(
     etcd.start()
     try:
 
-        def node_sections(index: int) -> dict[str, dict[str, object]]:
+        def node_sections(index: int, listen_port: int) -> dict[str, dict[str, object]]:
             found = endpoints(index, etcd) if endpoints is not None else etcd.endpoints
             own = etcd_sections(
                 pki,
@@ -295,14 +303,15 @@ def launch_etcd_cluster(
                 prefix=etcd.prefix,
                 lease_ttl_secs=lease_ttl_secs,
             )
-            return _merged(own, sections(index) if sections is not None else {})
+            more = sections(index, listen_port) if sections is not None else {}
+            return _merged(own, more)
 
         with launch_cluster(
             network,
             work_dir / "nodes",
-            coordination=lambda _index, _token: {},
+            coordination=lambda _index: {},
             listen_ports=[0] * len(NAMES),  # no UDP coordination with etcd
-            overrides=node_sections,
+            sections=node_sections,
         ) as launched:
             yield EtcdBackedCluster(launched, etcd, pki)
     finally:

@@ -54,7 +54,8 @@ def write_node_config(
     extra_torrc: Sequence[str] = (),
     overrides: Mapping[str, Mapping[str, object]] | None = None,
 ) -> Path:
-    """Write a managed-mode single-node config; ``overrides`` adds or replaces keys per section."""
+    """Write a managed-mode single-node config; ``overrides`` adds or replaces keys per section
+    (a value of None removes the key)."""
     sections: dict[str, dict[str, object]] = {
         "node": {
             "id": node_id,
@@ -70,7 +71,10 @@ def write_node_config(
         "metrics": {"enabled": False},
     }
     for section, values in (overrides or {}).items():
-        sections.setdefault(section, {}).update(values)
+        table = sections.setdefault(section, {})
+        table.update(values)
+        for key in [k for k, v in values.items() if v is None]:
+            del table[key]
     text = "".join(
         f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items()) + "\n"
         for name, values in sections.items()
