@@ -130,3 +130,12 @@ async def open_stream(
     protocol = SinkProtocol(reader, loop=loop)
     transport, _ = await loop.create_connection(lambda: protocol, **kwargs)
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+def unread(reader: asyncio.StreamReader, data: bytes) -> None:
+    """Put ``data`` back in front of what the reader holds (bytes read ahead of a boundary,
+    like tor's PROXY line, that belong to what comes next)."""
+    buffer = getattr(reader, "_buffer", None)
+    if not isinstance(buffer, bytearray):
+        raise RuntimeError("unexpected StreamReader internals")
+    buffer[:0] = data

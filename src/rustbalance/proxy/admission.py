@@ -1,0 +1,228 @@
+"""The front door's decisions: connection slots, per-circuit limits, cuts (pure, clock passed in).
+
+Anyone can open thousands of streams through tor for free, so the connection cap must not be
+a lock-out:
+
+- **Waiting connections make room.** A connection that has not yet sent a complete request
+  head (or waits idle for its next request) holds a slot nobody uses. At the cap a new
+  connection displaces one of them: from the circuit holding the most connections, the one
+  waiting longest. Only when every slot is busy with a request is the newcomer refused. So
+  connections that never send a request never lock out a real client, and under contention
+  each circuit's share shrinks first where it is largest.
+- **Per-circuit limits** (tor tells which circuit a stream came on: ``.wire.proxy_line``).
+  Every new stream and every request takes a token from the circuit's bucket (``rate`` per
+  second, up to ``burst``). An empty bucket answers 429; a circuit that goes on until it owes
+  a whole burst more, or that holds more than ``max_connections`` streams at once (a browser
+  holds at most 6 per host), is **cut**: its connections are closed and its new streams
+  refused for ``cut_seconds``. Sources without a circuit (no PROXY line) share one group
+  that is never limited or cut.
+
+The asyncio shell (:mod:`.server`) acts on the verdicts: closes the victim, answers 429, cuts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+Key = int | str | None  # a circuit id, a source address, or None (no PROXY line)
+
+# Entries of circuits with no connection, no cut and a full bucket are forgotten; beyond this
+# many entries a sweep runs at once (a bound on memory under a many-circuit attack).
+_MAX_CIRCUITS = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitLimits:
+    """Per-circuit limits; 0 turns a limit off."""
+
+    max_connections: int = 32
+    rate: float = 20.0  # tokens per second: every stream and every request takes one
+    burst: int = 200
+    cut_seconds: float = 60.0
+
+
+class Verdict(Enum):
+    OK = "ok"
+    THROTTLE = "throttle"  # over the rate: answer 429, forward nothing
+    REFUSE = "refuse"  # the circuit is cut: close the new stream at once
+    CUT = "cut"  # this made the circuit cut now: close all its connections
+
+
+@dataclass(slots=True)
+class _Circuit:
+    tokens: float
+    stamp: float
+    connections: int = 0
+    cut_until: float = 0.0
+    # Sessions of this circuit waiting for a request, in the order they started waiting.
+    waiting: dict[int, None] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Session:
+    key: Key
+    waiting: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """Why a circuit was cut (for the log line)."""
+
+    key: Key
+    reason: str
+
+
+class Admission:
+    """Connection slots and per-circuit state of one proxy."""
+
+    def __init__(self, max_connections: int, limits: CircuitLimits | None = None) -> None:
+        self.max_connections = max_connections
+        self.limits = limits or CircuitLimits()
+        self._sessions: dict[int, _Session] = {}
+        self._circuits: dict[Key, _Circuit] = {}
+        self.last_cut: Cut | None = None
+
+    # -- slots --------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        return len(self._sessions)
+
+    def admit(self, session: int, now: float) -> tuple[bool, int | None]:
+        """A new connection (waiting for its request): (admitted, the waiting session to close
+        to make room or None). When admitted, the newcomer has its slot already."""
+        victim: int | None = None
+        if len(self._sessions) >= self.max_connections:
+            victim = self._victim()
+            if victim is None:
+                return False, None
+            self._forget(victim)
+        self._sessions[session] = _Session(None, waiting=True)
+        circuit = self._circuit(None, now)
+        circuit.connections += 1
+        circuit.waiting[session] = None
+        return True, victim
+
+    def _victim(self) -> int | None:
+        """The waiting session to displace: of the circuit with the most connections, the one
+        waiting longest."""
+        best: _Circuit | None = None
+        for circuit in self._circuits.values():
+            if circuit.waiting and (best is None or circuit.connections > best.connections):
+                best = circuit
+        if best is None:
+            return None
+        return next(iter(best.waiting))
+
+    def waiting(self, session: int, flag: bool) -> None:
+        """The session waits for a request head (True) or works on one (False)."""
+        entry = self._sessions.get(session)
+        if entry is None or entry.waiting == flag:
+            return
+        entry.waiting = flag
+        circuit = self._circuits[entry.key]
+        if flag:
+            circuit.waiting[session] = None
+        else:
+            circuit.waiting.pop(session, None)
+
+    def release(self, session: int) -> None:
+        """The connection closed (also after it was displaced: then nothing is left to do)."""
+        if session in self._sessions:
+            self._forget(session)
+
+    def _forget(self, session: int) -> None:
+        entry = self._sessions.pop(session)
+        circuit = self._circuits[entry.key]
+        circuit.connections -= 1
+        circuit.waiting.pop(session, None)
+
+    # -- circuits -----------------------------------------------------------------------------
+
+    def _circuit(self, key: Key, now: float) -> _Circuit:
+        circuit = self._circuits.get(key)
+        if circuit is None:
+            if len(self._circuits) >= _MAX_CIRCUITS:
+                self.sweep(now)
+            circuit = _Circuit(tokens=float(self.limits.burst), stamp=now)
+            self._circuits[key] = circuit
+        return circuit
+
+    def identify(self, session: int, key: Key, now: float) -> Verdict:
+        """The session's PROXY line named ``key``: move it to that circuit, count the stream
+        against the circuit's limits."""
+        entry = self._sessions.get(session)
+        if entry is None:
+            return Verdict.REFUSE  # displaced meanwhile
+        old = self._circuits[entry.key]
+        old.connections -= 1
+        old.waiting.pop(session, None)
+        entry.key = key
+        circuit = self._circuit(key, now)
+        circuit.connections += 1
+        if entry.waiting:
+            circuit.waiting[session] = None
+        if key is None:
+            return Verdict.OK
+        if circuit.cut_until > now:
+            return Verdict.REFUSE
+        limit = self.limits.max_connections
+        if limit and circuit.connections > limit:
+            return self._cut(key, circuit, now, f"{circuit.connections} streams at once")
+        return self._take(key, circuit, now)
+
+    def request(self, session: int, now: float) -> Verdict:
+        """A request head arrived on the session: take a token from its circuit."""
+        entry = self._sessions.get(session)
+        if entry is None or entry.key is None:
+            return Verdict.OK
+        circuit = self._circuits[entry.key]
+        if circuit.cut_until > now:
+            return Verdict.REFUSE
+        return self._take(entry.key, circuit, now)
+
+    def _take(self, key: Key, circuit: _Circuit, now: float) -> Verdict:
+        limits = self.limits
+        if not limits.rate:
+            return Verdict.OK
+        elapsed = max(0.0, now - circuit.stamp)
+        circuit.tokens = min(float(limits.burst), circuit.tokens + elapsed * limits.rate)
+        circuit.stamp = now
+        circuit.tokens -= 1.0
+        if circuit.tokens >= 0:
+            return Verdict.OK
+        if circuit.tokens > -limits.burst:
+            return Verdict.THROTTLE
+        rate = f"{limits.rate:g}/s"
+        return self._cut(key, circuit, now, f"over {rate} by a burst of {limits.burst}")
+
+    def _cut(self, key: Key, circuit: _Circuit, now: float, reason: str) -> Verdict:
+        circuit.cut_until = now + self.limits.cut_seconds
+        circuit.tokens = float(self.limits.burst)  # a fresh start once the cut is over
+        self.last_cut = Cut(key, reason)
+        return Verdict.CUT
+
+    def sessions_of(self, key: Key) -> list[int]:
+        return [sid for sid, entry in self._sessions.items() if entry.key == key]
+
+    def is_cut(self, key: Key, now: float) -> bool:
+        circuit = self._circuits.get(key)
+        return circuit is not None and circuit.cut_until > now
+
+    def sweep(self, now: float) -> None:
+        """Forget circuits that hold nothing: no connection, no cut, a full bucket."""
+        limits = self.limits
+        for key in [
+            key
+            for key, c in self._circuits.items()
+            if key is not None
+            and not c.connections
+            and c.cut_until <= now
+            and (not limits.rate or c.tokens + (now - c.stamp) * limits.rate >= limits.burst)
+        ]:
+            del self._circuits[key]
+
+    def circuits(self) -> int:
+        """Circuits tracked now (for tests and the summary line)."""
+        return sum(1 for key in self._circuits if key is not None)

@@ -1,0 +1,331 @@
+"""HTTP/1.1 message heads: read them strictly, write them canonically (pure, no I/O).
+
+Reading follows RFC 9112 and refuses, with the status a server answers (``MessageError``),
+everything a request smuggler or a desynchronised target relies on:
+
+- the request line and every field line must match the grammar (§3, §5; RFC 9110 §5.5):
+  no whitespace before a colon, no obsolete line folding (§5.2), no CR or NUL outside a line
+  end, no control characters in values;
+- ``Content-Length`` must be digits that fit a signed 64-bit length (``MAX_CONTENT_LENGTH``),
+  repeated only with the same value (RFC 9110 §8.6); ``Transfer-Encoding`` must be exactly
+  ``chunked`` (§6.1: a server answers 501 to a coding it does not know), and an HTTP/1.0
+  message carrying it is refused (§6.1: its framing is faulty);
+- a request with both is read by its chunked coding and ends the connection (§6.1, §6.3);
+- only HTTP/1.0 and HTTP/1.1 are spoken (505 for others); a 1.1 request has exactly one Host.
+
+Lines may end in a bare LF (§2.2 lets a recipient accept it, as h11 does); the head is
+written on with CRLF only. What is written never copies a framing field: the length or the
+coding comes from the parsed framing (:func:`framing_line`), so no received form of it
+(leading zeros, a list, both fields) reaches the other side.
+
+h11 is the independent oracle in the tests: every head accepted here, h11 accepts with the
+same meaning (tests/proxy/test_wire_differential.py).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .errors import MessageError
+from .targets import origin_form
+
+# RFC 9110 §8.6 puts no bound on Content-Length, but a recipient must not let a length
+# overflow (§6.3 item 5 of RFC 9112 treats an unparsable one as an error). The smallest
+# common bound among targets is a signed 64-bit file offset (nginx's off_t, Go's int64):
+# anything larger would wrap in one of them and turn body bytes into a second request.
+MAX_CONTENT_LENGTH = 2**63 - 1
+_MAX_LENGTH_DIGITS = 20
+
+
+class Framing(IntEnum):
+    """How a message body is delimited (RFC 9112 §6.3)."""
+
+    NONE = 0  # no body: a request without length fields, 1xx/204/304, a response to HEAD
+    LENGTH = 1  # exactly ``length`` bytes (Content-Length)
+    CHUNKED = 2  # the chunked transfer coding (§7.1)
+    UNTIL_CLOSE = 3  # a response read until the target closes (§6.3 item 8)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits of a head: bytes up to and including the blank line, and field lines."""
+
+    max_head_bytes: int = 16 * 1024
+    max_fields: int = 100
+
+
+Fields = list[tuple[bytes, bytes]]  # (lower-case name, value without surrounding blanks)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A request head as read from the client."""
+
+    method: bytes
+    target: bytes  # origin-form, or b"*" for OPTIONS (absolute-form already converted)
+    minor: int  # HTTP/1.<minor>: 0 or 1
+    fields: Fields
+    framing: Framing
+    length: int  # Framing.LENGTH: the body's length
+    keep_alive: bool  # the client lets the connection carry another request afterwards
+    upgrade: bool  # asks to switch protocols (RFC 9110 §7.8): Connection: upgrade + Upgrade
+    connection: frozenset[bytes]  # the Connection field's tokens, lower case
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A response head as read from the target."""
+
+    status: int
+    reason: bytes
+    minor: int
+    fields: Fields
+    framing: Framing
+    length: int  # Framing.LENGTH: the body's length; NONE: a declared length (HEAD, 304) or -1
+    keep_alive: bool  # the target lets the connection carry another request afterwards
+    both_lengths: bool  # it had Content-Length and Transfer-Encoding (§6.3 item 3)
+    connection: frozenset[bytes]  # the Connection field's tokens, lower case
+
+
+# -- grammar (RFC 9110 §5.1, §5.5; RFC 9112 §3, §4, §5) ----------------------------------------
+
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_FIELD_CHAR = rb"[\x21-\x7e\x80-\xff]"  # VCHAR / obs-text
+# A value without the blanks around it: visible characters with inner blanks. The possessive
+# quantifiers keep every match linear (a long blank run followed by a bad byte once made a
+# plain-quantifier version try every split: quadratic time on the event loop).
+_VALUE = rb"(?:" + _FIELD_CHAR + rb"++(?:[ \t]++" + _FIELD_CHAR + rb"++)*+)?"
+_FIELD_LINE = rb"\r\n" + _TOKEN + rb":[ \t]*+" + _VALUE + rb"[ \t]*+"
+_FIELDS = rb"((?:" + _FIELD_LINE + rb")*+)"
+_REQUEST_HEAD = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])" + _FIELDS)
+_RESPONSE_HEAD = re.compile(
+    rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*+))?" + _FIELDS
+)
+_FIELD_ITEM = re.compile(rb"\r\n(" + _TOKEN + rb"):[ \t]*+(" + _VALUE + rb")[ \t]*+")
+_FIELD_BLOCK = re.compile(_FIELDS)
+_TCHAR = frozenset(b"-!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_DIGITS = frozenset(b"0123456789")
+
+
+def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
+    """The offset just past the blank line that ends a head in ``buf[start:]``; -1 if none
+    yet. Lines may end in CRLF or a bare LF (RFC 9112 §2.2)."""
+    crlf = buf.find(b"\n\r\n", start)
+    lf = buf.find(b"\n\n", start)
+    if lf >= 0 and (crlf < 0 or lf < crlf):
+        return lf + 2
+    return crlf + 3 if crlf >= 0 else -1
+
+
+def _crlf_lines(head: bytes) -> bytes:
+    """``head`` (without its blank line) with every bare LF line end made a CRLF; a CR
+    anywhere else stays and fails the grammar (§2.2: a bare CR is invalid)."""
+    return b"\r\n".join(line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n"))
+
+
+def _strip_blank_line(head: bytes) -> bytes:
+    if head.endswith(b"\r\n\r\n"):
+        return head[:-4]
+    if head.endswith(b"\n\r\n"):
+        return head[:-3]
+    return head[:-2]  # b"\n\n"
+
+
+def _fields(block: bytes, limits: Limits) -> Fields:
+    fields = [(name.lower(), value) for name, value in _FIELD_ITEM.findall(block)]
+    if len(fields) > limits.max_fields:
+        raise MessageError(431, f"more than {limits.max_fields} header fields")
+    return fields
+
+
+def parse_fields(block: bytes, limits: Limits) -> Fields:
+    """Field lines (each ``CRLF name: value``, as a trailer section is read) or 400."""
+    if _FIELD_BLOCK.fullmatch(block) is None:
+        raise MessageError(400, "malformed field line")
+    return _fields(block, limits)
+
+
+def _content_length(value: bytes, seen: int | None) -> int:
+    """A Content-Length value (RFC 9110 §8.6: a list of equal values is one value)."""
+    lengths = {part.strip(b" \t") for part in value.split(b",")} if b"," in value else {value}
+    if len(lengths) != 1:
+        raise MessageError(400, "conflicting Content-Length values")
+    digits = lengths.pop()
+    if not digits or not _DIGITS.issuperset(digits):
+        raise MessageError(400, "Content-Length is not a number")
+    # At most 20 digits, leading zeros included (h11's bound: what it refuses, so do we).
+    if len(digits) > _MAX_LENGTH_DIGITS or int(digits) > MAX_CONTENT_LENGTH:
+        raise MessageError(400, "Content-Length too large")
+    length = int(digits)
+    if seen is not None and seen != length:
+        raise MessageError(400, "conflicting Content-Length fields")
+    return length
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [token.strip(b" \t").lower() for token in value.split(b",")]
+
+
+@dataclass(slots=True)
+class _Framing:
+    """What the framing fields of one head say (shared by requests and responses)."""
+
+    length: int | None = None
+    chunked: bool = False
+    connection: frozenset[bytes] = frozenset()
+    hosts: int = 0
+    upgrade_field: bool = False
+
+
+def _scan(fields: Fields, minor: int) -> _Framing:
+    """Read the fields that frame the message or decide its connection; raise on a bad one.
+    ``Transfer-Encoding`` other than exactly ``chunked`` is 501 (RFC 9112 §6.1), as h11 has
+    it; in HTTP/1.0 it is 400 (§6.1: a 1.0 message with it has faulty framing)."""
+    found = _Framing()
+    connection: list[bytes] = []
+    for name, value in fields:
+        if name == b"content-length":
+            found.length = _content_length(value, found.length)
+        elif name == b"transfer-encoding":
+            if minor == 0:
+                raise MessageError(400, "Transfer-Encoding in an HTTP/1.0 message")
+            if found.chunked:
+                raise MessageError(501, "more than one Transfer-Encoding field")
+            if value.lower() != b"chunked":
+                raise MessageError(501, "transfer coding other than chunked")
+            found.chunked = True
+        elif name == b"connection":
+            connection += _tokens(value)
+        elif name == b"host":
+            found.hosts += 1
+        elif name == b"upgrade":
+            found.upgrade_field = True
+    found.connection = frozenset(connection)
+    return found
+
+
+def _request_match(head: bytes) -> re.Match[bytes]:
+    match = _REQUEST_HEAD.fullmatch(head)
+    if match is None and b"\n" in head.replace(b"\r\n", b""):
+        match = _REQUEST_HEAD.fullmatch(_crlf_lines(head))
+    if match is None:
+        raise MessageError(400, "malformed request head")
+    return match
+
+
+def parse_request(head: bytes, limits: Limits) -> Request:
+    """Parse a complete request head (through its blank line). Raises :class:`MessageError`."""
+    match = _request_match(_strip_blank_line(head))
+    method, raw_target, major, minor_digit, block = match.groups()
+    if major != b"1" or minor_digit not in (b"0", b"1"):
+        raise MessageError(505, "HTTP version not supported")
+    minor = int(minor_digit)
+    fields = _fields(block, limits)
+    found = _scan(fields, minor)
+    if found.hosts > 1 or (minor == 1 and found.hosts == 0):
+        raise MessageError(400, "a request needs exactly one Host field")
+    if method == b"CONNECT":
+        raise MessageError(501, "CONNECT is not supported by a reverse proxy")
+    target = origin_form(method, raw_target)
+    framing, length = Framing.NONE, 0
+    if found.chunked:
+        framing = Framing.CHUNKED
+    elif found.length is not None:
+        framing, length = Framing.LENGTH, found.length
+    # RFC 9112 §6.1: after a request with both length fields the server MUST close.
+    keep_alive = minor == 1 and b"close" not in found.connection
+    keep_alive = keep_alive and not (found.chunked and found.length is not None)
+    upgrade = found.upgrade_field and b"upgrade" in found.connection
+    return Request(
+        method, target, minor, fields, framing, length, keep_alive, upgrade, found.connection
+    )
+
+
+def parse_response(head: bytes, method: bytes, limits: Limits) -> Response:
+    """Parse a complete response head to a request with ``method``. Framing follows RFC 9112
+    §6.3: 1xx, 204, 304 and any response to HEAD have no body whatever their fields say; then
+    chunked, then Content-Length; else the body runs until the target closes. Raises
+    :class:`MessageError` (the caller answers the client 502)."""
+    text = _strip_blank_line(head)
+    match = _RESPONSE_HEAD.fullmatch(text)
+    if match is None and b"\n" in text.replace(b"\r\n", b""):
+        match = _RESPONSE_HEAD.fullmatch(_crlf_lines(text))
+    if match is None:
+        raise MessageError(502, "malformed response head")
+    major, minor_digit, status_digits, reason, block = match.groups()
+    if major != b"1" or minor_digit not in (b"0", b"1"):
+        raise MessageError(502, "response in an HTTP version other than 1.0 or 1.1")
+    status = int(status_digits)
+    if status < 100:
+        raise MessageError(502, "status code below 100")
+    minor = int(minor_digit)
+    try:
+        fields = _fields(block, limits)
+        found = _scan(fields, minor)
+    except MessageError as exc:
+        raise MessageError(502, exc.reason) from None
+    keep_alive = minor == 1 and b"close" not in found.connection
+    both = found.chunked and found.length is not None
+    declared = -1 if found.length is None else found.length
+    if status < 200 or status in (204, 304) or method == b"HEAD":
+        framing, length = Framing.NONE, declared
+    elif found.chunked:
+        framing, length = Framing.CHUNKED, 0
+    elif found.length is not None:
+        framing, length = Framing.LENGTH, found.length
+    else:
+        framing, length, keep_alive = Framing.UNTIL_CLOSE, 0, False
+    reason = reason or b""
+    return Response(
+        status, reason, minor, fields, framing, length, keep_alive, both, found.connection
+    )
+
+
+def request_head_problem(buf: bytes | bytearray, limits: Limits) -> MessageError | None:
+    """For an incomplete head (no blank line yet in ``buf``): the error to answer now, if
+    any. A first byte that cannot start a method is 400 at once (as h11 does); a request line
+    longer than the limit is 414, a head longer than it 431 (RFC 9112 §3, RFC 6585 §5)."""
+    if buf and buf[0] not in _TCHAR:
+        return MessageError(400, "malformed request line")
+    if len(buf) > limits.max_head_bytes:
+        if buf.find(b"\n", 0, limits.max_head_bytes) < 0:
+            return MessageError(414, "request line too long")
+        return MessageError(431, "request head too large")
+    return None
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def framing_line(framing: Framing, length: int) -> bytes:
+    """The one framing field of an outgoing message, from the parsed framing."""
+    if framing is Framing.LENGTH:
+        return b"content-length: %d\r\n" % length
+    if framing is Framing.CHUNKED:
+        return b"transfer-encoding: chunked\r\n"
+    return b""
+
+
+def request_bytes(request: Request, field_lines: bytes) -> bytes:
+    """The head sent to the target: HTTP/1.1, the origin-form target, ``field_lines`` (the
+    rewritten fields, each ending in CRLF, no framing field), the framing field, the blank
+    line."""
+    return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
+        request.method,
+        request.target,
+        field_lines,
+        framing_line(request.framing, request.length),
+    )
+
+
+def response_bytes(status: int, reason: bytes, field_lines: bytes, *, close: bool) -> bytes:
+    """A response head to the client (``field_lines`` ends with the framing field, if any);
+    ``close`` adds ``Connection: close`` (RFC 9112 §9.6: the last response on it)."""
+    return b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
+        status,
+        reason,
+        field_lines,
+        b"connection: close\r\n" if close else b"",
+    )
