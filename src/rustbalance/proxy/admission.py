@@ -22,6 +22,7 @@ The asyncio shell (:mod:`.server`) acts on the verdicts: closes the victim, answ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -62,7 +63,6 @@ class _Circuit:
 @dataclass(slots=True)
 class _Session:
     key: Key
-    waiting: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +74,23 @@ class Cut:
 
 
 class Admission:
-    """Connection slots and per-circuit state of one proxy."""
+    """Connection slots and per-circuit state of one proxy.
 
-    def __init__(self, max_connections: int, limits: CircuitLimits | None = None) -> None:
+    A session enters its circuit's waiting list when it starts to wait for a request
+    (:meth:`waiting`); it does not have to leave it when a request arrives: ``is_waiting``
+    (the shell's view of the session's phase) is asked when a victim is chosen, and entries
+    that no longer wait are dropped then. So the per-request cost is one call.
+    """
+
+    def __init__(
+        self,
+        max_connections: int,
+        limits: CircuitLimits | None = None,
+        is_waiting: Callable[[int], bool] = lambda _session: True,
+    ) -> None:
         self.max_connections = max_connections
         self.limits = limits or CircuitLimits()
+        self.is_waiting = is_waiting
         self._sessions: dict[int, _Session] = {}
         self._circuits: dict[Key, _Circuit] = {}
         self.last_cut: Cut | None = None
@@ -98,7 +110,7 @@ class Admission:
             if victim is None:
                 return False, None
             self._forget(victim)
-        self._sessions[session] = _Session(None, waiting=True)
+        self._sessions[session] = _Session(None)
         circuit = self._circuit(None, now)
         circuit.connections += 1
         circuit.waiting[session] = None
@@ -107,25 +119,30 @@ class Admission:
     def _victim(self) -> int | None:
         """The waiting session to displace: of the circuit with the most connections, the one
         waiting longest."""
-        best: _Circuit | None = None
-        for circuit in self._circuits.values():
-            if circuit.waiting and (best is None or circuit.connections > best.connections):
-                best = circuit
-        if best is None:
-            return None
-        return next(iter(best.waiting))
+        while True:  # each turn drops stale entries or returns; bounded by the entries
+            best: _Circuit | None = None
+            for circuit in self._circuits.values():
+                if circuit.waiting and (best is None or circuit.connections > best.connections):
+                    best = circuit
+            if best is None:
+                return None
+            waiting = best.waiting
+            while waiting:
+                session = next(iter(waiting))
+                if self.is_waiting(session):
+                    return session
+                del waiting[session]  # it works on a request now
 
     def waiting(self, session: int, flag: bool) -> None:
-        """The session waits for a request head (True) or works on one (False)."""
+        """The session starts to wait for a request (True: it goes to the end of its
+        circuit's list) or works on one (False; optional, see the class docstring)."""
         entry = self._sessions.get(session)
-        if entry is None or entry.waiting == flag:
+        if entry is None:
             return
-        entry.waiting = flag
-        circuit = self._circuits[entry.key]
+        waiting = self._circuits[entry.key].waiting
+        waiting.pop(session, None)
         if flag:
-            circuit.waiting[session] = None
-        else:
-            circuit.waiting.pop(session, None)
+            waiting[session] = None
 
     def release(self, session: int) -> None:
         """The connection closed (also after it was displaced: then nothing is left to do)."""
@@ -157,11 +174,11 @@ class Admission:
             return Verdict.REFUSE  # displaced meanwhile
         old = self._circuits[entry.key]
         old.connections -= 1
-        old.waiting.pop(session, None)
+        was_waiting = old.waiting.pop(session, 0) is None
         entry.key = key
         circuit = self._circuit(key, now)
         circuit.connections += 1
-        if entry.waiting:
+        if was_waiting:
             circuit.waiting[session] = None
         if key is None:
             return Verdict.OK

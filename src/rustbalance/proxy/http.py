@@ -94,13 +94,14 @@ class HttpContext:
     rules: RewriteRules
     stats: ProxyStats
     connect: Callable[[], Awaitable[Upstream]]
-    draining: Callable[[], bool]
     # A request head arrived: None to go on, or a status to answer instead (429), or 0 to
     # close at once (the circuit is cut). Per-circuit limits live in the server.
     on_request: RequestVerdict
-    # The session waits for a request (True) or works on one (False): the cap's bookkeeping.
-    waiting: Callable[[SessionState, bool], None]
+    # Session id, and True: it waits for a request again (a waiting connection may be
+    # displaced at the cap; that it works on one the cap's bookkeeping reads from its phase).
+    waiting: Callable[[int, bool], None]
     interceptor: Interceptor | None = None
+    draining: bool = False  # the proxy is shutting down: no connection is kept alive
 
 
 class ClientGone(Exception):
@@ -119,6 +120,18 @@ class _Need(Enum):
     SWITCH = "switch"  # a 101: relay raw bytes both ways
     END = "end"  # the session is over (outcome set; ``abort`` says how to close)
 
+
+# Enum members as module constants: attribute access on an Enum class costs a lookup per
+# use on Python 3.11, and these run per message.
+_NONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE = (
+    wire.Framing.NONE,
+    wire.Framing.LENGTH,
+    wire.Framing.CHUNKED,
+    wire.Framing.UNTIL_CLOSE,
+)
+_WAITING, _P_BODY, _ACTIVE = Phase.WAITING, Phase.BODY, Phase.ACTIVE
+
+_CONNECT, _INTERCEPT, _SWITCH, _END = _Need.CONNECT, _Need.INTERCEPT, _Need.SWITCH, _Need.END
 
 # Response stages of the exchange in progress.
 _IDLE, _HEAD, _BODY = 0, 1, 2
@@ -215,17 +228,17 @@ class HttpSession:
                 self.on_data(early)
             else:
                 self._guard(self._next_request)
-            while True:  # one turn per park; ends with _Need.END or a protocol switch
+            while True:  # one turn per park; ends with _END or a protocol switch
                 need = await self.wake
                 self.wake = self.loop.create_future()
-                if need is _Need.END or self.parked is _Need.END:
+                if need is _END or self.parked is _END:
                     return
-                if need is _Need.SWITCH:
+                if need is _SWITCH:
                     await self._switch_protocols()
                     return
-                if need is _Need.CONNECT:
+                if need is _CONNECT:
                     await self._connect()
-                elif need is _Need.INTERCEPT:
+                elif need is _INTERCEPT:
                     await self._intercept()
         finally:
             self._detach()
@@ -234,7 +247,7 @@ class HttpSession:
                 upstream.writer.transport.abort()
 
     def _park(self, need: _Need) -> None:
-        if self.parked is _Need.END:
+        if self.parked is _END:
             return
         self.parked = need
         self._hold_client(_PARKED, True)
@@ -251,15 +264,15 @@ class HttpSession:
         if outcome is not None:
             self.state.set_outcome(outcome)
         self.abort = self.abort or abort
-        self._park(_Need.END)
+        self._park(_END)
 
     def expire(self, outcome: Outcome) -> bool:
         """The watchdog's verdict (a timeout) or the server's (displaced, circuit cut,
         shutdown): a request that took too long gets its 408 when nothing of an answer went
         out yet, the rest ends at once. False when the coroutine is busy in an await
         (connecting, an interceptor, a tunnel): then the caller cancels it."""
-        busy = self.parked is not None and self.parked is not _Need.END
-        if self.parked is not _Need.END:
+        busy = self.parked is not None and self.parked is not _END
+        if self.parked is not _END:
             self._expire(outcome)
         return not busy
 
@@ -298,14 +311,21 @@ class HttpSession:
         self.stats.bytes_up += n
         now = self.clock()
         state.last_activity = now
-        if state.phase is Phase.WAITING:
+        if self.parked is None and not self.cbuf:
+            if self.request is None:
+                # The common case: the read is exactly one request head (no copy into cbuf).
+                end = wire.find_head_end(data)
+                if end == n and end <= self.limits.max_head_bytes:
+                    self._start_request(data)
+                    return
+            elif not self.up_done:
+                self.cbuf += data
+                self._send_body()
+                return
+        if state.phase is _WAITING:
             state.head_begins(now)
-        if self.parked is None and not self.up_done and not self.cbuf:
-            self.cbuf += data
-            self._send_body()
-            return
         self.cbuf += data
-        if self.parked is _Need.INTERCEPT and self.collect is not None:
+        if self.parked is _INTERCEPT and self.collect is not None:
             self._send_body()
         elif self.parked is None and self.request is None:
             self._next_request()
@@ -321,7 +341,7 @@ class HttpSession:
         self._guard(self._client_ended)
 
     def _client_ended(self) -> None:
-        if self.parked is _Need.END:
+        if self.parked is _END:
             return
         if self.client_lost and (self.request is not None or self.cbuf):
             self._end(Outcome.CLIENT_ERROR, abort=True)  # gone mid-request
@@ -379,17 +399,21 @@ class HttpSession:
             return
         head = bytes(buf[:end])
         del buf[:end]
+        self._start_request(head)
+
+    def _start_request(self, head: bytes) -> None:
+        """A complete request head: parse it, count it, send it on (or answer it)."""
         try:
             request = wire.parse_request(head, self.limits)
         except wire.MessageError as exc:
             self._bad_request(exc.status)
             return
-        self.sent_head = b""
         state, stats = self.state, self.stats
         state.requests += 1
         stats.requests += 1
-        state.phase = Phase.ACTIVE
-        verdict = self.ctx.on_request(state)
+        state.phase = _ACTIVE
+        # Per-circuit limits only where tor named the circuit (the server's admission).
+        verdict = None if state.circuit is None else self.ctx.on_request(state)
         self.request = request
         self.answered = False
         self.close_after = not request.keep_alive
@@ -399,35 +423,31 @@ class HttpSession:
             else:
                 self._end(Outcome.CIRCUIT_CUT, abort=True)
             return
-        self.up_done = request.framing is wire.Framing.NONE or (
-            request.framing is wire.Framing.LENGTH and request.length == 0
-        )
-        self.up_remaining = request.length if request.framing is wire.Framing.LENGTH else 0
-        self.up_chunks = (
-            wire.ChunkedReader(self.limits) if request.framing is wire.Framing.CHUNKED else None
-        )
-        if not self.up_done:
-            state.phase = Phase.BODY
-        self.ctx.waiting(state, False)
-        if _asks(self.ctx.interceptor, request.target):
-            self._park(_Need.INTERCEPT)
+        framing = request.framing
+        if framing is not _NONE and (framing is not _LENGTH or request.length):
+            self.up_done = False
+            state.phase = _P_BODY
+            if framing is _LENGTH:
+                self.up_remaining = request.length
+            else:
+                self.up_chunks = wire.ChunkedReader(self.limits)
+        if self.ctx.interceptor is not None and _asks(self.ctx.interceptor, request.target):
+            self._park(_INTERCEPT)
             return
-        self._forward()
+        self._forward(request)
 
     def _bad_request(self, status: int) -> None:
         self.state.set_outcome(Outcome.BAD_REQUEST)
         self.stats.bad_requests += 1
         self._send_error(status)
 
-    def _forward(self) -> None:
+    def _forward(self, request: wire.Request) -> None:
         """Send the current request's head to the target (connecting first if needed)."""
-        request = self.request
-        assert request is not None
         if self.target is not None and self.target_eof:
             self._drop_target()  # the target closed its idle keep-alive connection
         transport = self.target_transport
         if transport is None:
-            self._park(_Need.CONNECT)
+            self._park(_CONNECT)
             return
         if not self.sent_head:
             lines = request_field_lines(
@@ -473,8 +493,8 @@ class HttpSession:
             transport = self.target_transport
             if self.collect is None and transport is not None and self.up_chunks is not None:
                 transport.write(wire.last_chunk(wire.trailer_lines(self.up_chunks.trailers)))
-            if self.state.phase is Phase.BODY:
-                self.state.phase = Phase.ACTIVE
+            if self.state.phase is _P_BODY:
+                self.state.phase = _ACTIVE
             if self.collected is not None and not self.collected.done():
                 assert self.collect is not None
                 self.collected.set_result(bytes(self.collect))
@@ -516,21 +536,48 @@ class HttpSession:
 
     # -- target side ------------------------------------------------------------------------
 
-    def target_data(self, data: bytes) -> None:
+    def on_target_data(self, data: bytes) -> None:
+        try:
+            self._target_data(data)
+        except Exception:
+            log.exception("Session #%d: internal error", self.state.session_id)
+            self._end(Outcome.CLIENT_ERROR, abort=True)
+
+    def on_target_eof(self) -> None:
+        self._guard(self.target_ended)
+
+    def on_target_lost(self, error: BaseException | None) -> None:
+        self._guard(self.target_ended)
+
+    def on_target_write_paused(self, paused: bool) -> None:
+        # The target reads slower than the client sends a body: stop reading the client.
+        self._hold_client(_PEER_FULL, paused)
+
+    def _target_data(self, data: bytes) -> None:
         stage = self.stage
         if stage == _IDLE:
             # Bytes nobody asked for (RFC 9112 §9.6 gives a server no way to send them):
             # never the answer to the next request. That connection is done.
             self._drop_target()
             return
-        if stage == _BODY and not self.tbuf and self.down_chunks is None:
+        if self.tbuf:
+            self.tbuf += data
+            if stage == _HEAD:
+                self._response_head(self._take_tbuf())
+            else:
+                self._response_body()
+        elif stage == _HEAD:
+            self._response_head(data)
+        elif self.down_chunks is None:
             self._body_down(data)
-            return
-        self.tbuf += data
-        if stage == _HEAD:
-            self._response_head()
         else:
+            self.tbuf += data
             self._response_body()
+
+    def _take_tbuf(self) -> bytes:
+        data = bytes(self.tbuf)
+        self.tbuf.clear()
+        return data
 
     def target_ended(self) -> None:
         self.target_eof = True
@@ -538,8 +585,8 @@ class HttpSession:
         if stage == _IDLE:
             self._drop_target()  # idle keep-alive connection closed: reconnect next time
         elif stage == _HEAD:
-            self._response_head()
-        elif self.response is not None and self.response.framing is wire.Framing.UNTIL_CLOSE:
+            self._response_head(self._take_tbuf())
+        elif self.response is not None and self.response.framing is _UNTIL_CLOSE:
             self._response_body()
             self._response_done()
         else:
@@ -561,42 +608,44 @@ class HttpSession:
             transport.abort()
         self.upstream = None
 
-    def _response_head(self) -> None:
-        """Parse response heads in ``tbuf``: interim ones go on (or switch protocols), the
-        final one starts the body."""
+    def _response_head(self, data: bytes) -> None:
+        """Parse response heads from ``data`` (what the target sent, nothing buffered before
+        it): interim ones go on (or switch protocols), the final one starts the body; an
+        incomplete head waits in ``tbuf``."""
         request = self.request
         assert request is not None
-        buf = self.tbuf
-        while self.stage == _HEAD:  # each turn handles one head (1xx ones, then the final)
-            end = wire.find_head_end(buf)
-            if end < 0 or end > self.response_limits.max_head_bytes:
-                if len(buf) > self.response_limits.max_head_bytes:
+        limit = self.response_limits.max_head_bytes
+        while True:  # each turn handles one head (1xx ones, then the final one)
+            end = wire.find_head_end(data)
+            if end < 0 or end > limit:
+                if len(data) > limit:
                     self._upstream_failed("response head too large")
                 elif self.target_eof:
+                    self.tbuf += data
                     self._target_closed_early()
                 else:
+                    self.tbuf += data
                     self.state.last_activity = self.clock()
                 return
-            head = bytes(buf[:end])
-            del buf[:end]
             try:
-                response = wire.parse_response(head, request.method, self.response_limits)
+                response = wire.parse_response(data[:end], request.method, self.response_limits)
             except wire.MessageError as exc:
                 self._upstream_failed(exc.reason)
                 return
+            data = data[end:]
             if response.status >= 200:
-                self._final_response(response)
-            elif response.status == 101:
+                self._final_response(response, data)
+                return
+            if response.status == 101:
                 if not request.upgrade:
                     self._upstream_failed("101 to a request that asked for no upgrade")
                     return
                 self._interim(response, switching=True)
-                self._park(_Need.SWITCH)
+                self.tbuf += data
+                self._park(_SWITCH)
                 return
-            elif request.minor == 1:  # HTTP/1.0 clients get no interim responses
+            if request.minor == 1:  # HTTP/1.0 clients get no interim responses
                 self._interim(response, switching=False)
-        if self.stage == _BODY and buf:
-            self._response_body()
 
     def _interim(self, response: wire.Response, *, switching: bool) -> None:
         lines = response_field_lines(
@@ -604,7 +653,8 @@ class HttpSession:
         )
         self._to_client(wire.response_bytes(response.status, response.reason, lines, close=False))
 
-    def _final_response(self, response: wire.Response) -> None:
+    def _final_response(self, response: wire.Response, rest: bytes) -> None:
+        """The final response head; ``rest``: what the target sent after it."""
         request = self.request
         assert request is not None
         self.response = response
@@ -613,56 +663,56 @@ class HttpSession:
         if not response.keep_alive or response.both_lengths or not self.up_done:
             self.reuse = False
         lines = response_field_lines(response.fields, response.connection, self.rules)
-        if framing is wire.Framing.LENGTH:
+        if framing is _LENGTH:
             lines += b"content-length: %d\r\n" % response.length
-            self.down_remaining = response.length
-        elif framing is wire.Framing.CHUNKED:
+        elif framing is _CHUNKED:
             self.down_chunks = wire.ChunkedReader(self.response_limits)
             self.down_chunked = request.minor == 1
             if self.down_chunked:
                 lines += b"transfer-encoding: chunked\r\n"
             else:
                 self.close_after = True  # an HTTP/1.0 client reads it until the close
-        elif framing is wire.Framing.UNTIL_CLOSE:
+        elif framing is _UNTIL_CLOSE:
             self.close_after = True
         elif response.length >= 0 and response.status != 204:
             # HEAD and 304: the length the body would have (RFC 9110 §8.6).
             lines += b"content-length: %d\r\n" % response.length
-        if not self.up_done or self.ctx.draining():
+        if not self.up_done or self.ctx.draining:
             self.close_after = True
         head = wire.response_bytes(response.status, response.reason, lines, close=self.close_after)
         self.answered = True
-        self.state.phase = Phase.ACTIVE
-        if framing is wire.Framing.NONE or (
-            framing is wire.Framing.LENGTH and response.length == 0
-        ):
-            self._to_client(head)
-            self._response_done()
-            return
-        self.stage = _BODY
-        buf = self.tbuf
-        if framing is wire.Framing.LENGTH and buf:
-            n = min(len(buf), self.down_remaining)
-            body = bytes(buf[:n])
-            del buf[:n]
-            self.down_remaining -= n
-            self._to_client(head + body)
-            if not self.down_remaining:
+        self.state.phase = _ACTIVE
+        if framing is _LENGTH:
+            length = response.length
+            if len(rest) >= length:
+                # The whole body came with the head (the common case): one write.
+                if len(rest) > length:
+                    self.reuse = False  # bytes after the response: that connection is done
+                    rest = rest[:length]
+                self._to_client(head + rest)
                 self._response_done()
-            elif self.target_eof:
-                self._mid_body_failure()
-            elif self.down_remaining >= BODY_SPLICE_MIN:
-                self._start_splice()
-            return
-        self._to_client(head)
-        if framing is wire.Framing.LENGTH:
+                return
+            self.stage = _BODY
+            self.down_remaining = length - len(rest)
+            self._to_client(head + rest)
             if self.target_eof:
                 self._mid_body_failure()
             elif self.down_remaining >= BODY_SPLICE_MIN:
                 self._start_splice()
-        elif buf or self.target_eof:
+            return
+        if framing is _NONE:
+            if rest:
+                self.reuse = False  # a bodiless response with bytes behind it
+            self._to_client(head)
+            self._response_done()
+            return
+        self.stage = _BODY
+        self._to_client(head)
+        if rest:
+            self.tbuf += rest
+        if rest or self.target_eof:
             self._response_body()
-            if framing is wire.Framing.UNTIL_CLOSE and self.target_eof:
+            if framing is _UNTIL_CLOSE and self.target_eof and self.stage == _BODY:
                 self._response_done()
 
     def _body_down(self, data: bytes) -> None:
@@ -670,7 +720,7 @@ class HttpSession:
         target's read."""
         response = self.response
         assert response is not None
-        if response.framing is wire.Framing.UNTIL_CLOSE:
+        if response.framing is _UNTIL_CLOSE:
             self._to_client(data)
             return
         remaining = self.down_remaining
@@ -734,22 +784,26 @@ class HttpSession:
         request = self.request
         self.request = self.response = None
         self.down_chunks = self.up_chunks = None
+        self.up_done = True
         self.retried = False
         if not self.reuse or self.target_eof:
             self._drop_target()
         else:
             self.target_used = True
         self.reuse = True
-        if self.close_after or request is None or self.ctx.draining():
+        if self.close_after or request is None or self.ctx.draining:
             self._end()
             return
+        state = self.state
         now = self.clock()
-        self.state.wait_for_request(now)
-        self.ctx.waiting(self.state, True)
-        self._hold_client(_PIPELINE, False)
+        state.wait_for_request(now)
+        self.ctx.waiting(state.session_id, True)
+        if self._client_hold & _PIPELINE:
+            self._hold_client(_PIPELINE, False)
         if self.cbuf:
-            self.state.head_begins(now)
-        if self.cbuf or self.client_eof:
+            state.head_begins(now)
+            self._next_request()
+        elif self.client_eof:
             self._next_request()
 
     def _target_closed_early(self) -> None:
@@ -760,14 +814,14 @@ class HttpSession:
             self.target_used
             and not self.tbuf
             and not self.retried
-            and request.framing is wire.Framing.NONE
+            and request.framing is _NONE
             and request.method in _RETRYABLE
         ):
             # A reused keep-alive connection the target closed just as we sent: ask again
             # on a fresh one (RFC 9112 §9.3.1 allows retrying idempotent requests).
             self.retried = True
             self._drop_target()
-            self._park(_Need.CONNECT)
+            self._park(_CONNECT)
             return
         self._upstream_failed("target closed before responding")
 
@@ -876,7 +930,7 @@ class HttpSession:
         finally:
             state.phase = phase
             state.last_activity = self.clock()
-        if self.parked is _Need.END:  # ended meanwhile (the watchdog, a cut)
+        if self.parked is _END:  # ended meanwhile (the watchdog, a cut)
             upstream.writer.transport.abort()
             return
         target = sink_protocol_of(upstream.writer)
@@ -890,9 +944,11 @@ class HttpSession:
         target.sink = _TargetSink(self)
         early = take_buffered(upstream.reader)
         self._unpark()
-        self._guard(self._forward)
+        request = self.request
+        assert request is not None
+        self._guard(lambda: self._forward(request))
         if early and self.parked is None:
-            self.target_data(early)
+            self._target_data(early)
 
     async def _intercept(self) -> None:
         request = self.request
@@ -910,11 +966,11 @@ class HttpSession:
             self.collect = None
             self._send_error(413)
             return
-        if self.parked is _Need.END:
+        if self.parked is _END:
             return
         if reply is None:
             self._unpark()
-            self._guard(self._forward)
+            self._guard(lambda: self._forward(request))
             return
         self.collect = None
         self.state.set_outcome(Outcome.INTERCEPTED)
@@ -975,7 +1031,7 @@ class HttpSession:
             stats.bytes_down += n
             state.last_activity = self.clock()
 
-        state.phase = Phase.ACTIVE
+        state.phase = _ACTIVE
         await relay_both(
             self.reader,
             self.writer,
@@ -1008,27 +1064,13 @@ class HttpSession:
 
 
 class _TargetSink:
-    """Routes the target protocol's events to the session's target handlers."""
+    """Routes the target protocol's events to the session's target handlers (bound methods
+    held as attributes: one call per read, no extra frame)."""
 
-    __slots__ = ("session",)
+    __slots__ = ("on_data", "on_eof", "on_lost", "on_write_paused")
 
     def __init__(self, session: HttpSession) -> None:
-        self.session = session
-
-    def on_data(self, data: bytes) -> None:
-        session = self.session
-        try:
-            session.target_data(data)
-        except Exception:
-            log.exception("Session #%d: internal error", session.state.session_id)
-            session._end(Outcome.CLIENT_ERROR, abort=True)
-
-    def on_eof(self) -> None:
-        self.session._guard(self.session.target_ended)
-
-    def on_lost(self, error: BaseException | None) -> None:
-        self.session._guard(self.session.target_ended)
-
-    def on_write_paused(self, paused: bool) -> None:
-        # The target reads slower than the client sends a body: stop reading the client.
-        self.session._hold_client(_PEER_FULL, paused)
+        self.on_data = session.on_target_data
+        self.on_eof = session.on_target_eof
+        self.on_lost = session.on_target_lost
+        self.on_write_paused = session.on_target_write_paused

@@ -232,7 +232,8 @@ def request_field_lines(
     request (then ``connection: upgrade`` is added). ``extra`` is a field the proxy adds
     (the circuit id): any field of that name the client sent goes, so it cannot be forged.
     """
-    drop = _dropped(connection, b"upgrade" if upgrade else b"")
+    # (No Connection field and no upgrade: the fixed set, without a call.)
+    drop = _dropped(connection, b"upgrade" if upgrade else b"") if connection else _HOP_BY_HOP
     if extra is not None:
         drop = drop | {extra[0]}
     out = [host_line]
@@ -261,7 +262,10 @@ def response_field_lines(
     Content-Location, Set-Cookie's Domain, Content-Security-Policy and
     Access-Control-Allow-Origin that name the target name the master; hop-by-hop fields
     go. ``switching`` (a 101) keeps Upgrade and adds ``connection: upgrade``."""
-    drop = _dropped(connection, b"upgrade" if switching else b"")
+    if connection or switching:
+        drop = _dropped(connection, b"upgrade" if switching else b"")
+    else:
+        drop = _HOP_BY_HOP
     out = []
     for name, value in fields:
         if name in drop:

@@ -86,7 +86,9 @@ class ReverseProxy:
         # tcp mode to a plain-TCP target relays with splice(2) where the OS has it.
         self._splice = splice
         self.stats = ProxyStats()
-        self.admission = Admission(settings.max_connections, settings.circuit_limits)
+        self.admission = Admission(
+            settings.max_connections, settings.circuit_limits, is_waiting=self._is_waiting
+        )
         self.rules = RewriteRules(
             target_host=settings.target.host,
             target_port=settings.target.port,
@@ -104,6 +106,8 @@ class ReverseProxy:
         self._draining = False
         self._port = 0
         self._summary: asyncio.TimerHandle | None = None
+        timeouts = settings.timeouts
+        self._step = min(timeouts.head, timeouts.keep_alive, timeouts.body, timeouts.idle)
         self._summarised = ProxyStats()
         self._circuit_field = (
             settings.circuit_header.lower().encode("ascii")
@@ -115,9 +119,8 @@ class ReverseProxy:
             rules=self.rules,
             stats=self.stats,
             connect=self._connect,
-            draining=lambda: self._draining,
             on_request=self._on_request,
-            waiting=self._waiting,
+            waiting=self.admission.waiting,
             interceptor=interceptor,
         )
 
@@ -169,6 +172,7 @@ class ReverseProxy:
         if server is None or self._draining:
             return
         self._draining = True
+        self._http_ctx.draining = True
         server.close()
         if self._summary is not None:
             self._summary.cancel()
@@ -302,8 +306,17 @@ class ReverseProxy:
     # -- deadlines --------------------------------------------------------------------------
 
     def _arm(self, conn: _Conn) -> None:
+        """Look again at the phase's deadline, or sooner: never later than the shortest
+        timeout from now, so a phase change to a sooner deadline (a response ends, the
+        keep-alive wait begins) needs no re-arming per request."""
         loop = asyncio.get_running_loop()
-        conn.timer = loop.call_at(conn.state.deadline(), self._check, conn)
+        at = min(conn.state.deadline(), loop.time() + self._step)
+        conn.timer = loop.call_at(at, self._check, conn)
+
+    def _is_waiting(self, session: int) -> bool:
+        """Whether a session waits for a request (or tor's PROXY line): it may be displaced."""
+        conn = self._conns.get(session)
+        return conn is None or conn.state.phase in _WAITING_PHASES
 
     def _check(self, conn: _Conn) -> None:
         """The watchdog: end the connection when its phase's deadline passed, else look again
@@ -333,17 +346,6 @@ class ReverseProxy:
         conn.state.set_outcome(why)
         self._stopped_by_us.add(conn.task)
         conn.task.cancel()
-
-    def _waiting(self, state: SessionState, flag: bool) -> None:
-        """An http session waits for a request again (True) or works on one: it may be
-        displaced at the cap only meanwhile; its new phase's deadline may be sooner than the
-        one armed (the timer otherwise only moves later, lazily)."""
-        self.admission.waiting(state.session_id, flag)
-        conn = self._conns.get(state.session_id)
-        timer = conn.timer if conn is not None else None
-        if conn is not None and timer is not None and timer.when() > state.deadline():
-            timer.cancel()
-            self._arm(conn)
 
     # -- circuits ---------------------------------------------------------------------------
 
@@ -533,6 +535,7 @@ class ReverseProxy:
         await session.run()
 
 
+_WAITING_PHASES = frozenset({Phase.WAITING, Phase.HEAD})
 _ABORT_OUTCOMES = frozenset(
     {
         Outcome.IDLE_TIMEOUT,

@@ -62,6 +62,12 @@ class Phase(StrEnum):
     CONNECTING = "connecting"
 
 
+# Members as module constants for the per-request methods below (Enum attribute access
+# costs a lookup per use on Python 3.11).
+_WAITING, _HEAD, _BODY = Phase.WAITING, Phase.HEAD, Phase.BODY
+_HEAD_TIMEOUT, _KEEPALIVE_TIMEOUT = Outcome.HEAD_TIMEOUT, Outcome.KEEPALIVE_TIMEOUT
+
+
 @dataclass
 class ProxyStats:
     """Counters for status, metrics and the summary line (the node layer exports them)."""
@@ -162,23 +168,23 @@ class SessionState:
 
     def wait_for_request(self, now: float) -> None:
         """A response ended and the connection stays open: the keep-alive wait."""
-        self.phase = Phase.WAITING
+        self.phase = _WAITING
         self.phase_deadline = now + self.timeouts.keep_alive
-        self.phase_outcome = Outcome.KEEPALIVE_TIMEOUT
+        self.phase_outcome = _KEEPALIVE_TIMEOUT
 
     def head_begins(self, now: float) -> None:
         """The first byte of a request head (the first request's clock runs since accept)."""
-        if self.phase is Phase.WAITING:
-            self.phase = Phase.HEAD
-            if self.phase_outcome is Outcome.KEEPALIVE_TIMEOUT:
+        if self.phase is _WAITING:
+            self.phase = _HEAD
+            if self.phase_outcome is _KEEPALIVE_TIMEOUT:
                 self.phase_deadline = now + self.timeouts.head
-            self.phase_outcome = Outcome.HEAD_TIMEOUT
+            self.phase_outcome = _HEAD_TIMEOUT
 
     def deadline(self) -> float:
         phase = self.phase
-        if phase is Phase.WAITING or phase is Phase.HEAD:
+        if phase is _WAITING or phase is _HEAD:
             at = self.phase_deadline
-        elif phase is Phase.BODY:
+        elif phase is _BODY:
             at = self.last_activity + self.timeouts.body
         else:
             at = self.last_activity + self.timeouts.idle
@@ -191,9 +197,9 @@ class SessionState:
         if session is not None and now >= self.started + session:
             return Outcome.SESSION_TIMEOUT
         phase = self.phase
-        if phase is Phase.WAITING or phase is Phase.HEAD:
+        if phase is _WAITING or phase is _HEAD:
             return self.phase_outcome if now >= self.phase_deadline else None
-        if phase is Phase.BODY:
+        if phase is _BODY:
             return Outcome.BODY_TIMEOUT if now >= self.last_activity + self.timeouts.body else None
         return Outcome.IDLE_TIMEOUT if now >= self.last_activity + self.timeouts.idle else None
 

@@ -25,8 +25,11 @@ same meaning (tests/proxy/test_wire_differential.py).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import partial
+from typing import NamedTuple, cast
 
 from .errors import MessageError
 from .targets import origin_form
@@ -48,6 +51,16 @@ class Framing(IntEnum):
     UNTIL_CLOSE = 3  # a response read until the target closes (§6.3 item 8)
 
 
+# Members as module constants for the per-message code (Enum attribute access costs a lookup
+# per use on Python 3.11).
+_NONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE = (
+    Framing.NONE,
+    Framing.LENGTH,
+    Framing.CHUNKED,
+    Framing.UNTIL_CLOSE,
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Size limits of a head: bytes up to and including the blank line, and field lines."""
@@ -59,8 +72,9 @@ class Limits:
 Fields = list[tuple[bytes, bytes]]  # (lower-case name, value without surrounding blanks)
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+# Requests and responses are named tuples: immutable, and built in one step (a dataclass
+# __init__ runs a line per field, and one is built per message).
+class Request(NamedTuple):
     """A request head as read from the client."""
 
     method: bytes
@@ -74,8 +88,7 @@ class Request:
     connection: frozenset[bytes]  # the Connection field's tokens, lower case
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
+class Response(NamedTuple):
     """A response head as read from the target."""
 
     status: int
@@ -87,6 +100,12 @@ class Response:
     keep_alive: bool  # the target lets the connection carry another request afterwards
     both_lengths: bool  # it had Content-Length and Transfer-Encoding (§6.3 item 3)
     connection: frozenset[bytes]  # the Connection field's tokens, lower case
+
+
+# Built straight from a tuple in the order of the fields (a named tuple's own __new__ is a
+# Python-level call per message).
+_new_request = cast(Callable[[tuple[object, ...]], Request], partial(tuple.__new__, Request))
+_new_response = cast(Callable[[tuple[object, ...]], Response], partial(tuple.__new__, Response))
 
 
 # -- grammar (RFC 9110 §5.1, §5.5; RFC 9112 §3, §4, §5) ----------------------------------------
@@ -105,8 +124,8 @@ _RESPONSE_HEAD = re.compile(
 )
 _FIELD_ITEM = re.compile(rb"\r\n(" + _TOKEN + rb"):[ \t]*+(" + _VALUE + rb")[ \t]*+")
 _FIELD_BLOCK = re.compile(_FIELDS)
+_MINORS = {b"0": 0, b"1": 1}  # HTTP/1.0 and HTTP/1.1, the versions spoken
 _TCHAR = frozenset(b"-!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_DIGITS = frozenset(b"0123456789")
 
 
 def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
@@ -134,6 +153,8 @@ def _strip_blank_line(head: bytes) -> bytes:
 
 
 def _fields(block: bytes, limits: Limits) -> Fields:
+    if not block:
+        return []
     fields = [(name.lower(), value) for name, value in _FIELD_ITEM.findall(block)]
     if len(fields) > limits.max_fields:
         raise MessageError(431, f"more than {limits.max_fields} header fields")
@@ -149,12 +170,14 @@ def parse_fields(block: bytes, limits: Limits) -> Fields:
 
 def _content_length(value: bytes, seen: int | None) -> int:
     """A Content-Length value (RFC 9110 §8.6: a list of equal values is one value)."""
-    lengths = {part.strip(b" \t") for part in value.split(b",")} if b"," in value else {value}
-    if len(lengths) != 1:
-        raise MessageError(400, "conflicting Content-Length values")
-    digits = lengths.pop()
-    if not digits or not _DIGITS.issuperset(digits):
-        raise MessageError(400, "Content-Length is not a number")
+    digits = value
+    if not value.isdigit():  # (bytes.isdigit: ASCII digits only)
+        lengths = {part.strip(b" \t") for part in value.split(b",")}
+        if len(lengths) != 1:
+            raise MessageError(400, "conflicting Content-Length values")
+        digits = lengths.pop()
+        if not digits.isdigit():
+            raise MessageError(400, "Content-Length is not a number")
     # At most 20 digits, leading zeros included (h11's bound: what it refuses, so do we).
     if len(digits) > _MAX_LENGTH_DIGITS or int(digits) > MAX_CONTENT_LENGTH:
         raise MessageError(400, "Content-Length too large")
@@ -168,47 +191,43 @@ def _tokens(value: bytes) -> list[bytes]:
     return [token.strip(b" \t").lower() for token in value.split(b",")]
 
 
-@dataclass(slots=True)
-class _Framing:
-    """What the framing fields of one head say (shared by requests and responses)."""
-
-    length: int | None = None
-    chunked: bool = False
-    connection: frozenset[bytes] = frozenset()
-    hosts: int = 0
-    upgrade_field: bool = False
+_NO_TOKENS: frozenset[bytes] = frozenset()
+# Fields that frame a message or decide its connection, and Host: the only ones _scan reads.
+_SCANNED = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"upgrade"})
 
 
-def _scan(fields: Fields, minor: int) -> _Framing:
-    """Read the fields that frame the message or decide its connection; raise on a bad one.
-    ``Transfer-Encoding`` other than exactly ``chunked`` is 501 (RFC 9112 §6.1), as h11 has
-    it; in HTTP/1.0 it is 400 (§6.1: a 1.0 message with it has faulty framing)."""
-    found = _Framing()
-    connection: list[bytes] = []
+def _scan(fields: Fields, minor: int) -> tuple[int | None, bool, frozenset[bytes], int, bool]:
+    """What the framing fields of a head say: (Content-Length, chunked, the Connection
+    tokens, how many Host fields, an Upgrade field). Raises on a bad one: ``Transfer-Encoding``
+    other than exactly ``chunked`` is 501 (RFC 9112 §6.1), as h11 has it; in HTTP/1.0 it is
+    400 (§6.1: a 1.0 message with it has faulty framing)."""
+    length, chunked, upgrade, connection, hosts = None, False, False, _NO_TOKENS, 0
     for name, value in fields:
-        if name == b"content-length":
-            found.length = _content_length(value, found.length)
+        if name not in _SCANNED:
+            continue
+        if name == b"host":
+            hosts += 1
+        elif name == b"content-length":
+            length = _content_length(value, length)
         elif name == b"transfer-encoding":
             if minor == 0:
                 raise MessageError(400, "Transfer-Encoding in an HTTP/1.0 message")
-            if found.chunked:
+            if chunked:
                 raise MessageError(501, "more than one Transfer-Encoding field")
             if value.lower() != b"chunked":
                 raise MessageError(501, "transfer coding other than chunked")
-            found.chunked = True
+            chunked = True
         elif name == b"connection":
-            connection += _tokens(value)
-        elif name == b"host":
-            found.hosts += 1
-        elif name == b"upgrade":
-            found.upgrade_field = True
-    found.connection = frozenset(connection)
-    return found
+            connection = connection | frozenset(_tokens(value))
+        else:
+            upgrade = True
+    return length, chunked, connection, hosts, upgrade
 
 
 def _request_match(head: bytes) -> re.Match[bytes]:
-    match = _REQUEST_HEAD.fullmatch(head)
-    if match is None and b"\n" in head.replace(b"\r\n", b""):
+    """The request head grammar, for a head whose lines end in bare LF (or a bad one)."""
+    match = None
+    if b"\n" in head.replace(b"\r\n", b""):
         match = _REQUEST_HEAD.fullmatch(_crlf_lines(head))
     if match is None:
         raise MessageError(400, "malformed request head")
@@ -217,29 +236,34 @@ def _request_match(head: bytes) -> re.Match[bytes]:
 
 def parse_request(head: bytes, limits: Limits) -> Request:
     """Parse a complete request head (through its blank line). Raises :class:`MessageError`."""
-    match = _request_match(_strip_blank_line(head))
+    text = head[:-4] if head.endswith(b"\r\n\r\n") else _strip_blank_line(head)
+    match = _REQUEST_HEAD.fullmatch(text) or _request_match(text)
     method, raw_target, major, minor_digit, block = match.groups()
-    if major != b"1" or minor_digit not in (b"0", b"1"):
+    minor = _MINORS.get(minor_digit)
+    if major != b"1" or minor is None:
         raise MessageError(505, "HTTP version not supported")
-    minor = int(minor_digit)
-    fields = _fields(block, limits)
-    found = _scan(fields, minor)
-    if found.hosts > 1 or (minor == 1 and found.hosts == 0):
+    fields = [(name.lower(), value) for name, value in _FIELD_ITEM.findall(block)]
+    if len(fields) > limits.max_fields:
+        raise MessageError(431, f"more than {limits.max_fields} header fields")
+    length, chunked, connection, hosts, upgrade_field = _scan(fields, minor)
+    if hosts != 1 and (hosts or minor == 1):
         raise MessageError(400, "a request needs exactly one Host field")
     if method == b"CONNECT":
         raise MessageError(501, "CONNECT is not supported by a reverse proxy")
-    target = origin_form(method, raw_target)
-    framing, length = Framing.NONE, 0
-    if found.chunked:
-        framing = Framing.CHUNKED
-    elif found.length is not None:
-        framing, length = Framing.LENGTH, found.length
+    # origin-form, the common case, checked inline (targets.origin_form has the rules).
+    if raw_target[:1] != b"/" or raw_target[1:2] == b"/" or b"#" in raw_target:
+        raw_target = origin_form(method, raw_target)
+    if chunked:
+        framing, size = _CHUNKED, 0
+    elif length is not None:
+        framing, size = _LENGTH, length
+    else:
+        framing, size = _NONE, 0
     # RFC 9112 §6.1: after a request with both length fields the server MUST close.
-    keep_alive = minor == 1 and b"close" not in found.connection
-    keep_alive = keep_alive and not (found.chunked and found.length is not None)
-    upgrade = found.upgrade_field and b"upgrade" in found.connection
-    return Request(
-        method, target, minor, fields, framing, length, keep_alive, upgrade, found.connection
+    keep_alive = minor == 1 and b"close" not in connection and not (chunked and length is not None)
+    upgrade = upgrade_field and b"upgrade" in connection
+    return _new_request(
+        (method, raw_target, minor, fields, framing, size, keep_alive, upgrade, connection)
     )
 
 
@@ -248,38 +272,38 @@ def parse_response(head: bytes, method: bytes, limits: Limits) -> Response:
     §6.3: 1xx, 204, 304 and any response to HEAD have no body whatever their fields say; then
     chunked, then Content-Length; else the body runs until the target closes. Raises
     :class:`MessageError` (the caller answers the client 502)."""
-    text = _strip_blank_line(head)
+    text = head[:-4] if head.endswith(b"\r\n\r\n") else _strip_blank_line(head)
     match = _RESPONSE_HEAD.fullmatch(text)
     if match is None and b"\n" in text.replace(b"\r\n", b""):
         match = _RESPONSE_HEAD.fullmatch(_crlf_lines(text))
     if match is None:
         raise MessageError(502, "malformed response head")
     major, minor_digit, status_digits, reason, block = match.groups()
-    if major != b"1" or minor_digit not in (b"0", b"1"):
+    minor = _MINORS.get(minor_digit)
+    if major != b"1" or minor is None:
         raise MessageError(502, "response in an HTTP version other than 1.0 or 1.1")
     status = int(status_digits)
     if status < 100:
         raise MessageError(502, "status code below 100")
-    minor = int(minor_digit)
+    fields = [(name.lower(), value) for name, value in _FIELD_ITEM.findall(block)]
+    if len(fields) > limits.max_fields:
+        raise MessageError(502, f"more than {limits.max_fields} header fields")
     try:
-        fields = _fields(block, limits)
-        found = _scan(fields, minor)
+        declared, chunked, connection, _hosts, _upgrade = _scan(fields, minor)
     except MessageError as exc:
         raise MessageError(502, exc.reason) from None
-    keep_alive = minor == 1 and b"close" not in found.connection
-    both = found.chunked and found.length is not None
-    declared = -1 if found.length is None else found.length
+    keep_alive = minor == 1 and b"close" not in connection
+    both = chunked and declared is not None
     if status < 200 or status in (204, 304) or method == b"HEAD":
-        framing, length = Framing.NONE, declared
-    elif found.chunked:
-        framing, length = Framing.CHUNKED, 0
-    elif found.length is not None:
-        framing, length = Framing.LENGTH, found.length
+        framing, length = _NONE, -1 if declared is None else declared
+    elif chunked:
+        framing, length = _CHUNKED, 0
+    elif declared is not None:
+        framing, length = _LENGTH, declared
     else:
-        framing, length, keep_alive = Framing.UNTIL_CLOSE, 0, False
-    reason = reason or b""
-    return Response(
-        status, reason, minor, fields, framing, length, keep_alive, both, found.connection
+        framing, length, keep_alive = _UNTIL_CLOSE, 0, False
+    return _new_response(
+        (status, reason or b"", minor, fields, framing, length, keep_alive, both, connection)
     )
 
 
@@ -312,6 +336,8 @@ def request_bytes(request: Request, field_lines: bytes) -> bytes:
     """The head sent to the target: HTTP/1.1, the origin-form target, ``field_lines`` (the
     rewritten fields, each ending in CRLF, no framing field), the framing field, the blank
     line."""
+    if request.framing is _NONE:
+        return b"%s %s HTTP/1.1\r\n%s\r\n" % (request.method, request.target, field_lines)
     return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
         request.method,
         request.target,
