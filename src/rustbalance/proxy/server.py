@@ -72,6 +72,7 @@ class ReverseProxy:
     accepting, lets in-flight sessions finish for a bounded time, then cuts the rest.
     ``splice=False`` forces the stream relay in tcp mode (TLS targets always use it).
     ``close_circuit`` (optional) asks tor to close a circuit the proxy cut (CLOSECIRCUIT).
+    ``summary_seconds``: how often the INFO summary line may be written.
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class ReverseProxy:
         interceptor: Interceptor | None = None,
         splice: bool = True,
         close_circuit: CloseCircuit | None = None,
+        summary_seconds: float = SUMMARY_SECONDS,
     ) -> None:
         self.settings = settings
         # tcp mode to a plain-TCP target relays with splice(2) where the OS has it.
@@ -106,6 +108,7 @@ class ReverseProxy:
         self._draining = False
         self._port = 0
         self._summary: asyncio.TimerHandle | None = None
+        self._summary_seconds = summary_seconds
         timeouts = settings.timeouts
         self._step = min(timeouts.head, timeouts.keep_alive, timeouts.body, timeouts.idle)
         self._summarised = ProxyStats()
@@ -164,7 +167,7 @@ class ReverseProxy:
             ", circuit ids from tor" if settings.circuit_ids else "",
             settings.target,
         )
-        self._summary = loop.call_later(SUMMARY_SECONDS, self._summarise)
+        self._summary = loop.call_later(self._summary_seconds, self._summarise)
 
     async def close(self, drain_timeout: float | None = None) -> None:
         """Stop accepting; wait up to ``drain_timeout`` (default: the setting) for sessions."""
@@ -217,13 +220,13 @@ class ReverseProxy:
     def _summarise(self) -> None:
         """The periodic INFO line; also forgets idle circuits."""
         now = self.stats.snapshot()
-        line = summary_line(self._summarised, now, SUMMARY_SECONDS)
+        line = summary_line(self._summarised, now, self._summary_seconds)
         if line is not None:
             log.info("%s", line)
         self._summarised = now
         loop = asyncio.get_running_loop()
         self.admission.sweep(loop.time())
-        self._summary = loop.call_later(SUMMARY_SECONDS, self._summarise)
+        self._summary = loop.call_later(self._summary_seconds, self._summarise)
 
     # -- per connection ---------------------------------------------------------------------
 
