@@ -183,41 +183,47 @@ async def test_tcp_mode_reads_the_proxy_line_and_relays_only_the_rest() -> None:
 
 async def test_tcp_mode_cuts_a_circuit_holding_too_many_streams() -> None:
     limits = CircuitLimits(max_connections=2, rate=0, cut_seconds=30)
-    async with tcp_server(_echo) as port:
-        async with running_proxy(_settings(port, mode="tcp", circuit_limits=limits)) as proxy:
-            held = []
-            for _ in range(2):
-                pair = await asyncio.open_connection("127.0.0.1", proxy.port)
-                pair[1].write(tor_proxy_line(11) + b"x")
-                held.append(pair)
-            await asyncio.sleep(0.3)
-            assert await _talk(proxy.port, tor_proxy_line(11) + b"third") == b""
-            for reader, writer in held:
-                assert await read_all(reader, 3) == b"x"  # echoed, then cut
-                writer.transport.abort()
-            assert proxy.stats.circuits_cut == 1
-            assert await _talk(proxy.port, tor_proxy_line(12) + b"other") == b"other"
+    async with (
+        tcp_server(_echo) as port,
+        running_proxy(_settings(port, mode="tcp", circuit_limits=limits)) as proxy,
+    ):
+        held = []
+        for _ in range(2):
+            pair = await asyncio.open_connection("127.0.0.1", proxy.port)
+            pair[1].write(tor_proxy_line(11) + b"x")
+            held.append(pair)
+        await asyncio.sleep(0.3)
+        assert await _talk(proxy.port, tor_proxy_line(11) + b"third") == b""
+        for reader, writer in held:
+            assert await read_all(reader, 3) == b"x"  # echoed, then cut
+            writer.transport.abort()
+        assert proxy.stats.circuits_cut == 1
+        assert await _talk(proxy.port, tor_proxy_line(12) + b"other") == b"other"
 
 
 async def test_tcp_mode_a_stream_over_the_rate_is_closed() -> None:
     limits = CircuitLimits(max_connections=0, rate=0.001, burst=2, cut_seconds=30)
-    async with tcp_server(_echo) as port:
-        async with running_proxy(_settings(port, mode="tcp", circuit_limits=limits)) as proxy:
-            answers = [await _talk(proxy.port, tor_proxy_line(13) + b"x") for _ in range(3)]
-            assert answers == [b"x", b"x", b""]
-            assert proxy.stats.throttled == 1
+    async with (
+        tcp_server(_echo) as port,
+        running_proxy(_settings(port, mode="tcp", circuit_limits=limits)) as proxy,
+    ):
+        answers = [await _talk(proxy.port, tor_proxy_line(13) + b"x") for _ in range(3)]
+        assert answers == [b"x", b"x", b""]
+        assert proxy.stats.throttled == 1
 
 
 async def test_tcp_mode_the_proxy_line_must_arrive_within_the_head_timeout() -> None:
-    async with tcp_server(_echo) as port:
-        async with running_proxy(_settings(port, mode="tcp", head_timeout=0.3)) as proxy:
-            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-            writer.write(b"PROXY TCP6 ")  # and nothing more
-            try:
-                assert await read_all(reader, 3) == b""
-            finally:
-                writer.transport.abort()
-            assert proxy.stats.head_timeouts == 1
+    async with (
+        tcp_server(_echo) as port,
+        running_proxy(_settings(port, mode="tcp", head_timeout=0.3)) as proxy,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"PROXY TCP6 ")  # and nothing more
+        try:
+            assert await read_all(reader, 3) == b""
+        finally:
+            writer.transport.abort()
+        assert proxy.stats.head_timeouts == 1
 
 
 # -- the unix socket (tor's HiddenServicePort 80 unix:PATH) ----------------------------------
