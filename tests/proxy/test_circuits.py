@@ -65,11 +65,27 @@ async def test_without_the_header_setting_the_target_sees_no_circuit() -> None:
     assert b"circuit" not in seen.received().lower()
 
 
-async def test_a_stream_without_tors_proxy_line_is_closed_unanswered(
+async def test_a_stream_without_tors_proxy_line_is_a_local_client_without_limits() -> None:
+    """tor writes its line before any byte of the client's, so a stream that does not start
+    with ``PROXY `` did not come through tor (curl on the node, a monitor): it is served,
+    counted against no circuit."""
+    limits = CircuitLimits(max_connections=1, rate=0.001, burst=1)
+    async with (
+        scripted_target(answer(b"ok")) as (port, seen),
+        running_proxy(_settings(port, circuit_limits=limits)) as proxy,
+    ):
+        for _ in range(3):
+            assert (await _talk(proxy.port, _GET)).endswith(b"ok")
+        assert proxy.stats.circuits_cut == proxy.stats.throttled == 0
+    assert seen.received().count(b"GET /page HTTP/1.1") == 3
+
+
+async def test_a_broken_proxy_line_is_closed_unanswered(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with scripted_target(answer(b"ok")) as (port, seen), running_proxy(_settings(port)) as p:
-        assert await _talk(p.port, _GET) == b""
+        broken = b"PROXY TCP6 fc00:dead:beef:4dad::1 ::1 1\r\n"
+        assert await _talk(p.port, broken + _GET) == b""
         assert p.stats.bad_requests == 1
     assert seen.received() == b""
     assert "HiddenServiceExportCircuitID" in caplog.text

@@ -87,6 +87,8 @@ _IFNAME = re.compile(r"[A-Za-z0-9_=+.-]{1,15}")
 # cluster), a /30 the smallest network with two hosts.
 _MIN_TUNNEL_PREFIX, _MAX_TUNNEL_PREFIX = 20, 30
 _WIREGUARD_PEERS_FILE = "wireguard_peers.json"
+# RFC 9110 §5.1: a header field name is a token.
+_FIELD_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]{1,64}")
 
 
 class ConfigProblems(ConfigError):
@@ -604,6 +606,14 @@ class _Builder:
         bootstrap = s.duration(
             "bootstrap_timeout_secs", _default(TorConfig, "bootstrap_timeout_secs")
         )
+        # --- the front door (issue 15): tor's per-circuit stream limit (tor.md; tor's
+        # hs_config.c: HiddenServiceMaxStreams is 0..65535) ---
+        max_streams = s.integer(
+            "max_streams_per_circuit", _default(TorConfig, "max_streams_per_circuit"), 0, 65535
+        )
+        close_circuit = s.boolean(
+            "max_streams_close_circuit", _default(TorConfig, "max_streams_close_circuit")
+        )
         s.finish()
         return TorConfig(
             data_dir=data_dir,
@@ -623,6 +633,8 @@ class _Builder:
             intro_dos_burst_per_sec=dos_burst,
             watchdog_interval_secs=watchdog,
             bootstrap_timeout_secs=bootstrap,
+            max_streams_per_circuit=max_streams,
+            max_streams_close_circuit=close_circuit,
         )
 
     def control(self, s: _Section) -> Endpoint | Path:
@@ -661,8 +673,72 @@ class _Builder:
         mode = cast(ProxyMode, s.choice("mode", _default(ProxyConfig, "mode"), ("http", "tcp")))
         max_conn = s.integer("max_connections", _default(ProxyConfig, "max_connections"), 1)
         drain = s.duration("drain_timeout_secs", _default(ProxyConfig, "drain_timeout_secs"))
+        front_door = self.front_door(s)
         s.finish()
-        return ProxyConfig(host, port, vport, mode, max_conn, drain)
+        return dataclasses.replace(
+            ProxyConfig(host, port, vport, mode, max_conn, drain), **front_door
+        )
+
+    # --- the front door (issue 15): [proxy] timeouts, limits, circuits, unix socket ---------
+
+    def front_door(self, s: _Section) -> dict[str, Any]:
+        """The [proxy] keys of the front door, as ProxyConfig keyword arguments."""
+        p = ProxyConfig
+
+        def dur(key: str) -> float:
+            return s.duration(key, _default(p, key))
+
+        def check_header(value: str) -> str | None:
+            if value and not _FIELD_NAME.fullmatch(value):
+                return "must be an HTTP header name (letters, digits, - and other token characters)"
+            return None
+
+        unix = s.optional_path("listen_unix", self.base)
+        if unix is not None and s.ok("listen_unix"):
+            length = len(os.fsencode(unix))
+            if length > _MAX_UNIX_SOCKET_PATH:
+                s.problem(
+                    "listen_unix",
+                    f"path is {length} bytes; unix socket paths are limited to "
+                    f"{_MAX_UNIX_SOCKET_PATH}",
+                )
+
+        def per_second(value: object) -> float | None:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                s.problem("circuit_request_rate", f"must be a number, got {_describe(value)}")
+                return None
+            if not math.isfinite(value) or not 0 <= value <= 1_000_000:
+                s.problem("circuit_request_rate", f"must be 0..1000000 (0 = off), got {value}")
+                return None
+            return float(value)
+
+        rate = s._get(
+            "circuit_request_rate", _default(p, "circuit_request_rate"), per_second, False
+        )
+        return {
+            "listen_unix": unix,
+            "request_head_timeout_secs": dur("request_head_timeout_secs"),
+            "keep_alive_timeout_secs": dur("keep_alive_timeout_secs"),
+            "request_body_timeout_secs": dur("request_body_timeout_secs"),
+            "max_head_bytes": s.integer(
+                "max_head_bytes", _default(p, "max_head_bytes"), 1024, 1 << 20
+            ),
+            "max_head_fields": s.integer(
+                "max_head_fields", _default(p, "max_head_fields"), 1, 10_000
+            ),
+            "export_circuit_id": s.boolean("export_circuit_id", _default(p, "export_circuit_id")),
+            "circuit_max_connections": s.integer(
+                "circuit_max_connections", _default(p, "circuit_max_connections"), 0, 65535
+            ),
+            "circuit_request_rate": rate,
+            "circuit_request_burst": s.integer(
+                "circuit_request_burst", _default(p, "circuit_request_burst"), 1, 1_000_000
+            ),
+            "circuit_cut_secs": dur("circuit_cut_secs"),
+            "circuit_id_header": s.text(
+                "circuit_id_header", _default(p, "circuit_id_header"), check=check_header
+            ),
+        }
 
     def publish(self) -> PublishConfig:
         s = self.section("publish")

@@ -132,6 +132,13 @@ class TorConfig:
     intro_dos_burst_per_sec: int = 200
     watchdog_interval_secs: float = 15.0
     bootstrap_timeout_secs: float = 120.0
+    # --- the front door (issue 15): tor's own per-circuit stream limit -------------------
+    # HiddenServiceMaxStreams: streams one rendezvous circuit may hold at once (0 = no limit;
+    # the proxy's own proxy.circuit_max_connections applies, with a log line and a metric).
+    max_streams_per_circuit: int = 0
+    # HiddenServiceMaxStreamsCloseCircuit: over that limit tor closes the circuit (else it
+    # refuses the stream).
+    max_streams_close_circuit: bool = True
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,32 @@ class ProxyConfig:
     mode: ProxyMode = "http"
     max_connections: int = 1024
     drain_timeout_secs: float = 3.0
+    # --- the front door (issue 15) --------------------------------------------------------
+    # Listen on this unix socket (0660) instead of listen_host:listen_port; tor's
+    # HiddenServicePort then points at unix:PATH.
+    listen_unix: Path | None = None
+    # A whole request head must arrive within this (from accept for the first request, from
+    # its first byte for a later one): 408, then close.
+    request_head_timeout_secs: float = 10.0
+    # A kept-alive connection may wait this long for its next request.
+    keep_alive_timeout_secs: float = 30.0
+    # The longest pause inside a request body: 408 (or a close once the answer started).
+    request_body_timeout_secs: float = 30.0
+    # Request heads: at most this many bytes and field lines (431; 414 for a request line).
+    max_head_bytes: int = 16 * 1024
+    max_head_fields: int = 100
+    # tor writes a PROXY line naming the rendezvous circuit of each stream
+    # (HiddenServiceExportCircuitID haproxy), so the limits below apply per circuit.
+    export_circuit_id: bool = True
+    # A circuit holding more streams at once is cut (0 = no limit).
+    circuit_max_connections: int = 32
+    # Every new stream and request takes a token; per second (0 = no limit) and burst.
+    circuit_request_rate: float = 20.0
+    circuit_request_burst: int = 200
+    # How long a cut circuit's new streams are refused.
+    circuit_cut_secs: float = 60.0
+    # Send the circuit id to the target in this request header ("" = off).
+    circuit_id_header: str = ""
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,7 @@ from rustbalance.node.status import NodeStatus, PeerStatus, StatusServer
 from rustbalance.node.supervisor import ShutdownHook, Supervisor, TaskSpec
 from rustbalance.node.torrc import (
     OB_CONFIG_FILENAME,
+    FrontDoorSettings,
     IntroDosSettings,
     OnionServiceSettings,
     PowSettings,
@@ -141,7 +142,7 @@ from rustbalance.node.torrc import (
     system_include_text,
 )
 from rustbalance.node.watchdog import TorWatchdog, WatchdogPolicy, run_tor_watchdog
-from rustbalance.proxy import ProxySettings, ReverseProxy, parse_target
+from rustbalance.proxy import CircuitLimits, ProxySettings, ReverseProxy, parse_target
 from rustbalance.proxy.eventloop import run as run_event_loop
 from rustbalance.proxy.fd_limit import raise_nofile_limit
 from rustbalance.tor.control import (
@@ -757,6 +758,12 @@ class Daemon:
                 if tor.intro_dos_enabled
                 else None
             ),
+            front_door=FrontDoorSettings(
+                proxy_unix=str(p) if (p := self.config.proxy.listen_unix) else None,
+                export_circuit_id=self.config.proxy.export_circuit_id,
+                max_streams=tor.max_streams_per_circuit,
+                max_streams_close_circuit=tor.max_streams_close_circuit,
+            ),
         )
 
     def _native_publishing_at_start(self) -> bool:
@@ -802,14 +809,38 @@ class Daemon:
                 max_session_seconds=cfg.target.session_timeout_secs or None,
                 max_connections=cfg.proxy.max_connections,
                 drain_timeout=cfg.proxy.drain_timeout_secs,
+                # The front door (issue 15): proxy/settings.py documents each.
+                listen_unix=str(p) if (p := cfg.proxy.listen_unix) else None,
+                head_timeout=cfg.proxy.request_head_timeout_secs,
+                keep_alive_timeout=cfg.proxy.keep_alive_timeout_secs,
+                body_timeout=cfg.proxy.request_body_timeout_secs,
+                max_header_bytes=cfg.proxy.max_head_bytes,
+                max_header_fields=cfg.proxy.max_head_fields,
+                circuit_ids=cfg.proxy.export_circuit_id,
+                circuit_limits=CircuitLimits(
+                    max_connections=cfg.proxy.circuit_max_connections,
+                    rate=cfg.proxy.circuit_request_rate,
+                    burst=cfg.proxy.circuit_request_burst,
+                    cut_seconds=cfg.proxy.circuit_cut_secs,
+                ),
+                circuit_header=cfg.proxy.circuit_id_header or None,
             )
             raise_nofile_limit(cfg.proxy.max_connections)
-            proxy = ReverseProxy(settings, interceptor=self.mesh.interceptor())
+            proxy = ReverseProxy(
+                settings, interceptor=self.mesh.interceptor(), close_circuit=self._close_circuit
+            )
             await proxy.start()
         except RustBalanceError as exc:
             raise StartupError(f"reverse proxy: {exc}") from None
         self.proxy = proxy
         return proxy
+
+    async def _close_circuit(self, circuit: int) -> None:
+        """The proxy cut a circuit: ask tor to close it (control-spec §3.16 CLOSECIRCUIT; the
+        id of tor's PROXY line is the circuit's global identifier, the control port's id)."""
+        if self.ctrl is not None:
+            async with asyncio.timeout(10):
+                await self.ctrl.request("CLOSECIRCUIT", str(circuit))
 
     async def _start_tor(self, proxy_port: int, socks_port: int) -> TorProcess:
         tor_cfg = self.config.tor

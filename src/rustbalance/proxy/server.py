@@ -35,7 +35,7 @@ from .session import (
 )
 from .settings import ProxyError, ProxySettings
 from .upstream import ConnectTimeout, Upstream, UpstreamError, connect_upstream
-from .wire import MAX_LINE, ProxyLine, ProxyLineError, read_proxy_line
+from .wire import MAX_LINE, NoProxyLine, ProxyLine, ProxyLineError, read_proxy_line
 
 log = logging.getLogger("rustbalance.proxy")
 
@@ -160,13 +160,17 @@ class ReverseProxy:
         except OSError as exc:
             raise ProxyError(f"cannot listen on {settings.where}: {exc.strerror or exc}") from exc
         where = settings.where if settings.listen_unix else f"{settings.listen_host}:{self._port}"
-        log.info(
-            "Proxy listening on %s (%s mode%s) -> %s",
-            where,
-            settings.mode,
-            ", circuit ids from tor" if settings.circuit_ids else "",
-            settings.target,
-        )
+        log.info("Proxy listening on %s (%s mode) -> %s", where, settings.mode, settings.target)
+        if settings.circuit_ids:
+            limits = settings.circuit_limits
+            log.info(
+                "Proxy reads tor's circuit ids: per circuit at most %s streams at once, "
+                "%s requests/s (burst %d); a circuit over them is cut for %g s",
+                limits.max_connections or "unlimited",
+                f"{limits.rate:g}" if limits.rate else "unlimited",
+                limits.burst,
+                limits.cut_seconds,
+            )
         self._summary = loop.call_later(self._summary_seconds, self._summarise)
 
     async def close(self, drain_timeout: float | None = None) -> None:
@@ -371,6 +375,11 @@ class ReverseProxy:
             return False
         if line is None:  # closed before the line
             return False
+        if line is _NO_CIRCUIT:  # a local client: no circuit, no circuit limits
+            if self.settings.mode == "tcp":
+                state.phase = Phase.CONNECTING
+                self.admission.waiting(state.session_id, False)
+            return True
         state.circuit = line.key
         loop = asyncio.get_running_loop()
         verdict = self.admission.identify(state.session_id, line.key, loop.time())
@@ -551,16 +560,25 @@ _ABORT_OUTCOMES = frozenset(
 )
 
 
+_NO_CIRCUIT = ProxyLine("local", None)
+
+
 async def _read_proxy_line(reader: asyncio.StreamReader) -> ProxyLine | None:
     """tor's PROXY line from the start of the stream (None if it closed first); the bytes
-    read after it go back to the reader. Never buffers more than the longest line."""
+    read after it go back to the reader. Never buffers more than the longest line. A stream
+    that does not start with ``PROXY `` did not come through tor (tor always writes the line
+    first): it is served without a circuit. Raises :class:`ProxyLineError` for a broken line."""
     buf = bytearray()
     while True:  # each turn reads at least one byte, at most MAX_LINE in all
         data = await reader.read(MAX_LINE - len(buf))
         if not data:
             return None
         buf += data
-        found = read_proxy_line(buf)
+        try:
+            found = read_proxy_line(buf)
+        except NoProxyLine:
+            unread(reader, bytes(buf))
+            return _NO_CIRCUIT
         if found is not None:
             line, used = found
             if used < len(buf):

@@ -25,7 +25,14 @@ from .heads import (
     request_head_problem,
     response_bytes,
 )
-from .proxy_line import MAX_LINE, ProxyLine, ProxyLineError, read_proxy_line, tor_proxy_line
+from .proxy_line import (
+    MAX_LINE,
+    NoProxyLine,
+    ProxyLine,
+    ProxyLineError,
+    read_proxy_line,
+    tor_proxy_line,
+)
 from .targets import origin_form
 
 __all__ = [
@@ -36,6 +43,7 @@ __all__ = [
     "Framing",
     "Limits",
     "MessageError",
+    "NoProxyLine",
     "ProxyLine",
     "ProxyLineError",
     "Request",

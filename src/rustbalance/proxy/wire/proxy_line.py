@@ -28,6 +28,10 @@ class ProxyLineError(ValueError):
     """Not a PROXY protocol v1 line."""
 
 
+class NoProxyLine(ProxyLineError):
+    """The stream does not start with ``PROXY ``: it did not come through tor (a local client)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyLine:
     """Where a stream came from: ``circuit`` is tor's circuit id (None for a source outside
@@ -56,7 +60,7 @@ def read_proxy_line(buf: bytes | bytearray) -> tuple[ProxyLine, int] | None:
     bytes are needed. Raises :class:`ProxyLineError` as soon as ``buf`` cannot be one."""
     head = bytes(buf[: len(_SIGNATURE)])
     if head != _SIGNATURE[: len(head)]:
-        raise ProxyLineError("the stream does not start with a PROXY line")
+        raise NoProxyLine("the stream does not start with a PROXY line")
     end = buf.find(b"\r\n", 0, MAX_LINE)
     if end < 0:
         if len(buf) >= MAX_LINE:
