@@ -20,6 +20,7 @@ from pathlib import Path
 MODULES: tuple[str, ...] = (
     "benchmarks.bench_descriptor",
     "benchmarks.bench_proxy",
+    "benchmarks.bench_frontdoor",
     "benchmarks.bench_memory",
     "benchmarks.bench_onion",
 )

@@ -5,10 +5,12 @@ a lock-out:
 
 - **Waiting connections make room.** A connection that has not yet sent a complete request
   head (or waits idle for its next request) holds a slot nobody uses. At the cap a new
-  connection displaces one of them: from the circuit holding the most connections, the one
-  waiting longest. Only when every slot is busy with a request is the newcomer refused. So
-  connections that never send a request never lock out a real client, and under contention
-  each circuit's share shrinks first where it is largest.
+  connection displaces one of them: of the ``CANDIDATES`` connections waiting longest, the
+  one whose circuit holds the most connections (the longest-waiting of those on a tie).
+  Only when every slot is busy with a request is the newcomer refused. So connections that
+  never send a request never lock out a real client, and under contention each circuit's
+  share shrinks first where it is largest. Choosing costs O(``CANDIDATES``), however many
+  circuits there are (an attacker may use a new circuit per connection).
 - **Per-circuit limits** (tor tells which circuit a stream came on: ``.wire.proxy_line``).
   Every new stream and every request takes a token from the circuit's bucket (``rate`` per
   second, up to ``burst``). An empty bucket answers 429; a circuit that goes on until it owes
@@ -23,7 +25,7 @@ The asyncio shell (:mod:`.server`) acts on the verdicts: closes the victim, answ
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 Key = int | str | None  # a circuit id, a source address, or None (no PROXY line)
@@ -31,6 +33,8 @@ Key = int | str | None  # a circuit id, a source address, or None (no PROXY line
 # Entries of circuits with no connection, no cut and a full bucket are forgotten; beyond this
 # many entries a sweep runs at once (a bound on memory under a many-circuit attack).
 _MAX_CIRCUITS = 65536
+# How many of the longest-waiting connections a displacement looks at (see above).
+CANDIDATES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +60,6 @@ class _Circuit:
     stamp: float
     connections: int = 0
     cut_until: float = 0.0
-    # Sessions of this circuit waiting for a request, in the order they started waiting.
-    waiting: dict[int, None] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -76,10 +78,11 @@ class Cut:
 class Admission:
     """Connection slots and per-circuit state of one proxy.
 
-    A session enters its circuit's waiting list when it starts to wait for a request
-    (:meth:`waiting`); it does not have to leave it when a request arrives: ``is_waiting``
-    (the shell's view of the session's phase) is asked when a victim is chosen, and entries
-    that no longer wait are dropped then. So the per-request cost is one call.
+    A session enters the waiting list when it starts to wait for a request (:meth:`waiting`,
+    at the end: the list is in the order sessions started waiting); it does not have to leave
+    it when a request arrives: ``is_waiting`` (the shell's view of the session's phase) is
+    asked when a victim is chosen, and entries that no longer wait are dropped then. So the
+    per-request cost is one call.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class Admission:
         self.is_waiting = is_waiting
         self._sessions: dict[int, _Session] = {}
         self._circuits: dict[Key, _Circuit] = {}
+        self._waiting: dict[int, None] = {}  # ordered: who started waiting first
         self.last_cut: Cut | None = None
 
     # -- slots --------------------------------------------------------------------------------
@@ -111,38 +115,40 @@ class Admission:
                 return False, None
             self._forget(victim)
         self._sessions[session] = _Session(None)
-        circuit = self._circuit(None, now)
-        circuit.connections += 1
-        circuit.waiting[session] = None
+        self._circuit(None, now).connections += 1
+        self._waiting[session] = None
         return True, victim
 
     def _victim(self) -> int | None:
-        """The waiting session to displace: of the circuit with the most connections, the one
-        waiting longest."""
-        while True:  # each turn drops stale entries or returns; bounded by the entries
-            best: _Circuit | None = None
-            for circuit in self._circuits.values():
-                if circuit.waiting and (best is None or circuit.connections > best.connections):
-                    best = circuit
-            if best is None:
-                return None
-            waiting = best.waiting
-            while waiting:
-                session = next(iter(waiting))
-                if self.is_waiting(session):
-                    return session
-                del waiting[session]  # it works on a request now
+        """The waiting session to displace: of the CANDIDATES waiting longest, the one whose
+        circuit holds the most connections."""
+        waiting, sessions, circuits = self._waiting, self._sessions, self._circuits
+        best: int | None = None
+        most = -1
+        seen = 0
+        stale: list[int] = []
+        for session in waiting:  # bounded: CANDIDATES live ones, plus the stale ones dropped
+            if not self.is_waiting(session):
+                stale.append(session)  # it works on a request now
+                continue
+            count = circuits[sessions[session].key].connections
+            if count > most:
+                best, most = session, count
+            seen += 1
+            if seen >= CANDIDATES:
+                break
+        for session in stale:
+            del waiting[session]
+        return best
 
     def waiting(self, session: int, flag: bool) -> None:
-        """The session starts to wait for a request (True: it goes to the end of its
-        circuit's list) or works on one (False; optional, see the class docstring)."""
-        entry = self._sessions.get(session)
-        if entry is None:
+        """The session starts to wait for a request (True: it goes to the end of the list) or
+        works on one (False; optional, see the class docstring)."""
+        if session not in self._sessions:
             return
-        waiting = self._circuits[entry.key].waiting
-        waiting.pop(session, None)
+        self._waiting.pop(session, None)
         if flag:
-            waiting[session] = None
+            self._waiting[session] = None
 
     def release(self, session: int) -> None:
         """The connection closed (also after it was displaced: then nothing is left to do)."""
@@ -151,9 +157,8 @@ class Admission:
 
     def _forget(self, session: int) -> None:
         entry = self._sessions.pop(session)
-        circuit = self._circuits[entry.key]
-        circuit.connections -= 1
-        circuit.waiting.pop(session, None)
+        self._circuits[entry.key].connections -= 1
+        self._waiting.pop(session, None)
 
     # -- circuits -----------------------------------------------------------------------------
 
@@ -172,14 +177,10 @@ class Admission:
         entry = self._sessions.get(session)
         if entry is None:
             return Verdict.REFUSE  # displaced meanwhile
-        old = self._circuits[entry.key]
-        old.connections -= 1
-        was_waiting = old.waiting.pop(session, 0) is None
+        self._circuits[entry.key].connections -= 1
         entry.key = key
         circuit = self._circuit(key, now)
         circuit.connections += 1
-        if was_waiting:
-            circuit.waiting[session] = None
         if key is None:
             return Verdict.OK
         if circuit.cut_until > now:

@@ -347,10 +347,14 @@ class ReverseProxy:
         self._expire(conn, why)
 
     def _expire(self, conn: _Conn, why: Outcome) -> None:
-        """End a connection: gracefully by its mode where it can, else by cancelling it."""
+        """End a connection: gracefully by its mode where it can, else by cancelling it (not
+        the task running this: the connection whose own stream cut its circuit ends by
+        itself, and a cancel it would never await again would end it as cancelled)."""
         if conn.expire is not None and conn.expire(why):
             return
         conn.state.set_outcome(why)
+        if conn.task is asyncio.current_task():
+            return
         self._stopped_by_us.add(conn.task)
         conn.task.cancel()
 

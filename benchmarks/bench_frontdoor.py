@@ -1,0 +1,94 @@
+"""The front door under attack: RustBalance beside HAProxy, in one run (issue 15).
+
+For each attack of :mod:`benchmarks.frontdoor` (2,000 slow-header connections, 2,000 idle
+connections, one circuit opening streams as fast as it can) and each proxy (HAProxy 2.6 with
+its usual timeouts and per-circuit stick-table limits; RustBalance with its defaults), a
+fresh proxy in front of one static application, the attack held WARM seconds (longer than
+the 10 s head timeout, so the attacker is cycling), then a legitimate client measured for
+SECONDS: its success rate (a 200 within LIMIT seconds, each request a new connection on its
+own circuit) and its latency. Both proxies get the same connection cap. The same attack
+through real tor on the private network is ``tests/node_e2e/test_front_door_tor.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from benchmarks import frontdoor as fd
+
+ATTACK_CONNECTIONS = 2000
+CAP = 1024  # RustBalance's default max_connections; HAProxy's frontend maxconn the same
+HEAD_TIMEOUT = 10.0  # RustBalance's default; HAProxy's timeout http-request the same
+WARM = 12.0
+SECONDS = 20.0
+GOAL = 0.99
+
+_WHAT = {
+    "slow": f"{ATTACK_CONNECTIONS} slow-header connections (one header byte a second)",
+    "idle": f"{ATTACK_CONNECTIONS} idle connections (tor's PROXY line, then nothing)",
+    "circuit": f"one circuit opening streams as fast as it can (up to {ATTACK_CONNECTIONS})",
+}
+
+
+def run() -> list[str]:
+    rows: list[str] = []
+    verdicts: list[str] = []
+    static = fd.free_port()
+    with fd.haproxy(fd.static_target_config(static), static):
+        for kind in fd.KINDS:
+            hap_port = fd.free_port()
+            config = fd.haproxy_config(hap_port, static, cap=CAP, head_timeout=HEAD_TIMEOUT)
+            with fd.haproxy(config, hap_port):
+                hap = fd.measure(hap_port, kind, ATTACK_CONNECTIONS, warm=WARM, seconds=SECONDS)
+            with fd.rustbalance(static, max_connections=CAP) as ours_proxy:
+                ours = fd.measure(
+                    ours_proxy.port, kind, ATTACK_CONNECTIONS, warm=WARM, seconds=SECONDS
+                )
+            stats = ours_proxy.stats
+            for name, result, note in (
+                ("HAProxy", hap, "—"),
+                (
+                    "RustBalance",
+                    ours,
+                    f"{stats.get('evicted', 0)} waiting connections displaced, "
+                    f"{stats.get('circuits_cut', 0)} circuits cut",
+                ),
+            ):
+                rows.append(
+                    f"| {_WHAT[kind]} | {name} | {result.success:.1%} ({result.ok} of "
+                    f"{result.ok + result.failed}) | {result.p50 * 1000:.0f} | "
+                    f"{result.percentile(0.95) * 1000:.0f} | {note} |"
+                )
+            met = ours.success >= GOAL and ours.success >= hap.success
+            verdicts.append(
+                f"- {kind}: RustBalance {ours.success:.1%}, HAProxy {hap.success:.1%}: "
+                f"{'met' if met else 'NOT met'}."
+            )
+    return [
+        "## Front door under attack (RustBalance vs HAProxy)",
+        "",
+        f"A legitimate client makes one request every 0.05 s for {SECONDS:.0f} s, each a new "
+        "connection starting with tor's PROXY line for its own circuit, while an attacker "
+        f"(its own process) has held its connections for {WARM:.0f} s already; a request "
+        f"succeeds when its 200 arrives within 5 s. Both proxies: cap {CAP} connections, a "
+        f"request head within {HEAD_TIMEOUT:.0f} s. HAProxy 2.6 (`mode http`, `timeout "
+        f"http-request {HEAD_TIMEOUT:.0f}s`, `timeout http-keep-alive 30s`, `accept-proxy`, a "
+        "stick table per circuit: over 32 connections at once refused, over 200 requests per "
+        "10 s a 429); RustBalance with its defaults (waiting connections displaced at the cap, "
+        "32 streams per circuit, 20 requests/s with a burst of 200, a cut circuit refused for "
+        f"60 s). {os.cpu_count()} cores, everything on 127.0.0.1.",
+        "",
+        "| attack | proxy | legitimate success | p50 ms | p95 ms | RustBalance did |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Goal: the legitimate client's success >= {GOAL:.0%} in every case, and no worse than "
+        "HAProxy's:",
+        "",
+        *verdicts,
+        "",
+    ]
+
+
+if __name__ == "__main__":
+    print("\n".join(run()))
