@@ -291,10 +291,13 @@ def rustbalance(target: int, **options: object) -> Iterator[Ours]:
             proc.stdout.close()
 
 
-def haproxy_config(port: int, target: int, *, cap: int, head_timeout: float) -> str:
+def haproxy_config(
+    port: int, target: int, *, cap: int, head_timeout: float, per_circuit: int = 32
+) -> str:
     """HAProxy 2.6 as an onion operator runs it: its usual timeouts (``timeout http-request``
     for the head, ``http-keep-alive``, client/server), tor's PROXY line accepted, and the usual
-    per-source (here: per-circuit) limits in a stick table: at most 32 connections at once,
+    per-source (here: per-circuit) limits in a stick table: at most ``per_circuit``
+    connections at once,
     at most 200 requests per 10 s (429 above). The rules are ``tcp-request session`` ones:
     those run once the PROXY line is read (``tcp-request connection`` ones run before it)."""
     return f"""
@@ -312,7 +315,7 @@ frontend fe
     maxconn {cap}
     stick-table type ipv6 size 100k expire 60s store conn_cur,http_req_rate(10s)
     tcp-request session track-sc0 src
-    tcp-request session reject if {{ sc0_conn_cur gt 32 }}
+    tcp-request session reject if {{ sc0_conn_cur gt {per_circuit} }}
     http-request deny deny_status 429 if {{ sc0_http_req_rate gt 200 }}
     default_backend be
 backend be

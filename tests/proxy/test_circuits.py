@@ -2,7 +2,7 @@
 (``HiddenServiceExportCircuitID haproxy``); the unix socket listener; the summary line.
 
 The PROXY line here is the exact line tor writes (tor's own test vector is checked in
-test_wire.py); the end-to-end test through a real tor is in tests/node_e2e/test_front_door_tor.py.
+test_wire.py); the end-to-end test through a real tor is in tests/proxy/test_front_door_tor.py.
 """
 
 from __future__ import annotations
