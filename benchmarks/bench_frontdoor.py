@@ -26,7 +26,7 @@ ATTACK_CONNECTIONS = 2000
 CAP = 1024  # RustBalance's default max_connections; HAProxy's frontend maxconn the same
 HEAD_TIMEOUT = 10.0  # RustBalance's default; HAProxy's timeout http-request the same
 WARM = 12.0
-SECONDS = 20.0
+SECONDS = 30.0
 GOAL = 0.99
 
 _WHAT = {
@@ -83,7 +83,8 @@ def _local() -> list[str]:
     return [
         "## Front door under attack (RustBalance vs HAProxy)",
         "",
-        f"A legitimate client makes one request every 0.05 s for {SECONDS:.0f} s, each a new "
+        f"A legitimate client makes one request every {fd.INTERVAL:g} s for {SECONDS:.0f} s, "
+        "each a new "
         "connection starting with tor's PROXY line for its own circuit, while an attacker "
         f"(its own process) has held its connections for {WARM:.0f} s already; a request "
         f"succeeds when its 200 arrives within 5 s. Both proxies: cap {CAP} connections, a "

@@ -13,8 +13,8 @@ Attacks (each from its own process, ``python -m benchmarks.frontdoor KIND PORT C
 Every connection starts with the PROXY line tor writes (``HiddenServiceExportCircuitID
 haproxy``): the ``slow`` and ``idle`` attackers use a new circuit per connection (the worst
 case for per-circuit limits), ``circuit`` one circuit for all. The legitimate client opens a
-new connection per request on its own circuit, one request every ``interval`` seconds; a
-request succeeds when its 200 arrives within ``timeout`` seconds. Everything runs on
+new connection per request on its own circuit, one request every ``INTERVAL`` seconds; a
+request succeeds when its 200 arrives within 5 seconds. Everything runs on
 127.0.0.1; every process is stopped by PID.
 """
 
@@ -41,6 +41,9 @@ from rustbalance.proxy.wire import tor_proxy_line
 
 KINDS = ("slow", "idle", "circuit")
 LEGIT_CIRCUIT = 42
+# The legitimate client's pace: 5 requests a second on its one circuit, each a new stream (10
+# of the circuit's tokens a second: within the default 20/s, as a browser's use would be).
+INTERVAL = 0.2
 ATTACK_CIRCUIT = 666
 _REQUEST = b"GET / HTTP/1.1\r\nHost: frontdoor\r\nConnection: close\r\n\r\n"
 _ROOT = Path(__file__).resolve().parent.parent
@@ -209,7 +212,7 @@ async def _one_request(port: int, limit: float) -> float | None:
 
 
 async def legitimate_client(
-    port: int, seconds: float, *, interval: float = 0.05, limit: float = 5.0
+    port: int, seconds: float, *, interval: float = INTERVAL, limit: float = 5.0
 ) -> Result:
     """One request every ``interval`` seconds (each its own connection, in flight together
     when slow) for ``seconds``; a request succeeds when its 200 arrives within ``limit``

@@ -8,32 +8,59 @@ from hypothesis import strategies as st
 from rustbalance.proxy.admission import Admission, CircuitLimits, Verdict
 
 
+def _admit_waiting(admission: Admission, *sessions: int, now: float = 0.0) -> None:
+    """Admit, then find waiting (what the session does once it looked at its bytes)."""
+    for session in sessions:
+        assert admission.admit(session, now) == (True, None)
+        admission.waiting(session, True)
+
+
 def test_a_waiting_connection_makes_room_the_oldest_first() -> None:
     admission = Admission(3)
-    for session in (1, 2, 3):
-        assert admission.admit(session, 0.0) == (True, None)
+    _admit_waiting(admission, 1, 2, 3)
     assert admission.admit(4, 1.0) == (True, 1)  # 1 waited longest
     assert admission.active == 3
     admission.release(1)  # the displaced connection closes: nothing left to do
     assert admission.active == 3
 
 
+def test_a_newcomer_is_never_displaced_before_it_was_looked_at() -> None:
+    """A reconnect storm keeps the accept loop busy: the newcomers the proxy has not read
+    yet take the count over the cap (to twice it) rather than being taken for idle; once
+    found waiting over the cap, the longest-waiting go."""
+    busy: set[int] = set()
+    admission = Admission(2, is_waiting=lambda session: session not in busy)
+    _admit_waiting(admission, 1, 2)
+    busy.update({1, 2})  # both busy with a request
+    assert admission.admit(3, 1.0) == (True, None)  # over the cap, not looked at yet
+    assert admission.admit(4, 1.0) == (True, None)
+    assert admission.admit(5, 1.0) == (False, None)  # twice the cap and nobody waiting
+    assert admission.make_room(3) == (False, None)  # 3 has a request: every slot is busy
+    admission.release(3)  # (refused: 503)
+    admission.waiting(4, True)  # 4 was found waiting: the next newcomer displaces it
+    assert admission.admit(5, 2.0) == (True, 4)
+    assert admission.active == 3  # 1, 2 busy; 5 not looked at yet
+    assert admission.make_room(5) == (False, None)  # a request too: refused, 2 stay busy
+
+
 def test_only_waiting_connections_make_room() -> None:
     busy: set[int] = set()
     admission = Admission(2, is_waiting=lambda session: session not in busy)
-    admission.admit(1, 0.0)
-    admission.admit(2, 0.0)
+    _admit_waiting(admission, 1, 2)
     busy.update({1, 2})  # both work on a request
-    assert admission.admit(3, 1.0) == (False, None)
+    assert admission.admit(3, 1.0) == (True, None)
+    assert admission.admit(4, 1.0) == (True, None)
+    assert admission.admit(5, 1.0) == (False, None)
     busy.discard(2)
+    admission.release(3)
+    admission.release(4)
     admission.waiting(2, True)  # 2's response ended: it waits again
     assert admission.admit(3, 2.0) == (True, 2)
 
 
 def test_a_connection_that_waits_again_goes_to_the_end_of_the_line() -> None:
     admission = Admission(3)
-    for session in (1, 2, 3):
-        admission.admit(session, 0.0)
+    _admit_waiting(admission, 1, 2, 3)
     admission.waiting(1, False)
     admission.waiting(1, True)  # 1 served a request and waits again: the newest waiter
     assert admission.admit(4, 1.0) == (True, 2)
@@ -41,13 +68,13 @@ def test_a_connection_that_waits_again_goes_to_the_end_of_the_line() -> None:
 
 def test_the_circuit_holding_most_connections_gives_way_first() -> None:
     admission = Admission(4, CircuitLimits(max_connections=0, rate=0))
-    for session in (1, 2, 3, 4):
-        admission.admit(session, 0.0)
+    _admit_waiting(admission, 1, 2, 3, 4)
     admission.identify(1, 100, 0.0)  # an ordinary client
     for session in (2, 3, 4):
         admission.identify(session, 666, 0.0)  # one circuit holds three
     assert admission.admit(5, 1.0) == (True, 2)
     admission.identify(5, 200, 1.0)
+    admission.waiting(5, True)
     assert admission.admit(6, 1.0) == (True, 3)
 
 
@@ -146,7 +173,7 @@ def test_any_sequence_keeps_the_books_straight(ops: list[tuple[str, int, int | N
                     live.discard(victim)
                 live.add(session)
             else:
-                assert len(live) >= 5
+                assert len(live) >= 10
         elif op == "identify" and session in live:
             admission.identify(session, circuit, now)
         elif op == "request" and session in live:
@@ -161,4 +188,4 @@ def test_any_sequence_keeps_the_books_straight(ops: list[tuple[str, int, int | N
             admission.release(session)
             live.discard(session)
             busy.discard(session)
-        assert admission.active == len(live) <= 5
+        assert admission.active == len(live) <= 10

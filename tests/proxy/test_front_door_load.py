@@ -24,12 +24,12 @@ def application() -> Iterator[int]:
 @pytest.mark.parametrize("kind", fd.KINDS)
 def test_a_legitimate_client_is_served_during_the_attack(application: int, kind: str) -> None:
     with fd.rustbalance(application, max_connections=100, head_timeout=2.0) as proxy:
-        result = fd.measure(proxy.port, kind, 300, warm=3.0, seconds=5.0)
+        result = fd.measure(proxy.port, kind, 300, warm=3.0, seconds=8.0)
     print(
         f"\n{kind}: {result.ok} of {result.ok + result.failed} served, p95 "
         f"{result.percentile(0.95) * 1000:.0f} ms; proxy {proxy.stats}"
     )
-    assert result.ok + result.failed >= 60
+    assert result.ok + result.failed >= 30
     assert result.success >= 0.99
     # The attack really filled the cap (connections were displaced) or was cut.
     if kind == "circuit":

@@ -257,6 +257,7 @@ async def test_over_the_cap_a_client_gets_503_only_when_every_slot_is_busy() -> 
             busy = await HttpClient.connect(proxy.port)
             pending = asyncio.create_task(busy.request(b"GET", b"/slow"))
             await asyncio.sleep(0.3)
+            # Every slot busy: a newcomer's request is refused once it is read.
             answer = await raw_exchange(proxy.port, request)
             assert answer.startswith(b"HTTP/1.1 503 ")
             assert proxy.stats.rejected == 1

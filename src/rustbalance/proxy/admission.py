@@ -6,11 +6,20 @@ a lock-out:
 - **Waiting connections make room.** A connection that has not yet sent a complete request
   head (or waits idle for its next request) holds a slot nobody uses. At the cap a new
   connection displaces one of them: of the ``CANDIDATES`` connections waiting longest, the
-  one whose circuit holds the most connections (the longest-waiting of those on a tie).
-  Only when every slot is busy with a request is the newcomer refused. So connections that
-  never send a request never lock out a real client, and under contention each circuit's
-  share shrinks first where it is largest. Choosing costs O(``CANDIDATES``), however many
-  circuits there are (an attacker may use a new circuit per connection).
+  one whose circuit holds the most connections (the longest-waiting of those on a tie). So
+  connections that never send a request never lock out a real client, and under contention
+  each circuit's share shrinks first where it is largest. Choosing costs O(``CANDIDATES``),
+  however many circuits there are (an attacker may use a new circuit per connection).
+- **Only a connection found waiting can be displaced.** A connection joins the waiting list
+  when its session has looked at what arrived and found no complete request (:meth:`waiting`),
+  never at accept: a real client's request is read before it could be taken for idle, even
+  when an attacker's reconnect storm keeps the accept loop busy. So newcomers the proxy has
+  not looked at yet may take the count over the cap (up to ``hard_limit``, twice the cap);
+  every newcomer at or over the cap displaces one found waiting, and a newcomer over the cap
+  that turns out to be busy (a request, or a tcp stream to relay) must make room
+  (:meth:`make_room`): it displaces a waiting one, or it is refused (503). So at most
+  ``max_connections`` connections are ever busy. When the count reaches the hard limit with
+  nobody waiting, a newcomer is refused at accept.
 - **Per-circuit limits** (tor tells which circuit a stream came on: ``.wire.proxy_line``).
   Every new stream and every request takes a token from the circuit's bucket (``rate`` per
   second, up to ``burst``). An empty bucket answers 429; a circuit that goes on until it owes
@@ -92,6 +101,7 @@ class Admission:
         is_waiting: Callable[[int], bool] = lambda _session: True,
     ) -> None:
         self.max_connections = max_connections
+        self.hard_limit = 2 * max_connections
         self.limits = limits or CircuitLimits()
         self.is_waiting = is_waiting
         self._sessions: dict[int, _Session] = {}
@@ -106,17 +116,31 @@ class Admission:
         return len(self._sessions)
 
     def admit(self, session: int, now: float) -> tuple[bool, int | None]:
-        """A new connection (waiting for its request): (admitted, the waiting session to close
-        to make room or None). When admitted, the newcomer has its slot already."""
+        """A new connection: (admitted, the waiting session to close to make room or None).
+        When admitted, the newcomer has its slot already; it is not on the waiting list (see
+        the module docstring)."""
         victim: int | None = None
-        if len(self._sessions) >= self.max_connections:
+        count = len(self._sessions)
+        if count >= self.max_connections:
             victim = self._victim()
-            if victim is None:
+            if victim is not None:
+                self._forget(victim)
+            elif count >= self.hard_limit:
                 return False, None
-            self._forget(victim)
         self._sessions[session] = _Session(None)
         self._circuit(None, now).connections += 1
-        self._waiting[session] = None
+        return True, victim
+
+    def make_room(self, session: int) -> tuple[bool, int | None]:
+        """The session starts work (a request, a tcp relay): within the cap, (True, None);
+        over it, (True, the waiting session to close) or (False, None): refuse this one."""
+        if len(self._sessions) <= self.max_connections or session not in self._sessions:
+            return True, None
+        self._waiting.pop(session, None)
+        victim = self._victim()
+        if victim is None:
+            return False, None
+        self._forget(victim)
         return True, victim
 
     def _victim(self) -> int | None:
@@ -142,8 +166,8 @@ class Admission:
         return best
 
     def waiting(self, session: int, flag: bool) -> None:
-        """The session starts to wait for a request (True: it goes to the end of the list) or
-        works on one (False; optional, see the class docstring)."""
+        """The session was found waiting for a request (True: it goes to the end of the list)
+        or works on one (False; optional, see the class docstring)."""
         if session not in self._sessions:
             return
         self._waiting.pop(session, None)

@@ -94,8 +94,8 @@ class HttpContext:
     rules: RewriteRules
     stats: ProxyStats
     connect: Callable[[], Awaitable[Upstream]]
-    # A request head arrived: None to go on, or a status to answer instead (429), or 0 to
-    # close at once (the circuit is cut). Per-circuit limits live in the server.
+    # A request head arrived: None to go on, or a status to answer instead (503, 429), or 0
+    # to close at once (the circuit is cut). The cap and per-circuit limits live in the server.
     on_request: RequestVerdict
     # Session id, and True: it waits for a request again (a waiting connection may be
     # displaced at the cap; that it works on one the cap's bookkeeping reads from its phase).
@@ -228,6 +228,10 @@ class HttpSession:
                 self.on_data(early)
             else:
                 self._guard(self._next_request)
+            if self.request is None and self.parked is None:
+                # Found waiting for its request (what arrived is read: a request that was
+                # there already made it busy): it may be displaced at the cap meanwhile.
+                self.ctx.waiting(self.state.session_id, True)
             while True:  # one turn per park; ends with _END or a protocol switch
                 need = await self.wake
                 self.wake = self.loop.create_future()
@@ -412,14 +416,13 @@ class HttpSession:
         state.requests += 1
         stats.requests += 1
         state.phase = _ACTIVE
-        # Per-circuit limits only where tor named the circuit (the server's admission).
-        verdict = None if state.circuit is None else self.ctx.on_request(state)
+        verdict = self.ctx.on_request(state)  # the cap and the circuit's limits
         self.request = request
         self.answered = False
         self.close_after = not request.keep_alive
         if verdict is not None:
             if verdict:
-                self._send_error(verdict)  # 429: over the circuit's rate
+                self._send_error(verdict)  # 503: every slot busy; 429: over the circuit's rate
             else:
                 self._end(Outcome.CIRCUIT_CUT, abort=True)
             return

@@ -1,13 +1,13 @@
 """A stream protocol whose bytes can be diverted to callbacks (asyncio shell).
 
 Streams (``StreamReader``/``StreamWriter``) cost a future, a task wake-up and a coroutine
-switch per read. http mode's fast path instead runs in the protocol callbacks themselves
+switch per read. http mode's session instead runs in the protocol callbacks themselves
 (see :mod:`.http`): while a :class:`Sink` is attached, received bytes, EOF, connection loss
 and write flow control go to the sink; without one the protocol is a plain
-``asyncio.StreamReaderProtocol``, so the h11 path, the relays and the TLS/SOCKS code keep
-using streams on the very same connection. Switching is instant in both directions: no
-byte is left behind in between (what the reader buffered before the switch is handed over
-with :func:`take_buffered`).
+``asyncio.StreamReaderProtocol``, so tcp mode, the relay after a protocol switch, the PROXY
+line reader and the TLS/SOCKS code keep using streams on the very same connection.
+Switching is instant in both directions: no byte is left behind in between (what the reader
+buffered before the switch is handed over with :func:`take_buffered`).
 """
 
 from __future__ import annotations

@@ -263,14 +263,19 @@ class ReverseProxy:
             displaced = self._conns.get(victim)
             if displaced is not None:
                 self._expire(displaced, Outcome.EVICTED)
+        if settings.mode == "tcp" and not settings.circuit_ids:
+            # Nothing to wait for: the stream is relayed at once, so it must fit the cap now.
+            state.phase = Phase.CONNECTING
+            if not self._make_room(state):
+                self.admission.release(sid)
+                log.debug("%s", state.log_line(loop.time(), settings.mode))
+                await self._reject(reader, writer, 503)
+                return
         conn = _Conn(task, state)
         self._conns[sid] = conn
         self.stats.active += 1
         self.stats.total += 1
         _set_nodelay(writer)
-        if settings.mode == "tcp" and not settings.circuit_ids:
-            state.phase = Phase.CONNECTING  # nothing to wait for: connect at once
-            self.admission.waiting(sid, False)
         self._arm(conn)
         try:
             if await self._identify(conn, reader, writer):
@@ -368,6 +373,9 @@ class ReverseProxy:
         if not self.settings.circuit_ids:
             return True
         state = conn.state
+        if not _buffered(reader):
+            # Found waiting for tor's line: it may be displaced at the cap meanwhile.
+            self.admission.waiting(state.session_id, True)
         try:
             line = await _read_proxy_line(reader)
         except ProxyLineError as exc:
@@ -383,6 +391,7 @@ class ReverseProxy:
             if self.settings.mode == "tcp":
                 state.phase = Phase.CONNECTING
                 self.admission.waiting(state.session_id, False)
+                return self._make_room(state)
             return True
         state.circuit = line.key
         loop = asyncio.get_running_loop()
@@ -391,6 +400,7 @@ class ReverseProxy:
             if self.settings.mode == "tcp":
                 state.phase = Phase.CONNECTING
                 self.admission.waiting(state.session_id, False)
+                return self._make_room(state)
             return True
         if verdict is Verdict.THROTTLE:
             self.stats.throttled += 1
@@ -405,8 +415,24 @@ class ReverseProxy:
         state.set_outcome(Outcome.CIRCUIT_CUT)
         return False
 
+    def _make_room(self, state: SessionState) -> bool:
+        """The session starts work: over the cap it displaces a waiting one or is refused."""
+        ok, victim = self.admission.make_room(state.session_id)
+        if victim is not None:
+            self.stats.evicted += 1
+            displaced = self._conns.get(victim)
+            if displaced is not None:
+                self._expire(displaced, Outcome.EVICTED)
+        if not ok:
+            self.stats.rejected += 1
+            state.set_outcome(Outcome.REJECTED)
+        return ok
+
     def _on_request(self, state: SessionState) -> int | None:
-        """An http request head arrived: None to go on, 429, or 0 (the circuit is cut)."""
+        """An http request head arrived: None to go on, 503 (every slot busy), 429 (over the
+        circuit's rate), or 0 (the circuit is cut: close)."""
+        if self.admission.active > self.settings.max_connections and not self._make_room(state):
+            return 503
         if state.circuit is None:
             return None
         verdict = self.admission.request(state.session_id, asyncio.get_running_loop().time())
@@ -565,6 +591,11 @@ _ABORT_OUTCOMES = frozenset(
 
 
 _NO_CIRCUIT = ProxyLine("local", None)
+
+
+def _buffered(reader: asyncio.StreamReader) -> bool:
+    """Whether the reader holds bytes already (a read would not wait)."""
+    return bool(getattr(reader, "_buffer", b""))
 
 
 async def _read_proxy_line(reader: asyncio.StreamReader) -> ProxyLine | None:
