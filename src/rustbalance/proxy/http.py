@@ -118,7 +118,7 @@ class _Need(Enum):
     CONNECT = "connect"
     INTERCEPT = "intercept"
     SWITCH = "switch"  # a 101: relay raw bytes both ways
-    END = "end"  # the session is over (outcome set; ``abort`` says how to close)
+    END = "end"  # the session is over (its outcome says how the server closes it)
 
 
 # Enum members as module constants: attribute access on an Enum class costs a lookup per
@@ -213,7 +213,6 @@ class HttpSession:
         # The coroutine's side.
         self.parked: _Need | None = None
         self.wake: asyncio.Future[_Need] = loop.create_future()
-        self.abort = False
 
     # -- the coroutine: awaits only what the callbacks cannot do --------------------------------
 
@@ -262,12 +261,11 @@ class HttpSession:
         self.parked = None
         self._hold_client(_PARKED, False)
 
-    def _end(self, outcome: Outcome | None = None, *, abort: bool = False) -> None:
+    def _end(self, outcome: Outcome | None = None) -> None:
         """The session is over: the coroutine returns, the server closes the connection
-        (flushing what is written unless ``abort``)."""
+        (flushing what is written, unless the outcome is one that aborts: server.py)."""
         if outcome is not None:
             self.state.set_outcome(outcome)
-        self.abort = self.abort or abort
         self._park(_END)
 
     def expire(self, outcome: Outcome) -> bool:
@@ -287,7 +285,7 @@ class HttpSession:
         elif outcome is Outcome.KEEPALIVE_TIMEOUT:
             self._end()
         else:
-            self._end(abort=True)
+            self._end()
 
     def _guard(self, handler: Callable[[], None]) -> None:
         """Run a handler from a callback; an error ends the session with it logged instead of
@@ -296,7 +294,7 @@ class HttpSession:
             handler()
         except Exception:
             log.exception("Session #%d: internal error", self.state.session_id)
-            self._end(Outcome.CLIENT_ERROR, abort=True)
+            self._end(Outcome.CLIENT_ERROR)
 
     # -- client side (the session is the client protocol's sink) -----------------------------
 
@@ -305,7 +303,7 @@ class HttpSession:
             self._client_data(data)
         except Exception:
             log.exception("Session #%d: internal error", self.state.session_id)
-            self._end(Outcome.CLIENT_ERROR, abort=True)
+            self._end(Outcome.CLIENT_ERROR)
 
     def _client_data(self, data: bytes) -> None:
         state = self.state
@@ -348,11 +346,11 @@ class HttpSession:
         if self.parked is _END:
             return
         if self.client_lost and (self.request is not None or self.cbuf):
-            self._end(Outcome.CLIENT_ERROR, abort=True)  # gone mid-request
+            self._end(Outcome.CLIENT_ERROR)  # gone mid-request
         elif self.request is None and self.parked is None:
             self._next_request()
         elif not self.up_done and self.parked is None:
-            self._end(Outcome.CLIENT_ERROR, abort=True)  # the body cannot be complete now
+            self._end(Outcome.CLIENT_ERROR)  # the body cannot be complete now
         elif self.collected is not None and not self.collected.done():
             self.collected.set_exception(ClientGone("client closed during the request body"))
 
@@ -424,7 +422,7 @@ class HttpSession:
             if verdict:
                 self._send_error(verdict)  # 503: every slot busy; 429: over the circuit's rate
             else:
-                self._end(Outcome.CIRCUIT_CUT, abort=True)
+                self._end(Outcome.CIRCUIT_CUT)
             return
         framing = request.framing
         if framing is not _NONE and (framing is not _LENGTH or request.length):
@@ -502,7 +500,7 @@ class HttpSession:
                 assert self.collect is not None
                 self.collected.set_result(bytes(self.collect))
         elif self.client_eof and self.parked is None:
-            self._end(Outcome.CLIENT_ERROR, abort=True)  # the body cannot be complete now
+            self._end(Outcome.CLIENT_ERROR)  # the body cannot be complete now
 
     def _body_out(self, piece: bytes, chunked: bool) -> None:
         collect = self.collect
@@ -533,7 +531,7 @@ class HttpSession:
         self.stats.bad_requests += 1
         self._drop_target()
         if self.answered:
-            self._end(abort=True)
+            self._end()
         else:
             self._send_error(status)
 
@@ -544,7 +542,7 @@ class HttpSession:
             self._target_data(data)
         except Exception:
             log.exception("Session #%d: internal error", self.state.session_id)
-            self._end(Outcome.CLIENT_ERROR, abort=True)
+            self._end(Outcome.CLIENT_ERROR)
 
     def on_target_eof(self) -> None:
         self._guard(self.target_ended)
@@ -835,7 +833,7 @@ class HttpSession:
         self.state.set_outcome(Outcome.UPSTREAM_ERROR)
         self._drop_target()
         if self.answered:
-            self._end(abort=True)
+            self._end()
         else:
             self._send_error(502)
 
@@ -845,7 +843,7 @@ class HttpSession:
         self.stats.upstream_errors += 1
         self.state.set_outcome(Outcome.UPSTREAM_ERROR)
         self._drop_target()
-        self._end(abort=False)
+        self._end()
 
     def _to_client(self, data: bytes) -> None:
         state = self.state
@@ -908,7 +906,7 @@ class HttpSession:
         elif kind is BodyEnd.TARGET_ENDED:
             self._guard(self._mid_body_failure)
         else:
-            self._end(Outcome.CLIENT_ERROR, abort=True)
+            self._end(Outcome.CLIENT_ERROR)
 
     # -- what the coroutine does ---------------------------------------------------------------
 
