@@ -115,6 +115,9 @@ class Admission:
     def active(self) -> int:
         return len(self._sessions)
 
+    def __len__(self) -> int:
+        return len(self._sessions)
+
     def admit(self, session: int, now: float) -> tuple[bool, int | None]:
         """A new connection: (admitted, the waiting session to close to make room or None).
         When admitted, the newcomer has its slot already; it is not on the waiting list (see

@@ -32,6 +32,7 @@ from enum import Enum
 from typing import cast
 
 from . import wire
+from .admission import Admission
 from .protocol import SinkProtocol, sink_protocol_of, take_buffered
 from .relay import BODY_SPLICE_MIN, BodyEnd, BodySplice, relay_both, splice_supported, transport_fd
 from .rewrite import RewriteRules, request_field_lines, response_field_lines
@@ -100,6 +101,8 @@ class HttpContext:
     # Session id, and True: it waits for a request again (a waiting connection may be
     # displaced at the cap; that it works on one the cap's bookkeeping reads from its phase).
     waiting: Callable[[int, bool], None]
+    # The proxy's connection slots (read here only to skip on_request when it cannot matter).
+    admission: Admission
     interceptor: Interceptor | None = None
     draining: bool = False  # the proxy is shutting down: no connection is kept alive
 
@@ -168,6 +171,7 @@ class HttpSession:
         )
         self.pipeline_cap = settings.limits.max_head_bytes + settings.read_size
         self.circuit_field = circuit_field
+        self.admission = ctx.admission
         self.host_line = b"host: %s\r\n" % ctx.rules.target_authority.encode("latin-1")
         loop = asyncio.get_running_loop()
         self.loop = loop
@@ -414,7 +418,13 @@ class HttpSession:
         state.requests += 1
         stats.requests += 1
         state.phase = _ACTIVE
-        verdict = self.ctx.on_request(state)  # the cap and the circuit's limits
+        # The cap (over it only while newcomers are read) and the circuit's limits.
+        admission = self.admission
+        verdict = (
+            self.ctx.on_request(state)
+            if state.circuit is not None or len(admission) > admission.max_connections
+            else None
+        )
         self.request = request
         self.answered = False
         self.close_after = not request.keep_alive
@@ -656,8 +666,6 @@ class HttpSession:
 
     def _final_response(self, response: wire.Response, rest: bytes) -> None:
         """The final response head; ``rest``: what the target sent after it."""
-        request = self.request
-        assert request is not None
         self.response = response
         self.sent_head = b""
         framing = response.framing
@@ -668,6 +676,8 @@ class HttpSession:
             lines += b"content-length: %d\r\n" % response.length
         elif framing is _CHUNKED:
             self.down_chunks = wire.ChunkedReader(self.response_limits)
+            request = self.request
+            assert request is not None
             self.down_chunked = request.minor == 1
             if self.down_chunked:
                 lines += b"transfer-encoding: chunked\r\n"
@@ -686,12 +696,23 @@ class HttpSession:
         if framing is _LENGTH:
             length = response.length
             if len(rest) >= length:
-                # The whole body came with the head (the common case): one write.
+                # The whole body came with the head (the common case): one write (what
+                # _to_client and _response_done do, inlined: this runs per response).
                 if len(rest) > length:
                     self.reuse = False  # bytes after the response: that connection is done
                     rest = rest[:length]
-                self._to_client(head + rest)
-                self._response_done()
+                data = head + rest
+                n = len(data)
+                state = self.state
+                state.bytes_down += n
+                self.stats.bytes_down += n
+                state.last_activity = self.clock()
+                self.client_transport.write(data)
+                self.stage = _IDLE
+                if self.up_done:
+                    self._exchange_done()
+                else:
+                    self._response_done()
                 return
             self.stage = _BODY
             self.down_remaining = length - len(rest)

@@ -124,6 +124,7 @@ class ReverseProxy:
             connect=self._connect,
             on_request=self._on_request,
             waiting=self.admission.waiting,
+            admission=self.admission,
             interceptor=interceptor,
         )
 

@@ -28,8 +28,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from functools import partial
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 from .errors import MessageError
 from .targets import origin_form
@@ -104,8 +103,7 @@ class Response(NamedTuple):
 
 # Built straight from a tuple in the order of the fields (a named tuple's own __new__ is a
 # Python-level call per message).
-_new_request = cast(Callable[[tuple[object, ...]], Request], partial(tuple.__new__, Request))
-_new_response = cast(Callable[[tuple[object, ...]], Response], partial(tuple.__new__, Response))
+_tuple_new = cast(Callable[[type[Any], tuple[object, ...]], Any], tuple.__new__)
 
 
 # -- grammar (RFC 9110 §5.1, §5.5; RFC 9112 §3, §4, §5) ----------------------------------------
@@ -119,10 +117,16 @@ _VALUE = rb"(?:" + _FIELD_CHAR + rb"++(?:[ \t]++" + _FIELD_CHAR + rb"++)*+)?"
 _FIELD_LINE = rb"\r\n" + _TOKEN + rb":[ \t]*+" + _VALUE + rb"[ \t]*+"
 _FIELDS = rb"((?:" + _FIELD_LINE + rb")*+)"
 _REQUEST_HEAD = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])" + _FIELDS)
+# The common case (HTTP/1.0 or 1.1, CRLF lines) in one match; the general pattern above tells
+# a bad version (505) from a bad head (400), and bare LF lines are read with it.
+# Its target is either origin-form without a fragment and not starting "//" (group 2, the
+# common case, already what goes on) or anything else (group 3, for targets.origin_form).
+_REQUEST_HEAD_1X = re.compile(
+    rb"(" + _TOKEN + rb") (?:(/(?!/)[\x21\x22\x24-\x7e]*+)|([\x21-\x7e]+)) HTTP/1\.([01])" + _FIELDS
+)
 _RESPONSE_HEAD = re.compile(
     rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*+))?" + _FIELDS
 )
-_FIELD_ITEM = re.compile(rb"\r\n(" + _TOKEN + rb"):[ \t]*+(" + _VALUE + rb")[ \t]*+")
 _FIELD_BLOCK = re.compile(_FIELDS)
 _MINORS = {b"0": 0, b"1": 1}  # HTTP/1.0 and HTTP/1.1, the versions spoken
 _TCHAR = frozenset(b"-!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -152,10 +156,20 @@ def _strip_blank_line(head: bytes) -> bytes:
     return head[:-2]  # b"\n\n"
 
 
+def _split_fields(block: bytes) -> Fields:
+    """The fields of a block the grammar matched already (each line ``CRLF name: value``):
+    split, not matched again (a name has no colon, a value no blanks around it)."""
+    fields = []
+    for line in block.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        fields.append((name.lower(), value.strip(b" \t")))
+    return fields
+
+
 def _fields(block: bytes, limits: Limits) -> Fields:
     if not block:
         return []
-    fields = [(name.lower(), value) for name, value in _FIELD_ITEM.findall(block)]
+    fields = _split_fields(block)
     if len(fields) > limits.max_fields:
         raise MessageError(431, f"more than {limits.max_fields} header fields")
     return fields
@@ -208,7 +222,11 @@ def _scan(fields: Fields, minor: int) -> tuple[int | None, bool, frozenset[bytes
         if name == b"host":
             hosts += 1
         elif name == b"content-length":
-            length = _content_length(value, length)
+            # (Plain digits, the common case, inline; _content_length has every rule.)
+            if length is None and value.isdigit() and len(value) <= 18:
+                length = int(value)  # 18 digits always fit MAX_CONTENT_LENGTH
+            else:
+                length = _content_length(value, length)
         elif name == b"transfer-encoding":
             if minor == 0:
                 raise MessageError(400, "Transfer-Encoding in an HTTP/1.0 message")
@@ -224,25 +242,18 @@ def _scan(fields: Fields, minor: int) -> tuple[int | None, bool, frozenset[bytes
     return length, chunked, connection, hosts, upgrade
 
 
-def _request_match(head: bytes) -> re.Match[bytes]:
-    """The request head grammar, for a head whose lines end in bare LF (or a bad one)."""
-    match = None
-    if b"\n" in head.replace(b"\r\n", b""):
-        match = _REQUEST_HEAD.fullmatch(_crlf_lines(head))
-    if match is None:
-        raise MessageError(400, "malformed request head")
-    return match
-
-
 def parse_request(head: bytes, limits: Limits) -> Request:
     """Parse a complete request head (through its blank line). Raises :class:`MessageError`."""
-    text = head[:-4] if head.endswith(b"\r\n\r\n") else _strip_blank_line(head)
-    match = _REQUEST_HEAD.fullmatch(text) or _request_match(text)
-    method, raw_target, major, minor_digit, block = match.groups()
-    minor = _MINORS.get(minor_digit)
-    if major != b"1" or minor is None:
-        raise MessageError(505, "HTTP version not supported")
-    fields = [(name.lower(), value) for name, value in _FIELD_ITEM.findall(block)]
+    match = None
+    if head.endswith(b"\r\n\r\n"):
+        match = _REQUEST_HEAD_1X.fullmatch(head, 0, len(head) - 4)
+    if match is None:
+        method, raw_target, minor, block = _request_parts(_strip_blank_line(head))
+        target = None
+    else:
+        method, target, raw_target, minor_digit, block = match.groups()
+        minor = 1 if minor_digit == b"1" else 0
+    fields = _split_fields(block)
     if len(fields) > limits.max_fields:
         raise MessageError(431, f"more than {limits.max_fields} header fields")
     length, chunked, connection, hosts, upgrade_field = _scan(fields, minor)
@@ -250,21 +261,36 @@ def parse_request(head: bytes, limits: Limits) -> Request:
         raise MessageError(400, "a request needs exactly one Host field")
     if method == b"CONNECT":
         raise MessageError(501, "CONNECT is not supported by a reverse proxy")
-    # origin-form, the common case, checked inline (targets.origin_form has the rules).
-    if raw_target[:1] != b"/" or raw_target[1:2] == b"/" or b"#" in raw_target:
-        raw_target = origin_form(method, raw_target)
+    if target is None:  # not plain origin-form (the pattern's group 2)
+        target = origin_form(method, raw_target)
+    keep_alive = minor == 1 and b"close" not in connection
     if chunked:
         framing, size = _CHUNKED, 0
+        if length is not None:
+            keep_alive = False  # RFC 9112 §6.1: after both length fields the server MUST close
     elif length is not None:
         framing, size = _LENGTH, length
     else:
         framing, size = _NONE, 0
-    # RFC 9112 §6.1: after a request with both length fields the server MUST close.
-    keep_alive = minor == 1 and b"close" not in connection and not (chunked and length is not None)
     upgrade = upgrade_field and b"upgrade" in connection
-    return _new_request(
-        (method, raw_target, minor, fields, framing, size, keep_alive, upgrade, connection)
+    request: Request = _tuple_new(
+        Request, (method, target, minor, fields, framing, size, keep_alive, upgrade, connection)
     )
+    return request
+
+
+def _request_parts(text: bytes) -> tuple[bytes, bytes, int, bytes]:
+    """(method, target, minor version, field block) of a head the common pattern did not
+    match: bare LF lines, another version (505), or a malformed head (400)."""
+    match = _REQUEST_HEAD.fullmatch(text)
+    if match is None and b"\n" in text.replace(b"\r\n", b""):
+        match = _REQUEST_HEAD.fullmatch(_crlf_lines(text))
+    if match is None:
+        raise MessageError(400, "malformed request head")
+    method, raw_target, major, minor_digit, block = match.groups()
+    if major != b"1" or minor_digit not in (b"0", b"1"):
+        raise MessageError(505, "HTTP version not supported")
+    return method, raw_target, int(minor_digit), block
 
 
 def parse_response(head: bytes, method: bytes, limits: Limits) -> Response:
@@ -272,10 +298,14 @@ def parse_response(head: bytes, method: bytes, limits: Limits) -> Response:
     §6.3: 1xx, 204, 304 and any response to HEAD have no body whatever their fields say; then
     chunked, then Content-Length; else the body runs until the target closes. Raises
     :class:`MessageError` (the caller answers the client 502)."""
-    text = head[:-4] if head.endswith(b"\r\n\r\n") else _strip_blank_line(head)
-    match = _RESPONSE_HEAD.fullmatch(text)
-    if match is None and b"\n" in text.replace(b"\r\n", b""):
-        match = _RESPONSE_HEAD.fullmatch(_crlf_lines(text))
+    match = None
+    if head.endswith(b"\r\n\r\n"):
+        match = _RESPONSE_HEAD.fullmatch(head, 0, len(head) - 4)
+    if match is None:
+        text = _strip_blank_line(head)
+        match = _RESPONSE_HEAD.fullmatch(text)
+        if match is None and b"\n" in text.replace(b"\r\n", b""):
+            match = _RESPONSE_HEAD.fullmatch(_crlf_lines(text))
     if match is None:
         raise MessageError(502, "malformed response head")
     major, minor_digit, status_digits, reason, block = match.groups()
@@ -285,7 +315,7 @@ def parse_response(head: bytes, method: bytes, limits: Limits) -> Response:
     status = int(status_digits)
     if status < 100:
         raise MessageError(502, "status code below 100")
-    fields = [(name.lower(), value) for name, value in _FIELD_ITEM.findall(block)]
+    fields = _split_fields(block)
     if len(fields) > limits.max_fields:
         raise MessageError(502, f"more than {limits.max_fields} header fields")
     try:
@@ -302,9 +332,11 @@ def parse_response(head: bytes, method: bytes, limits: Limits) -> Response:
         framing, length = _LENGTH, declared
     else:
         framing, length, keep_alive = _UNTIL_CLOSE, 0, False
-    return _new_response(
-        (status, reason or b"", minor, fields, framing, length, keep_alive, both, connection)
+    response: Response = _tuple_new(
+        Response,
+        (status, reason or b"", minor, fields, framing, length, keep_alive, both, connection),
     )
+    return response
 
 
 def request_head_problem(buf: bytes | bytearray, limits: Limits) -> MessageError | None:
