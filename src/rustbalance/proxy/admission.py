@@ -107,15 +107,14 @@ class Admission:
         self._sessions: dict[int, _Session] = {}
         self._circuits: dict[Key, _Circuit] = {}
         self._waiting: dict[int, None] = {}  # ordered: who started waiting first
+        # More connections than the cap (newcomers not read yet): a request must make room.
+        self.over_cap = False
         self.last_cut: Cut | None = None
 
     # -- slots --------------------------------------------------------------------------------
 
     @property
     def active(self) -> int:
-        return len(self._sessions)
-
-    def __len__(self) -> int:
         return len(self._sessions)
 
     def admit(self, session: int, now: float) -> tuple[bool, int | None]:
@@ -132,6 +131,7 @@ class Admission:
                 return False, None
         self._sessions[session] = _Session(None)
         self._circuit(None, now).connections += 1
+        self.over_cap = len(self._sessions) > self.max_connections
         return True, victim
 
     def make_room(self, session: int) -> tuple[bool, int | None]:
@@ -186,6 +186,7 @@ class Admission:
         entry = self._sessions.pop(session)
         self._circuits[entry.key].connections -= 1
         self._waiting.pop(session, None)
+        self.over_cap = len(self._sessions) > self.max_connections
 
     # -- circuits -----------------------------------------------------------------------------
 

@@ -419,10 +419,9 @@ class HttpSession:
         stats.requests += 1
         state.phase = _ACTIVE
         # The cap (over it only while newcomers are read) and the circuit's limits.
-        admission = self.admission
         verdict = (
             self.ctx.on_request(state)
-            if state.circuit is not None or len(admission) > admission.max_connections
+            if state.circuit is not None or self.admission.over_cap
             else None
         )
         self.request = request

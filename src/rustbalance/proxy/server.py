@@ -432,7 +432,7 @@ class ReverseProxy:
     def _on_request(self, state: SessionState) -> int | None:
         """An http request head arrived: None to go on, 503 (every slot busy), 429 (over the
         circuit's rate), or 0 (the circuit is cut: close)."""
-        if self.admission.active > self.settings.max_connections and not self._make_room(state):
+        if self.admission.over_cap and not self._make_room(state):
             return 503
         if state.circuit is None:
             return None
