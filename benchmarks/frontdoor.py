@@ -27,17 +27,20 @@ import json
 import os
 import random
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import bench_proxy
 from rustbalance.proxy.wire import tor_proxy_line
+
+# HAProxy by PID on a generated config, and a free port: bench_proxy's.
+haproxy = bench_proxy._haproxy
+free_port = bench_proxy._free_port
 
 KINDS = ("slow", "idle", "circuit")
 LEGIT_CIRCUIT = 42
@@ -326,30 +329,6 @@ backend be
 """
 
 
-@contextlib.contextmanager
-def haproxy(config: str, port: int) -> Iterator[int]:
-    """HAProxy on ``config``, listening on ``port``; yields its PID; stopped by PID."""
-    binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "haproxy.cfg"
-        path.write_text(config)
-        proc = subprocess.Popen(
-            [binary, "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        try:
-            _wait_listening(port)
-            yield proc.pid
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stderr is not None:
-                proc.stderr.close()
-
-
 def static_target_config(port: int) -> str:
     """A separate HAProxy answering every request with ``200 ok`` (the application)."""
     return f"""
@@ -364,25 +343,6 @@ frontend static
     bind 127.0.0.1:{port}
     http-request return status 200 content-type text/plain string ok
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_listening(port: int, timeout: float = 10.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
 
 
 def measure(port: int, kind: str, count: int, *, warm: float, seconds: float) -> Result:

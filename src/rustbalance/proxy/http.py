@@ -197,8 +197,7 @@ class HttpSession:
         self.splice: BodySplice | None = None
         # The exchange in progress.
         self.request: wire.Request | None = None
-        self.sent_head = b""  # the request head as sent (a retry sends it again)
-        self.retried = False
+        self.retried: wire.Request | None = None  # the request sent again once already
         self.up_remaining = 0  # request body bytes still to send (Framing.LENGTH)
         self.up_chunks: wire.ChunkedReader | None = None
         self.up_done = True
@@ -207,7 +206,6 @@ class HttpSession:
         self.down_remaining = 0
         self.down_chunks: wire.ChunkedReader | None = None
         self.down_chunked = False  # re-encode the body chunked to the client (else raw)
-        self.answered = False  # response bytes of this exchange went to the client
         self.close_after = False  # the client connection ends after this exchange
         self.reuse = True  # the target connection may carry the next exchange
         # An interceptor reading the request body.
@@ -284,7 +282,7 @@ class HttpSession:
 
     def _expire(self, outcome: Outcome) -> None:
         self.state.set_outcome(outcome)
-        if outcome in (Outcome.HEAD_TIMEOUT, Outcome.BODY_TIMEOUT) and not self.answered:
+        if outcome in (Outcome.HEAD_TIMEOUT, Outcome.BODY_TIMEOUT) and self.response is None:
             self._send_error(408)
         elif outcome is Outcome.KEEPALIVE_TIMEOUT:
             self._end()
@@ -425,7 +423,6 @@ class HttpSession:
             else None
         )
         self.request = request
-        self.answered = False
         self.close_after = not request.keep_alive
         if verdict is not None:
             if verdict:
@@ -439,6 +436,7 @@ class HttpSession:
             state.phase = _P_BODY
             if framing is _LENGTH:
                 self.up_remaining = request.length
+                self.up_chunks = None
             else:
                 self.up_chunks = wire.ChunkedReader(self.limits)
         if self.ctx.interceptor is not None and _asks(self.ctx.interceptor, request.target):
@@ -459,17 +457,15 @@ class HttpSession:
         if transport is None:
             self._park(_CONNECT)
             return
-        if not self.sent_head:
-            lines = request_field_lines(
-                request.fields,
-                request.connection,
-                self.rules,
-                self.host_line,
-                upgrade=request.upgrade,
-                extra=self.circuit_field,
-            )
-            self.sent_head = wire.request_bytes(request, lines)
-        transport.write(self.sent_head)
+        lines = request_field_lines(
+            request.fields,
+            request.connection,
+            self.rules,
+            self.host_line,
+            upgrade=request.upgrade,
+            extra=self.circuit_field,
+        )
+        transport.write(wire.request_bytes(request, lines))
         self.stage = _HEAD
         if self.collect is not None:  # an interceptor read the body and passed it on
             self._send_collected()
@@ -539,7 +535,7 @@ class HttpSession:
         self.state.set_outcome(Outcome.BAD_REQUEST)
         self.stats.bad_requests += 1
         self._drop_target()
-        if self.answered:
+        if self.response is not None:
             self._end()
         else:
             self._send_error(status)
@@ -666,7 +662,6 @@ class HttpSession:
     def _final_response(self, response: wire.Response, rest: bytes) -> None:
         """The final response head; ``rest``: what the target sent after it."""
         self.response = response
-        self.sent_head = b""
         framing = response.framing
         if not response.keep_alive or response.both_lengths or not self.up_done:
             self.reuse = False
@@ -690,8 +685,6 @@ class HttpSession:
         if not self.up_done or self.ctx.draining:
             self.close_after = True
         head = wire.response_bytes(response.status, response.reason, lines, close=self.close_after)
-        self.answered = True
-        self.state.phase = _ACTIVE
         if framing is _LENGTH:
             length = response.length
             if len(rest) >= length:
@@ -773,9 +766,11 @@ class HttpSession:
             return
         del buf[:used]
         out = [wire.chunk(p) if self.down_chunked else p for p in pieces]
-        if self.down_chunks.done:
+        reader = self.down_chunks
+        if reader.done:
+            self.down_chunks = None  # (the next response may have another framing)
             if self.down_chunked:
-                out.append(wire.last_chunk(wire.trailer_lines(self.down_chunks.trailers)))
+                out.append(wire.last_chunk(wire.trailer_lines(reader.trailers)))
             if buf:
                 self.reuse = False  # bytes after the last chunk
             if out:
@@ -802,17 +797,13 @@ class HttpSession:
     def _exchange_done(self) -> None:
         """Request sent and response relayed: keep both connections for the next one, or
         end."""
-        request = self.request
         self.request = self.response = None
-        self.down_chunks = self.up_chunks = None
-        self.up_done = True
-        self.retried = False
         if not self.reuse or self.target_eof:
             self._drop_target()
         else:
             self.target_used = True
         self.reuse = True
-        if self.close_after or request is None or self.ctx.draining:
+        if self.close_after or self.ctx.draining:
             self._end()
             return
         state = self.state
@@ -834,13 +825,13 @@ class HttpSession:
         if (
             self.target_used
             and not self.tbuf
-            and not self.retried
+            and self.retried is not request
             and request.framing is _NONE
             and request.method in _RETRYABLE
         ):
             # A reused keep-alive connection the target closed just as we sent: ask again
             # on a fresh one (RFC 9112 §9.3.1 allows retrying idempotent requests).
-            self.retried = True
+            self.retried = request
             self._drop_target()
             self._park(_CONNECT)
             return
@@ -852,7 +843,7 @@ class HttpSession:
         self.stats.upstream_errors += 1
         self.state.set_outcome(Outcome.UPSTREAM_ERROR)
         self._drop_target()
-        if self.answered:
+        if self.response is not None:
             self._end()
         else:
             self._send_error(502)
@@ -879,7 +870,6 @@ class HttpSession:
         request = self.request
         head_only = request is not None and request.method == b"HEAD"
         self._drop_target()
-        self.answered = True
         self._to_client(error_response_bytes(status, head_only=head_only))
         self._end()
 
@@ -999,7 +989,6 @@ class HttpSession:
         if not self.up_done:
             self.close_after = True
         self._to_client(self._intercepted_bytes(reply, request))
-        self.answered = True
         self._unpark()
         self.stage = _IDLE
         self.response = None
