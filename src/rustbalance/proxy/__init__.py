@@ -5,7 +5,8 @@ PROXY line), :mod:`.settings` (settings, target parsing), :mod:`.rewrite` (heade
 :mod:`.session` (per-connection state, deadlines, counters, error pages),
 :mod:`.admission` (connection slots, per-circuit limits and cuts). Asyncio shell:
 :mod:`.upstream` (SOCKS5 / direct / TLS connect), :mod:`.protocol` (stream protocol whose bytes
-the http session takes in callbacks), :mod:`.relay`, :mod:`.http`, :mod:`.server`;
+the http session takes in callbacks), :mod:`.relay`, :mod:`.http`, :mod:`.tcp`,
+:mod:`.sockets`, :mod:`.server`;
 :mod:`.eventloop` picks the process's event loop (uvloop for http mode).
 """
 

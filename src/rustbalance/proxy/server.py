@@ -1,10 +1,11 @@
-"""The reverse proxy's asyncio shell: listen, admit, time out, relay, drain.
+"""The reverse proxy's asyncio shell: listen, admit, time out, hand to the mode, drain.
 
 Per connection: a slot at the cap (:class:`.admission.Admission`: a connection still waiting
 for a request makes room for a newcomer), tor's PROXY line when circuit ids are on (then the
 circuit's limits), a watchdog timer on the phase's deadline (:class:`.session.SessionState`),
-then the mode: :class:`.http.HttpSession`, or a byte relay (splice(2) where it can) in tcp
-mode. One INFO line per minute sums up what happened; each connection's own line is DEBUG.
+then the mode: :class:`.http.HttpSession`, or :func:`.tcp.serve_tcp`. One INFO line per
+minute sums up what happened; each connection's own line is DEBUG. Socket and stream helpers
+(tor's PROXY line off a stream, the unix socket, the lingering close) are in :mod:`.sockets`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
-import stat
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
@@ -22,8 +21,7 @@ from typing import Any
 
 from .admission import Admission, Key, Verdict
 from .http import ClientGone, HttpContext, HttpSession, Interceptor, TargetGone
-from .protocol import make_protocol_factory, unread
-from .relay import can_splice, relay_both, splice_both
+from .protocol import make_protocol_factory
 from .rewrite import RewriteRules
 from .session import (
     Outcome,
@@ -34,17 +32,23 @@ from .session import (
     summary_line,
 )
 from .settings import ProxyError, ProxySettings
-from .upstream import ConnectTimeout, Upstream, UpstreamError, connect_upstream
-from .wire import MAX_LINE, NoProxyLine, ProxyLine, ProxyLineError, read_proxy_line
+from .sockets import (
+    NO_CIRCUIT,
+    bind_unix,
+    buffered,
+    close_writer,
+    read_tor_proxy_line,
+    set_nodelay,
+)
+from .tcp import serve_tcp
+from .upstream import Upstream, connect_upstream
+from .wire import ProxyLineError
 
 log = logging.getLogger("rustbalance.proxy")
 
 # How long a refused connection may linger so its 503 reaches the client: closing a socket
 # with unread input makes the kernel send RST, which can destroy the response in flight.
 _REJECT_LINGER = 0.2
-# How long a closing connection reads and drops what its client still sends (see
-# _close_writer).
-_LINGER = 0.5
 # At most one summary line per this many seconds (issue 17: per-connection lines are DEBUG).
 SUMMARY_SECONDS = 60.0
 
@@ -151,7 +155,7 @@ class ReverseProxy:
         backlog = min(4096, max(128, settings.max_connections))
         try:
             if settings.listen_unix is not None:
-                sock = _bind_unix(Path(settings.listen_unix), settings.unix_mode)
+                sock = bind_unix(Path(settings.listen_unix), settings.unix_mode)
                 self._server = await loop.create_unix_server(factory, sock=sock, backlog=backlog)
             else:
                 self._server = await loop.create_server(
@@ -276,7 +280,7 @@ class ReverseProxy:
         self._conns[sid] = conn
         self.stats.active += 1
         self.stats.total += 1
-        _set_nodelay(writer)
+        set_nodelay(writer)
         self._arm(conn)
         try:
             if await self._identify(conn, reader, writer):
@@ -301,7 +305,7 @@ class ReverseProxy:
                 conn.timer.cancel()
             try:
                 graceful = state.outcome not in _ABORT_OUTCOMES
-                await _close_writer(writer, graceful=graceful, reader=reader)
+                await close_writer(writer, graceful=graceful, reader=reader)
             except asyncio.CancelledError:
                 # Cut while flushing (the drain on shutdown ran out): drop the rest. A task
                 # we stopped ends normally, so asyncio has no cancelled callback to report.
@@ -374,11 +378,11 @@ class ReverseProxy:
         if not self.settings.circuit_ids:
             return True
         state = conn.state
-        if not _buffered(reader):
+        if not buffered(reader):
             # Found waiting for tor's line: it may be displaced at the cap meanwhile.
             self.admission.waiting(state.session_id, True)
         try:
-            line = await _read_proxy_line(reader)
+            line = await read_tor_proxy_line(reader)
         except ProxyLineError as exc:
             log.warning(
                 "Session #%d: %s (is HiddenServiceExportCircuitID on?)", state.session_id, exc
@@ -388,7 +392,7 @@ class ReverseProxy:
             return False
         if line is None:  # closed before the line
             return False
-        if line is _NO_CIRCUIT:  # a local client: no circuit, no circuit limits
+        if line is NO_CIRCUIT:  # a local client: no circuit, no circuit limits
             if self.settings.mode == "tcp":
                 state.phase = Phase.CONNECTING
                 self.admission.waiting(state.session_id, False)
@@ -525,45 +529,17 @@ class ReverseProxy:
     async def _serve_tcp(
         self, state: SessionState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        state.phase = Phase.CONNECTING
-        try:
-            upstream = await self._connect()
-        except ConnectTimeout as exc:
-            log.warning("%s", exc)
-            self.stats.connect_timeouts += 1
-            state.set_outcome(Outcome.CONNECT_TIMEOUT)
-            return
-        except UpstreamError as exc:
-            log.warning("Session #%d: %s", state.session_id, exc)
-            self.stats.upstream_errors += 1
-            state.set_outcome(Outcome.UPSTREAM_ERROR)
-            return
-        state.phase = Phase.ACTIVE
-        state.touch(asyncio.get_running_loop().time())
-        count_up, count_down = self._counter(state, True), self._counter(state, False)
-        try:
-            if self._splice and can_splice(writer, upstream.writer):
-                # Plain TCP both sides: the bytes stay in the kernel (splice through a pipe).
-                await splice_both(
-                    reader,
-                    writer,
-                    upstream.reader,
-                    upstream.writer,
-                    count_up=count_up,
-                    count_down=count_down,
-                )
-                return
-            await relay_both(
-                reader,
-                writer,
-                upstream.reader,
-                upstream.writer,
-                read_size=self.settings.read_size,
-                count_up=count_up,
-                count_down=count_down,
-            )
-        finally:
-            await _close_writer(upstream.writer, graceful=False)
+        await serve_tcp(
+            state,
+            reader,
+            writer,
+            connect=self._connect,
+            stats=self.stats,
+            read_size=self.settings.read_size,
+            splice=self._splice,
+            count_up=self._counter(state, True),
+            count_down=self._counter(state, False),
+        )
 
     # -- http mode --------------------------------------------------------------------------
 
@@ -589,103 +565,3 @@ _ABORT_OUTCOMES = frozenset(
         Outcome.CIRCUIT_CUT,
     }
 )
-
-
-_NO_CIRCUIT = ProxyLine("local", None)
-
-
-def _buffered(reader: asyncio.StreamReader) -> bool:
-    """Whether the reader holds bytes already (a read would not wait)."""
-    return bool(getattr(reader, "_buffer", b""))
-
-
-async def _read_proxy_line(reader: asyncio.StreamReader) -> ProxyLine | None:
-    """tor's PROXY line from the start of the stream (None if it closed first); the bytes
-    read after it go back to the reader. Never buffers more than the longest line. A stream
-    that does not start with ``PROXY `` did not come through tor (tor always writes the line
-    first): it is served without a circuit. Raises :class:`ProxyLineError` for a broken line."""
-    buf = bytearray()
-    while True:  # each turn reads at least one byte, at most MAX_LINE in all
-        data = await reader.read(MAX_LINE - len(buf))
-        if not data:
-            return None
-        buf += data
-        try:
-            found = read_proxy_line(buf)
-        except NoProxyLine:
-            unread(reader, bytes(buf))
-            return _NO_CIRCUIT
-        if found is not None:
-            line, used = found
-            if used < len(buf):
-                unread(reader, bytes(buf[used:]))
-            return line
-
-
-def _bind_unix(path: Path, mode: int) -> socket.socket:
-    """A unix socket bound at ``path`` with ``mode`` (0660 or tighter). A stale socket there is
-    replaced; anything else, or a folder others may write to, is refused (another user could
-    swap the path for a symlink)."""
-    parent = path.parent
-    try:
-        folder = os.stat(parent)
-    except OSError as exc:
-        raise ProxyError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from exc
-    if folder.st_mode & 0o022:
-        raise ProxyError(
-            f"cannot listen on unix:{path}: {parent} is writable by others (use a folder only "
-            "this user and its group can change)"
-        )
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise ProxyError(f"cannot listen on unix:{path}: it exists and is not a socket")
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        # Created owner-only (a stricter umask, never a looser one), then opened to ``mode``.
-        old = os.umask(0o177)
-        try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old)
-        os.chmod(path, mode)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _set_nodelay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-async def _close_writer(
-    writer: asyncio.StreamWriter,
-    *,
-    graceful: bool,
-    reader: asyncio.StreamReader | None = None,
-) -> None:
-    """Close a stream; a graceful close flushes what is buffered, but never waits long
-    (a peer that stopped reading must not pin the socket). With ``reader``, it lingers
-    (RFC 9112 §9.6): our side is half-closed first and what the client still sends is read
-    and dropped for a moment, so the kernel does not answer it with a reset that would
-    destroy our last response (a 408 to a client still trickling its head)."""
-    if not graceful:
-        writer.transport.abort()
-        return
-    if reader is not None and writer.can_write_eof() and not writer.is_closing():
-        with contextlib.suppress(OSError, RuntimeError, TimeoutError, ConnectionError):
-            writer.write_eof()
-            async with asyncio.timeout(_LINGER):
-                await writer.drain()
-                while await reader.read(65536):  # ends at EOF or at the linger timeout
-                    pass
-    writer.close()
-    try:
-        async with asyncio.timeout(5.0):
-            await writer.wait_closed()
-    except (TimeoutError, OSError):
-        writer.transport.abort()
