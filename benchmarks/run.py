@@ -27,6 +27,7 @@ from benchmarks import charts, results
 MODULES: tuple[str, ...] = (
     "benchmarks.bench_descriptor",
     "benchmarks.bench_proxy",
+    "benchmarks.bench_frontdoor",
     "benchmarks.bench_memory",
     "benchmarks.bench_onion",
     "benchmarks.bench_failover",

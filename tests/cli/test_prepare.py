@@ -132,6 +132,22 @@ def test_a_port_picked_at_start_cannot_be_prepared(tmp_path: Path) -> None:
     assert "proxy.listen_port: 0" in result.stderr
 
 
+def test_a_unix_socket_needs_no_fixed_port(tmp_path: Path) -> None:
+    """With ``proxy.listen_unix`` tor reaches the proxy by path: the port is not used, so a
+    port picked at start is no reason to refuse."""
+    config = setup(tmp_path)
+    sock = tmp_path / "run" / "proxy.sock"
+    config.write_text(
+        config.read_text().replace(
+            "listen_port = 18080", f'listen_port = 0\nlisten_unix = "{sock}"'
+        )
+    )
+    result = prepare(config)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "torrc.d" / "rustbalance.conf").read_text()
+    assert f"HiddenServicePort 80 unix:{sock}\n" in text
+
+
 def test_a_bad_config_is_exit_2(tmp_path: Path) -> None:
     config = setup(tmp_path)
     config.write_text(config.read_text() + "[node2]\n")

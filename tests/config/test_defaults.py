@@ -124,6 +124,15 @@ def test_proxy_defaults() -> None:
     assert proxy.mode == "http"
     assert proxy.max_connections == 1024
     assert proxy.drain_timeout_secs == 3
+    # The front door (issue 15): defaults an onion operator can keep.
+    assert proxy.request_head_timeout_secs == 10
+    assert proxy.keep_alive_timeout_secs == 30
+    assert proxy.request_body_timeout_secs == 30
+    assert (proxy.max_head_bytes, proxy.max_head_fields) == (16384, 100)
+    assert proxy.export_circuit_id is True
+    assert (proxy.circuit_max_connections, proxy.circuit_request_burst) == (32, 200)
+    assert proxy.circuit_request_rate == 20.0 and proxy.circuit_cut_secs == 60
+    assert proxy.circuit_id_header == ""
 
 
 def test_publish_defaults() -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from rustbalance.config.keys import Derived, Invalid, InvalidItems, describe, key_of
 from rustbalance.config.pow import pow_refusal
-from rustbalance.config.schema import MAX_UNIX_SOCKET_PATH, Config
+from rustbalance.config.schema import MAX_UNIX_SOCKET_PATH, Config, socket_path_problem
 from rustbalance.errors import ConfigError
 
 __all__ = ["SECTIONS", "ConfigProblems", "load_config", "parse_config"]
@@ -201,6 +201,12 @@ def _check_node(s: _SectionReader, values: dict[str, Any], _built: Mapping[str, 
             )
 
 
+def _check_proxy(s: _SectionReader, values: dict[str, Any], _built: Mapping[str, Any]) -> None:
+    unix = values["listen_unix"]
+    if unix is not None and s.ok("listen_unix") and (problem := socket_path_problem(unix)):
+        s.problem("listen_unix", problem)
+
+
 def _check_master(s: _SectionReader, values: dict[str, Any], built: Mapping[str, Any]) -> None:
     node = built["node"]
     # Instance mode: only a node that may publish (sign the master descriptor) needs the
@@ -302,6 +308,7 @@ def _check_listeners(built: Mapping[str, Any], problems: list[str]) -> None:
     proxy, metrics = built["proxy"], built["metrics"]
     if (
         metrics.enabled
+        and proxy.listen_unix is None
         and proxy.listen_port != 0
         and proxy.listen_port == metrics.listen.port
         and proxy.listen_host == metrics.listen.host
@@ -327,6 +334,7 @@ def _check_pow(built: Mapping[str, Any], problems: list[str]) -> None:
 _SECTION_CHECKS = {
     "node": _check_node,
     "master": _check_master,
+    "proxy": _check_proxy,
     "coordination": _check_coordination,
     "wireguard": _check_wireguard,
     "join": _check_join,
