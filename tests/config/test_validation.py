@@ -521,6 +521,22 @@ def test_relative_base_dir_is_made_absolute() -> None:
     assert config.master.identity_key_path == Path.cwd() / "conf" / "m.key"
 
 
+def test_a_socket_set_in_the_file_wins_over_a_tcp_listener() -> None:
+    config = parse(proxy={"listen_unix": "/run/rb/proxy.sock", "listen_port": 18080})
+    assert config.proxy.listen_unix == Path("/run/rb/proxy.sock")
+
+
+def test_a_derived_socket_path_that_is_too_long_says_what_to_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/" + "r" * 100)
+    found = problems()
+    assert found == (
+        "proxy.listen_unix: path is 112 bytes; unix socket paths are limited to 107 (set a "
+        "shorter proxy.listen_unix, or listen_port for TCP)",
+    )
+
+
 def tomli_doc_with(**sections: dict[str, Any]) -> str:
     return tomli_w.dumps(document(**sections))
 

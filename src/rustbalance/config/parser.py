@@ -202,6 +202,17 @@ def _check_node(s: _SectionReader, values: dict[str, Any], _built: Mapping[str, 
 
 
 def _check_proxy(s: _SectionReader, values: dict[str, Any], _built: Mapping[str, Any]) -> None:
+    # One listener: the unix socket unless the file asks for TCP (issue 17's default); a
+    # listen_unix set in the file wins over listen_host/listen_port.
+    if "listen_unix" not in s.table:
+        if "listen_host" in s.table or "listen_port" in s.table:
+            values["listen_unix"] = None
+        elif s.ok("listen_unix") and (problem := socket_path_problem(values["listen_unix"])):
+            s.problem(
+                "listen_unix",
+                f"{problem} (set a shorter proxy.listen_unix, or listen_port for TCP)",
+            )
+        return
     unix = values["listen_unix"]
     if unix is not None and s.ok("listen_unix") and (problem := socket_path_problem(unix)):
         s.problem("listen_unix", problem)

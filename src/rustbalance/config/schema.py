@@ -155,6 +155,19 @@ class SocketPath(Reader[Path]):
         return path
 
 
+def default_proxy_socket(derived: Derived) -> Path:
+    """``proxy.listen_unix`` when the file names no listener: the unit's runtime directory
+    (systemd exports ``RUNTIME_DIRECTORY`` to the daemon and to every ``ExecStartPre=``, so
+    ``rustbalance prepare`` derives the same path), else the state folder. parser.py drops it
+    when ``listen_host`` or ``listen_port`` is set."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "")
+    # systemd.exec(5): one path per RuntimeDirectory= entry, separated by ":".
+    folder = runtime.split(":")[0]
+    if folder.startswith("/"):
+        return Path(folder) / "proxy.sock"
+    return Path(derived.built["node"].state_dir) / "proxy.sock"
+
+
 def socket_path_problem(path: Path) -> str | None:
     """Too long for a unix socket address (Linux ``sun_path``), also for a derived path."""
     length = len(os.fsencode(path))
@@ -570,7 +583,9 @@ class ProxyConfig:
     listen_port: int = key(
         Integer(0, 65535),
         default=8080,
-        doc="0 = pick a free port. Must differ from the metrics port on the same host.",
+        doc="0 = pick a free port. Must differ from the metrics port on the same host. "
+        "Setting `listen_host` or `listen_port` makes the proxy listen on TCP instead of its "
+        "default unix socket (`listen_unix`).",
     )
     virtual_port: int = key(
         Integer(1, 65535),
@@ -603,13 +618,19 @@ class ProxyConfig:
     listen_unix: Path | None = key(
         SocketPath(),
         default=None,
+        derive=default_proxy_socket,
+        default_doc="`$RUNTIME_DIRECTORY/proxy.sock` under systemd (the unit's "
+        "`/run/rustbalance/proxy.sock`), else `<state_dir>/proxy.sock`; none (TCP) when "
+        "`listen_host` or `listen_port` is set",
         example="/run/rustbalance/proxy.sock",
-        doc="Listen on this unix socket (mode 0660, created owner-only first; its folder must "
-        "not be writable by others; a stale socket is replaced) instead of "
-        "`listen_host:listen_port`; tor's `HiddenServicePort` then points at `unix:PATH`. "
-        "tor must reach it: a managed tor runs as the daemon's user; a `system` tor's user "
-        f"needs the socket's group. At most {MAX_UNIX_SOCKET_PATH} bytes, a torrc value "
-        "without spaces.",
+        doc="The proxy listens on this unix socket (mode 0660, created owner-only first; its "
+        "folder must not be writable by others; a stale socket is replaced) and tor's "
+        "`HiddenServicePort` points at `unix:PATH`: no TCP port to collide with. Set "
+        "`listen_host`/`listen_port` instead for TCP (with both, `listen_unix` wins). tor "
+        "must reach it: a managed tor runs as the daemon's user; a `system` tor's user needs "
+        "the socket's group "
+        "(deploy/system-tor.conf: `Group=debian-tor`). At most "
+        f"{MAX_UNIX_SOCKET_PATH} bytes, a torrc value without spaces.",
     )
     request_head_timeout_secs: float = key(
         Duration(),
