@@ -33,8 +33,10 @@ from rustbalance.proxy.eventloop import run
 
 async def main() -> None:
     mode, port = sys.argv[1], int(sys.argv[2])
+    # Idle connections that never send a request: the head timeout (10 s by default) would
+    # close them; here they are held to measure what each costs.
     settings = ProxySettings(target=Target("127.0.0.1", port, False), mode=mode,
-                             max_connections=20000, idle_timeout=600.0)
+                             max_connections=20000, idle_timeout=600.0, head_timeout=600.0)
     proxy = ReverseProxy(settings)
     await proxy.start()
     print(proxy.port, flush=True)

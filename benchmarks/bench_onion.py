@@ -388,7 +388,14 @@ def _node_memory(node: RunningNode) -> Figures:
 
 def _ours_single(net: PrivateTorNetwork, probe: TorInstance, work: Path) -> Figures:
     started = time.monotonic()
-    overrides = {"proxy": {"max_connections": NODE_IDLE_CONNECTIONS + 100}}
+    # The idle connections send nothing: held past the request head timeout (10 s by default,
+    # which closes them) to measure what each costs.
+    overrides = {
+        "proxy": {
+            "max_connections": NODE_IDLE_CONNECTIONS + 100,
+            "request_head_timeout_secs": 3600,
+        }
+    }
     with running_node(net, work / "node-a", overrides=overrides) as node:
         answering = _time_until_answering(probe, node.address, started)
         memory: Figures = {}

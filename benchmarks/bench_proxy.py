@@ -248,7 +248,7 @@ def _bulk_section(mode: str, kind: str) -> list[str]:
         "RustBalance splices socket -> pipe -> socket"
         if not http
         else "the body is the 200 response with a Content-Length to one `Connection: close` "
-        "GET; RustBalance parses and rewrites the head on its fast path, then splices the body "
+        "GET; RustBalance parses and rewrites the head in its http session, then splices the body "
         "socket -> pipe -> socket"
     )
     lines = [

@@ -159,6 +159,65 @@ def _memory(data: Mapping[str, Any]) -> Figure | None:
     return fig
 
 
+# The attacks of bench_frontdoor, as short group labels.
+_ATTACKS = {
+    "slow": "slow headers",
+    "idle": "idle connections",
+    "circuit": "one circuit flooding",
+}
+
+
+def _frontdoor(data: Mapping[str, Any]) -> Figure | None:
+    front = data.get("frontdoor", {})
+    attacks: Mapping[str, Any] = front.get("attacks", {})
+    through_tor: Mapping[str, Any] = front.get("through_tor", {})
+    if not attacks and not through_tor:
+        return None
+    groups = [_ATTACKS.get(kind, kind) for kind in attacks]
+    rows: list[Mapping[str, Any]] = [attacks[kind]["paths"] for kind in attacks]
+    if through_tor:
+        groups.append("one circuit flooding,\nthrough tor")
+        rows.append(through_tor)
+
+    def series(key: str, scale: float) -> dict[str, list[float | None]]:
+        out: dict[str, list[float | None]] = {}
+        for g, paths in enumerate(rows):
+            for name, figures in paths.items():
+                value = figures.get(key)
+                out.setdefault(name, [None] * len(groups))[g] = (
+                    None if value is None else value * scale
+                )
+        return out
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+    _bars(left, groups, series("success", 100.0), "% of requests answered within 5 s")
+    goal = front.get("goal")
+    if goal is not None:
+        left.axhline(goal * 100, color="#c53030", linestyle="--", linewidth=1)
+        left.annotate(
+            f"goal {goal:.0%}",
+            (1.0, goal * 100),
+            xycoords=("axes fraction", "data"),
+            xytext=(-4, -12),
+            textcoords="offset points",
+            ha="right",
+            fontsize=8,
+            color="#c53030",
+        )
+    left.set_ylim(0, 110)
+    left.set_title("Legitimate client's success (higher is better)")
+    left.legend(fontsize=8, loc="lower left")
+    _bars(right, groups, series("p95_ms", 1.0), "ms")
+    right.set_title("Legitimate client's p95 latency (lower is better)")
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelsize=8)
+    count = front.get("attack_connections")
+    held = f"{count} attacking connections" if count else "an attack"
+    fig.suptitle(f"The front door under attack ({held}): RustBalance vs HAProxy")
+    fig.tight_layout()
+    return fig
+
+
 # Events of the failover timeline: key -> (label, marker).
 _START_EVENTS = {
     "formed": ("every node's intro points fetched", "s"),
@@ -412,6 +471,15 @@ _CHARTS: tuple[tuple[Chart, Callable[[Mapping[str, Any]], Figure | None]], ...] 
             "(same run).",
         ),
         _proxy,
+    ),
+    (
+        Chart(
+            "frontdoor_under_attack.png",
+            "Front door under attack",
+            "A legitimate client's success rate and p95 latency while slow-header, idle and "
+            "flooding connections are held against each proxy (same run).",
+        ),
+        _frontdoor,
     ),
     (
         Chart(

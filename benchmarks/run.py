@@ -28,6 +28,7 @@ MODULES: tuple[str, ...] = (
     "benchmarks.bench_descriptor",
     "benchmarks.bench_coordination",
     "benchmarks.bench_proxy",
+    "benchmarks.bench_frontdoor",
     "benchmarks.bench_memory",
     "benchmarks.bench_onion",
     "benchmarks.bench_failover",

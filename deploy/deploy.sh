@@ -34,6 +34,11 @@ readonly MARKER="# rustbalance: deploy.sh added the next line; deploy.sh --clean
 # so our static tor settings live in their own file.
 readonly BASE_CONF_NAME=rustbalance-base.conf
 readonly DAEMON_CONF_NAME=rustbalance.conf
+# System mode: tor@default reaches the proxy's unix socket (proxy.listen_unix's default under the
+# unit). Debian runs that tor confined (AppArmorProfile=-system_tor), and connecting to a unix
+# socket needs "w" on its path (apparmor.d(5)); the profile includes local/system_tor for
+# additions of the site.
+readonly APPARMOR_RULE="/run/rustbalance/proxy.sock rw,"
 
 ROOT="${RB_ROOT:-/}"
 R="${ROOT%/}" # "" for "/", so "$R/etc" is "/etc"
@@ -51,6 +56,8 @@ UNIT_FILE="$R/etc/systemd/system/$UNIT"
 DROPIN_DIR="$R/etc/systemd/system/$UNIT.d"
 WG_CONF="$R/etc/wireguard/$WG_IF.conf"
 POLKIT_RULE="$R/etc/polkit-1/rules.d/50-$POLKIT_RULE_NAME"
+APPARMOR_PROFILE="$R/etc/apparmor.d/system_tor"
+APPARMOR_LOCAL="$R/etc/apparmor.d/local/system_tor"
 
 MODE=""
 ENDPOINT=""
@@ -303,6 +310,33 @@ install_unit() {
     fi
 }
 
+# Load the changed profile into the kernel (a running tor gets it at once); only where AppArmor
+# is on and its parser installed.
+reload_apparmor() {
+    if systemd_running && [[ -f "$APPARMOR_PROFILE" && -d /sys/kernel/security/apparmor ]] &&
+        command -v apparmor_parser >/dev/null; then
+        apparmor_parser --replace "$APPARMOR_PROFILE" || log "warning: could not reload $APPARMOR_PROFILE"
+    fi
+}
+
+configure_apparmor() {
+    if [[ "$TOR_MODE" != system ]]; then
+        remove_marked_line "$APPARMOR_LOCAL" "$APPARMOR_RULE" && reload_apparmor
+        return 0
+    fi
+    [[ -d "$(dirname "$APPARMOR_LOCAL")" ]] || return 0 # no AppArmor here
+    if [[ -f "$APPARMOR_LOCAL" ]] && grep -qxF "$APPARMOR_RULE" "$APPARMOR_LOCAL"; then
+        return 0
+    fi
+    [[ -f "$APPARMOR_LOCAL" ]] || install -m 0644 /dev/null "$APPARMOR_LOCAL"
+    if [[ -s "$APPARMOR_LOCAL" && -n "$(tail -c 1 "$APPARMOR_LOCAL")" ]]; then
+        printf '\n' >>"$APPARMOR_LOCAL" # the last line had no newline
+    fi
+    printf '%s\n%s\n' "$MARKER" "$APPARMOR_RULE" >>"$APPARMOR_LOCAL"
+    log "allowed tor the proxy's socket in $APPARMOR_LOCAL"
+    reload_apparmor
+}
+
 start_service() {
     if [[ "$NO_START" == 1 ]]; then
         log "--no-start: not starting anything; when the config is ready run:"
@@ -377,6 +411,7 @@ deploy() {
         configure_tor
     fi
     install_unit
+    configure_apparmor
     if [[ "$MODE" == init ]]; then run_init; else run_join; fi
     lock_down
     [[ "$TOR_CHANGED" == 0 ]] || restart_tor
@@ -384,21 +419,24 @@ deploy() {
     start_service
 }
 
-remove_include_line() {
-    [[ -f "$TORRC" ]] || return 0
-    grep -qxF "$MARKER" "$TORRC" || return 0
-    local tmp
-    tmp="$(mktemp "$(dirname "$TORRC")/.torrc.XXXXXX")"
-    # Drop our marker and the include line right after it; an operator's own lines stay.
-    awk -v marker="$MARKER" -v include="$INCLUDE_LINE" '
-        skip { skip = 0; if ($0 == include) next }
+# remove_marked_line FILE LINE: drop our marker and LINE right after it; other lines stay.
+# Status 1 when there was nothing to remove.
+remove_marked_line() {
+    local file="$1" line="$2" tmp
+    [[ -f "$file" ]] || return 1
+    grep -qxF "$MARKER" "$file" || return 1
+    tmp="$(mktemp "$(dirname "$file")/.rustbalance.XXXXXX")"
+    awk -v marker="$MARKER" -v line="$line" '
+        skip { skip = 0; if ($0 == line) next }
         $0 == marker { skip = 1; next }
         { print }
-    ' "$TORRC" >"$tmp"
-    cat "$tmp" >"$TORRC" # keep the torrc's inode, owner and mode
+    ' "$file" >"$tmp"
+    cat "$tmp" >"$file" # keep the file's inode, owner and mode
     rm -f "$tmp"
-    log "removed '$INCLUDE_LINE' from $TORRC"
+    log "removed '$line' from $file"
 }
+
+remove_include_line() { remove_marked_line "$TORRC" "$INCLUDE_LINE" || true; }
 
 clean() {
     if [[ -z "$R" && "$(id -u)" != 0 ]]; then
@@ -429,6 +467,7 @@ clean() {
     rm -f "$WG_CONF"
     rm -f "$TORRC_D/$BASE_CONF_NAME" "$TORRC_D/$DAEMON_CONF_NAME"
     remove_include_line
+    if remove_marked_line "$APPARMOR_LOCAL" "$APPARMOR_RULE"; then reload_apparmor; fi
     [[ ! -d "$TORRC_D" ]] || rmdir --ignore-fail-on-non-empty "$TORRC_D"
     rm -rf "$HS_DIR" "$CONF_DIR" "$STATE_DIR" "$VENV"
     [[ ! -d "$OPT_DIR" ]] || rmdir --ignore-fail-on-non-empty "$OPT_DIR"

@@ -60,6 +60,7 @@ _TIER_OF_PLACE: dict[str, tuple[str, ...]] = {
     "tests/etcd/": ("slow",),  # a real 3-member etcd cluster per test
     "tests/node_e2e/": ("slow",),  # `rustbalance run` as a subprocess
     "tests/ops/test_init_join_cli.py": ("slow",),  # init/join end to end, Argon2 at full cost
+    "tests/proxy/test_front_door_load.py": ("slow",),  # attacker processes, 12 s each
     "tests/ops/test_mesh_wireguard_netns.py": ("root",),
     "tests/ops/test_trust_mesh_netns.py": ("slow", "root"),  # wireguard-go in 3 namespaces
     "tests/reliability/test_clock_skew.py": ("slow",),

@@ -35,6 +35,30 @@ SAMPLE: dict[str, Any] = {
             "HAProxy (tcp)": {"rps": 59369, "p50_ms": 0.25, "p99_ms": 0.62},
             "RustBalance (tcp)": {"rps": 52007, "p50_ms": 0.30, "p99_ms": 0.55}}},
     },
+    "frontdoor": {
+        "goal": 0.99, "attack_connections": 2000,
+        "attacks": {
+            "slow": {"what": "2000 slow-header connections", "displaced": 65595,
+                     "circuits_cut": 0, "paths": {
+                "HAProxy": {"success": 0.503, "ok": 75, "failed": 74, "p50_ms": 2508.0,
+                            "p95_ms": 4773.0},
+                "RustBalance": {"success": 1.0, "ok": 147, "failed": 0, "p50_ms": 9.0,
+                                "p95_ms": 173.0}}},
+            "circuit": {"what": "one circuit flooding", "displaced": 229350,
+                        "circuits_cut": 3, "paths": {
+                "HAProxy": {"success": 1.0, "ok": 149, "failed": 0, "p50_ms": 16.0,
+                            "p95_ms": 112.0},
+                "RustBalance": {"success": 1.0, "ok": 148, "failed": 0, "p50_ms": 8.0,
+                                "p95_ms": 145.0}}},
+        },
+        "through_tor": {
+            "HAProxy": {"success": 1.0, "ok": 40, "failed": 0, "p50_ms": 94.0, "p95_ms": 167.0,
+                        "attacker_streams": 8580, "circuits_cut": 0, "closed_by_tor": 0},
+            "RustBalance": {"success": 1.0, "ok": 40, "failed": 0, "p50_ms": 192.0,
+                            "p95_ms": None, "attacker_streams": 2216, "circuits_cut": 62,
+                            "closed_by_tor": 62},
+        },
+    },
     "memory_idle": {
         "goal_mb": 200.0, "goal_connections": 10000,
         "rows": [
@@ -110,6 +134,7 @@ def test_every_chart_is_drawn_from_the_sample(tmp_path: Path) -> None:
     drawn = charts.render(SAMPLE, tmp_path)
     assert [c.file for c in drawn] == [
         "proxy_throughput.png",
+        "frontdoor_under_attack.png",
         "memory_per_connection.png",
         "failover_timeline.png",
         "availability_timeline.png",

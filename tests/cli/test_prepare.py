@@ -55,13 +55,14 @@ def setup(tmp_path: Path, *, mode: str = "system", extra: str = "") -> Path:
     return config
 
 
-def prepare(config: Path) -> subprocess.CompletedProcess[str]:
+def prepare(config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "rustbalance.cli.main", "prepare", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env=env,
     )
 
 
@@ -130,6 +131,38 @@ def test_a_port_picked_at_start_cannot_be_prepared(tmp_path: Path) -> None:
     result = prepare(config)
     assert result.returncode == 2
     assert "proxy.listen_port: 0" in result.stderr
+
+
+def test_a_unix_socket_needs_no_fixed_port(tmp_path: Path) -> None:
+    """With ``proxy.listen_unix`` tor reaches the proxy by path: the port is not used, so a
+    port picked at start is no reason to refuse."""
+    config = setup(tmp_path)
+    sock = tmp_path / "run" / "proxy.sock"
+    config.write_text(
+        config.read_text().replace(
+            "listen_port = 18080", f'listen_port = 0\nlisten_unix = "{sock}"'
+        )
+    )
+    result = prepare(config)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "torrc.d" / "rustbalance.conf").read_text()
+    assert f"HiddenServicePort 80 unix:{sock}\n" in text
+
+
+def test_the_default_socket_is_the_units_runtime_directory(tmp_path: Path) -> None:
+    """Without a TCP listener in the file the proxy is on ``$RUNTIME_DIRECTORY/proxy.sock``:
+    systemd gives ``prepare`` (ExecStartPre=) the same RUNTIME_DIRECTORY as the daemon, so
+    both write the same include."""
+    config = setup(tmp_path)
+    config.write_text(config.read_text().replace("[proxy]\nlisten_port = 18080\n", ""))
+    env = {k: v for k, v in os.environ.items() if k != "RUNTIME_DIRECTORY"}
+    result = prepare(config, {**env, "RUNTIME_DIRECTORY": "/run/rustbalance"})
+    assert result.returncode == 0, result.stderr
+    include = tmp_path / "torrc.d" / "rustbalance.conf"
+    assert "HiddenServicePort 80 unix:/run/rustbalance/proxy.sock\n" in include.read_text()
+    assert prepare(config, env).returncode == 0
+    state = tmp_path / "state"
+    assert f"HiddenServicePort 80 unix:{state}/proxy.sock\n" in include.read_text()
 
 
 def test_a_bad_config_is_exit_2(tmp_path: Path) -> None:

@@ -124,6 +124,34 @@ def test_proxy_defaults() -> None:
     assert proxy.mode == "http"
     assert proxy.max_connections == 1024
     assert proxy.drain_timeout_secs == 3
+    # The front door (issue 15): defaults an onion operator can keep.
+    assert proxy.request_head_timeout_secs == 10
+    assert proxy.keep_alive_timeout_secs == 30
+    assert proxy.request_body_timeout_secs == 30
+    assert (proxy.max_head_bytes, proxy.max_head_fields) == (16384, 100)
+    assert proxy.export_circuit_id is True
+    assert (proxy.circuit_max_connections, proxy.circuit_request_burst) == (32, 200)
+    assert proxy.circuit_request_rate == 20.0 and proxy.circuit_cut_secs == 60
+    assert proxy.circuit_id_header == ""
+
+
+def test_the_proxy_listens_on_a_unix_socket_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: no TCP port to collide with; under systemd the unit's RuntimeDirectory=
+    (``$RUNTIME_DIRECTORY``), elsewhere the state folder."""
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    assert minimal().proxy.listen_unix == Path("/var/lib/rustbalance/proxy.sock")
+    state = MINIMAL.replace("[master]", 'state_dir = "/srv/rb"\n[master]')
+    assert parse_config(state, BASE).proxy.listen_unix == Path("/srv/rb/proxy.sock")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/rustbalance")
+    assert minimal().proxy.listen_unix == Path("/run/rustbalance/proxy.sock")
+
+
+@pytest.mark.parametrize("tcp", ["listen_port = 18080", "listen_port = 0", 'listen_host = "::1"'])
+def test_a_tcp_listener_in_the_file_replaces_the_socket(
+    tcp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/rustbalance")
+    assert parse_config(MINIMAL + f"[proxy]\n{tcp}\n", BASE).proxy.listen_unix is None
 
 
 def test_publish_defaults() -> None:

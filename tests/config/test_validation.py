@@ -122,6 +122,34 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ("proxy", "mode", "https", "proxy.mode: must be 'http' or 'tcp', got 'https'"),
     ("proxy", "max_connections", 0, "proxy.max_connections: must be >= 1, got 0"),
     ("proxy", "drain_timeout_secs", 0, "proxy.drain_timeout_secs: must be > 0"),
+    # The front door (issue 15).
+    ("proxy", "listen_unix", "/" + "s" * 120, "proxy.listen_unix: path is 121 bytes"),
+    ("proxy", "listen_unix", "/run/rb/proxy sock", "proxy.listen_unix: must not contain spaces"),
+    ("proxy", "listen_unix", "/run/rb/p#.sock", "proxy.listen_unix: "),
+    ("proxy", "listen_unix", "/run/rb\n/p.sock", "proxy.listen_unix: "),
+    ("proxy", "request_head_timeout_secs", 0, "proxy.request_head_timeout_secs: must be > 0"),
+    ("proxy", "keep_alive_timeout_secs", -1, "proxy.keep_alive_timeout_secs: must be > 0"),
+    ("proxy", "request_body_timeout_secs", 0, "proxy.request_body_timeout_secs: must be > 0"),
+    ("proxy", "max_head_bytes", 1023, "proxy.max_head_bytes: must be 1024..1048576, got 1023"),
+    ("proxy", "max_head_bytes", 1 << 21, "proxy.max_head_bytes: must be 1024..1048576"),
+    ("proxy", "max_head_fields", 0, "proxy.max_head_fields: must be 1..10000, got 0"),
+    ("proxy", "export_circuit_id", "yes", "proxy.export_circuit_id: must be true or false"),
+    ("proxy", "circuit_max_connections", -1, "proxy.circuit_max_connections: must be 0..65535"),
+    (
+        "proxy",
+        "circuit_request_rate",
+        -0.5,
+        "proxy.circuit_request_rate: must be 0..1000000 (0 = off), got -0.5",
+    ),
+    ("proxy", "circuit_request_rate", float("inf"), "proxy.circuit_request_rate: must be 0.."),
+    ("proxy", "circuit_request_rate", float("nan"), "proxy.circuit_request_rate: must be 0.."),
+    ("proxy", "circuit_request_rate", True, "proxy.circuit_request_rate: must be a number"),
+    ("proxy", "circuit_request_burst", 0, "proxy.circuit_request_burst: must be 1..1000000"),
+    ("proxy", "circuit_cut_secs", 0, "proxy.circuit_cut_secs: must be > 0"),
+    ("proxy", "circuit_id_header", "X Tor", "proxy.circuit_id_header: must be an HTTP header"),
+    ("proxy", "circuit_id_header", "X-Tor:", "proxy.circuit_id_header: must be an HTTP header"),
+    ("tor", "max_streams_per_circuit", 65536, "tor.max_streams_per_circuit: must be 0..65535"),
+    ("tor", "max_streams_close_circuit", 1, "tor.max_streams_close_circuit: must be true or"),
     (
         "proxy",
         "listen_port",
@@ -486,6 +514,22 @@ def test_absolute_paths_are_kept() -> None:
 def test_relative_base_dir_is_made_absolute() -> None:
     config = parse_config(tomli_doc_with(master={"identity_key_path": "m.key"}), "conf")
     assert config.master.identity_key_path == Path.cwd() / "conf" / "m.key"
+
+
+def test_a_socket_set_in_the_file_wins_over_a_tcp_listener() -> None:
+    config = parse(proxy={"listen_unix": "/run/rb/proxy.sock", "listen_port": 18080})
+    assert config.proxy.listen_unix == Path("/run/rb/proxy.sock")
+
+
+def test_a_derived_socket_path_that_is_too_long_says_what_to_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/" + "r" * 100)
+    found = problems()
+    assert found == (
+        "proxy.listen_unix: path is 112 bytes; unix socket paths are limited to 107 (set a "
+        "shorter proxy.listen_unix, or listen_port for TCP)",
+    )
 
 
 def tomli_doc_with(**sections: dict[str, Any]) -> str:

@@ -195,11 +195,13 @@ def host(tmp_path: Path) -> Host:
         "etc/systemd/system",
         "etc/wireguard",
         "etc/polkit-1/rules.d",  # polkitd's (installed with it)
+        "etc/apparmor.d/local",  # apparmor's; local/system_tor is tor's profile's include
         "opt",
         "var/lib/tor",
     ):
         (root / directory).mkdir(parents=True)
     (root / "etc/tor/torrc").write_text(OPERATOR_TORRC)
+    (root / "etc/apparmor.d/local/system_tor").write_text("# the operator's own rule\n")
     stubs = tmp_path / "stubs"
     stubs.mkdir()
     stubbed = ("apt-get", "dpkg-query", "python3", "modprobe", "systemctl", "ip", "rustbalance")
@@ -276,6 +278,14 @@ def test_system_tor_mode_configures_tor_and_installs_the_drop_in(host: Host) -> 
     assert rule.read_bytes() == (REPO / "deploy" / "rustbalance-tor.rules").read_bytes()
     assert mode(rule) == 0o644
     assert "apt-get install -y -q tor wireguard-tools python3-venv polkitd" in calls
+    # Debian's tor@default runs confined (AppArmorProfile=-system_tor), which would refuse the
+    # proxy's unix socket: the profile's local include allows exactly that path.
+    apparmor = host.path("etc/apparmor.d/local/system_tor")
+    lines = apparmor.read_text().splitlines()
+    assert lines[0] == "# the operator's own rule"
+    assert lines.count("/run/rustbalance/proxy.sock rw,") == 1
+    host.init_system_tor()
+    assert apparmor.read_text().splitlines() == lines  # once, however often deploy.sh runs
     # Not booted with systemd: nothing is started, the script says what it would run.
     assert not any(call.startswith("systemctl") for call in calls)
     assert "systemctl daemon-reload && systemctl enable --now rustbalance.service" in result.stdout
@@ -283,6 +293,7 @@ def test_system_tor_mode_configures_tor_and_installs_the_drop_in(host: Host) -> 
     host.init()
     assert not dropin.parent.exists()
     assert not rule.exists()
+    assert apparmor.read_text() == "# the operator's own rule\n"
 
 
 def test_packages_already_installed_need_no_apt(host: Host) -> None:

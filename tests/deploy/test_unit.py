@@ -162,6 +162,10 @@ SYSTEM_TOR_EXPECTED: list[tuple[str, str, str]] = [
     ("Unit", "Wants", "tor@default.service"),
     # Still the unprivileged user of the unit, with tor's group for its control cookie.
     ("Service", "SupplementaryGroups", "debian-tor"),
+    # The proxy's socket /run/rustbalance/proxy.sock (0660) for debian-tor: the runtime
+    # directory and the socket get the service's group, debian-tor, and the folder is 0750.
+    ("Service", "Group", "debian-tor"),
+    ("Service", "RuntimeDirectoryMode", "0750"),
     # Root's part runs before the daemon, outside its sandbox ("+"), its status ignored ("-").
     (
         "Service",

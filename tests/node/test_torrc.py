@@ -9,6 +9,7 @@ import pytest
 from rustbalance.crypto.keys import IdentityKey
 from rustbalance.errors import ConfigError
 from rustbalance.node.torrc import (
+    FrontDoorSettings,
     IntroDosSettings,
     OnionServiceSettings,
     PowSettings,
@@ -31,6 +32,46 @@ def test_minimal_torrc_is_an_onionbalance_instance_publishing_descriptors() -> N
         "HiddenServiceNumIntroductionPoints 3\n"
         "PublishHidServDescriptors 1\n"
     )
+
+
+def test_front_door_lines_unix_socket_circuit_ids_and_tors_stream_limit() -> None:
+    """Issue 15: the proxy on a unix socket, tor's PROXY line naming each stream's circuit,
+    tor's own per-circuit stream limit (closing the circuit over it)."""
+    front = FrontDoorSettings(
+        proxy_unix="/run/rustbalance/proxy.sock",
+        export_circuit_id=True,
+        max_streams=64,
+        max_streams_close_circuit=True,
+    )
+    settings = dataclasses.replace(BASE, proxy_port=0, front_door=front)
+    assert onion_service_torrc(settings) == (
+        "HiddenServiceDir /var/lib/tor/rb_hs\n"
+        "HiddenServicePort 80 unix:/run/rustbalance/proxy.sock\n"
+        "HiddenServiceOnionbalanceInstance 1\n"
+        "HiddenServiceNumIntroductionPoints 3\n"
+        "HiddenServiceExportCircuitID haproxy\n"
+        "HiddenServiceMaxStreams 64\n"
+        "HiddenServiceMaxStreamsCloseCircuit 1\n"
+        "PublishHidServDescriptors 1\n"
+    )
+    # tor's defaults are written as nothing: no limit, no line.
+    quiet = dataclasses.replace(BASE, front_door=FrontDoorSettings(max_streams_close_circuit=True))
+    assert onion_service_torrc(quiet) == onion_service_torrc(BASE)
+
+
+@pytest.mark.parametrize(
+    "front",
+    [
+        FrontDoorSettings(max_streams=65536),
+        FrontDoorSettings(max_streams=-1),
+        FrontDoorSettings(proxy_unix="relative.sock"),
+        FrontDoorSettings(proxy_unix="/run/a b.sock"),
+        FrontDoorSettings(proxy_unix="/run/x.sock\nHiddenServicePort 81 127.0.0.1:1"),
+    ],
+)
+def test_bad_front_door_settings_are_refused(front: FrontDoorSettings) -> None:
+    with pytest.raises(ConfigError):
+        onion_service_torrc(dataclasses.replace(BASE, front_door=front))
 
 
 def test_full_torrc_with_pow_and_intro_dos_in_tor_order() -> None:

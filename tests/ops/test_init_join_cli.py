@@ -77,8 +77,12 @@ def _printed_address(out: str) -> str:
 
 
 def test_init_writes_private_files_a_valid_config_and_a_decodable_token(
-    tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    passfile: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
     assert main(_init(tmp_path, passfile)) == 0
     out = capsys.readouterr().out
     conf = tmp_path / "conf"
@@ -95,6 +99,9 @@ def test_init_writes_private_files_a_valid_config_and_a_decodable_token(
     assert config.tor.mode == "system"
     assert config.node.node_key_path == conf / "node.key"
     assert "node key " + load_node_key(conf / "node.key").fingerprint in out
+    # No TCP port to collide with: the proxy's unix socket (issue 17), here in the state folder.
+    assert "[proxy]" not in (conf / "config.toml").read_text()
+    assert config.proxy.listen_unix == tmp_path / "state" / "proxy.sock"
     assert str(config.coordination.listen) == "10.99.0.1:51821"
     # No sidecar: WireGuard and joins are keys of the one config file.
     assert config.wireguard.enabled and config.join.enabled
@@ -111,6 +118,15 @@ def test_init_writes_private_files_a_valid_config_and_a_decodable_token(
     assert payload.join_grant.max_uses == 1
     assert "1 join, valid 24 h" in out
     assert payload.grant_secret.hex() not in out and PASSPHRASE not in out
+
+
+def test_init_with_a_proxy_port_keeps_tcp(
+    tmp_path: Path, passfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_init(tmp_path, passfile, "--no-wireguard", "--proxy-port", "18080")) == 0
+    capsys.readouterr()  # the printed token stays out of the test log
+    config = load_config(tmp_path / "conf" / "config.toml")
+    assert (config.proxy.listen_port, config.proxy.listen_unix) == (18080, None)
 
 
 def test_init_refuses_to_overwrite_an_existing_node(

@@ -242,7 +242,10 @@ async def test_with_joins_off_no_spelling_of_rb_reaches_the_target() -> None:
         body = _fresh(_request())
         for path in ("/.rb/join", f"http://{ONION}/.rb/join", "//.rb/join", "/./.rb/join",
                      "/%2erb/join", "/.RB/join"):  # fmt: skip
-            assert (await _http(proxy.port, _post(path, body)))[0] == 404, path
+            # A target beginning with // never reaches the interceptor: the front door refuses
+            # it as a network-path reference (proxy/wire/targets.py, issue 15) with a 400.
+            expected = 400 if path.startswith("//") else 404
+            assert (await _http(proxy.port, _post(path, body)))[0] == expected, path
         assert (await _http(proxy.port, _post("/page", b"{}")))[0] == 200
         assert seen == [b"/page"]
     finally:

@@ -105,6 +105,23 @@ async def test_metrics_endpoint_serves_the_snapshot() -> None:
     assert REGISTRY.get_sample_value("rustbalance_peers_alive") is None
 
 
+async def test_the_front_door_counters_are_exported() -> None:
+    """Issue 15: cut circuits, refusals by reason, the new timeouts."""
+    metrics = NodeMetrics()
+    stats = ProxyStats(
+        rejected=1, evicted=7, throttled=3, circuit_refused=4, circuits_cut=2, head_timeouts=5
+    )
+    metrics.update(proxy_snapshot(stats))
+    async with MetricsServer(metrics, "127.0.0.1", 0) as server:
+        _, text = await _get(server.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _sample(text, "rustbalance_proxy_circuits_cut_total") == 2
+    assert _sample(text, 'rustbalance_proxy_refused_total{reason="displaced"}') == 7
+    assert _sample(text, 'rustbalance_proxy_refused_total{reason="throttled"}') == 3
+    assert _sample(text, 'rustbalance_proxy_refused_total{reason="circuit_cut"}') == 4
+    assert _sample(text, 'rustbalance_proxy_refused_total{reason="full"}') == 1
+    assert _sample(text, 'rustbalance_proxy_timeouts_total{kind="head"}') == 5
+
+
 async def test_slow_client_times_out() -> None:
     async with MetricsServer(NodeMetrics(), "127.0.0.1", 0, read_timeout=0.2) as server:
         status, _ = await _get(server.port, b"GET /metr")

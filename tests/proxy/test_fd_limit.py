@@ -31,9 +31,9 @@ def test_hard_limit_too_low_warns_with_the_numbers_and_the_fix() -> None:
     plan = plan_nofile(1024, 4096, 10_000)
     assert plan.new_soft == 4096
     assert plan.warning is not None
-    assert "proxy.max_connections = 10000 needs about 20256 file descriptors" in plan.warning
+    assert "proxy.max_connections = 10000 needs about 30256 file descriptors" in plan.warning
     assert "hard limit (RLIMIT_NOFILE) is 4096" in plan.warning
-    assert f"beyond about {(4096 - BASE_DESCRIPTORS) // 2} will fail" in plan.warning
+    assert f"beyond about {(4096 - BASE_DESCRIPTORS) // 3} will fail" in plan.warning
     assert "LimitNOFILE=" in plan.warning
 
 
@@ -86,4 +86,4 @@ def test_the_daemon_shell_raises_the_soft_limit_of_a_real_process() -> None:
     assert "WARNING" not in log
     limits, log = _child(256, 1024, 5000)
     assert limits == [1024, 1024, 1024]
-    assert "WARNING proxy.max_connections = 5000 needs about 10256 file descriptors" in log
+    assert "WARNING proxy.max_connections = 5000 needs about 15256 file descriptors" in log

@@ -232,22 +232,41 @@ async def test_malformed_request_gets_400() -> None:
         assert proxy.stats.bad_requests == 1
 
 
-async def test_over_the_cap_http_clients_get_503() -> None:
+async def test_over_the_cap_a_client_gets_503_only_when_every_slot_is_busy() -> None:
+    """At the cap, a connection that waits for its next request makes room (it is closed);
+    a connection in the middle of a request never does: with every slot busy, 503."""
+    release = asyncio.Event()
 
-    empty = Reply(200, [(b"content-length", b"0")])
-    async with (
-        http_target(lambda s: empty) as (port, _),
-        running_proxy(_settings(port, max_connections=1)) as proxy,
-    ):
-        first = await HttpClient.connect(proxy.port)
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b"/slow" in head:
+                await release.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+
+    request = f"GET / HTTP/1.1\r\nHost: {MASTER}\r\n\r\n".encode()
+    async with tcp_server(slow) as port, running_proxy(_settings(port, max_connections=1)) as proxy:
+        idle = await HttpClient.connect(proxy.port)
         try:
-            assert (await first.request(b"GET", b"/")).status == 200
-            request = f"GET / HTTP/1.1\r\nHost: {MASTER}\r\n\r\n".encode()
+            assert (await idle.request(b"GET", b"/")).status == 200
+            # The idle keep-alive connection is displaced: the newcomer is served.
+            assert (await raw_exchange(proxy.port, request)).startswith(b"HTTP/1.1 200 ")
+            assert await read_all(idle.reader, 3) == b""
+            assert proxy.stats.evicted == 1
+            busy = await HttpClient.connect(proxy.port)
+            pending = asyncio.create_task(busy.request(b"GET", b"/slow"))
+            await asyncio.sleep(0.3)
+            # Every slot busy: a newcomer's request is refused once it is read.
             answer = await raw_exchange(proxy.port, request)
             assert answer.startswith(b"HTTP/1.1 503 ")
             assert proxy.stats.rejected == 1
+            release.set()
+            assert (await pending).status == 200
+            await busy.close()
         finally:
-            await first.close()
+            release.set()
+            await idle.close()
 
 
 async def test_interceptor_answers_join_requests_and_passes_the_rest() -> None:
@@ -280,17 +299,35 @@ async def test_interceptor_answers_join_requests_and_passes_the_rest() -> None:
     assert passed.body == b"hi" and [s.target for s in seen] == [b"/"]
 
 
-async def test_idle_keep_alive_connection_is_closed() -> None:
-
+async def test_idle_keep_alive_connection_is_closed_at_the_keep_alive_timeout() -> None:
     empty = Reply(200, [(b"content-length", b"0")])
     async with (
         http_target(lambda s: empty) as (port, _),
-        running_proxy(_settings(port, idle_timeout=0.4)) as proxy,
+        running_proxy(_settings(port, keep_alive_timeout=0.4, idle_timeout=60)) as proxy,
     ):
         client = await HttpClient.connect(proxy.port)
         try:
             assert (await client.request(b"GET", b"/")).status == 200
+            started = asyncio.get_running_loop().time()
             assert await read_all(client.reader, 3) == b""
+            assert asyncio.get_running_loop().time() - started < 2
         finally:
             await client.close()
-        assert proxy.stats.idle_timeouts == 1
+        assert proxy.stats.keepalive_timeouts == 1
+
+
+async def test_a_slow_target_is_bounded_by_the_idle_timeout() -> None:
+    """While the proxy waits for the target, the idle timeout (not the head or keep-alive
+    one) applies; the client then gets nothing more and the connection closes."""
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(30)
+
+    settings = _settings(0, idle_timeout=0.5, head_timeout=5, keep_alive_timeout=5)
+    async with tcp_server(mute) as port:
+        settings = _settings(port, idle_timeout=0.5, head_timeout=5, keep_alive_timeout=5)
+        async with running_proxy(settings) as proxy:
+            answer = await raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer == b""
+            assert proxy.stats.idle_timeouts == 1

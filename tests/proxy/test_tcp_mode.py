@@ -80,7 +80,8 @@ async def test_large_payloads_both_ways_arrive_byte_exact_with_half_close() -> N
 
 
 async def test_session_log_line_counts_bytes_and_outcome(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger=LOGGER)
+    """One DEBUG line per connection (issue 17: the periodic summary is the INFO line)."""
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
     async with tcp_server(_echo) as port:
         settings = ProxySettings(target=direct_target(port), mode="tcp")
         async with running_proxy(settings) as proxy:
@@ -93,8 +94,9 @@ async def test_session_log_line_counts_bytes_and_outcome(caplog: pytest.LogCaptu
                 if proxy.stats.active == 0:
                     break
                 await asyncio.sleep(0.01)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Session #")]
-    assert len(lines) == 1
+    records = [r for r in caplog.records if r.getMessage().startswith("Session #")]
+    assert [r.levelno for r in records] == [logging.DEBUG]
+    lines = [r.getMessage() for r in records]
     assert f"-> 127.0.0.1:{port}" in lines[0]
     assert "up=5B down=5B" in lines[0] and "outcome=ok" in lines[0]
 
@@ -115,7 +117,7 @@ async def test_onion_target_goes_through_socks_with_remote_dns() -> None:
 async def test_socks_error_reply_closes_the_client_and_counts(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger=LOGGER)
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
     async with socks5_server(None, reply_code=4) as (socks_port, _log):
         settings = ProxySettings(target=_onion_target(), mode="tcp", socks_port=socks_port)
         async with running_proxy(settings) as proxy:

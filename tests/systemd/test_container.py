@@ -4,8 +4,10 @@ The container (tests/systemd/nspawn.py) shares the host's network namespace, so 
 runs joins the session's private Tor network on 127.0.0.1 and a real Tor client reaches the
 master address through it. The project is installed there with ``deploy/deploy.sh --init``
 exactly as an operator would (packages, the ``rustbalance`` user, the venv, the unit); the
-test then points the config at the private network and at free ports (an operator edits the
-same file) and drives everything through ``systemctl`` and ``journalctl``:
+test then points the config at the private network and at free ports for metrics and
+coordination (an operator edits the same file; the proxy needs none: it listens on
+``/run/rustbalance/proxy.sock``) and drives everything through ``systemctl`` and
+``journalctl``:
 
 - start: active within ``TimeoutStartSec``, and serving (a Tor client gets the target's page);
   READY=1 only after the proxy listens, tor bootstrapped and tor's descriptor has intro points
@@ -21,7 +23,9 @@ same file) and drives everything through ``systemctl`` and ``journalctl``:
 - ``systemctl stop`` -> inactive within ``TimeoutStopSec``, exit status 0: when running, during
   tor's bootstrap, and with proxied connections open;
 - a bad config -> ``failed`` at once (no restart), the error at priority err in the journal;
-- journald priorities: INFO lines at 6, errors at 3, no timestamps, no multi-line events.
+- journald priorities: INFO lines at 6, errors at 3, no timestamps, no multi-line events;
+- a burst of proxied connections stays far below journald's rate limit (per-connection lines
+  are DEBUG, a periodic INFO summary counts them).
 
 Timings are read from deploy/rustbalance.service, so the test follows the unit. Readiness is
 checked by :func:`assert_serving`. ``tor.mode = "system"`` runs unprivileged too: root only
@@ -79,6 +83,8 @@ CLI = "/opt/rustbalance/venv/bin/rustbalance"
 # Onion services on the private network take a few seconds; a fresh tor's bootstrap too.
 SERVE_DEADLINE = 120.0
 CAP_NET_ADMIN = 1 << 12
+# The proxy's default listener under the unit (RuntimeDirectory=rustbalance, issue 17).
+PROXY_SOCKET = "/run/rustbalance/proxy.sock"
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -191,13 +197,14 @@ def private_network_torrc(node: Node) -> list[str]:
 
 def configure_for_the_test_network(node: Node) -> None:
     """What an operator of this private network would edit after deploy.sh --init: tor joins
-    the network (its authorities), the ports are free ones of this host, and WireGuard is left
-    off (the container has no /dev/net/tun and this kernel no WireGuard module)."""
+    the network (its authorities), the metrics and coordination ports are free ones of this
+    host (the proxy keeps its default, a unix socket: nothing to collide with), and WireGuard
+    is left off (the container has no /dev/net/tun and this kernel no WireGuard module)."""
     lines = private_network_torrc(node)
     doc = node.config()
     doc["tor"]["extra_torrc"] = lines
     doc["target"]["address"] = f"127.0.0.1:{node.target.port}"
-    doc["proxy"]["listen_port"] = free_port()
+    assert "proxy" not in doc, doc.get("proxy")  # deploy.sh --init leaves the default
     node.metrics_port = free_port()
     doc["metrics"] = {"listen": f"127.0.0.1:{node.metrics_port}"}
     doc["coordination"]["listen"] = f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
@@ -281,8 +288,8 @@ def assert_serving(node: Node, *, since_usec: int, notified: bool = False) -> No
         r"^rustbalance\.proxy: Proxy listening on ",
         r"(tor pid \d+ ready after|System tor bootstrapped \(100%\))",
         r"Own intro points changed: [1-9]\d* now",
-        r"^rustbalance\.node\.daemon: Node ready: proxy listening on \S+, tor bootstrapped, "
-        r"[1-9]\d* intro points$",
+        rf"^rustbalance\.node\.daemon: Node ready: proxy listening on unix:{PROXY_SOCKET}, "
+        r"tor bootstrapped, [1-9]\d* intro points$",
         r"^Started rustbalance\.service",
     ]
     stamps = [seconds(node.first(entries, pattern)) for pattern in order]
@@ -564,11 +571,10 @@ def test_stop_with_open_proxied_connections_ends_within_timeout_stop_sec(node: N
     """Connections in the middle of a request (the head never finishes): the proxy drains
     them for drain_timeout_secs, then the rest of the shutdown follows, all within budget."""
     node.ensure_active()
-    port = int(node.config()["proxy"]["listen_port"])
     held = []
     try:
         for _ in range(5):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock = connect_to_the_proxy(node)
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # no end of head
             held.append(sock)
         started = time.monotonic()
@@ -585,6 +591,57 @@ def test_stop_with_open_proxied_connections_ends_within_timeout_stop_sec(node: N
         "success",
         "0",
     )
+
+
+def connect_to_the_proxy(node: Node) -> socket.socket:
+    """The proxy's unix socket in the container's /run (a tmpfs of its own mount namespace),
+    reached through its init's root: /proc/LEADER/root."""
+    assert node.container.leader is not None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(f"/proc/{node.container.leader}/root{PROXY_SOCKET}")
+    return sock
+
+
+def test_the_proxy_socket_is_private_to_the_service(node: Node) -> None:
+    node.ensure_active()
+    out = node.container.ok(["stat", "-c", "%a %U %G %F", "/run/rustbalance", PROXY_SOCKET])
+    assert out.splitlines() == [
+        "700 rustbalance rustbalance directory",
+        "660 rustbalance rustbalance socket",
+    ]
+    text = node.container.path("/var/lib/rustbalance/tor/torrc").read_text()
+    assert f"HiddenServicePort 80 unix:{PROXY_SOCKET}\n" in text
+
+
+BURST = 1000
+
+
+def test_a_burst_of_connections_stays_below_journalds_rate_limit(node: Node) -> None:
+    """Issue 17: one INFO line per connection tripped journald's rate limit (10,000 lines per
+    30 s) at ~333 connections/s and dropped the important lines with it. A burst of BURST
+    requests straight to the proxy now adds a handful of entries, and journald suppresses
+    nothing."""
+    node.ensure_active()
+    since = node.now_usec()
+    started = time.monotonic()
+    for _ in range(BURST):
+        with connect_to_the_proxy(node) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    elapsed = time.monotonic() - started
+    node.figures["burst_connections_per_s"] = BURST / elapsed
+    ours = [e for e in node.journal(since) if e.get("SYSLOG_IDENTIFIER") == "rustbalance"]
+    node.figures["burst_journal_entries"] = len(ours)
+    assert len(ours) < BURST // 100, [e["MESSAGE"] for e in ours[:20]]
+    everything = node.container.ok(
+        ["journalctl", "-o", "json", "--no-pager", "--since", f"@{since / 1e6:.6f}"], timeout=60
+    )
+    suppressed = [line for line in everything.splitlines() if "Suppressed" in line]
+    assert not suppressed, suppressed
 
 
 # -- bad config -----------------------------------------------------------------------------
@@ -716,7 +773,7 @@ def test_clean_then_system_tor_mode_serves_unprivileged(node: Node) -> None:
     doc = node.config()
     assert doc["tor"]["mode"] == "system"
     doc["target"]["address"] = f"127.0.0.1:{node.target.port}"
-    doc["proxy"]["listen_port"] = free_port()
+    assert "proxy" not in doc, doc.get("proxy")  # the unix socket, /run/rustbalance/proxy.sock
     doc["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}
     doc["coordination"]["listen"] = f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
     doc["wireguard"]["enabled"] = False
@@ -744,6 +801,12 @@ def test_clean_then_system_tor_mode_serves_unprivileged(node: Node) -> None:
         entries = node.journal(since)
         node.first(entries, r"Onion service directory .* is the system tor's")
         node.first(entries, r"Tor include .* is up to date")
+        # debian-tor reached the proxy (the onion answered): through the folder's and the
+        # socket's group, nothing wider.
+        include = container.path("/etc/tor/torrc.d/rustbalance.conf").read_text()
+        assert f"HiddenServicePort 80 unix:{PROXY_SOCKET}\n" in include
+        out = container.ok(["stat", "-c", "%a %U %G", "/run/rustbalance", PROXY_SOCKET])
+        assert out.splitlines() == ["750 rustbalance debian-tor", "660 rustbalance debian-tor"]
         out = container.ok(["systemd-analyze", "security", UNIT, "--no-pager"])
         match = re.search(r"Overall exposure level for rustbalance\.service: (\d+\.\d)", out)
         assert match, out

@@ -304,7 +304,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_priority: i
         "--state-dir", default=DEFAULT_STATE_DIR, help=f"daemon state (default {DEFAULT_STATE_DIR})"
     )
     parser.add_argument(
-        "--proxy-port", type=int, default=8080, help="local port of the reverse proxy (8080)"
+        "--proxy-port",
+        type=int,
+        default=None,
+        help="a local TCP port for the reverse proxy (default: none, it listens on a unix "
+        "socket, proxy.listen_unix)",
     )
     parser.add_argument(
         "--no-wireguard",
@@ -483,7 +487,8 @@ def run_init(args: argparse.Namespace, io: Io) -> int:
         },
         "target": {"address": target},
         "tor": {"mode": args.tor_mode},
-        "proxy": {"listen_port": args.proxy_port},
+        # No port: the proxy's unix socket (proxy.listen_unix), nothing to collide with.
+        **({"proxy": {"listen_port": args.proxy_port}} if args.proxy_port is not None else {}),
         "coordination": {"listen": listen},
     }
     if args.tor_mode == "managed":

@@ -179,7 +179,7 @@ class JoinSettings:
     endpoint: str
     target: str
     tor_mode: str
-    proxy_port: int
+    proxy_port: int | None  # None: the proxy's unix socket (proxy.listen_unix)
     coordination_port: int
     wireguard: bool
     identity_mode: IdentityMode = "instance"
@@ -213,7 +213,11 @@ def joined_config(
         "master": master,
         "target": {"address": settings.target},
         "tor": {"mode": settings.tor_mode},
-        "proxy": {"listen_port": settings.proxy_port},
+        **(
+            {"proxy": {"listen_port": settings.proxy_port}}
+            if settings.proxy_port is not None
+            else {}
+        ),
         "coordination": {
             "listen": f"{answer.tunnel_address}:{settings.coordination_port}",
             "peers": sorted({peer.coordination for peer in answer.peers()}),
@@ -253,7 +257,7 @@ def _settings(args: argparse.Namespace, payload: JoinPayload, io: Io) -> JoinSet
     target = check_endpoint(target_text, "--target", allow_onion=True)
     if not 1 <= args.coordination_port <= 65535:
         raise CliError("--coordination-port must be 1-65535")
-    if not 1 <= args.proxy_port <= 65535:
+    if args.proxy_port is not None and not 1 <= args.proxy_port <= 65535:
         raise CliError("--proxy-port must be 1-65535")
     return JoinSettings(
         config_dir=Path(args.config_dir).absolute(),

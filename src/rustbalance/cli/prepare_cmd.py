@@ -13,7 +13,7 @@ deploy/system-tor.conf runs it as ``ExecStartPre=-+``):
   folder); in ``instance`` mode a missing instance key is generated for the daemon's user
   (the owner of ``node.state_dir``);
 - the include (``tor.torrc_include``), exactly what the daemon would write, so the daemon finds
-  it up to date (which needs a fixed ``proxy.listen_port``).
+  it up to date (which needs ``proxy.listen_unix`` or a fixed ``proxy.listen_port``).
 
 Managed mode needs nothing from root: exit 0 at once. Exit 2 for a config or key problem,
 1 for anything else (cli/main.py).
@@ -88,7 +88,8 @@ def _prepare(config: Config) -> None:
             EXIT_CONFIG,
         )
     port = config.proxy.listen_port
-    if port == 0:
+    # On a unix socket tor reaches the proxy by path, and the port is not written.
+    if port == 0 and config.proxy.listen_unix is None:
         raise StartupError(
             "proxy.listen_port: 0 (a port picked at start) cannot be written into the tor "
             "include ahead of the daemon; set a fixed port",

@@ -31,6 +31,7 @@ __all__ = [
     "Invalid",
     "InvalidItems",
     "Key",
+    "Number",
     "PathValue",
     "Reader",
     "Relation",
@@ -190,6 +191,30 @@ class Duration(Reader[float]):
             )
         if value > MAX_DURATION_SECS:
             raise Invalid(f"must be at most {MAX_DURATION_SECS} (a year), got {value}")
+        return float(value)
+
+
+@dataclass(frozen=True)
+class Number(Reader[float]):
+    """A finite number (integer or float) in ``low..high``, as a float."""
+
+    low: float
+    high: float
+    zero_means_off: bool = False
+
+    @property
+    def type_doc(self) -> str:
+        off = ", 0 = off" if self.zero_means_off else ""
+        return f"number {_number(self.low)}..{_number(self.high)}{off}"
+
+    def read(self, value: object, base: Path) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise Invalid(f"must be a number, got {describe(value)}")
+        if not math.isfinite(value) or not self.low <= value <= self.high:
+            off = " (0 = off)" if self.zero_means_off else ""
+            raise Invalid(
+                f"must be {_number(self.low)}..{_number(self.high)}{off}, got {_number(value)}"
+            )
         return float(value)
 
 

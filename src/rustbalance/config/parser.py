@@ -28,7 +28,7 @@ from typing import Any
 from rustbalance.config.identity_mode import cluster_identity_problem
 from rustbalance.config.keys import Derived, Invalid, InvalidItems, describe, key_of
 from rustbalance.config.pow import pow_refusal
-from rustbalance.config.schema import MAX_UNIX_SOCKET_PATH, Config
+from rustbalance.config.schema import MAX_UNIX_SOCKET_PATH, Config, socket_path_problem
 from rustbalance.errors import ConfigError
 
 __all__ = ["SECTIONS", "ConfigProblems", "load_config", "parse_config"]
@@ -209,6 +209,23 @@ def _check_node(s: _SectionReader, values: dict[str, Any], _built: Mapping[str, 
             )
 
 
+def _check_proxy(s: _SectionReader, values: dict[str, Any], _built: Mapping[str, Any]) -> None:
+    # One listener: the unix socket unless the file asks for TCP (issue 17's default); a
+    # listen_unix set in the file wins over listen_host/listen_port.
+    if "listen_unix" not in s.table:
+        if "listen_host" in s.table or "listen_port" in s.table:
+            values["listen_unix"] = None
+        elif s.ok("listen_unix") and (problem := socket_path_problem(values["listen_unix"])):
+            s.problem(
+                "listen_unix",
+                f"{problem} (set a shorter proxy.listen_unix, or listen_port for TCP)",
+            )
+        return
+    unix = values["listen_unix"]
+    if unix is not None and s.ok("listen_unix") and (problem := socket_path_problem(unix)):
+        s.problem("listen_unix", problem)
+
+
 def _check_master(s: _SectionReader, values: dict[str, Any], built: Mapping[str, Any]) -> None:
     onion = values["onion_address"]
     for index, backend in enumerate(values["backends"]):
@@ -324,6 +341,7 @@ def _check_listeners(built: Mapping[str, Any], problems: list[str]) -> None:
     proxy, metrics = built["proxy"], built["metrics"]
     if (
         metrics.enabled
+        and proxy.listen_unix is None
         and proxy.listen_port != 0
         and proxy.listen_port == metrics.listen.port
         and proxy.listen_host == metrics.listen.host
@@ -349,6 +367,7 @@ def _check_pow(config: Config, problems: list[str]) -> None:
 _SECTION_CHECKS = {
     "node": _check_node,
     "master": _check_master,
+    "proxy": _check_proxy,
     "coordination": _check_coordination,
     "wireguard": _check_wireguard,
     "join": _check_join,

@@ -17,6 +17,8 @@ folder).
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from rustbalance.config.keys import (
     Duration,
     Integer,
     Invalid,
+    Number,
     PathValue,
     Reader,
     Relation,
@@ -144,6 +147,55 @@ class TorrcPath(Reader[Path]):
         if problem := torrc_value_problem(str(path)):
             raise Invalid(problem)
         return path
+
+
+@dataclass(frozen=True)
+class SocketPath(Reader[Path]):
+    """A unix socket tor connects to (``HiddenServicePort 80 unix:PATH``): a torrc value
+    without spaces (tor's hs_config.c would need it quoted), and short enough for
+    ``sun_path``."""
+
+    type_doc: str = "path"
+
+    def read(self, value: object, base: Path) -> Path:
+        path = TorrcPath().read(value, base)
+        if any(c.isspace() for c in str(path)):
+            raise Invalid(f"must not contain spaces, got {str(path)!r}")
+        return path
+
+
+def default_proxy_socket(derived: Derived) -> Path:
+    """``proxy.listen_unix`` when the file names no listener: the unit's runtime directory
+    (systemd exports ``RUNTIME_DIRECTORY`` to the daemon and to every ``ExecStartPre=``, so
+    ``rustbalance prepare`` derives the same path), else the state folder. parser.py drops it
+    when ``listen_host`` or ``listen_port`` is set."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "")
+    # systemd.exec(5): one path per RuntimeDirectory= entry, separated by ":".
+    folder = runtime.split(":")[0]
+    if folder.startswith("/"):
+        return Path(folder) / "proxy.sock"
+    return Path(derived.built["node"].state_dir) / "proxy.sock"
+
+
+def socket_path_problem(path: Path) -> str | None:
+    """Too long for a unix socket address (Linux ``sun_path``), also for a derived path."""
+    length = len(os.fsencode(path))
+    if length > MAX_UNIX_SOCKET_PATH:
+        return f"path is {length} bytes; unix socket paths are limited to {MAX_UNIX_SOCKET_PATH}"
+    return None
+
+
+# RFC 9110 §5.1: a field name is a token.
+_FIELD_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]{1,64}")
+
+
+def _field_name(value: str) -> str:
+    if value and not _FIELD_NAME.fullmatch(value):
+        raise Invalid(
+            f"must be an HTTP header name (letters, digits, - and other token characters), "
+            f"got {value!r}"
+        )
+    return value
 
 
 def _torrc_line(value: str) -> str:
@@ -526,6 +578,21 @@ class TorConfig:
         default=120.0,
         doc="How long tor may take to bootstrap before the daemon restarts it.",
     )
+    # The front door (issue 15): tor's own per-circuit stream limit (tor's man page;
+    # hs_config.c: HiddenServiceMaxStreams is 0..65535).
+    max_streams_per_circuit: int = key(
+        Integer(0, 65535),
+        default=0,
+        doc="`HiddenServiceMaxStreams`: streams one rendezvous circuit may hold at once in tor "
+        "(0 = no limit: the proxy's own `proxy.circuit_max_connections` applies, with a log "
+        "line and a metric).",
+    )
+    max_streams_close_circuit: bool = key(
+        Boolean(),
+        default=True,
+        doc="`HiddenServiceMaxStreamsCloseCircuit`: over `max_streams_per_circuit` tor closes "
+        "the circuit instead of refusing the stream.",
+    )
 
 
 @section
@@ -545,7 +612,9 @@ class ProxyConfig:
     listen_port: int = key(
         Integer(0, 65535),
         default=8080,
-        doc="0 = pick a free port. Must differ from the metrics port on the same host.",
+        doc="0 = pick a free port. Must differ from the metrics port on the same host. "
+        "Setting `listen_host` or `listen_port` makes the proxy listen on TCP instead of its "
+        "default unix socket (`listen_unix`).",
     )
     virtual_port: int = key(
         Integer(1, 65535),
@@ -560,15 +629,109 @@ class ProxyConfig:
     max_connections: int = key(
         Integer(1),
         default=1024,
-        doc="Most client connections proxied at once (more are refused: a 503 in http mode, a "
-        "close in tcp mode). At start the daemon raises its open-files soft limit to the hard "
+        doc="Most client connections busy at once. At the cap a connection found waiting (it "
+        "has not sent a complete request head yet, or waits for its next request) is closed to "
+        "make room: of the 16 waiting longest, one of the circuit holding most connections. "
+        "Newcomers are read before they can be taken for idle, so the count may briefly reach "
+        "twice the cap; a newcomer with a request when every connection is busy gets a 503 "
+        "(tcp mode: a close). At start the daemon raises its open-files soft limit to the hard "
         "limit (systemd gives services 1024 soft, 524288 hard) and logs a WARNING when even "
-        "the hard limit is below the 2 × `max_connections` + 256 descriptors it may need.",
+        "the hard limit is below the 3 × `max_connections` + 256 descriptors it may need.",
     )
     drain_timeout_secs: float = key(
         Duration(),
         default=3.0,
         doc="On shutdown, how long open connections may finish.",
+    )
+    # --- the front door (issue 15) -------------------------------------------------------
+    listen_unix: Path | None = key(
+        SocketPath(),
+        default=None,
+        derive=default_proxy_socket,
+        default_doc="`$RUNTIME_DIRECTORY/proxy.sock` under systemd (the unit's "
+        "`/run/rustbalance/proxy.sock`), else `<state_dir>/proxy.sock`; none (TCP) when "
+        "`listen_host` or `listen_port` is set",
+        example="/run/rustbalance/proxy.sock",
+        doc="The proxy listens on this unix socket (mode 0660, created owner-only first; its "
+        "folder must not be writable by others; a stale socket is replaced) and tor's "
+        "`HiddenServicePort` points at `unix:PATH`: no TCP port to collide with. Set "
+        "`listen_host`/`listen_port` instead for TCP (with both, `listen_unix` wins). tor "
+        "must reach it: a managed tor runs as the daemon's user; a `system` tor's user needs "
+        "the socket's group "
+        "(deploy/system-tor.conf: `Group=debian-tor`). At most "
+        f"{MAX_UNIX_SOCKET_PATH} bytes, a torrc value without spaces.",
+    )
+    request_head_timeout_secs: float = key(
+        Duration(),
+        default=10.0,
+        doc="A whole request head must arrive within this: from the connection's start for its "
+        "first request, from its first byte for a later one. Then `408` and the connection "
+        "closes. A client trickling bytes cannot hold a connection longer.",
+    )
+    keep_alive_timeout_secs: float = key(
+        Duration(),
+        default=30.0,
+        doc="How long a kept-alive connection may wait for its next request.",
+    )
+    request_body_timeout_secs: float = key(
+        Duration(),
+        default=30.0,
+        doc="The longest pause inside a request body (`408`, or a close once the answer began).",
+    )
+    max_head_bytes: int = key(
+        Integer(1024, 1 << 20),
+        default=16 * 1024,
+        doc="Largest request head (request line and fields): `431` (`414` for a request line "
+        "alone). Response heads may be 4 × larger.",
+    )
+    max_head_fields: int = key(
+        Integer(1, 10_000),
+        default=100,
+        doc="Most field lines in a request head (`431`); responses 4 × as many.",
+    )
+    export_circuit_id: bool = key(
+        Boolean(),
+        default=True,
+        doc="tor writes a PROXY protocol line naming the rendezvous circuit of each stream "
+        "(`HiddenServiceExportCircuitID haproxy`), so the `circuit_*` limits apply per "
+        "circuit. A stream that does not start with such a line (a local client, not through "
+        "tor) is served without circuit limits.",
+    )
+    circuit_max_connections: int = key(
+        Integer(0, 65535),
+        default=32,
+        doc="Streams one circuit may hold at the proxy at once (a browser holds at most 6 per "
+        "host); one more and the circuit is **cut**: its connections are closed, its new "
+        "streams refused for `circuit_cut_secs`, tor asked to close it (`CLOSECIRCUIT`), a "
+        "WARNING `Cut circuit N: ...` logged and `rustbalance_proxy_circuits_cut_total` "
+        "counted. 0 = no limit.",
+    )
+    circuit_request_rate: float = key(
+        Number(0, 1_000_000, zero_means_off=True),
+        default=20.0,
+        doc="Every new stream and every request of a circuit takes a token; tokens refill at "
+        "this many per second up to `circuit_request_burst`. With none left a request gets "
+        "`429` (tcp mode: the stream is closed); a circuit that goes on until it owes a whole "
+        "burst is cut. 0 = no limit.",
+    )
+    circuit_request_burst: int = key(
+        Integer(1, 1_000_000),
+        default=200,
+        doc="The bucket's size (a page with many resources loads within it).",
+    )
+    circuit_cut_secs: float = key(
+        Duration(),
+        default=60.0,
+        doc="How long a cut circuit's new streams are refused.",
+    )
+    circuit_id_header: str = key(
+        Text(_field_name, type_doc="string (header name)"),
+        default="",
+        example="X-Tor-Circuit-Id",
+        default_doc='`""` (off)',
+        doc='When set (e.g. `"X-Tor-Circuit-Id"`), every request to the target carries the '
+        "circuit id in this header (a field of that name from the client is dropped), for the "
+        "target's own rate limiting.",
     )
 
 

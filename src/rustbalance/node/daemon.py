@@ -146,7 +146,7 @@ class Daemon:
             clock=self.clock,
         )
         proxy = await runtime.start_proxy(socks)
-        self.readiness.proxy_listening("{}:{}".format(*proxy.address))
+        self.readiness.proxy_listening(proxy.where)
         runtime.start_prober(proxy)
         native = self.cluster.mode.native_publishing_at_start()
         await runtime.start_tor(proxy.port, publish_descriptors=native)

@@ -41,8 +41,12 @@ key                         value                            exported as
                                                              total``
 ``proxy_bytes``             ``{"up": n, "down": n}``         ``rustbalance_proxy_bytes_total
                                                              {direction}``
-``proxy_timeouts``          ``{"connect"|"idle"|"session":   ``rustbalance_proxy_timeouts_total
-                            n}``                             {kind}``
+``proxy_timeouts``          ``{"connect"|"idle"|"session"|   ``rustbalance_proxy_timeouts_total
+                            "head"|"keepalive"|"body": n}``  {kind}``
+``proxy_refused``           ``{"full"|"displaced"|           ``rustbalance_proxy_refused_total
+                            "throttled"|"circuit_cut": n}``  {reason}``
+``proxy_circuits_cut``      int                              ``rustbalance_proxy_circuits_cut_
+                                                             total``
 ``target_up``               bool                             ``rustbalance_target_up``
 ``last_publish_time``       ``{"current"|"next": unix time}``  ``rustbalance_last_publish_
                             of the last successful publish   timestamp_seconds{period}``
@@ -214,9 +218,13 @@ _COUNTERS = (
     "heartbeats_received",
     "tor_restarts",
     "proxy_connections_total",
+    "proxy_circuits_cut",
 )
 _GAUGES_INT = ("peers_alive", "proxy_connections_active")
 _FLAGS = ("is_publisher", "tor_up", "target_up", "etcd_connected", "etcd_registered")
+_TIMEOUT_KINDS = ("connect", "idle", "session", "head", "keepalive", "body")
+# Why the proxy refused or closed a connection before serving it (the front door, issue 15).
+_REFUSALS = ("full", "displaced", "throttled", "circuit_cut")
 
 
 def _validate(snapshot: Mapping[str, Any]) -> dict[str, Any]:
@@ -257,7 +265,9 @@ def _validate(snapshot: Mapping[str, Any]) -> dict[str, Any]:
         elif key == "proxy_bytes":
             clean[key] = _counts(value, key, ("up", "down"))
         elif key == "proxy_timeouts":
-            clean[key] = _counts(value, key, ("connect", "idle", "session"))
+            clean[key] = _counts(value, key, _TIMEOUT_KINDS)
+        elif key == "proxy_refused":
+            clean[key] = _counts(value, key, _REFUSALS)
         elif key == "etcd_fencing":
             clean[key] = _counts(value, key, ("passed", "refused", "failed"))
         elif key == "last_publish_time":
@@ -285,7 +295,17 @@ def proxy_snapshot(stats: ProxyStats) -> dict[str, Any]:
             "connect": stats.connect_timeouts,
             "idle": stats.idle_timeouts,
             "session": stats.session_timeouts,
+            "head": stats.head_timeouts,
+            "keepalive": stats.keepalive_timeouts,
+            "body": stats.body_timeouts,
         },
+        "proxy_refused": {
+            "full": stats.rejected,
+            "displaced": stats.evicted,
+            "throttled": stats.throttled,
+            "circuit_cut": stats.circuit_refused,
+        },
+        "proxy_circuits_cut": stats.circuits_cut,
     }
 
 
@@ -384,6 +404,15 @@ class _SnapshotCollector(Collector):
             "Proxied connections ended by a timeout, by kind.",
             ["kind"],
             [((k,), n) for k, n in v.get("proxy_timeouts", {}).items()],
+        )
+        yield from self._counter(
+            "rustbalance_proxy_refused",
+            "Connections or requests the front door refused or closed unserved, by reason.",
+            ["reason"],
+            [((k,), n) for k, n in v.get("proxy_refused", {}).items()],
+        )
+        yield from self._plain_counter(
+            "proxy_circuits_cut", "Tor circuits cut for going over their per-circuit limits."
         )
         yield from self._gauge("target_up", "1 if the target passes its health checks.")
         yield from self._gauge(

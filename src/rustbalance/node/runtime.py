@@ -58,7 +58,7 @@ from rustbalance.node.watchdog import (
     WatchdogPolicy,
     run_tor_watchdog,
 )
-from rustbalance.proxy import ProxySettings, ReverseProxy, parse_target
+from rustbalance.proxy import CircuitLimits, ProxySettings, ReverseProxy, parse_target
 from rustbalance.proxy.fd_limit import raise_nofile_limit
 from rustbalance.proxy.session import ProxyStats
 from rustbalance.tor.control import ControlConnection, ReconnectingController, password_from_env
@@ -76,6 +76,8 @@ OnBootstrap = Callable[[int], None]
 TOR_STOP_TIMEOUT_SECS = 4.0
 STOP_TOR_STEP_SECS = 5.0
 CLOSE_STEP_SECS = 2.0
+# A CLOSECIRCUIT for a circuit the proxy cut may wait this long for tor's answer.
+CLOSE_CIRCUIT_SECS = 10.0
 # How often the system tor's bootstrap phase is asked while start-up waits for it.
 _BOOTSTRAP_POLL_SECS = 1.0
 
@@ -182,14 +184,39 @@ class NodeRuntime:
                 max_session_seconds=cfg.target.session_timeout_secs or None,
                 max_connections=cfg.proxy.max_connections,
                 drain_timeout=cfg.proxy.drain_timeout_secs,
+                # The front door (issue 15): proxy/settings.py documents each.
+                listen_unix=str(p) if (p := cfg.proxy.listen_unix) else None,
+                head_timeout=cfg.proxy.request_head_timeout_secs,
+                keep_alive_timeout=cfg.proxy.keep_alive_timeout_secs,
+                body_timeout=cfg.proxy.request_body_timeout_secs,
+                max_header_bytes=cfg.proxy.max_head_bytes,
+                max_header_fields=cfg.proxy.max_head_fields,
+                circuit_ids=cfg.proxy.export_circuit_id,
+                circuit_limits=CircuitLimits(
+                    max_connections=cfg.proxy.circuit_max_connections,
+                    rate=cfg.proxy.circuit_request_rate,
+                    burst=cfg.proxy.circuit_request_burst,
+                    cut_seconds=cfg.proxy.circuit_cut_secs,
+                ),
+                circuit_header=cfg.proxy.circuit_id_header or None,
             )
             raise_nofile_limit(cfg.proxy.max_connections)
-            proxy = ReverseProxy(settings, interceptor=self.mesh.interceptor())
+            proxy = ReverseProxy(
+                settings, interceptor=self.mesh.interceptor(), close_circuit=self.close_circuit
+            )
             await proxy.start()
         except RustBalanceError as exc:
             raise StartupError(f"reverse proxy: {exc}") from None
         self.proxy = proxy
         return proxy
+
+    async def close_circuit(self, circuit: int) -> None:
+        """The proxy cut a circuit: ask tor to close it (control-spec §3.16 CLOSECIRCUIT; the
+        id in tor's PROXY line is the circuit's global identifier, the control port's id:
+        tor's connection_edge.c, export_hs_client_circuit_id)."""
+        if self.ctrl is not None:
+            async with asyncio.timeout(CLOSE_CIRCUIT_SECS):
+                await self.ctrl.request("CLOSECIRCUIT", str(circuit))
 
     def start_prober(self, proxy: ReverseProxy) -> None:
         """``[health] http_probe_enabled``: probe the target the way the proxy reaches it."""

@@ -41,6 +41,7 @@ from rustbalance.node.identity import (
 )
 from rustbalance.node.torrc import (
     OB_CONFIG_FILENAME,
+    FrontDoorSettings,
     IntroDosSettings,
     OnionServiceSettings,
     PowSettings,
@@ -306,8 +307,8 @@ def write_system_include(config: Config, text: str) -> None:
     except OSError as exc:
         raise StartupError(
             f"cannot write tor include {include}: {exc.strerror or exc} (as an unprivileged "
-            "user, run `rustbalance prepare` as root first; a fixed proxy.listen_port keeps "
-            "the include the same across starts)"
+            "user, run `rustbalance prepare` as root first; proxy.listen_unix or a fixed "
+            "proxy.listen_port keeps the include the same across starts)"
         ) from None
     log.info("Wrote tor include %s", include)
 
@@ -333,6 +334,12 @@ def onion_service_settings(
             IntroDosSettings(tor.intro_dos_rate_per_sec, tor.intro_dos_burst_per_sec)
             if tor.intro_dos_enabled
             else None
+        ),
+        front_door=FrontDoorSettings(
+            proxy_unix=str(unix) if (unix := config.proxy.listen_unix) else None,
+            export_circuit_id=config.proxy.export_circuit_id,
+            max_streams=tor.max_streams_per_circuit,
+            max_streams_close_circuit=tor.max_streams_close_circuit,
         ),
     )
 

@@ -61,6 +61,48 @@ class OnionServiceSettings:
     publish_descriptors: bool = True
     pow: PowSettings | None = None
     intro_dos: IntroDosSettings | None = None
+    front_door: FrontDoorSettings | None = None
+
+
+# --- the front door (issue 15): what tor tells the proxy and tor's own stream limit ---------
+
+
+@dataclass(frozen=True)
+class FrontDoorSettings:
+    """How tor hands streams to the proxy (tor's man page, ``HiddenServicePort``,
+    ``HiddenServiceExportCircuitID``, ``HiddenServiceMaxStreams``; hs_config.c)."""
+
+    # The proxy listens on this unix socket: ``HiddenServicePort <virtual> unix:PATH``.
+    proxy_unix: str | None = None
+    # A PROXY protocol v1 line naming the circuit before each stream's bytes.
+    export_circuit_id: bool = False
+    # Streams one rendezvous circuit may hold at once, 0..65535 (0 = tor's default: no limit).
+    max_streams: int = 0
+    # Over max_streams, close the circuit instead of refusing the stream.
+    max_streams_close_circuit: bool = False
+
+
+# tor's hs_config.h: HS_CONFIG_MAX_STREAMS_PER_RDV_CIRCUIT.
+MAX_STREAMS_PER_CIRCUIT = 65535
+
+
+def _front_door_options(front: FrontDoorSettings) -> list[tuple[str, str]]:
+    opts: list[tuple[str, str]] = []
+    if front.export_circuit_id:
+        opts.append(("HiddenServiceExportCircuitID", "haproxy"))
+    if front.max_streams:
+        opts.append(("HiddenServiceMaxStreams", str(front.max_streams)))
+        if front.max_streams_close_circuit:
+            opts.append(("HiddenServiceMaxStreamsCloseCircuit", "1"))
+    return opts
+
+
+def _validate_front_door(front: FrontDoorSettings) -> None:
+    if front.proxy_unix is not None:
+        _check_value("HiddenServicePort unix path", front.proxy_unix)
+        if not front.proxy_unix.startswith("/") or " " in front.proxy_unix:
+            raise ConfigError("HiddenServicePort unix path: must be absolute, without spaces")
+    _check_int("HiddenServiceMaxStreams", front.max_streams, 0, MAX_STREAMS_PER_CIRCUIT)
 
 
 def _check_value(name: str, value: str) -> None:
@@ -88,7 +130,11 @@ def validate_settings(settings: OnionServiceSettings) -> None:
     if " " in settings.proxy_host:
         raise ConfigError("proxy host: must not contain spaces")
     _check_port("HiddenServicePort virtual port", settings.virtual_port)
-    _check_port("HiddenServicePort proxy port", settings.proxy_port)
+    front = settings.front_door
+    if front is not None:
+        _validate_front_door(front)
+    if front is None or front.proxy_unix is None:
+        _check_port("HiddenServicePort proxy port", settings.proxy_port)
     _check_int("HiddenServiceNumIntroductionPoints", settings.num_intro_points, 1, MAX_INTRO_POINTS)
     if settings.pow is not None:
         if settings.pow.queue_rate is not None:
@@ -110,12 +156,13 @@ def onion_service_options(settings: OnionServiceSettings) -> list[tuple[str, str
     the global ``PublishHidServDescriptors`` comes last.
     """
     validate_settings(settings)
+    front = settings.front_door
+    where = f"{settings.proxy_host}:{settings.proxy_port}"
+    if front is not None and front.proxy_unix is not None:
+        where = f"unix:{front.proxy_unix}"
     opts: list[tuple[str, str]] = [
         ("HiddenServiceDir", settings.hidden_service_dir),
-        (
-            "HiddenServicePort",
-            f"{settings.virtual_port} {settings.proxy_host}:{settings.proxy_port}",
-        ),
+        ("HiddenServicePort", f"{settings.virtual_port} {where}"),
     ]
     if settings.onionbalance_instance:
         opts.append(("HiddenServiceOnionbalanceInstance", "1"))
@@ -136,6 +183,8 @@ def onion_service_options(settings: OnionServiceSettings) -> list[tuple[str, str
             opts.append(
                 ("HiddenServiceEnableIntroDoSBurstPerSec", str(settings.intro_dos.burst_per_sec))
             )
+    if front is not None:
+        opts += _front_door_options(front)
     opts.append(("PublishHidServDescriptors", "1" if settings.publish_descriptors else "0"))
     return opts
 

@@ -1,7 +1,10 @@
 """How many file descriptors the proxy needs, and raising RLIMIT_NOFILE to fit.
 
 A proxied connection holds two sockets (client and target; an idle http keep-alive client
-only one) and, while bytes move in tcp mode, splice pipes from a small pool. Debian's default
+only one) and, while bytes move in tcp mode, splice pipes from a small pool. Up to
+``max_connections`` more clients may be connected that the proxy has not read yet (the front
+door admits them to twice the cap until they are found busy or waiting: admission.py), one
+socket each: three descriptors per ``max_connections`` in all. Debian's default
 soft limit is 1024 while the hard limit is usually far higher (systemd: 524288), so a node
 configured for thousands of connections would hit EMFILE at about 500 of them. Like most
 servers, we raise the soft limit to the hard one at start (no privilege needed) and warn when
@@ -20,7 +23,7 @@ log = logging.getLogger("rustbalance.proxy")
 # Descriptors beyond the proxied sockets: tor control, coordination, status and metrics
 # sockets, logs, the pooled splice pipes (64 x 2) and headroom.
 BASE_DESCRIPTORS = 256
-PER_CONNECTION = 2
+PER_CONNECTION = 3
 
 
 def descriptors_needed(max_connections: int) -> int:

@@ -1,62 +1,46 @@
-"""HTTP mode: one client connection, HTTP/1.1 framed by h11 on both sides (asyncio shell).
+"""HTTP mode: one client connection, relayed message by message through the wire layer
+(asyncio shell around :mod:`.wire`).
 
-The client side is an h11 server, the target side an h11 client, so every body is
-re-framed from the message headers (RFC 9112 §6): HEAD / 1xx / 204 / 304 responses carry
-no body whatever their Content-Length says (§6.3), chunked bodies stream both ways, and
-keep-alive carries several requests per connection. After a 101 the connection is a raw
-byte relay both ways (RFC 9110 §7.8).
+Every message goes through :mod:`.wire`: heads are parsed strictly and written canonically,
+bodies are delimited by the parsed framing (Content-Length passed through or spliced,
+chunked decoded and re-encoded), so a byte is never taken for a message it does not belong
+to. The rules that keep the two connections in step (RFC 9112):
 
-The common case -- a bodiless GET/DELETE/OPTIONS from an HTTP/1.1 client, answered with a
-Content-Length body -- takes a fast path that parses and writes the bytes itself (h11 costs
-most of the time per request). It runs in the protocol callbacks (:class:`_FastLoop`, on
-:class:`.protocol.SinkProtocol`): keep-alive requests and their responses need no future,
-task or coroutine switch each. It accepts only what it fully checks; anything else (or any
-doubt) goes to h11 with the bytes read so far, before anything was sent on, or -- once the
-request went to the target -- after bringing both h11 connections to the same state, so the
-h11 code decides every unusual case. Both paths produce the same bytes (tests compare them).
-An await the callbacks cannot do (connecting to the target, asking an interceptor) hands the
-request back to the session's coroutine, which then re-enters the callbacks. A request with
-``Connection: close`` is the fast path's too: it answers with h11's ``Connection: close`` and
-closes. The rest of a body of ``relay.BODY_SPLICE_MIN`` bytes or more moves with splice(2)
-(:class:`.relay.BodySplice`) between plain sockets; through TLS it is copied.
+- a response ends where its framing says; anything the target sends beyond it, or while no
+  request is outstanding, ends that target connection (it is never read as the answer to
+  the next request); a response to HEAD, a 204 or a 304 has no body whatever it claims;
+- a request with both length fields, an HTTP/1.0 client, ``Connection: close`` either way,
+  or a response read until close end the client connection after the response;
+- a response that ends before its request's body was sent ends both connections (the rest
+  of the body could otherwise be read as a request).
+
+The session runs in the protocols' callbacks (:class:`.protocol.SinkProtocol`): requests
+and responses need no future, task or coroutine switch each. Only what needs an await
+parks the callbacks and wakes the session's coroutine (:meth:`HttpSession.run`): connecting
+to the target, asking an interceptor, a protocol switch (101: a raw relay both ways, RFC
+9110 §7.8). The rest of a response body of ``relay.BODY_SPLICE_MIN`` bytes or more framed by
+Content-Length moves with splice(2) (:class:`.relay.BodySplice`) between plain sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any, cast
-from urllib.parse import urlsplit
+from typing import cast
 
-import h11
-
+from . import wire
+from .admission import Admission
 from .protocol import SinkProtocol, sink_protocol_of, take_buffered
-from .relay import (
-    BODY_SPLICE_MIN,
-    BodyEnd,
-    BodySplice,
-    relay_both,
-    splice_supported,
-    transport_fd,
-)
-from .rewrite import (
-    RewriteRules,
-    request_fields_bytes,
-    response_fields_bytes,
-    rewrite_request_headers,
-    rewrite_response_headers,
-)
+from .relay import BODY_SPLICE_MIN, BodyEnd, BodySplice, relay_both, splice_supported, transport_fd
+from .rewrite import RewriteRules, request_field_lines, response_field_lines
 from .session import (
     Outcome,
     Phase,
     ProxyStats,
     SessionState,
-    error_page,
     error_response_bytes,
     reason_phrase,
 )
@@ -87,9 +71,9 @@ class InterceptedResponse:
 
 Interceptor = Callable[[InterceptedRequest], Awaitable[InterceptedResponse | None]]
 """Answers a request itself (a response) or passes it on (None). It may also have a method
-``wants(target: bytes) -> bool``, a cheap synchronous filter on the raw request target: a
+``wants(target: bytes) -> bool``, a cheap synchronous filter on the request target: a
 request it does not want goes to the target without asking the interceptor (which would have
-returned None), so it stays on the fast path's callbacks."""
+returned None), so it stays in the callbacks."""
 
 
 def _asks(interceptor: Interceptor | None, target: bytes) -> bool:
@@ -100,6 +84,9 @@ def _asks(interceptor: Interceptor | None, target: bytes) -> bool:
     return wants is None or bool(wants(target))
 
 
+RequestVerdict = Callable[[SessionState], "int | None"]
+
+
 @dataclass
 class HttpContext:
     """What an HTTP session needs from the proxy that owns it."""
@@ -108,12 +95,16 @@ class HttpContext:
     rules: RewriteRules
     stats: ProxyStats
     connect: Callable[[], Awaitable[Upstream]]
-    count_up: Callable[[SessionState, int], None]
-    count_down: Callable[[SessionState, int], None]
-    touch: Callable[[SessionState], None]
-    draining: Callable[[], bool]
+    # A request head arrived: None to go on, or a status to answer instead (503, 429), or 0
+    # to close at once (the circuit is cut). The cap and per-circuit limits live in the server.
+    on_request: RequestVerdict
+    # Session id, and True: it waits for a request again (a waiting connection may be
+    # displaced at the cap; that it works on one the cap's bookkeeping reads from its phase).
+    waiting: Callable[[int, bool], None]
+    # The proxy's connection slots (read here only to skip on_request when it cannot matter).
+    admission: Admission
     interceptor: Interceptor | None = None
-    fast_path: bool = True
+    draining: bool = False  # the proxy is shutting down: no connection is kept alive
 
 
 class ClientGone(Exception):
@@ -124,45 +115,34 @@ class TargetGone(Exception):
     """The target closed or broke the connection in the middle of a message."""
 
 
-@dataclass
-class _Body:
-    """The request body, read on demand: an interceptor may buffer it first."""
+class _Need(Enum):
+    """Why the callbacks parked: what the coroutine does next."""
 
-    session: HttpSession
-    buffered: list[bytes] = field(default_factory=list)
-    done: bool = False
-    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    CONNECT = "connect"
+    INTERCEPT = "intercept"
+    SWITCH = "switch"  # a 101: relay raw bytes both ways
+    END = "end"  # the session is over (its outcome says how the server closes it)
 
-    async def _next(self) -> bytes | None:
-        event = await self.session.client_event()
-        if isinstance(event, h11.Data):
-            return bytes(event.data)
-        if isinstance(event, h11.EndOfMessage):
-            self.done = True
-            self.trailers = list(event.headers)
-            return None
-        raise ClientGone("client closed during the request body")
 
-    async def read_all(self, limit: int) -> bytes:
-        total = sum(len(chunk) for chunk in self.buffered)
-        while not self.done:  # bounded by the limit (and the session watchdog)
-            chunk = await self._next()
-            if chunk is None:
-                break
-            total += len(chunk)
-            if total > limit:
-                raise ProxyError("request body too large for the interceptor")
-            self.buffered.append(chunk)
-        return b"".join(self.buffered)
+# Enum members as module constants: attribute access on an Enum class costs a lookup per
+# use on Python 3.11, and these run per message.
+_NONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE = (
+    wire.Framing.NONE,
+    wire.Framing.LENGTH,
+    wire.Framing.CHUNKED,
+    wire.Framing.UNTIL_CLOSE,
+)
+_WAITING, _P_BODY, _ACTIVE = Phase.WAITING, Phase.BODY, Phase.ACTIVE
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        while self.buffered:
-            yield self.buffered.pop(0)
-        while not self.done:
-            chunk = await self._next()
-            if chunk is None:
-                break
-            yield chunk
+_CONNECT, _INTERCEPT, _SWITCH, _END = _Need.CONNECT, _Need.INTERCEPT, _Need.SWITCH, _Need.END
+
+# Response stages of the exchange in progress.
+_IDLE, _HEAD, _BODY = 0, 1, 2
+# Why the client (or the target) is not read: bits of ``_client_hold`` / ``_target_hold``.
+_PIPELINE, _PEER_FULL, _PARKED, _SPLICING = 1, 2, 4, 8
+# Methods a reused connection may send again when it closed before any answer (RFC 9110
+# §9.2.2: idempotent), and only without a body.
+_RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"PUT", b"TRACE"})
 
 
 class HttpSession:
@@ -174,801 +154,728 @@ class HttpSession:
         state: SessionState,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        *,
+        circuit_field: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.ctx = ctx
         self.state = state
+        self.stats = ctx.stats
+        self.rules = ctx.rules
         self.reader = reader
         self.writer = writer
-        limit = ctx.settings.max_header_bytes
-        self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
-        self.upstream: Upstream | None = None
-        self.target: h11.Connection | None = None
-        self.method = b"GET"
-        self._pending = bytearray()  # client bytes the fast path read but did not use yet
-        self._carry: _Exit | None = None  # a request the fast path parsed for the next turn
-
-    # -- plumbing ---------------------------------------------------------------------------
-
-    async def client_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
-        while True:  # each turn reads from the socket or returns
-            event = self.client.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            try:
-                data = await self.reader.read(self.ctx.settings.read_size)
-            except OSError as exc:
-                raise ClientGone(f"client connection failed: {exc}") from exc
-            if data:
-                self.ctx.count_up(self.state, len(data))
-                if self.state.phase is Phase.WAITING_REQUEST:
-                    self.state.phase = Phase.ACTIVE
-            self.client.receive_data(data)
-
-    async def _target_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
-        assert self.target is not None and self.upstream is not None
-        while True:  # each turn reads from the socket or returns
-            event = self.target.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            try:
-                data = await self.upstream.reader.read(self.ctx.settings.read_size)
-            except OSError as exc:
-                raise TargetGone(f"target connection failed: {exc}") from exc
-            if data:
-                self.ctx.touch(self.state)
-            self.target.receive_data(data)
-
-    def _to_client(self, event: h11.Event) -> None:
-        data = self.client.send(event)
-        if data:
-            self.ctx.count_down(self.state, len(data))
-            self.writer.write(data)
-
-    def _to_target(self, event: h11.Event) -> None:
-        assert self.target is not None and self.upstream is not None
-        data = self.target.send(event)
-        if data:
-            self.upstream.writer.write(data)
-
-    async def _close_upstream(self) -> None:
-        upstream, self.upstream, self.target = self.upstream, None, None
-        if upstream is not None:
-            upstream.writer.transport.abort()
-
-    # -- the request loop -------------------------------------------------------------------
-
-    async def run(self) -> None:
-        try:
-            while True:  # one turn per request; ends when either side stops keep-alive
-                if self.ctx.draining():
-                    return
-                self.state.phase = Phase.WAITING_REQUEST
-                if self._fast_possible():
-                    handled = await self._fast_request()
-                    if handled is False:
-                        return
-                    if handled is True:
-                        continue
-                try:
-                    event = await self.client_event()
-                except h11.RemoteProtocolError as exc:
-                    self.state.set_outcome(Outcome.BAD_REQUEST)
-                    self.ctx.stats.bad_requests += 1
-                    await self._send_error(exc.error_status_hint)
-                    return
-                if not isinstance(event, h11.Request):
-                    return  # ConnectionClosed: the client is done
-                self.state.phase = Phase.ACTIVE
-                self.state.requests += 1
-                self.ctx.stats.requests += 1
-                self.method = bytes(event.method)
-                if not await self._handle(event):
-                    return
-                if self.client.our_state is h11.DONE and self.client.their_state is h11.DONE:
-                    self.client.start_next_cycle()
-                else:
-                    return
-        finally:
-            await self._close_upstream()
-
-    async def _handle(self, request: h11.Request) -> bool:
-        """Answer one request; False when the connection must close afterwards."""
-        body = _Body(self)
-        if _asks(self.ctx.interceptor, bytes(request.target)):
-            reply = await self._intercept(request, body)
-            if reply is not None:
-                return reply
-        if not await self._ensure_upstream():
-            return False
-        assert self.target is not None and self.upstream is not None
-        self._to_target(
-            h11.Request(
-                method=request.method,
-                target=_origin_form(bytes(request.target)),
-                headers=rewrite_request_headers(request.headers, self.ctx.rules),
-            )
+        settings = ctx.settings
+        self.limits = settings.limits
+        # Responses may carry larger heads than requests (Set-Cookie, CSP): 4x the limit.
+        self.response_limits = wire.Limits(
+            settings.limits.max_head_bytes * 4, settings.limits.max_fields * 4
         )
-        sender = asyncio.create_task(self._send_body(body))
-        return await self._finish(body, sender)
-
-    async def _finish(self, body: _Body, sender: asyncio.Task[None]) -> bool:
-        """Relay the response to a request sent (``sender`` sends its body); False when the
-        connection must close afterwards."""
-        assert self.upstream is not None
-        upstream = self.upstream
-
-        def _on_sent(task: asyncio.Task[None]) -> None:
-            # The client failed mid-body: stop waiting for a response to a broken request.
-            if not task.cancelled() and task.exception() is not None:
-                upstream.writer.transport.abort()
-
-        sender.add_done_callback(_on_sent)
-        try:
-            keep = await self._relay_response(body, sender)
-        except (h11.RemoteProtocolError, TargetGone) as exc:
-            keep = False
-            failed = _failure(sender)
-            if isinstance(failed, h11.RemoteProtocolError):
-                # The request body was malformed (e.g. a bad chunk, RFC 9112 §7.1): we cut
-                # the target off, so that is not the target's fault.
-                self.ctx.stats.bad_requests += 1
-                self.state.set_outcome(Outcome.BAD_REQUEST)
-                await self._send_error(failed.error_status_hint)
-            elif failed is not None:
-                raise ClientGone("client failed during the request body") from failed
-            else:
-                if isinstance(exc, h11.RemoteProtocolError):
-                    log.warning("Session #%d: bad response from target", self.state.session_id)
-                self.ctx.stats.upstream_errors += 1
-                self.state.set_outcome(Outcome.UPSTREAM_ERROR)
-                await self._send_error(502)
-        finally:
-            if not sender.done():
-                sender.cancel()
-                keep = False
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sender
-        if not keep:
-            return False
-        if self.target is not None:
-            if self.target.our_state is h11.DONE and self.target.their_state is h11.DONE:
-                self.target.start_next_cycle()
-            else:
-                await self._close_upstream()
-        return True
-
-    async def _intercept(self, request: h11.Request, body: _Body) -> bool | None:
-        assert self.ctx.interceptor is not None
-        seen = InterceptedRequest(
-            method=bytes(request.method).decode("ascii", "replace"),
-            path=bytes(request.target).decode("latin-1"),
-            headers=tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in request.headers),
-            read_body=body.read_all,
-        )
-        try:
-            reply = await self.ctx.interceptor(seen)
-        except ProxyError:
-            await self._send_simple(413, (), error_page(413), close=True)
-            return False
-        if reply is None:
-            return None
-        return await self._answer_intercepted(reply, body)
-
-    async def _answer_intercepted(self, reply: InterceptedResponse, body: _Body) -> bool:
-        self.state.set_outcome(Outcome.INTERCEPTED)
-        # An unread body would be taken for the next request: close instead (RFC 9112 §9.6).
-        close = not body.done
-        await self._send_simple(reply.status, reply.headers, reply.body, close=close)
-        return not close
-
-    async def _ensure_upstream(
-        self, send_error: Callable[[int], Awaitable[None]] | None = None
-    ) -> bool:
-        send_error = send_error or self._send_error
-        if self.upstream is not None and (
-            self.upstream.reader.at_eof()
-            or self.upstream.writer.is_closing()
-            or self.target is None
-            or self.target.our_state is not h11.IDLE
-        ):
-            await self._close_upstream()  # the target closed its idle keep-alive connection
-        if self.upstream is not None:
-            return True
-        self.state.phase = Phase.CONNECTING
-        try:
-            self.upstream = await self.ctx.connect()
-        except ConnectTimeout as exc:
-            log.warning("%s", exc)
-            self.ctx.stats.connect_timeouts += 1
-            self.state.set_outcome(Outcome.CONNECT_TIMEOUT)
-            await send_error(502)
-            return False
-        except UpstreamError as exc:
-            log.warning("Session #%d: %s", self.state.session_id, exc)
-            self.ctx.stats.upstream_errors += 1
-            self.state.set_outcome(Outcome.UPSTREAM_ERROR)
-            await send_error(502)
-            return False
-        finally:
-            self.state.phase = Phase.ACTIVE
-            self.ctx.touch(self.state)
-        self.target = h11.Connection(
-            h11.CLIENT, max_incomplete_event_size=self.ctx.settings.max_header_bytes
-        )
-        return True
-
-    async def _send_body(self, body: _Body) -> None:
-        assert self.upstream is not None
-        writer = self.upstream.writer
-        async for chunk in body.chunks():
-            self._to_target(h11.Data(data=chunk))
-            await writer.drain()
-        # Trailers only exist in chunked framing, which the target side then uses too.
-        self._to_target(h11.EndOfMessage(headers=body.trailers))
-        await writer.drain()
-
-    async def _relay_response(self, body: _Body, sender: asyncio.Task[None]) -> bool:
-        rules = self.ctx.rules
-        while True:  # interim 1xx responses, then the final one
-            event = await self._target_event()
-            if isinstance(event, h11.InformationalResponse):
-                switching = event.status_code == 101
-                self._to_client(
-                    h11.InformationalResponse(
-                        status_code=event.status_code,
-                        headers=rewrite_response_headers(event.headers, rules, switching=switching),
-                        reason=event.reason,
-                    )
-                )
-                await self.writer.drain()
-                if switching:
-                    await self._switch_protocols(sender)
-                    return False
-                continue
-            if isinstance(event, h11.Response):
-                self._to_client(
-                    h11.Response(
-                        status_code=event.status_code,
-                        headers=rewrite_response_headers(event.headers, rules),
-                        reason=event.reason,
-                    )
-                )
-                break
-            raise TargetGone("target closed before responding")
-        while True:  # the response body, streamed
-            event = await self._target_event()
-            if isinstance(event, h11.Data):
-                self._to_client(h11.Data(data=event.data))
-                await self.writer.drain()
-            elif isinstance(event, h11.EndOfMessage):
-                self._to_client(h11.EndOfMessage())
-                await self.writer.drain()
-                return True
-            else:
-                # Mid-body: the client already has the head, so all we can do is close
-                # (the short body tells it something went wrong).
-                self.ctx.stats.upstream_errors += 1
-                self.state.set_outcome(Outcome.UPSTREAM_ERROR)
-                return False
-
-    async def _switch_protocols(self, sender: asyncio.Task[None]) -> None:
-        assert self.upstream is not None and self.target is not None
-        await sender  # the upgrade request has no body; its end switched h11 over
-        client_extra = bytes(self.client.trailing_data[0])
-        target_extra = bytes(self.target.trailing_data[0])
-        state = self.state
-        await relay_both(
-            self.reader,
-            self.writer,
-            self.upstream.reader,
-            self.upstream.writer,
-            read_size=self.ctx.settings.read_size,
-            count_up=lambda n: self.ctx.count_up(state, n),
-            count_down=lambda n: self.ctx.count_down(state, n),
-            initial_up=client_extra,
-            initial_down=target_extra,
-        )
-
-    # -- the fast path ----------------------------------------------------------------------
-
-    def _fast_possible(self) -> bool:
-        if not self.ctx.fast_path:
-            return False
-        if self.client.our_state is not h11.IDLE or self.client.their_state is not h11.IDLE:
-            return False
-        data, closed = self.client.trailing_data
-        if data or closed:
-            return False  # h11 holds bytes (or the EOF) already: it goes on
-        return self.target is None or self.target.our_state is h11.IDLE
-
-    def _to_h11(self) -> None:
-        """Hand what the fast path read (nothing of it used) to the h11 path."""
-        if self._pending:
-            self.client.receive_data(bytes(self._pending))
-            self._pending.clear()
-
-    async def _fast_request(self) -> bool | None:
-        """Requests on the fast path: True (next request), False (close), or None when h11
-        must handle the next request (nothing of it was sent on; its bytes are with h11)."""
-        found = self._carry
-        self._carry = None
-        if found is None:
-            found = await _FastLoop(self, None).run()
-        return await self._after_fast(found)
-
-    async def _after_fast(self, found: _Exit) -> bool | None:
-        """Go on from where the callbacks stopped (see :class:`_Exit`)."""
-        kind = found.kind
-        if kind is _ExitKind.H11:
-            self._to_h11()
-            if found.eof:
-                self.client.receive_data(b"")
-            return None
-        if kind is _ExitKind.CLOSE:
-            return False
-        if kind is _ExitKind.SLOW:
-            assert found.sent is not None
-            return await self._slow_response(found.head, found.sent, found.got, found.eof)
-        # REQUEST: a fast request (counted already) that needs an await before it goes on.
-        assert found.request is not None
-        head = found.head
-        method, target, fields = found.request
-        if self.ctx.interceptor is not None and _asks(self.ctx.interceptor, target):
-            seen = InterceptedRequest(
-                method=method.decode("ascii"),
-                path=target.decode("latin-1"),
-                headers=tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in fields),
-                read_body=_no_body,
-            )
-            try:
-                reply = await self.ctx.interceptor(seen)
-            except ProxyError:
-                self._sync_client(head)
-                await self._send_simple(413, (), error_page(413), close=True)
-                return False
-            if reply is not None:
-                self._sync_client(head)
-                body = _Body(self, done=True)
-                return await self._answer_intercepted(reply, body) and self._next_cycle()
-        if not await self._ensure_upstream(self._send_raw_error):
-            return False
-        assert self.upstream is not None and self.target is not None
-        out_target = _origin_form(target)
-        out_fields = rewrite_request_headers(fields, self.ctx.rules)
-        self.upstream.writer.write(
-            b"%s %s HTTP/1.1\r\n%s" % (method, out_target, _serialize_fields(out_fields))
-        )
-        found = await _FastLoop(self, (head, found.request)).run()
-        if found.kind is _ExitKind.REQUEST:
-            self._carry = found  # the next turn of the request loop takes it
-            return True
-        return await self._after_fast(found)
-
-    async def _slow_response(
-        self, head: bytes, sent: tuple[bytes, bytes, Fields], got: bytes, eof: bool
-    ) -> bool:
-        """The response is not for the fast path: bring both h11 connections to where the
-        bytes are (request received and sent, ``got`` received) and let h11 relay it."""
-        assert self.target is not None
-        self._sync_client(head)
-        method, target, fields = sent
-        self.target.send(h11.Request(method=method, target=target, headers=fields))
-        self.target.send(h11.EndOfMessage())
-        self.target.receive_data(got)
-        if eof:
-            self.target.receive_data(b"")
-        sender = asyncio.create_task(_nothing())
-        await sender  # the request had no body: its "sending" is over before the response
-        return await self._finish(_Body(self, done=True), sender) and self._next_cycle()
-
-    def _sync_client(self, head: bytes) -> None:
-        """Feed the request head the fast path used (and what followed) to the h11 server."""
-        self.client.receive_data(head + bytes(self._pending))
-        self._pending.clear()
-        request = self.client.next_event()
-        end = self.client.next_event()
-        assert isinstance(request, h11.Request) and isinstance(end, h11.EndOfMessage)
-
-    def _next_cycle(self) -> bool:
-        if self.client.our_state is h11.DONE and self.client.their_state is h11.DONE:
-            self.client.start_next_cycle()
-            return True
-        return False
-
-    async def _send_raw_error(self, status: int) -> None:
-        """An error page on the fast path (h11 saw no request); the connection closes."""
-        data = error_response_bytes(status)
-        self.ctx.count_down(self.state, len(data))
-        with contextlib.suppress(ConnectionError):
-            self.writer.write(data)
-            await self.writer.drain()
-
-    # -- responses the proxy makes itself ---------------------------------------------------
-
-    async def _send_simple(
-        self,
-        status: int,
-        headers: tuple[tuple[str, str], ...],
-        body: bytes,
-        *,
-        close: bool,
-    ) -> None:
-        if self.client.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return  # mid-response: nothing can be said any more; the connection closes
-        fields = [(n, v) for n, v in headers if n.lower() not in ("content-length", "connection")]
-        fields.append(("Content-Length", str(len(body))))
-        if close:
-            fields.append(("Connection", "close"))
-        try:
-            self._to_client(
-                h11.Response(status_code=status, headers=fields, reason=_reason(status))
-            )
-            if body and self.method != b"HEAD":
-                self._to_client(h11.Data(data=body))
-            self._to_client(h11.EndOfMessage())
-        except h11.LocalProtocolError:
-            return
-        await self.writer.drain()
-
-    async def _send_error(self, status: int) -> None:
-        page = error_page(status)
-        headers = (("Content-Type", "text/html; charset=utf-8"),)
-        with contextlib.suppress(ConnectionError):
-            await self._send_simple(status, headers, page, close=True)
-
-
-# -- the fast path in callbacks ---------------------------------------------------------------
-
-
-class _ExitKind(Enum):
-    H11 = "h11"  # the next request is not for the fast path: h11 takes the bytes read
-    CLOSE = "close"  # the connection closes (outcome and counters set already)
-    SLOW = "slow"  # the response is not for the fast path: h11 relays it
-    REQUEST = "request"  # a fast request that needs an await (interceptor, connect)
-
-
-@dataclass
-class _Exit:
-    """Where :class:`_FastLoop` stopped and what the coroutine takes over."""
-
-    kind: _ExitKind
-    eof: bool = False  # H11: the client closed; SLOW: the target closed
-    head: bytes = b""  # SLOW / REQUEST: the client's request head, as received
-    request: Request | None = None  # REQUEST: the parsed request
-    sent: Request | None = None  # SLOW: the request as sent to the target
-    got: bytes = b""  # SLOW: what the target sent so far
-
-
-_HEAD, _RESPONSE, _BODY = 0, 1, 2  # what the loop waits for: a request, a response head, body
-
-
-class _TargetSink:
-    """Routes the target protocol's events to the loop's target handlers."""
-
-    __slots__ = ("loop",)
-
-    def __init__(self, loop: _FastLoop) -> None:
-        self.loop = loop
-
-    def on_data(self, data: bytes) -> None:
-        try:
-            self.loop.target_data(data)
-        except Exception as exc:
-            self.loop.fail(exc)
-
-    def on_eof(self) -> None:
-        self.loop.guard(self.loop.target_ended, None)
-
-    def on_lost(self, error: BaseException | None) -> None:
-        self.loop.guard(self.loop.target_ended, None)
-
-    def on_write_paused(self, paused: bool) -> None:
-        return None  # only request heads (bounded by max_header_bytes) are written there
-
-
-class _FastLoop:
-    """The fast path, run in the protocols' callbacks: no future, task or coroutine switch
-    per request. Keep-alive requests and their responses go through here one after the
-    other (pipelined requests wait in ``session._pending``) until something needs h11 or an
-    await; then ``run()`` returns an :class:`_Exit` and the session goes on from there, in
-    the exact state the await-based code would have reached.
-
-    Flow control: the target is not read while the client's write buffer is over its limit,
-    and the client is not read while more than ``pending_cap`` pipelined bytes wait.
-    """
-
-    def __init__(self, session: HttpSession, sent: tuple[bytes, Request] | None) -> None:
-        # ``sent``: the request head as received and the request parsed from it (the request
-        # went to the target already, its response is next).
-        self.session = session
-        self.ctx = session.ctx
-        self.state = session.state
-        self.stats = session.ctx.stats
-        self.rules = session.ctx.rules
-        self.interceptor = session.ctx.interceptor
+        self.pipeline_cap = settings.limits.max_head_bytes + settings.read_size
+        self.circuit_field = circuit_field
+        self.admission = ctx.admission
+        self.host_line = b"host: %s\r\n" % ctx.rules.target_authority.encode("latin-1")
         loop = asyncio.get_running_loop()
+        self.loop = loop
         self.clock = loop.time
-        self.done: asyncio.Future[_Exit] = loop.create_future()
-        client = sink_protocol_of(session.writer)
+        client = sink_protocol_of(writer)
         assert client is not None  # the proxy's server builds SinkProtocols
         self.client = client
         # A read-write transport (the stream API only types it as writable).
-        self.client_transport = cast(asyncio.Transport, session.writer.transport)
-        self.pending = session._pending
-        self.limit = self.ctx.settings.max_header_bytes
-        self.pending_cap = self.limit + self.ctx.settings.read_size
-        self.stage = _HEAD if sent is None else _RESPONSE
-        self.sent = sent
-        # The request being answered asked to close the connection after its response.
-        self.close_after = sent is not None and _asks_close(sent[1][2])
-        self.host_line = b"host: %s\r\n" % self.ctx.rules.target_authority.encode("latin-1")
-        self.tbuf = bytearray()
-        self.remaining = 0
-        self.reuse = True
+        self.client_transport = cast(asyncio.Transport, writer.transport)
+        self.cbuf = bytearray()  # client bytes not used yet (a head, body, pipelined requests)
+        self.tbuf = bytearray()  # target bytes not used yet
         self.client_eof = False
         self.client_lost = False
+        self._client_hold = 0
+        self._target_hold = 0
+        # The target connection.
+        self.upstream: Upstream | None = None
         self.target: SinkProtocol | None = None
         self.target_transport: asyncio.Transport | None = None
         self.target_eof = False
-        self.client_paused = False  # we paused reading the client
-        self.target_paused = False  # we paused reading the target
-        self.splice: BodySplice | None = None  # a large body moving with splice(2)
+        self.target_used = False  # it carried an earlier exchange (a retry is possible)
         self.can_splice = splice_supported()
+        self.splice: BodySplice | None = None
+        # The exchange in progress.
+        self.request: wire.Request | None = None
+        self.retried: wire.Request | None = None  # the request sent again once already
+        self.up_remaining = 0  # request body bytes still to send (Framing.LENGTH)
+        self.up_chunks: wire.ChunkedReader | None = None
+        self.up_done = True
+        self.stage = _IDLE
+        self.response: wire.Response | None = None
+        self.down_remaining = 0
+        self.down_chunks: wire.ChunkedReader | None = None
+        self.down_chunked = False  # re-encode the body chunked to the client (else raw)
+        self.close_after = False  # the client connection ends after this exchange
+        self.reuse = True  # the target connection may carry the next exchange
+        # An interceptor reading the request body.
+        self.collect: bytearray | None = None
+        self.collect_limit = 0
+        self.collected: asyncio.Future[bytes] | None = None
+        # The coroutine's side.
+        self.parked: _Need | None = None
+        self.wake: asyncio.Future[_Need] = loop.create_future()
 
-    async def run(self) -> _Exit:
-        session = self.session
-        early = take_buffered(session.reader)
+    # -- the coroutine: awaits only what the callbacks cannot do --------------------------------
+
+    async def run(self) -> None:
+        early = take_buffered(self.reader)
         self.client.sink = self
         if self.client.ended:
             self.client_eof = True
             self.client_lost = self.client_transport.is_closing()
-        upstream = session.upstream
-        if upstream is not None:
-            target = sink_protocol_of(upstream.writer)
-            assert target is not None  # connect_upstream builds SinkProtocols
-            self.target = target
-            # Read-write (streams type it as writable; uvloop's are no ReadTransport subclass).
-            self.target_transport = cast(asyncio.Transport, upstream.writer.transport)
-            self.tbuf += take_buffered(upstream.reader)
-            target.sink = _TargetSink(self)
-            self.target_eof = target.ended
-            if self.client.write_paused:
-                self.on_write_paused(True)  # the client is behind already: wait for it
         try:
-            waiting_response = self.stage == _RESPONSE
             if early:
-                self.on_data(early)  # (waiting for a request: this parses it too)
-            elif not waiting_response:
-                self.guard(self.next_request, None)
-            if waiting_response and not self.done.done():
-                self.guard(self.try_response, None)  # what the target sent, or its EOF
-            return await self.done
+                self.on_data(early)
+            else:
+                self._guard(self._next_request)
+            if self.request is None and self.parked is None:
+                # Found waiting for its request (what arrived is read: a request that was
+                # there already made it busy): it may be displaced at the cap meanwhile.
+                self.ctx.waiting(self.state.session_id, True)
+            while True:  # one turn per park; ends with _END or a protocol switch
+                need = await self.wake
+                self.wake = self.loop.create_future()
+                if need is _END or self.parked is _END:
+                    return
+                if need is _SWITCH:
+                    await self._switch_protocols()
+                    return
+                if need is _CONNECT:
+                    await self._connect()
+                elif need is _INTERCEPT:
+                    await self._intercept()
         finally:
-            self.detach()
+            self._detach()
+            upstream, self.upstream = self.upstream, None
+            if upstream is not None:
+                upstream.writer.transport.abort()
 
-    def detach(self) -> None:
-        """Hand both connections back to their streams (idempotent)."""
-        if self.splice is not None:
-            self.splice.cancel()  # (mid-body: the session closes the connection next)
-            self.splice = None
-        if self.client.sink is self:
-            self.client.sink = None
-            if self.client_paused:
-                self.client_paused = False
-                self.client_transport.resume_reading()
-        target = self.target
-        if target is not None and isinstance(target.sink, _TargetSink):
-            target.sink = None
-            if self.target_paused:
-                self.target_paused = False
-                transport = self.target_transport
-                if transport is not None:
-                    transport.resume_reading()
+    def _park(self, need: _Need) -> None:
+        if self.parked is _END:
+            return
+        self.parked = need
+        self._hold_client(_PARKED, True)
+        if not self.wake.done():
+            self.wake.set_result(need)
 
-    def finish(self, found: _Exit) -> None:
-        if not self.done.done():
-            self.detach()
-            self.done.set_result(found)
+    def _unpark(self) -> None:
+        self.parked = None
+        self._hold_client(_PARKED, False)
 
-    def fail(self, exc: BaseException) -> None:
-        if not self.done.done():
-            self.detach()
-            self.done.set_exception(exc)
+    def _end(self, outcome: Outcome | None = None) -> None:
+        """The session is over: the coroutine returns, the server closes the connection
+        (flushing what is written, unless the outcome is one that aborts: server.py)."""
+        if outcome is not None:
+            self.state.set_outcome(outcome)
+        self._park(_END)
 
-    def guard(self, handler: Callable[[Any], None], arg: Any) -> None:
-        """Run a handler; an error ends the loop with it (the session task reports it)
-        instead of reaching the transport, which would only log it."""
+    def expire(self, outcome: Outcome) -> bool:
+        """The watchdog's verdict (a timeout) or the server's (displaced, circuit cut,
+        shutdown): a request that took too long gets its 408 when nothing of an answer went
+        out yet, the rest ends at once. False when the coroutine is busy in an await
+        (connecting, an interceptor, a tunnel): then the caller cancels it."""
+        busy = self.parked is not None and self.parked is not _END
+        if self.parked is not _END:
+            self._expire(outcome)
+        return not busy
+
+    def _expire(self, outcome: Outcome) -> None:
+        self.state.set_outcome(outcome)
+        if outcome in (Outcome.HEAD_TIMEOUT, Outcome.BODY_TIMEOUT) and self.response is None:
+            self._send_error(408)
+        elif outcome is Outcome.KEEPALIVE_TIMEOUT:
+            self._end()
+        else:
+            self._end()
+
+    def _guard(self, handler: Callable[[], None]) -> None:
+        """Run a handler from a callback; an error ends the session with it logged instead of
+        reaching the transport, which would only log it."""
         try:
-            handler(arg)
-        except Exception as exc:
-            self.fail(exc)
+            handler()
+        except Exception:
+            log.exception("Session #%d: internal error", self.state.session_id)
+            self._end(Outcome.CLIENT_ERROR)
 
-    # -- client side (the loop is the client protocol's sink) ------------------------------
+    # -- client side (the session is the client protocol's sink) -----------------------------
 
     def on_data(self, data: bytes) -> None:
         try:
-            self.client_data(data)
-        except Exception as exc:
-            self.fail(exc)
+            self._client_data(data)
+        except Exception:
+            log.exception("Session #%d: internal error", self.state.session_id)
+            self._end(Outcome.CLIENT_ERROR)
 
-    def client_data(self, data: bytes) -> None:
+    def _client_data(self, data: bytes) -> None:
         state = self.state
-        # What ctx.count_up (ReverseProxy._count_up) does, inlined: this runs per request.
+        # What the server's byte counting does, inlined: this runs per read.
         n = len(data)
         state.bytes_up += n
         self.stats.bytes_up += n
-        state.last_activity = self.clock()
-        if state.phase is Phase.WAITING_REQUEST:
-            state.phase = Phase.ACTIVE
-        self.pending += data
-        if self.stage == _HEAD:
-            self.next_request(None)
-        elif len(self.pending) > self.pending_cap and not self.client_paused:
-            self.client_paused = True  # pipelined requests pile up: wait for the response
-            self.client_transport.pause_reading()
+        now = self.clock()
+        state.last_activity = now
+        if self.parked is None and not self.cbuf:
+            if self.request is None:
+                # The common case: the read is exactly one request head (no copy into cbuf).
+                end = wire.find_head_end(data)
+                if end == n and end <= self.limits.max_head_bytes:
+                    self._start_request(data)
+                    return
+            elif not self.up_done:
+                self.cbuf += data
+                self._send_body()
+                return
+        if state.phase is _WAITING:
+            state.head_begins(now)
+        self.cbuf += data
+        if self.parked is _INTERCEPT and self.collect is not None:
+            self._send_body()
+        elif self.parked is None and self.request is None:
+            self._next_request()
+        elif len(self.cbuf) > self.pipeline_cap:
+            self._hold_client(_PIPELINE, True)  # pipelined requests pile up: wait
 
     def on_eof(self) -> None:
         self.client_eof = True
-        if self.stage == _HEAD:
-            self.guard(self.next_request, None)
+        self._guard(self._client_ended)
 
     def on_lost(self, error: BaseException | None) -> None:
         self.client_eof = self.client_lost = True
-        if self.stage == _HEAD:
-            self.guard(self.next_request, None)
-        else:
-            self.fail(ClientGone(f"client connection lost: {error}"))
+        self._guard(self._client_ended)
+
+    def _client_ended(self) -> None:
+        if self.parked is _END:
+            return
+        if self.client_lost and (self.request is not None or self.cbuf):
+            self._end(Outcome.CLIENT_ERROR)  # gone mid-request
+        elif self.request is None and self.parked is None:
+            self._next_request()
+        elif not self.up_done and self.parked is None:
+            self._end(Outcome.CLIENT_ERROR)  # the body cannot be complete now
+        elif self.collected is not None and not self.collected.done():
+            self.collected.set_exception(ClientGone("client closed during the request body"))
 
     def on_write_paused(self, paused: bool) -> None:
         # The client reads slower than the target sends: stop reading the target meanwhile.
-        # (During a body splice the target stays paused: the splice has the bytes.)
+        self._hold_target(_PEER_FULL, paused)
+
+    def _hold_client(self, why: int, on: bool) -> None:
+        before = self._client_hold
+        self._client_hold = before | why if on else before & ~why
+        if bool(before) != bool(self._client_hold) and not self.client_transport.is_closing():
+            if self._client_hold:
+                self.client_transport.pause_reading()
+            else:
+                self.client_transport.resume_reading()
+
+    def _hold_target(self, why: int, on: bool) -> None:
+        before = self._target_hold
+        self._target_hold = before | why if on else before & ~why
         transport = self.target_transport
-        if paused == self.target_paused or transport is None or self.splice is not None:
+        if transport is None or bool(before) == bool(self._target_hold):
             return
-        self.target_paused = paused
-        if paused:
+        if transport.is_closing():
+            return
+        if self._target_hold:
             transport.pause_reading()
         else:
             transport.resume_reading()
 
-    def next_request(self, _arg: object) -> None:
-        """Parse the next request head from ``pending`` and send it on, or stop."""
-        pending = self.pending
-        end = pending.find(b"\r\n\r\n")
+    # -- requests ----------------------------------------------------------------------------
+
+    def _next_request(self) -> None:
+        """Parse the next request head in ``cbuf`` and send it on, or wait, or stop."""
+        buf = self.cbuf
+        end = wire.find_head_end(buf)
         if end < 0:
-            if len(pending) > self.limit or b"\n\n" in pending or b"\n\r\n" in pending:
-                self.finish(_Exit(_ExitKind.H11))  # too long or bare-LF framing: h11 decides
+            problem = wire.request_head_problem(buf, self.limits)
+            if problem is not None:
+                self._bad_request(problem.status)
             elif self.client_eof:
-                self.finish(_Exit(_ExitKind.H11, eof=True))
+                if buf:
+                    self._bad_request(400)  # the client closed mid-head
+                else:
+                    self._end()
             return
-        if self.client_lost:
-            self.finish(_Exit(_ExitKind.H11, eof=True))
+        if end > self.limits.max_head_bytes:
+            self._bad_request(431)
             return
-        head = bytes(pending[: end + 4])
-        request = _parse_request(head[:end])
-        if request is None:
-            self.finish(_Exit(_ExitKind.H11))
+        head = bytes(buf[:end])
+        del buf[:end]
+        self._start_request(head)
+
+    def _start_request(self, head: bytes) -> None:
+        """A complete request head: parse it, count it, send it on (or answer it)."""
+        try:
+            request = wire.parse_request(head, self.limits)
+        except wire.MessageError as exc:
+            self._bad_request(exc.status)
             return
-        del pending[: end + 4]
-        session, state = self.session, self.state
-        method, target, fields = request
-        state.phase = Phase.ACTIVE
+        state, stats = self.state, self.stats
         state.requests += 1
-        self.stats.requests += 1
-        session.method = method
+        stats.requests += 1
+        state.phase = _ACTIVE
+        # The cap (over it only while newcomers are read) and the circuit's limits.
+        verdict = (
+            self.ctx.on_request(state)
+            if state.circuit is not None or self.admission.over_cap
+            else None
+        )
+        self.request = request
+        self.close_after = not request.keep_alive
+        if verdict is not None:
+            if verdict:
+                self._send_error(verdict)  # 503: every slot busy; 429: over the circuit's rate
+            else:
+                self._end(Outcome.CIRCUIT_CUT)
+            return
+        framing = request.framing
+        if framing is not _NONE and (framing is not _LENGTH or request.length):
+            self.up_done = False
+            state.phase = _P_BODY
+            if framing is _LENGTH:
+                self.up_remaining = request.length
+                self.up_chunks = None
+            else:
+                self.up_chunks = wire.ChunkedReader(self.limits)
+        if self.ctx.interceptor is not None and _asks(self.ctx.interceptor, request.target):
+            self._park(_INTERCEPT)
+            return
+        self._forward(request)
+
+    def _bad_request(self, status: int) -> None:
+        self.state.set_outcome(Outcome.BAD_REQUEST)
+        self.stats.bad_requests += 1
+        self._send_error(status)
+
+    def _forward(self, request: wire.Request) -> None:
+        """Send the current request's head to the target (connecting first if needed)."""
         if self.target is not None and self.target_eof:
-            self.drop_target()  # the target closed its idle keep-alive connection
+            self._drop_target()  # the target closed its idle keep-alive connection
         transport = self.target_transport
-        out = None
-        if transport is not None and (
-            self.interceptor is None or not _asks(self.interceptor, target)
-        ):
-            out = request_fields_bytes(fields, self.rules, self.host_line)
-        if out is None or transport is None:
-            self.finish(_Exit(_ExitKind.REQUEST, head=head, request=request))
+        if transport is None:
+            self._park(_CONNECT)
             return
-        transport.write(b"%s %s HTTP/1.1\r\n%s" % (method, _origin_form(target), out))
-        self.sent = (head, request)
-        self.close_after = _asks_close(fields)
-        self.stage = _RESPONSE
-        if self.tbuf:
-            self.try_response(None)
+        lines = request_field_lines(
+            request.fields,
+            request.connection,
+            self.rules,
+            self.host_line,
+            upgrade=request.upgrade,
+            extra=self.circuit_field,
+        )
+        transport.write(wire.request_bytes(request, lines))
+        self.stage = _HEAD
+        if self.collect is not None:  # an interceptor read the body and passed it on
+            self._send_collected()
+        elif not self.up_done and self.cbuf:
+            self._send_body()
 
-    # -- target side -------------------------------------------------------------------------
-
-    def target_data(self, data: bytes) -> None:
-        if self.stage == _BODY:  # (what goes on to the client counts as activity)
-            self.body(data)
-            return
-        self.tbuf += data
-        if self.stage == _RESPONSE:
-            self.try_response(None)
-
-    def target_ended(self, _arg: object) -> None:
-        self.target_eof = True
-        if self.stage == _RESPONSE:
-            self.try_response(None)
-        elif self.stage == _BODY:
-            self.mid_body_failure()
+    def _send_body(self) -> None:
+        """Move request body bytes from ``cbuf`` on (to the target, or to an interceptor)."""
+        buf = self.cbuf
+        if self.up_chunks is None:
+            n = min(len(buf), self.up_remaining)
+            if n:
+                piece = bytes(buf[:n]) if n < len(buf) else bytes(buf)
+                del buf[:n]
+                self.up_remaining -= n
+                self._body_out(piece, False)
+            done = not self.up_remaining
         else:
-            self.drop_target()  # idle keep-alive connection closed: the next one reconnects
+            reader = self.up_chunks
+            try:
+                pieces, used = reader.feed(bytes(buf))
+            except wire.MessageError as exc:
+                self._body_failed(exc.status)
+                return
+            del buf[:used]
+            for piece in pieces:
+                self._body_out(piece, True)
+            done = reader.done
+        if done:
+            self.up_done = True
+            transport = self.target_transport
+            if self.collect is None and transport is not None and self.up_chunks is not None:
+                transport.write(wire.last_chunk(wire.trailer_lines(self.up_chunks.trailers)))
+            if self.state.phase is _P_BODY:
+                self.state.phase = _ACTIVE
+            if self.collected is not None and not self.collected.done():
+                assert self.collect is not None
+                self.collected.set_result(bytes(self.collect))
+        elif self.client_eof and self.parked is None:
+            self._end(Outcome.CLIENT_ERROR)  # the body cannot be complete now
 
-    def drop_target(self) -> None:
+    def _body_out(self, piece: bytes, chunked: bool) -> None:
+        collect = self.collect
+        if collect is not None:
+            collect += piece
+            collected = self.collected
+            if len(collect) > self.collect_limit and collected and not collected.done():
+                collected.set_exception(ProxyError("request body too large for the interceptor"))
+            return
+        transport = self.target_transport
+        assert transport is not None
+        transport.write(wire.chunk(piece) if chunked else piece)
+
+    def _send_collected(self) -> None:
+        """The body an interceptor read (then passed the request on) goes to the target."""
+        assert self.collect is not None and self.target_transport is not None
+        body, self.collect = bytes(self.collect), None
+        if self.up_chunks is not None:
+            trailers = wire.trailer_lines(self.up_chunks.trailers)
+            first = wire.chunk(body) if body else b""
+            self.target_transport.write(first + wire.last_chunk(trailers))
+        elif body:
+            self.target_transport.write(body)
+
+    def _body_failed(self, status: int) -> None:
+        """The request body broke its framing (a bad chunk)."""
+        self.state.set_outcome(Outcome.BAD_REQUEST)
+        self.stats.bad_requests += 1
+        self._drop_target()
+        if self.response is not None:
+            self._end()
+        else:
+            self._send_error(status)
+
+    # -- target side ------------------------------------------------------------------------
+
+    def on_target_data(self, data: bytes) -> None:
+        try:
+            self._target_data(data)
+        except Exception:
+            log.exception("Session #%d: internal error", self.state.session_id)
+            self._end(Outcome.CLIENT_ERROR)
+
+    def on_target_eof(self) -> None:
+        self._guard(self.target_ended)
+
+    def on_target_lost(self, error: BaseException | None) -> None:
+        self._guard(self.target_ended)
+
+    def on_target_write_paused(self, paused: bool) -> None:
+        # The target reads slower than the client sends a body: stop reading the client.
+        self._hold_client(_PEER_FULL, paused)
+
+    def _target_data(self, data: bytes) -> None:
+        stage = self.stage
+        if stage == _IDLE:
+            # Bytes nobody asked for (RFC 9112 §9.6 gives a server no way to send them):
+            # never the answer to the next request. That connection is done.
+            self._drop_target()
+            return
+        if self.tbuf:
+            self.tbuf += data
+            if stage == _HEAD:
+                self._response_head(self._take_tbuf())
+            else:
+                self._response_body()
+        elif stage == _HEAD:
+            self._response_head(data)
+        elif self.down_chunks is None:
+            self._body_down(data)
+        else:
+            self.tbuf += data
+            self._response_body()
+
+    def _take_tbuf(self) -> bytes:
+        data = bytes(self.tbuf)
+        self.tbuf.clear()
+        return data
+
+    def target_ended(self) -> None:
+        self.target_eof = True
+        stage = self.stage
+        if stage == _IDLE:
+            self._drop_target()  # idle keep-alive connection closed: reconnect next time
+        elif stage == _HEAD:
+            self._response_head(self._take_tbuf())
+        elif self.response is not None and self.response.framing is _UNTIL_CLOSE:
+            self._response_body()
+            self._response_done()
+        else:
+            self._mid_body_failure()
+
+    def _drop_target(self) -> None:
         target, transport = self.target, self.target_transport
         self.target = self.target_transport = None
         self.tbuf.clear()
         self.target_eof = False
-        self.target_paused = False
+        self.target_used = False
+        self._target_hold = 0
+        if self.splice is not None:
+            self.splice.cancel()
+            self.splice = None
         if target is not None:
             target.sink = None
         if transport is not None:
             transport.abort()
-        self.session.upstream = None
-        self.session.target = None
+        self.upstream = None
 
-    def mid_body_failure(self) -> None:
+    def _response_head(self, data: bytes) -> None:
+        """Parse response heads from ``data`` (what the target sent, nothing buffered before
+        it): interim ones go on (or switch protocols), the final one starts the body; an
+        incomplete head waits in ``tbuf``."""
+        request = self.request
+        assert request is not None
+        limit = self.response_limits.max_head_bytes
+        while True:  # each turn handles one head (1xx ones, then the final one)
+            end = wire.find_head_end(data)
+            if end < 0 or end > limit:
+                if len(data) > limit:
+                    self._upstream_failed("response head too large")
+                elif self.target_eof:
+                    self.tbuf += data
+                    self._target_closed_early()
+                else:
+                    self.tbuf += data
+                    self.state.last_activity = self.clock()
+                return
+            try:
+                response = wire.parse_response(data[:end], request.method, self.response_limits)
+            except wire.MessageError as exc:
+                self._upstream_failed(exc.reason)
+                return
+            data = data[end:]
+            if response.status >= 200:
+                self._final_response(response, data)
+                return
+            if response.status == 101:
+                if not request.upgrade:
+                    self._upstream_failed("101 to a request that asked for no upgrade")
+                    return
+                self._interim(response, switching=True)
+                self.tbuf += data
+                self._park(_SWITCH)
+                return
+            if request.minor == 1:  # HTTP/1.0 clients get no interim responses
+                self._interim(response, switching=False)
+
+    def _interim(self, response: wire.Response, *, switching: bool) -> None:
+        lines = response_field_lines(
+            response.fields, response.connection, self.rules, switching=switching
+        )
+        self._to_client(wire.response_bytes(response.status, response.reason, lines, close=False))
+
+    def _final_response(self, response: wire.Response, rest: bytes) -> None:
+        """The final response head; ``rest``: what the target sent after it."""
+        self.response = response
+        framing = response.framing
+        if not response.keep_alive or response.both_lengths or not self.up_done:
+            self.reuse = False
+        lines = response_field_lines(response.fields, response.connection, self.rules)
+        if framing is _LENGTH:
+            lines += b"content-length: %d\r\n" % response.length
+        elif framing is _CHUNKED:
+            self.down_chunks = wire.ChunkedReader(self.response_limits)
+            request = self.request
+            assert request is not None
+            self.down_chunked = request.minor == 1
+            if self.down_chunked:
+                lines += b"transfer-encoding: chunked\r\n"
+            else:
+                self.close_after = True  # an HTTP/1.0 client reads it until the close
+        elif framing is _UNTIL_CLOSE:
+            self.close_after = True
+        elif response.length >= 0 and response.status != 204:
+            # HEAD and 304: the length the body would have (RFC 9110 §8.6).
+            lines += b"content-length: %d\r\n" % response.length
+        if not self.up_done or self.ctx.draining:
+            self.close_after = True
+        head = wire.response_bytes(response.status, response.reason, lines, close=self.close_after)
+        if framing is _LENGTH:
+            length = response.length
+            if len(rest) >= length:
+                # The whole body came with the head (the common case): one write (what
+                # _to_client and _response_done do, inlined: this runs per response).
+                if len(rest) > length:
+                    self.reuse = False  # bytes after the response: that connection is done
+                    rest = rest[:length]
+                data = head + rest
+                n = len(data)
+                state = self.state
+                state.bytes_down += n
+                self.stats.bytes_down += n
+                state.last_activity = self.clock()
+                self.client_transport.write(data)
+                self.stage = _IDLE
+                if self.up_done:
+                    self._exchange_done()
+                else:
+                    self._response_done()
+                return
+            self.stage = _BODY
+            self.down_remaining = length - len(rest)
+            self._to_client(head + rest)
+            if self.target_eof:
+                self._mid_body_failure()
+            elif self.down_remaining >= BODY_SPLICE_MIN:
+                self._start_splice()
+            return
+        if framing is _NONE:
+            if rest:
+                self.reuse = False  # a bodiless response with bytes behind it
+            self._to_client(head)
+            self._response_done()
+            return
+        self.stage = _BODY
+        self._to_client(head)
+        if rest:
+            self.tbuf += rest
+        if rest or self.target_eof:
+            self._response_body()
+            if framing is _UNTIL_CLOSE and self.target_eof and self.stage == _BODY:
+                self._response_done()
+
+    def _body_down(self, data: bytes) -> None:
+        """Body bytes of a Content-Length or read-until-close response, straight from the
+        target's read."""
+        response = self.response
+        assert response is not None
+        if response.framing is _UNTIL_CLOSE:
+            self._to_client(data)
+            return
+        remaining = self.down_remaining
+        if len(data) > remaining:
+            self.reuse = False  # bytes after the response: that connection is done
+            data = data[:remaining]
+        self.down_remaining = remaining - len(data)
+        self._to_client(data)
+        if not self.down_remaining:
+            self._response_done()
+        elif self.down_remaining >= BODY_SPLICE_MIN:
+            self._start_splice()
+
+    def _response_body(self) -> None:
+        """Body bytes waiting in ``tbuf``."""
+        response = self.response
+        assert response is not None
+        buf = self.tbuf
+        if self.down_chunks is None:
+            data = bytes(buf)
+            buf.clear()
+            if data:
+                self._body_down(data)
+            return
+        try:
+            pieces, used = self.down_chunks.feed(bytes(buf))
+        except wire.MessageError as exc:
+            self._upstream_failed(exc.reason)
+            return
+        del buf[:used]
+        out = [wire.chunk(p) if self.down_chunked else p for p in pieces]
+        reader = self.down_chunks
+        if reader.done:
+            self.down_chunks = None  # (the next response may have another framing)
+            if self.down_chunked:
+                out.append(wire.last_chunk(wire.trailer_lines(reader.trailers)))
+            if buf:
+                self.reuse = False  # bytes after the last chunk
+            if out:
+                self._to_client(b"".join(out))
+            self._response_done()
+            return
+        if out:
+            self._to_client(b"".join(out))
+        if self.target_eof:
+            self._mid_body_failure()
+
+    def _response_done(self) -> None:
+        self.stage = _IDLE
+        if self.tbuf:
+            self.reuse = False  # excess bytes behind the response
+        if self.up_done:
+            self._exchange_done()
+        else:
+            # The target answered before the request body was sent (an early 413): the rest
+            # of the body could only be skipped by trusting its framing; close instead.
+            self._drop_target()
+            self._end()
+
+    def _exchange_done(self) -> None:
+        """Request sent and response relayed: keep both connections for the next one, or
+        end."""
+        self.request = self.response = None
+        if not self.reuse or self.target_eof:
+            self._drop_target()
+        else:
+            self.target_used = True
+        self.reuse = True
+        if self.close_after or self.ctx.draining:
+            self._end()
+            return
+        state = self.state
+        now = self.clock()
+        state.wait_for_request(now)
+        self.ctx.waiting(state.session_id, True)
+        if self._client_hold & _PIPELINE:
+            self._hold_client(_PIPELINE, False)
+        if self.cbuf:
+            state.head_begins(now)
+            self._next_request()
+        elif self.client_eof:
+            self._next_request()
+
+    def _target_closed_early(self) -> None:
+        """The target closed before a complete response head."""
+        request = self.request
+        assert request is not None
+        if (
+            self.target_used
+            and not self.tbuf
+            and self.retried is not request
+            and request.framing is _NONE
+            and request.method in _RETRYABLE
+        ):
+            # A reused keep-alive connection the target closed just as we sent: ask again
+            # on a fresh one (RFC 9112 §9.3.1 allows retrying idempotent requests).
+            self.retried = request
+            self._drop_target()
+            self._park(_CONNECT)
+            return
+        self._upstream_failed("target closed before responding")
+
+    def _upstream_failed(self, why: str) -> None:
+        """The target broke the exchange before the client got a response head: 502."""
+        log.warning("Session #%d: bad response from target: %s", self.state.session_id, why)
+        self.stats.upstream_errors += 1
+        self.state.set_outcome(Outcome.UPSTREAM_ERROR)
+        self._drop_target()
+        if self.response is not None:
+            self._end()
+        else:
+            self._send_error(502)
+
+    def _mid_body_failure(self) -> None:
         # Mid-body: the client already has the head, so all we can do is close (the short
         # body tells it something went wrong).
-        self.ctx.stats.upstream_errors += 1
+        self.stats.upstream_errors += 1
         self.state.set_outcome(Outcome.UPSTREAM_ERROR)
-        self.finish(_Exit(_ExitKind.CLOSE))
+        self._drop_target()
+        self._end()
 
-    def try_response(self, _arg: object) -> None:
-        """Parse the response head in ``tbuf`` and send it (and what body came) on."""
-        buf = self.tbuf
-        end = buf.find(b"\r\n\r\n")
-        response = None
-        if end >= 0:
-            response = _parse_response(bytes(buf[:end]))
-        elif not (self.target_eof or len(buf) > self.limit or b"\n\n" in buf or b"\n\r\n" in buf):
-            self.state.last_activity = self.clock()  # (ctx.touch)
-            return  # wait for the rest of the head
-        fields_out = None
-        if response is not None:
-            fields_out = response_fields_bytes(response[2], self.rules)
-        if response is None or fields_out is None:
-            assert self.sent is not None
-            head, (method, target, fields) = self.sent
-            sent = (method, _origin_form(target), rewrite_request_headers(fields, self.ctx.rules))
-            self.finish(_Exit(_ExitKind.SLOW, self.target_eof, head, None, sent, bytes(buf)))
-            return
-        status, reason, _fields, length, reuse = response
-        if self.close_after:
-            # What h11 does for a client that asked to close (the connection field is a
-            # hop-by-hop one, never among fields_out): "Connection: close" last.
-            fields_out = fields_out[:-2] + b"Connection: close\r\n\r\n"
-        out = b"HTTP/1.1 %d %s\r\n%s" % (status, reason, fields_out)
-        start = end + 4
-        if len(buf) - start > length:
-            reuse = False  # bytes after the response: do not trust this connection
-        body = buf[start : start + length]
-        buf.clear()
-        self.remaining = length - len(body)
-        self.reuse = reuse
-        self.to_client(out + body if body else out)
-        if self.remaining == 0:
-            self.response_done()
-        else:
-            self.stage = _BODY
-            if self.target_eof:
-                self.mid_body_failure()
-            elif self.remaining >= BODY_SPLICE_MIN:
-                self.start_splice()
+    def _to_client(self, data: bytes) -> None:
+        state = self.state
+        # What the server's byte counting does, inlined: this runs per response.
+        n = len(data)
+        state.bytes_down += n
+        self.stats.bytes_down += n
+        state.last_activity = self.clock()
+        self.client_transport.write(data)
 
-    def body(self, data: bytes) -> None:
-        """Response body bytes: exactly Content-Length of them go on."""
-        remaining = self.remaining
-        if len(data) > remaining:
-            self.reuse = False  # bytes after the response: do not trust this connection
-            data = data[:remaining]
-        self.remaining = remaining - len(data)
-        self.to_client(data)
-        if self.remaining == 0:
-            self.response_done()
-        elif self.remaining >= BODY_SPLICE_MIN:
-            self.start_splice()
+    def _send_error(self, status: int) -> None:
+        """A proxy-made error page; the connection closes after it."""
+        request = self.request
+        head_only = request is not None and request.method == b"HEAD"
+        self._drop_target()
+        self._to_client(error_response_bytes(status, head_only=head_only))
+        self._end()
 
-    def start_splice(self) -> None:
+    # -- splice ------------------------------------------------------------------------------
+
+    def _start_splice(self) -> None:
         """Move the rest of a large body with splice(2) (:class:`.relay.BodySplice`) when
         both sockets are plain; it starts once the client's write buffer is empty."""
         target = self.target_transport
@@ -980,196 +887,200 @@ class _FastLoop:
             return
         try:
             splice = BodySplice(
-                asyncio.get_running_loop(),
+                self.loop,
                 src,
                 dst,
-                self.remaining,
-                self.count_spliced,
-                self.splice_ended,
+                self.down_remaining,
+                self._count_spliced,
+                self._splice_ended,
                 ready=lambda: not self.client_transport.get_write_buffer_size(),
             )
         except OSError:  # out of descriptors: copying works without any
             return
-        if not self.target_paused:  # (it may be already: the client is behind)
-            self.target_paused = True  # (detach resumes it)
-            target.pause_reading()
+        self._hold_target(_SPLICING, True)
         self.splice = splice
         splice.start()
 
-    def count_spliced(self, n: int) -> None:
+    def _count_spliced(self, n: int) -> None:
         state = self.state
         state.bytes_down += n
         self.stats.bytes_down += n
         state.last_activity = self.clock()
 
-    def splice_ended(self, kind: BodyEnd, error: BaseException | None) -> None:
+    def _splice_ended(self, kind: BodyEnd, error: BaseException | None) -> None:
         self.splice = None
-        try:
-            if kind is BodyEnd.DONE:
-                self.remaining = 0
-                self.target_paused = False
-                if self.target_transport is not None:
-                    self.target_transport.resume_reading()
-                self.response_done()
-            elif kind is BodyEnd.TARGET_ENDED:
-                self.mid_body_failure()
-            else:
-                self.fail(ClientGone(f"client connection lost: {error}"))
-        except Exception as exc:
-            self.fail(exc)
+        if kind is BodyEnd.DONE:
+            self.down_remaining = 0
+            self._hold_target(_SPLICING, False)
+            self._guard(self._response_done)
+        elif kind is BodyEnd.TARGET_ENDED:
+            self._guard(self._mid_body_failure)
+        else:
+            self._end(Outcome.CLIENT_ERROR)
 
-    def to_client(self, data: bytes) -> None:
+    # -- what the coroutine does ---------------------------------------------------------------
+
+    async def _connect(self) -> None:
         state = self.state
-        # What ctx.count_down (ReverseProxy._count_down) does, inlined: this runs per request.
-        n = len(data)
-        state.bytes_down += n
-        self.stats.bytes_down += n
-        state.last_activity = self.clock()
-        self.client_transport.write(data)
-
-    def response_done(self) -> None:
-        self.stage = _HEAD
-        self.sent = None
-        if not self.reuse:
-            self.drop_target()
-        if self.close_after or self.ctx.draining():
-            self.finish(_Exit(_ExitKind.CLOSE))
+        phase = state.phase
+        state.phase = Phase.CONNECTING
+        try:
+            upstream = await self.ctx.connect()
+        except ConnectTimeout as exc:
+            log.warning("%s", exc)
+            self.stats.connect_timeouts += 1
+            state.set_outcome(Outcome.CONNECT_TIMEOUT)
+            self._send_error(502)
             return
-        self.state.phase = Phase.WAITING_REQUEST
-        if self.client_paused:
-            self.client_paused = False
+        except UpstreamError as exc:
+            log.warning("Session #%d: %s", state.session_id, exc)
+            self.stats.upstream_errors += 1
+            state.set_outcome(Outcome.UPSTREAM_ERROR)
+            self._send_error(502)
+            return
+        finally:
+            state.phase = phase
+            state.last_activity = self.clock()
+        if self.parked is _END:  # ended meanwhile (the watchdog, a cut)
+            upstream.writer.transport.abort()
+            return
+        target = sink_protocol_of(upstream.writer)
+        assert target is not None  # connect_upstream builds SinkProtocols
+        self.upstream = upstream
+        self.target = target
+        # Read-write (streams type it as writable; uvloop's are no ReadTransport subclass).
+        self.target_transport = cast(asyncio.Transport, upstream.writer.transport)
+        self.target_eof = target.ended
+        self.target_used = False
+        target.sink = _TargetSink(self)
+        early = take_buffered(upstream.reader)
+        self._unpark()
+        request = self.request
+        assert request is not None
+        self._guard(lambda: self._forward(request))
+        if early and self.parked is None:
+            self._target_data(early)
+
+    async def _intercept(self) -> None:
+        request = self.request
+        interceptor = self.ctx.interceptor
+        assert request is not None and interceptor is not None
+        seen = InterceptedRequest(
+            method=request.method.decode("ascii", "replace"),
+            path=request.target.decode("latin-1"),
+            headers=tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in request.fields),
+            read_body=self._read_body,
+        )
+        try:
+            reply = await interceptor(seen)
+        except (ProxyError, ClientGone):
+            self.collect = None
+            self._send_error(413)
+            return
+        if self.parked is _END:
+            return
+        if reply is None:
+            self._unpark()
+            self._guard(lambda: self._forward(request))
+            return
+        self.collect = None
+        self.state.set_outcome(Outcome.INTERCEPTED)
+        # An unread body would be taken for the next request: close instead (RFC 9112 §9.6).
+        if not self.up_done:
+            self.close_after = True
+        self._to_client(self._intercepted_bytes(reply, request))
+        self._unpark()
+        self.stage = _IDLE
+        self.response = None
+        self._guard(self._exchange_done)
+
+    async def _read_body(self, limit: int) -> bytes:
+        """The request body, whole (an interceptor's ``read_body``); at most ``limit`` bytes."""
+        if self.up_done:
+            return bytes(self.collect or b"")
+        if self.collected is None:
+            self.collect = bytearray()
+            self.collect_limit = limit
+            self.collected = self.loop.create_future()
+            self._hold_client(_PARKED, False)  # read on, into ``collect``
+            self._send_body()
+        try:
+            return await self.collected
+        finally:
+            self._hold_client(_PARKED, True)
+
+    def _intercepted_bytes(self, reply: InterceptedResponse, request: wire.Request) -> bytes:
+        fields = [
+            (n, v)
+            for n, v in reply.headers
+            if n.lower() not in ("content-length", "connection", "transfer-encoding")
+        ]
+        fields.append(("Content-Length", str(len(reply.body))))
+        lines = "".join(f"{n}: {v}\r\n" for n, v in fields).encode("latin-1")
+        reason = reason_phrase(reply.status).encode("ascii")
+        head = wire.response_bytes(reply.status, reason, lines, close=self.close_after)
+        return head if request.method == b"HEAD" else head + reply.body
+
+    async def _switch_protocols(self) -> None:
+        """After a 101 the connection is a raw byte relay both ways (RFC 9110 §7.8)."""
+        upstream = self.upstream
+        assert upstream is not None
+        client_extra, target_extra = bytes(self.cbuf), bytes(self.tbuf)
+        self.cbuf.clear()
+        self.tbuf.clear()
+        self._detach()
+        state, stats = self.state, self.stats
+
+        def count_up(n: int) -> None:
+            state.bytes_up += n
+            stats.bytes_up += n
+            state.last_activity = self.clock()
+
+        def count_down(n: int) -> None:
+            state.bytes_down += n
+            stats.bytes_down += n
+            state.last_activity = self.clock()
+
+        state.phase = _ACTIVE
+        await relay_both(
+            self.reader,
+            self.writer,
+            upstream.reader,
+            upstream.writer,
+            read_size=self.ctx.settings.read_size,
+            count_up=count_up,
+            count_down=count_down,
+            initial_up=client_extra,
+            initial_down=target_extra,
+        )
+
+    def _detach(self) -> None:
+        """Hand both connections back to their streams (idempotent)."""
+        if self.splice is not None:
+            self.splice.cancel()
+            self.splice = None
+        if self.client.sink is self:
+            self.client.sink = None
+        if self._client_hold and not self.client_transport.is_closing():
             self.client_transport.resume_reading()
-        if self.pending or self.client_eof:
-            self.next_request(None)
+        self._client_hold = 0
+        target = self.target
+        if target is not None and isinstance(target.sink, _TargetSink):
+            target.sink = None
+            transport = self.target_transport
+            if self._target_hold and transport is not None and not transport.is_closing():
+                transport.resume_reading()
+        self._target_hold = 0
 
 
-def _failure(task: asyncio.Task[None]) -> BaseException | None:
-    if not task.done() or task.cancelled():
-        return None
-    return task.exception()
+class _TargetSink:
+    """Routes the target protocol's events to the session's target handlers (bound methods
+    held as attributes: one call per read, no extra frame)."""
 
+    __slots__ = ("on_data", "on_eof", "on_lost", "on_write_paused")
 
-def _reason(status: int) -> bytes:
-    return reason_phrase(status).encode("ascii")
-
-
-def _origin_form(target: bytes) -> bytes:
-    """absolute-form (``http://host/path``) becomes origin-form: we set Host ourselves
-    (RFC 9112 §3.2.2: a server must accept absolute-form, the Host field is then ignored)."""
-    if target.startswith(b"/") or target == b"*":
-        return target
-    try:
-        parts = urlsplit(target.decode("latin-1"))
-    except ValueError:
-        return target
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        return target
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    return path.encode("latin-1")
-
-
-# -- fast-path parsing (RFC 9112 §3, §5; what h11 accepts, restricted to the simple case) ----
-
-_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
-_VCHAR = rb"[\x21-\x7e\x80-\xff]"
-# A field value without the blanks around it (RFC 9110 §5.5: visible characters, inner blanks).
-# The possessive quantifiers keep every match linear: with plain ones, a long run of blanks
-# followed by a bad byte made the regex engine try every split of the run (quadratic: ~10 s
-# of a blocked event loop for one 64 KiB header line).
-_VALUE = rb"(?:" + _VCHAR + rb"++(?:[ \t]++" + _VCHAR + rb"++)*+)?"
-_FIELD_LINE = rb"\r\n" + _TOKEN + rb":[ \t]*+" + _VALUE + rb"[ \t]*+"
-# Whole heads (without the final CRLF CRLF) in one match; the fields are then read out of the
-# validated block with one findall.
-_REQUEST_HEAD = re.compile(
-    rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1((?:" + _FIELD_LINE + rb")*+)"
-)
-_RESPONSE_HEAD = re.compile(
-    rb"HTTP/1\.1 ([0-9]{3}) ([\t\x20-\x7e\x80-\xff]*)((?:" + _FIELD_LINE + rb")*+)"
-)
-_FIELD_ITEM = re.compile(rb"\r\n(" + _TOKEN + rb"):[ \t]*+(" + _VALUE + rb")[ \t]*+")
-_FAST_METHODS = frozenset({b"GET", b"DELETE", b"OPTIONS"})
-_NOT_FAST_REQUEST_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"te"})
-
-Fields = list[tuple[bytes, bytes]]
-Request = tuple[bytes, bytes, Fields]  # method, target, fields
-
-
-def _parse_fields(block: bytes) -> Fields:
-    """The fields of a block the head regex validated (each line ``CRLF name: value``)."""
-    return [(name.lower(), value) for name, value in _FIELD_ITEM.findall(block)]
-
-
-def _parse_request(head: bytes) -> tuple[bytes, bytes, Fields] | None:
-    """A bodiless GET/DELETE/OPTIONS from an HTTP/1.1 client, with exactly one Host and at
-    most a plain ``Connection: keep-alive`` or ``close``; None for anything else."""
-    match = _REQUEST_HEAD.fullmatch(head)
-    if match is None or match[1] not in _FAST_METHODS:
-        return None  # obs-fold, bad characters, another method...: h11 decides
-    fields = _parse_fields(match[3])
-    hosts = lengths = 0
-    for name, value in fields:
-        if name == b"host":
-            hosts += 1
-        elif name == b"content-length":
-            lengths += 1
-            if value != b"0":
-                return None
-        elif name == b"connection":
-            if value.lower() not in (b"keep-alive", b"close"):
-                return None
-        elif name in _NOT_FAST_REQUEST_FIELDS:
-            return None
-    if hosts != 1 or lengths > 1:
-        return None
-    return match[1], match[2], fields
-
-
-def _asks_close(fields: Fields) -> bool:
-    """The client's ``Connection: close`` (RFC 9112 §9.6): the last response, then close."""
-    return any(name == b"connection" and value.lower() == b"close" for name, value in fields)
-
-
-def _parse_response(head: bytes) -> tuple[int, bytes, Fields, int, bool] | None:
-    """An HTTP/1.1 final response framed by one Content-Length: (status, reason, fields,
-    length, keep the target connection); None for anything else."""
-    match = _RESPONSE_HEAD.fullmatch(head)
-    if match is None:
-        return None
-    status = int(match[1])
-    if status < 200 or status in (204, 304):
-        return None
-    fields = _parse_fields(match[3])
-    length: int | None = None
-    reuse = True
-    for name, value in fields:
-        if name == b"content-length":
-            if length is not None or not value.isdigit():
-                return None
-            length = int(value)
-        elif name == b"transfer-encoding":
-            return None
-        elif name == b"connection":
-            tokens = {t.strip().lower() for t in value.split(b",")}
-            if b"close" in tokens:
-                reuse = False
-    if length is None:
-        return None
-    return status, match[2], fields, length, reuse
-
-
-def _serialize_fields(fields: Fields) -> bytes:
-    """Field lines as h11 writes them: Host first, then the rest in order; the blank line."""
-    out = [b"%s: %s\r\n" % (n, v) for n, v in fields if n == b"host"]
-    out += [b"%s: %s\r\n" % (n, v) for n, v in fields if n != b"host"]
-    out.append(b"\r\n")
-    return b"".join(out)
-
-
-async def _no_body(_limit: int) -> bytes:
-    return b""
-
-
-async def _nothing() -> None:
-    return None
+    def __init__(self, session: HttpSession) -> None:
+        self.on_data = session.on_target_data
+        self.on_eof = session.on_target_eof
+        self.on_lost = session.on_target_lost
+        self.on_write_paused = session.on_target_write_paused

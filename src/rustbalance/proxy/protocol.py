@@ -1,13 +1,13 @@
 """A stream protocol whose bytes can be diverted to callbacks (asyncio shell).
 
 Streams (``StreamReader``/``StreamWriter``) cost a future, a task wake-up and a coroutine
-switch per read. http mode's fast path instead runs in the protocol callbacks themselves
+switch per read. http mode's session instead runs in the protocol callbacks themselves
 (see :mod:`.http`): while a :class:`Sink` is attached, received bytes, EOF, connection loss
 and write flow control go to the sink; without one the protocol is a plain
-``asyncio.StreamReaderProtocol``, so the h11 path, the relays and the TLS/SOCKS code keep
-using streams on the very same connection. Switching is instant in both directions: no
-byte is left behind in between (what the reader buffered before the switch is handed over
-with :func:`take_buffered`).
+``asyncio.StreamReaderProtocol``, so tcp mode, the relay after a protocol switch, the PROXY
+line reader and the TLS/SOCKS code keep using streams on the very same connection.
+Switching is instant in both directions: no byte is left behind in between (what the reader
+buffered before the switch is handed over with :func:`take_buffered`).
 """
 
 from __future__ import annotations
@@ -130,3 +130,12 @@ async def open_stream(
     protocol = SinkProtocol(reader, loop=loop)
     transport, _ = await loop.create_connection(lambda: protocol, **kwargs)
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+def unread(reader: asyncio.StreamReader, data: bytes) -> None:
+    """Put ``data`` back in front of what the reader holds (bytes read ahead of a boundary,
+    like tor's PROXY line, that belong to what comes next)."""
+    buffer = getattr(reader, "_buffer", None)
+    if not isinstance(buffer, bytearray):
+        raise RuntimeError("unexpected StreamReader internals")
+    buffer[:0] = data

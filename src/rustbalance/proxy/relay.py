@@ -399,7 +399,7 @@ async def _send_all(
             watch.remove_writer(sock.fileno())
 
 
-# -- zero-copy body (Linux splice), for http mode's fast path ---------------------------------
+# -- zero-copy body (Linux splice), for http mode ------------------------------------------------
 #
 # A large response body whose length is known (Content-Length) needs no parsing: once its head
 # went to the client, exactly that many bytes move target -> pipe -> client with splice(2),

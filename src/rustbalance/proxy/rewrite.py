@@ -4,22 +4,23 @@ Requests go master -> target (Host, Origin, Referer); responses go target -> mas
 (Location, Set-Cookie Domain, Content-Security-Policy, Access-Control-Allow-Origin), so that
 neither the client sees the target's address nor the target sees a foreign Host.
 
-Headers are h11's ``(lowercase name, value)`` byte pairs. Values are decoded as Latin-1,
-which is lossless for any byte (RFC 9110 §5.5 treats non-ASCII as opaque octets).
+Fields are the wire layer's ``(lowercase name, value)`` byte pairs; the result is the field
+lines to write (each ending in CRLF). Values are decoded as Latin-1, which is lossless for any
+byte (RFC 9110 §5.5 treats non-ASCII as opaque octets). Framing fields are never copied: the
+wire layer writes the one framing field from the parsed framing (``wire.framing_line``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
 Headers = list[tuple[bytes, bytes]]
 
 # Hop-by-hop fields (RFC 9110 §7.6.1): meaningful for one connection only, so a proxy must
-# not forward them. Framing fields (Transfer-Encoding, Content-Length) are kept because h11
-# re-frames the body from them on the other side (RFC 9112 §6).
+# not forward them; the framing fields (RFC 9112 §6) are written from the parsed framing.
 _HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -30,6 +31,8 @@ _HOP_BY_HOP = frozenset(
         b"te",
         b"trailer",
         b"upgrade",
+        b"content-length",
+        b"transfer-encoding",
     }
 )
 
@@ -185,92 +188,23 @@ def rewrite_allow_origin(value: str, rules: RewriteRules) -> str:
     return origin
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return tokens
-
-
-def _strip_hop_by_hop(headers: Sequence[tuple[bytes, bytes]], keep_upgrade: bool) -> Headers:
-    named = _connection_tokens(headers)
-    drop = _HOP_BY_HOP | (named - {b"close", b"keep-alive", b"upgrade"})
-    out: Headers = []
-    for name, value in headers:
-        if (name == b"upgrade" and keep_upgrade) or name not in drop:
-            out.append((name, value))
-    if keep_upgrade:
-        out.append((b"connection", b"upgrade"))
-    return out
-
-
-def _fix_framing(headers: Headers) -> Headers:
-    # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and a sender must not send
-    # both, so the length goes when a transfer coding is present.
-    if any(name == b"transfer-encoding" for name, _ in headers):
-        return [(n, v) for n, v in headers if n != b"content-length"]
-    return headers
-
-
 def _map(value: bytes, func: Callable[[str, RewriteRules], str], rules: RewriteRules) -> bytes:
     return func(value.decode("latin-1"), rules).encode("latin-1")
 
 
-def is_upgrade_request(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    """True when the request asks to switch protocols (RFC 9110 §7.8), e.g. WebSocket."""
-    return b"upgrade" in _connection_tokens(headers) and any(n == b"upgrade" for n, _ in headers)
+def _dropped(connection: frozenset[bytes], keep: bytes) -> frozenset[bytes]:
+    """Hop-by-hop fields plus those the Connection field names (``connection``: its tokens,
+    lower case; RFC 9110 §7.6.1); ``keep`` (``upgrade`` on a protocol switch) survives."""
+    named = connection - _KEPT_CONNECTION_TOKENS
+    drop = _HOP_BY_HOP | named if named else _HOP_BY_HOP
+    return drop - {keep} if keep else drop
 
 
-def rewrite_request_headers(headers: Sequence[tuple[bytes, bytes]], rules: RewriteRules) -> Headers:
-    """Headers of a client request as the target should see them.
-
-    Host becomes the target's authority (port left out when it is the scheme's default);
-    Origin and Referer that name the master name the target; hop-by-hop fields go, except
-    Upgrade on an upgrade request.
-    """
-    upgrade = is_upgrade_request(headers)
-    out: Headers = [(b"host", rules.target_authority.encode("latin-1"))]
-    for name, value in _strip_hop_by_hop(headers, upgrade):
-        if name == b"host":
-            continue
-        if name == b"origin":
-            value = _map(value, rewrite_origin, rules)
-        elif name == b"referer":
-            value = _map(value, rewrite_referer, rules)
-        out.append((name, value))
-    return _fix_framing(out)
-
-
-def rewrite_response_headers(
-    headers: Sequence[tuple[bytes, bytes]], rules: RewriteRules, *, switching: bool = False
-) -> Headers:
-    """Headers of a target response as the client should see them.
-
-    ``switching`` is true for a 101 response, which keeps its Upgrade field.
-    """
-    out: Headers = []
-    for name, value in _strip_hop_by_hop(headers, switching):
-        if name in (b"location", b"content-location"):
-            value = _map(value, rewrite_location, rules)
-        elif name == b"set-cookie":
-            value = _map(value, rewrite_set_cookie, rules)
-        elif name in (b"content-security-policy", b"content-security-policy-report-only"):
-            value = _map(value, rewrite_csp, rules)
-        elif name == b"access-control-allow-origin":
-            value = _map(value, rewrite_allow_origin, rules)
-        out.append((name, value))
-    return _fix_framing(out)
-
-
-# -- one-pass versions for http mode's fast path ------------------------------------------------
-#
-# The fast path handles only messages without an upgrade or a transfer coding, so most of the
-# general functions' work has nothing to do there. These build the same bytes as
-# ``rewrite_*_headers`` followed by the serialisation h11 does (Host first, then the other
-# fields in order, lowercase names), in one loop; tests check that they agree.
-
-_REQUEST_SKIP = _HOP_BY_HOP | {b"host"}
+_KEPT_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+_REQUEST_MAPS: dict[bytes, Callable[[str, RewriteRules], str]] = {
+    b"origin": rewrite_origin,
+    b"referer": rewrite_referer,
+}
 _RESPONSE_MAPS: dict[bytes, Callable[[str, RewriteRules], str]] = {
     b"location": rewrite_location,
     b"content-location": rewrite_location,
@@ -279,44 +213,59 @@ _RESPONSE_MAPS: dict[bytes, Callable[[str, RewriteRules], str]] = {
     b"content-security-policy-report-only": rewrite_csp,
     b"access-control-allow-origin": rewrite_allow_origin,
 }
-_KEPT_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 
-def request_fields_bytes(
-    fields: Sequence[tuple[bytes, bytes]], rules: RewriteRules, host_line: bytes
-) -> bytes | None:
-    """The field lines (and the blank line) of a request as the target should see them, or
-    None when the fields need the general path (an upgrade, a transfer coding, Connection
-    naming other fields). ``host_line`` is ``b"host: <target authority>\\r\\n"``."""
+def request_field_lines(
+    fields: Sequence[tuple[bytes, bytes]],
+    connection: frozenset[bytes],
+    rules: RewriteRules,
+    host_line: bytes,
+    *,
+    upgrade: bool = False,
+    extra: tuple[bytes, bytes] | None = None,
+) -> bytes:
+    """The field lines of a client request as the target should see them (``connection``:
+    the tokens of its Connection field, as the wire layer read them).
+
+    ``host_line`` (``b"host: <target authority>\\r\\n"``) comes first; Origin and Referer
+    that name the master name the target; hop-by-hop fields go, except Upgrade on an upgrade
+    request (then ``connection: upgrade`` is added). ``extra`` is a field the proxy adds
+    (the circuit id): any field of that name the client sent goes, so it cannot be forged.
+    """
+    # (No Connection field and no upgrade: the fixed set, without a call.)
+    drop = _dropped(connection, b"upgrade" if upgrade else b"") if connection else _HOP_BY_HOP
+    if extra is not None:
+        drop = drop | {extra[0]}
     out = [host_line]
     for name, value in fields:
-        if name in _REQUEST_SKIP:
-            if name == b"connection" and value.lower() not in (b"keep-alive", b"close"):
-                return None
+        if name in drop or name == b"host":
             continue
-        if name == b"origin":
-            value = _map(value, rewrite_origin, rules)
-        elif name == b"referer":
-            value = _map(value, rewrite_referer, rules)
-        elif name == b"transfer-encoding":
-            return None
+        func = _REQUEST_MAPS.get(name)
+        if func is not None:
+            value = _map(value, func, rules)
         out.append(b"%s: %s\r\n" % (name, value))
-    out.append(b"\r\n")
+    if upgrade:
+        out.append(b"connection: upgrade\r\n")
+    if extra is not None:
+        out.append(b"%s: %s\r\n" % extra)
     return b"".join(out)
 
 
-def response_fields_bytes(
-    fields: Sequence[tuple[bytes, bytes]], rules: RewriteRules
-) -> bytes | None:
-    """The field lines (and the blank line) of a final response as the client should see
-    them, or None when they need the general path (a transfer coding, a Host field)."""
-    drop: frozenset[bytes] | set[bytes] = _HOP_BY_HOP
-    for name, value in fields:
-        if name == b"connection":
-            named = {t.strip().lower() for t in value.split(b",") if t.strip()}
-            drop = drop | (named - _KEPT_CONNECTION_TOKENS)
-        elif name == b"host" or name == b"transfer-encoding":
-            return None
+def response_field_lines(
+    fields: Sequence[tuple[bytes, bytes]],
+    connection: frozenset[bytes],
+    rules: RewriteRules,
+    *,
+    switching: bool = False,
+) -> bytes:
+    """The field lines of a target response as the client should see them: Location,
+    Content-Location, Set-Cookie's Domain, Content-Security-Policy and
+    Access-Control-Allow-Origin that name the target name the master; hop-by-hop fields
+    go. ``switching`` (a 101) keeps Upgrade and adds ``connection: upgrade``."""
+    if connection or switching:
+        drop = _dropped(connection, b"upgrade" if switching else b"")
+    else:
+        drop = _HOP_BY_HOP
     out = []
     for name, value in fields:
         if name in drop:
@@ -325,5 +274,6 @@ def response_fields_bytes(
         if func is not None:
             value = _map(value, func, rules)
         out.append(b"%s: %s\r\n" % (name, value))
-    out.append(b"\r\n")
+    if switching:
+        out.append(b"connection: upgrade\r\n")
     return b"".join(out)

@@ -1,35 +1,82 @@
-"""The reverse proxy's asyncio shell: listen, cap, time out, relay, drain."""
+"""The reverse proxy's asyncio shell: listen, admit, time out, hand to the mode, drain.
+
+Per connection: a slot at the cap (:class:`.admission.Admission`: a connection still waiting
+for a request makes room for a newcomer), tor's PROXY line when circuit ids are on (then the
+circuit's limits), a watchdog timer on the phase's deadline (:class:`.session.SessionState`),
+then the mode: :class:`.http.HttpSession`, or :func:`.tcp.serve_tcp`. One INFO line per
+minute sums up what happened; each connection's own line is DEBUG. Socket and stream helpers
+(tor's PROXY line off a stream, the unix socket, the lingering close) are in :mod:`.sockets`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import socket
+import os
+from collections.abc import Callable, Coroutine
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from .admission import Admission, Key, Verdict
 from .http import ClientGone, HttpContext, HttpSession, Interceptor, TargetGone
 from .protocol import make_protocol_factory
-from .relay import can_splice, relay_both, splice_both
 from .rewrite import RewriteRules
-from .session import Outcome, Phase, ProxyStats, SessionState, error_response_bytes
+from .session import (
+    Outcome,
+    Phase,
+    ProxyStats,
+    SessionState,
+    error_response_bytes,
+    summary_line,
+)
 from .settings import ProxyError, ProxySettings
-from .upstream import ConnectTimeout, Upstream, UpstreamError, connect_upstream
+from .sockets import (
+    NO_CIRCUIT,
+    bind_unix,
+    buffered,
+    close_writer,
+    read_tor_proxy_line,
+    set_nodelay,
+)
+from .tcp import serve_tcp
+from .upstream import Upstream, connect_upstream
+from .wire import ProxyLineError
 
 log = logging.getLogger("rustbalance.proxy")
 
 # How long a refused connection may linger so its 503 reaches the client: closing a socket
 # with unread input makes the kernel send RST, which can destroy the response in flight.
 _REJECT_LINGER = 0.2
+# At most one summary line per this many seconds (issue 17: per-connection lines are DEBUG).
+SUMMARY_SECONDS = 60.0
+
+CloseCircuit = Callable[[int], Coroutine[Any, Any, None]]
+
+
+class _Conn:
+    """One accepted connection: its task, state, watchdog timer and the mode's way to end
+    it gracefully (the http session answers 408 where one is due)."""
+
+    __slots__ = ("expire", "state", "task", "timer")
+
+    def __init__(self, task: asyncio.Task[None], state: SessionState) -> None:
+        self.task = task
+        self.state = state
+        self.timer: asyncio.TimerHandle | None = None
+        self.expire: Callable[[Outcome], bool] | None = None
 
 
 class ReverseProxy:
-    """Listens on ``listen_host:listen_port`` and relays every connection to the target.
+    """Listens on ``listen_host:listen_port`` (or the unix socket ``listen_unix``) and relays
+    every connection to the target.
 
     ``start()`` binds (``port`` is then the bound port); ``close(drain_timeout)`` stops
     accepting, lets in-flight sessions finish for a bounded time, then cuts the rest.
-    ``splice=False`` forces the stream relay in tcp mode (TLS targets always use it);
-    ``http_fast_path=False`` sends every http-mode request through h11 (for comparison).
+    ``splice=False`` forces the stream relay in tcp mode (TLS targets always use it).
+    ``close_circuit`` (optional) asks tor to close a circuit the proxy cut (CLOSECIRCUIT).
+    ``summary_seconds``: how often the INFO summary line may be written.
     """
 
     def __init__(
@@ -38,14 +85,16 @@ class ReverseProxy:
         *,
         interceptor: Interceptor | None = None,
         splice: bool = True,
-        http_fast_path: bool = True,
+        close_circuit: CloseCircuit | None = None,
+        summary_seconds: float = SUMMARY_SECONDS,
     ) -> None:
         self.settings = settings
         # tcp mode to a plain-TCP target relays with splice(2) where the OS has it.
         self._splice = splice
-        # http mode parses simple requests itself; False sends every request through h11.
-        self._http_fast_path = http_fast_path
         self.stats = ProxyStats()
+        self.admission = Admission(
+            settings.max_connections, settings.circuit_limits, is_waiting=self._is_waiting
+        )
         self.rules = RewriteRules(
             target_host=settings.target.host,
             target_port=settings.target.port,
@@ -54,18 +103,40 @@ class ReverseProxy:
             master_scheme=settings.master_scheme,
         )
         self._interceptor = interceptor
+        self._close_circuit = close_circuit
         self._server: asyncio.Server | None = None
-        self._sessions: dict[asyncio.Task[None], SessionState] = {}
+        self._conns: dict[int, _Conn] = {}
         self._stopped_by_us: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._next_id = 0
         self._draining = False
         self._port = 0
+        self._summary: asyncio.TimerHandle | None = None
+        self._summary_seconds = summary_seconds
+        timeouts = settings.timeouts
+        self._step = min(timeouts.head, timeouts.keep_alive, timeouts.body, timeouts.idle)
+        self._summarised = ProxyStats()
+        self._circuit_field = (
+            settings.circuit_header.lower().encode("ascii")
+            if settings.circuit_header is not None
+            else None
+        )
+        self._http_ctx = HttpContext(
+            settings=settings,
+            rules=self.rules,
+            stats=self.stats,
+            connect=self._connect,
+            on_request=self._on_request,
+            waiting=self.admission.waiting,
+            admission=self.admission,
+            interceptor=interceptor,
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
     @property
     def port(self) -> int:
-        """The bound port (useful with ``listen_port=0``)."""
+        """The bound TCP port (useful with ``listen_port=0``); 0 on a unix socket."""
         if self._server is None:
             raise ProxyError("proxy not started")
         return self._port
@@ -74,30 +145,46 @@ class ReverseProxy:
     def address(self) -> tuple[str, int]:
         return self.settings.listen_host, self.port
 
+    @property
+    def where(self) -> str:
+        """Where the proxy listens once started: ``unix:PATH`` or ``HOST:PORT`` (bound)."""
+        if self.settings.listen_unix is not None:
+            return f"unix:{self.settings.listen_unix}"
+        return f"{self.settings.listen_host}:{self.port}"
+
     async def start(self) -> None:
         if self._server is not None:
             raise ProxyError("proxy already started")
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        # asyncio.start_server, but with protocols the http path can divert to callbacks.
+        factory = make_protocol_factory(settings.read_size * 2, self._on_client)
+        backlog = min(4096, max(128, settings.max_connections))
         try:
-            # asyncio.start_server, but with protocols the http fast path can divert.
-            self._server = await asyncio.get_running_loop().create_server(
-                make_protocol_factory(self.settings.read_size * 2, self._on_client),
-                self.settings.listen_host,
-                self.settings.listen_port,
-                backlog=min(4096, max(128, self.settings.max_connections)),
-            )
+            if settings.listen_unix is not None:
+                sock = bind_unix(Path(settings.listen_unix), settings.unix_mode)
+                self._server = await loop.create_unix_server(factory, sock=sock, backlog=backlog)
+            else:
+                self._server = await loop.create_server(
+                    factory, settings.listen_host, settings.listen_port, backlog=backlog
+                )
+                self._port = int(self._server.sockets[0].getsockname()[1])
         except OSError as exc:
-            raise ProxyError(
-                f"cannot listen on {self.settings.listen_host}:{self.settings.listen_port}: "
-                f"{exc.strerror or exc}"
-            ) from exc
-        self._port = int(self._server.sockets[0].getsockname()[1])
+            raise ProxyError(f"cannot listen on {settings.where}: {exc.strerror or exc}") from exc
         log.info(
-            "Proxy listening on %s:%d (%s mode) -> %s",
-            self.settings.listen_host,
-            self._port,
-            self.settings.mode,
-            self.settings.target,
+            "Proxy listening on %s (%s mode) -> %s", self.where, settings.mode, settings.target
         )
+        if settings.circuit_ids:
+            limits = settings.circuit_limits
+            log.info(
+                "Proxy reads tor's circuit ids: per circuit at most %s streams at once, "
+                "%s requests/s (burst %d); a circuit over them is cut for %g s",
+                limits.max_connections or "unlimited",
+                f"{limits.rate:g}" if limits.rate else "unlimited",
+                limits.burst,
+                limits.cut_seconds,
+            )
+        self._summary = loop.call_later(self._summary_seconds, self._summarise)
 
     async def close(self, drain_timeout: float | None = None) -> None:
         """Stop accepting; wait up to ``drain_timeout`` (default: the setting) for sessions."""
@@ -105,19 +192,28 @@ class ReverseProxy:
         if server is None or self._draining:
             return
         self._draining = True
+        self._http_ctx.draining = True
         server.close()
+        if self._summary is not None:
+            self._summary.cancel()
         timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
-        # Keep-alive connections waiting for their next request have nothing in flight.
-        self._stop(
-            [task for task, state in self._sessions.items() if state.phase is Phase.WAITING_REQUEST]
-        )
-        pending = set(self._sessions)
+        # Connections waiting for a request have nothing in flight.
+        for conn in list(self._conns.values()):
+            if conn.state.phase is Phase.WAITING:
+                self._expire(conn, Outcome.SHUTDOWN)
+        pending = {conn.task for conn in self._conns.values()}
         if pending:
             _done, pending = await asyncio.wait(pending, timeout=max(0.0, timeout))
-        self._stop(list(pending))
+        for task in pending:
+            self._stop(task, Outcome.SHUTDOWN)
         if pending:
             await asyncio.wait(pending, timeout=5.0)
         await server.wait_closed()
+        for task in list(self._background):
+            task.cancel()
+        if self.settings.listen_unix is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.settings.listen_unix)
 
     async def __aenter__(self) -> ReverseProxy:
         await self.start()
@@ -131,13 +227,23 @@ class ReverseProxy:
     ) -> None:
         await self.close()
 
-    def _stop(self, tasks: list[asyncio.Task[None]]) -> None:
-        for task in tasks:
-            state = self._sessions.get(task)
-            if state is not None:
-                state.set_outcome(Outcome.SHUTDOWN)
-            self._stopped_by_us.add(task)
-            task.cancel()
+    def _stop(self, task: asyncio.Task[None], outcome: Outcome) -> None:
+        for conn in self._conns.values():
+            if conn.task is task:
+                conn.state.set_outcome(outcome)
+        self._stopped_by_us.add(task)
+        task.cancel()
+
+    def _summarise(self) -> None:
+        """The periodic INFO line; also forgets idle circuits."""
+        now = self.stats.snapshot()
+        line = summary_line(self._summarised, now, self._summary_seconds)
+        if line is not None:
+            log.info("%s", line)
+        self._summarised = now
+        loop = asyncio.get_running_loop()
+        self.admission.sweep(loop.time())
+        self._summary = loop.call_later(self._summary_seconds, self._summarise)
 
     # -- per connection ---------------------------------------------------------------------
 
@@ -145,33 +251,51 @@ class ReverseProxy:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+        now = loop.time()
         self._next_id += 1
+        sid = self._next_id
         peername = writer.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else "?"
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else "unix"
+        settings = self.settings
         state = SessionState(
-            session_id=self._next_id,
+            session_id=sid,
             peer=peer,
-            target=str(self.settings.target),
-            started=loop.time(),
-            idle_timeout=self.settings.idle_timeout,
-            max_session_seconds=self.settings.max_session_seconds,
+            target=str(settings.target),
+            started=now,
+            timeouts=settings.timeouts,
         )
-        if self.stats.active >= self.settings.max_connections or self._draining:
+        admitted, victim = (False, None) if self._draining else self.admission.admit(sid, now)
+        if not admitted:
             self.stats.rejected += 1
             state.outcome = Outcome.REJECTED
-            log.info("%s", state.log_line(loop.time(), self.settings.mode))
-            await self._reject(reader, writer)
+            log.debug("%s", state.log_line(loop.time(), settings.mode))
+            await self._reject(reader, writer, 503)
             return
+        if victim is not None:
+            self.stats.evicted += 1
+            displaced = self._conns.get(victim)
+            if displaced is not None:
+                self._expire(displaced, Outcome.EVICTED)
+        if settings.mode == "tcp" and not settings.circuit_ids:
+            # Nothing to wait for: the stream is relayed at once, so it must fit the cap now.
+            state.phase = Phase.CONNECTING
+            if not self._make_room(state):
+                self.admission.release(sid)
+                log.debug("%s", state.log_line(loop.time(), settings.mode))
+                await self._reject(reader, writer, 503)
+                return
+        conn = _Conn(task, state)
+        self._conns[sid] = conn
         self.stats.active += 1
         self.stats.total += 1
-        self._sessions[task] = state
-        _set_nodelay(writer)
-        watchdog = asyncio.create_task(self._watch(state, task))
+        set_nodelay(writer)
+        self._arm(conn)
         try:
-            if self.settings.mode == "tcp":
-                await self._serve_tcp(state, reader, writer)
-            else:
-                await self._serve_http(state, reader, writer)
+            if await self._identify(conn, reader, writer):
+                if settings.mode == "tcp":
+                    await self._serve_tcp(state, reader, writer)
+                else:
+                    await self._serve_http(conn, reader, writer)
         except asyncio.CancelledError:
             if task not in self._stopped_by_us:
                 raise
@@ -182,12 +306,14 @@ class ReverseProxy:
             state.set_outcome(Outcome.UPSTREAM_ERROR)
             self.stats.upstream_errors += 1
         except Exception:
-            log.exception("Session #%d: internal error", state.session_id)
+            log.exception("Session #%d: internal error", sid)
             state.set_outcome(Outcome.CLIENT_ERROR)
         finally:
-            watchdog.cancel()
+            if conn.timer is not None:
+                conn.timer.cancel()
             try:
-                await _close_writer(writer, graceful=state.outcome not in _ABORT_OUTCOMES)
+                graceful = state.outcome not in _ABORT_OUTCOMES
+                await close_writer(writer, graceful=graceful, reader=reader)
             except asyncio.CancelledError:
                 # Cut while flushing (the drain on shutdown ran out): drop the rest. A task
                 # we stopped ends normally, so asyncio has no cancelled callback to report.
@@ -196,33 +322,181 @@ class ReverseProxy:
                     raise
                 task.uncancel()
             finally:
-                self._sessions.pop(task, None)
+                self._conns.pop(sid, None)
+                self.admission.release(sid)
                 self._stopped_by_us.discard(task)
                 self.stats.active -= 1
-                log.info("%s", state.log_line(loop.time(), self.settings.mode))
+                log.debug("%s", state.log_line(loop.time(), settings.mode))
 
-    async def _watch(self, state: SessionState, task: asyncio.Task[None]) -> None:
-        """End the session after ``idle_timeout`` without a byte either way, or after
-        ``max_session_seconds`` in all (if set)."""
+    # -- deadlines --------------------------------------------------------------------------
+
+    def _arm(self, conn: _Conn) -> None:
+        """Look again at the phase's deadline, or sooner: never later than the shortest
+        timeout from now, so a phase change to a sooner deadline (a response ends, the
+        keep-alive wait begins) needs no re-arming per request."""
         loop = asyncio.get_running_loop()
-        while True:  # each turn sleeps until the next deadline, which moves only forward
-            now = loop.time()
-            why = state.expired(now)
-            if why is not None:
-                if why is Outcome.IDLE_TIMEOUT:
-                    self.stats.idle_timeouts += 1
-                else:
-                    self.stats.session_timeouts += 1
-                state.set_outcome(why)
-                self._stopped_by_us.add(task)
-                task.cancel()
-                return
-            await asyncio.sleep(max(0.001, state.deadline() - now))
+        at = min(conn.state.deadline(), loop.time() + self._step)
+        conn.timer = loop.call_at(at, self._check, conn)
 
-    async def _reject(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _is_waiting(self, session: int) -> bool:
+        """Whether a session waits for a request (or tor's PROXY line): it may be displaced."""
+        conn = self._conns.get(session)
+        return conn is None or conn.state.phase in _WAITING_PHASES
+
+    def _check(self, conn: _Conn) -> None:
+        """The watchdog: end the connection when its phase's deadline passed, else look again
+        at the (moved) deadline."""
+        why = conn.state.expired(asyncio.get_running_loop().time())
+        if why is None:
+            self._arm(conn)
+            return
+        conn.timer = None
+        stats = self.stats
+        if why is Outcome.IDLE_TIMEOUT:
+            stats.idle_timeouts += 1
+        elif why is Outcome.SESSION_TIMEOUT:
+            stats.session_timeouts += 1
+        elif why is Outcome.HEAD_TIMEOUT:
+            stats.head_timeouts += 1
+        elif why is Outcome.KEEPALIVE_TIMEOUT:
+            stats.keepalive_timeouts += 1
+        elif why is Outcome.BODY_TIMEOUT:
+            stats.body_timeouts += 1
+        self._expire(conn, why)
+
+    def _expire(self, conn: _Conn, why: Outcome) -> None:
+        """End a connection: gracefully by its mode where it can, else by cancelling it (not
+        the task running this: the connection whose own stream cut its circuit ends by
+        itself, and a cancel it would never await again would end it as cancelled)."""
+        if conn.expire is not None and conn.expire(why):
+            return
+        conn.state.set_outcome(why)
+        if conn.task is asyncio.current_task():
+            return
+        self._stopped_by_us.add(conn.task)
+        conn.task.cancel()
+
+    # -- circuits ---------------------------------------------------------------------------
+
+    async def _identify(
+        self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Read tor's PROXY line (when circuit ids are on) and count the stream against its
+        circuit; False when the connection ends here."""
+        if not self.settings.circuit_ids:
+            return True
+        state = conn.state
+        if not buffered(reader):
+            # Found waiting for tor's line: it may be displaced at the cap meanwhile.
+            self.admission.waiting(state.session_id, True)
+        try:
+            line = await read_tor_proxy_line(reader)
+        except ProxyLineError as exc:
+            log.warning(
+                "Session #%d: %s (is HiddenServiceExportCircuitID on?)", state.session_id, exc
+            )
+            state.set_outcome(Outcome.BAD_REQUEST)
+            self.stats.bad_requests += 1
+            return False
+        if line is None:  # closed before the line
+            return False
+        if line is NO_CIRCUIT:  # a local client: no circuit, no circuit limits
+            if self.settings.mode == "tcp":
+                state.phase = Phase.CONNECTING
+                self.admission.waiting(state.session_id, False)
+                return self._make_room(state)
+            return True
+        state.circuit = line.key
+        loop = asyncio.get_running_loop()
+        verdict = self.admission.identify(state.session_id, line.key, loop.time())
+        if verdict is Verdict.OK:
+            if self.settings.mode == "tcp":
+                state.phase = Phase.CONNECTING
+                self.admission.waiting(state.session_id, False)
+                return self._make_room(state)
+            return True
+        if verdict is Verdict.THROTTLE:
+            self.stats.throttled += 1
+            state.set_outcome(Outcome.THROTTLED)
+            if self.settings.mode == "http":
+                await self._reject(reader, writer, 429)
+            return False
+        if verdict is Verdict.CUT:
+            self._cut(line.key)
+        else:
+            self.stats.circuit_refused += 1
+        state.set_outcome(Outcome.CIRCUIT_CUT)
+        return False
+
+    def _make_room(self, state: SessionState) -> bool:
+        """The session starts work: over the cap it displaces a waiting one or is refused."""
+        ok, victim = self.admission.make_room(state.session_id)
+        if victim is not None:
+            self.stats.evicted += 1
+            displaced = self._conns.get(victim)
+            if displaced is not None:
+                self._expire(displaced, Outcome.EVICTED)
+        if not ok:
+            self.stats.rejected += 1
+            state.set_outcome(Outcome.REJECTED)
+        return ok
+
+    def _on_request(self, state: SessionState) -> int | None:
+        """An http request head arrived: None to go on, 503 (every slot busy), 429 (over the
+        circuit's rate), or 0 (the circuit is cut: close)."""
+        if self.admission.over_cap and not self._make_room(state):
+            return 503
+        if state.circuit is None:
+            return None
+        verdict = self.admission.request(state.session_id, asyncio.get_running_loop().time())
+        if verdict is Verdict.OK:
+            return None
+        if verdict is Verdict.THROTTLE:
+            self.stats.throttled += 1
+            state.set_outcome(Outcome.THROTTLED)
+            return 429
+        if verdict is Verdict.CUT:
+            self._cut(state.circuit)
+        else:
+            self.stats.circuit_refused += 1
+        return 0
+
+    def _cut(self, key: Key) -> None:
+        """Close every connection of a circuit that went over its limits; tor is asked to
+        close the circuit itself when the proxy can reach its control port."""
+        cut = self.admission.last_cut
+        reason = cut.reason if cut is not None else "over its limits"
+        self.stats.circuits_cut += 1
+        sessions = self.admission.sessions_of(key)
+        victims = [self._conns[sid] for sid in sessions if sid in self._conns]
+        log.warning(
+            "Cut circuit %s: %s; closed its %d connection(s), its new streams are refused for %g s",
+            key,
+            reason,
+            len(victims),
+            self.settings.circuit_limits.cut_seconds,
+        )
+        for conn in victims:
+            conn.state.set_outcome(Outcome.CIRCUIT_CUT)
+            self._expire(conn, Outcome.CIRCUIT_CUT)
+        if self._close_circuit is not None and isinstance(key, int):
+            task = asyncio.get_running_loop().create_task(self._close_circuit(key))
+            self._background.add(task)
+            task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("Could not ask tor to close a cut circuit: %s", task.exception())
+
+    # -- helpers the modes share ------------------------------------------------------------
+
+    async def _reject(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int
+    ) -> None:
         try:
             if self.settings.mode == "http":
-                writer.write(error_response_bytes(503))
+                writer.write(error_response_bytes(status))
                 if writer.can_write_eof():
                     writer.write_eof()
                 # Read (and drop) what the client sent, briefly, so close() sends FIN, not RST.
@@ -240,20 +514,20 @@ class ReverseProxy:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    # -- helpers the modes share ------------------------------------------------------------
+    def _counter(self, state: SessionState, up: bool) -> Callable[[int], None]:
+        stats = self.stats
+        clock = asyncio.get_running_loop().time
 
-    def _count_up(self, state: SessionState, n: int) -> None:
-        state.bytes_up += n
-        self.stats.bytes_up += n
-        state.touch(asyncio.get_running_loop().time())
+        def count(n: int) -> None:
+            if up:
+                state.bytes_up += n
+                stats.bytes_up += n
+            else:
+                state.bytes_down += n
+                stats.bytes_down += n
+            state.last_activity = clock()
 
-    def _count_down(self, state: SessionState, n: int) -> None:
-        state.bytes_down += n
-        self.stats.bytes_down += n
-        state.touch(asyncio.get_running_loop().time())
-
-    def _touch(self, state: SessionState) -> None:
-        state.touch(asyncio.get_running_loop().time())
+        return count
 
     async def _connect(self) -> Upstream:
         return await connect_upstream(self.settings)
@@ -263,86 +537,39 @@ class ReverseProxy:
     async def _serve_tcp(
         self, state: SessionState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        state.phase = Phase.CONNECTING
-        try:
-            upstream = await self._connect()
-        except ConnectTimeout as exc:
-            log.warning("%s", exc)
-            self.stats.connect_timeouts += 1
-            state.set_outcome(Outcome.CONNECT_TIMEOUT)
-            return
-        except UpstreamError as exc:
-            log.warning("Session #%d: %s", state.session_id, exc)
-            self.stats.upstream_errors += 1
-            state.set_outcome(Outcome.UPSTREAM_ERROR)
-            return
-        state.phase = Phase.ACTIVE
-        self._touch(state)
-        try:
-            if self._splice and can_splice(writer, upstream.writer):
-                # Plain TCP both sides: the bytes stay in the kernel (splice through a pipe).
-                await splice_both(
-                    reader,
-                    writer,
-                    upstream.reader,
-                    upstream.writer,
-                    count_up=lambda n: self._count_up(state, n),
-                    count_down=lambda n: self._count_down(state, n),
-                )
-                return
-            await relay_both(
-                reader,
-                writer,
-                upstream.reader,
-                upstream.writer,
-                read_size=self.settings.read_size,
-                count_up=lambda n: self._count_up(state, n),
-                count_down=lambda n: self._count_down(state, n),
-            )
-        finally:
-            await _close_writer(upstream.writer, graceful=False)
+        await serve_tcp(
+            state,
+            reader,
+            writer,
+            connect=self._connect,
+            stats=self.stats,
+            read_size=self.settings.read_size,
+            splice=self._splice,
+            count_up=self._counter(state, True),
+            count_down=self._counter(state, False),
+        )
 
     # -- http mode --------------------------------------------------------------------------
 
     async def _serve_http(
-        self, state: SessionState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        ctx = HttpContext(
-            settings=self.settings,
-            rules=self.rules,
-            stats=self.stats,
-            connect=self._connect,
-            count_up=self._count_up,
-            count_down=self._count_down,
-            touch=self._touch,
-            draining=lambda: self._draining,
-            interceptor=self._interceptor,
-            fast_path=self._http_fast_path,
-        )
-        await HttpSession(ctx, state, reader, writer).run()
+        field = None
+        if self._circuit_field is not None and conn.state.circuit is not None:
+            field = (self._circuit_field, str(conn.state.circuit).encode("ascii"))
+        session = HttpSession(self._http_ctx, conn.state, reader, writer, circuit_field=field)
+        conn.expire = session.expire
+        await session.run()
 
 
+_WAITING_PHASES = frozenset({Phase.WAITING, Phase.HEAD})
 _ABORT_OUTCOMES = frozenset(
-    {Outcome.IDLE_TIMEOUT, Outcome.SESSION_TIMEOUT, Outcome.CLIENT_ERROR, Outcome.SHUTDOWN}
+    {
+        Outcome.IDLE_TIMEOUT,
+        Outcome.SESSION_TIMEOUT,
+        Outcome.CLIENT_ERROR,
+        Outcome.SHUTDOWN,
+        Outcome.EVICTED,
+        Outcome.CIRCUIT_CUT,
+    }
 )
-
-
-def _set_nodelay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-async def _close_writer(writer: asyncio.StreamWriter, *, graceful: bool) -> None:
-    """Close a stream; a graceful close flushes what is buffered, but never waits long
-    (a peer that stopped reading must not pin the socket)."""
-    if not graceful:
-        writer.transport.abort()
-        return
-    writer.close()
-    try:
-        async with asyncio.timeout(5.0):
-            await writer.wait_closed()
-    except (TimeoutError, OSError):
-        writer.transport.abort()

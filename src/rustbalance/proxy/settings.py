@@ -6,11 +6,15 @@ The config layer maps its ``[target]`` / ``[proxy]`` tables onto :class:`ProxySe
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from rustbalance.errors import RuleError, RustBalanceError
 from rustbalance.rules import parse_host
+
+from .admission import CircuitLimits
+from .session import Timeouts
+from .wire import Limits
 
 ProxyMode = Literal["http", "tcp"]
 
@@ -19,6 +23,8 @@ ProxyMode = Literal["http", "tcp"]
 # wrong one makes the SOCKS CONNECT fail, which we report as an upstream error.
 _ONION_RE = re.compile(r"^(?:[a-z0-9-]{1,63}\.)*[a-z2-7]{56}\.onion$")
 _HOST_LABEL_RE = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+# RFC 9110 §5.1: a field name is a token.
+_FIELD_NAME_RE = re.compile(r"^[-!#$%&'*+.^_`|~0-9A-Za-z]{1,64}$")
 
 
 class ProxyError(RustBalanceError):
@@ -123,15 +129,26 @@ def format_seconds(value: float) -> str:
 class ProxySettings:
     """Everything the reverse proxy needs; the config layer fills it in.
 
-    ``listen_port=0`` picks a free port (see ``ReverseProxy.port``). ``max_session_seconds``
-    is off by default: a long download must not be cut. ``master_onion`` is the address
-    clients use (``<56>.onion``); without it, responses that point at the target are made
-    relative (Location) or lose their Domain attribute (Set-Cookie).
+    ``listen_port=0`` picks a free port (see ``ReverseProxy.port``); ``listen_unix`` (a path)
+    listens on a unix socket instead (mode ``unix_mode``, for tor's ``HiddenServicePort 80
+    unix:PATH``). ``max_session_seconds`` is off by default: a long download must not be
+    cut. ``master_onion`` is the address clients use (``<56>.onion``); without it, responses
+    that point at the target are made relative (Location) or lose their Domain attribute
+    (Set-Cookie).
+
+    The front door (issue 15): ``head_timeout`` for a whole request head (408),
+    ``keep_alive_timeout`` between requests, ``body_timeout`` without request body progress,
+    ``idle_timeout`` while waiting for the target; heads of at most ``max_header_bytes`` and
+    ``max_header_fields`` (431). ``circuit_ids``: every connection starts with tor's PROXY
+    line (``HiddenServiceExportCircuitID haproxy``), and ``circuit_limits`` apply per
+    circuit; ``circuit_header`` (a field name) sends the circuit id to the target.
     """
 
     target: Target
     listen_host: str = "127.0.0.1"
     listen_port: int = 0
+    listen_unix: str | None = None
+    unix_mode: int = 0o660
     mode: ProxyMode = "http"
     socks_host: str = "127.0.0.1"
     socks_port: int = 9050
@@ -140,20 +157,38 @@ class ProxySettings:
     connect_timeout: float = 30.0
     idle_timeout: float = 300.0
     max_session_seconds: float | None = None
+    head_timeout: float = 10.0
+    keep_alive_timeout: float = 30.0
+    body_timeout: float = 30.0
     max_connections: int = 1024
     drain_timeout: float = 10.0
     tls_ca_file: str | None = None
     read_size: int = 256 * 1024
-    max_header_bytes: int = 64 * 1024
+    max_header_bytes: int = 16 * 1024
+    max_header_fields: int = 100
+    circuit_ids: bool = False
+    circuit_limits: CircuitLimits = field(default_factory=CircuitLimits)
+    circuit_header: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("http", "tcp"):
             raise ProxyError(f"proxy mode must be 'http' or 'tcp', not {self.mode!r}")
         if not 0 <= self.listen_port <= 65535:
             raise ProxyError("proxy listen_port out of range")
+        if self.listen_unix is not None and not self.listen_unix.startswith("/"):
+            raise ProxyError("proxy listen_unix must be an absolute path")
+        if self.unix_mode & ~0o660:
+            raise ProxyError("proxy unix_mode must be 0660 or tighter")
         if not 1 <= self.socks_port <= 65535:
             raise ProxyError("proxy socks_port out of range")
-        for name in ("connect_timeout", "idle_timeout", "drain_timeout"):
+        for name in (
+            "connect_timeout",
+            "idle_timeout",
+            "drain_timeout",
+            "head_timeout",
+            "keep_alive_timeout",
+            "body_timeout",
+        ):
             if not getattr(self, name) > 0:
                 raise ProxyError(f"proxy {name} must be positive")
         if self.max_session_seconds is not None and not self.max_session_seconds > 0:
@@ -162,8 +197,12 @@ class ProxySettings:
             raise ProxyError("proxy max_connections must be at least 1")
         if self.read_size < 1024:
             raise ProxyError("proxy read_size must be at least 1024")
+        if self.max_header_bytes < 1024 or self.max_header_fields < 1:
+            raise ProxyError("proxy head limits must allow 1 KiB and one field")
         if self.master_scheme not in ("http", "https"):
             raise ProxyError("proxy master_scheme must be 'http' or 'https'")
+        if self.circuit_header is not None and not _FIELD_NAME_RE.match(self.circuit_header):
+            raise ProxyError("proxy circuit_header must be a header field name")
         if self.master_onion is not None:
             master = self.master_onion.lower()
             if not master.endswith(".onion"):
@@ -171,3 +210,25 @@ class ProxySettings:
             if not _ONION_RE.match(master):
                 raise ProxyError("proxy master_onion is not a v3 onion address")
             object.__setattr__(self, "master_onion", master)
+
+    @property
+    def limits(self) -> Limits:
+        """The head limits of the wire layer."""
+        return Limits(self.max_header_bytes, self.max_header_fields)
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return Timeouts(
+            idle=self.idle_timeout,
+            head=self.head_timeout,
+            keep_alive=self.keep_alive_timeout,
+            body=self.body_timeout,
+            session=self.max_session_seconds,
+        )
+
+    @property
+    def where(self) -> str:
+        """Where the proxy listens, for log lines."""
+        if self.listen_unix is not None:
+            return f"unix:{self.listen_unix}"
+        return f"{self.listen_host}:{self.listen_port}"
