@@ -75,6 +75,18 @@ def _wait_listening(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
 
 
+
+def end_child(proc: subprocess.Popen[str], grace: float) -> None:
+    """Close a helper process's stdin (its signal to finish), wait ``grace`` seconds, then
+    kill it; its stdout stays open for the caller to read what it printed last."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
 @contextlib.contextmanager
 def _haproxy(config: str, port: int) -> Iterator[int]:
     """HAProxy on ``config``, listening on ``port``; yields its PID."""
@@ -152,13 +164,7 @@ def _port_process(argv: list[str], what: str) -> Iterator[tuple[int, int]]:
         # It listens before it prints the port (no probe: it would start a bulk download).
         yield int(line), proc.pid
     finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        end_child(proc, 10)
         if proc.stdout is not None:
             proc.stdout.close()
 

@@ -180,13 +180,7 @@ def attacker(kind: str, port: int, count: int) -> Iterator[int]:
             raise RuntimeError("the attacker did not start")
         yield proc.pid
     finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        bench_proxy.end_child(proc, 10)
         if proc.stdout is not None:
             proc.stdout.close()
 
@@ -283,13 +277,7 @@ def rustbalance(target: int, **options: object) -> Iterator[Ours]:
         ours = Ours(int(line), {})
         yield ours
     finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        bench_proxy.end_child(proc, 15)
         if proc.stdout is not None:
             rest = proc.stdout.read().strip()
             if ours is not None and rest.startswith("{"):
