@@ -3,7 +3,7 @@
 ``node.identity_mode`` left out gives the mode that stays reachable for this node's setup:
 
 - ``instance`` for a node that is part of a cluster (coordination peers, ``[join]`` answering
-  joins, a ``[wireguard]`` mesh, or peers saved by an earlier run): every intro point it
+  joins, a ``[wireguard]`` mesh, or members admitted in an earlier run): every intro point it
   publishes survives tor's next descriptor rotation (docs/architecture.md, "Descriptor
   rotation and time periods");
 - ``shared`` for a lone node: tor publishes the master descriptor itself (and with it

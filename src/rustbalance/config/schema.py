@@ -308,7 +308,7 @@ class NodeConfig:
         choice("shared", "instance"),
         default=None,
         default_doc="`instance` in a cluster (coordination peers, `[join]` or `[wireguard]` "
-        "on, or saved peers), `shared` for a lone node",
+        "on, or members admitted earlier), `shared` for a lone node",
         example="instance",
         doc="`instance` (Onionbalance-style): this node's tor hosts the node's own key with "
         "`HiddenServiceOnionbalanceInstance 1` and an `ob_config` naming the master address; "
@@ -1119,7 +1119,7 @@ class Config:
     @property
     def clustered(self) -> bool:
         """Part of a cluster by this config: coordination peers, answering joins or a
-        WireGuard mesh (peers saved by an earlier run count too: node/startup.py)."""
+        WireGuard mesh (members admitted in an earlier run count too: node/startup.py)."""
         return self.is_multi_node or self.join.enabled or self.wireguard.enabled
 
     @property
