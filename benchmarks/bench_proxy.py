@@ -75,7 +75,6 @@ def _wait_listening(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
 
 
-
 def end_child(proc: subprocess.Popen[str], grace: float) -> None:
     """Close a helper process's stdin (its signal to finish), wait ``grace`` seconds, then
     kill it; its stdout stays open for the caller to read what it printed last."""
@@ -86,6 +85,7 @@ def end_child(proc: subprocess.Popen[str], grace: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
 
 @contextlib.contextmanager
 def _haproxy(config: str, port: int) -> Iterator[int]:
