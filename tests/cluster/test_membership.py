@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import threading
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -28,10 +31,21 @@ from rustbalance.cluster.authority import (
     decode_statement,
     grant_secret_hash,
 )
+from rustbalance.cluster.coordinator import MEMBERS_FILE_NAME, load_membership_file
 from rustbalance.cluster.membership import MAX_FUTURE_MS, Membership, Outcome
 from rustbalance.cluster.wire import CoordinationError, RejectReason
 from tests.budget import budget
-from tests.trust import MASTER, OTHER_MASTER, grant, node_key, record, revocation, signed
+from tests.trust import (
+    MASTER,
+    OTHER_MASTER,
+    grant,
+    membership,
+    node_key,
+    now_ms,
+    record,
+    revocation,
+    signed,
+)
 
 NOW_MS = 1_800_000_000_000
 
@@ -314,3 +328,37 @@ def test_the_membership_invariants_hold(items: list[Statement]) -> None:
     copy = fresh()
     copy.load_json(m.to_json(), NOW_MS)
     assert copy.members() == m.members() or len(m.shadowed()) > 0
+
+
+# -- the members file on disk ------------------------------------------------------------------
+
+
+def test_the_members_file_is_never_followed_through_a_symlink_or_read_from_a_fifo(
+    tmp_path: Path,
+) -> None:
+    """``rustbalance prepare`` reads the members file as root from the service user's state
+    folder (whether the node is clustered): a symlink planted there is not followed (it could
+    point at any file root can read), and a FIFO does not block the reader."""
+    real = tmp_path / "elsewhere.json"
+    real.write_text(membership(record("node-a"), record("node-b")).to_json())
+    assert len(load_membership_file(real, MASTER.public_key, now_ms())[0].members()) == 2
+    link = tmp_path / MEMBERS_FILE_NAME
+    link.symlink_to(real)
+    loaded, problems = load_membership_file(link, MASTER.public_key, now_ms())
+    assert loaded.members() == [] and len(problems) == 1
+    assert problems[0].startswith(f"cannot read {link}: ")
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    result: list[tuple[Membership, list[str]]] = []
+    reader = threading.Thread(
+        target=lambda: result.append(load_membership_file(fifo, MASTER.public_key, now_ms())),
+        daemon=True,
+    )
+    reader.start()
+    reader.join(timeout=5.0)
+    blocked = reader.is_alive()
+    if blocked:  # release the reader (a writer that closes at once: EOF)
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=5.0)
+    assert not blocked, "a FIFO blocked the reader"
+    assert result[0][0].members() == [] and result[0][1][0].startswith(f"cannot read {fifo}: ")

@@ -114,6 +114,35 @@ async def test_restart_keeps_the_ports_and_starts_a_new_process(
         await tor.stop()
 
 
+async def test_a_port_taken_before_tor_binds_it_is_picked_again(
+    tmp_path: Path, started_tors: list[ManagedTor]
+) -> None:
+    """Another process binds the control port ManagedTor picked before tor does (two daemons
+    starting at once picked the same port: tests/node_e2e/test_cluster.py's node-b died with
+    "Could not bind to 127.0.0.1:50613: Address already in use"). Ports ManagedTor picked
+    itself are picked again and tor started again; ports the caller chose are not."""
+    tor = ManagedTor(tmp_path / "tor", OFFLINE, wait_for_bootstrap=False)
+    started_tors.append(tor)
+    taken = tor.control_port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        await tor.start()
+        try:
+            assert await tor.is_running()
+            assert tor.control_port != taken
+            assert port_accepts(tor.control_port)
+            assert f"Could not bind to 127.0.0.1:{taken}" in tor.log_path.read_text()
+        finally:
+            await tor.stop()
+        fixed = ManagedTor(
+            tmp_path / "fixed", OFFLINE, control_port=taken, wait_for_bootstrap=False
+        )
+        started_tors.append(fixed)
+        with pytest.raises(TorProcessError, match=f"Could not bind to 127.0.0.1:{taken}"):
+            await fixed.start()
+
+
 async def test_a_killed_tor_is_seen_as_not_running_and_can_be_started_again(
     tmp_path: Path, started_tors: list[ManagedTor]
 ) -> None:

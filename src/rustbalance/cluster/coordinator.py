@@ -68,6 +68,7 @@ import binascii
 import contextlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -136,6 +137,9 @@ INBOX_DIR_NAME = "cluster-inbox"
 _INBOX_SUFFIX = ".statement"
 _MAX_INBOX_FILES = 64
 _MAX_INBOX_FILE_BYTES = 4096
+# The members file is bounded by what Membership.load_json accepts (4 000 000 characters,
+# up to 4 bytes each in UTF-8).
+_MAX_MEMBERS_FILE_BYTES = 16_000_000
 _MAX_TICK_SECS = 1.0
 _DEFAULT_INTRO_REFRESH_HEARTBEATS = 6
 # lease_release is sent twice: it is what makes a graceful failover fast, and one lost UDP
@@ -209,7 +213,7 @@ def load_membership_file(
     """
     membership = Membership(master_public)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_members_text(path)
     except FileNotFoundError:
         return membership, []
     except (OSError, UnicodeDecodeError) as exc:
@@ -219,6 +223,19 @@ def load_membership_file(
     except CoordinationError as exc:
         return membership, [f"{path}: {exc}"]
     return membership, [f"{path}: {problem}" for problem in problems]
+
+
+def _read_members_text(path: Path) -> str:
+    """The file's text, read without following a symlink, only from a regular file and
+    bounded: ``rustbalance prepare`` reads it as root in a folder the service user owns."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError("not a regular file")
+        data = file.read(_MAX_MEMBERS_FILE_BYTES + 1)
+    if len(data) > _MAX_MEMBERS_FILE_BYTES:
+        raise OSError(f"larger than {_MAX_MEMBERS_FILE_BYTES} bytes")
+    return data.decode("utf-8")
 
 
 class Coordinator(Generic[PointT]):

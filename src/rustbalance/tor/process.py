@@ -47,6 +47,10 @@ LOCALHOST = "127.0.0.1"
 DEFAULT_BOOTSTRAP_TIMEOUT = 120.0
 DEFAULT_STOP_TIMEOUT = 10.0
 _POLL_INTERVAL = 0.2
+# Starts of a managed tor whose own picked ports were taken before tor bound them (another
+# process picked the same free port): tor's "Could not bind to ADDR:PORT: Address already in
+# use" (tor src/core/mainloop/connection.c, connection_listener_new).
+_PORT_ATTEMPTS = 3
 _LOG_TAIL_LINES = 15
 
 # Options ManagedTor generates itself; a caller line setting one of them would add a second
@@ -216,10 +220,14 @@ class ManagedTor(TorDataFiles):
         self.data_dir = Path(data_dir).absolute()
         self.torrc_lines = list(torrc_lines)
         self.tor_binary = tor_binary
+        # Ports the caller left to us may be picked again while tor never ran on them.
+        self._picked_socks = socks_port is None
+        self._picked_control = control_port is None
         needed = [p for p in (socks_port, control_port) if p is None]
         free = iter(pick_free_ports(len(needed)))
         self.socks_port = socks_port if socks_port is not None else next(free)
         self.control_port = control_port if control_port is not None else next(free)
+        self._ever_started = False
         self.bootstrap_timeout = bootstrap_timeout
         self.stop_timeout = stop_timeout
         self.wait_for_bootstrap = wait_for_bootstrap
@@ -293,6 +301,53 @@ class ManagedTor(TorDataFiles):
     async def start(self) -> None:
         if await self.is_running():
             raise TorProcessError(f"tor in {self.data_dir} is already running (pid {self.pid})")
+        attempt = 1
+        while True:
+            try:
+                await self._start_once()
+            except TorProcessError:
+                taken = self._taken_picked_ports()
+                if not taken or attempt >= _PORT_ATTEMPTS:
+                    raise
+                # Only before the first successful start: afterwards a controller may hold
+                # the address (restart() keeps the ports).
+                log.warning(
+                    "tor could not bind port(s) %s that another process took first; "
+                    "starting it again on other free ports (attempt %d of %d)",
+                    ", ".join(str(port) for port in taken),
+                    attempt + 1,
+                    _PORT_ATTEMPTS,
+                )
+                self._pick_again(taken)
+                attempt += 1
+                continue
+            self._ever_started = True
+            return
+
+    def _taken_picked_ports(self) -> list[int]:
+        """Our own picked ports that tor's last start-up could not bind (never after a
+        successful start)."""
+        if self._ever_started:
+            return []
+        text = self._new_log_text()
+        picked = [
+            port
+            for port, ours in (
+                (self.socks_port, self._picked_socks),
+                (self.control_port, self._picked_control),
+            )
+            if ours
+        ]
+        return [port for port in picked if f"Could not bind to {LOCALHOST}:{port}: " in text]
+
+    def _pick_again(self, taken: list[int]) -> None:
+        fresh = iter(pick_free_ports(len(taken), exclude={self.socks_port, self.control_port}))
+        if self.socks_port in taken:
+            self.socks_port = next(fresh)
+        if self.control_port in taken:
+            self.control_port = next(fresh)
+
+    async def _start_once(self) -> None:
         defaults = self._write_files()
         try:
             self._log_offset = self.log_path.stat().st_size
