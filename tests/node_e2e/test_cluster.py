@@ -81,8 +81,16 @@ def _publisher_doc(cluster: RunningCluster) -> dict[str, Any]:
     return docs[0]
 
 
-async def _fetch_auth_keys(client: TorInstance, address: str) -> tuple[int, set[str]] | None:
-    """(revision counter, intro auth keys hex) of the master descriptor on the HSDirs."""
+# (time period, revision counter): which of two fetched descriptors is newer. A revision
+# counter alone compares only within one period (rend-spec-v3 [REV-COUNTER]: each period's
+# blinded key has its own, and the next period's starts lower), and the visitor's tor may
+# cross a period start between two fetches (4-minute periods on the test network).
+Version = tuple[int, int]
+
+
+async def _fetch_auth_keys(client: TorInstance, address: str) -> tuple[Version, set[str]] | None:
+    """((time period, revision counter), intro auth keys hex) of the master descriptor on the
+    HSDirs."""
     conn = await ControlConnection.connect(client.control_address)
     try:
         view = await read_network_view(conn)
@@ -91,7 +99,8 @@ async def _fetch_auth_keys(client: TorInstance, address: str) -> tuple[int, set[
         return None
     finally:
         await conn.close()
-    return decoded.revision_counter, {p.auth_key.hex() for p in decoded.intro_points}
+    version = (decoded.time_period, decoded.revision_counter)
+    return version, {p.auth_key.hex() for p in decoded.intro_points}
 
 
 # ----------------------------------------------------------------------------- default timings
@@ -190,7 +199,7 @@ class TestDefaultTimings:
 
         # Clients see it: a higher revision on the HSDirs, without the dead publisher's points.
         elapsed: float | None = None
-        last: tuple[int, set[str]] | None = None
+        last: tuple[Version, set[str]] | None = None
         for _ in range(60):  # bounded: each round fetches (<= 20 s) or sleeps 1 s
             if time.monotonic() - killed_at > 120:
                 break
@@ -246,7 +255,7 @@ class TestDefaultTimings:
         standby = cluster.node("node-c")
         # Start from a published descriptor holding the standby's current intro points: tor
         # may have just replaced one, and the publisher republishes within a tick (bounded).
-        fetched: tuple[int, set[str]] | None = None
+        fetched: tuple[Version, set[str]] | None = None
         dead_keys: set[str] = set()
         for _ in range(30):
             dead_keys = set(standby.status()["intro_points"]["own_auth_keys"])
@@ -261,7 +270,7 @@ class TestDefaultTimings:
         standby.kill()
 
         removed_after: float | None = None
-        last: tuple[int, set[str]] | None = None
+        last: tuple[Version, set[str]] | None = None
         for _ in range(60):  # bounded: each round fetches (<= 20 s) or sleeps 1 s
             if time.monotonic() - killed_at > 90:
                 break
