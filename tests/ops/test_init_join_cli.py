@@ -326,8 +326,9 @@ def test_joined_config_from_node_a_answer_is_valid(
     config = parse_config(text, tmp_path / "conf2")
     assert config.node.id == "node-b" and config.node.priority == 20
     assert config.node.publisher_eligible is not standby
-    # Without the master key the joiner serves as an instance and admits nobody.
-    assert config.node.identity_mode == ("instance" if standby else "shared")
+    # A joiner runs instance mode, the mode of a cluster (issue 14), with or without the master
+    # key; without it, it admits nobody.
+    assert config.node.identity_mode == "instance"
     assert (config.master.identity_key_path is None) is standby
     assert config.join.enabled is not standby
     # The assigned tunnel address is where coordination listens; node-a is the one peer.

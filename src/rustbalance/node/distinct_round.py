@@ -31,7 +31,6 @@ from fractions import Fraction
 
 from rustbalance.crypto.blinding import blind_identity
 from rustbalance.crypto.keys import IdentityKey
-from rustbalance.crypto.revision import revision_counter
 from rustbalance.crypto.time_period import client_fetch_target
 from rustbalance.descriptor.builder import build_descriptor
 from rustbalance.descriptor.distinct import assign_intro_points, reach_probabilities
@@ -165,9 +164,7 @@ def plan_distinct_rounds(
                 min_remaining_validity=INTRO_MIN_VALIDITY_SECS,
                 epoch=epoch,
             )
-            counter = revision_counter(
-                blinded, target.srv_run_start, revision_clock.seconds(blinded.public_key, now)
-            )
+            counter = revision_clock.counter(blinded, target.srv_run_start, now)
             descriptors = tuple(
                 HsDirDescriptor(
                     relays[fingerprint],

@@ -467,10 +467,18 @@ class Publisher:
             return
         if verdict == "foreign":
             log.warning(
-                "HSDirs serve another publisher's descriptor (rev=%d, posted rev=%d)",
+                "HSDirs serve another publisher's descriptor (rev=%d, posted rev=%d): "
+                "publishing above it",
                 decoded.revision_counter,
                 expected,
             )
+            # An HSDir keeps it until a greater counter comes (hs_cache.c
+            # cache_store_v3_as_dir): a publisher before us (Onionbalance, whose counters
+            # may run ahead of ours, or a tor that hosted the key) would otherwise hold some
+            # HSDirs until our clock catches up. The election decides between our own nodes;
+            # this republish is bounded like the others.
+            self.revision_clock.exceed(decoded.blinded_key, decoded.revision_counter)
+            self._republish_for("HSDirs serve another publisher's descriptor")
             return
         log.warning(
             "HSDirs serve an older descriptor (rev=%d, posted rev=%d)",

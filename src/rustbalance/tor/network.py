@@ -36,10 +36,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iter
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from rustbalance.crypto.blinding import blind_identity, blind_public_key
+from rustbalance.crypto.blinding import BlindedKey, blind_identity, blind_public_key
 from rustbalance.crypto.keys import IdentityKey
 from rustbalance.crypto.onion_address import decode_onion_address
-from rustbalance.crypto.revision import revision_counter
+from rustbalance.crypto.revision import OPE_INPUT_MAX, revision_counter
 from rustbalance.crypto.time_period import (
     DescriptorTarget,
     TimeParams,
@@ -579,11 +579,43 @@ class RevisionClock:
     two publishes within one second would otherwise compute the same OPE value."""
 
     last_input: dict[bytes, int] = field(default_factory=dict)
+    # Per blinded key, a counter the next one must exceed: another publisher's descriptor on
+    # the HSDirs (an earlier Onionbalance, a tor that hosted the key), which an HSDir only
+    # replaces with a strictly greater counter (hs_cache.c cache_store_v3_as_dir).
+    floors: dict[bytes, int] = field(default_factory=dict)
 
     def seconds(self, blinded_key: bytes, now: int) -> int:
         value = max(now, self.last_input.get(blinded_key, now - 1) + 1)
         self.last_input[blinded_key] = value
         return value
+
+    def exceed(self, blinded_key: bytes, counter: int) -> None:
+        """Make the next counter of ``blinded_key`` greater than ``counter``."""
+        self.floors[blinded_key] = max(counter, self.floors.get(blinded_key, counter))
+
+    def counter(self, blinded: BlindedKey, srv_run_start: int, now: int) -> int:
+        """The next revision counter of ``blinded``: tor's (seconds since the SRV run start,
+        rend-spec-v3 appendix F), strictly increasing, and above any floor (:meth:`exceed`):
+        then the first second whose counter is above it (the OPE is monotonic: a binary
+        search), within tor's OPE input range (crypto/revision.py)."""
+        key = blinded.public_key
+        seconds = self.seconds(key, now)
+        value = revision_counter(blinded, srv_run_start, seconds)
+        floor = self.floors.get(key)
+        if floor is None or value > floor:
+            return value
+        low, high = seconds, srv_run_start + OPE_INPUT_MAX - 1  # counter(low) <= floor
+        if revision_counter(blinded, srv_run_start, high) <= floor:
+            return value  # no counter of this run is above it: the HSDirs keep theirs
+        while high - low > 1:
+            middle = (low + high) // 2
+            if revision_counter(blinded, srv_run_start, middle) > floor:
+                high = middle
+            else:
+                low = middle
+        self.last_input[key] = high
+        del self.floors[key]
+        return revision_counter(blinded, srv_run_start, high)
 
 
 @dataclass(frozen=True)
@@ -637,8 +669,7 @@ def plan_master_descriptors(
         blinded = blind_identity(identity, target.time_period, view.period_length)
         counter = 0
         try:
-            seconds = clock.seconds(blinded.public_key, now)
-            counter = revision_counter(blinded, target.srv_run_start, seconds)
+            counter = clock.counter(blinded, target.srv_run_start, now)
             text = build_descriptor(
                 identity_public_key=identity.public_key,
                 blinded=blinded,
