@@ -27,15 +27,13 @@ from rustbalance.cluster.etcd_backend import tls_problems
 from rustbalance.cluster.wireguard import WireGuardError, load_or_create_private_key
 from rustbalance.config import Config, ConfigProblems, load_config
 from rustbalance.crypto.keys import IdentityKey
-from rustbalance.crypto.onion_address import decode_onion_address
 from rustbalance.errors import ConfigError, InvalidKeyError
-from rustbalance.node.cluster_link import admission_problem, multi_node_wanted
+from rustbalance.node.cluster_link import cluster_problem
 from rustbalance.node.identity import (
     default_instance_key_path,
     load_or_create_instance_key,
     master_key_needed,
 )
-from rustbalance.node.mesh import mesh_wants_cluster
 from rustbalance.node.startup import (
     EXIT_CONFIG,
     StartupError,
@@ -102,7 +100,7 @@ def file_problems(config: Config) -> list[str]:
         # etcd knows a node by its TLS client certificate: no node key, no admission record.
         problems.extend(tls_problems(config.etcd))
     elif master_usable:  # (without it, whether the node may take part is unknown)
-        problem = _cluster_problem(config, master)
+        problem = cluster_problem(config, master, int(time.time() * 1000))
         if problem is not None:
             problems.append(problem)
     wg_key = config.wireguard.private_key_path
@@ -113,20 +111,6 @@ def file_problems(config: Config) -> list[str]:
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             problems.append(f"wireguard.private_key_path: {detail}")
     return problems
-
-
-def _cluster_problem(config: Config, master: IdentityKey | None) -> str | None:
-    """In a cluster: the node key, and that the node is admitted (node/cluster_link.py)."""
-    if master is not None:
-        master_public = master.public_key
-    elif config.master.onion_address is not None:
-        master_public = decode_onion_address(config.master.onion_address)
-    else:  # the parser requires one of the two
-        return None
-    now_ms = int(time.time() * 1000)
-    if not (multi_node_wanted(config, master_public, now_ms) or mesh_wants_cluster(config)):
-        return None
-    return admission_problem(config, master_public, master, now_ms)
 
 
 def _report(file: str, problems: list[str]) -> int:

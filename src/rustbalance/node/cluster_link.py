@@ -41,6 +41,7 @@ from rustbalance.cluster.wire import CoordinationError
 from rustbalance.cluster.wireguard import WireGuardError, load_or_create_private_key, public_key_of
 from rustbalance.config import Config
 from rustbalance.crypto.keys import IdentityKey
+from rustbalance.crypto.onion_address import decode_onion_address
 from rustbalance.descriptor.intro_point import IntroPoint
 from rustbalance.errors import ConfigError, InvalidKeyError
 from rustbalance.node.clock import Clock
@@ -52,6 +53,7 @@ __all__ = [
     "PreparedMembership",
     "admission_problem",
     "admit",
+    "cluster_problem",
     "coordination_wanted",
     "learned_members",
     "merge_inputs",
@@ -256,6 +258,23 @@ def admission_problem(
     except ConfigError as exc:
         return str(exc)
     return None
+
+
+def cluster_problem(config: Config, master_key: IdentityKey | None, now_ms: int) -> str | None:
+    """:func:`admission_problem` for a node of an embedded-coordination cluster (configured,
+    answering joins, or with members admitted earlier), None for any other node: what
+    ``rustbalance config check`` reports and ``run`` refuses before it writes anything."""
+    if config.coordination.backend == "etcd":
+        return None  # etcd knows a node by its TLS client certificate (docs/etcd.md)
+    if master_key is not None:
+        master_public = master_key.public_key
+    elif config.master.onion_address is not None:
+        master_public = decode_onion_address(config.master.onion_address)
+    else:  # the parser requires one of the two
+        return None
+    if not (multi_node_wanted(config, master_public, now_ms) or mesh_wants_cluster(config)):
+        return None
+    return admission_problem(config, master_public, master_key, now_ms)
 
 
 def merge_inputs(

@@ -31,7 +31,7 @@ from rustbalance.crypto.onion_address import decode_onion_address
 from rustbalance.errors import ConfigError, InvalidKeyError, RustBalanceError, UnsafePathError
 from rustbalance.node import DAEMON_LOGGER
 from rustbalance.node.clock import SYSTEM_CLOCK, Clock
-from rustbalance.node.cluster_link import learned_members
+from rustbalance.node.cluster_link import cluster_problem, learned_members
 from rustbalance.node.identity import (
     NodeIdentity,
     default_instance_key_path,
@@ -155,6 +155,14 @@ def load_node(
         config = with_saved_members(config, clock)
     except ConfigError as exc:
         raise StartupError(f"invalid config {config_path}: {exc}", EXIT_CONFIG) from None
+    # Before the instance key is generated (a cluster's default mode): a node refused for its
+    # node key or admission writes nothing. The coordinator checks the same again at start.
+    master = None
+    if config.master.identity_key_path is not None or master_key_needed(config):
+        master = load_master_key(config)
+    problem = cluster_problem(config, master, int(clock.wall() * 1000))
+    if problem is not None:
+        raise StartupError(problem, EXIT_CONFIG)
     return config, load_identity(config)
 
 
