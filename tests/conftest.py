@@ -61,6 +61,13 @@ _TIER_OF_PLACE: dict[str, tuple[str, ...]] = {
     "tests/node_e2e/": ("slow",),  # `rustbalance run` as a subprocess
     "tests/ops/test_init_join_cli.py": ("slow",),  # init/join end to end, Argon2 at full cost
     "tests/proxy/test_front_door_load.py": ("slow",),  # attacker processes, 12 s each
+    # On real timers (head and idle timeouts, circuit cuts, shutdown budgets, restart
+    # back-off): 17, 7, 4 and 3.5 s; the pure wire layer and admission core stay in unit.
+    "tests/proxy/test_front_door.py": ("slow",),
+    "tests/proxy/test_circuits.py": ("slow",),
+    "tests/node/test_shutdown.py": ("slow",),
+    "tests/node/test_supervisor.py": ("slow",),
+    "tests/benchmarks/test_charts.py": ("slow",),  # matplotlib draws every chart: 7 s
     "tests/ops/test_mesh_wireguard_netns.py": ("root",),
     "tests/ops/test_trust_mesh_netns.py": ("slow", "root"),  # wireguard-go in 3 namespaces
     "tests/reliability/test_clock_skew.py": ("slow",),
