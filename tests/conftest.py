@@ -62,9 +62,12 @@ _TIER_OF_PLACE: dict[str, tuple[str, ...]] = {
     "tests/ops/test_init_join_cli.py": ("slow",),  # init/join end to end, Argon2 at full cost
     "tests/proxy/test_front_door_load.py": ("slow",),  # attacker processes, 12 s each
     # On real timers (head and idle timeouts, circuit cuts, shutdown budgets, restart
-    # back-off): 17, 7, 4 and 3.5 s; the pure wire layer and admission core stay in unit.
+    # back-off): 17, 7, 4 and 3.5 s; the pure wire layer, the admission core and the http
+    # session's exchanges stay in unit.
     "tests/proxy/test_front_door.py": ("slow",),
     "tests/proxy/test_circuits.py": ("slow",),
+    "tests/proxy/test_tcp_mode.py": ("slow",),  # idle and session timeouts: 5 s
+    "tests/proxy/test_splice.py": ("slow",),  # idle timeouts, back-pressure: 4.5 s
     "tests/node/test_shutdown.py": ("slow",),
     "tests/node/test_supervisor.py": ("slow",),
     "tests/benchmarks/test_charts.py": ("slow",),  # matplotlib draws every chart: 7 s
