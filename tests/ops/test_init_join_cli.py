@@ -450,6 +450,8 @@ def test_init_writes_instance_mode_and_refuses_shared(
     assert err == [f"rustbalance: error: --identity-mode shared: {SHARED_CLUSTER_PROBLEM}"]
     assert not (tmp_path / "conf").exists()
     assert main(_init(tmp_path, passfile)) == 0
+    # Read what init printed: its join token must not reach any captured log (secret scan).
+    assert _printed_token(capsys.readouterr().out)
     text = (tmp_path / "conf" / "config.toml").read_text()
     assert 'identity_mode = "instance"' in text
     assert load_config(tmp_path / "conf" / "config.toml").identity_mode == "instance"
